@@ -1,0 +1,45 @@
+//! Connecting to containerd-API servers (switchyardd, containerd) over a Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+/// The metadata header carrying the containerd namespace of a request.
+pub const NAMESPACE_HEADER: &str = "containerd-namespace";
+
+/// Opens a gRPC channel to the Unix socket at `path` (an optional `unix://` prefix is removed).
+pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, tonic::transport::Error> {
+    let raw = path.as_ref().to_string_lossy();
+    let path = PathBuf::from(raw.strip_prefix("unix://").unwrap_or(&raw));
+    // The URI is required by the API but unused: the connector dials the socket.
+    Endpoint::from_static("http://[::1]:1")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+}
+
+/// Adds the namespace header to every request.
+#[derive(Debug, Clone)]
+pub struct WithNamespace(pub AsciiMetadataValue);
+
+impl WithNamespace {
+    /// `None` when `ns` cannot be a header value.
+    pub fn new(ns: &str) -> Option<Self> {
+        ns.parse().ok().map(WithNamespace)
+    }
+}
+
+impl Interceptor for WithNamespace {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(NAMESPACE_HEADER, self.0.clone());
+        Ok(req)
+    }
+}

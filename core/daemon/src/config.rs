@@ -1,0 +1,425 @@
+//! switchyardd's configuration: strict TOML laid over an embedded default.
+//!
+//! Parsing is two steps: the file is read into [`ConfigFile`] (every field optional, unknown keys
+//! rejected, so TOML errors point at the line), laid over the embedded default, and the result is
+//! validated as a whole; validation errors name the key and the offending value.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration (`config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// The only configuration version this switchyardd reads.
+pub const VERSION: u32 = 1;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub default_runtime: String,
+    pub grpc_address: PathBuf,
+    pub ttrpc_address: PathBuf,
+    pub shim: ShimConfig,
+    pub log_level: String,
+    pub runtimes: BTreeMap<String, RuntimeConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShimConfig {
+    pub start_timeout: Duration,
+    pub delete_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub debug: bool,
+}
+
+/// One `[runtimes.NAME]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub runtime_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<toml::Table>,
+}
+
+/// The file form: everything optional so a file can set just what it changes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    version: Option<u32>,
+    root: Option<PathBuf>,
+    state: Option<PathBuf>,
+    default_runtime: Option<String>,
+    grpc: Option<GrpcFile>,
+    ttrpc: Option<TtrpcFile>,
+    shim: Option<ShimFile>,
+    log: Option<LogFile>,
+    runtimes: Option<BTreeMap<String, RuntimeConfig>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrpcFile {
+    address: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TtrpcFile {
+    address: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShimFile {
+    start_timeout_ms: Option<u64>,
+    delete_timeout_ms: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    debug: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogFile {
+    level: Option<String>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse config {origin}")]
+    Parse {
+        origin: String,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config {origin}: {key} = {value}: {reason}")]
+    Invalid {
+        origin: String,
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Longest path a Unix socket address can hold (sun_path less the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl Config {
+    /// The embedded default.
+    pub fn default_config() -> Result<Config, ConfigError> {
+        Self::from_layers(DEFAULT_TOML, None, "<embedded default>")
+    }
+
+    /// Reads `path` and lays it over the embedded default.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_layers(DEFAULT_TOML, Some(&text), &path.display().to_string())
+    }
+
+    /// Parses `text` (as if read from `origin`) over the embedded default.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::from_layers(DEFAULT_TOML, Some(text), origin)
+    }
+
+    fn from_layers(base: &str, over: Option<&str>, origin: &str) -> Result<Config, ConfigError> {
+        let base: ConfigFile = parse_file(base, "<embedded default>")?;
+        let file = match over {
+            Some(text) => parse_file(text, origin)?,
+            None => ConfigFile::default(),
+        };
+        let merged = merge(base, file);
+        validate(merged, origin)
+    }
+
+    /// The runtime used when a container names none.
+    pub fn runtime(&self, name: &str) -> Option<&RuntimeConfig> {
+        self.runtimes.get(name)
+    }
+}
+
+fn parse_file(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
+        origin: origin.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
+    fn pick<T>(over: Option<T>, base: Option<T>) -> Option<T> {
+        over.or(base)
+    }
+    let base_grpc = base.grpc.unwrap_or_default();
+    let over_grpc = over.grpc.unwrap_or_default();
+    let base_ttrpc = base.ttrpc.unwrap_or_default();
+    let over_ttrpc = over.ttrpc.unwrap_or_default();
+    let base_shim = base.shim.unwrap_or_default();
+    let over_shim = over.shim.unwrap_or_default();
+    let base_log = base.log.unwrap_or_default();
+    let over_log = over.log.unwrap_or_default();
+    let mut runtimes = base.runtimes.unwrap_or_default();
+    runtimes.extend(over.runtimes.unwrap_or_default());
+    ConfigFile {
+        version: pick(over.version, base.version),
+        root: pick(over.root, base.root),
+        state: pick(over.state, base.state),
+        default_runtime: pick(over.default_runtime, base.default_runtime),
+        grpc: Some(GrpcFile {
+            address: pick(over_grpc.address, base_grpc.address),
+        }),
+        ttrpc: Some(TtrpcFile {
+            address: pick(over_ttrpc.address, base_ttrpc.address),
+        }),
+        shim: Some(ShimFile {
+            start_timeout_ms: pick(over_shim.start_timeout_ms, base_shim.start_timeout_ms),
+            delete_timeout_ms: pick(over_shim.delete_timeout_ms, base_shim.delete_timeout_ms),
+            shutdown_timeout_ms: pick(over_shim.shutdown_timeout_ms, base_shim.shutdown_timeout_ms),
+            debug: pick(over_shim.debug, base_shim.debug),
+        }),
+        log: Some(LogFile {
+            level: pick(over_log.level, base_log.level),
+        }),
+        runtimes: Some(runtimes),
+    }
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: &str, value: impl std::fmt::Display, reason: &str) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            key: key.to_owned(),
+            value: value.to_string(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn required<T>(&self, key: &str, value: Option<T>) -> Result<T, ConfigError> {
+        value.ok_or_else(|| self.invalid(key, "(missing)", "required"))
+    }
+
+    fn absolute(&self, key: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+        if path.is_absolute() {
+            Ok(path)
+        } else {
+            Err(self.invalid(key, quoted(&path), "must be an absolute path"))
+        }
+    }
+
+    fn socket(&self, key: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+        let path = self.absolute(key, path)?;
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(self.invalid(
+                key,
+                quoted(&path),
+                &format!("a Unix socket path is at most {MAX_SOCKET_PATH} bytes"),
+            ));
+        }
+        Ok(path)
+    }
+
+    fn timeout(&self, key: &str, ms: Option<u64>) -> Result<Duration, ConfigError> {
+        let ms = self.required(key, ms)?;
+        if ms == 0 {
+            return Err(self.invalid(key, ms, "must be greater than 0"));
+        }
+        Ok(Duration::from_millis(ms))
+    }
+}
+
+fn quoted(path: &Path) -> String {
+    format!("{:?}", path.display().to_string())
+}
+
+fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
+    let v = Validator { origin };
+    let version = v.required("version", file.version)?;
+    if version != VERSION {
+        return Err(v.invalid(
+            "version",
+            version,
+            &format!("this switchyardd reads version {VERSION}"),
+        ));
+    }
+    let root = v.absolute("root", v.required("root", file.root)?)?;
+    let state = v.absolute("state", v.required("state", file.state)?)?;
+    let grpc = file.grpc.unwrap_or_default();
+    let grpc_address = v.socket("grpc.address", v.required("grpc.address", grpc.address)?)?;
+    let ttrpc_address = match file.ttrpc.unwrap_or_default().address {
+        Some(p) if !p.as_os_str().is_empty() => v.socket("ttrpc.address", p)?,
+        _ => {
+            let mut s = grpc_address.clone().into_os_string();
+            s.push(".ttrpc");
+            v.socket("ttrpc.address", PathBuf::from(s))?
+        }
+    };
+    if ttrpc_address == grpc_address {
+        return Err(v.invalid(
+            "ttrpc.address",
+            quoted(&ttrpc_address),
+            "must differ from grpc.address",
+        ));
+    }
+    let shim = file.shim.unwrap_or_default();
+    let shim = ShimConfig {
+        start_timeout: v.timeout("shim.start_timeout_ms", shim.start_timeout_ms)?,
+        delete_timeout: v.timeout("shim.delete_timeout_ms", shim.delete_timeout_ms)?,
+        shutdown_timeout: v.timeout("shim.shutdown_timeout_ms", shim.shutdown_timeout_ms)?,
+        debug: shim.debug.unwrap_or(false),
+    };
+    let log_level = v.required("log.level", file.log.unwrap_or_default().level)?;
+    if !matches!(
+        log_level.as_str(),
+        "error" | "warn" | "info" | "debug" | "trace"
+    ) {
+        return Err(v.invalid(
+            "log.level",
+            format!("{log_level:?}"),
+            "expected one of error, warn, info, debug, trace",
+        ));
+    }
+    let runtimes = file.runtimes.unwrap_or_default();
+    for (name, rt) in &runtimes {
+        let key = |k: &str| format!("runtimes.{name}.{k}");
+        if !crate::ident::is_valid(name) {
+            return Err(v.invalid(
+                &format!("runtimes.{name}"),
+                format!("{name:?}"),
+                "a runtime name is letters, digits and single '.', '_' or '-' between them",
+            ));
+        }
+        if crate::runtime::resolve::binary_name(&rt.runtime_type).is_none() {
+            return Err(v.invalid(
+                &key("runtime_type"),
+                format!("{:?}", rt.runtime_type),
+                "expected io.containerd.NAME.VERSION (e.g. io.containerd.runc.v2)",
+            ));
+        }
+        if let Some(path) = &rt.path {
+            v.absolute(&key("path"), path.clone())?;
+        }
+        if let Some(options) = &rt.options {
+            crate::runtime::options::encode(&rt.runtime_type, options)
+                .map_err(|e| v.invalid(&key("options"), e.value(), &e.to_string()))?;
+        }
+    }
+    let default_runtime = v.required("default_runtime", file.default_runtime)?;
+    if !runtimes.contains_key(&default_runtime) {
+        return Err(v.invalid(
+            "default_runtime",
+            format!("{default_runtime:?}"),
+            "no such runtime under [runtimes]",
+        ));
+    }
+    Ok(Config {
+        root,
+        state,
+        default_runtime,
+        grpc_address,
+        ttrpc_address,
+        shim,
+        log_level,
+        runtimes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_complete() {
+        let c = Config::default_config().unwrap();
+        assert_eq!(c.default_runtime, "native");
+        assert_eq!(c.grpc_address, Path::new("/run/switchyard/switchyard.sock"));
+        assert_eq!(
+            c.ttrpc_address,
+            Path::new("/run/switchyard/switchyard.sock.ttrpc")
+        );
+        let types: Vec<_> = c.runtimes.values().map(|r| r.runtime_type.as_str()).collect();
+        assert!(types.contains(&"io.containerd.runc.v2"));
+        assert!(types.contains(&"io.containerd.yard-native.v1"));
+        assert!(types.contains(&"io.containerd.yard-vm.v1"));
+        assert!(types.contains(&"io.containerd.yard-wasm.v1"));
+    }
+
+    #[test]
+    fn file_overrides_default_and_keeps_the_rest() {
+        let c = Config::parse(
+            "root = \"/tmp/r\"\n[grpc]\naddress = \"/tmp/s.sock\"\n[runtimes.extra]\nruntime_type = \"io.containerd.extra.v1\"\npath = \"/opt/x\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.root, Path::new("/tmp/r"));
+        assert_eq!(c.state, Path::new("/run/switchyard"));
+        assert_eq!(c.ttrpc_address, Path::new("/tmp/s.sock.ttrpc"));
+        assert!(c.runtimes.contains_key("runc"));
+        assert_eq!(c.runtimes["extra"].path.as_deref(), Some(Path::new("/opt/x")));
+    }
+
+    fn err(text: &str) -> String {
+        crate::error::chain(&Config::parse(text, "bad.toml").unwrap_err())
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = err("version = 1\nroots = \"/x\"\n");
+        assert!(e.contains("bad.toml"), "{e}");
+        assert!(e.contains("roots"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn malformed_toml_is_refused() {
+        let e = err("root = \n");
+        assert!(e.contains("parse config bad.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        let e = err("version = 2\n");
+        assert!(e.contains("version = 2"), "{e}");
+        let e = err("root = \"relative\"\n");
+        assert!(e.contains("root = \"relative\""), "{e}");
+        assert!(e.contains("absolute"), "{e}");
+        let e = err("default_runtime = \"nosuch\"\n");
+        assert!(e.contains("default_runtime = \"nosuch\""), "{e}");
+        let e = err("[runtimes.x]\nruntime_type = \"runc\"\n");
+        assert!(e.contains("runtimes.x.runtime_type = \"runc\""), "{e}");
+        let e = err("[shim]\nstart_timeout_ms = 0\n");
+        assert!(e.contains("shim.start_timeout_ms = 0"), "{e}");
+        let e = err("[log]\nlevel = \"loud\"\n");
+        assert!(e.contains("log.level"), "{e}");
+        let long = format!("[grpc]\naddress = \"/{}\"\n", "a".repeat(120));
+        assert!(err(&long).contains("grpc.address"));
+    }
+
+    #[test]
+    fn runtime_table_rejects_unknown_keys_and_bad_runc_options() {
+        let e = err("[runtimes.runc]\nruntime_type = \"io.containerd.runc.v2\"\nbinary = \"x\"\n");
+        assert!(e.contains("binary"), "{e}");
+        let e = err(
+            "[runtimes.runc]\nruntime_type = \"io.containerd.runc.v2\"\n[runtimes.runc.options]\nNoSuchOption = true\n",
+        );
+        assert!(e.contains("runtimes.runc.options"), "{e}");
+        assert!(e.contains("NoSuchOption"), "{e}");
+    }
+}

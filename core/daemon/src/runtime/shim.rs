@@ -1,0 +1,387 @@
+//! Shim process lifecycle: run `<shim> start`, connect to the address it prints, reconnect
+//! after a daemon restart, notice when it dies, and run `<shim> delete` to clean up after it.
+//! Shims that group tasks (one shim per pod) print the same address for several tasks; they
+//! share one connection here.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use prost::Message;
+use prost_types::Any;
+use switchyard_api::containerd::task::v2 as task;
+use tokio::io::AsyncWriteExt;
+
+use super::address::{AddressError, BootstrapParams, dial};
+use super::bridge::TaskClient;
+use super::bundle::{BOOTSTRAP, Bundle};
+use super::watch::{self, Gone};
+use crate::error::{Classify, Kind};
+
+/// What every shim invocation gets from the daemon.
+#[derive(Debug, Clone)]
+pub struct ShimSettings {
+    /// The daemon's gRPC address (`-address`).
+    pub grpc_address: PathBuf,
+    /// Where shims publish events (`TTRPC_ADDRESS`).
+    pub ttrpc_address: PathBuf,
+    /// The `-publish-binary`: switchyardd itself, which has a `publish` subcommand.
+    pub publish_binary: PathBuf,
+    pub start_timeout: Duration,
+    pub delete_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub debug: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("run shim {}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shim {} start failed ({status}){}", binary.display(), output_suffix(output))]
+    StartFailed {
+        binary: PathBuf,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+    #[error("shim {} start did not finish within {timeout:?}{}", binary.display(), output_suffix(output))]
+    StartTimeout {
+        binary: PathBuf,
+        timeout: Duration,
+        output: String,
+    },
+    #[error("shim {} start", binary.display())]
+    Address {
+        binary: PathBuf,
+        #[source]
+        source: AddressError,
+    },
+    #[error("connect to shim at {address}")]
+    Connect {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read {}", path.display())]
+    Bootstrap {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shim {} delete failed ({status}){}", binary.display(), output_suffix(output))]
+    DeleteFailed {
+        binary: PathBuf,
+        status: String,
+        output: String,
+    },
+    #[error("shim {} delete printed a malformed response", binary.display())]
+    DeleteResponse {
+        binary: PathBuf,
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+fn output_suffix(output: &str) -> String {
+    if output.is_empty() {
+        String::new()
+    } else {
+        format!(": {output}")
+    }
+}
+
+impl Classify for ShimError {
+    fn kind(&self) -> Kind {
+        match self {
+            ShimError::Spawn { .. } => Kind::FailedPrecondition,
+            ShimError::StartFailed { .. } | ShimError::DeleteFailed { .. } => Kind::Internal,
+            ShimError::StartTimeout { .. } => Kind::DeadlineExceeded,
+            ShimError::Address { source, .. } => match source {
+                AddressError::Empty => Kind::Internal,
+                AddressError::Version(_) | AddressError::Protocol(_) => Kind::Unimplemented,
+            },
+            ShimError::Connect { .. } | ShimError::Bootstrap { .. } => Kind::Unavailable,
+            ShimError::DeleteResponse { .. } => Kind::Internal,
+        }
+    }
+}
+
+/// A connected shim.
+#[derive(Debug)]
+pub struct Shim {
+    pub address: String,
+    pub client: TaskClient,
+    /// The shim's pid, when it told us (Connect).
+    pub pid: Option<u32>,
+    gone: Gone,
+}
+
+impl Shim {
+    /// Resolves once the shim process has exited.
+    pub async fn gone(&self) {
+        let mut g = self.gone.clone();
+        let _ = g.wait_for(|gone| *gone).await;
+    }
+}
+
+/// Runs and tracks shim processes.
+#[derive(Debug)]
+pub struct ShimManager {
+    settings: ShimSettings,
+    conns: Mutex<HashMap<String, Weak<Shim>>>,
+}
+
+/// The last bytes of a process's output worth putting in an error.
+fn tail(bytes: &[u8]) -> String {
+    const MAX: usize = 2048;
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.trim();
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut start = s.len() - MAX;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{}", &s[start..])
+}
+
+impl ShimManager {
+    pub fn new(settings: ShimSettings) -> Self {
+        Self {
+            settings,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn settings(&self) -> &ShimSettings {
+        &self.settings
+    }
+
+    fn command(&self, binary: &Path, bundle: &Bundle, action: &str) -> tokio::process::Command {
+        let s = &self.settings;
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.arg("-namespace")
+            .arg(&bundle.namespace)
+            .arg("-address")
+            .arg(&s.grpc_address)
+            .arg("-publish-binary")
+            .arg(&s.publish_binary)
+            .arg("-id")
+            .arg(&bundle.id);
+        if action == "delete" {
+            cmd.arg("-bundle").arg(&bundle.path);
+        }
+        if s.debug {
+            cmd.arg("-debug");
+        }
+        cmd.arg(action)
+            .current_dir(&bundle.path)
+            .env("GOMAXPROCS", "2")
+            .env("TTRPC_ADDRESS", &s.ttrpc_address)
+            .env("GRPC_ADDRESS", &s.grpc_address)
+            .env("NAMESPACE", &bundle.namespace)
+            .env("MAX_SHIM_VERSION", "3")
+            // Shims daemonize; keep them out of the daemon's process group so a ^C to the
+            // daemon does not reach them.
+            .process_group(0)
+            // Only `start`/`delete` themselves: a shim that daemonized is not our child.
+            .kill_on_drop(true)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs `<binary> start` for a bundle and connects to the shim it leaves running.
+    pub async fn start(
+        &self,
+        bundle: &Bundle,
+        binary: &Path,
+        options: Option<&Any>,
+    ) -> Result<Arc<Shim>, ShimError> {
+        let mut cmd = self.command(binary, bundle, "start");
+        // containerd 1.7+ hands the runtime options to `start` on stdin.
+        cmd.stdin(if options.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+        if let (Some(opts), Some(mut stdin)) = (options, child.stdin.take()) {
+            // A shim that does not read stdin is fine; ignore a closed pipe.
+            let _ = stdin.write_all(&opts.encode_to_vec()).await;
+        }
+        let timeout = self.settings.start_timeout;
+        let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(source)) => {
+                return Err(ShimError::Spawn {
+                    binary: binary.to_owned(),
+                    source,
+                });
+            }
+            Err(_) => {
+                // Dropping wait_with_output's future killed the child (kill_on_drop).
+                return Err(ShimError::StartTimeout {
+                    binary: binary.to_owned(),
+                    timeout,
+                    output: String::new(),
+                });
+            }
+        };
+        if !output.status.success() {
+            let mut text = tail(&output.stderr);
+            let out = tail(&output.stdout);
+            if !out.is_empty() {
+                if !text.is_empty() {
+                    text.push_str("; ");
+                }
+                text.push_str(&out);
+            }
+            return Err(ShimError::StartFailed {
+                binary: binary.to_owned(),
+                status: output.status,
+                output: text,
+            });
+        }
+        if !output.stderr.is_empty() {
+            tracing::debug!(container_id = %bundle.id, stderr = %tail(&output.stderr), "shim start wrote to stderr");
+        }
+        let params =
+            BootstrapParams::parse(&output.stdout).map_err(|source| ShimError::Address {
+                binary: binary.to_owned(),
+                source,
+            })?;
+        let json = serde_json::to_vec(&params).unwrap_or_default();
+        let path = bundle.path.join(BOOTSTRAP);
+        super::bundle::write_atomic(&path, &json)
+            .map_err(|source| ShimError::Bootstrap { path, source })?;
+        std::fs::write(bundle.path.join("shim-binary-path"), binary.as_os_str().as_encoded_bytes())
+            .map_err(|source| ShimError::Bootstrap {
+                path: bundle.path.join("shim-binary-path"),
+                source,
+            })?;
+        self.attach(bundle, &params).await
+    }
+
+    /// Reconnects to the shim of a bundle left by a previous daemon.
+    pub async fn load(&self, bundle: &Bundle) -> Result<Arc<Shim>, ShimError> {
+        let path = bundle.path.join(BOOTSTRAP);
+        let params = match std::fs::read(&path) {
+            Ok(bytes) => BootstrapParams::parse(&bytes),
+            // A shim always writes `address`; fall back to it if bootstrap.json is missing.
+            Err(_) => {
+                let addr = bundle.path.join("address");
+                let bytes = std::fs::read(&addr).map_err(|source| ShimError::Bootstrap {
+                    path: addr,
+                    source,
+                })?;
+                BootstrapParams::parse(&bytes)
+            }
+        }
+        .map_err(|source| ShimError::Address {
+            binary: PathBuf::from("(restored)"),
+            source,
+        })?;
+        self.attach(bundle, &params).await
+    }
+
+    async fn attach(&self, bundle: &Bundle, params: &BootstrapParams) -> Result<Arc<Shim>, ShimError> {
+        if let Some(shim) = self.lookup(&params.address) {
+            return Ok(shim);
+        }
+        let api = params.api().map_err(|source| ShimError::Address {
+            binary: PathBuf::new(),
+            source,
+        })?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), dial(&params.address))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .map_err(|source| ShimError::Connect {
+                address: params.address.clone(),
+                source,
+            })?;
+        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+        let client = TaskClient::new(client, api, &bundle.namespace);
+        let pid = client
+            .connect(task::ConnectRequest {
+                id: bundle.id.clone(),
+            })
+            .await
+            .ok()
+            .map(|r| r.shim_pid)
+            .filter(|p| *p != 0);
+        let gone = match pid {
+            Some(pid) => watch::watch_pid(pid),
+            None => watch::watch_by_ping(client.clone(), bundle.id.clone()),
+        };
+        let shim = Arc::new(Shim {
+            address: params.address.clone(),
+            client,
+            pid,
+            gone,
+        });
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|_, w| w.strong_count() > 0);
+        // Another task of the same shim may have connected meanwhile; either connection works.
+        conns.insert(params.address.clone(), Arc::downgrade(&shim));
+        Ok(shim)
+    }
+
+    fn lookup(&self, address: &str) -> Option<Arc<Shim>> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.get(address).and_then(Weak::upgrade)
+    }
+
+    /// Runs `<binary> delete` for a bundle whose shim is gone, as containerd does: the shim
+    /// binary cleans up what its runtime left (runc state, mounts) and reports the exit.
+    pub async fn delete(&self, bundle: &Bundle, binary: &Path) -> Result<task::DeleteResponse, ShimError> {
+        let mut cmd = self.command(binary, bundle, "delete");
+        cmd.stdin(Stdio::null());
+        if !bundle.path.is_dir() {
+            cmd.current_dir("/");
+        }
+        let child = cmd.spawn().map_err(|source| ShimError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+        let out = match tokio::time::timeout(self.settings.delete_timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(source)) => {
+                return Err(ShimError::Spawn {
+                    binary: binary.to_owned(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(ShimError::DeleteFailed {
+                    binary: binary.to_owned(),
+                    status: format!("no answer within {:?}", self.settings.delete_timeout),
+                    output: String::new(),
+                });
+            }
+        };
+        if !out.status.success() {
+            return Err(ShimError::DeleteFailed {
+                binary: binary.to_owned(),
+                status: out.status.to_string(),
+                output: tail(&out.stderr),
+            });
+        }
+        if !out.stderr.is_empty() {
+            tracing::warn!(container_id = %bundle.id, warnings = %tail(&out.stderr), "shim delete wrote warnings");
+        }
+        task::DeleteResponse::decode(out.stdout.as_slice()).map_err(|source| ShimError::DeleteResponse {
+            binary: binary.to_owned(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,151 @@
+//! The containerd client API over gRPC: thin adapters from tonic requests to the metadata
+//! store, the task manager and the event exchange. Everything is served on one Unix socket.
+
+mod containers;
+mod events;
+mod introspection;
+mod leases;
+mod namespaces;
+mod tasks;
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use switchyard_api::client::NAMESPACE_HEADER;
+use switchyard_api::containerd::services as svc;
+use tonic::{Request, Status};
+
+use crate::error::{Kind, Simple, status};
+use crate::events::Exchange;
+use crate::metadata::Store;
+use crate::tasks::TaskManager;
+
+/// What the services share.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub tasks: Arc<TaskManager>,
+    pub exchange: Exchange,
+    pub uuid: String,
+}
+
+/// The namespace a request acts in, from the `containerd-namespace` header.
+fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
+    let Some(v) = req.metadata().get(NAMESPACE_HEADER) else {
+        return Err(status(Simple::new(
+            Kind::FailedPrecondition,
+            "namespace is required: send the containerd-namespace header (ctr -n NS, yard -n NS)",
+        )));
+    };
+    let ns = v
+        .to_str()
+        .map_err(|_| status(Simple::new(Kind::InvalidArgument, "namespace header is not text")))?;
+    crate::ident::check("namespace", ns).map_err(status)?;
+    Ok(ns.to_owned())
+}
+
+/// The gRPC services this daemon serves; requests for any other path are answered
+/// UNIMPLEMENTED with a message naming the method, never left hanging.
+const SERVED: &[&str] = &[
+    "/containerd.services.version.v1.Version/",
+    "/containerd.services.namespaces.v1.Namespaces/",
+    "/containerd.services.leases.v1.Leases/",
+    "/containerd.services.containers.v1.Containers/",
+    "/containerd.services.tasks.v1.Tasks/",
+    "/containerd.services.events.v1.Events/",
+    "/containerd.services.introspection.v1.Introspection/",
+];
+
+/// Default gRPC message limit, as containerd's.
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// Serves the API on `path` (mode 0600) until `shutdown` resolves.
+pub async fn serve(
+    path: &Path,
+    shared: Shared,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let listener = crate::sock::bind_unix(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    macro_rules! svc {
+        ($server:ty, $inner:expr) => {
+            <$server>::new($inner)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+        };
+    }
+    let s = Arc::new(shared);
+    tonic::transport::Server::builder()
+        .layer(tower::layer::layer_fn(|inner| Unsupported { inner }))
+        .add_service(svc!(
+            svc::version::v1::version_server::VersionServer<_>,
+            introspection::VersionService
+        ))
+        .add_service(svc!(
+            svc::introspection::v1::introspection_server::IntrospectionServer<_>,
+            introspection::IntrospectionService(s.clone())
+        ))
+        .add_service(svc!(
+            svc::namespaces::v1::namespaces_server::NamespacesServer<_>,
+            namespaces::NamespacesService(s.clone())
+        ))
+        .add_service(svc!(
+            svc::leases::v1::leases_server::LeasesServer<_>,
+            leases::LeasesService(s.clone())
+        ))
+        .add_service(svc!(
+            svc::containers::v1::containers_server::ContainersServer<_>,
+            containers::ContainersService(s.clone())
+        ))
+        .add_service(svc!(
+            svc::tasks::v1::tasks_server::TasksServer<_>,
+            tasks::TasksService(s.clone())
+        ))
+        .add_service(svc!(
+            svc::events::v1::events_server::EventsServer<_>,
+            events::EventsService(s.clone())
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| std::io::Error::other(format!("serve {}: {e}", path.display())))
+}
+
+/// Answers requests for services switchyardd does not serve.
+#[derive(Clone)]
+struct Unsupported<S> {
+    inner: S,
+}
+
+type BoxFut<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Unsupported<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFut<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        if SERVED.iter().any(|p| path.starts_with(p)) {
+            Box::pin(self.inner.call(req))
+        } else {
+            let msg = format!(
+                "{path}: not implemented by switchyardd (served: version, namespaces, leases, containers, tasks, events, introspection)"
+            );
+            tracing::debug!(%path, "unimplemented RPC");
+            Box::pin(async move { Ok(Status::unimplemented(msg).into_http()) })
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Kernel interfaces that need `unsafe` to reach from async code. Keep this module small.
+
+/// pidfds: waiting for a process that is not our child.
+pub mod pidfd {
+    use std::io;
+    use std::os::fd::OwnedFd;
+
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+
+    /// A pidfd registered with the async runtime.
+    pub struct PidFd(AsyncFd<OwnedFd>);
+
+    impl PidFd {
+        /// Opens a pidfd for `pid`; fails with ESRCH when the process is already gone.
+        pub fn open(pid: u32) -> io::Result<PidFd> {
+            let pid = i32::try_from(pid)
+                .ok()
+                .and_then(Pid::from_raw)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc_esrch()))?;
+            let fd = pidfd_open(pid, PidfdFlags::empty())?;
+            // SAFETY: `fd` is an open pidfd owned by the OwnedFd we hand over; AsyncFd keeps
+            // it for its whole life and OwnedFd::as_raw_fd always returns that same fd.
+            let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
+            Ok(PidFd(fd))
+        }
+
+        /// Resolves when the process exits (a pidfd turns readable then).
+        pub async fn exited(&self) {
+            let _ = self.0.readable().await;
+        }
+    }
+
+    fn libc_esrch() -> i32 {
+        rustix::io::Errno::SRCH.raw_os_error()
+    }
+}

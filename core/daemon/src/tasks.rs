@@ -1,0 +1,817 @@
+//! Tasks: the live set of containers' processes, each routed to the shim that runs it.
+//!
+//! Creating a task resolves the container's runtime to a shim binary, writes the bundle, starts
+//! (or joins) the shim and forwards Create; every other call is forwarded to the task's shim.
+//! When a shim dies the task is cleaned up the way containerd does it: `<shim> delete`, the
+//! bundle removed, `/tasks/exit` and `/tasks/delete` published. After a daemon restart the
+//! tasks are found again from their bundles.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use prost_types::Timestamp;
+use switchyard_api::containerd::events::{TaskDelete, TaskExit};
+use switchyard_api::containerd::services::tasks::v1 as api;
+use switchyard_api::containerd::task::v2 as shimapi;
+use switchyard_api::containerd::types::Metric;
+use switchyard_api::containerd::v1::types::{Process, ProcessInfo, Status};
+use switchyard_api::events::topics;
+use switchyard_api::typeurl::to_any;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::{Classify, Kind};
+use crate::events::Exchange;
+use crate::filters::{Adaptor, Filter, FilterError};
+use crate::metadata::{Store, StoreError};
+use crate::runtime::bridge::CallError;
+use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
+use crate::runtime::options::{is_runc, runc_options_json};
+use crate::runtime::resolve::{ResolveError, Runtimes};
+use crate::runtime::shim::{Shim, ShimError, ShimManager};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("task {id:?} in namespace {namespace:?}: not found")]
+    NotFound { namespace: String, id: String },
+    #[error("task {id:?} in namespace {namespace:?}: already exists")]
+    AlreadyExists { namespace: String, id: String },
+    #[error("container {id:?} has no spec")]
+    NoSpec { id: String },
+    #[error("task {id:?}")]
+    Call {
+        id: String,
+        #[source]
+        source: CallError,
+    },
+    #[error("task {id:?}: the shim exited and cleanup did not report in time")]
+    Lost { id: String },
+    #[error("checkpoint is not supported by switchyardd")]
+    Checkpoint,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Shim(#[from] ShimError),
+    #[error(transparent)]
+    Ident(#[from] crate::ident::InvalidIdent),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+}
+
+impl Classify for TaskError {
+    fn kind(&self) -> Kind {
+        match self {
+            TaskError::NotFound { .. } => Kind::NotFound,
+            TaskError::AlreadyExists { .. } => Kind::AlreadyExists,
+            TaskError::NoSpec { .. } | TaskError::Ident(_) | TaskError::Filter(_) => {
+                Kind::InvalidArgument
+            }
+            TaskError::Call { source, .. } => source.kind(),
+            TaskError::Lost { .. } => Kind::Unavailable,
+            TaskError::Checkpoint => Kind::Unimplemented,
+            TaskError::Store(e) => e.kind(),
+            TaskError::Resolve(e) => e.kind(),
+            TaskError::Bundle(e) => e.kind(),
+            TaskError::Shim(e) => e.kind(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, TaskError>;
+type Key = (String, String);
+
+/// How a task ended when its shim died under it.
+#[derive(Debug, Clone)]
+struct Exit {
+    pid: u32,
+    status: u32,
+    exited_at: Option<Timestamp>,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A live task.
+pub struct Task {
+    pub namespace: String,
+    pub id: String,
+    pub record: TaskRecord,
+    pub bundle: Bundle,
+    pub shim: Arc<Shim>,
+    exit: watch::Sender<Option<Exit>>,
+    _log: Option<AbortOnDrop>,
+    monitor: Mutex<Option<AbortOnDrop>>,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Task")
+            .field("namespace", &self.namespace)
+            .field("id", &self.id)
+            .field("runtime", &self.record.runtime)
+            .finish()
+    }
+}
+
+/// How long List and Metrics wait for one shim before reporting it unknown.
+const LIST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The task registry and router.
+pub struct TaskManager {
+    shims: ShimManager,
+    runtimes: Runtimes,
+    store: Store,
+    exchange: Exchange,
+    state: PathBuf,
+    root: PathBuf,
+    tasks: RwLock<HashMap<Key, Arc<Task>>>,
+    creating: Mutex<HashSet<Key>>,
+}
+
+/// Removes a key from the set of tasks being created when dropped.
+struct Creating<'a> {
+    set: &'a Mutex<HashSet<Key>>,
+    key: Key,
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(SystemTime::now())
+}
+
+impl TaskManager {
+    pub fn new(
+        shims: ShimManager,
+        runtimes: Runtimes,
+        store: Store,
+        exchange: Exchange,
+        state: PathBuf,
+        root: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            shims,
+            runtimes,
+            store,
+            exchange,
+            state,
+            root,
+            tasks: RwLock::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn runtimes(&self) -> &Runtimes {
+        &self.runtimes
+    }
+
+    pub fn exists(&self, ns: &str, id: &str) -> bool {
+        self.read().contains_key(&(ns.to_owned(), id.to_owned()))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Key, Arc<Task>>> {
+        self.tasks.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Key, Arc<Task>>> {
+        self.tasks.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, ns: &str, id: &str) -> Result<Arc<Task>> {
+        self.read()
+            .get(&(ns.to_owned(), id.to_owned()))
+            .cloned()
+            .ok_or_else(|| TaskError::NotFound {
+                namespace: ns.to_owned(),
+                id: id.to_owned(),
+            })
+    }
+
+    /// Removes `task` from the registry if it is still the registered one.
+    fn unregister(&self, task: &Arc<Task>) -> bool {
+        let key = (task.namespace.clone(), task.id.clone());
+        let mut tasks = self.write();
+        if tasks.get(&key).is_some_and(|t| Arc::ptr_eq(t, task)) {
+            tasks.remove(&key);
+            // The monitor's job is done; a normal delete must not look like a dead shim.
+            drop(tasks);
+            task.monitor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn register(self: &Arc<Self>, task: Task) -> Arc<Task> {
+        let task = Arc::new(task);
+        let key = (task.namespace.clone(), task.id.clone());
+        self.write().insert(key, task.clone());
+        let manager: Weak<Self> = Arc::downgrade(self);
+        let weak_task = Arc::downgrade(&task);
+        let shim = task.shim.clone();
+        let handle = tokio::spawn(async move {
+            shim.gone().await;
+            if let (Some(m), Some(t)) = (manager.upgrade(), weak_task.upgrade()) {
+                m.on_shim_gone(t).await;
+            }
+        });
+        *task.monitor.lock().unwrap_or_else(|e| e.into_inner()) = Some(AbortOnDrop(handle));
+        task
+    }
+
+    fn new_task(&self, bundle: Bundle, record: TaskRecord, shim: Arc<Shim>, log: Option<JoinHandle<()>>) -> Task {
+        Task {
+            namespace: bundle.namespace.clone(),
+            id: bundle.id.clone(),
+            record,
+            bundle,
+            shim,
+            exit: watch::channel(None).0,
+            _log: log.map(AbortOnDrop),
+            monitor: Mutex::new(None),
+        }
+    }
+
+    fn call_err<'a>(id: &'a str) -> impl FnOnce(CallError) -> TaskError + 'a {
+        move |source| TaskError::Call {
+            id: id.to_owned(),
+            source,
+        }
+    }
+
+    // ---- lifecycle ----
+
+    pub async fn create(self: &Arc<Self>, ns: &str, req: api::CreateTaskRequest) -> Result<u32> {
+        let id = req.container_id.clone();
+        crate::ident::check("container id", &id)?;
+        let key = (ns.to_owned(), id.clone());
+        let _creating = {
+            let mut set = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+            if self.exists(ns, &id) || !set.insert(key.clone()) {
+                return Err(TaskError::AlreadyExists {
+                    namespace: ns.to_owned(),
+                    id,
+                });
+            }
+            Creating {
+                set: &self.creating,
+                key,
+            }
+        };
+        let (ns_owned, id_owned) = (ns.to_owned(), id.clone());
+        let container = self
+            .store
+            .run(move |s| s.get_container(&ns_owned, &id_owned))
+            .await?;
+        let runtime = container.runtime.clone().unwrap_or_default();
+        let mut resolved = self.runtimes.resolve(&runtime.name)?;
+        if !req.runtime_path.is_empty() {
+            // containerd 2.x clients may name the shim binary directly.
+            resolved.binary = PathBuf::from(&req.runtime_path);
+        }
+        let non_empty = |a: &Option<prost_types::Any>| a.as_ref().is_some_and(|a| !a.type_url.is_empty());
+        let options = if non_empty(&req.options) {
+            req.options.clone()
+        } else if non_empty(&runtime.options) {
+            runtime.options.clone()
+        } else {
+            resolved.options.clone()
+        };
+        let spec = container.spec.ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
+        let bundle = Bundle::locate(&self.state, &self.root, ns, &id);
+        let options_json = options
+            .as_ref()
+            .filter(|_| is_runc(&resolved.runtime_type))
+            .and_then(runc_options_json);
+        bundle.create(&spec.value, !req.rootfs.is_empty(), options_json.as_deref())?;
+        let record = TaskRecord {
+            runtime: resolved.name.clone(),
+            runtime_type: resolved.runtime_type.clone(),
+            binary: resolved.binary.clone(),
+        };
+        if let Err(e) = bundle.write_record(&record) {
+            let _ = bundle.delete();
+            return Err(e.into());
+        }
+        // The shim opens its log fifo for writing and blocks until someone reads.
+        let log = crate::runtime::log::follow(&bundle.log_fifo(), ns, &id)
+            .map_err(|e| tracing::warn!(container_id = %id, error = %e, "cannot follow shim log"))
+            .ok();
+        tracing::info!(namespace = ns, container_id = %id, runtime = %resolved.name, shim = %resolved.binary.display(), "starting shim");
+        let shim = match self
+            .shims
+            .start(&bundle, &resolved.binary, options.as_ref())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                if let Err(err) = bundle.delete() {
+                    tracing::warn!(container_id = %id, error = %crate::error::chain(&err), "remove bundle");
+                }
+                return Err(e.into());
+            }
+        };
+        let create = shimapi::CreateTaskRequest {
+            id: id.clone(),
+            bundle: bundle.path.to_string_lossy().into_owned(),
+            rootfs: req.rootfs,
+            terminal: req.terminal,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            checkpoint: req.checkpoint.map(|c| c.digest).unwrap_or_default(),
+            parent_checkpoint: String::new(),
+            options,
+        };
+        match shim.client.create(create).await {
+            Ok(r) => {
+                let task = self.new_task(bundle, record, shim, log);
+                self.register(task);
+                Ok(r.pid)
+            }
+            Err(e) => {
+                self.abandon(&bundle, &record, &shim, e.is_disconnected()).await;
+                Err(TaskError::Call { id, source: e })
+            }
+        }
+    }
+
+    /// Undoes a half-made task: as containerd does, ask the shim to delete and shut down, and
+    /// fall back to `<shim> delete` when it is gone.
+    async fn abandon(&self, bundle: &Bundle, record: &TaskRecord, shim: &Shim, disconnected: bool) {
+        let id = bundle.id.clone();
+        if disconnected {
+            if let Err(e) = self.shims.delete(bundle, &record.binary).await {
+                tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim delete");
+            }
+        } else {
+            let _ = shim
+                .client
+                .delete(shimapi::DeleteRequest {
+                    id: id.clone(),
+                    exec_id: String::new(),
+                })
+                .await;
+            let _ = shim
+                .client
+                .shutdown(&id, self.shims.settings().shutdown_timeout)
+                .await;
+        }
+        if let Err(e) = bundle.delete() {
+            tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "remove bundle");
+        }
+    }
+
+    /// Cleans up after a shim that exited while its task was registered.
+    async fn on_shim_gone(self: Arc<Self>, task: Arc<Task>) {
+        let key = (task.namespace.clone(), task.id.clone());
+        {
+            let mut tasks = self.write();
+            if !tasks.get(&key).is_some_and(|t| Arc::ptr_eq(t, &task)) {
+                return;
+            }
+            tasks.remove(&key);
+        }
+        tracing::warn!(namespace = %task.namespace, container_id = %task.id, "shim exited; cleaning up");
+        let exit = self.cleanup_dead(&task.bundle, &task.record).await;
+        let _ = task.exit.send(Some(exit));
+    }
+
+    /// `<shim> delete`, bundle removal and the exit and delete events for a task whose shim
+    /// is gone.
+    async fn cleanup_dead(&self, bundle: &Bundle, record: &TaskRecord) -> Exit {
+        let exit = match self.shims.delete(bundle, &record.binary).await {
+            Ok(r) => Exit {
+                pid: r.pid,
+                status: r.exit_status,
+                exited_at: r.exited_at.or_else(|| Some(now())),
+            },
+            Err(e) => {
+                tracing::warn!(container_id = %bundle.id, error = %crate::error::chain(&e), "cleanup after dead shim");
+                Exit {
+                    pid: 0,
+                    status: 255,
+                    exited_at: Some(now()),
+                }
+            }
+        };
+        if let Err(e) = bundle.delete() {
+            tracing::warn!(container_id = %bundle.id, error = %crate::error::chain(&e), "remove bundle");
+        }
+        let ns = &bundle.namespace;
+        self.exchange.publish(
+            ns,
+            topics::TASK_EXIT,
+            to_any(&TaskExit {
+                container_id: bundle.id.clone(),
+                id: bundle.id.clone(),
+                pid: exit.pid,
+                exit_status: exit.status,
+                exited_at: exit.exited_at,
+            }),
+        );
+        self.exchange.publish(
+            ns,
+            topics::TASK_DELETE,
+            to_any(&TaskDelete {
+                container_id: bundle.id.clone(),
+                id: String::new(),
+                pid: exit.pid,
+                exit_status: exit.status,
+                exited_at: exit.exited_at,
+            }),
+        );
+        exit
+    }
+
+    async fn await_exit(&self, task: &Task) -> Result<Exit> {
+        let mut rx = task.exit.subscribe();
+        let wait = self.shims.settings().delete_timeout + Duration::from_secs(5);
+        match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(v)) => v.clone().ok_or_else(|| TaskError::Lost { id: task.id.clone() }),
+            _ => Err(TaskError::Lost {
+                id: task.id.clone(),
+            }),
+        }
+    }
+
+    pub async fn delete(&self, ns: &str, id: &str) -> Result<api::DeleteResponse> {
+        let task = self.get(ns, id)?;
+        let req = shimapi::DeleteRequest {
+            id: id.to_owned(),
+            exec_id: String::new(),
+        };
+        match task.shim.client.delete(req).await {
+            Ok(r) => {
+                self.unregister(&task);
+                if let Err(e) = task
+                    .shim
+                    .client
+                    .shutdown(id, self.shims.settings().shutdown_timeout)
+                    .await
+                {
+                    tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim shutdown");
+                }
+                if let Err(e) = task.bundle.delete() {
+                    tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "remove bundle");
+                }
+                Ok(api::DeleteResponse {
+                    id: id.to_owned(),
+                    pid: r.pid,
+                    exit_status: r.exit_status,
+                    exited_at: r.exited_at,
+                })
+            }
+            Err(e) if e.is_disconnected() => {
+                // The shim is gone; its monitor cleans up (or already has).
+                let exit = self.await_exit(&task).await?;
+                Ok(api::DeleteResponse {
+                    id: id.to_owned(),
+                    pid: exit.pid,
+                    exit_status: exit.status,
+                    exited_at: exit.exited_at,
+                })
+            }
+            Err(e) => Err(TaskError::Call {
+                id: id.to_owned(),
+                source: e,
+            }),
+        }
+    }
+
+    pub async fn delete_process(&self, ns: &str, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+        let task = self.get(ns, id)?;
+        let r = task
+            .shim
+            .client
+            .delete(shimapi::DeleteRequest {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            })
+            .await
+            .map_err(Self::call_err(id))?;
+        Ok(api::DeleteResponse {
+            id: exec_id.to_owned(),
+            pid: r.pid,
+            exit_status: r.exit_status,
+            exited_at: r.exited_at,
+        })
+    }
+
+    pub async fn start(&self, ns: &str, id: &str, exec_id: &str) -> Result<u32> {
+        let task = self.get(ns, id)?;
+        let r = task
+            .shim
+            .client
+            .start(shimapi::StartRequest {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            })
+            .await
+            .map_err(Self::call_err(id))?;
+        Ok(r.pid)
+    }
+
+    pub async fn wait(&self, ns: &str, id: &str, exec_id: &str) -> Result<api::WaitResponse> {
+        let task = self.get(ns, id)?;
+        let req = shimapi::WaitRequest {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        };
+        match task.shim.client.wait(req).await {
+            Ok(r) => Ok(api::WaitResponse {
+                exit_status: r.exit_status,
+                exited_at: r.exited_at,
+            }),
+            Err(e) if e.is_disconnected() && exec_id.is_empty() => {
+                let exit = self.await_exit(&task).await?;
+                Ok(api::WaitResponse {
+                    exit_status: exit.status,
+                    exited_at: exit.exited_at,
+                })
+            }
+            Err(e) => Err(TaskError::Call {
+                id: id.to_owned(),
+                source: e,
+            }),
+        }
+    }
+
+    async fn state(task: &Task, exec_id: &str) -> std::result::Result<Process, CallError> {
+        let s = task
+            .shim
+            .client
+            .state(shimapi::StateRequest {
+                id: task.id.clone(),
+                exec_id: exec_id.to_owned(),
+            })
+            .await?;
+        Ok(Process {
+            container_id: task.id.clone(),
+            id: if exec_id.is_empty() {
+                task.id.clone()
+            } else {
+                exec_id.to_owned()
+            },
+            pid: s.pid,
+            status: s.status,
+            stdin: s.stdin,
+            stdout: s.stdout,
+            stderr: s.stderr,
+            terminal: s.terminal,
+            exit_status: s.exit_status,
+            exited_at: s.exited_at,
+        })
+    }
+
+    pub async fn get_process(&self, ns: &str, id: &str, exec_id: &str) -> Result<Process> {
+        let task = self.get(ns, id)?;
+        Self::state(&task, exec_id)
+            .await
+            .map_err(Self::call_err(id))
+    }
+
+    /// Tasks of a namespace; a shim that does not answer in time shows as UNKNOWN.
+    pub async fn list(&self, ns: &str) -> Vec<Process> {
+        let tasks: Vec<Arc<Task>> = self
+            .read()
+            .values()
+            .filter(|t| t.namespace == ns)
+            .cloned()
+            .collect();
+        let states = tasks.iter().map(|t| async move {
+            match tokio::time::timeout(LIST_TIMEOUT, Self::state(t, "")).await {
+                Ok(Ok(p)) => p,
+                _ => Process {
+                    container_id: t.id.clone(),
+                    id: t.id.clone(),
+                    status: Status::Unknown as i32,
+                    ..Default::default()
+                },
+            }
+        });
+        let mut out = futures::future::join_all(states).await;
+        out.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        out
+    }
+
+    pub async fn kill(&self, ns: &str, req: api::KillRequest) -> Result<()> {
+        let task = self.get(ns, &req.container_id)?;
+        task.shim
+            .client
+            .kill(shimapi::KillRequest {
+                id: req.container_id.clone(),
+                exec_id: req.exec_id,
+                signal: req.signal,
+                all: req.all,
+            })
+            .await
+            .map_err(Self::call_err(&req.container_id))
+    }
+
+    pub async fn exec(&self, ns: &str, req: api::ExecProcessRequest) -> Result<()> {
+        crate::ident::check("exec id", &req.exec_id)?;
+        let task = self.get(ns, &req.container_id)?;
+        task.shim
+            .client
+            .exec(shimapi::ExecProcessRequest {
+                id: req.container_id.clone(),
+                exec_id: req.exec_id,
+                terminal: req.terminal,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                spec: req.spec,
+            })
+            .await
+            .map_err(Self::call_err(&req.container_id))
+    }
+
+    pub async fn resize_pty(&self, ns: &str, req: api::ResizePtyRequest) -> Result<()> {
+        let task = self.get(ns, &req.container_id)?;
+        task.shim
+            .client
+            .resize_pty(shimapi::ResizePtyRequest {
+                id: req.container_id.clone(),
+                exec_id: req.exec_id,
+                width: req.width,
+                height: req.height,
+            })
+            .await
+            .map_err(Self::call_err(&req.container_id))
+    }
+
+    pub async fn close_io(&self, ns: &str, req: api::CloseIoRequest) -> Result<()> {
+        let task = self.get(ns, &req.container_id)?;
+        task.shim
+            .client
+            .close_io(shimapi::CloseIoRequest {
+                id: req.container_id.clone(),
+                exec_id: req.exec_id,
+                stdin: req.stdin,
+            })
+            .await
+            .map_err(Self::call_err(&req.container_id))
+    }
+
+    pub async fn pause(&self, ns: &str, id: &str) -> Result<()> {
+        let task = self.get(ns, id)?;
+        task.shim
+            .client
+            .pause(shimapi::PauseRequest { id: id.to_owned() })
+            .await
+            .map_err(Self::call_err(id))
+    }
+
+    pub async fn resume(&self, ns: &str, id: &str) -> Result<()> {
+        let task = self.get(ns, id)?;
+        task.shim
+            .client
+            .resume(shimapi::ResumeRequest { id: id.to_owned() })
+            .await
+            .map_err(Self::call_err(id))
+    }
+
+    pub async fn pids(&self, ns: &str, id: &str) -> Result<Vec<ProcessInfo>> {
+        let task = self.get(ns, id)?;
+        let r = task
+            .shim
+            .client
+            .pids(shimapi::PidsRequest { id: id.to_owned() })
+            .await
+            .map_err(Self::call_err(id))?;
+        Ok(r.processes)
+    }
+
+    pub async fn update(&self, ns: &str, req: api::UpdateTaskRequest) -> Result<()> {
+        let task = self.get(ns, &req.container_id)?;
+        task.shim
+            .client
+            .update(shimapi::UpdateTaskRequest {
+                id: req.container_id.clone(),
+                resources: req.resources,
+                annotations: req.annotations,
+            })
+            .await
+            .map_err(Self::call_err(&req.container_id))
+    }
+
+    /// Stats of the namespace's tasks that match `filters` (fields: `id`, `runtime`).
+    pub async fn metrics(&self, ns: &str, filters: &[String]) -> Result<Vec<Metric>> {
+        let filter = Filter::parse(filters)?;
+        let tasks: Vec<Arc<Task>> = self
+            .read()
+            .values()
+            .filter(|t| t.namespace == ns && filter.matches(&TaskFields(t)))
+            .cloned()
+            .collect();
+        let stats = tasks.iter().map(|t| async move {
+            let r = tokio::time::timeout(
+                LIST_TIMEOUT,
+                t.shim.client.stats(shimapi::StatsRequest { id: t.id.clone() }),
+            )
+            .await;
+            match r {
+                Ok(Ok(s)) => Some(Metric {
+                    timestamp: Some(now()),
+                    id: t.id.clone(),
+                    data: s.stats,
+                }),
+                _ => None,
+            }
+        });
+        Ok(futures::future::join_all(stats)
+            .await
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    // ---- restart ----
+
+    /// Finds the tasks a previous daemon left running, reconnecting to their shims and cleaning
+    /// up after those that died meanwhile.
+    pub async fn restore(self: &Arc<Self>) {
+        let dir = self.state.join("tasks");
+        let Ok(namespaces) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for ns in namespaces.flatten() {
+            let ns_name = ns.file_name().to_string_lossy().into_owned();
+            let Ok(ids) = std::fs::read_dir(ns.path()) else {
+                continue;
+            };
+            for entry in ids.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if !crate::ident::is_valid(&ns_name) || !crate::ident::is_valid(&id) {
+                    continue;
+                }
+                let bundle = Bundle::locate(&self.state, &self.root, &ns_name, &id);
+                self.restore_one(bundle).await;
+            }
+        }
+    }
+
+    async fn restore_one(self: &Arc<Self>, bundle: Bundle) {
+        let id = bundle.id.clone();
+        let record = match bundle.read_record() {
+            Ok(r) => r,
+            Err(_) => {
+                // A create that never finished: clean up with the binary it recorded, if any.
+                if let Ok(bin) = std::fs::read_to_string(bundle.path.join("shim-binary-path")) {
+                    let _ = self.shims.delete(&bundle, std::path::Path::new(bin.trim())).await;
+                }
+                let _ = bundle.delete();
+                tracing::info!(namespace = %bundle.namespace, container_id = %id, "removed an unfinished bundle");
+                return;
+            }
+        };
+        let log = crate::runtime::log::follow(&bundle.log_fifo(), &bundle.namespace, &id).ok();
+        match self.shims.load(&bundle).await {
+            Ok(shim) => {
+                tracing::info!(namespace = %bundle.namespace, container_id = %id, runtime = %record.runtime, "reconnected to shim");
+                let task = self.new_task(bundle, record, shim, log);
+                self.register(task);
+            }
+            Err(e) => {
+                tracing::warn!(namespace = %bundle.namespace, container_id = %id, error = %crate::error::chain(&e), "shim is gone; cleaning up");
+                drop(log);
+                self.cleanup_dead(&bundle, &record).await;
+            }
+        }
+    }
+}
+
+/// Filter fields of a task (Metrics): `id`, `runtime`.
+struct TaskFields<'a>(&'a Task);
+
+impl Adaptor for TaskFields<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "id" => Some(self.0.id.clone()),
+            [f] if f == "runtime" => Some(self.0.record.runtime.clone()),
+            _ => None,
+        }
+    }
+}
