@@ -45,8 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // ttrpc services: messages only; switchyardd speaks ttrpc through `ttrpc`'s raw client and
     // server, choosing the service name (task v2 or v3) at run time.
-    let ttrpc_files = ["runtime/task/v2/shim.proto", "services/ttrpc/events/v1/events.proto"]
-        .map(|f| api.join(f));
+    let ttrpc_files = [
+        "runtime/task/v2/shim.proto",
+        "services/ttrpc/events/v1/events.proto",
+    ]
+    .map(|f| api.join(f));
     // prost writes every package the files import, so this pass gets its own directory and only
     // its own two packages are included from it.
     let ttrpc_out = PathBuf::from(std::env::var("OUT_DIR")?).join("ttrpc");

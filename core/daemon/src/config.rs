@@ -354,7 +354,11 @@ mod tests {
             c.ttrpc_address,
             Path::new("/run/switchyard/switchyard.sock.ttrpc")
         );
-        let types: Vec<_> = c.runtimes.values().map(|r| r.runtime_type.as_str()).collect();
+        let types: Vec<_> = c
+            .runtimes
+            .values()
+            .map(|r| r.runtime_type.as_str())
+            .collect();
         assert!(types.contains(&"io.containerd.runc.v2"));
         assert!(types.contains(&"io.containerd.yard-native.v1"));
         assert!(types.contains(&"io.containerd.yard-vm.v1"));
@@ -372,7 +376,10 @@ mod tests {
         assert_eq!(c.state, Path::new("/run/switchyard"));
         assert_eq!(c.ttrpc_address, Path::new("/tmp/s.sock.ttrpc"));
         assert!(c.runtimes.contains_key("runc"));
-        assert_eq!(c.runtimes["extra"].path.as_deref(), Some(Path::new("/opt/x")));
+        assert_eq!(
+            c.runtimes["extra"].path.as_deref(),
+            Some(Path::new("/opt/x"))
+        );
     }
 
     fn err(text: &str) -> String {

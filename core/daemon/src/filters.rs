@@ -248,7 +248,10 @@ mod tests {
     }
 
     fn ok(filters: &[&str]) -> bool {
-        Filter::parse(filters).map_err(|e| format!("{filters:?}: {e}")).unwrap().matches(&m())
+        Filter::parse(filters)
+            .map_err(|e| format!("{filters:?}: {e}"))
+            .unwrap()
+            .matches(&m())
     }
 
     #[test]

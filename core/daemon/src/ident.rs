@@ -27,7 +27,9 @@ pub fn is_valid(s: &str) -> bool {
 
 /// Why an identifier was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {what} {value:?}: expected letters and digits joined by single '.', '_' or '-', at most {MAX_LEN} bytes")]
+#[error(
+    "invalid {what} {value:?}: expected letters and digits joined by single '.', '_' or '-', at most {MAX_LEN} bytes"
+)]
 pub struct InvalidIdent {
     pub what: &'static str,
     pub value: String,
@@ -51,10 +53,27 @@ mod tests {
 
     #[test]
     fn identifiers_follow_containerd() {
-        for ok in ["default", "k8s.io", "a", "t1", "my_ctr-2.x", &"a".repeat(76)] {
+        for ok in [
+            "default",
+            "k8s.io",
+            "a",
+            "t1",
+            "my_ctr-2.x",
+            &"a".repeat(76),
+        ] {
             assert!(is_valid(ok), "{ok}");
         }
-        for bad in ["", "-a", "a-", "a..b", "a/b", "../x", "a b", "ä", &"a".repeat(77)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a/b",
+            "../x",
+            "a b",
+            "ä",
+            &"a".repeat(77),
+        ] {
             assert!(!is_valid(bad), "{bad}");
         }
     }

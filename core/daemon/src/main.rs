@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use switchyardd::config::{Config, DEFAULT_TOML};
 
 #[derive(Parser)]
-#[command(name = "switchyardd", version, about = "Switchyard daemon: containerd's API, routing tasks to shims by runtime type")]
+#[command(
+    name = "switchyardd",
+    version,
+    about = "Switchyard daemon: containerd's API, routing tasks to shims by runtime type"
+)]
 struct Cli {
     /// Configuration file, laid over the embedded default (see `switchyardd config default`).
     #[arg(long, short = 'c', global = true, env = "SWITCHYARD_CONFIG")]
@@ -57,8 +61,11 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info")));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info"
+        ))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -83,7 +90,9 @@ async fn shutdown_signal() {
 
 async fn publish(address: PathBuf, topic: String, namespace: String) -> anyhow::Result<()> {
     use prost::Message;
-    use switchyard_api::containerd::services::events::v1::{PublishRequest, events_client::EventsClient};
+    use switchyard_api::containerd::services::events::v1::{
+        PublishRequest, events_client::EventsClient,
+    };
     let mut payload = Vec::new();
     std::io::stdin()
         .read_to_end(&mut payload)
@@ -124,17 +133,26 @@ fn main() -> anyhow::Result<()> {
         }) => {
             let c = load_config(cli.config.as_ref())?;
             let mut out = std::io::stdout().lock();
-            writeln!(out, "ok: root {} state {} api {} events {}", c.root.display(), c.state.display(), c.grpc_address.display(), c.ttrpc_address.display())?;
+            writeln!(
+                out,
+                "ok: root {} state {} api {} events {}",
+                c.root.display(),
+                c.state.display(),
+                c.grpc_address.display(),
+                c.ttrpc_address.display()
+            )?;
             for (name, r) in &c.runtimes {
-                let default = if *name == c.default_runtime { " (default)" } else { "" };
+                let default = if *name == c.default_runtime {
+                    " (default)"
+                } else {
+                    ""
+                };
                 writeln!(out, "runtime {name}: {}{default}", r.runtime_type)?;
             }
             Ok(())
         }
         Some(Command::Publish { topic, namespace }) => {
-            let address = cli
-                .address
-                .context("publish needs --address")?;
+            let address = cli.address.context("publish needs --address")?;
             rt.block_on(publish(address, topic, namespace))
         }
         None => {

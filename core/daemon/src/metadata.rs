@@ -537,7 +537,11 @@ impl Store {
 
     pub fn list_lease_resources(&self, ns: &str, lease: &str) -> Result<Vec<Resource>> {
         let txn = self.db.begin_read()?;
-        if txn.open_table(LEASES)?.get(key(ns, lease).as_str())?.is_none() {
+        if txn
+            .open_table(LEASES)?
+            .get(key(ns, lease).as_str())?
+            .is_none()
+        {
             return Err(StoreError::NotFound {
                 what: "lease",
                 namespace: ns.to_owned(),
@@ -622,7 +626,9 @@ mod tests {
         assert_eq!(r.labels["x"], "9");
         assert_eq!(r.labels["y"], "2");
         assert_eq!(r.image, "");
-        let e = s.update_container("ns", ctr("a"), &["runtime".into()]).unwrap_err();
+        let e = s
+            .update_container("ns", ctr("a"), &["runtime".into()])
+            .unwrap_err();
         assert_eq!(e.kind(), Kind::InvalidArgument);
     }
 
@@ -651,7 +657,10 @@ mod tests {
             r#type: "content".into(),
         };
         s.add_lease_resource("default", &l.id, &r).unwrap();
-        assert_eq!(s.list_lease_resources("default", &l.id).unwrap(), vec![r.clone()]);
+        assert_eq!(
+            s.list_lease_resources("default", &l.id).unwrap(),
+            vec![r.clone()]
+        );
         s.delete_lease_resource("default", &l.id, &r).unwrap();
         assert!(s.list_lease_resources("default", &l.id).unwrap().is_empty());
         s.add_lease_resource("default", &l.id, &r).unwrap();

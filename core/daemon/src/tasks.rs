@@ -240,7 +240,13 @@ impl TaskManager {
         task
     }
 
-    fn new_task(&self, bundle: Bundle, record: TaskRecord, shim: Arc<Shim>, log: Option<JoinHandle<()>>) -> Task {
+    fn new_task(
+        &self,
+        bundle: Bundle,
+        record: TaskRecord,
+        shim: Arc<Shim>,
+        log: Option<JoinHandle<()>>,
+    ) -> Task {
         Task {
             namespace: bundle.namespace.clone(),
             id: bundle.id.clone(),
@@ -290,7 +296,8 @@ impl TaskManager {
             // containerd 2.x clients may name the shim binary directly.
             resolved.binary = PathBuf::from(&req.runtime_path);
         }
-        let non_empty = |a: &Option<prost_types::Any>| a.as_ref().is_some_and(|a| !a.type_url.is_empty());
+        let non_empty =
+            |a: &Option<prost_types::Any>| a.as_ref().is_some_and(|a| !a.type_url.is_empty());
         let options = if non_empty(&req.options) {
             req.options.clone()
         } else if non_empty(&runtime.options) {
@@ -298,7 +305,9 @@ impl TaskManager {
         } else {
             resolved.options.clone()
         };
-        let spec = container.spec.ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
+        let spec = container
+            .spec
+            .ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
         let bundle = Bundle::locate(&self.state, &self.root, ns, &id);
         let options_json = options
             .as_ref()
@@ -351,21 +360,20 @@ impl TaskManager {
                 Ok(r.pid)
             }
             Err(e) => {
-                self.abandon(&bundle, &record, &shim, e.is_disconnected()).await;
+                self.abandon(&bundle, &record, &shim, e.is_disconnected())
+                    .await;
                 Err(TaskError::Call { id, source: e })
             }
         }
     }
 
-    /// Undoes a half-made task: as containerd does, ask the shim to delete and shut down, and
-    /// fall back to `<shim> delete` when it is gone.
+    /// Undoes a half-made task: as containerd does, ask the shim to delete and shut down; then
+    /// run `<shim> delete` as well, because a shim whose Create failed half way (or timed
+    /// out) can leave runtime state behind (runc's `init`, its cgroup) that only the binary's
+    /// cleanup removes.
     async fn abandon(&self, bundle: &Bundle, record: &TaskRecord, shim: &Shim, disconnected: bool) {
         let id = bundle.id.clone();
-        if disconnected {
-            if let Err(e) = self.shims.delete(bundle, &record.binary).await {
-                tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim delete");
-            }
-        } else {
+        if !disconnected {
             let _ = shim
                 .client
                 .delete(shimapi::DeleteRequest {
@@ -378,8 +386,25 @@ impl TaskManager {
                 .shutdown(&id, self.shims.settings().shutdown_timeout)
                 .await;
         }
+        if let Err(e) = self.shims.delete(bundle, &record.binary).await {
+            tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim delete");
+        }
         if let Err(e) = bundle.delete() {
             tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "remove bundle");
+        }
+        // A shim that serves no other task and ignored Shutdown would be leaked: stop it.
+        let shared = self.read().values().any(|t| t.shim.address == shim.address);
+        if let (false, Some(pid)) = (shared, shim.pid) {
+            let wait = tokio::time::timeout(Duration::from_secs(1), shim.gone());
+            if wait.await.is_err() {
+                tracing::warn!(container_id = %id, pid, "shim ignored Shutdown; killing it");
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
         }
     }
 
@@ -449,7 +474,9 @@ impl TaskManager {
         let mut rx = task.exit.subscribe();
         let wait = self.shims.settings().delete_timeout + Duration::from_secs(5);
         match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(v)) => v.clone().ok_or_else(|| TaskError::Lost { id: task.id.clone() }),
+            Ok(Ok(v)) => v.clone().ok_or_else(|| TaskError::Lost {
+                id: task.id.clone(),
+            }),
             _ => Err(TaskError::Lost {
                 id: task.id.clone(),
             }),
@@ -500,7 +527,12 @@ impl TaskManager {
         }
     }
 
-    pub async fn delete_process(&self, ns: &str, id: &str, exec_id: &str) -> Result<api::DeleteResponse> {
+    pub async fn delete_process(
+        &self,
+        ns: &str,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<api::DeleteResponse> {
         let task = self.get(ns, id)?;
         let r = task
             .shim
@@ -729,7 +761,9 @@ impl TaskManager {
         let stats = tasks.iter().map(|t| async move {
             let r = tokio::time::timeout(
                 LIST_TIMEOUT,
-                t.shim.client.stats(shimapi::StatsRequest { id: t.id.clone() }),
+                t.shim
+                    .client
+                    .stats(shimapi::StatsRequest { id: t.id.clone() }),
             )
             .await;
             match r {
@@ -780,7 +814,10 @@ impl TaskManager {
             Err(_) => {
                 // A create that never finished: clean up with the binary it recorded, if any.
                 if let Ok(bin) = std::fs::read_to_string(bundle.path.join("shim-binary-path")) {
-                    let _ = self.shims.delete(&bundle, std::path::Path::new(bin.trim())).await;
+                    let _ = self
+                        .shims
+                        .delete(&bundle, std::path::Path::new(bin.trim()))
+                        .await;
                 }
                 let _ = bundle.delete();
                 tracing::info!(namespace = %bundle.namespace, container_id = %id, "removed an unfinished bundle");

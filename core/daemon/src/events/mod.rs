@@ -53,7 +53,9 @@ fn validate_topic(topic: &str) -> Result<(), EventError> {
         topic: topic.to_owned(),
         reason,
     };
-    let rest = topic.strip_prefix('/').ok_or_else(|| bad("must start with '/'"))?;
+    let rest = topic
+        .strip_prefix('/')
+        .ok_or_else(|| bad("must start with '/'"))?;
     if rest.is_empty() {
         return Err(bad("must have a name after '/'"));
     }

@@ -21,7 +21,11 @@ struct Forward {
 
 #[async_trait::async_trait]
 impl MethodHandler for Forward {
-    async fn handler(&self, _ctx: TtrpcContext, req: ttrpc::Request) -> ttrpc::Result<ttrpc::Response> {
+    async fn handler(
+        &self,
+        _ctx: TtrpcContext,
+        req: ttrpc::Request,
+    ) -> ttrpc::Result<ttrpc::Response> {
         let mut res = ttrpc::Response::new();
         let status = match ForwardRequest::decode(req.payload.as_slice()) {
             Err(e) => ttrpc::get_status(

@@ -93,7 +93,10 @@ mod tests {
             BootstrapParams::parse(br#"{"version":3,"address":"x","protocol":"grpc"}"#),
             Err(AddressError::Protocol(_))
         ));
-        assert!(matches!(BootstrapParams::parse(b"  \n"), Err(AddressError::Empty)));
+        assert!(matches!(
+            BootstrapParams::parse(b"  \n"),
+            Err(AddressError::Empty)
+        ));
     }
 
     #[tokio::test]

@@ -58,7 +58,10 @@ pub enum CallError {
         timeout: Duration,
     },
     #[error("shim {method}: {detail}")]
-    Transport { method: &'static str, detail: String },
+    Transport {
+        method: &'static str,
+        detail: String,
+    },
     #[error("shim {method}: malformed response")]
     Decode {
         method: &'static str,

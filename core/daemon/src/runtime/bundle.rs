@@ -134,7 +134,8 @@ impl Bundle {
 
     pub fn write_record(&self, rec: &TaskRecord) -> Result<(), BundleError> {
         let p = self.path.join(TASK_RECORD);
-        let json = serde_json::to_vec(rec).map_err(|e| io_err("encode", &p)(io::Error::other(e)))?;
+        let json =
+            serde_json::to_vec(rec).map_err(|e| io_err("encode", &p)(io::Error::other(e)))?;
         write_atomic(&p, &json).map_err(io_err("write", &p))
     }
 
@@ -220,8 +221,16 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let rootfs = tmp.path().join("r");
         std::fs::create_dir(&rootfs).unwrap();
-        let b = Bundle::locate(&tmp.path().join("state"), &tmp.path().join("root"), "ns", "t");
-        let spec = format!("{{\"root\":{{\"path\":{:?}}}}}", rootfs.display().to_string());
+        let b = Bundle::locate(
+            &tmp.path().join("state"),
+            &tmp.path().join("root"),
+            "ns",
+            "t",
+        );
+        let spec = format!(
+            "{{\"root\":{{\"path\":{:?}}}}}",
+            rootfs.display().to_string()
+        );
         b.create(spec.as_bytes(), false, Some(b"{}")).unwrap();
         for f in ["config.json", "rootfs", "work", "log", "options.json"] {
             assert!(b.path.join(f).exists(), "{f}");

@@ -54,10 +54,13 @@ fn runc_options(table: &toml::Table) -> Result<RuncOptions, OptionsError> {
     let mut o = RuncOptions::default();
     for (key, value) in table {
         let s = || {
-            value.as_str().map(str::to_owned).ok_or(OptionsError::WrongType {
-                key: key.clone(),
-                expected: "a string",
-            })
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or(OptionsError::WrongType {
+                    key: key.clone(),
+                    expected: "a string",
+                })
         };
         let b = || {
             value.as_bool().ok_or(OptionsError::WrongType {
@@ -146,11 +149,16 @@ mod tests {
 
     #[test]
     fn other_shims_get_the_table_as_toml() {
-        let any = encode("io.containerd.yard-vm.v1", &table("vcpus = 2\nmemory_mib = 512")).unwrap();
+        let any = encode(
+            "io.containerd.yard-vm.v1",
+            &table("vcpus = 2\nmemory_mib = 512"),
+        )
+        .unwrap();
         assert_eq!(any.type_url, "runtimeoptions.v1.Options");
         let o: GenericOptions = typeurl::from_any(&any).unwrap().unwrap();
         assert_eq!(o.type_url, SWITCHYARD_OPTIONS_TYPE);
-        let back: toml::Table = toml::from_str(std::str::from_utf8(&o.config_body).unwrap()).unwrap();
+        let back: toml::Table =
+            toml::from_str(std::str::from_utf8(&o.config_body).unwrap()).unwrap();
         assert_eq!(back["vcpus"].as_integer(), Some(2));
     }
 }

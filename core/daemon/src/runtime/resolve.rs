@@ -23,8 +23,7 @@ pub fn binary_name(runtime_type: &str) -> Option<String> {
     let (name, version) = (parts[parts.len() - 2], parts[parts.len() - 1]);
     let ok = |s: &str| {
         !s.is_empty()
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     };
     (ok(name) && ok(version)).then(|| format!("containerd-shim-{name}-{version}"))

@@ -264,11 +264,14 @@ impl ShimManager {
         let path = bundle.path.join(BOOTSTRAP);
         super::bundle::write_atomic(&path, &json)
             .map_err(|source| ShimError::Bootstrap { path, source })?;
-        std::fs::write(bundle.path.join("shim-binary-path"), binary.as_os_str().as_encoded_bytes())
-            .map_err(|source| ShimError::Bootstrap {
-                path: bundle.path.join("shim-binary-path"),
-                source,
-            })?;
+        std::fs::write(
+            bundle.path.join("shim-binary-path"),
+            binary.as_os_str().as_encoded_bytes(),
+        )
+        .map_err(|source| ShimError::Bootstrap {
+            path: bundle.path.join("shim-binary-path"),
+            source,
+        })?;
         self.attach(bundle, &params).await
     }
 
@@ -280,10 +283,8 @@ impl ShimManager {
             // A shim always writes `address`; fall back to it if bootstrap.json is missing.
             Err(_) => {
                 let addr = bundle.path.join("address");
-                let bytes = std::fs::read(&addr).map_err(|source| ShimError::Bootstrap {
-                    path: addr,
-                    source,
-                })?;
+                let bytes = std::fs::read(&addr)
+                    .map_err(|source| ShimError::Bootstrap { path: addr, source })?;
                 BootstrapParams::parse(&bytes)
             }
         }
@@ -294,7 +295,11 @@ impl ShimManager {
         self.attach(bundle, &params).await
     }
 
-    async fn attach(&self, bundle: &Bundle, params: &BootstrapParams) -> Result<Arc<Shim>, ShimError> {
+    async fn attach(
+        &self,
+        bundle: &Bundle,
+        params: &BootstrapParams,
+    ) -> Result<Arc<Shim>, ShimError> {
         if let Some(shim) = self.lookup(&params.address) {
             return Ok(shim);
         }
@@ -343,7 +348,11 @@ impl ShimManager {
 
     /// Runs `<binary> delete` for a bundle whose shim is gone, as containerd does: the shim
     /// binary cleans up what its runtime left (runc state, mounts) and reports the exit.
-    pub async fn delete(&self, bundle: &Bundle, binary: &Path) -> Result<task::DeleteResponse, ShimError> {
+    pub async fn delete(
+        &self,
+        bundle: &Bundle,
+        binary: &Path,
+    ) -> Result<task::DeleteResponse, ShimError> {
         let mut cmd = self.command(binary, bundle, "delete");
         cmd.stdin(Stdio::null());
         if !bundle.path.is_dir() {
@@ -353,7 +362,9 @@ impl ShimManager {
             binary: binary.to_owned(),
             source,
         })?;
-        let out = match tokio::time::timeout(self.settings.delete_timeout, child.wait_with_output()).await {
+        let out = match tokio::time::timeout(self.settings.delete_timeout, child.wait_with_output())
+            .await
+        {
             Ok(Ok(out)) => out,
             Ok(Err(source)) => {
                 return Err(ShimError::Spawn {
@@ -379,9 +390,11 @@ impl ShimManager {
         if !out.stderr.is_empty() {
             tracing::warn!(container_id = %bundle.id, warnings = %tail(&out.stderr), "shim delete wrote warnings");
         }
-        task::DeleteResponse::decode(out.stdout.as_slice()).map_err(|source| ShimError::DeleteResponse {
-            binary: binary.to_owned(),
-            source,
+        task::DeleteResponse::decode(out.stdout.as_slice()).map_err(|source| {
+            ShimError::DeleteResponse {
+                binary: binary.to_owned(),
+                source,
+            }
         })
     }
 }

@@ -57,7 +57,10 @@ mod tests {
 
     #[tokio::test]
     async fn notices_exit_of_a_non_child() {
-        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
         let mut gone = watch_pid(child.id());
         assert!(!*gone.borrow());
         tokio::time::timeout(Duration::from_secs(5), gone.wait_for(|g| *g))

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use switchyard_api::containerd::events::{ContainerCreate, ContainerDelete, ContainerUpdate, container_create};
+use switchyard_api::containerd::events::{
+    ContainerCreate, ContainerDelete, ContainerUpdate, container_create,
+};
 use switchyard_api::containerd::services::containers::v1 as api;
 use switchyard_api::events::topics;
 use switchyard_api::typeurl::to_any;
@@ -37,7 +39,11 @@ impl Adaptor for ContainerFields<'_> {
 }
 
 impl ContainersService {
-    async fn list_filtered(&self, ns: String, filters: Vec<String>) -> Result<Vec<api::Container>, Status> {
+    async fn list_filtered(
+        &self,
+        ns: String,
+        filters: Vec<String>,
+    ) -> Result<Vec<api::Container>, Status> {
         let filter = Filter::parse(&filters).map_err(status)?;
         Ok(self
             .0
@@ -65,7 +71,9 @@ impl api::containers_server::Containers for ContainersService {
             .run(move |s| s.get_container(&ns, &id))
             .await
             .map_err(status)?;
-        Ok(Response::new(api::GetContainerResponse { container: Some(c) }))
+        Ok(Response::new(api::GetContainerResponse {
+            container: Some(c),
+        }))
     }
 
     async fn list(
@@ -83,9 +91,11 @@ impl api::containers_server::Containers for ContainersService {
     ) -> Result<Response<BoxStream<api::ListContainerMessage>>, Status> {
         let ns = namespace(&req)?;
         let containers = self.list_filtered(ns, req.into_inner().filters).await?;
-        let s = futures::stream::iter(containers.into_iter().map(|c| {
-            Ok(api::ListContainerMessage { container: Some(c) })
-        }));
+        let s = futures::stream::iter(
+            containers
+                .into_iter()
+                .map(|c| Ok(api::ListContainerMessage { container: Some(c) })),
+        );
         Ok(Response::new(Box::pin(s)))
     }
 
@@ -100,7 +110,11 @@ impl api::containers_server::Containers for ContainersService {
             .ok_or_else(|| status(Simple::new(Kind::InvalidArgument, "container is required")))?;
         // An unknown runtime is refused now rather than at task creation; a known runtime
         // whose shim is not installed yet is accepted (it may be installed before the task).
-        let runtime = c.runtime.as_ref().map(|r| r.name.clone()).unwrap_or_default();
+        let runtime = c
+            .runtime
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
         if let Err(e @ ResolveError::Unknown { .. }) = self.0.tasks.runtimes().resolve(&runtime) {
             return Err(Status::invalid_argument(format!(
                 "container {:?}: {}",
@@ -137,7 +151,9 @@ impl api::containers_server::Containers for ContainersService {
                 }),
             }),
         );
-        Ok(Response::new(api::CreateContainerResponse { container: Some(c) }))
+        Ok(Response::new(api::CreateContainerResponse {
+            container: Some(c),
+        }))
     }
 
     async fn update(
@@ -167,10 +183,15 @@ impl api::containers_server::Containers for ContainersService {
                 snapshot_key: c.snapshot_key.clone(),
             }),
         );
-        Ok(Response::new(api::UpdateContainerResponse { container: Some(c) }))
+        Ok(Response::new(api::UpdateContainerResponse {
+            container: Some(c),
+        }))
     }
 
-    async fn delete(&self, req: Request<api::DeleteContainerRequest>) -> Result<Response<()>, Status> {
+    async fn delete(
+        &self,
+        req: Request<api::DeleteContainerRequest>,
+    ) -> Result<Response<()>, Status> {
         let ns = namespace(&req)?;
         let id = req.into_inner().id;
         if self.0.tasks.exists(&ns, &id) {

@@ -79,7 +79,10 @@ impl api::leases_server::Leases for LeasesService {
         Ok(Response::new(api::ListResponse { leases }))
     }
 
-    async fn add_resource(&self, req: Request<api::AddResourceRequest>) -> Result<Response<()>, Status> {
+    async fn add_resource(
+        &self,
+        req: Request<api::AddResourceRequest>,
+    ) -> Result<Response<()>, Status> {
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let res = required(r.resource)?;

@@ -40,9 +40,12 @@ fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
             "namespace is required: send the containerd-namespace header (ctr -n NS, yard -n NS)",
         )));
     };
-    let ns = v
-        .to_str()
-        .map_err(|_| status(Simple::new(Kind::InvalidArgument, "namespace header is not text")))?;
+    let ns = v.to_str().map_err(|_| {
+        status(Simple::new(
+            Kind::InvalidArgument,
+            "namespace header is not text",
+        ))
+    })?;
     crate::ident::check("namespace", ns).map_err(status)?;
     Ok(ns.to_owned())
 }

@@ -98,7 +98,10 @@ impl api::namespaces_server::Namespaces for NamespacesService {
         }))
     }
 
-    async fn delete(&self, req: Request<api::DeleteNamespaceRequest>) -> Result<Response<()>, Status> {
+    async fn delete(
+        &self,
+        req: Request<api::DeleteNamespaceRequest>,
+    ) -> Result<Response<()>, Status> {
         let name = req.into_inner().name;
         let n = name.clone();
         self.0

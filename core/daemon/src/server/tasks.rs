@@ -53,7 +53,11 @@ impl api::tasks_server::Tasks for TasksService {
     ) -> Result<Response<api::DeleteResponse>, Status> {
         let ns = namespace(&req)?;
         let r = req.into_inner();
-        let resp = self.tasks().delete(&ns, &r.container_id).await.map_err(status)?;
+        let resp = self
+            .tasks()
+            .delete(&ns, &r.container_id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(resp))
     }
 
@@ -71,7 +75,10 @@ impl api::tasks_server::Tasks for TasksService {
         Ok(Response::new(resp))
     }
 
-    async fn get(&self, req: Request<api::GetRequest>) -> Result<Response<api::GetResponse>, Status> {
+    async fn get(
+        &self,
+        req: Request<api::GetRequest>,
+    ) -> Result<Response<api::GetResponse>, Status> {
         let ns = namespace(&req)?;
         let r = req.into_inner();
         let process = self
@@ -95,17 +102,26 @@ impl api::tasks_server::Tasks for TasksService {
 
     async fn kill(&self, req: Request<api::KillRequest>) -> Result<Response<()>, Status> {
         let ns = namespace(&req)?;
-        self.tasks().kill(&ns, req.into_inner()).await.map_err(status)?;
+        self.tasks()
+            .kill(&ns, req.into_inner())
+            .await
+            .map_err(status)?;
         Ok(Response::new(()))
     }
 
     async fn exec(&self, req: Request<api::ExecProcessRequest>) -> Result<Response<()>, Status> {
         let ns = namespace(&req)?;
-        self.tasks().exec(&ns, req.into_inner()).await.map_err(status)?;
+        self.tasks()
+            .exec(&ns, req.into_inner())
+            .await
+            .map_err(status)?;
         Ok(Response::new(()))
     }
 
-    async fn resize_pty(&self, req: Request<api::ResizePtyRequest>) -> Result<Response<()>, Status> {
+    async fn resize_pty(
+        &self,
+        req: Request<api::ResizePtyRequest>,
+    ) -> Result<Response<()>, Status> {
         let ns = namespace(&req)?;
         self.tasks()
             .resize_pty(&ns, req.into_inner())

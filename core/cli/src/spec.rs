@@ -1,0 +1,158 @@
+//! The OCI runtime spec `yard run` sends for a rootfs directory: containerd's default Linux
+//! spec (namespaces, mounts, capabilities, masked paths), adjusted by the command's flags.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+/// The `PATH` containerd gives processes that set none.
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+const CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// What a `yard run` asks for.
+#[derive(Debug, Clone)]
+pub struct SpecOptions<'a> {
+    pub namespace: &'a str,
+    pub id: &'a str,
+    pub args: &'a [String],
+    /// `KEY=VALUE` entries, checked by the caller.
+    pub env: &'a [String],
+    pub cwd: Option<&'a str>,
+    pub rootfs: &'a Path,
+    pub terminal: bool,
+    pub hostname: Option<&'a str>,
+    pub net_host: bool,
+    pub read_only: bool,
+}
+
+/// The process part, reused by `yard exec`.
+pub fn process(args: &[String], env: &[String], cwd: Option<&str>, terminal: bool) -> Value {
+    let mut envs: Vec<String> = Vec::new();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        envs.push(DEFAULT_PATH.to_owned());
+    }
+    if terminal && !env.iter().any(|e| e.starts_with("TERM=")) {
+        envs.push("TERM=xterm".to_owned());
+    }
+    envs.extend(env.iter().cloned());
+    json!({
+        "terminal": terminal,
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": envs,
+        "cwd": cwd.unwrap_or("/"),
+        "capabilities": {"bounding": CAPS, "effective": CAPS, "permitted": CAPS},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": true
+    })
+}
+
+pub fn spec(o: &SpecOptions<'_>) -> Value {
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
+    if !o.net_host {
+        namespaces.push(json!({"type": "network"}));
+    }
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+    ];
+    if o.net_host {
+        // Share the host's name resolution as containerd's WithHostResolvconf does.
+        for f in ["/etc/resolv.conf", "/etc/hosts"] {
+            if Path::new(f).exists() {
+                mounts.push(json!({"destination": f, "type": "bind", "source": f, "options": ["rbind", "ro"]}));
+            }
+        }
+    }
+    json!({
+        "ociVersion": "1.1.0",
+        "process": process(o.args, o.env, o.cwd, o.terminal),
+        "root": {"path": o.rootfs.display().to_string(), "readonly": o.read_only},
+        "hostname": o.hostname.unwrap_or(o.id),
+        "mounts": mounts,
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "cgroupsPath": format!("/switchyard/{}/{}", o.namespace, o.id),
+            "namespaces": namespaces,
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
+                "/sys/devices/virtual/powercap", "/proc/scsi"
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+            ]
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_reflects_flags() {
+        let args = vec!["/bin/echo".to_owned(), "hi".to_owned()];
+        let env = vec!["A=1".to_owned()];
+        let s = spec(&SpecOptions {
+            namespace: "default",
+            id: "t1",
+            args: &args,
+            env: &env,
+            cwd: Some("/tmp"),
+            rootfs: Path::new("/r"),
+            terminal: true,
+            hostname: None,
+            net_host: true,
+            read_only: false,
+        });
+        assert_eq!(s["process"]["args"][1], "hi");
+        assert_eq!(s["process"]["cwd"], "/tmp");
+        let envs: Vec<&str> = s["process"]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(envs.contains(&"A=1"));
+        assert!(envs.contains(&"TERM=xterm"));
+        assert!(envs.iter().any(|e| e.starts_with("PATH=")));
+        assert_eq!(s["root"]["path"], "/r");
+        assert_eq!(s["hostname"], "t1");
+        assert_eq!(s["linux"]["cgroupsPath"], "/switchyard/default/t1");
+        let ns: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(!ns.contains(&"network"));
+        assert!(ns.contains(&"pid"));
+    }
+}
