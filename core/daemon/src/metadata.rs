@@ -448,7 +448,14 @@ impl Store {
         if lease.id.is_empty() {
             lease.id = uuid::Uuid::new_v4().simple().to_string();
         }
-        crate::ident::check("lease id", &lease.id)?;
+        // Lease ids are not identifiers in containerd (ctr makes them from base64: "123-_x"),
+        // but they are keys here, so they may not hold '/' or control characters.
+        if lease.id.len() > 256 || lease.id.chars().any(|c| c == '/' || c.is_control()) {
+            return Err(StoreError::InvalidArgument(format!(
+                "invalid lease id {:?}: at most 256 characters, no '/' or control characters",
+                lease.id
+            )));
+        }
         let txn = self.db.begin_write()?;
         Self::ensure_namespace(&txn, ns)?;
         {
@@ -652,6 +659,9 @@ mod tests {
         let (_d, s) = store();
         let l = s.create_lease("default", Lease::default()).unwrap();
         assert!(!l.id.is_empty());
+        // ctr's own lease ids are base64-ish.
+        s.create_lease("default", Lease { id: "909752614-_Dj3".into(), ..Default::default() }).unwrap();
+        assert!(s.create_lease("default", Lease { id: "a/b".into(), ..Default::default() }).is_err());
         let r = Resource {
             id: "sha256:abc/def".into(),
             r#type: "content".into(),
@@ -669,7 +679,7 @@ mod tests {
             s.list_lease_resources("default", &l.id).unwrap_err().kind(),
             Kind::NotFound
         );
-        assert!(s.list_leases("default").unwrap().is_empty());
+        assert_eq!(s.list_leases("default").unwrap().len(), 1);
     }
 
     #[test]

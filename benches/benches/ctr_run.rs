@@ -1,0 +1,95 @@
+//! `ctr run --rm … /bin/true` with containerd's runc shim, through switchyardd and through
+//! containerd itself, interleaved in one run; plus each daemon's idle RSS.
+//!
+//! Run: `cargo bench -p switchyard-benches --bench ctr_run` (root; Debian's containerd and
+//! runc). `CONTAINERD=/path/to/containerd` compares another containerd; `RUNS=N` sets the
+//! sample count.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use switchyard_benches::{Stats, mib, row};
+use switchyard_tests::daemon::rss_kib;
+use switchyard_tests::{
+    Containerd, Daemon, busybox_rootfs, require_root_and, run_timeout, text, unique_id, which,
+};
+
+fn ctr_run(mut ctr: Command) -> Duration {
+    let id = unique_id("bench");
+    ctr.args(["run", "--rm", "--runtime", "io.containerd.runc.v2", "--rootfs"])
+        .arg(busybox_rootfs())
+        .arg(&id)
+        .arg("/bin/true");
+    let t = Instant::now();
+    let out = run_timeout(&mut ctr, Duration::from_secs(60));
+    let elapsed = t.elapsed();
+    assert!(out.status.success(), "ctr run failed: {}", text(&out.stderr));
+    elapsed
+}
+
+fn version(bin: &std::path::Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| text(&o.stdout).split_whitespace().nth(2).unwrap_or("?").to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+fn main() {
+    if !require_root_and(&["ctr", "containerd", "runc", "containerd-shim-runc-v2"]) {
+        return;
+    }
+    let containerd_bin = std::env::var_os("CONTAINERD")
+        .map(Into::into)
+        .or_else(|| which("containerd"))
+        .expect("containerd");
+    let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(30);
+    busybox_rootfs();
+
+    let ctd = Containerd::start(&containerd_bin);
+    let sy = Daemon::start();
+    // Let both settle, then read idle RSS before any task ran.
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_ctd_cold = rss_kib(ctd.pid().unwrap()).unwrap_or(0);
+    let rss_sy_cold = rss_kib(sy.pid().unwrap()).unwrap_or(0);
+
+    for _ in 0..3 {
+        ctr_run(ctd.ctr());
+        ctr_run(sy.ctr());
+    }
+    let mut t_ctd = Vec::with_capacity(runs);
+    let mut t_sy = Vec::with_capacity(runs);
+    for i in 0..runs {
+        // Alternate who goes first so drift (page cache, CPU frequency) hits both alike.
+        if i % 2 == 0 {
+            t_ctd.push(ctr_run(ctd.ctr()));
+            t_sy.push(ctr_run(sy.ctr()));
+        } else {
+            t_sy.push(ctr_run(sy.ctr()));
+            t_ctd.push(ctr_run(ctd.ctr()));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_ctd = rss_kib(ctd.pid().unwrap()).unwrap_or(0);
+    let rss_sy = rss_kib(sy.pid().unwrap()).unwrap_or(0);
+
+    let s_ctd = Stats::of(&t_ctd);
+    let s_sy = Stats::of(&t_sy);
+    println!();
+    println!("ctr run --rm --runtime io.containerd.runc.v2 --rootfs busybox ID /bin/true");
+    println!("(same ctr, same runc shim; interleaved, {runs} runs each after 3 warm-ups)");
+    row(&format!("containerd {}", version(&containerd_bin)), &s_ctd);
+    row("switchyardd", &s_sy);
+    let ratio = s_sy.median.as_secs_f64() / s_ctd.median.as_secs_f64();
+    println!(
+        "  ratio switchyardd / containerd (median): {ratio:.2}   target <= 1.00: {}",
+        if ratio <= 1.0 { "met" } else { "NOT met" }
+    );
+    println!();
+    println!("daemon RSS (idle)                     after start      after {} runs", runs + 3);
+    println!("  containerd {:<26} {:>10}      {:>10}", version(&containerd_bin), mib(rss_ctd_cold), mib(rss_ctd));
+    println!("  switchyardd {:<25} {:>10}      {:>10}   target <= 15 MiB: {}", "", mib(rss_sy_cold), mib(rss_sy),
+        if rss_sy <= 15 * 1024 { "met" } else { "NOT met" });
+}

@@ -1,0 +1,48 @@
+//! Shared pieces of the benchmarks: timing and the comparison table.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+/// Summary statistics of a set of timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub median: Duration,
+    pub p10: Duration,
+    pub p90: Duration,
+    pub n: usize,
+}
+
+impl Stats {
+    pub fn of(samples: &[Duration]) -> Stats {
+        assert!(!samples.is_empty(), "no samples");
+        let mut s = samples.to_vec();
+        s.sort();
+        let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        Stats {
+            median: at(0.5),
+            p10: at(0.1),
+            p90: at(0.9),
+            n: s.len(),
+        }
+    }
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// Prints one row of a timing table.
+pub fn row(name: &str, s: &Stats) {
+    println!(
+        "  {name:<34} median {:>10}   p10 {:>10}   p90 {:>10}   (n={})",
+        ms(s.median),
+        ms(s.p10),
+        ms(s.p90),
+        s.n
+    );
+}

@@ -1,0 +1,411 @@
+//! Issue 2: switchyardd routes tasks to shims it did not write (containerd's runc shim), for
+//! clients it did not write (containerd's ctr) as well as `yard`; survives a crash; refuses
+//! bad input clearly.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use switchyard_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn ctr_run(d: &Daemon, id: &str, args: &[&str]) -> std::process::Output {
+    let rootfs = busybox_rootfs();
+    let mut c = d.ctr();
+    c.args(["run", "--rm", "--runtime", "io.containerd.runc.v2", "--rootfs"])
+        .arg(rootfs)
+        .arg(id)
+        .args(args);
+    run_timeout(&mut c, T)
+}
+
+fn yard_run(d: &Daemon, extra: &[&str], args: &[&str]) -> std::process::Output {
+    let mut c = d.yard();
+    c.arg("run").args(extra).arg("--rootfs").arg(busybox_rootfs()).arg("--").args(args);
+    run_timeout(&mut c, T)
+}
+
+fn runc_ready() -> bool {
+    require_root_and(&["ctr", "runc", "containerd-shim-runc-v2"])
+}
+
+#[test]
+fn issue2_ctr_run_through_switchyardd() {
+    if !runc_ready() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = ctr_run(&d, &unique_id("hello"), &["/bin/echo", "hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\n");
+
+    let out = ctr_run(&d, &unique_id("exit3"), &["/bin/sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+
+    // Nothing is left: no container, no task, no bundle.
+    let out = run_timeout(d.ctr().args(["containers", "ls", "-q"]), T);
+    assert_eq!(text(&out.stdout).trim(), "");
+    let tasks = d.state_dir().join("tasks/default");
+    assert!(std::fs::read_dir(&tasks).map(|r| r.count()).unwrap_or(0) == 0);
+}
+
+#[test]
+fn issue2_yard_run_through_switchyardd() {
+    if !runc_ready() {
+        return;
+    }
+    let d = Daemon::start();
+    let out = yard_run(&d, &["--runtime", "runc", "--rm"], &["/bin/echo", "hello"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\n");
+
+    let out = yard_run(&d, &["--runtime", "runc", "--rm"], &["/bin/sh", "-c", "echo oops >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out.stderr), "oops\n");
+
+    // stdin reaches the task with -i, and the file in the rootfs is readable.
+    let mut c = d.yard();
+    c.args(["run", "-i", "--runtime", "runc", "--rm", "--rootfs"])
+        .arg(busybox_rootfs())
+        .args(["--", "/bin/sh", "-c", "cat; cat /etc/hello.txt"]);
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from stdin\nhello from the rootfs\n");
+
+    let out = run_timeout(d.yard().args(["ps", "--json"]), T);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(0), "{rows}");
+}
+
+#[test]
+fn issue2_events_show_the_task_lifecycle() {
+    if !runc_ready() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut ctr_events = KillOnDrop(
+        d.ctr()
+            .arg("events")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut yard_events = KillOnDrop(
+        d.yard()
+            .args(["events", "--json", "topic~=/tasks/"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Subscriptions are in place once a probe event comes through; publish until it does.
+    std::thread::sleep(Duration::from_millis(300));
+    let id = unique_id("ev");
+    let out = ctr_run(&d, &id, &["/bin/true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = ctr_events.0.kill();
+    let _ = yard_events.0.kill();
+    let ctr_out = text(&ctr_events.0.wait_with_output_ref());
+    let yard_out = text(&yard_events.0.wait_with_output_ref());
+    for topic in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] {
+        assert!(
+            ctr_out.lines().any(|l| l.contains(topic) && l.contains(&id)),
+            "ctr events lacks {topic} for {id}:\n{ctr_out}"
+        );
+        let found = yard_out.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["topic"] == topic && v["event"]["container_id"] == id.as_str()
+        });
+        assert!(found, "yard events lacks {topic} for {id}:\n{yard_out}");
+    }
+    // The filter kept container events out of yard's stream.
+    assert!(!yard_out.contains("/containers/"), "{yard_out}");
+    assert!(ctr_out.contains("/containers/create"), "{ctr_out}");
+}
+
+trait WaitOutput {
+    fn wait_with_output_ref(&mut self) -> Vec<u8>;
+}
+
+impl WaitOutput for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> Vec<u8> {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        if let Some(mut s) = self.stdout.take() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        let _ = self.wait();
+        buf
+    }
+}
+
+#[test]
+fn issue2_legacy_publish_binary_reaches_subscribers() {
+    if !require(is_root(), "needs root") {
+        return;
+    }
+    use prost::Message;
+    use switchyard_api::containerd::events::TaskOom;
+    let d = Daemon::start();
+    let mut sub = KillOnDrop(
+        d.yard()
+            .args(["events", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // What a shim does with -publish-binary: `<binary> --address A publish --topic T
+    // --namespace N` with the event on stdin.
+    let any = switchyard_api::typeurl::to_any(&TaskOom {
+        container_id: "oomed".into(),
+    });
+    let mut p = Command::new(bin("switchyardd"))
+        .arg("--address")
+        .arg(&d.socket)
+        .args(["publish", "--topic", "/tasks/oom", "--namespace", "default"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    p.stdin.take().unwrap().write_all(&any.encode_to_vec()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = sub.0.kill();
+    let got = text(&sub.0.wait_with_output_ref());
+    assert!(
+        got.contains("\"/tasks/oom\"") && got.contains("oomed"),
+        "subscriber did not see the published event: {got}"
+    );
+}
+
+#[test]
+fn issue2_detached_task_survives_daemon_crash_and_cleans_up() {
+    if !runc_ready() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let id = unique_id("surv");
+    let out = yard_run(
+        &d,
+        &["--runtime", "runc", "-d", "--name", &id],
+        &["/bin/sleep", "1000"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shims = processes_matching(&["containerd-shim-runc-v2", "-id", &id]);
+    assert_eq!(shims.len(), 1, "{shims:?}");
+
+    d.kill9();
+    // The shim and the task outlive the daemon.
+    assert_eq!(processes_matching(&["containerd-shim-runc-v2", "-id", &id]).len(), 1);
+    d.restart();
+
+    let out = run_timeout(d.yard().args(["ps", "--json"]), T);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} not listed after restart: {rows}"));
+    assert_eq!(row["status"], "running", "{row}");
+
+    let out = run_timeout(d.yard().args(["kill", "-s", "KILL", &id]), T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(eventually(Duration::from_secs(10), || {
+        let out = run_timeout(d.yard().args(["ps", "--json"]), T);
+        text(&out.stdout).contains("stopped")
+    }));
+    let out = run_timeout(d.yard().args(["rm", &id]), T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    assert!(
+        eventually(Duration::from_secs(10), || processes_matching(&["-id", &id]).is_empty()),
+        "shim left: {:?}",
+        processes_matching(&["-id", &id])
+    );
+    assert!(mounts_matching(&id).is_empty(), "{:?}", mounts_matching(&id));
+    let cg = cgroups_matching(&format!("switchyard/default/{id}"));
+    assert!(cg.is_empty(), "cgroups left: {cg:?}");
+    assert!(!d.state_dir().join("tasks/default").join(&id).exists());
+}
+
+#[test]
+fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
+    if !runc_ready() {
+        return;
+    }
+    let d = Daemon::start();
+    let id = unique_id("dead");
+    let out = yard_run(&d, &["--runtime", "runc", "-d", "--name", &id], &["/bin/sleep", "1000"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut sub = KillOnDrop(
+        d.yard()
+            .args(["events", "--json", &format!("event.container_id=={id}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for (pid, _) in processes_matching(&["containerd-shim-runc-v2", "-id", &id]) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    // The daemon notices, runs `<shim> delete` (which kills the container), and reports.
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let out = run_timeout(d.yard().args(["ps", "--json"]), T);
+            text(&out.stdout).contains("no task")
+        }),
+        "task still listed"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = sub.0.kill();
+    let got = text(&sub.0.wait_with_output_ref());
+    assert!(got.contains("/tasks/exit") && got.contains("/tasks/delete"), "{got}");
+    assert!(processes_matching(&["sleep 1000"]).iter().all(|(_, c)| !c.contains(&id)));
+    assert!(cgroups_matching(&format!("switchyard/default/{id}")).is_empty());
+    let out = run_timeout(d.yard().args(["rm", &id]), T);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
+    if !require(is_root(), "needs root") {
+        return;
+    }
+    let d = Daemon::start_with(
+        "[runtimes.ghost]\nruntime_type = \"io.containerd.ghost.v1\"\n\
+         [runtimes.pathless]\nruntime_type = \"io.containerd.pathless.v1\"\npath = \"/nonexistent/shim-binary\"\n",
+    );
+    let serving = |d: &Daemon| {
+        let out = run_timeout(d.yard().arg("info"), T);
+        assert!(out.status.success(), "daemon stopped serving: {}", text(&out.stderr));
+    };
+
+    // Unknown runtime name.
+    let out = yard_run(&d, &["--runtime", "nosuch", "--rm"], &["/bin/true"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("unknown runtime \"nosuch\""), "{err}");
+    serving(&d);
+
+    // Missing shim binary, found by name and by explicit path.
+    let out = yard_run(&d, &["--runtime", "ghost", "--rm"], &["/bin/true"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("containerd-shim-ghost-v1") && err.contains("not found"),
+        "{err}"
+    );
+    let out = yard_run(&d, &["--runtime", "pathless", "--rm"], &["/bin/true"]);
+    let err = text(&out.stderr);
+    assert!(err.contains("/nonexistent/shim-binary"), "{err}");
+    serving(&d);
+
+    // Missing rootfs: yard checks it, and so does the daemon for clients that do not (ctr).
+    let out = run_timeout(
+        d.yard()
+            .args(["run", "--runtime", "runc", "--rm", "--rootfs", "/nonexistent/rootfs", "--", "/bin/true"]),
+        T,
+    );
+    assert!(text(&out.stderr).contains("/nonexistent/rootfs"), "{}", text(&out.stderr));
+    if which("ctr").is_some() {
+        let out = run_timeout(
+            d.ctr().args([
+                "run",
+                "--rm",
+                "--runtime",
+                "io.containerd.runc.v2",
+                "--rootfs",
+                "/nonexistent/rootfs",
+                &unique_id("nr"),
+                "/bin/true",
+            ]),
+            T,
+        );
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("rootfs /nonexistent/rootfs"), "{err}");
+        assert!(err.contains("invalid argument"), "{err}");
+        // A service switchyardd does not serve answers at once, with a clear message.
+        let out = run_timeout(d.ctr().args(["images", "ls"]), Duration::from_secs(10));
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains("not implemented by switchyardd"), "{}", text(&out.stderr));
+    }
+    serving(&d);
+
+    // Bad --env.
+    let out = yard_run(&d, &["--env", "NOEQUALS", "--rm"], &["/bin/true"]);
+    assert!(text(&out.stderr).contains("NOEQUALS"));
+    serving(&d);
+}
+
+#[test]
+fn issue2_malformed_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("version = 1\nroots = \"/x\"\n", "roots"),
+        ("default_runtime = \"nosuch\"\n", "default_runtime = \"nosuch\""),
+        ("[runtimes.x]\nruntime_type = \"runc\"\n", "runtimes.x.runtime_type"),
+        ("[grpc]\naddress = \"relative.sock\"\n", "grpc.address"),
+        ("root = [\n", "parse config"),
+    ];
+    for (toml, expect) in cases {
+        let f = dir.path().join("bad.toml");
+        write(&f, toml);
+        let out = run_timeout(
+            Command::new(bin("switchyardd")).arg("--config").arg(&f),
+            Duration::from_secs(10),
+        );
+        assert!(!out.status.success(), "accepted: {toml}");
+        let err = text(&out.stderr);
+        assert!(err.contains(expect), "for {toml:?} expected {expect:?} in: {err}");
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let missing = dir.path().join("missing.toml");
+    let out = run_timeout(
+        Command::new(bin("switchyardd")).arg("--config").arg(&missing),
+        Duration::from_secs(10),
+    );
+    assert!(text(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn issue2_embedded_default_config_is_printed_and_valid() {
+    let out = run_timeout(
+        Command::new(bin("switchyardd")).args(["config", "default"]),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success());
+    let text = text(&out.stdout);
+    for rt in ["[runtimes.native]", "[runtimes.vm]", "[runtimes.wasm]", "[runtimes.runc]"] {
+        assert!(text.contains(rt), "{rt}");
+    }
+    assert!(text.contains("default_runtime = \"native\""));
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("default.toml");
+    write(&f, &text);
+    let out = run_timeout(
+        Command::new(bin("switchyardd")).arg("--config").arg(&f).args(["config", "check"]),
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
