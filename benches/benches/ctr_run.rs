@@ -18,14 +18,24 @@ use switchyard_tests::{
 
 fn ctr_run(mut ctr: Command) -> Duration {
     let id = unique_id("bench");
-    ctr.args(["run", "--rm", "--runtime", "io.containerd.runc.v2", "--rootfs"])
-        .arg(busybox_rootfs())
-        .arg(&id)
-        .arg("/bin/true");
+    ctr.args([
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runc.v2",
+        "--rootfs",
+    ])
+    .arg(busybox_rootfs())
+    .arg(&id)
+    .arg("/bin/true");
     let t = Instant::now();
     let out = run_timeout(&mut ctr, Duration::from_secs(60));
     let elapsed = t.elapsed();
-    assert!(out.status.success(), "ctr run failed: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ctr run failed: {}",
+        text(&out.stderr)
+    );
     elapsed
 }
 
@@ -33,7 +43,13 @@ fn version(bin: &std::path::Path) -> String {
     Command::new(bin)
         .arg("--version")
         .output()
-        .map(|o| text(&o.stdout).split_whitespace().nth(2).unwrap_or("?").to_owned())
+        .map(|o| {
+            text(&o.stdout)
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or("?")
+                .to_owned()
+        })
         .unwrap_or_else(|_| "?".to_owned())
 }
 
@@ -45,7 +61,10 @@ fn main() {
         .map(Into::into)
         .or_else(|| which("containerd"))
         .expect("containerd");
-    let runs: usize = std::env::var("RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(30);
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(30);
     busybox_rootfs();
 
     let ctd = Containerd::start(&containerd_bin);
@@ -88,8 +107,25 @@ fn main() {
         if ratio <= 1.0 { "met" } else { "NOT met" }
     );
     println!();
-    println!("daemon RSS (idle)                     after start      after {} runs", runs + 3);
-    println!("  containerd {:<26} {:>10}      {:>10}", version(&containerd_bin), mib(rss_ctd_cold), mib(rss_ctd));
-    println!("  switchyardd {:<25} {:>10}      {:>10}   target <= 15 MiB: {}", "", mib(rss_sy_cold), mib(rss_sy),
-        if rss_sy <= 15 * 1024 { "met" } else { "NOT met" });
+    println!(
+        "daemon RSS (idle)                     after start      after {} runs",
+        runs + 3
+    );
+    println!(
+        "  containerd {:<26} {:>10}      {:>10}",
+        version(&containerd_bin),
+        mib(rss_ctd_cold),
+        mib(rss_ctd)
+    );
+    println!(
+        "  switchyardd {:<25} {:>10}      {:>10}   target <= 15 MiB: {}",
+        "",
+        mib(rss_sy_cold),
+        mib(rss_sy),
+        if rss_sy <= 15 * 1024 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
 }

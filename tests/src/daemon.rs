@@ -132,7 +132,9 @@ impl Drop for Daemon {
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            if !eventually(Duration::from_secs(5), || c.try_wait().ok().flatten().is_some()) {
+            if !eventually(Duration::from_secs(5), || {
+                c.try_wait().ok().flatten().is_some()
+            }) {
                 let _ = c.kill();
                 let _ = c.wait();
             }

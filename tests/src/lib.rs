@@ -5,7 +5,12 @@
 //! Set `SWITCHYARD_REQUIRE_ALL=1` (CI does) to turn every skip into a failure, so a missing
 //! prerequisite cannot pass silently.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr, clippy::print_stdout)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    clippy::print_stdout
+)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,7 +79,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A fresh id that no other test (or earlier run) uses.
 pub fn unique_id(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }
 
 /// A busybox root filesystem (Debian's busybox-static), made once per test process.

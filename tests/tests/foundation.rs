@@ -12,16 +12,27 @@ const T: Duration = Duration::from_secs(60);
 fn ctr_run(d: &Daemon, id: &str, args: &[&str]) -> std::process::Output {
     let rootfs = busybox_rootfs();
     let mut c = d.ctr();
-    c.args(["run", "--rm", "--runtime", "io.containerd.runc.v2", "--rootfs"])
-        .arg(rootfs)
-        .arg(id)
-        .args(args);
+    c.args([
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.runc.v2",
+        "--rootfs",
+    ])
+    .arg(rootfs)
+    .arg(id)
+    .args(args);
     run_timeout(&mut c, T)
 }
 
 fn yard_run(d: &Daemon, extra: &[&str], args: &[&str]) -> std::process::Output {
     let mut c = d.yard();
-    c.arg("run").args(extra).arg("--rootfs").arg(busybox_rootfs()).arg("--").args(args);
+    c.arg("run")
+        .args(extra)
+        .arg("--rootfs")
+        .arg(busybox_rootfs())
+        .arg("--")
+        .args(args);
     run_timeout(&mut c, T)
 }
 
@@ -59,7 +70,11 @@ fn issue2_yard_run_through_switchyardd() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello\n");
 
-    let out = yard_run(&d, &["--runtime", "runc", "--rm"], &["/bin/sh", "-c", "echo oops >&2; exit 3"]);
+    let out = yard_run(
+        &d,
+        &["--runtime", "runc", "--rm"],
+        &["/bin/sh", "-c", "echo oops >&2; exit 3"],
+    );
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(text(&out.stderr), "oops\n");
 
@@ -75,7 +90,12 @@ fn issue2_yard_run_through_switchyardd() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "from stdin\nhello from the rootfs\n");
@@ -117,9 +137,16 @@ fn issue2_events_show_the_task_lifecycle() {
     let _ = yard_events.0.kill();
     let ctr_out = text(&ctr_events.0.wait_with_output_ref());
     let yard_out = text(&yard_events.0.wait_with_output_ref());
-    for topic in ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"] {
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
         assert!(
-            ctr_out.lines().any(|l| l.contains(topic) && l.contains(&id)),
+            ctr_out
+                .lines()
+                .any(|l| l.contains(topic) && l.contains(&id)),
             "ctr events lacks {topic} for {id}:\n{ctr_out}"
         );
         let found = yard_out.lines().any(|l| {
@@ -180,7 +207,11 @@ fn issue2_legacy_publish_binary_reaches_subscribers() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    p.stdin.take().unwrap().write_all(&any.encode_to_vec()).unwrap();
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(&any.encode_to_vec())
+        .unwrap();
     let out = p.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     std::thread::sleep(Duration::from_millis(300));
@@ -210,7 +241,10 @@ fn issue2_detached_task_survives_daemon_crash_and_cleans_up() {
 
     d.kill9();
     // The shim and the task outlive the daemon.
-    assert_eq!(processes_matching(&["containerd-shim-runc-v2", "-id", &id]).len(), 1);
+    assert_eq!(
+        processes_matching(&["containerd-shim-runc-v2", "-id", &id]).len(),
+        1
+    );
     d.restart();
 
     let out = run_timeout(d.yard().args(["ps", "--json"]), T);
@@ -233,11 +267,18 @@ fn issue2_detached_task_survives_daemon_crash_and_cleans_up() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     assert!(
-        eventually(Duration::from_secs(10), || processes_matching(&["-id", &id]).is_empty()),
+        eventually(Duration::from_secs(10), || processes_matching(&[
+            "-id", &id
+        ])
+        .is_empty()),
         "shim left: {:?}",
         processes_matching(&["-id", &id])
     );
-    assert!(mounts_matching(&id).is_empty(), "{:?}", mounts_matching(&id));
+    assert!(
+        mounts_matching(&id).is_empty(),
+        "{:?}",
+        mounts_matching(&id)
+    );
     let cg = cgroups_matching(&format!("switchyard/default/{id}"));
     assert!(cg.is_empty(), "cgroups left: {cg:?}");
     assert!(!d.state_dir().join("tasks/default").join(&id).exists());
@@ -250,7 +291,11 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     }
     let d = Daemon::start();
     let id = unique_id("dead");
-    let out = yard_run(&d, &["--runtime", "runc", "-d", "--name", &id], &["/bin/sleep", "1000"]);
+    let out = yard_run(
+        &d,
+        &["--runtime", "runc", "-d", "--name", &id],
+        &["/bin/sleep", "1000"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut sub = KillOnDrop(
         d.yard()
@@ -279,8 +324,15 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     std::thread::sleep(Duration::from_millis(200));
     let _ = sub.0.kill();
     let got = text(&sub.0.wait_with_output_ref());
-    assert!(got.contains("/tasks/exit") && got.contains("/tasks/delete"), "{got}");
-    assert!(processes_matching(&["sleep 1000"]).iter().all(|(_, c)| !c.contains(&id)));
+    assert!(
+        got.contains("/tasks/exit") && got.contains("/tasks/delete"),
+        "{got}"
+    );
+    assert!(
+        processes_matching(&["sleep 1000"])
+            .iter()
+            .all(|(_, c)| !c.contains(&id))
+    );
     assert!(cgroups_matching(&format!("switchyard/default/{id}")).is_empty());
     let out = run_timeout(d.yard().args(["rm", &id]), T);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -297,7 +349,11 @@ fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
     );
     let serving = |d: &Daemon| {
         let out = run_timeout(d.yard().arg("info"), T);
-        assert!(out.status.success(), "daemon stopped serving: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "daemon stopped serving: {}",
+            text(&out.stderr)
+        );
     };
 
     // Unknown runtime name.
@@ -321,11 +377,23 @@ fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
 
     // Missing rootfs: yard checks it, and so does the daemon for clients that do not (ctr).
     let out = run_timeout(
-        d.yard()
-            .args(["run", "--runtime", "runc", "--rm", "--rootfs", "/nonexistent/rootfs", "--", "/bin/true"]),
+        d.yard().args([
+            "run",
+            "--runtime",
+            "runc",
+            "--rm",
+            "--rootfs",
+            "/nonexistent/rootfs",
+            "--",
+            "/bin/true",
+        ]),
         T,
     );
-    assert!(text(&out.stderr).contains("/nonexistent/rootfs"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/rootfs"),
+        "{}",
+        text(&out.stderr)
+    );
     if which("ctr").is_some() {
         let out = run_timeout(
             d.ctr().args([
@@ -347,7 +415,11 @@ fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
         // A service switchyardd does not serve answers at once, with a clear message.
         let out = run_timeout(d.ctr().args(["images", "ls"]), Duration::from_secs(10));
         assert!(!out.status.success());
-        assert!(text(&out.stderr).contains("not implemented by switchyardd"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("not implemented by switchyardd"),
+            "{}",
+            text(&out.stderr)
+        );
     }
     serving(&d);
 
@@ -362,8 +434,14 @@ fn issue2_malformed_config_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("version = 1\nroots = \"/x\"\n", "roots"),
-        ("default_runtime = \"nosuch\"\n", "default_runtime = \"nosuch\""),
-        ("[runtimes.x]\nruntime_type = \"runc\"\n", "runtimes.x.runtime_type"),
+        (
+            "default_runtime = \"nosuch\"\n",
+            "default_runtime = \"nosuch\"",
+        ),
+        (
+            "[runtimes.x]\nruntime_type = \"runc\"\n",
+            "runtimes.x.runtime_type",
+        ),
         ("[grpc]\naddress = \"relative.sock\"\n", "grpc.address"),
         ("root = [\n", "parse config"),
     ];
@@ -376,13 +454,18 @@ fn issue2_malformed_config_names_the_key() {
         );
         assert!(!out.status.success(), "accepted: {toml}");
         let err = text(&out.stderr);
-        assert!(err.contains(expect), "for {toml:?} expected {expect:?} in: {err}");
+        assert!(
+            err.contains(expect),
+            "for {toml:?} expected {expect:?} in: {err}"
+        );
         assert!(err.contains("bad.toml"), "{err}");
         assert!(!err.contains("panicked"), "{err}");
     }
     let missing = dir.path().join("missing.toml");
     let out = run_timeout(
-        Command::new(bin("switchyardd")).arg("--config").arg(&missing),
+        Command::new(bin("switchyardd"))
+            .arg("--config")
+            .arg(&missing),
         Duration::from_secs(10),
     );
     assert!(text(&out.stderr).contains("missing.toml"));
@@ -396,7 +479,12 @@ fn issue2_embedded_default_config_is_printed_and_valid() {
     );
     assert!(out.status.success());
     let text = text(&out.stdout);
-    for rt in ["[runtimes.native]", "[runtimes.vm]", "[runtimes.wasm]", "[runtimes.runc]"] {
+    for rt in [
+        "[runtimes.native]",
+        "[runtimes.vm]",
+        "[runtimes.wasm]",
+        "[runtimes.runc]",
+    ] {
         assert!(text.contains(rt), "{rt}");
     }
     assert!(text.contains("default_runtime = \"native\""));
@@ -404,8 +492,15 @@ fn issue2_embedded_default_config_is_printed_and_valid() {
     let f = dir.path().join("default.toml");
     write(&f, &text);
     let out = run_timeout(
-        Command::new(bin("switchyardd")).arg("--config").arg(&f).args(["config", "check"]),
+        Command::new(bin("switchyardd"))
+            .arg("--config")
+            .arg(&f)
+            .args(["config", "check"]),
         Duration::from_secs(10),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -660,8 +660,24 @@ mod tests {
         let l = s.create_lease("default", Lease::default()).unwrap();
         assert!(!l.id.is_empty());
         // ctr's own lease ids are base64-ish.
-        s.create_lease("default", Lease { id: "909752614-_Dj3".into(), ..Default::default() }).unwrap();
-        assert!(s.create_lease("default", Lease { id: "a/b".into(), ..Default::default() }).is_err());
+        s.create_lease(
+            "default",
+            Lease {
+                id: "909752614-_Dj3".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            s.create_lease(
+                "default",
+                Lease {
+                    id: "a/b".into(),
+                    ..Default::default()
+                }
+            )
+            .is_err()
+        );
         let r = Resource {
             id: "sha256:abc/def".into(),
             r#type: "content".into(),
