@@ -46,3 +46,11 @@ pub fn row(name: &str, s: &Stats) {
         s.n
     );
 }
+
+/// Proportional set size of a process in KiB (shared pages split between their users).
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

@@ -181,7 +181,14 @@ impl Containerd {
         );
         let log = dir.path().join("containerd.log");
         let logf = std::fs::File::create(&log).expect("log");
+        // Shims are found on containerd's PATH: put ours (the build's bin dir) first.
+        let path = format!(
+            "{}:{}",
+            crate::bin_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let mut child = Command::new(binary)
+            .env("PATH", path)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())

@@ -127,6 +127,15 @@ struct RunArgs {
     /// Mount the rootfs read-only.
     #[arg(long)]
     read_only: bool,
+    /// Memory limit: bytes, or with a k, m or g suffix.
+    #[arg(long, value_parser = parse_bytes)]
+    memory: Option<i64>,
+    /// Maximum number of processes and threads in the container.
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// Annotation KEY=VALUE (repeatable), e.g. io.switchyard.group=G to share a shim.
+    #[arg(long = "annotation", value_parser = parse_annotation)]
+    annotations: Vec<(String, String)>,
     /// Write a detached task's stdout and stderr to this file.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -154,6 +163,33 @@ struct ExecArgs {
     id: String,
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+fn parse_bytes(s: &str) -> Result<i64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use k, m or g)")),
+    };
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: not a byte count"))?;
+    n.checked_shl(shift)
+        .filter(|v| *v > 0 && v >> shift == n)
+        .ok_or_else(|| format!("{s:?}: out of range"))
+}
+
+fn parse_annotation(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
 }
 
 fn random_id() -> String {
@@ -395,6 +431,9 @@ async fn run_task(client: &Client, a: RunArgs) -> anyhow::Result<u8> {
         hostname: a.hostname.as_deref(),
         net_host: a.net_host,
         read_only: a.read_only,
+        memory: a.memory,
+        pids_limit: a.pids_limit,
+        annotations: &a.annotations,
     });
     let container = containers::Container {
         id: id.clone(),

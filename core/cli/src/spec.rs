@@ -39,6 +39,12 @@ pub struct SpecOptions<'a> {
     pub hostname: Option<&'a str>,
     pub net_host: bool,
     pub read_only: bool,
+    /// Memory limit in bytes (`linux.resources.memory.limit`).
+    pub memory: Option<i64>,
+    /// Maximum number of tasks (`linux.resources.pids.limit`).
+    pub pids_limit: Option<i64>,
+    /// `KEY=VALUE` annotations, checked by the caller.
+    pub annotations: &'a [(String, String)],
 }
 
 /// The process part, reused by `yard exec`.
@@ -90,14 +96,27 @@ pub fn spec(o: &SpecOptions<'_>) -> Value {
             }
         }
     }
+    let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
+    if let Some(limit) = o.memory {
+        resources["memory"] = json!({"limit": limit});
+    }
+    if let Some(limit) = o.pids_limit {
+        resources["pids"] = json!({"limit": limit});
+    }
+    let annotations: serde_json::Map<String, Value> = o
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     json!({
         "ociVersion": "1.1.0",
+        "annotations": annotations,
         "process": process(o.args, o.env, o.cwd, o.terminal),
         "root": {"path": o.rootfs.display().to_string(), "readonly": o.read_only},
         "hostname": o.hostname.unwrap_or(o.id),
         "mounts": mounts,
         "linux": {
-            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "resources": resources,
             "cgroupsPath": format!("/switchyard/{}/{}", o.namespace, o.id),
             "namespaces": namespaces,
             "maskedPaths": [
@@ -131,6 +150,9 @@ mod tests {
             hostname: None,
             net_host: true,
             read_only: false,
+            memory: Some(64 << 20),
+            pids_limit: None,
+            annotations: &[],
         });
         assert_eq!(s["process"]["args"][1], "hi");
         assert_eq!(s["process"]["cwd"], "/tmp");
@@ -145,6 +167,8 @@ mod tests {
         assert!(envs.iter().any(|e| e.starts_with("PATH=")));
         assert_eq!(s["root"]["path"], "/r");
         assert_eq!(s["hostname"], "t1");
+        assert_eq!(s["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert!(s["linux"]["resources"].get("pids").is_none());
         assert_eq!(s["linux"]["cgroupsPath"], "/switchyard/default/t1");
         let ns: Vec<&str> = s["linux"]["namespaces"]
             .as_array()

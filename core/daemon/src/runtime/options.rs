@@ -31,9 +31,11 @@ impl OptionsError {
     }
 }
 
-/// Whether shims of this runtime type take runc's options.
+/// Whether shims of this runtime type take runc's options (Switchyard's native shim is
+/// runc-class and takes them too, e.g. `BinaryName = "runc"`).
 pub fn is_runc(runtime_type: &str) -> bool {
     runtime_type.starts_with("io.containerd.runc.")
+        || runtime_type.starts_with("io.containerd.yard-native.")
 }
 
 /// Encodes a runtime's options table for its shim.

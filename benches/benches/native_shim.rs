@@ -1,0 +1,154 @@
+//! The native shim against containerd's runc shim, in one run:
+//! - `ctr run --rm … /bin/true` under containerd 1.6 with `io.containerd.yard-native.v1` vs
+//!   `io.containerd.runc.v2` (same containerd, same ctr, interleaved);
+//! - the same through switchyardd (end to end: our daemon and our shim);
+//! - the memory each shim process holds per running container (RSS and PSS).
+//!
+//! Run: `cargo bench -p switchyard-benches --bench native_shim` (root; Debian's containerd,
+//! runc; release binaries built). `RUNS=N` sets the sample count, `CONTAINERD=PATH` another
+//! containerd.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use switchyard_benches::{Stats, mib, pss_kib, row};
+use switchyard_tests::daemon::rss_kib;
+use switchyard_tests::{
+    Containerd, Daemon, bin, busybox_rootfs, processes_matching, require_root_and, run_timeout,
+    text, unique_id, which,
+};
+
+const NATIVE: &str = "io.containerd.yard-native.v1";
+const RUNC: &str = "io.containerd.runc.v2";
+
+fn ctr_run(mut ctr: Command, runtime: &str) -> Duration {
+    let id = unique_id("bench");
+    ctr.args(["run", "--rm", "--runtime", runtime, "--rootfs"])
+        .arg(busybox_rootfs())
+        .arg(&id)
+        .arg("/bin/true");
+    let t = Instant::now();
+    let out = run_timeout(&mut ctr, Duration::from_secs(60));
+    let elapsed = t.elapsed();
+    assert!(
+        out.status.success(),
+        "ctr run --runtime {runtime} failed: {}",
+        text(&out.stderr)
+    );
+    elapsed
+}
+
+/// Start `n` detached sleepers with `runtime`, measure each shim, stop them.
+fn shim_memory(ctd: &Containerd, runtime: &str, shim_name: &str, n: usize) -> (u64, u64) {
+    let ids: Vec<String> = (0..n).map(|_| unique_id("mem")).collect();
+    for id in &ids {
+        let out = run_timeout(
+            ctd.ctr()
+                .args(["run", "-d", "--runtime", runtime, "--rootfs"])
+                .arg(busybox_rootfs())
+                .args([id.as_str(), "/bin/sleep", "60"]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sock = ctd.socket.display().to_string();
+    let shims: Vec<u32> = processes_matching(&[shim_name, "-address", &sock])
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(shims.len(), n, "one shim per container expected");
+    let rss: u64 = shims.iter().filter_map(|p| rss_kib(*p)).sum::<u64>() / n as u64;
+    let pss: u64 = shims.iter().filter_map(|p| pss_kib(*p)).sum::<u64>() / n as u64;
+    for id in &ids {
+        let _ = run_timeout(
+            ctd.ctr().args(["task", "kill", "-s", "KILL", id]),
+            Duration::from_secs(10),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for id in &ids {
+        let _ = run_timeout(ctd.ctr().args(["task", "rm", id]), Duration::from_secs(10));
+        let _ = run_timeout(ctd.ctr().args(["c", "rm", id]), Duration::from_secs(10));
+    }
+    (rss, pss)
+}
+
+fn main() {
+    if !require_root_and(&["ctr", "containerd", "runc", "containerd-shim-runc-v2"]) {
+        return;
+    }
+    assert!(
+        bin("containerd-shim-yard-native-v1").exists(),
+        "build the release binaries first: cargo build --release --workspace --bins"
+    );
+    let containerd_bin = std::env::var_os("CONTAINERD")
+        .map(Into::into)
+        .or_else(|| which("containerd"))
+        .expect("containerd");
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(30);
+    busybox_rootfs();
+
+    let ctd = Containerd::start(&containerd_bin);
+    let sy = Daemon::start();
+    for _ in 0..3 {
+        ctr_run(ctd.ctr(), NATIVE);
+        ctr_run(ctd.ctr(), RUNC);
+        ctr_run(sy.ctr(), NATIVE);
+        ctr_run(sy.ctr(), RUNC);
+    }
+    let mut samples: [Vec<Duration>; 4] = Default::default();
+    for i in 0..runs {
+        // Rotate who goes first so drift hits every variant alike.
+        for k in 0..4 {
+            let v = (i + k) % 4;
+            let d = match v {
+                0 => ctr_run(ctd.ctr(), NATIVE),
+                1 => ctr_run(ctd.ctr(), RUNC),
+                2 => ctr_run(sy.ctr(), NATIVE),
+                _ => ctr_run(sy.ctr(), RUNC),
+            };
+            samples[v].push(d);
+        }
+    }
+    let s: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+    println!();
+    println!("ctr run --rm --runtime RUNTIME --rootfs busybox ID /bin/true");
+    println!("(same ctr; rotated order, {runs} runs each after 3 warm-ups)");
+    row("containerd 1.6 + yard-native shim", &s[0]);
+    row("containerd 1.6 + runc shim (Go)", &s[1]);
+    row("switchyardd + yard-native shim", &s[2]);
+    row("switchyardd + runc shim (Go)", &s[3]);
+    let ratio = |a: &Stats, b: &Stats| a.median.as_secs_f64() / b.median.as_secs_f64();
+    let r = ratio(&s[0], &s[1]);
+    println!(
+        "  ratio native / runc shim under containerd (median): {r:.2}   target <= 0.50: {}",
+        if r <= 0.5 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  ratio switchyardd+native / containerd+runc (median): {:.2}",
+        ratio(&s[2], &s[1])
+    );
+
+    let n = 5;
+    let (rss_n, pss_n) = shim_memory(&ctd, NATIVE, "containerd-shim-yard-native-v1", n);
+    let (rss_r, pss_r) = shim_memory(&ctd, RUNC, "containerd-shim-runc-v2", n);
+    println!();
+    println!("shim memory per running container ({n} sleepers each, one shim per container)");
+    println!(
+        "  yard-native shim          RSS {:>9}   PSS {:>9}   target RSS <= 4 MiB: {}",
+        mib(rss_n),
+        mib(pss_n),
+        if rss_n <= 4 * 1024 { "met" } else { "NOT met" }
+    );
+    println!(
+        "  runc shim (Go)            RSS {:>9}   PSS {:>9}",
+        mib(rss_r),
+        mib(pss_r)
+    );
+}

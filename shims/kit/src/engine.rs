@@ -1,0 +1,116 @@
+//! The small runtime trait a shim implements; the kit turns it into the containerd task service.
+//!
+//! The kit owns everything containerd sees: task and exec bookkeeping, status, exit codes and
+//! times, `Wait`, events, `Connect`, `Shutdown`. An engine only does the work: create a container
+//! from a bundle, start it, run extra processes in it, signal, pause, report stats, and say when
+//! a process has exited.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+
+use crate::error::Result;
+use crate::events::Publisher;
+use crate::stdio::StdioSpec;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit code, or 128 + N when killed by signal N (as a shell reports it).
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+impl Exit {
+    pub fn now(status: u32) -> Exit {
+        Exit {
+            status,
+            at: SystemTime::now(),
+        }
+    }
+}
+
+/// Everything `Create` tells a shim, in the kit's own terms.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub namespace: String,
+    pub id: String,
+    pub bundle: PathBuf,
+    /// Mounts containerd asks the shim to set up as the rootfs (empty with `--rootfs` dirs).
+    pub rootfs: Vec<containerd_shim_protos::types::mount::Mount>,
+    pub stdio: StdioSpec,
+    /// The runtime options `Any` (containerd's runc `Options` or a shim's own).
+    pub options: Option<Any>,
+    /// Where an engine publishes its own events (OOM).
+    pub events: Publisher,
+}
+
+/// An extra process to run in a container (`Exec`).
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    pub exec_id: String,
+    pub stdio: StdioSpec,
+    /// The OCI process spec, as JSON.
+    pub spec: Vec<u8>,
+}
+
+/// One process the shim knows about (for `Pids`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+}
+
+/// A process (a container's init, or one started by `Exec`).
+#[async_trait]
+pub trait Process: Send + Sync {
+    /// The host pid, once there is one (0 for engines without host processes).
+    fn pid(&self) -> u32;
+    /// Start it. Returns the pid.
+    async fn start(&self) -> Result<u32>;
+    /// Resolves once, when the process has exited and its output has been delivered.
+    async fn wait(&self) -> Exit;
+    async fn kill(&self, signal: u32) -> Result<()>;
+    async fn resize_pty(&self, width: u32, height: u32) -> Result<()>;
+    /// Close the process's stdin (the client has no more input).
+    async fn close_stdin(&self) -> Result<()>;
+}
+
+/// A container: its init process plus whatever the container as a whole supports.
+#[async_trait]
+pub trait Container: Send + Sync {
+    fn init(&self) -> Arc<dyn Process>;
+    /// Prepare an extra process; it runs on `start`.
+    async fn exec(&self, req: ExecRequest) -> Result<Arc<dyn Process>>;
+    /// Signal every process in the container.
+    async fn kill_all(&self, signal: u32) -> Result<()>;
+    async fn pids(&self) -> Result<Vec<ProcessInfo>>;
+    async fn pause(&self) -> Result<()>;
+    async fn resume(&self) -> Result<()>;
+    /// Apply new resources (an OCI `LinuxResources` as JSON in an `Any`).
+    async fn update(&self, resources: &Any) -> Result<()>;
+    /// Metrics as an `Any` (containerd's cgroups v1/v2 `Metrics`).
+    async fn stats(&self) -> Result<Any>;
+    /// Remove what the container holds (runtime state, cgroup, mounts). Called after its init
+    /// has exited, or with `force` to kill what is left first.
+    async fn delete(&self, force: bool) -> Result<()>;
+}
+
+/// A shim's engine: makes containers, and cleans up after a dead shim.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// The shim binary's name for logs (`containerd-shim-yard-native-v1`).
+    fn name(&self) -> &'static str;
+    /// Create the container; its init process exists but has not started.
+    async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>>;
+    /// `<shim> delete`: clean up a container whose shim is gone (kill, unmount, remove state).
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &std::path::Path) -> Result<()>;
+    /// Tasks with the same group share one shim process. `None`: one shim per task.
+    /// The default groups by the `io.kubernetes.cri.sandbox-id` or `io.switchyard.group`
+    /// annotation of the bundle's `config.json`, as containerd's runc shim groups pods.
+    fn group(&self, bundle: &std::path::Path) -> Option<String> {
+        crate::start::group_from_bundle(bundle)
+    }
+}

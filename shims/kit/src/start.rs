@@ -1,0 +1,190 @@
+//! The shim binary's three lives, as containerd runs it:
+//! - `start`: start (or find) the shim server for this task's group, print its address;
+//! - `delete`: clean up after a shim that is gone, print a `DeleteResponse`;
+//! - no action with `-socket`: the server itself, serving the task service until `Shutdown`.
+//!
+//! Nothing but the address (or the `DeleteResponse`) may reach stdout: containerd reads it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::Flags;
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::ttrpc::r#async::Server;
+use containerd_shim_protos::ttrpc::r#async::transport::Listener;
+use tokio::sync::Notify;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::events::Publisher;
+use crate::service::{Service, services, timestamp};
+
+/// Annotations that group tasks into one shim: the CRI sandbox, or our own.
+pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.switchyard.group"];
+
+pub fn group_from_bundle(bundle: &Path) -> Option<String> {
+    let text = std::fs::read(bundle.join("config.json")).ok()?;
+    let spec: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let ann = spec.get("annotations")?;
+    GROUP_ANNOTATIONS
+        .iter()
+        .find_map(|k| ann.get(*k).and_then(|v| v.as_str()))
+        .filter(|g| !g.is_empty())
+        .map(str::to_owned)
+}
+
+fn socket_path(address: &str) -> PathBuf {
+    PathBuf::from(address.strip_prefix("unix://").unwrap_or(address))
+}
+
+fn connectable(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+/// `start`: runs in the bundle directory; prints the address on stdout.
+pub fn start<E: Engine>(engine: &E, flags: &Flags) -> Result<String> {
+    let bundle = bundle_dir(flags)?;
+    let group = engine.group(&bundle).unwrap_or_else(|| flags.id.clone());
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    let path = socket_path(&address);
+    if !(group != flags.id && connectable(&path)) {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+        }
+        let exe = std::env::current_exe().map_err(Error::io("find the shim's own binary"))?;
+        let mut cmd = Command::new(exe);
+        cmd.current_dir(&bundle)
+            .args(["-namespace", &flags.namespace, "-id", &flags.id])
+            .args(["-address", &flags.address, "-socket", &address])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .process_group(0);
+        if !flags.publish_binary.is_empty() {
+            cmd.args(["-publish-binary", &flags.publish_binary]);
+        }
+        if flags.debug {
+            cmd.arg("-debug");
+        }
+        use std::os::unix::process::CommandExt as _;
+        let mut child = cmd.spawn().map_err(Error::io("spawn the shim server"))?;
+        // The server closes its stdout once it listens (or when it dies).
+        if let Some(mut out) = child.stdout.take() {
+            let mut sink = Vec::new();
+            let _ = out.read_to_end(&mut sink);
+        }
+        if !connectable(&path) {
+            let status = child.try_wait().ok().flatten();
+            return Err(Error::Internal(format!(
+                "shim server did not come up on {address} (exit: {status:?}); see the shim log"
+            )));
+        }
+        // The server lives on as its own process; nobody here waits for it.
+        drop(child);
+    }
+    write_address(&bundle, &address)?;
+    Ok(bootstrap(&address))
+}
+
+/// What `start` prints: a plain address (containerd 1.6/1.7, task v2) unless the caller offers
+/// task v3 by `MAX_SHIM_VERSION` (switchyardd, containerd 2.x), then containerd's JSON bootstrap.
+fn bootstrap(address: &str) -> String {
+    let max: u32 = std::env::var("MAX_SHIM_VERSION")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(2);
+    if max >= 3 {
+        serde_json::json!({"version": 3, "address": address, "protocol": "ttrpc"}).to_string()
+    } else {
+        address.to_owned()
+    }
+}
+
+fn bundle_dir(flags: &Flags) -> Result<PathBuf> {
+    if flags.bundle.is_empty() {
+        std::env::current_dir().map_err(Error::io("current directory (the bundle)"))
+    } else {
+        Ok(PathBuf::from(&flags.bundle))
+    }
+}
+
+/// containerd reloads shims after a restart from the bundle's `address` file.
+fn write_address(bundle: &Path, address: &str) -> Result<()> {
+    let tmp = bundle.join(".address.tmp");
+    std::fs::write(&tmp, address).map_err(Error::io(format!("write {}", tmp.display())))?;
+    std::fs::rename(&tmp, bundle.join("address"))
+        .map_err(Error::io(format!("write {}/address", bundle.display())))
+}
+
+/// `delete`: the shim is gone; make sure the container is too. Prints a `DeleteResponse`.
+pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
+    let bundle = bundle_dir(flags)?;
+    engine.cleanup(&flags.namespace, &flags.id, &bundle).await?;
+    let resp = DeleteResponse {
+        pid: 0,
+        exit_status: 128 + 9,
+        exited_at: MessageField::some(timestamp(std::time::SystemTime::now())),
+        ..Default::default()
+    };
+    resp.write_to_bytes()
+        .map_err(|e| Error::Internal(format!("encode DeleteResponse: {e}")))
+}
+
+/// The server: listen, signal readiness by closing stdout, serve until `Shutdown`.
+pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
+    let path = socket_path(&flags.socket);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if connectable(&path) {
+                // Another server of this group won the race; `start` will use it.
+                tracing::info!(socket = %path.display(), "a shim already serves this group");
+                release_stdout();
+                return Ok(());
+            }
+            let _ = std::fs::remove_file(&path);
+            UnixListener::bind(&path).map_err(Error::io(format!("bind {}", path.display())))?
+        }
+        Err(e) => return Err(Error::io(format!("bind {}", path.display()))(e)),
+    };
+    let listener = Listener::try_from(listener).map_err(Error::io("ttrpc listener"))?;
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+    let publisher = Publisher::connect(&ttrpc_address, &flags.namespace).await?;
+    let exit = Arc::new(Notify::new());
+    let svc = Arc::new(Service::new(
+        engine,
+        &flags.namespace,
+        publisher,
+        exit.clone(),
+    ));
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(services(svc));
+    server
+        .start()
+        .await
+        .map_err(|e| Error::Internal(format!("start ttrpc server: {e}")))?;
+    tracing::info!(socket = %path.display(), "serving");
+    release_stdout();
+    exit.notified().await;
+    // Let the Shutdown reply reach the caller before the socket goes away.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("shim exiting");
+    Ok(())
+}
+
+/// Point stdout at /dev/null: `start` is reading our stdout until it closes.
+fn release_stdout() {
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = rustix::stdio::dup2_stdout(&null);
+    }
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,691 @@
+//! The native engine: containers through an OCI runtime command line. By default that command is
+//! this shim's own binary in runtime mode (libcontainer, see `runtime.rs`); with containerd's runc
+//! option `BinaryName` it is that binary (e.g. `runc`), which is also the oracle the conformance
+//! suite compares against. Everything that needs no fork (signals, freeze, update, stats, OOM) is
+//! done here through the container's cgroup.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use yard_shim_kit::protos::protobuf::Message;
+use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
+use yard_shim_kit::protos::shim::oci::Options as RuncOptions;
+use yard_shim_kit::stdio::{self, ConsoleCopy, ConsoleSocket, StdinCloser, StdioSpec};
+use yard_shim_kit::{
+    Container, CreateRequest, Engine, Error, ExecRequest, Exit, Process, ProcessInfo, Result,
+    reaper,
+};
+
+use crate::cgroups::{self, Cgroup};
+use crate::spec;
+
+/// Where libcontainer keeps container state (like runc's `/run/containerd/runc`).
+const STATE_ROOT: &str = "/run/yard-native";
+/// How long a runtime invocation may take before it is killed.
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct NativeEngine;
+
+/// An OCI runtime command line: ourselves in runtime mode, or an external binary such as runc.
+#[derive(Debug, Clone)]
+struct Oci {
+    binary: PathBuf,
+    prefix: Vec<String>,
+    root: PathBuf,
+    external: bool,
+}
+
+impl Oci {
+    fn new(namespace: &str, options: Option<&Any>) -> Result<Oci> {
+        let opts = match options {
+            Some(any) if any.type_url.ends_with("containerd.runc.v1.Options") => {
+                Some(RuncOptions::parse_from_bytes(&any.value).map_err(|e| {
+                    Error::InvalidArgument(format!("options: not a runc Options message: {e}"))
+                })?)
+            }
+            _ => None,
+        };
+        let binary_name = opts
+            .as_ref()
+            .map(|o| o.binary_name.clone())
+            .unwrap_or_default();
+        let root = opts
+            .as_ref()
+            .map(|o| o.root.clone())
+            .filter(|r| !r.is_empty());
+        if binary_name.is_empty() {
+            let exe = std::env::current_exe().map_err(Error::io("find the shim's own binary"))?;
+            Ok(Oci {
+                binary: exe,
+                prefix: vec![crate::runtime::MODE.to_owned()],
+                root: PathBuf::from(root.unwrap_or_else(|| STATE_ROOT.to_owned())).join(namespace),
+                external: false,
+            })
+        } else {
+            let binary = which(&binary_name).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "options.BinaryName: {binary_name:?} not found on PATH"
+                ))
+            })?;
+            Ok(Oci {
+                binary,
+                prefix: Vec::new(),
+                root: PathBuf::from(root.unwrap_or_else(|| format!("{STATE_ROOT}/runc")))
+                    .join(namespace),
+                external: true,
+            })
+        }
+    }
+
+    fn name(&self) -> String {
+        if self.external {
+            self.binary.display().to_string()
+        } else {
+            "libcontainer".to_owned()
+        }
+    }
+
+    /// Start a created container. With libcontainer this needs no fork: it only signals the
+    /// waiting init over its notify socket, so it runs in the shim (on a blocking thread).
+    async fn start(&self, id: &str, log: &Path) -> Result<()> {
+        if self.external {
+            return self.run(&["start", id], None, log).await;
+        }
+        let dir = self.root.join(id);
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut c = libcontainer::container::Container::load(dir)
+                .map_err(|e| Error::NotFound(format!("container {id}: {e}")))?;
+            c.start()
+                .map_err(|e| Error::Internal(format!("libcontainer start {id}: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("start: {e}")))?
+    }
+
+    /// Delete a container's runtime state and cgroup (in the shim for libcontainer: no fork).
+    async fn delete(&self, id: &str, force: bool, log: &Path) -> Result<()> {
+        if self.external {
+            let mut args = vec!["delete"];
+            if force {
+                args.push("--force");
+            }
+            args.push(id);
+            return self.run(&args, None, log).await;
+        }
+        let dir = self.root.join(id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut c = match libcontainer::container::Container::load(dir) {
+                Ok(c) => c,
+                Err(_) => return Ok(()),
+            };
+            c.delete(force)
+                .map_err(|e| Error::Internal(format!("libcontainer delete {id}: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("delete: {e}")))?
+    }
+
+    /// Run one runtime command with the given stdio; its errors come back from the log file.
+    async fn run(
+        &self,
+        args: &[&str],
+        stdio: Option<(File, File, File)>,
+        log: &Path,
+    ) -> Result<()> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&self.prefix)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(log);
+        if self.external {
+            cmd.args(["--log-format", "json"]);
+        }
+        cmd.args(args);
+        match stdio {
+            Some((i, o, e)) => cmd.stdin(i).stdout(o).stderr(e),
+            None => cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        };
+        let child = cmd
+            .spawn()
+            .map_err(Error::io(format!("run {}", self.binary.display())))?;
+        drop(cmd);
+        let pid = child.id();
+        // The reaper owns waitpid; the std handle is only dropped.
+        drop(child);
+        let exit = match tokio::time::timeout(RUNTIME_TIMEOUT, reaper::global().wait(pid)).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(Error::Internal(format!(
+                    "{} {} did not finish in {}s",
+                    self.name(),
+                    args.first().copied().unwrap_or(""),
+                    RUNTIME_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        if exit.status == 0 {
+            return Ok(());
+        }
+        let message = last_error(log).unwrap_or_else(|| format!("exit status {}", exit.status));
+        let what = format!("{} {}", self.name(), args.first().copied().unwrap_or(""));
+        if !self.external && exit.status == crate::runtime::EXIT_INVALID as u32 {
+            Err(Error::InvalidArgument(format!("{what}: {message}")))
+        } else {
+            Err(Error::Internal(format!("{what}: {message}")))
+        }
+    }
+}
+
+/// The last error in a runtime log: our `error: ...` lines, or runc's JSON `msg`.
+fn last_error(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().rev().find_map(|l| {
+        if let Some(m) = l.strip_prefix("error: ") {
+            return Some(m.to_owned());
+        }
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v.get("level")?.as_str()? == "error").then(|| v.get("msg")?.as_str().map(str::to_owned))?
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return p.is_file().then_some(p);
+    }
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Per-container files of the shim (pid files, runtime logs, exec specs).
+fn work_dir(oci: &Oci, id: &str) -> PathBuf {
+    oci.root.join(".shim").join(id)
+}
+
+fn read_pid(path: &Path) -> Result<u32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(Error::io(format!("read pid file {}", path.display())))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Internal(format!("pid file {}: {text:?}", path.display())))
+}
+
+struct Stdio3 {
+    files: Option<(File, File, File)>,
+    stdin_closer: StdinCloser,
+    console: Option<ConsoleSocket>,
+}
+
+fn open_stdio(spec: &StdioSpec, ns: &str, id: &str, work: &Path) -> Result<Stdio3> {
+    if spec.terminal {
+        Ok(Stdio3 {
+            files: None,
+            stdin_closer: StdinCloser::default(),
+            console: Some(ConsoleSocket::new(work)?),
+        })
+    } else {
+        let o = stdio::open(spec, ns, id)?;
+        Ok(Stdio3 {
+            files: Some((o.stdin, o.stdout, o.stderr)),
+            stdin_closer: o.stdin_closer,
+            console: None,
+        })
+    }
+}
+
+/// Run a runtime command that may send a pty master on `console`; returns the console copy.
+async fn run_with_console(
+    oci: &Oci,
+    args: &[&str],
+    io: Stdio3,
+    log: &Path,
+    spec: &StdioSpec,
+    ns: &str,
+    id: &str,
+) -> Result<Option<ConsoleCopy>> {
+    let Some(console) = io.console else {
+        oci.run(args, io.files, log).await?;
+        return Ok(None);
+    };
+    let mut full: Vec<&str> = args.to_vec();
+    let path = console.path.display().to_string();
+    // The console socket flag goes before the container id (the last argument).
+    let id_arg = full.pop().unwrap_or_default();
+    full.extend(["--console-socket", &path, id_arg]);
+    let receiver = tokio::task::spawn_blocking(move || {
+        let fd = console.receive(Duration::from_secs(30));
+        (fd, console)
+    });
+    let run = oci.run(&full, None, log).await;
+    if let Err(e) = run {
+        receiver.abort();
+        return Err(e);
+    }
+    let (fd, _console) = receiver
+        .await
+        .map_err(|e| Error::Internal(format!("console receiver: {e}")))?;
+    Ok(Some(ConsoleCopy::start(fd?, spec, ns, id)?))
+}
+
+#[async_trait]
+impl Engine for NativeEngine {
+    fn name(&self) -> &'static str {
+        "containerd-shim-yard-native-v1"
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
+        let oci = Arc::new(Oci::new(&req.namespace, req.options.as_ref())?);
+        let mounted = mount_rootfs(&req)?;
+        let result = create_container(&oci, &req, mounted.clone()).await;
+        if result.is_err()
+            && let Some(target) = &mounted
+        {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+        }
+        result
+    }
+
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        let options = read_bundle_options(bundle);
+        let oci = Oci::new(namespace, options.as_ref()).or_else(|_| Oci::new(namespace, None))?;
+        // libcontainer's delete --force kills what is left, removes the cgroup and the state.
+        let work = work_dir(&oci, id);
+        let log = work.join("delete.log");
+        if oci.external {
+            let _ = std::fs::create_dir_all(&work);
+        }
+        let r = oci.delete(id, true, &log).await;
+        let rootfs = bundle.join("rootfs");
+        if is_mountpoint(&rootfs) {
+            let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&work);
+        r
+    }
+}
+
+/// containerd passes the runtime options to `delete` only through the bundle (runc shims write
+/// `options.json`); we read it when present.
+fn read_bundle_options(bundle: &Path) -> Option<Any> {
+    let text = std::fs::read(bundle.join("options.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let binary_name = v
+        .get("binary_name")
+        .or_else(|| v.get("BinaryName"))?
+        .as_str()?;
+    let opts = RuncOptions {
+        binary_name: binary_name.to_owned(),
+        ..Default::default()
+    };
+    Some(Any {
+        type_url: "containerd.runc.v1.Options".to_owned(),
+        value: opts.write_to_bytes().ok()?,
+        ..Default::default()
+    })
+}
+
+fn is_mountpoint(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let p = path.display().to_string();
+    text.lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(p.as_str()))
+}
+
+/// Mount what containerd asks for as the rootfs (snapshotter mounts) onto `bundle/rootfs`.
+fn mount_rootfs(req: &CreateRequest) -> Result<Option<PathBuf>> {
+    match req.rootfs.as_slice() {
+        [] => Ok(None),
+        [m] => {
+            let target = req.bundle.join("rootfs");
+            std::fs::create_dir_all(&target)
+                .map_err(Error::io(format!("create {}", target.display())))?;
+            let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
+            let source = (!m.source.is_empty()).then_some(m.source.as_str());
+            containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target).map_err(
+                |e| {
+                    Error::InvalidArgument(format!("rootfs: mount {} ({}): {e}", m.source, m.type_))
+                },
+            )?;
+            Ok(Some(target))
+        }
+        _ => Err(Error::InvalidArgument(
+            "rootfs: more than one mount is not supported".into(),
+        )),
+    }
+}
+
+async fn create_container(
+    oci: &Arc<Oci>,
+    req: &CreateRequest,
+    mounted: Option<PathBuf>,
+) -> Result<Arc<dyn Container>> {
+    let spec = spec::load(&req.bundle)?;
+    let cgroup = Cgroup::new(spec::cgroup_path(&spec, &req.namespace, &req.id), &req.id);
+    if spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .is_none()
+    {
+        ensure_cgroup_path(&req.bundle, &req.namespace, &req.id)?;
+    }
+    if spec
+        .process()
+        .as_ref()
+        .map(|p| p.terminal().unwrap_or(false))
+        != Some(req.stdio.terminal)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "terminal: the request says {} but config.json process.terminal says {}",
+            req.stdio.terminal, !req.stdio.terminal
+        )));
+    }
+    let work = work_dir(oci, &req.id);
+    std::fs::create_dir_all(&work).map_err(Error::io(format!("create {}", work.display())))?;
+    let pid_file = work.join("init.pid");
+    let log = work.join("create.log");
+    let _ = std::fs::remove_file(&log);
+    let io = open_stdio(&req.stdio, &req.namespace, &req.id, &work)?;
+    let stdin_closer = io.stdin_closer.clone();
+    let bundle = req.bundle.display().to_string();
+    let pid_arg = pid_file.display().to_string();
+    let args = [
+        "create",
+        "--bundle",
+        &bundle,
+        "--pid-file",
+        &pid_arg,
+        &req.id,
+    ];
+    let console =
+        match run_with_console(oci, &args, io, &log, &req.stdio, &req.namespace, &req.id).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = oci.delete(&req.id, true, &work.join("delete.log")).await;
+                let _ = std::fs::remove_dir_all(&work);
+                stdio::release_stdin_fifo(&req.stdio.stdin);
+                return Err(e);
+            }
+        };
+    let pid = read_pid(&pid_file)?;
+    let oom = match cgroup.watch_oom(req.events.clone()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(id = req.id, error = %e, "no OOM notification for this container");
+            None
+        }
+    };
+    let init = Arc::new(NativeProcess {
+        container_id: req.id.clone(),
+        exec_id: None,
+        oci: oci.clone(),
+        work: work.clone(),
+        namespace: req.namespace.clone(),
+        pid: AtomicU32::new(pid),
+        stdio: req.stdio.clone(),
+        console: Mutex::new(console),
+        stdin_closer: Mutex::new(stdin_closer),
+        spec: Vec::new(),
+    });
+    Ok(Arc::new(NativeContainer {
+        id: req.id.clone(),
+        oci: oci.clone(),
+        work,
+        cgroup,
+        init,
+        oom: Mutex::new(oom),
+        mounted,
+    }))
+}
+
+/// libcontainer needs a cgroup path; containerd's clients always set one, other callers may not.
+fn ensure_cgroup_path(bundle: &Path, namespace: &str, id: &str) -> Result<()> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
+    let mut v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
+    v["linux"]["cgroupsPath"] = serde_json::Value::String(format!("/yard-native/{namespace}/{id}"));
+    let out = serde_json::to_vec(&v).map_err(|e| Error::Internal(e.to_string()))?;
+    std::fs::write(&path, out).map_err(Error::io(format!("write {}", path.display())))
+}
+
+struct NativeContainer {
+    id: String,
+    oci: Arc<Oci>,
+    work: PathBuf,
+    cgroup: Cgroup,
+    init: Arc<NativeProcess>,
+    oom: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    mounted: Option<PathBuf>,
+}
+
+#[async_trait]
+impl Container for NativeContainer {
+    fn init(&self) -> Arc<dyn Process> {
+        self.init.clone()
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<Arc<dyn Process>> {
+        yard_shim_kit::ident::check("exec_id", &req.exec_id)?;
+        let process: oci_spec::runtime::Process = spec::parse(&req.spec, "exec process spec")?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "exec process spec: args: must not be empty".into(),
+            ));
+        }
+        if process.terminal().unwrap_or(false) != req.stdio.terminal {
+            return Err(Error::InvalidArgument(
+                "exec: terminal in the request and in the process spec disagree".into(),
+            ));
+        }
+        Ok(Arc::new(NativeProcess {
+            container_id: self.id.clone(),
+            exec_id: Some(req.exec_id.clone()),
+            oci: self.oci.clone(),
+            work: self.work.clone(),
+            namespace: self.init.namespace.clone(),
+            pid: AtomicU32::new(0),
+            stdio: req.stdio.clone(),
+            console: Mutex::new(None),
+            stdin_closer: Mutex::new(StdinCloser::default()),
+            spec: req.spec.clone(),
+        }))
+    }
+
+    async fn kill_all(&self, signal: u32) -> Result<()> {
+        self.cgroup.kill_all(signal)
+    }
+
+    async fn pids(&self) -> Result<Vec<ProcessInfo>> {
+        Ok(self
+            .cgroup
+            .pids()?
+            .into_iter()
+            .map(|pid| ProcessInfo { pid })
+            .collect())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.cgroup.freeze(true)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.cgroup.freeze(false)
+    }
+
+    async fn update(&self, resources: &Any) -> Result<()> {
+        self.cgroup.update(&resources.value)
+    }
+
+    async fn stats(&self) -> Result<Any> {
+        self.cgroup.stats()
+    }
+
+    async fn delete(&self, force: bool) -> Result<()> {
+        if let Some(h) = self.oom.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.abort();
+        }
+        let log = self.work.join("delete.log");
+        let r = match self.oci.delete(&self.id, force, &log).await {
+            Err(_) if !force => self.oci.delete(&self.id, true, &log).await,
+            other => other,
+        };
+        if let Some(target) = &self.mounted {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+        r
+    }
+}
+
+struct NativeProcess {
+    container_id: String,
+    exec_id: Option<String>,
+    oci: Arc<Oci>,
+    work: PathBuf,
+    namespace: String,
+    pid: AtomicU32,
+    stdio: StdioSpec,
+    console: Mutex<Option<ConsoleCopy>>,
+    stdin_closer: Mutex<StdinCloser>,
+    /// The process spec JSON of an exec.
+    spec: Vec<u8>,
+}
+
+#[async_trait]
+impl Process for NativeProcess {
+    fn pid(&self) -> u32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    async fn start(&self) -> Result<u32> {
+        let Some(exec_id) = &self.exec_id else {
+            let log = self.work.join("start.log");
+            self.oci.start(&self.container_id, &log).await?;
+            return Ok(self.pid());
+        };
+        let spec_path = self.work.join(format!("{exec_id}.json"));
+        let pid_file = self.work.join(format!("{exec_id}.pid"));
+        let log = self.work.join(format!("{exec_id}.log"));
+        std::fs::write(&spec_path, &self.spec)
+            .map_err(Error::io(format!("write {}", spec_path.display())))?;
+        let io = open_stdio(&self.stdio, &self.namespace, &self.container_id, &self.work)?;
+        *self.stdin_closer.lock().unwrap_or_else(|p| p.into_inner()) = io.stdin_closer.clone();
+        let spec_arg = spec_path.display().to_string();
+        let pid_arg = pid_file.display().to_string();
+        let args = [
+            "exec",
+            "--process",
+            &spec_arg,
+            "--detach",
+            "--pid-file",
+            &pid_arg,
+            &self.container_id,
+        ];
+        let r = run_with_console(
+            &self.oci,
+            &args,
+            io,
+            &log,
+            &self.stdio,
+            &self.namespace,
+            &self.container_id,
+        )
+        .await;
+        let _ = std::fs::remove_file(&spec_path);
+        let console = match r {
+            Ok(c) => c,
+            Err(e) => {
+                stdio::release_stdin_fifo(&self.stdio.stdin);
+                return Err(e);
+            }
+        };
+        *self.console.lock().unwrap_or_else(|p| p.into_inner()) = console;
+        let pid = read_pid(&pid_file)?;
+        let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(&log);
+        self.pid.store(pid, Ordering::SeqCst);
+        Ok(pid)
+    }
+
+    async fn wait(&self) -> Exit {
+        let exit = reaper::global().wait(self.pid()).await;
+        let console = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut c) = console {
+            // Deliver what the process wrote before saying it exited.
+            let _ = tokio::task::spawn_blocking(move || c.finish(Duration::from_secs(2))).await;
+        }
+        exit
+    }
+
+    async fn kill(&self, signal: u32) -> Result<()> {
+        let pid = self.pid();
+        if pid == 0 {
+            return Err(Error::FailedPrecondition("process has not started".into()));
+        }
+        let sig = cgroups::to_signal(signal)?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).map_err(|e| {
+            if e == nix::errno::Errno::ESRCH {
+                Error::NotFound(format!("process {pid} already finished"))
+            } else {
+                Error::Internal(format!("kill {pid}: {e}"))
+            }
+        })
+    }
+
+    async fn resize_pty(&self, width: u32, height: u32) -> Result<()> {
+        match self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(c) => c.resize(width, height),
+            None => Err(Error::FailedPrecondition("process has no terminal".into())),
+        }
+    }
+
+    async fn close_stdin(&self) -> Result<()> {
+        self.stdin_closer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close();
+        if let Some(c) = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            c.close_stdin();
+        }
+        Ok(())
+    }
+}
