@@ -159,6 +159,8 @@ pub struct Containerd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The `ctr` shipped with this containerd (Debian's `ctr` when there is none beside it).
+    pub ctr_bin: PathBuf,
     child: Option<Child>,
 }
 
@@ -197,10 +199,16 @@ impl Containerd {
             .spawn()
             .expect("spawn containerd");
         wait_for_socket(&socket, &mut child, &log);
+        let ctr_bin = binary
+            .parent()
+            .map(|d| d.join("ctr"))
+            .filter(|c| c.exists())
+            .unwrap_or_else(|| PathBuf::from("ctr"));
         Containerd {
             dir,
             socket,
             log,
+            ctr_bin,
             child: Some(child),
         }
     }
@@ -210,10 +218,24 @@ impl Containerd {
     }
 
     pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = Command::new(&self.ctr_bin);
         c.arg("--address").arg(&self.socket);
         c
     }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// containerd binaries fetched by `scripts/peers`: `containerd-1.7`, `containerd-2.1`
+/// (under `$SWITCHYARD_PEERS`, default /var/cache/switchyard/peers).
+pub fn peer_containerd(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("SWITCHYARD_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/switchyard/peers"));
+    let bin = dir.join(name).join("usr/bin/containerd");
+    bin.exists().then_some(bin)
 }
 
 impl Drop for Containerd {

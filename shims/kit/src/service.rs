@@ -504,7 +504,19 @@ impl<E: Engine> Service<E> {
     }
 }
 
-fn log_err<T>(method: &str, r: Result<T, Error>) -> TResult<T> {
+/// Run one request: log how long it took (debug) and why it failed (warn).
+async fn call<T>(
+    method: &str,
+    f: impl std::future::Future<Output = Result<T, Error>>,
+) -> TResult<T> {
+    let t = std::time::Instant::now();
+    let r = f.await;
+    tracing::debug!(
+        method,
+        us = t.elapsed().as_micros() as u64,
+        ok = r.is_ok(),
+        "request"
+    );
     r.map_err(|e| {
         tracing::warn!(method, error = %e, "request failed");
         e.into()
@@ -514,7 +526,7 @@ fn log_err<T>(method: &str, r: Result<T, Error>) -> TResult<T> {
 #[async_trait]
 impl<E: Engine> Task for Service<E> {
     async fn state(&self, _: &TtrpcContext, req: StateRequest) -> TResult<StateResponse> {
-        log_err("State", self.do_state(req).await)
+        call("State", self.do_state(req)).await
     }
 
     async fn create(
@@ -522,15 +534,15 @@ impl<E: Engine> Task for Service<E> {
         _: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TResult<CreateTaskResponse> {
-        log_err("Create", self.do_create(req).await)
+        call("Create", self.do_create(req)).await
     }
 
     async fn start(&self, _: &TtrpcContext, req: StartRequest) -> TResult<StartResponse> {
-        log_err("Start", self.do_start(req).await)
+        call("Start", self.do_start(req)).await
     }
 
     async fn delete(&self, _: &TtrpcContext, req: DeleteRequest) -> TResult<DeleteResponse> {
-        log_err("Delete", self.do_delete(req).await)
+        call("Delete", self.do_delete(req)).await
     }
 
     async fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TResult<PidsResponse> {
@@ -549,21 +561,21 @@ impl<E: Engine> Task for Service<E> {
             })
         }
         .await;
-        log_err("Pids", r)
+        call("Pids", std::future::ready(r)).await
     }
 
     async fn pause(&self, _: &TtrpcContext, req: PauseRequest) -> TResult<Empty> {
-        log_err(
-            "Pause",
-            self.do_pause(&req.id, true).await.map(|_| Empty::new()),
-        )
+        call("Pause", async {
+            self.do_pause(&req.id, true).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn resume(&self, _: &TtrpcContext, req: ResumeRequest) -> TResult<Empty> {
-        log_err(
-            "Resume",
-            self.do_pause(&req.id, false).await.map(|_| Empty::new()),
-        )
+        call("Resume", async {
+            self.do_pause(&req.id, false).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn checkpoint(&self, _: &TtrpcContext, _: CheckpointTaskRequest) -> TResult<Empty> {
@@ -571,11 +583,17 @@ impl<E: Engine> Task for Service<E> {
     }
 
     async fn kill(&self, _: &TtrpcContext, req: KillRequest) -> TResult<Empty> {
-        log_err("Kill", self.do_kill(req).await.map(|_| Empty::new()))
+        call("Kill", async {
+            self.do_kill(req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn exec(&self, _: &TtrpcContext, req: ExecProcessRequest) -> TResult<Empty> {
-        log_err("Exec", self.do_exec(req).await.map(|_| Empty::new()))
+        call("Exec", async {
+            self.do_exec(req).await.map(|_| Empty::new())
+        })
+        .await
     }
 
     async fn resize_pty(&self, _: &TtrpcContext, req: ResizePtyRequest) -> TResult<Empty> {
@@ -584,7 +602,7 @@ impl<E: Engine> Task for Service<E> {
             p.process.resize_pty(req.width, req.height).await
         }
         .await;
-        log_err("ResizePty", r.map(|_| Empty::new()))
+        call("ResizePty", std::future::ready(r.map(|_| Empty::new()))).await
     }
 
     async fn close_io(&self, _: &TtrpcContext, req: CloseIORequest) -> TResult<Empty> {
@@ -596,7 +614,7 @@ impl<E: Engine> Task for Service<E> {
             Ok(())
         }
         .await;
-        log_err("CloseIO", r.map(|_| Empty::new()))
+        call("CloseIO", std::future::ready(r.map(|_| Empty::new()))).await
     }
 
     async fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> TResult<Empty> {
@@ -609,7 +627,7 @@ impl<E: Engine> Task for Service<E> {
             task.container.update(res).await
         }
         .await;
-        log_err("Update", r.map(|_| Empty::new()))
+        call("Update", std::future::ready(r.map(|_| Empty::new()))).await
     }
 
     async fn wait(&self, _: &TtrpcContext, req: WaitRequest) -> TResult<WaitResponse> {
@@ -623,7 +641,7 @@ impl<E: Engine> Task for Service<E> {
             })
         }
         .await;
-        log_err("Wait", r)
+        call("Wait", std::future::ready(r)).await
     }
 
     async fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TResult<StatsResponse> {
@@ -636,7 +654,7 @@ impl<E: Engine> Task for Service<E> {
             })
         }
         .await;
-        log_err("Stats", r)
+        call("Stats", std::future::ready(r)).await
     }
 
     async fn connect(&self, _: &TtrpcContext, req: ConnectRequest) -> TResult<ConnectResponse> {

@@ -313,6 +313,9 @@ mod oom {
                 dir.display()
             )))?;
         let afd = yard_shim_kit::sys::readable(efd).map_err(Error::io("watch eventfd"))?;
+        // The eventfd fires on every OOM condition, many times while a task keeps allocating
+        // on its way to being killed: one event per episode (a second apart), as runc's shim.
+        let mut last: Option<std::time::Instant> = None;
         Ok(tokio::spawn(async move {
             let _control = control;
             loop {
@@ -326,6 +329,10 @@ mod oom {
                         if !dir.exists() {
                             return;
                         }
+                        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+                            continue;
+                        }
+                        last = Some(std::time::Instant::now());
                         tracing::info!(id, "OOM in container");
                         publisher.oom(&id).await;
                     }

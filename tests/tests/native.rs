@@ -1,0 +1,1039 @@
+//! The native shim (`containerd-shim-yard-native-v1`) on its own terms: under real containerd
+//! (Debian's 1.6, and the 1.7 and 2.1 peers fetched by `scripts/peers`) driven by the `ctr` shipped
+//! with each; its shim v2 command line (`start`, `delete`) run by hand; and what only this shim
+//! does behind switchyardd (tasks grouped into one shim, the runc backend via `BinaryName`).
+//!
+//! Lifecycle, exec, stdio, terminals, limits, pause, metrics, leaks and bad input through
+//! switchyardd are covered for every runtime by `conformance.rs`; nothing here repeats them.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    clippy::print_stdout
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchyard_tests::daemon::peer_containerd;
+use switchyard_tests::*;
+
+/// Deadline for one client command.
+const T: Duration = Duration::from_secs(60);
+/// How long state may take to settle after a command returned (shim exit, cgroup removal).
+const SETTLE: Duration = Duration::from_secs(5);
+const RUNTIME_TYPE: &str = "io.containerd.yard-native.v1";
+const SHIM: &str = "containerd-shim-yard-native-v1";
+/// Where the shim keeps libcontainer's state (`engine.rs`: `STATE_ROOT/<namespace>/<id>`), and
+/// runc's under `runc/` when `BinaryName` selects it.
+const STATE_ROOT: &str = "/run/yard-native";
+
+/// Everything about a finished command, for assertion messages (long streams cut).
+fn show(out: &Output) -> String {
+    let cut = |b: &[u8]| {
+        const MAX: usize = 4096;
+        if b.len() > MAX {
+            format!("{}... ({} bytes)", text(&b[..MAX]), b.len())
+        } else {
+            text(b)
+        }
+    };
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        cut(&out.stdout),
+        cut(&out.stderr)
+    )
+}
+
+/// The shim binary, which must have been built.
+fn shim_bin() -> PathBuf {
+    bin(SHIM)
+}
+
+/// A process's parent pid.
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether a process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().next().map(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// The socket path a shim server listens on (`-socket unix://PATH` in its command line).
+fn socket_of(cmdline: &str) -> Option<PathBuf> {
+    let mut words = cmdline.split_whitespace();
+    words.find(|w| *w == "-socket")?;
+    let addr = words.next()?;
+    Some(PathBuf::from(addr.strip_prefix("unix://").unwrap_or(addr)))
+}
+
+/// What is left of native task `id` (namespace `default`, cgroup `cgroup`): shim processes,
+/// libcontainer state, the shim's work directory, cgroups and mounts.
+fn leftovers(id: &str, cgroup: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    let needle = format!("-id {id} ");
+    for (pid, cmd) in processes_matching(&[SHIM, &needle]) {
+        left.push(format!("shim process {pid}: {cmd}"));
+    }
+    left.extend(state_leftovers(id, cgroup));
+    left
+}
+
+/// Like `leftovers`, without shim processes (a group's shim is named after its first task).
+fn state_leftovers(id: &str, cgroup: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for dir in [
+        format!("{STATE_ROOT}/default/{id}"),
+        format!("{STATE_ROOT}/default/.shim/{id}"),
+        format!("{STATE_ROOT}/runc/default/{id}"),
+        format!("{STATE_ROOT}/runc/default/.shim/{id}"),
+    ] {
+        if Path::new(&dir).exists() {
+            left.push(format!("directory: {dir}"));
+        }
+    }
+    for cg in cgroups_matching(cgroup) {
+        left.push(format!("cgroup: {}", cg.display()));
+    }
+    for m in mounts_matching(id) {
+        left.push(format!("mount: {m}"));
+    }
+    left
+}
+
+fn assert_no_leftovers(id: &str, cgroup: &str) {
+    let clean = eventually(SETTLE, || leftovers(id, cgroup).is_empty());
+    assert!(clean, "left behind by {id}: {:#?}", leftovers(id, cgroup));
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd
+
+/// A containerd for one test. On failure its log is printed and what the test left running is
+/// removed, so a failed test does not orphan containers and cgroups on the host.
+struct Ctd {
+    c: Containerd,
+    name: String,
+}
+
+impl Ctd {
+    fn start(binary: &Path, name: &str) -> Ctd {
+        let c = Containerd::start(binary);
+        Ctd {
+            c,
+            name: name.to_owned(),
+        }
+    }
+
+    fn sock(&self) -> String {
+        self.c.socket.display().to_string()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        run_timeout(self.c.ctr().args(args), T)
+    }
+
+    /// Runs ctr and asserts it succeeded.
+    fn ctr_ok(&self, args: &[&str]) -> Output {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "[{}] ctr {}: {}",
+            self.name,
+            args.join(" "),
+            show(&out)
+        );
+        out
+    }
+
+    /// `ctr task ls`'s (pid, STATUS) for `id`.
+    fn task(&self, id: &str) -> Option<(u32, String)> {
+        let out = self.ctr_ok(&["task", "ls"]);
+        text(&out.stdout).lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            match cols[..] {
+                [task, pid, status] if task == id => {
+                    Some((pid.parse().unwrap_or(0), status.to_owned()))
+                }
+                _ => None,
+            }
+        })
+    }
+
+    fn containers(&self) -> Vec<String> {
+        let out = self.ctr_ok(&["containers", "ls", "-q"]);
+        text(&out.stdout).lines().map(str::to_owned).collect()
+    }
+
+    /// Native shim processes serving this containerd (their command line names its socket,
+    /// `-address <socket>`).
+    fn shims(&self) -> Vec<(u32, String)> {
+        processes_matching(&[SHIM, &format!("-address {} ", self.sock())])
+    }
+
+    /// Waits for task `id` to reach `status` in `ctr task ls`.
+    fn wait_status(&self, id: &str, status: &str) {
+        let ok = eventually(Duration::from_secs(10), || {
+            self.task(id).is_some_and(|(_, s)| s == status)
+        });
+        assert!(
+            ok,
+            "[{}] task {id} did not become {status}: {:?}",
+            self.name,
+            self.task(id)
+        );
+    }
+
+    /// The spec `ctr oci spec` prints, made to run `args` in the busybox rootfs under the cgroup
+    /// ctr itself would give container `id`.
+    fn spec(&self, id: &str, args: &[&str]) -> Value {
+        let out = self.ctr_ok(&["oci", "spec"]);
+        let mut spec: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("ctr oci spec: {e}: {}", show(&out)));
+        spec["process"]["args"] = json!(args);
+        spec["root"]["path"] = json!(busybox_rootfs());
+        spec["linux"]["cgroupsPath"] = json!(format!("/default/{id}"));
+        spec
+    }
+}
+
+impl Drop for Ctd {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        eprintln!(
+            "--- containerd ({}) log ---\n{}",
+            self.name,
+            self.c.log_text()
+        );
+        let quick = Duration::from_secs(10);
+        let Some(out) = try_run(self.c.ctr().args(["containers", "ls", "-q"]), quick) else {
+            return;
+        };
+        for id in text(&out.stdout).lines() {
+            let _ = try_run(self.c.ctr().args(["task", "kill", "-s", "KILL", id]), quick);
+            let _ = try_run(self.c.ctr().args(["task", "rm", "-f", id]), quick);
+            let _ = try_run(self.c.ctr().args(["containers", "rm", id]), quick);
+        }
+    }
+}
+
+/// Runs a command within `timeout`, never panicking (for use while unwinding).
+fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    if !eventually(timeout, || child.try_wait().ok().flatten().is_some()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return None;
+    }
+    child.wait_with_output().ok()
+}
+
+/// The host's hostname: ctr sets none without `--hostname` (which 1.6 lacks), so the container's
+/// new UTS namespace starts with a copy of the host's.
+fn host_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// One containerd line, end to end with its own ctr: run --rm (PID 1, hostname, cgroup, exit
+/// code), a detached task with exec, pause/resume, metrics, ps, kill -9, rm; then nothing left.
+fn native_under(binary: &Path, name: &str) {
+    let ctd = Ctd::start(binary, name);
+    let rootfs = busybox_rootfs().display().to_string();
+    let started = Instant::now();
+
+    // Foreground, removed on exit.
+    let id = unique_id("nat");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--rootfs",
+        &rootfs,
+        &id,
+        "/bin/sh",
+        "-c",
+        "echo $$; hostname; cat /proc/self/cgroup; exit 3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "[{name}] ctr run: {}",
+        show(&out)
+    );
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"1"),
+        "[{name}] not PID 1: {}",
+        show(&out)
+    );
+    let hostname = lines.get(1).copied().unwrap_or_default();
+    assert!(
+        hostname == host_hostname(),
+        "[{name}] hostname {hostname:?}: {}",
+        show(&out)
+    );
+    let cgroup_suffix = format!(":/default/{id}");
+    assert!(
+        lines[2.min(lines.len())..]
+            .iter()
+            .any(|l| l.ends_with(&cgroup_suffix)),
+        "[{name}] no cgroup line ending in {cgroup_suffix}: {}",
+        show(&out)
+    );
+    assert!(
+        !ctd.containers().contains(&id),
+        "[{name}] ctr run --rm left container {id}"
+    );
+    assert_no_leftovers(&id, &format!("default/{id}"));
+
+    // Detached, with an exec, pause/resume, metrics, ps, kill -9, rm.
+    let id = unique_id("natd");
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--rootfs",
+        &rootfs,
+        &id,
+        "/bin/sleep",
+        "60",
+    ]);
+    assert!(out.status.success(), "[{name}] ctr run -d: {}", show(&out));
+    let (pid, status) = ctd
+        .task(&id)
+        .unwrap_or_else(|| panic!("[{name}] {id} not in ctr task ls after run -d"));
+    assert_eq!(status, "RUNNING", "[{name}]");
+    assert!(pid > 0 && alive(pid), "[{name}] pid {pid}");
+    let shims = ctd.shims();
+    assert_eq!(shims.len(), 1, "[{name}] shim processes: {shims:?}");
+    assert_eq!(
+        ppid(pid),
+        Some(shims[0].0),
+        "[{name}] task is not the shim's child"
+    );
+    let shim_socket =
+        socket_of(&shims[0].1).unwrap_or_else(|| panic!("[{name}] no -socket in {:?}", shims[0].1));
+    assert!(shim_socket.exists(), "[{name}] {}", shim_socket.display());
+
+    let out = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "/bin/sh",
+        "-c",
+        "echo hi; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "[{name}] exec: {}", show(&out));
+    assert_eq!(text(&out.stdout), "hi\n", "[{name}] exec: {}", show(&out));
+
+    ctd.ctr_ok(&["task", "pause", &id]);
+    assert_eq!(ctd.task(&id), Some((pid, "PAUSED".to_owned())), "[{name}]");
+    ctd.ctr_ok(&["task", "resume", &id]);
+    assert_eq!(ctd.task(&id), Some((pid, "RUNNING".to_owned())), "[{name}]");
+
+    let out = ctd.ctr_ok(&["task", "metrics", &id]);
+    let metrics = text(&out.stdout);
+    assert!(
+        metrics.lines().any(|l| {
+            let mut cols = l.split_whitespace();
+            cols.next().is_some_and(|k| k.starts_with("memory.usage"))
+                && cols
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| v > 0)
+        }),
+        "[{name}] no memory usage in ctr task metrics: {}",
+        show(&out)
+    );
+
+    let out = ctd.ctr_ok(&["task", "ps", &id]);
+    let pids: Vec<u32> = text(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(pids, vec![pid], "[{name}] ctr task ps: {}", show(&out));
+
+    ctd.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
+    ctd.wait_status(&id, "STOPPED");
+    let out = ctd.ctr(&["task", "rm", &id]);
+    assert!(out.status.success(), "[{name}] ctr task rm: {}", show(&out));
+    assert!(
+        text(&out.stderr).contains("exit with non-zero exit code 137"),
+        "[{name}] ctr task rm does not report exit code 137: {}",
+        show(&out)
+    );
+    ctd.ctr_ok(&["containers", "rm", &id]);
+    assert_eq!(ctd.task(&id), None, "[{name}]");
+    assert!(!ctd.containers().contains(&id), "[{name}]");
+
+    let gone = eventually(SETTLE, || ctd.shims().is_empty());
+    assert!(gone, "[{name}] shims left: {:?}", ctd.shims());
+    assert!(!alive(pid), "[{name}] task {pid} survives");
+    assert!(
+        !shim_socket.exists(),
+        "[{name}] the shim left its socket {}",
+        shim_socket.display()
+    );
+    assert_no_leftovers(&id, &format!("default/{id}"));
+    eprintln!("[{name}] done in {:?}", started.elapsed());
+}
+
+#[test]
+fn native_under_containerd_1_6() {
+    if !require_root_and(&["containerd", "ctr"]) {
+        return;
+    }
+    native_under(&which("containerd").unwrap(), "containerd-1.6");
+}
+
+#[test]
+fn native_under_containerd_1_7() {
+    if !require_root_and(&[]) {
+        return;
+    }
+    let Some(bin) = peer_containerd("containerd-1.7") else {
+        require(false, "needs containerd 1.7 (scripts/peers)");
+        return;
+    };
+    native_under(&bin, "containerd-1.7");
+}
+
+#[test]
+fn native_under_containerd_2_1() {
+    if !require_root_and(&[]) {
+        return;
+    }
+    let Some(bin) = peer_containerd("containerd-2.1") else {
+        require(false, "needs containerd 2.1 (scripts/peers)");
+        return;
+    };
+    native_under(&bin, "containerd-2.1");
+}
+
+/// `ctr events`, read line by line by a thread so a test can wait for an event.
+struct CtrEvents {
+    _child: KillOnDrop,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl CtrEvents {
+    /// Subscribes and returns once the subscription is live: a namespace label update made after
+    /// subscribing has come through.
+    fn watch(ctd: &Ctd) -> CtrEvents {
+        let mut child = ctd
+            .c
+            .ctr()
+            .arg("events")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let ev = CtrEvents {
+            _child: KillOnDrop(child),
+            lines,
+        };
+        let probe = format!("yard-probe-{}", unique_id("p"));
+        let live = eventually(Duration::from_secs(10), || {
+            ctd.ctr_ok(&["namespaces", "label", "default", &format!("{probe}=1")]);
+            std::thread::sleep(Duration::from_millis(100));
+            ev.text().contains(&probe)
+        });
+        assert!(live, "ctr events never showed the probe: {}", ev.text());
+        ev
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The payloads of `topic` events for container `id`.
+    fn find(&self, topic: &str, id: &str) -> Vec<Value> {
+        let marker = format!(" {topic} ");
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                let (_, payload) = l.split_once(&marker)?;
+                let v: Value = serde_json::from_str(payload).ok()?;
+                (v["container_id"] == id).then_some(v)
+            })
+            .collect()
+    }
+
+    fn wait_for(&self, topic: &str, id: &str) -> Vec<Value> {
+        eventually(Duration::from_secs(10), || !self.find(topic, id).is_empty());
+        self.find(topic, id)
+    }
+}
+
+#[test]
+fn native_kill_9_exit_code_and_event() {
+    if !require_root_and(&["containerd", "ctr"]) {
+        return;
+    }
+    let ctd = Ctd::start(&which("containerd").unwrap(), "containerd-1.6");
+    let rootfs = busybox_rootfs().display().to_string();
+    let events = CtrEvents::watch(&ctd);
+
+    // SIGKILL: /tasks/exit with 137.
+    let id = unique_id("k9");
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--rootfs",
+        &rootfs,
+        &id,
+        "/bin/sleep",
+        "60",
+    ]);
+    assert!(out.status.success(), "ctr run -d: {}", show(&out));
+    let (pid, _) = ctd.task(&id).expect("task listed");
+    ctd.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
+    let exits = events.wait_for("/tasks/exit", &id);
+    assert_eq!(exits.len(), 1, "exit events for {id}: {}", events.text());
+    assert_eq!(exits[0]["exit_status"], 137, "{}", exits[0]);
+    assert_eq!(exits[0]["pid"], pid, "{}", exits[0]);
+    assert_eq!(exits[0]["id"], id.as_str(), "{}", exits[0]);
+    ctd.wait_status(&id, "STOPPED");
+    ctd.ctr_ok(&["task", "rm", &id]);
+    let deletes = events.wait_for("/tasks/delete", &id);
+    assert_eq!(deletes.len(), 1, "{}", events.text());
+    assert_eq!(deletes[0]["exit_status"], 137, "{}", deletes[0]);
+    ctd.ctr_ok(&["containers", "rm", &id]);
+    assert_no_leftovers(&id, &format!("default/{id}"));
+
+    // Out of memory: /tasks/oom, and the task dies with 137.
+    let id = unique_id("oom");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--memory-limit",
+        "33554432",
+        "--rootfs",
+        &rootfs,
+        &id,
+        "/bin/sh",
+        "-c",
+        "x=$(head -c 100000000 /dev/zero | tr \"\\0\" a)",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "ctr run (oom): {}",
+        show(&out)
+    );
+    let ooms = events.wait_for("/tasks/oom", &id);
+    // One kill, one event (as runc's shim does), however often the cgroup hit its limit.
+    assert_eq!(
+        ooms.len(),
+        1,
+        "expected exactly one /tasks/oom for {id}: {}",
+        events.text()
+    );
+    let exits = events.wait_for("/tasks/exit", &id);
+    assert_eq!(exits.len(), 1, "{}", events.text());
+    assert_eq!(exits[0]["exit_status"], 137, "{}", exits[0]);
+    eprintln!("{} /tasks/oom event(s) for {id}", ooms.len());
+    assert_no_leftovers(&id, &format!("default/{id}"));
+}
+
+#[test]
+fn native_bad_input_under_containerd() {
+    if !require_root_and(&["containerd", "ctr"]) {
+        return;
+    }
+    let ctd = Ctd::start(&which("containerd").unwrap(), "containerd-1.6");
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["/bin/sh", "-c", "echo good; exit 5"];
+
+    type Breaker = fn(&mut Value) -> Vec<String>;
+    let cases: [(&str, Breaker); 4] = [
+        ("bogus namespace", |s| {
+            let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.push(json!({"type": "bogus"}));
+            vec![
+                format!("linux.namespaces[{}]", ns.len() - 1),
+                "bogus".into(),
+                "invalid argument".into(),
+            ]
+        }),
+        ("missing bind source", |s| {
+            let mounts = s["mounts"].as_array_mut().unwrap();
+            mounts.push(json!({
+                "destination": "/x",
+                "type": "bind",
+                "source": "/nonexistent/bind-source",
+                "options": ["rbind"],
+            }));
+            vec![
+                format!("mounts[{}].source", mounts.len() - 1),
+                "/nonexistent/bind-source".into(),
+                "invalid argument".into(),
+            ]
+        }),
+        ("missing root.path", |s| {
+            s["root"]["path"] = json!("/nonexistent/rootfs-dir");
+            vec![
+                "root.path".into(),
+                "/nonexistent/rootfs-dir".into(),
+                "invalid argument".into(),
+            ]
+        }),
+        ("unknown mount type", |s| {
+            let mounts = s["mounts"].as_array_mut().unwrap();
+            mounts.push(json!({"destination": "/x", "type": "nosuchfs", "source": "none"}));
+            vec![
+                format!("mounts[{}].type", mounts.len() - 1),
+                "nosuchfs".into(),
+                "invalid argument".into(),
+            ]
+        }),
+    ];
+
+    for (what, breaker) in cases {
+        let id = unique_id("bad");
+        let mut spec = ctd.spec(&id, &args);
+        let expect = breaker(&mut spec);
+        let file = dir.path().join(format!("{id}.json"));
+        write(&file, &spec.to_string());
+        let file = file.display().to_string();
+        let out = ctd.ctr(&["run", "--runtime", RUNTIME_TYPE, "--config", &file, &id]);
+        assert!(!out.status.success(), "{what}: accepted: {}", show(&out));
+        let err = text(&out.stderr);
+        for e in &expect {
+            assert!(
+                err.contains(e.as_str()),
+                "{what}: {e:?} not in: {}",
+                show(&out)
+            );
+        }
+        assert!(!err.contains("panicked"), "{what}: {}", show(&out));
+        assert_no_leftovers(&id, &format!("default/{id}"));
+        assert_eq!(ctd.task(&id), None, "{what}: task left in containerd");
+        // ctr run without --rm keeps the container record after a failed start; it must be
+        // removable (no task holds it).
+        ctd.ctr_ok(&["containers", "rm", &id]);
+        assert!(!ctd.containers().contains(&id), "{what}: container listed");
+        assert!(ctd.shims().is_empty(), "{what}: {:?}", ctd.shims());
+    }
+
+    // containerd and the shim still run a good container.
+    let id = unique_id("good");
+    let spec = ctd.spec(&id, &args);
+    let file = dir.path().join(format!("{id}.json"));
+    write(&file, &spec.to_string());
+    let file = file.display().to_string();
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--config",
+        &file,
+        &id,
+    ]);
+    assert_eq!(out.status.code(), Some(5), "good spec: {}", show(&out));
+    assert_eq!(text(&out.stdout), "good\n", "{}", show(&out));
+    assert!(!ctd.containers().contains(&id));
+    assert_no_leftovers(&id, &format!("default/{id}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// switchyardd
+
+fn yard(d: &Daemon, args: &[&str]) -> Output {
+    run_timeout(d.yard().args(args), T)
+}
+
+fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut c = d.yard();
+    c.arg("run")
+        .args(extra)
+        .arg("--rootfs")
+        .arg(busybox_rootfs())
+        .arg("--")
+        .args(cmd);
+    run_timeout(&mut c, T)
+}
+
+/// `yard ps --json`'s row for `id`.
+fn ps_row(d: &Daemon, id: &str) -> Option<Value> {
+    let out = yard(d, &["ps", "--json"]);
+    assert!(out.status.success(), "yard ps: {}", show(&out));
+    let rows: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("yard ps --json: {e}: {}", show(&out)));
+    rows.as_array()
+        .unwrap_or_else(|| panic!("yard ps --json is not a list: {rows}"))
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+}
+
+/// Starts a detached native task; returns its pid.
+fn detach(d: &Daemon, runtime: &str, id: &str, extra: &[&str]) -> u32 {
+    let mut args = vec!["-d", "--runtime", runtime, "--name", id];
+    args.extend_from_slice(extra);
+    let out = yard_run(d, &args, &["/bin/sleep", "60"]);
+    assert!(out.status.success(), "yard run -d {id}: {}", show(&out));
+    let row = ps_row(d, id).unwrap_or_else(|| panic!("{id} not in yard ps"));
+    assert_eq!(row["status"], "running", "{row}");
+    let pid = row["pid"].as_u64().unwrap_or(0) as u32;
+    assert!(pid > 0 && alive(pid), "{row}");
+    pid
+}
+
+/// Shim servers of this daemon: `<shim> -namespace N -id ID -address <daemon socket> -socket
+/// unix://...` (the `start` invocations exit once the server listens).
+fn daemon_shims(d: &Daemon) -> Vec<(u32, String)> {
+    let addr = format!("-address {} ", d.socket.display());
+    processes_matching(&[SHIM, &addr, "-socket"])
+}
+
+fn rm_force(d: &Daemon, id: &str) {
+    let out = yard(d, &["rm", "--force", id]);
+    assert!(out.status.success(), "yard rm --force {id}: {}", show(&out));
+}
+
+#[test]
+fn native_shim_grouping() {
+    if !require_root_and(&[]) {
+        return;
+    }
+    shim_bin();
+    let d = Daemon::start();
+    let group = format!("io.switchyard.group={}", unique_id("grp"));
+    let (a, b, c) = (unique_id("ga"), unique_id("gb"), unique_id("solo"));
+
+    let pa = detach(&d, "native", &a, &["--annotation", &group]);
+    let pb = detach(&d, "native", &b, &["--annotation", &group]);
+    let shims = daemon_shims(&d);
+    assert_eq!(
+        shims.len(),
+        1,
+        "one shim should serve the group: {shims:#?}"
+    );
+    let group_shim = shims[0].0;
+    let group_socket = socket_of(&shims[0].1).unwrap();
+    assert_eq!(ppid(pa), Some(group_shim), "{a} is not the group shim's");
+    assert_eq!(ppid(pb), Some(group_shim), "{b} is not the group shim's");
+
+    // A task without the annotation gets its own shim.
+    let pc = detach(&d, "native", &c, &[]);
+    let shims = daemon_shims(&d);
+    assert_eq!(shims.len(), 2, "{shims:#?}");
+    let solo_shim = ppid(pc).unwrap();
+    assert_ne!(solo_shim, group_shim);
+    assert!(shims.iter().any(|(p, _)| *p == solo_shim), "{shims:#?}");
+
+    // Removing one task of the group keeps the shim for the other.
+    rm_force(&d, &a);
+    assert_eq!(ps_row(&d, &a), None, "{a} still listed");
+    let row = ps_row(&d, &b).unwrap_or_else(|| panic!("{b} gone with {a}"));
+    assert_eq!(row["status"], "running", "{row}");
+    assert!(
+        alive(pb) && alive(group_shim),
+        "the group shim or {b} died with {a}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(group_shim), "the group shim exited with a task left");
+    assert_eq!(ppid(pb), Some(group_shim));
+    let clean = eventually(SETTLE, || {
+        state_leftovers(&a, &format!("switchyard/default/{a}")).is_empty()
+    });
+    assert!(
+        clean,
+        "left behind by {a}: {:#?}",
+        state_leftovers(&a, &format!("switchyard/default/{a}"))
+    );
+
+    // The last task of the group takes the shim with it.
+    rm_force(&d, &b);
+    let gone = eventually(SETTLE, || !alive(group_shim));
+    assert!(gone, "group shim {group_shim} outlived its tasks");
+    assert!(
+        !group_socket.exists(),
+        "the group shim left its socket {}",
+        group_socket.display()
+    );
+    assert_no_leftovers(&a, &format!("switchyard/default/{a}"));
+    assert_no_leftovers(&b, &format!("switchyard/default/{b}"));
+    assert!(alive(solo_shim) && alive(pc), "{c} or its shim died");
+    let row = ps_row(&d, &c).unwrap();
+    assert_eq!(row["status"], "running", "{row}");
+
+    rm_force(&d, &c);
+    assert!(eventually(SETTLE, || daemon_shims(&d).is_empty()));
+    assert_no_leftovers(&c, &format!("switchyard/default/{c}"));
+}
+
+#[test]
+fn native_binary_name_runc_option() {
+    if !require_root_and(&["runc"]) {
+        return;
+    }
+    shim_bin();
+    // runc-class options, containerd's key spelling (core/daemon/src/runtime/options.rs).
+    let d = Daemon::start_with(
+        "[runtimes.native-runc]\nruntime_type = \"io.containerd.yard-native.v1\"\n\
+         [runtimes.native-runc.options]\nBinaryName = \"runc\"\n",
+    );
+
+    let id = unique_id("nrr");
+    let out = yard_run(
+        &d,
+        &["--rm", "--runtime", "native-runc", "--name", &id],
+        &["/bin/sh", "-c", "echo $$; exit 6"],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", show(&out));
+    assert_eq!(text(&out.stdout), "1\n", "{}", show(&out));
+    assert_no_leftovers(&id, &format!("switchyard/default/{id}"));
+
+    // Detached: runc's state (not libcontainer's) under the runc root the shim gives it.
+    let id = unique_id("nrd");
+    let pid = detach(&d, "native-runc", &id, &[]);
+    let runc_root = format!("{STATE_ROOT}/runc/default");
+    let state = Path::new(&runc_root).join(&id).join("state.json");
+    let state_text =
+        std::fs::read_to_string(&state).unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+    assert!(
+        state_text.contains("\"init_process_pid\""),
+        "not runc's state.json: {state_text}"
+    );
+    assert!(
+        !Path::new(&format!("{STATE_ROOT}/default/{id}")).exists(),
+        "libcontainer state exists for a runc-backed task"
+    );
+    let out = run_timeout(
+        Command::new("runc").args(["--root", &runc_root, "state", &id]),
+        T,
+    );
+    assert!(out.status.success(), "runc state: {}", show(&out));
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["status"], "running", "{st}");
+    assert_eq!(st["pid"], pid, "{st}");
+    let shims = daemon_shims(&d);
+    assert_eq!(shims.len(), 1, "{shims:#?}");
+    assert_eq!(ppid(pid), Some(shims[0].0), "task is not the shim's child");
+
+    rm_force(&d, &id);
+    assert_eq!(ps_row(&d, &id), None);
+    assert!(!alive(pid), "task {pid} survives yard rm --force");
+    assert!(eventually(SETTLE, || daemon_shims(&d).is_empty()));
+    assert_no_leftovers(&id, &format!("switchyard/default/{id}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shim's own command line
+
+#[test]
+fn native_shim_delete_action_is_fast_and_idempotent() {
+    use prost::Message;
+    use switchyard_api::containerd::task::v2::DeleteResponse;
+    let shim = shim_bin();
+    let cwd = tempfile::tempdir().unwrap();
+    for round in 1..=2 {
+        let started = Instant::now();
+        let out = run_timeout(
+            Command::new(&shim)
+                .current_dir(cwd.path())
+                .args(["-namespace", "default", "-id", "NOPE", "-address", "/tmp/x"])
+                .arg("delete"),
+            Duration::from_secs(10),
+        );
+        let took = started.elapsed();
+        assert!(out.status.success(), "round {round}: {}", show(&out));
+        assert!(
+            took < Duration::from_secs(1),
+            "round {round}: took {took:?}"
+        );
+        assert!(!out.stdout.is_empty(), "round {round}: empty stdout");
+        let resp = DeleteResponse::decode(out.stdout.as_slice())
+            .unwrap_or_else(|e| panic!("round {round}: not a DeleteResponse: {e}: {out:?}"));
+        assert_eq!(resp.exit_status, 137, "round {round}: {resp:?}");
+        assert!(resp.exited_at.is_some(), "round {round}: {resp:?}");
+        let err = text(&out.stderr);
+        assert!(
+            !err.lines().any(|l| l.contains("WARN")),
+            "round {round}: warnings: {err}"
+        );
+        eprintln!("delete round {round}: {took:?}");
+    }
+    let left: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+    assert!(left.is_empty(), "delete wrote into its cwd: {left:?}");
+}
+
+/// Kills a shim server started by hand, and removes its socket.
+struct ServerGuard {
+    id: String,
+    socket: Option<PathBuf>,
+}
+
+impl ServerGuard {
+    fn servers(&self) -> Vec<(u32, String)> {
+        processes_matching(&[SHIM, &format!("-id {} ", self.id), "-socket"])
+    }
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        for (pid, _) in self.servers() {
+            sigkill(pid);
+        }
+        if let Some(s) = &self.socket {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+#[test]
+fn native_start_prints_only_the_address() {
+    if !require_root_and(&["ctr"]) {
+        return;
+    }
+    let shim = shim_bin();
+    let bundle = tempfile::tempdir().unwrap();
+    let id = unique_id("start");
+    let out = run_timeout(Command::new("ctr").args(["oci", "spec"]), T);
+    assert!(out.status.success(), "ctr oci spec: {}", show(&out));
+    let mut spec: Value = serde_json::from_slice(&out.stdout).unwrap();
+    spec["process"]["args"] = json!(["/bin/true"]);
+    spec["root"]["path"] = json!(busybox_rootfs());
+    spec["linux"]["cgroupsPath"] = json!(format!("/default/{id}"));
+    write(&bundle.path().join("config.json"), &spec.to_string());
+    let address_arg = format!("/tmp/{id}.sock");
+    let mut guard = ServerGuard {
+        id: id.clone(),
+        socket: None,
+    };
+
+    let start = |max: Option<&str>| {
+        let mut c = Command::new(&shim);
+        c.current_dir(bundle.path())
+            .args([
+                "-namespace",
+                "default",
+                "-id",
+                &id,
+                "-address",
+                &address_arg,
+            ])
+            .arg("start")
+            .env_remove("TTRPC_ADDRESS")
+            .env_remove("MAX_SHIM_VERSION");
+        if let Some(v) = max {
+            c.env("MAX_SHIM_VERSION", v);
+        }
+        let started = Instant::now();
+        let out = run_timeout(&mut c, Duration::from_secs(20));
+        eprintln!("start (MAX_SHIM_VERSION={max:?}): {:?}", started.elapsed());
+        out
+    };
+
+    let out = start(None);
+    assert!(out.status.success(), "start: {}", show(&out));
+    let address = text(&out.stdout);
+    let hex = address
+        .strip_prefix("unix:///run/containerd/s/")
+        .unwrap_or_else(|| panic!("start printed more or other than the address: {address:?}"));
+    assert!(
+        hex.len() == 64
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_uppercase()),
+        "start printed more or other than the address: {address:?}"
+    );
+    let socket = PathBuf::from(address.trim_start_matches("unix://"));
+    guard.socket = Some(socket.clone());
+    let file = std::fs::read_to_string(bundle.path().join("address")).unwrap();
+    assert_eq!(file, address, "the bundle's address file");
+    let servers = guard.servers();
+    assert_eq!(servers.len(), 1, "{servers:#?}");
+    assert!(
+        servers[0].1.contains(&format!("-socket {address}")),
+        "{servers:#?}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "nothing listens on {}",
+        socket.display()
+    );
+
+    // containerd 2.x and switchyardd offer task v3: the JSON bootstrap, same server.
+    let out = start(Some("3"));
+    assert!(out.status.success(), "start v3: {}", show(&out));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("start v3 did not print JSON only: {e}: {}", show(&out)));
+    assert_eq!(
+        v,
+        json!({"version": 3, "address": address, "protocol": "ttrpc"}),
+        "{}",
+        show(&out)
+    );
+    let file = std::fs::read_to_string(bundle.path().join("address")).unwrap();
+    assert_eq!(
+        file, address,
+        "the bundle's address file after the second start"
+    );
+    let one = eventually(SETTLE, || guard.servers().len() == 1);
+    assert!(one, "servers for {id}: {:#?}", guard.servers());
+
+    let server = guard.servers()[0].0;
+    sigkill(server);
+    assert!(eventually(SETTLE, || !alive(server)));
+    drop(guard);
+    assert!(!socket.exists());
+}
