@@ -41,16 +41,55 @@ const SETTLE: Duration = Duration::from_secs(10);
 struct Runtime {
     name: &'static str,
     runtime_type: &'static str,
+    /// The rootfs its tasks run from: busybox, or the Wasm test programs.
+    rootfs: &'static Path,
 }
 
 fn runtime(name: &'static str) -> Runtime {
-    let runtime_type = match name {
-        "runc" => "io.containerd.runc.v2",
-        "native" => "io.containerd.yard-native.v1",
+    let (runtime_type, rootfs) = match name {
+        "runc" => ("io.containerd.runc.v2", busybox_rootfs()),
+        "native" => ("io.containerd.yard-native.v1", busybox_rootfs()),
+        "wasm" => (
+            "io.containerd.yard-wasm.v1",
+            switchyard_tests::wasm::wasm_rootfs(),
+        ),
         other => panic!("no runtime type known for {other:?}: add it to runtime()"),
     };
-    Runtime { name, runtime_type }
+    Runtime {
+        name,
+        runtime_type,
+        rootfs,
+    }
 }
+
+impl Runtime {
+    /// A command printing `msg`, and its exact output.
+    fn echo(&self, msg: &str) -> (Vec<String>, String) {
+        if self.name == "wasm" {
+            (
+                vec![WASM_HELLO.to_owned(), msg.to_owned()],
+                format!("hello from wasm\narg[0]={WASM_HELLO}\narg[1]={msg}\n"),
+            )
+        } else {
+            (
+                vec!["/bin/echo".to_owned(), msg.to_owned()],
+                format!("{msg}\n"),
+            )
+        }
+    }
+}
+
+/// Output of the Wasm test program without its `env K=V` lines (yard adds a default PATH).
+fn without_wasm_env(out: &str) -> String {
+    out.split_inclusive('\n')
+        .filter(|l| !l.starts_with("env "))
+        .collect()
+}
+
+/// The WASI test program (a core module) in the Wasm rootfs.
+const WASM_HELLO: &str = "/app/hello.wasm";
+/// The same program as a component (`wasi:cli/command`).
+const WASM_HELLO_COMPONENT: &str = "/app/hello-c.wasm";
 
 /// Everything about a finished command, for assertion messages (long streams cut).
 fn show(out: &Output) -> String {
@@ -127,7 +166,7 @@ impl Ctx {
         c.args(["run", "--runtime", self.rt.name])
             .args(extra)
             .arg("--rootfs")
-            .arg(busybox_rootfs())
+            .arg(self.rt.rootfs)
             .arg("--")
             .args(cmd);
         c
@@ -143,7 +182,7 @@ impl Ctx {
         c.args(["run", "--runtime", self.rt.runtime_type])
             .args(extra)
             .arg("--rootfs")
-            .arg(busybox_rootfs())
+            .arg(self.rt.rootfs)
             .arg(id)
             .args(cmd);
         run_timeout(&mut c, T)
@@ -1121,15 +1160,17 @@ fn leaks_after_cycles(name: &'static str) {
     let run = |i: usize| {
         let id = format!("{prefix}-{i}");
         let msg = format!("cycle {i}");
+        let (cmd, want) = c.rt.echo(&msg);
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
         let out = if i.is_multiple_of(2) {
-            c.yard_run(&["--rm", "--name", &id], &["/bin/echo", &msg])
+            c.yard_run(&["--rm", "--name", &id], &cmd)
         } else {
-            c.ctr_run(&id, &["--rm"], &["/bin/echo", &msg])
+            c.ctr_run(&id, &["--rm"], &cmd)
         };
         assert_eq!(out.status.code(), Some(0), "cycle {i}: {}", show(&out));
         assert_eq!(
-            text(&out.stdout),
-            format!("{msg}\n"),
+            without_wasm_env(&text(&out.stdout)),
+            want,
             "cycle {i}: {}",
             show(&out)
         );
@@ -1326,6 +1367,355 @@ fn bad_input(name: &'static str) {
     assert_eq!(text(&out.stdout), "still-serving\n", "{}", show(&out));
 }
 
+/// Wasm: a detached task is listed by both clients with the shim's pid (a Wasm task is an
+/// instance inside the shim, not a process), refuses a plain `rm` while running, and leaves
+/// nothing behind after `rm --force`.
+fn wasm_lifecycle(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO, "hi"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stdout).starts_with(&format!(
+            "hello from wasm\narg[0]={WASM_HELLO}\narg[1]=hi\n"
+        )),
+        "{}",
+        show(&out)
+    );
+    let cid = unique_id("lc-ctr");
+    let out = c.ctr_run(&cid, &["--rm"], &[WASM_HELLO_COMPONENT, "hi"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(text(&out.stdout).contains("arg[1]=hi\n"), "{}", show(&out));
+    c.assert_clean(&cid, &[]);
+
+    let id = unique_id("lc");
+    let pid = c.detach(&id, &[WASM_HELLO, "--sleep", "60000"]);
+    assert_eq!(c.ctr_task(&id), Some((pid, "RUNNING".to_owned())));
+    let cmd = cmdline(pid).unwrap_or_default();
+    assert!(
+        cmd.contains("containerd-shim-yard-wasm-v1") && cmd.contains(&id),
+        "pid {pid} is not the task's shim: {cmd}"
+    );
+    let out = c.yard(&["rm", &id]);
+    assert!(
+        !out.status.success(),
+        "rm of a running task: {}",
+        show(&out)
+    );
+    assert!(text(&out.stderr).contains("running"), "{}", show(&out));
+    c.rm_force(&id);
+    c.assert_clean(&id, &[(pid, cmd)]);
+}
+
+/// Wasm exit codes: `proc_exit` through yard and ctr; a component's `wasi:cli/exit` carries
+/// only success or failure (0 or 1); a trap is 134 with the trap in stderr.
+fn wasm_exit_codes(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    for code in ["3", "125", "0"] {
+        let out = c.yard_run(&["--rm"], &[WASM_HELLO, "--exit", code]);
+        assert_eq!(out.status.code(), code.parse().ok(), "{}", show(&out));
+    }
+    // WASI preview 1 reserves statuses from 126 up: proc_exit(255) is an error, not an exit.
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO, "--exit", "255"]);
+    assert_eq!(out.status.code(), Some(134), "{}", show(&out));
+    assert!(text(&out.stderr).contains("exit status"), "{}", show(&out));
+    let id = unique_id("ex");
+    let out = c.ctr_run(&id, &["--rm"], &[WASM_HELLO, "--exit", "42"]);
+    assert_eq!(out.status.code(), Some(42), "{}", show(&out));
+    c.assert_clean(&id, &[]);
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO_COMPONENT, "--exit", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO_COMPONENT, "--exit", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO, "--trap"]);
+    assert_eq!(out.status.code(), Some(134), "{}", show(&out));
+    assert!(text(&out.stderr).contains("wasm trap"), "{}", show(&out));
+    assert!(text(&out.stderr).contains("unreachable"), "{}", show(&out));
+}
+
+/// Wasm signals: a guest has no handlers, so SIGTERM ends it (143) and SIGKILL too (137),
+/// whether it sleeps in a host call or spins in a loop; SIGWINCH is ignored.
+fn wasm_signals(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    for (sig, args, status) in [
+        ("TERM", [WASM_HELLO, "--sleep", "60000"], 143),
+        ("KILL", [WASM_HELLO, "--loop", ""], 137),
+    ] {
+        let id = unique_id("sig");
+        let ev = Events::watch(&c.d, &id);
+        let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+        c.detach(&id, &args);
+        let out = c.yard(&["kill", "-s", "WINCH", &id]);
+        assert!(out.status.success(), "yard kill -s WINCH: {}", show(&out));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(c.ctr_task(&id).map(|t| t.1), Some("RUNNING".to_owned()));
+        let out = c.yard(&["kill", "-s", sig, &id]);
+        assert!(out.status.success(), "yard kill -s {sig}: {}", show(&out));
+        ev.wait_for("/tasks/exit", &id, &format!("exit_status {status}"), |v| {
+            v["event"]["exit_status"] == status
+        });
+        let out = c.yard(&["rm", &id]);
+        assert!(out.status.success(), "yard rm: {}", show(&out));
+        c.assert_clean(&id, &[]);
+    }
+}
+
+/// Wasm has no processes to exec into: Exec fails with a clear Unimplemented and the task
+/// keeps running.
+fn wasm_exec_unimplemented(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let id = unique_id("exec");
+    c.detach(&id, &[WASM_HELLO, "--sleep", "60000"]);
+    let out = c.yard(&["exec", &id, "--", WASM_HELLO]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("Exec is not supported by the Wasm runtime"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(c.ctr_task(&id).map(|t| t.1), Some("RUNNING".to_owned()));
+    c.rm_force(&id);
+    c.assert_clean(&id, &[]);
+}
+
+/// Wasm stdio over fifos: stdin in, a megabyte through, stdout and stderr apart, via yard and
+/// ctr.
+fn wasm_stdio_fifos(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let head = format!("hello from wasm\narg[0]={WASM_HELLO}\narg[1]=--stdin\n");
+    let out = run_with_stdin(
+        &mut c.yard_run_cmd(&["-i", "--rm"], &[WASM_HELLO, "--stdin"]),
+        b"abc\n".to_vec(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        without_wasm_env(&text(&out.stdout)),
+        format!("{head}abc\n"),
+        "{}",
+        show(&out)
+    );
+
+    let big = vec![b'z'; 1 << 20];
+    let out = run_with_stdin(
+        &mut c.yard_run_cmd(&["-i", "--rm"], &[WASM_HELLO, "--stdin"]),
+        big,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let got = without_wasm_env(&text(&out.stdout));
+    assert_eq!(got.len(), head.len() + (1 << 20), "{}", show(&out));
+
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO, "--stderr", "err"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        !text(&out.stdout).lines().any(|l| l == "err"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(text(&out.stderr), "err\n", "{}", show(&out));
+
+    let id = unique_id("io");
+    let out = c.ctr_run(&id, &["--rm"], &[WASM_HELLO_COMPONENT, "--stderr", "err"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stdout).starts_with("hello from wasm\n"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(text(&out.stderr), "err\n", "{}", show(&out));
+    c.assert_clean(&id, &[]);
+}
+
+/// A Wasm task with a terminal: its output goes through a pty (newlines become CRLF).
+fn wasm_tty(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let id = unique_id("tty");
+    let out = run_piped(
+        &mut c.yard_run_cmd(&["-t", "--rm", "--name", &id], &[WASM_HELLO, "--exit", "5"]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("hello from wasm\r\n"),
+        "{}",
+        show(&out)
+    );
+    c.assert_clean(&id, &[]);
+}
+
+/// `--memory` caps a Wasm task's linear memory: growing past it stops the task with 137, a
+/// clear message and `/tasks/oom`; under the limit the same program finishes.
+fn wasm_limits_memory_oom(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let id = unique_id("oom");
+    let ev = Events::watch(&c.d, &id);
+    let out = c.yard_run(
+        &["--rm", "--name", &id, "--memory", "32m"],
+        &[WASM_HELLO, "--alloc-mb", "100"],
+    );
+    assert_eq!(out.status.code(), Some(137), "{}", show(&out));
+    assert!(!text(&out.stdout).contains("alloc done"), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("memory limit is 33554432 bytes"),
+        "{}",
+        show(&out)
+    );
+    ev.wait_for("/tasks/oom", &id, "any payload", |_| true);
+    ev.wait_for("/tasks/exit", &id, "exit_status 137", |v| {
+        v["event"]["exit_status"] == 137
+    });
+    c.assert_clean(&id, &[]);
+    let out = c.yard_run(
+        &["--rm", "--memory", "64m"],
+        &[WASM_HELLO, "--alloc-mb", "40"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(text(&out.stdout).contains("alloc done"), "{}", show(&out));
+}
+
+/// `--read-only`: the preopened rootfs refuses writes; without it the write lands.
+fn wasm_limits_read_only_rootfs(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let id = unique_id("ro");
+    let file = format!("/data/{id}");
+    let host = c.rt.rootfs.join(file.trim_start_matches('/'));
+    let out = c.yard_run(
+        &["--rm", "--name", &id, "--read-only"],
+        &[WASM_HELLO, "--write", &file, "x"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(text(&out.stderr).contains("write"), "{}", show(&out));
+    assert!(!host.exists(), "{} was written", host.display());
+    c.assert_clean(&id, &[]);
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO, "--write", &file, "x"]);
+    let written = std::fs::read_to_string(&host).ok();
+    let _ = std::fs::remove_file(&host);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(
+        written.as_deref(),
+        Some("x"),
+        "not written without --read-only"
+    );
+}
+
+/// Pause stops a Wasm task making progress (both clients show it paused), resume brings it
+/// back; metrics report its linear memory.
+fn wasm_pause_resume_metrics(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    let id = unique_id("pause");
+    let ticks = c.rt.rootfs.join("data").join(format!("{id}.ticks"));
+    let size = || std::fs::metadata(&ticks).map(|m| m.len()).unwrap_or(0);
+    let guest_path = format!("/data/{id}.ticks");
+    let pid = c.detach(&id, &[WASM_HELLO, "--tick", &guest_path, "20"]);
+    assert!(eventually(SETTLE, || size() > 0), "the task never ticked");
+    let out = c.ctr(&["task", "pause", &id]);
+    assert!(out.status.success(), "ctr task pause: {}", show(&out));
+    assert_eq!(c.ctr_task(&id), Some((pid, "PAUSED".to_owned())));
+    assert_eq!(
+        c.ps_row(&id).map(|r| r["status"].clone()),
+        Some("paused".into())
+    );
+    // One tick may be in flight when the pause lands.
+    std::thread::sleep(Duration::from_millis(100));
+    let frozen_at = size();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(size(), frozen_at, "the task kept running while paused");
+    let out = c.ctr(&["task", "resume", &id]);
+    assert!(out.status.success(), "ctr task resume: {}", show(&out));
+    assert!(
+        eventually(SETTLE, || size() > frozen_at),
+        "the task did not run again after resume"
+    );
+    let out = c.ctr(&["task", "metrics", &id]);
+    assert!(out.status.success(), "ctr task metrics: {}", show(&out));
+    let stdout = text(&out.stdout);
+    let mem: u64 = stdout
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("memory.usage_in_bytes")).then(|| f.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no memory.usage_in_bytes: {}", show(&out)));
+    assert!(mem >= 65536, "linear memory not reported: {}", show(&out));
+    c.rm_force(&id);
+    let _ = std::fs::remove_file(&ticks);
+    c.assert_clean(&id, &[]);
+}
+
+/// Bad Wasm input fails Create with an error naming the file, leaves nothing behind, and the
+/// runtime keeps serving.
+fn wasm_bad_input(name: &'static str) {
+    let Some(c) = Ctx::start(name, &[]) else {
+        return;
+    };
+    for (arg0, want) in [
+        (
+            "/app/bad.wasm",
+            "process.args[0] /app/bad.wasm: invalid module",
+        ),
+        (
+            "/hello.txt",
+            "process.args[0] /hello.txt: not a WebAssembly binary",
+        ),
+        (
+            "/app/missing.wasm",
+            "process.args[0] /app/missing.wasm: not found in the rootfs",
+        ),
+        ("/app", "process.args[0] /app: not a file"),
+    ] {
+        let id = unique_id("bad");
+        let out = c.yard_run(&["--rm", "--name", &id], &[arg0]);
+        assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+        assert!(
+            text(&out.stderr).contains(want),
+            "want {want:?}: {}",
+            show(&out)
+        );
+        c.assert_clean(&id, &[]);
+    }
+    let id = unique_id("bad-ann");
+    let out = c.yard_run(
+        &[
+            "--rm",
+            "--name",
+            &id,
+            "--annotation",
+            "io.switchyard.wasm.timeout-ms=soon",
+        ],
+        &[WASM_HELLO],
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("annotations.io.switchyard.wasm.timeout-ms"),
+        "{}",
+        show(&out)
+    );
+    c.assert_clean(&id, &[]);
+    let out = c.yard_run(&["--rm"], &[WASM_HELLO, "still-serving"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stdout).contains("arg[1]=still-serving"),
+        "{}",
+        show(&out)
+    );
+}
+
 /// The suite for one runtime name; invoke inside a module named after it.
 macro_rules! conformance_suite {
     ($rt:literal) => {
@@ -1390,4 +1780,53 @@ mod runc {
 
 mod native {
     conformance_suite!("native");
+}
+
+/// Wasm: the scenarios that apply to an instance rather than a process tree (no PID 1,
+/// hostname, cgroup or pids limit inside a guest; Exec is refused).
+mod wasm {
+    #[test]
+    fn lifecycle_run_detach_ps_rm() {
+        super::wasm_lifecycle("wasm");
+    }
+    #[test]
+    fn exit_codes() {
+        super::wasm_exit_codes("wasm");
+    }
+    #[test]
+    fn signals_term_and_kill() {
+        super::wasm_signals("wasm");
+    }
+    #[test]
+    fn exec_is_unimplemented() {
+        super::wasm_exec_unimplemented("wasm");
+    }
+    #[test]
+    fn stdio_fifos() {
+        super::wasm_stdio_fifos("wasm");
+    }
+    #[test]
+    fn tty() {
+        super::wasm_tty("wasm");
+    }
+    #[test]
+    fn limits_memory_oom() {
+        super::wasm_limits_memory_oom("wasm");
+    }
+    #[test]
+    fn limits_read_only_rootfs() {
+        super::wasm_limits_read_only_rootfs("wasm");
+    }
+    #[test]
+    fn pause_resume_metrics() {
+        super::wasm_pause_resume_metrics("wasm");
+    }
+    #[test]
+    fn leaks_after_cycles() {
+        super::leaks_after_cycles("wasm");
+    }
+    #[test]
+    fn bad_input() {
+        super::wasm_bad_input("wasm");
+    }
 }

@@ -6,6 +6,7 @@
 //! A shim's `main` checks for its own extra modes first (the native shim's runtime mode must run
 //! before any thread exists), then calls [`run`].
 
+pub mod bundle;
 pub mod engine;
 pub mod error;
 pub mod events;

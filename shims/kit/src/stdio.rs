@@ -131,11 +131,44 @@ fn null_read() -> Result<File> {
 #[derive(Clone, Default)]
 pub struct StdinCloser {
     writer: Arc<Mutex<Option<File>>>,
+    /// The copy thread has the client's fifo open: what the client wrote is still on its way.
+    reading: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// How long `close` lets the copy drain the client's input before it cuts it off.
+const STDIN_DRAIN: Duration = Duration::from_secs(5);
+
 impl StdinCloser {
+    /// `CloseIO`: the client has sent everything. What it wrote is still delivered (the copy
+    /// ends at the fifo's end of file); only a client that keeps its end open past a grace
+    /// period is cut off.
     pub fn close(&self) {
+        if !self.reading.load(std::sync::atomic::Ordering::SeqCst) {
+            self.close_now();
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("stdin-drain".into())
+            .spawn(move || {
+                let deadline = std::time::Instant::now() + STDIN_DRAIN;
+                while std::time::Instant::now() < deadline && me.is_open() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                me.close_now();
+            });
+    }
+
+    /// Close the process's stdin at once (it has exited, or is being deleted).
+    pub fn close_now(&self) {
         self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn is_open(&self) -> bool {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 }
 
@@ -155,6 +188,7 @@ fn stdin_pipe(fifo: PathBuf) -> Result<(File, StdinCloser)> {
         .map_err(|e| Error::io("create stdin pipe")(e.into()))?;
     let closer = StdinCloser {
         writer: Arc::new(Mutex::new(Some(File::from(w)))),
+        reading: Arc::default(),
     };
     let c = closer.clone();
     std::thread::Builder::new()
@@ -162,9 +196,10 @@ fn stdin_pipe(fifo: PathBuf) -> Result<(File, StdinCloser)> {
         .spawn(move || {
             // Blocks until the client opens its write end, as containerd's shims do.
             let Ok(mut src) = File::open(&fifo) else {
-                c.close();
+                c.close_now();
                 return;
             };
+            c.reading.store(true, std::sync::atomic::Ordering::SeqCst);
             let mut buf = vec![0u8; 32 * 1024];
             loop {
                 match src.read(&mut buf) {
@@ -178,7 +213,7 @@ fn stdin_pipe(fifo: PathBuf) -> Result<(File, StdinCloser)> {
                     }
                 }
             }
-            c.close();
+            c.close_now();
         })
         .map_err(Error::io("spawn stdin copy thread"))?;
     Ok((File::from(r), closer))

@@ -297,7 +297,7 @@ impl Engine for NativeEngine {
 
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
         let oci = Arc::new(Oci::new(&req.namespace, req.options.as_ref())?);
-        let mounted = mount_rootfs(&req)?;
+        let mounted = yard_shim_kit::bundle::mount_rootfs(&req.bundle, &req.rootfs)?;
         let result = create_container(&oci, &req, mounted.clone()).await;
         if result.is_err()
             && let Some(target) = &mounted
@@ -317,10 +317,7 @@ impl Engine for NativeEngine {
             let _ = std::fs::create_dir_all(&work);
         }
         let r = oci.delete(id, true, &log).await;
-        let rootfs = bundle.join("rootfs");
-        if is_mountpoint(&rootfs) {
-            let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
-        }
+        yard_shim_kit::bundle::unmount_rootfs(bundle);
         let _ = std::fs::remove_dir_all(&work);
         r
     }
@@ -344,38 +341,6 @@ fn read_bundle_options(bundle: &Path) -> Option<Any> {
         value: opts.write_to_bytes().ok()?,
         ..Default::default()
     })
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let p = path.display().to_string();
-    text.lines()
-        .any(|l| l.split_whitespace().nth(4) == Some(p.as_str()))
-}
-
-/// Mount what containerd asks for as the rootfs (snapshotter mounts) onto `bundle/rootfs`.
-fn mount_rootfs(req: &CreateRequest) -> Result<Option<PathBuf>> {
-    match req.rootfs.as_slice() {
-        [] => Ok(None),
-        [m] => {
-            let target = req.bundle.join("rootfs");
-            std::fs::create_dir_all(&target)
-                .map_err(Error::io(format!("create {}", target.display())))?;
-            let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
-            let source = (!m.source.is_empty()).then_some(m.source.as_str());
-            containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &target).map_err(
-                |e| {
-                    Error::InvalidArgument(format!("rootfs: mount {} ({}): {e}", m.source, m.type_))
-                },
-            )?;
-            Ok(Some(target))
-        }
-        _ => Err(Error::InvalidArgument(
-            "rootfs: more than one mount is not supported".into(),
-        )),
-    }
 }
 
 async fn create_container(

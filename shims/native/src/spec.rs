@@ -13,19 +13,7 @@ pub fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
 }
 
-/// Parse `config.json` with the path of any bad field in the error.
-pub fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Error> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            invalid(format!("{what}: {inner}"))
-        } else {
-            invalid(format!("{what}: {path}: {inner}"))
-        }
-    })
-}
+pub use yard_shim_kit::bundle::parse_json as parse;
 
 pub fn load(bundle: &Path) -> Result<Spec, Error> {
     let path = bundle.join("config.json");

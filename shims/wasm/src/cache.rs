@@ -1,0 +1,127 @@
+//! The precompilation cache: compiled artifacts on disk, keyed by the module's digest, the
+//! wasmtime version and the engine's configuration, so a second run loads native code instead
+//! of compiling.
+//!
+//! An artifact is native code the shim will execute, so an entry is never trusted as it is: the
+//! file carries the SHA-256 of its payload, checked before wasmtime sees it, and wasmtime itself
+//! refuses an artifact built by another version or configuration. An entry failing either check
+//! is deleted and the module recompiled.
+
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+const MAGIC: &[u8; 16] = b"yard-wasm-cwasm1";
+
+/// Where one module's artifact lives.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub path: PathBuf,
+}
+
+/// The cache key: module digest, wasmtime version, and the engine's compatibility hash.
+pub fn entry(dir: &Path, digest: &str, engine: &wasmtime::Engine, kind: &str) -> Entry {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let compat = h.finish();
+    let mut key = Sha256::new();
+    key.update(digest.as_bytes());
+    key.update(crate::WASMTIME_VERSION.as_bytes());
+    key.update(compat.to_le_bytes());
+    key.update(kind.as_bytes());
+    let key = hex(&key.finalize());
+    Entry {
+        path: dir.join(format!("{}.cwasm", &key[..32])),
+    }
+}
+
+/// The artifact's bytes if the entry exists and its checksum holds. A damaged entry is removed.
+pub fn load(entry: &Entry) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(&entry.path).ok()?;
+    let ok = bytes.len() > MAGIC.len() + 32
+        && &bytes[..MAGIC.len()] == MAGIC
+        && Sha256::digest(&bytes[MAGIC.len() + 32..])[..] == bytes[MAGIC.len()..MAGIC.len() + 32];
+    if ok {
+        Some(bytes[MAGIC.len() + 32..].to_vec())
+    } else {
+        tracing::warn!(path = %entry.path.display(), "discarding a damaged cache entry");
+        discard(entry);
+        None
+    }
+}
+
+pub fn discard(entry: &Entry) {
+    let _ = std::fs::remove_file(&entry.path);
+}
+
+/// Store an artifact atomically (temp file, then rename). Failures only cost a recompile later.
+pub fn store(entry: &Entry, artifact: &[u8]) {
+    let Some(dir) = entry.path.parent() else {
+        return;
+    };
+    let r = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile_in(dir)?;
+        tmp.1.write_all(MAGIC)?;
+        tmp.1.write_all(&Sha256::digest(artifact))?;
+        tmp.1.write_all(artifact)?;
+        tmp.1.sync_all()?;
+        std::fs::rename(&tmp.0, &entry.path)
+    })();
+    if let Err(e) = r {
+        tracing::warn!(path = %entry.path.display(), error = %e, "cannot cache a compiled module");
+    }
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let path = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    let f = std::fs::File::create(&path)?;
+    Ok((path, f))
+}
+
+pub fn digest(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_damage() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let e = Entry {
+            path: dir.path().join("x.cwasm"),
+        };
+        assert_eq!(load(&e), None);
+        store(&e, b"native code");
+        assert_eq!(load(&e).as_deref(), Some(&b"native code"[..]));
+        // Flip one payload byte: the entry is refused and removed.
+        let mut bytes = std::fs::read(&e.path).unwrap_or_default();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&e.path, bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(load(&e), None);
+        assert!(!e.path.exists());
+        // Truncated garbage is refused too.
+        std::fs::write(&e.path, b"yard").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(load(&e), None);
+    }
+}
