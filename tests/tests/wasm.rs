@@ -425,7 +425,7 @@ fn tasks_in_one_shim_are_isolated() {
     let t = Instant::now();
     let out = yard(&d, &["kill", "-s", "KILL", &spinner]);
     assert!(out.status.success(), "{}", show(&out));
-    let (at, exit) = ev.wait(&"/tasks/exit".to_owned(), &spinner);
+    let (at, exit) = ev.wait("/tasks/exit", &spinner);
     let latency = at.saturating_duration_since(t);
     eprintln!("kill of a spinning task: exit event after {latency:?} (including yard startup)");
     assert_eq!(exit["event"]["exit_status"], 137, "{exit}");
