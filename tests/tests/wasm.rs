@@ -45,6 +45,11 @@ fn show(out: &Output) -> String {
 
 /// switchyardd with the wasm runtime's cache in the daemon's temp dir.
 fn daemon(programs: &[&str]) -> Option<(Daemon, PathBuf)> {
+    daemon_with(programs, "")
+}
+
+/// The same with more `[runtimes.wasm.options]` TOML.
+fn daemon_with(programs: &[&str], options: &str) -> Option<(Daemon, PathBuf)> {
     let mut needed = vec!["ctr"];
     needed.extend_from_slice(programs);
     if !require_root_and(&needed) {
@@ -52,7 +57,7 @@ fn daemon(programs: &[&str]) -> Option<(Daemon, PathBuf)> {
     }
     let cache = std::env::temp_dir().join(unique_id("wasm-cache"));
     let d = Daemon::start_with(&format!(
-        "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n",
+        "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n{options}\n",
         cache.display()
     ));
     Some((d, cache))
@@ -509,4 +514,29 @@ fn cache_and_timeout() {
         show(&out)
     );
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// The runtime option `group`: every task of the runtime shares one shim without annotations.
+#[test]
+fn group_option_shares_one_shim() {
+    let Some((d, _cache)) = daemon_with(&[], "group = \"edge\"") else {
+        return;
+    };
+    let ids = [unique_id("g1"), unique_id("g2"), unique_id("g3")];
+    for id in &ids {
+        let out = yard_run(&d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    let s = shims(&d);
+    assert_eq!(
+        s.len(),
+        1,
+        "tasks of a grouped runtime in {} shims: {s:?}",
+        s.len()
+    );
+    for id in &ids {
+        let out = yard(&d, &["rm", "--force", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
 }

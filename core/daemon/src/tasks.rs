@@ -28,7 +28,7 @@ use crate::filters::{Adaptor, Filter, FilterError};
 use crate::metadata::{Store, StoreError};
 use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
-use crate::runtime::options::{is_runc, runc_options_json};
+use crate::runtime::options::{generic_options_json, is_runc, runc_options_json};
 use crate::runtime::resolve::{ResolveError, Runtimes};
 use crate::runtime::shim::{Shim, ShimError, ShimManager};
 
@@ -309,10 +309,13 @@ impl TaskManager {
             .spec
             .ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
         let bundle = Bundle::locate(&self.state, &self.root, ns, &id);
-        let options_json = options
-            .as_ref()
-            .filter(|_| is_runc(&resolved.runtime_type))
-            .and_then(runc_options_json);
+        let options_json = options.as_ref().and_then(|o| {
+            if is_runc(&resolved.runtime_type) {
+                runc_options_json(o)
+            } else {
+                generic_options_json(o)
+            }
+        });
         bundle.create(&spec.value, !req.rootfs.is_empty(), options_json.as_deref())?;
         let record = TaskRecord {
             runtime: resolved.name.clone(),

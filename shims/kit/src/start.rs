@@ -31,12 +31,23 @@ pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.sw
 pub fn group_from_bundle(bundle: &Path) -> Option<String> {
     let text = std::fs::read(bundle.join("config.json")).ok()?;
     let spec: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    let ann = spec.get("annotations")?;
-    GROUP_ANNOTATIONS
-        .iter()
-        .find_map(|k| ann.get(*k).and_then(|v| v.as_str()))
-        .filter(|g| !g.is_empty())
+    let annotated = spec.get("annotations").and_then(|ann| {
+        GROUP_ANNOTATIONS
+            .iter()
+            .find_map(|k| ann.get(*k).and_then(|v| v.as_str()))
+    });
+    annotated
         .map(str::to_owned)
+        .or_else(|| group_option(bundle))
+        .filter(|g| !g.is_empty())
+}
+
+/// The runtime's `group` option, from the `options.json` switchyardd writes into the bundle:
+/// every task of the runtime with that option shares one shim (per namespace).
+fn group_option(bundle: &Path) -> Option<String> {
+    let text = std::fs::read(bundle.join("options.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v.get("group")?.as_str().map(str::to_owned)
 }
 
 fn socket_path(address: &str) -> PathBuf {

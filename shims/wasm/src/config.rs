@@ -35,6 +35,9 @@ pub struct Options {
     pub fuel: u64,
     /// Default listen address for HTTP components.
     pub http_listen: String,
+    /// Put every task of this runtime in one shim per namespace (read by `start` from the
+    /// bundle's `options.json`; the group annotations win).
+    pub group: String,
 }
 
 impl Default for Options {
@@ -46,6 +49,7 @@ impl Default for Options {
             timeout_ms: 0,
             fuel: 0,
             http_listen: "127.0.0.1:8080".into(),
+            group: String::new(),
         }
     }
 }
@@ -59,12 +63,10 @@ impl Options {
     }
 
     pub fn from_toml(text: &str) -> Result<Options> {
+        // toml's message names the key ("unknown field `max_instance`", "invalid type ...
+        // for key `timeout_ms`").
         let o: Options = toml::from_str(text)
-            .map_err(|e| Error::InvalidArgument(format!("options: {}", e.message().trim())))
-            .map_err(|e| match e {
-                Error::InvalidArgument(m) => Error::InvalidArgument(with_key(m, text)),
-                other => other,
-            })?;
+            .map_err(|e| Error::InvalidArgument(format!("options: {}", e.to_string().trim())))?;
         if o.max_memory_mib == 0 {
             return Err(Error::InvalidArgument(
                 "options: max_memory_mib must be at least 1".into(),
@@ -72,23 +74,6 @@ impl Options {
         }
         Ok(o)
     }
-}
-
-/// toml's messages name the key only in their span; add it when the text makes it plain.
-fn with_key(msg: String, text: &str) -> String {
-    for key in [
-        "cache_dir",
-        "max_instances",
-        "max_memory_mib",
-        "timeout_ms",
-        "fuel",
-        "http_listen",
-    ] {
-        if text.contains(key) && msg.contains(key) {
-            return msg;
-        }
-    }
-    msg
 }
 
 /// Per-task settings: the options' defaults, then annotations, then the spec's memory limit.

@@ -116,6 +116,15 @@ pub fn runc_options_json(any: &Any) -> Option<Vec<u8>> {
     serde_json::to_vec(&v).ok()
 }
 
+/// `options.json` for a Switchyard shim's bundle: the options table as JSON, so the shim can
+/// read it in `start`, before any request (the `group` option puts every task of the runtime
+/// in one shim).
+pub fn generic_options_json(any: &Any) -> Option<Vec<u8>> {
+    let o: GenericOptions = typeurl::from_any(any)?.ok()?;
+    let table: toml::Table = toml::from_str(std::str::from_utf8(&o.config_body).ok()?).ok()?;
+    serde_json::to_vec(&table).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +168,9 @@ mod tests {
         assert_eq!(any.type_url, "runtimeoptions.v1.Options");
         let o: GenericOptions = typeurl::from_any(&any).unwrap().unwrap();
         assert_eq!(o.type_url, SWITCHYARD_OPTIONS_TYPE);
+        let json: serde_json::Value =
+            serde_json::from_slice(&generic_options_json(&any).unwrap()).unwrap();
+        assert!(json.is_object(), "{json}");
         let back: toml::Table =
             toml::from_str(std::str::from_utf8(&o.config_body).unwrap()).unwrap();
         assert_eq!(back["vcpus"].as_integer(), Some(2));
