@@ -199,3 +199,33 @@ fn release_stdout() {
     }
     let _ = std::io::stdout().flush();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_by_annotation_then_option() {
+        let dir = std::env::temp_dir().join(format!("kit-group-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{e}"))
+        };
+        write("config.json", r#"{"annotations":{}}"#);
+        assert_eq!(group_from_bundle(&dir), None);
+        write("options.json", r#"{"group":"edge","cache_dir":"/x"}"#);
+        assert_eq!(group_from_bundle(&dir).as_deref(), Some("edge"));
+        write(
+            "config.json",
+            r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+        );
+        assert_eq!(group_from_bundle(&dir).as_deref(), Some("pod1"));
+        write("options.json", r#"{"binary_name":"runc"}"#);
+        write(
+            "config.json",
+            r#"{"annotations":{"io.switchyard.group":""}}"#,
+        );
+        assert_eq!(group_from_bundle(&dir), None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
