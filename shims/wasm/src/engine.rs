@@ -23,6 +23,30 @@ use crate::task::{Control, Guest, TaskParts, WasmContainer, WasmProcess};
 #[derive(Default)]
 pub struct WasmEngine {
     runtime: OnceCell<Arc<Runtime>>,
+    /// The engine being built ahead of the first Create (serve mode), with the options found
+    /// in the bundle.
+    prewarm: std::sync::Mutex<Option<std::thread::JoinHandle<Result<Runtime>>>>,
+}
+
+impl WasmEngine {
+    /// For the shim server: start building the wasmtime engine (pooling allocator, linkers,
+    /// guest runtime) right away, so it overlaps with containerd connecting and sending
+    /// Create. The options come from the bundle's `options.json` (switchyardd writes it; the
+    /// server runs in the bundle directory), else the defaults; Create checks they match.
+    pub fn prewarmed() -> WasmEngine {
+        let options = std::fs::read("options.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Options>(&b).ok())
+            .unwrap_or_default();
+        let handle = std::thread::Builder::new()
+            .name("wasm-prewarm".into())
+            .spawn(move || Runtime::new(options))
+            .ok();
+        WasmEngine {
+            runtime: OnceCell::new(),
+            prewarm: std::sync::Mutex::new(handle),
+        }
+    }
 }
 
 #[async_trait]
@@ -57,6 +81,20 @@ impl WasmEngine {
         self.runtime
             .get_or_try_init(|| async {
                 let options = Options::from_any(req.options.as_ref())?;
+                let prewarm = self.prewarm.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(h) = prewarm {
+                    let want = options.clone();
+                    // A runtime built with other options is dropped here, off the async
+                    // threads (dropping a tokio runtime there panics).
+                    let rt = tokio::task::spawn_blocking(move || match h.join() {
+                        Ok(Ok(rt)) if rt.options == want => Some(rt),
+                        _ => None,
+                    })
+                    .await;
+                    if let Ok(Some(rt)) = rt {
+                        return Ok(Arc::new(rt));
+                    }
+                }
                 tracing::info!(?options, "starting the wasmtime engine");
                 Runtime::new(options).map(Arc::new)
             })

@@ -14,5 +14,11 @@ mod task;
 pub const WASMTIME_VERSION: &str = "wasmtime-48";
 
 fn main() {
-    yard_shim_kit::run(env!("CARGO_PKG_VERSION"), |_| engine::WasmEngine::default())
+    yard_shim_kit::run(env!("CARGO_PKG_VERSION"), |flags| {
+        if flags.socket.is_empty() {
+            engine::WasmEngine::default()
+        } else {
+            engine::WasmEngine::prewarmed()
+        }
+    })
 }
