@@ -81,7 +81,11 @@ impl WasmEngine {
         self.runtime
             .get_or_try_init(|| async {
                 let options = Options::from_any(req.options.as_ref())?;
-                let prewarm = self.prewarm.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let prewarm = self
+                    .prewarm
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
                 if let Some(h) = prewarm {
                     let want = options.clone();
                     // A runtime built with other options is dropped here, off the async
