@@ -118,30 +118,36 @@ pub fn busybox_rootfs() -> &'static Path {
 }
 
 /// Runs a command to completion with a deadline; the output is printed on failure to help
-/// debugging.
+/// debugging. Output is read while the command runs (so a chatty command cannot fill a pipe
+/// and stall), and the exit is noticed as it happens (timings taken around this are exact).
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            return out;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("wait for {cmd:?}: {e}")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
             );
+            let out = rx
+                .recv_timeout(Duration::from_secs(5))
+                .ok()
+                .and_then(Result::ok);
+            let (o, e) = out
+                .map(|o| (text(&o.stdout), text(&o.stderr)))
+                .unwrap_or_default();
+            panic!("{cmd:?} did not finish within {timeout:?}\nstdout: {o}\nstderr: {e}");
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
