@@ -286,11 +286,40 @@ impl Runtime {
     }
 
     fn load_module(&self, bytes: &[u8], digest: &str, what: &str) -> Result<Module> {
-        let entry = cache::entry(&self.options.cache_dir, digest, &self.engine, "module");
+        self.load(
+            Artifact {
+                kind: "module",
+                deserialize: crate::sys::deserialize_module,
+                compile: |e, b| Module::new(e, b),
+                serialize: Module::serialize,
+            },
+            bytes,
+            digest,
+            what,
+        )
+    }
+
+    fn load_component(&self, bytes: &[u8], digest: &str, what: &str) -> Result<Component> {
+        self.load(
+            Artifact {
+                kind: "component",
+                deserialize: crate::sys::deserialize_component,
+                compile: |e, b| Component::new(e, b),
+                serialize: Component::serialize,
+            },
+            bytes,
+            digest,
+            what,
+        )
+    }
+
+    /// The cached artifact if it loads, else a fresh compile (cached for next time).
+    fn load<T>(&self, a: Artifact<T>, bytes: &[u8], digest: &str, what: &str) -> Result<T> {
+        let entry = cache::entry(&self.options.cache_dir, digest, &self.engine, a.kind);
         if let Some(artifact) = cache::load(&entry) {
-            match crate::sys::deserialize_module(&self.engine, &artifact) {
+            match (a.deserialize)(&self.engine, &artifact) {
                 Ok(m) => {
-                    tracing::debug!(path = %entry.path.display(), "module loaded from cache");
+                    tracing::debug!(path = %entry.path.display(), kind = a.kind, "loaded from cache");
                     return Ok(m);
                 }
                 Err(e) => {
@@ -300,42 +329,27 @@ impl Runtime {
             }
         }
         let t = std::time::Instant::now();
-        let module = Module::new(&self.engine, bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{what}: invalid module: {e:#}")))?;
-        tracing::info!(what, ms = t.elapsed().as_millis() as u64, "compiled module");
-        if let Ok(artifact) = module.serialize() {
-            cache::store(&entry, &artifact);
-        }
-        Ok(module)
-    }
-
-    fn load_component(&self, bytes: &[u8], digest: &str, what: &str) -> Result<Component> {
-        let entry = cache::entry(&self.options.cache_dir, digest, &self.engine, "component");
-        if let Some(artifact) = cache::load(&entry) {
-            match crate::sys::deserialize_component(&self.engine, &artifact) {
-                Ok(c) => {
-                    tracing::debug!(path = %entry.path.display(), "component loaded from cache");
-                    return Ok(c);
-                }
-                Err(e) => {
-                    tracing::warn!(path = %entry.path.display(), error = %e, "stale cache entry");
-                    cache::discard(&entry);
-                }
-            }
-        }
-        let t = std::time::Instant::now();
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{what}: invalid component: {e:#}")))?;
+        let compiled = (a.compile)(&self.engine, bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{what}: invalid {}: {e:#}", a.kind)))?;
         tracing::info!(
             what,
+            kind = a.kind,
             ms = t.elapsed().as_millis() as u64,
-            "compiled component"
+            "compiled"
         );
-        if let Ok(artifact) = component.serialize() {
+        if let Ok(artifact) = (a.serialize)(&compiled) {
             cache::store(&entry, &artifact);
         }
-        Ok(component)
+        Ok(compiled)
     }
+}
+
+/// How to compile, store and reload one kind of Wasm binary.
+struct Artifact<T> {
+    kind: &'static str,
+    deserialize: fn(&Engine, &[u8]) -> wasmtime::Result<T>,
+    compile: fn(&Engine, &[u8]) -> wasmtime::Result<T>,
+    serialize: fn(&T) -> wasmtime::Result<Vec<u8>>,
 }
 
 fn engine_config(o: &Options) -> Config {
