@@ -127,16 +127,37 @@ fn issue2_events_show_the_task_lifecycle() {
             .spawn()
             .unwrap(),
     );
-    // Subscriptions are in place once a probe event comes through; publish until it does.
-    std::thread::sleep(Duration::from_millis(300));
+    let ctr_lines = collect_lines(&mut ctr_events.0);
+    let yard_lines = collect_lines(&mut yard_events.0);
+    let both_saw = |needle: &str| {
+        ctr_lines.lock().unwrap().contains(needle) && yard_lines.lock().unwrap().contains(needle)
+    };
+    // Subscriptions are in place once a probe task's events come through to both; run probes
+    // until they do (a fixed sleep is not enough on a loaded machine).
+    let live = (0..20).any(|_| {
+        let probe = unique_id("probe");
+        let out = ctr_run(&d, &probe, &["/bin/true"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        eventually(Duration::from_secs(2), || both_saw(&probe))
+    });
+    assert!(live, "the subscriptions never saw a probe task");
     let id = unique_id("ev");
     let out = ctr_run(&d, &id, &["/bin/true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    std::thread::sleep(Duration::from_millis(300));
+    let delete = "\"/tasks/delete\"";
+    eventually(Duration::from_secs(10), || {
+        both_saw(&id)
+            && yard_lines.lock().unwrap().contains(delete)
+            && ctr_lines
+                .lock()
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("/tasks/delete") && l.contains(&id))
+    });
     let _ = ctr_events.0.kill();
     let _ = yard_events.0.kill();
-    let ctr_out = text(&ctr_events.0.wait_with_output_ref());
-    let yard_out = text(&yard_events.0.wait_with_output_ref());
+    let ctr_out = ctr_lines.lock().unwrap().clone();
+    let yard_out = yard_lines.lock().unwrap().clone();
     for topic in [
         "/tasks/create",
         "/tasks/start",
@@ -158,6 +179,27 @@ fn issue2_events_show_the_task_lifecycle() {
     // The filter kept container events out of yard's stream.
     assert!(!yard_out.contains("/containers/"), "{yard_out}");
     assert!(ctr_out.contains("/containers/create"), "{ctr_out}");
+}
+
+/// Collects a child's stdout lines in a thread.
+fn collect_lines(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let Some(stdout) = child.stdout.take() else {
+        panic!("the child's stdout is not piped");
+    };
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut g = l.lock().unwrap_or_else(|p| p.into_inner());
+            g.push_str(&line);
+            g.push('\n');
+        }
+    });
+    lines
 }
 
 trait WaitOutput {
@@ -291,12 +333,8 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     }
     let d = Daemon::start();
     let id = unique_id("dead");
-    let out = yard_run(
-        &d,
-        &["--runtime", "runc", "-d", "--name", &id],
-        &["/bin/sleep", "1000"],
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Subscribe first and collect lines in a thread; the task's own /tasks/start shows the
+    // subscription is live (a fixed sleep is not enough on a loaded machine).
     let mut sub = KillOnDrop(
         d.yard()
             .args(["events", "--json", &format!("event.container_id=={id}")])
@@ -305,7 +343,25 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    let lines = collect_lines(&mut sub.0);
+    let seen = |topic: &str| lines.lock().unwrap().contains(topic);
+    let started = std::time::Instant::now();
+    let mut live = false;
+    while !live && started.elapsed() < Duration::from_secs(15) {
+        // Until the subscription is live, a task's events are not seen: start it again.
+        let out = yard_run(
+            &d,
+            &["--runtime", "runc", "-d", "--name", &id],
+            &["/bin/sleep", "1000"],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        live = eventually(Duration::from_secs(2), || seen("/tasks/start"));
+        if !live {
+            let out = run_timeout(d.yard().args(["rm", "--force", &id]), T);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        }
+    }
+    assert!(live, "yard events never showed the task's /tasks/start");
     for (pid, _) in processes_matching(&["containerd-shim-runc-v2", "-id", &id]) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
@@ -321,13 +377,13 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
         }),
         "task still listed"
     );
-    std::thread::sleep(Duration::from_millis(200));
-    let _ = sub.0.kill();
-    let got = text(&sub.0.wait_with_output_ref());
     assert!(
-        got.contains("/tasks/exit") && got.contains("/tasks/delete"),
-        "{got}"
+        eventually(Duration::from_secs(10), || seen("/tasks/exit")
+            && seen("/tasks/delete")),
+        "{}",
+        lines.lock().unwrap()
     );
+    let _ = sub.0.kill();
     assert!(
         processes_matching(&["sleep 1000"])
             .iter()
