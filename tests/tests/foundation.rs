@@ -202,22 +202,6 @@ fn collect_lines(child: &mut std::process::Child) -> std::sync::Arc<std::sync::M
     lines
 }
 
-trait WaitOutput {
-    fn wait_with_output_ref(&mut self) -> Vec<u8>;
-}
-
-impl WaitOutput for std::process::Child {
-    fn wait_with_output_ref(&mut self) -> Vec<u8> {
-        use std::io::Read;
-        let mut buf = Vec::new();
-        if let Some(mut s) = self.stdout.take() {
-            let _ = s.read_to_end(&mut buf);
-        }
-        let _ = self.wait();
-        buf
-    }
-}
-
 #[test]
 fn issue2_legacy_publish_binary_reaches_subscribers() {
     if !require(is_root(), "needs root") {
@@ -234,31 +218,40 @@ fn issue2_legacy_publish_binary_reaches_subscribers() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    let lines = collect_lines(&mut sub.0);
     // What a shim does with -publish-binary: `<binary> --address A publish --topic T
-    // --namespace N` with the event on stdin.
+    // --namespace N` with the event on stdin. Published until the subscriber sees it: a fresh
+    // subscription may not be live yet (a fixed sleep is not enough on a loaded machine).
     let any = switchyard_api::typeurl::to_any(&TaskOom {
         container_id: "oomed".into(),
     });
-    let mut p = Command::new(bin("switchyardd"))
-        .arg("--address")
-        .arg(&d.socket)
-        .args(["publish", "--topic", "/tasks/oom", "--namespace", "default"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    p.stdin
-        .take()
-        .unwrap()
-        .write_all(&any.encode_to_vec())
-        .unwrap();
-    let out = p.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    std::thread::sleep(Duration::from_millis(300));
+    let seen = || {
+        let g = lines.lock().unwrap();
+        g.contains("\"/tasks/oom\"") && g.contains("oomed")
+    };
+    for _ in 0..20 {
+        let mut p = Command::new(bin("switchyardd"))
+            .arg("--address")
+            .arg(&d.socket)
+            .args(["publish", "--topic", "/tasks/oom", "--namespace", "default"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        p.stdin
+            .take()
+            .unwrap()
+            .write_all(&any.encode_to_vec())
+            .unwrap();
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        if eventually(Duration::from_secs(1), seen) {
+            break;
+        }
+    }
     let _ = sub.0.kill();
-    let got = text(&sub.0.wait_with_output_ref());
+    let got = lines.lock().unwrap().clone();
     assert!(
         got.contains("\"/tasks/oom\"") && got.contains("oomed"),
         "subscriber did not see the published event: {got}"
