@@ -121,7 +121,9 @@ enum Log {
 fn init_logging(flags: &containerd_shim::Flags, to: Log) {
     // libcgroups warns about every controller the host lacks; only its errors matter here.
     let level = if flags.debug {
-        "debug"
+        // The compiler crates under wasmtime log every pass at debug: thousands of lines per
+        // module, drowning the shim's own.
+        "debug,cranelift_codegen=info,cranelift_frontend=info,wasmtime_cranelift=info,regalloc2=info"
     } else {
         "info,libcgroups=error,libcontainer=error"
     };
