@@ -314,7 +314,7 @@ mod oom {
             )))?;
         let afd = yard_shim_kit::sys::readable(efd).map_err(Error::io("watch eventfd"))?;
         // The eventfd fires on every OOM condition, many times while a task keeps allocating
-        // on its way to being killed: one event per episode (a second apart), as runc's shim.
+        // on its way to being killed: one event per episode.
         let mut last: Option<std::time::Instant> = None;
         Ok(tokio::spawn(async move {
             let _control = control;
@@ -329,10 +329,14 @@ mod oom {
                         if !dir.exists() {
                             return;
                         }
-                        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1)) {
+                        // An episode ends after a second without notifications (under load
+                        // one can last seconds: counting from its start would split it).
+                        let quiet =
+                            last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+                        last = Some(std::time::Instant::now());
+                        if !quiet {
                             continue;
                         }
-                        last = Some(std::time::Instant::now());
                         tracing::info!(id, "OOM in container");
                         publisher.oom(&id).await;
                     }
