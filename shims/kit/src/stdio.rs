@@ -497,6 +497,12 @@ impl ConsoleCopy {
         let _ = (&*self.master).write_all(&[4]);
     }
 
+    /// From async code: deliver what the process wrote (up to `timeout`) before its exit is
+    /// reported.
+    pub async fn drain(mut self, timeout: Duration) {
+        let _ = tokio::task::spawn_blocking(move || self.finish(timeout)).await;
+    }
+
     /// Wait up to `timeout` for output to drain after the process exited.
     pub fn finish(&mut self, timeout: Duration) {
         if let Some(h) = self.output.take() {

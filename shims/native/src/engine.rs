@@ -604,9 +604,9 @@ impl Process for NativeProcess {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(mut c) = console {
+        if let Some(c) = console {
             // Deliver what the process wrote before saying it exited.
-            let _ = tokio::task::spawn_blocking(move || c.finish(Duration::from_secs(2))).await;
+            c.drain(Duration::from_secs(2)).await;
         }
         exit
     }

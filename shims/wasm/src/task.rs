@@ -108,7 +108,6 @@ struct Stdio {
     stdin: File,
     stdout: File,
     stderr: File,
-    closer: StdinCloser,
 }
 
 /// What every instance of a task is made from, and where its troubles are reported.
@@ -269,7 +268,6 @@ impl WasmProcess {
                 stdin: p.stdin,
                 stdout: p.stdout,
                 stderr: p.stderr,
-                closer: p.stdin_closer.clone(),
             })),
             stdin_closer: p.stdin_closer,
             console: Mutex::new(p.console),
@@ -310,8 +308,8 @@ impl WasmProcess {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(mut c) = console {
-            let _ = tokio::task::spawn_blocking(move || c.finish(Duration::from_secs(2))).await;
+        if let Some(c) = console {
+            c.drain(Duration::from_secs(2)).await;
         }
         self.stdin_closer.close_now();
         self.exit.send_replace(Some(Exit::now(status)));
@@ -324,7 +322,6 @@ impl WasmProcess {
             stdin,
             stdout,
             stderr,
-            closer: _closer,
         } = stdio;
         let engine = self.runtime.engine.clone();
         let result = match &self.prepared {
