@@ -1,0 +1,3 @@
+//! The Switchyard guest agent (being built).
+
+fn main() {}

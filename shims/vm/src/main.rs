@@ -1,0 +1,3 @@
+//! containerd-shim-yard-vm-v1 (being built).
+
+fn main() {}
