@@ -797,6 +797,7 @@ async fn info(client: &Client, address: &std::path::Path, json: bool) -> anyhow:
                 "default": p.exports.get("default").is_some_and(|d| d == "true"),
                 "shim": p.exports.get("binary").cloned(),
                 "error": p.init_err.as_ref().map(|e| e.message.clone()),
+                "vm": vm_fields(&p.exports),
             })
         })
         .collect();
@@ -846,7 +847,43 @@ async fn info(client: &Client, address: &std::path::Path, json: bool) -> anyhow:
             shim
         )?;
     }
+    let runtimes_with_vm = plugins
+        .iter()
+        .filter(|p| p.exports.keys().any(|k| k.starts_with("vm.")));
+    for p in runtimes_with_vm {
+        writeln!(out)?;
+        writeln!(out, "runtime {} (microVM):", p.id)?;
+        if let serde_json::Value::Object(m) = vm_fields(&p.exports) {
+            for (k, v) in m {
+                writeln!(out, "  {k:<28} {}", v.as_str().unwrap_or_default())?;
+            }
+        }
+    }
     Ok(())
+}
+
+/// The vm shim's report on this host (`vm.*` exports): backend, accelerator, whether hardware
+/// virtualization is there and whether /dev/kvm is PVM, the guest files.
+fn vm_fields(exports: &std::collections::HashMap<String, String>) -> serde_json::Value {
+    let mut fields: Vec<(&String, &String)> = exports
+        .iter()
+        .filter(|(k, _)| k.starts_with("vm."))
+        .collect();
+    if fields.is_empty() {
+        return serde_json::Value::Null;
+    }
+    fields.sort();
+    serde_json::Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k["vm.".len()..].to_owned(),
+                    serde_json::Value::String(v.clone()),
+                )
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

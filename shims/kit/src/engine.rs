@@ -113,4 +113,7 @@ pub trait Engine: Send + Sync + 'static {
     fn group(&self, bundle: &std::path::Path) -> Option<String> {
         crate::start::group_from_bundle(bundle)
     }
+    /// The server is about to exit (`Shutdown` after the last task): release what the engine
+    /// holds for the whole process (the vm shim's VM).
+    async fn shutdown(&self) {}
 }

@@ -169,7 +169,7 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     let publisher = Publisher::connect(&ttrpc_address, &flags.namespace).await?;
     let exit = Arc::new(Notify::new());
     let svc = Arc::new(Service::new(
-        engine,
+        engine.clone(),
         &flags.namespace,
         publisher,
         exit.clone(),
@@ -187,6 +187,7 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     // Let the Shutdown reply reach the caller before the socket goes away.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let _ = server.shutdown().await;
+    engine.shutdown().await;
     let _ = std::fs::remove_file(&path);
     tracing::info!("shim exiting");
     Ok(())

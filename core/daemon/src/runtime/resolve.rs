@@ -89,6 +89,8 @@ pub struct RuntimeStatus {
     pub runtime_type: String,
     pub is_default: bool,
     pub binary: Result<PathBuf, String>,
+    /// The configured options table as JSON (`{}` without options).
+    pub options_json: String,
 }
 
 impl Runtimes {
@@ -231,6 +233,11 @@ impl Runtimes {
                     .resolve_configured(name, rc)
                     .map(|r| r.binary)
                     .map_err(|e| crate::error::chain(&e)),
+                options_json: rc
+                    .options
+                    .as_ref()
+                    .and_then(|t| serde_json::to_string(t).ok())
+                    .unwrap_or_else(|| "{}".to_owned()),
             })
             .collect()
     }

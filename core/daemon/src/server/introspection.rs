@@ -30,6 +30,64 @@ impl version::version_server::Version for VersionService {
 
 pub struct IntrospectionService(pub Arc<Shared>);
 
+/// The vm shim reports what it would use on this host (`<shim> info OPTIONS_JSON`).
+const VM_RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
+
+/// The shim's `info` JSON object, flattened to strings for the plugin's exports (`vm.accel`,
+/// `vm.virtualization.kvm_pvm`, ...). A shim that cannot say gives `vm.error`.
+async fn vm_report(binary: &std::path::Path, options_json: &str) -> Vec<(String, String)> {
+    let run = tokio::process::Command::new(binary)
+        .arg("info")
+        .arg(options_json)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(std::time::Duration::from_secs(5), run).await {
+        Ok(Ok(o)) if o.status.success() => o.stdout,
+        Ok(Ok(o)) => {
+            return vec![(
+                "error".into(),
+                format!("{} info: {}", binary.display(), o.status),
+            )];
+        }
+        Ok(Err(e)) => return vec![("error".into(), format!("{} info: {e}", binary.display()))],
+        Err(_) => {
+            return vec![(
+                "error".into(),
+                format!("{} info: timed out", binary.display()),
+            )];
+        }
+    };
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&out) else {
+        return vec![(
+            "error".into(),
+            format!("{} info: not JSON", binary.display()),
+        )];
+    };
+    let mut fields = Vec::new();
+    flatten("", &value, &mut fields);
+    fields
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        serde_json::Value::Null => {}
+        serde_json::Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
 struct PluginFields<'a>(&'a api::Plugin);
 
 impl Adaptor for PluginFields<'_> {
@@ -49,17 +107,23 @@ impl api::introspection_server::Introspection for IntrospectionService {
         req: Request<api::PluginsRequest>,
     ) -> Result<Response<api::PluginsResponse>, Status> {
         let filter = Filter::parse(&req.get_ref().filters).map_err(crate::error::status)?;
-        let plugins = self
-            .0
-            .tasks
-            .runtimes()
-            .status()
+        let mut reports = HashMap::new();
+        let statuses = self.0.tasks.runtimes().status();
+        for rt in &statuses {
+            if let (true, Ok(binary)) = (rt.runtime_type == VM_RUNTIME_TYPE, &rt.binary) {
+                reports.insert(rt.name.clone(), vm_report(binary, &rt.options_json).await);
+            }
+        }
+        let plugins = statuses
             .into_iter()
             .map(|rt| {
                 let mut exports = HashMap::from([
                     ("runtime_type".to_owned(), rt.runtime_type.clone()),
                     ("default".to_owned(), rt.is_default.to_string()),
                 ]);
+                for (k, v) in reports.remove(&rt.name).unwrap_or_default() {
+                    exports.insert(format!("vm.{k}"), v);
+                }
                 let init_err = match &rt.binary {
                     Ok(path) => {
                         exports.insert("binary".to_owned(), path.display().to_string());

@@ -1,0 +1,722 @@
+//! The kit's engine for microVMs: one VM per sandbox (per shim process), containers created by
+//! the guest agent.
+//!
+//! The first Create of a shim boots the VM with that container's read-only rootfs image as its
+//! first disk (`/dev/vda`); later containers of the sandbox reach the running VM as image files in
+//! the sandbox's 9p share (virtio-mmio has no hotplug), which the agent loop-mounts. Every task
+//! call becomes one agent call; stdio is pumped over the same channel with long-poll reads. When
+//! the last container is deleted the VM is shut down, so nothing outlives the sandbox.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use oci_spec::runtime::Spec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use yard_agent_protocol as proto;
+use yard_shim_kit::bundle::{mount_rootfs, parse_json, unmount_rootfs};
+use yard_shim_kit::protos::cgroups_v2::metrics as v2;
+use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
+use yard_shim_kit::protos::protobuf::{Message as _, MessageField};
+use yard_shim_kit::stdio::{self, StdinCloser, StdioSpec};
+use yard_shim_kit::{
+    Container, CreateRequest, Engine, Error, ExecRequest, Exit, Process, ProcessInfo, Publisher,
+    Result,
+};
+
+use crate::agent::Agent;
+use crate::config::{AccelOption, Options};
+use crate::hypervisor::{Hypervisor, Vm, VmConfig};
+use crate::image::ImageCache;
+
+/// Per-VM runtime state (console log): gone with the VM.
+pub const STATE_ROOT: &str = "/run/switchyard/vm";
+/// How long a VM may take to power off after the agent's Shutdown before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// After a process exits, how long its output may still take to arrive (a background child
+/// that keeps the pipe open would otherwise hold the exit forever).
+const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+/// Largest stdio read per agent call.
+const READ_CHUNK: u32 = 64 * 1024;
+
+pub struct VmEngine {
+    hypervisor: Arc<dyn Hypervisor>,
+    sandbox: Arc<Slot>,
+}
+
+/// The shim's sandbox, once booted; containers keep a handle to release it on delete.
+type Slot = Mutex<Option<Arc<Sandbox>>>;
+
+impl VmEngine {
+    pub fn new(hypervisor: Arc<dyn Hypervisor>) -> VmEngine {
+        VmEngine {
+            hypervisor,
+            sandbox: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+/// One VM and what runs in it.
+struct Sandbox {
+    id: String,
+    options: Options,
+    vm: Box<dyn Vm>,
+    agent: Agent,
+    state_dir: PathBuf,
+    share_dir: PathBuf,
+    /// Container id → the file its image has in the share (None: the boot disk).
+    containers: std::sync::Mutex<HashMap<String, Option<PathBuf>>>,
+    oom: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+fn state_dir(namespace: &str, sandbox: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(namespace).join(sandbox)
+}
+
+fn share_dir(options: &Options, namespace: &str, sandbox: &str) -> PathBuf {
+    // Beside the image cache, so images are hard-linked in rather than copied.
+    options
+        .cache_dir
+        .join("share")
+        .join(namespace)
+        .join(sandbox)
+}
+
+fn cache(options: &Options) -> ImageCache {
+    ImageCache::new(options.cache_dir.join("images"))
+}
+
+#[async_trait]
+impl Engine for VmEngine {
+    fn name(&self) -> &'static str {
+        "containerd-shim-yard-vm-v1"
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
+        let path = req.bundle.join("config.json");
+        let bytes = std::fs::read(&path).map_err(|e| {
+            Error::InvalidArgument(format!("config.json: cannot read {}: {e}", path.display()))
+        })?;
+        let spec: Spec = parse_json(&bytes, "config.json")?;
+        if spec.process().is_none() {
+            return Err(Error::InvalidArgument(
+                "config.json: process: missing".into(),
+            ));
+        }
+        let mounted = mount_rootfs(&req.bundle, &req.rootfs)?.is_some();
+        let r = self.create_container(&req, &spec, bytes).await;
+        if r.is_err() && mounted {
+            unmount_rootfs(&req.bundle);
+        }
+        r
+    }
+
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        // The shim is gone, and with it (PR_SET_PDEATHSIG) its VM; what is left is on disk.
+        unmount_rootfs(bundle);
+        let options = std::fs::read(bundle.join("options.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Options>(&b).ok())
+            .unwrap_or_default();
+        let _ = std::fs::remove_dir_all(state_dir(namespace, id));
+        let _ = std::fs::remove_dir_all(share_dir(&options, namespace, id));
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        if let Some(sb) = self.sandbox.lock().await.take() {
+            sb.stop().await;
+        }
+    }
+}
+
+impl VmEngine {
+    async fn create_container(
+        &self,
+        req: &CreateRequest,
+        spec: &Spec,
+        spec_bytes: Vec<u8>,
+    ) -> Result<Arc<dyn Container>> {
+        let root = spec
+            .root()
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("config.json: root: missing".into()))?;
+        let rootfs = if root.path().is_absolute() {
+            root.path().clone()
+        } else {
+            req.bundle.join(root.path())
+        };
+        if !rootfs.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "config.json: root.path: {} is not a directory",
+                rootfs.display()
+            )));
+        }
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+
+        let mut slot = self.sandbox.lock().await;
+        if let Some(sb) = slot.as_ref().filter(|sb| sb.vm_gone()) {
+            tracing::warn!(sandbox = %sb.id, "the sandbox's VM is gone; booting a new one");
+            let sb = sb.clone();
+            slot.take();
+            sb.stop().await;
+        }
+        let options = match slot.as_ref() {
+            Some(sb) => sb.options.clone(),
+            None => Options::from_any(req.options.as_ref())?,
+        };
+        let images = cache(&options);
+        let image = {
+            let rootfs = rootfs.clone();
+            tokio::task::spawn_blocking(move || images.image_for(&rootfs))
+                .await
+                .map_err(|e| Error::Internal(format!("image build task: {e}")))?
+                .map_err(|e| Error::Internal(format!("rootfs image: {e}")))?
+        };
+        let (sandbox, storage, shared) = match slot.as_ref() {
+            Some(sb) => {
+                let (storage, file) = sb.share_image(&req.id, &image.path, image.fstype())?;
+                (sb.clone(), storage, Some(file))
+            }
+            None => {
+                let sb = Sandbox::boot(
+                    self.hypervisor.as_ref(),
+                    &req.namespace,
+                    &req.id,
+                    options,
+                    &image.path,
+                    req.events.clone(),
+                )
+                .await?;
+                *slot = Some(sb.clone());
+                let storage = proto::Storage {
+                    block_device: "/dev/vda".into(),
+                    fstype: image.fstype().into(),
+                    ..Default::default()
+                };
+                (sb, storage, None)
+            }
+        };
+        drop(slot);
+
+        let created = sandbox
+            .agent
+            .create_container(proto::CreateContainerRequest {
+                container_id: req.id.clone(),
+                spec: spec_bytes,
+                storage: MessageField::some(storage),
+                stdin: !req.stdio.stdin.is_empty(),
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = created {
+            if let Some(f) = &shared {
+                let _ = std::fs::remove_file(f);
+            }
+            release(&self.sandbox, &sandbox, &req.id).await;
+            return Err(e);
+        }
+        sandbox
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.id.clone(), shared);
+        let init = VmProcess::new(
+            sandbox.agent.clone(),
+            &req.id,
+            "",
+            &req.stdio,
+            &req.namespace,
+            terminal,
+        )?;
+        Ok(Arc::new(VmContainer {
+            id: req.id.clone(),
+            namespace: req.namespace.clone(),
+            bundle: req.bundle.clone(),
+            sandbox,
+            init,
+            slot: self.sandbox.clone(),
+        }))
+    }
+}
+
+/// A container is gone: when it was the last, the VM goes too.
+async fn release(slot: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
+    let mut slot = slot.lock().await;
+    let empty = {
+        let mut c = sandbox.containers.lock().unwrap_or_else(|p| p.into_inner());
+        c.remove(id);
+        c.is_empty()
+    };
+    let ours = slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, sandbox));
+    if empty && ours {
+        slot.take();
+        drop(slot);
+        sandbox.stop().await;
+    }
+}
+
+impl Sandbox {
+    async fn boot(
+        hypervisor: &dyn Hypervisor,
+        namespace: &str,
+        id: &str,
+        options: Options,
+        image: &Path,
+        events: Publisher,
+    ) -> Result<Arc<Sandbox>> {
+        let virt = crate::virt::detect();
+        let accel = crate::virt::choose_accel(options.accel.into(), &virt)
+            .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
+        let state_dir = state_dir(namespace, id);
+        let share_dir = share_dir(&options, namespace, id);
+        for d in [&state_dir, &share_dir] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(Error::io(format!("create {}", d.display())))?;
+        }
+        let mut kernel_args = options.kernel_args.clone();
+        if options.debug {
+            kernel_args.push(format!("{}=1", proto::CMDLINE_DEBUG));
+        }
+        let cfg = VmConfig {
+            id: format!("{namespace}-{id}"),
+            state_dir: state_dir.clone(),
+            qemu: options.qemu.clone(),
+            kernel: options.kernel.clone(),
+            initrd: options.initrd.clone(),
+            kernel_args,
+            vcpus: options.vcpus,
+            memory_mib: options.memory_mib,
+            accel,
+            boot_timeout: options.boot_timeout(),
+            root_disk: Some(image.to_path_buf()),
+            share_dir: Some(share_dir.clone()),
+        };
+        let booted = hypervisor.boot(cfg).await;
+        let mut vm = match booted {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&state_dir);
+                let _ = std::fs::remove_dir_all(&share_dir);
+                return Err(boot_error(e));
+            }
+        };
+        let Some(stream) = vm.take_agent_stream() else {
+            vm.stop(STOP_GRACE).await;
+            return Err(Error::Internal("VM booted without an agent stream".into()));
+        };
+        let agent = Agent::new(stream);
+        match agent.hello().await {
+            Ok(h) => tracing::info!(
+                sandbox = id,
+                hypervisor = hypervisor.name(),
+                accel = %vm.accel(),
+                boot_ms = vm.boot_time().as_millis() as u64,
+                kernel = %h.kernel_release,
+                vcpus = h.vcpus,
+                memory_mib = h.memory_bytes >> 20,
+                "VM ready"
+            ),
+            Err(e) => {
+                vm.stop(STOP_GRACE).await;
+                let _ = std::fs::remove_dir_all(&state_dir);
+                let _ = std::fs::remove_dir_all(&share_dir);
+                return Err(e);
+            }
+        }
+        let oom = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                while let Ok(id) = agent.wait_oom().await {
+                    events.oom(&id).await;
+                }
+            })
+        };
+        Ok(Arc::new(Sandbox {
+            id: id.to_owned(),
+            options,
+            vm,
+            agent,
+            state_dir,
+            share_dir,
+            containers: std::sync::Mutex::new(HashMap::new()),
+            oom: std::sync::Mutex::new(Some(oom)),
+        }))
+    }
+
+    /// Put a later container's image into the share, as `<container>.<fstype>`.
+    fn share_image(
+        &self,
+        id: &str,
+        image: &Path,
+        fstype: &str,
+    ) -> Result<(proto::Storage, PathBuf)> {
+        let name = format!("{id}.{fstype}");
+        let dest = self.share_dir.join(&name);
+        let _ = std::fs::remove_file(&dest);
+        if std::fs::hard_link(image, &dest).is_err() {
+            std::fs::copy(image, &dest).map_err(Error::io(format!(
+                "copy {} into the sandbox share",
+                image.display()
+            )))?;
+        }
+        let storage = proto::Storage {
+            shared_file: name,
+            fstype: fstype.into(),
+            ..Default::default()
+        };
+        Ok((storage, dest))
+    }
+
+    /// Shut the guest down (the agent kills what runs and reboots, so QEMU exits), kill the
+    /// VMM if it does not go, and remove the sandbox's files.
+    async fn stop(&self) {
+        if let Some(h) = self.oom.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            h.abort();
+        }
+        let asked = tokio::time::timeout(Duration::from_secs(2), self.agent.shutdown()).await;
+        if !matches!(asked, Ok(Ok(()))) {
+            tracing::warn!(sandbox = %self.id, "agent did not take Shutdown; stopping the VM");
+        }
+        self.vm.stop(STOP_GRACE).await;
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+        let _ = std::fs::remove_dir_all(&self.share_dir);
+        tracing::info!(sandbox = %self.id, "VM stopped");
+    }
+}
+
+fn boot_error(e: crate::hypervisor::BootVmError) -> Error {
+    use crate::hypervisor::BootVmError as B;
+    let msg = e.to_string();
+    match e {
+        B::KernelMissing { .. } | B::InitrdMissing { .. } | B::QemuMissing { .. } => {
+            Error::FailedPrecondition(msg)
+        }
+        _ => Error::Internal(msg),
+    }
+}
+
+struct VmContainer {
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+    sandbox: Arc<Sandbox>,
+    init: Arc<VmProcess>,
+    slot: Arc<Slot>,
+}
+
+#[async_trait]
+impl Container for VmContainer {
+    fn init(&self) -> Arc<dyn Process> {
+        self.init.clone()
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<Arc<dyn Process>> {
+        let process: oci_spec::runtime::Process = parse_json(&req.spec, "exec process")?;
+        let terminal = process.terminal().unwrap_or(false);
+        self.sandbox
+            .agent
+            .exec(proto::ExecProcessRequest {
+                container_id: self.id.clone(),
+                exec_id: req.exec_id.clone(),
+                process: req.spec.clone(),
+                stdin: !req.stdio.stdin.is_empty(),
+                ..Default::default()
+            })
+            .await?;
+        let p = VmProcess::new(
+            self.sandbox.agent.clone(),
+            &self.id,
+            &req.exec_id,
+            &req.stdio,
+            &self.namespace,
+            terminal,
+        )?;
+        Ok(p)
+    }
+
+    async fn kill_all(&self, signal: u32) -> Result<()> {
+        self.sandbox.agent.signal(&self.id, "", signal, true).await
+    }
+
+    async fn pids(&self) -> Result<Vec<ProcessInfo>> {
+        let pids = self.sandbox.agent.pids(&self.id).await?;
+        Ok(pids.into_iter().map(|pid| ProcessInfo { pid }).collect())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.sandbox.agent.pause(&self.id).await
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.sandbox.agent.resume(&self.id).await
+    }
+
+    async fn update(&self, resources: &Any) -> Result<()> {
+        self.sandbox
+            .agent
+            .update(&self.id, resources.value.clone())
+            .await
+    }
+
+    async fn stats(&self) -> Result<Any> {
+        let s = self.sandbox.agent.stats(&self.id).await?;
+        let m = v2::Metrics {
+            pids: MessageField::some(v2::PidsStat {
+                current: s.pids_current,
+                limit: s.pids_limit,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(v2::CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                ..Default::default()
+            }),
+            memory: MessageField::some(v2::MemoryStat {
+                usage: s.memory_usage_bytes,
+                usage_limit: s.memory_limit_bytes,
+                ..Default::default()
+            }),
+            memory_events: MessageField::some(v2::MemoryEvents {
+                oom_kill: s.oom_kills,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(Any {
+            type_url: "io.containerd.cgroups.v2.Metrics".into(),
+            value: m
+                .write_to_bytes()
+                .map_err(|e| Error::Internal(format!("encode metrics: {e}")))?,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, force: bool) -> Result<()> {
+        if force {
+            let _ = self.sandbox.agent.signal(&self.id, "", 9, true).await;
+        }
+        let removed = self.sandbox.agent.remove(&self.id).await;
+        if let Some(Some(file)) = self
+            .sandbox
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.id)
+        {
+            let _ = std::fs::remove_file(file);
+        }
+        unmount_rootfs(&self.bundle);
+        release(&self.slot, &self.sandbox, &self.id).await;
+        match removed {
+            // The VM is gone already (crashed, or stopped): nothing is left to remove.
+            Err(Error::Internal(_)) if self.sandbox.vm_gone() => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Sandbox {
+    fn vm_gone(&self) -> bool {
+        self.vm
+            .pid()
+            .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    }
+}
+
+/// A process in the guest, and the pumps that carry its stdio.
+struct VmProcess {
+    agent: Agent,
+    container_id: String,
+    exec_id: String,
+    pid: AtomicU32,
+    terminal: bool,
+    stdin_closer: StdinCloser,
+    exit: watch::Sender<Option<Exit>>,
+    pumps: std::sync::Mutex<Option<Pumps>>,
+}
+
+struct Pumps {
+    stdin: Option<(tokio::fs::File, bool)>,
+    stdout: tokio::fs::File,
+    stderr: tokio::fs::File,
+}
+
+impl VmProcess {
+    fn new(
+        agent: Agent,
+        container_id: &str,
+        exec_id: &str,
+        spec: &StdioSpec,
+        namespace: &str,
+        terminal: bool,
+    ) -> Result<Arc<VmProcess>> {
+        let name = if exec_id.is_empty() {
+            container_id.to_owned()
+        } else {
+            format!("{container_id}-{exec_id}")
+        };
+        let opened = stdio::open(spec, namespace, &name)?;
+        let has_stdin = !spec.stdin.is_empty();
+        Ok(Arc::new(VmProcess {
+            agent,
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            pid: AtomicU32::new(0),
+            terminal,
+            stdin_closer: opened.stdin_closer,
+            exit: watch::channel(None).0,
+            pumps: std::sync::Mutex::new(Some(Pumps {
+                stdin: has_stdin.then(|| (tokio::fs::File::from_std(opened.stdin), true)),
+                stdout: tokio::fs::File::from_std(opened.stdout),
+                stderr: tokio::fs::File::from_std(opened.stderr),
+            })),
+        }))
+    }
+
+    /// Copy one output stream from the guest until its end.
+    fn pump_out(&self, mut to: tokio::fs::File, stderr: bool) -> JoinHandle<()> {
+        let agent = self.agent.clone();
+        let (c, e) = (self.container_id.clone(), self.exec_id.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(data)) = agent.read(&c, &e, stderr, READ_CHUNK).await {
+                if to.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to.flush().await;
+        })
+    }
+
+    fn pump_in(&self, mut from: tokio::fs::File) -> JoinHandle<()> {
+        let agent = self.agent.clone();
+        let (c, e) = (self.container_id.clone(), self.exec_id.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if agent.write_stdin(&c, &e, buf[..n].to_vec()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = agent.close_stdin(&c, &e).await;
+        })
+    }
+}
+
+#[async_trait]
+impl Process for VmProcess {
+    fn pid(&self) -> u32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    async fn start(&self) -> Result<u32> {
+        let Some(pumps) = self.pumps.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Err(Error::FailedPrecondition(format!(
+                "process {:?} of {} was already started",
+                self.exec_id, self.container_id
+            )));
+        };
+        // Output pumps first: they long-poll, so nothing the process prints early is missed.
+        let mut outputs = vec![self.pump_out(pumps.stdout, false)];
+        if !self.terminal {
+            outputs.push(self.pump_out(pumps.stderr, true));
+        }
+        let stdin = pumps.stdin.map(|(f, _)| self.pump_in(f));
+        let pid = match self.agent.start(&self.container_id, &self.exec_id).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                for h in &outputs {
+                    h.abort();
+                }
+                if let Some(h) = stdin {
+                    h.abort();
+                }
+                return Err(e);
+            }
+        };
+        self.pid.store(pid, Ordering::SeqCst);
+        let agent = self.agent.clone();
+        let (c, e) = (self.container_id.clone(), self.exec_id.clone());
+        let exit = self.exit.clone();
+        let closer = self.stdin_closer.clone();
+        tokio::spawn(async move {
+            let status = match agent.wait(&c, &e).await {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(container = %c, exec = %e, error = %err, "lost the process with its VM");
+                    128 + 9
+                }
+            };
+            let at = std::time::SystemTime::now();
+            let drain = async {
+                for h in outputs {
+                    let _ = h.await;
+                }
+            };
+            if tokio::time::timeout(OUTPUT_DRAIN, drain).await.is_err() {
+                tracing::warn!(container = %c, exec = %e, "output still open after exit; cut off");
+            }
+            if let Some(h) = stdin {
+                h.abort();
+            }
+            closer.close_now();
+            let _ = exit.send(Some(Exit { status, at }));
+        });
+        Ok(pid)
+    }
+
+    async fn wait(&self) -> Exit {
+        let mut rx = self.exit.subscribe();
+        loop {
+            if let Some(e) = *rx.borrow_and_update() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return Exit::now(128 + 9);
+            }
+        }
+    }
+
+    async fn kill(&self, signal: u32) -> Result<()> {
+        self.agent
+            .signal(&self.container_id, &self.exec_id, signal, false)
+            .await
+    }
+
+    async fn resize_pty(&self, width: u32, height: u32) -> Result<()> {
+        self.agent
+            .resize(&self.container_id, &self.exec_id, width, height)
+            .await
+    }
+
+    async fn close_stdin(&self) -> Result<()> {
+        // The pipe's end of file ends the stdin pump, which closes the guest's stdin.
+        self.stdin_closer.close();
+        Ok(())
+    }
+}
+
+impl From<AccelOption> for crate::virt::AccelPreference {
+    fn from(a: AccelOption) -> Self {
+        match a {
+            AccelOption::Auto => crate::virt::AccelPreference::Auto,
+            AccelOption::Kvm => crate::virt::AccelPreference::Kvm,
+            AccelOption::Tcg => crate::virt::AccelPreference::Tcg,
+        }
+    }
+}

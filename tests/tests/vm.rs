@@ -1,0 +1,522 @@
+//! The microVM shim (`containerd-shim-yard-vm-v1`) on its own terms: the container runs on the
+//! guest's kernel with the VM's vcpus and memory; under real containerd 1.6 with `ctr task exec`;
+//! two containers of one sandbox share one VM; nothing is left after many runs or after the
+//! shim is killed with -9; bad input (missing or unbootable kernel, too little memory) gives a
+//! clear error and leaves nothing running.
+//!
+//! The VMs run on QEMU (TCG on hosts without hardware virtualization, like this one). Needs
+//! root, qemu-system-x86_64 and the guest (`scripts/guest` installs the kernel and the agent's
+//! initramfs under /var/lib/switchyard/guest); skips with a printed reason otherwise.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    clippy::print_stdout
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_tests::*;
+
+/// A boot under TCG takes about 1.5 s; a loaded CI machine may take several times that.
+const T: Duration = Duration::from_secs(120);
+const SETTLE: Duration = Duration::from_secs(20);
+const RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
+const SHIM: &str = "containerd-shim-yard-vm-v1";
+
+fn show(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("SWITCHYARD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"))
+}
+
+/// Root, QEMU and the installed guest.
+fn prerequisites(programs: &[&str]) -> bool {
+    let mut needed = vec!["qemu-system-x86_64", "ctr"];
+    needed.extend_from_slice(programs);
+    if !require_root_and(&needed) {
+        return false;
+    }
+    let g = guest_dir();
+    require(
+        g.join("vmlinux").is_file() && g.join("initrd.img").is_file(),
+        &format!("no guest in {} (run scripts/guest)", g.display()),
+    )
+}
+
+/// switchyardd whose vm runtime keeps its image cache in the test's temp dir, plus `options`.
+fn daemon(options: &str) -> Option<Daemon> {
+    if !prerequisites(&[]) {
+        return None;
+    }
+    let g = guest_dir();
+    let cache = std::env::temp_dir().join(unique_id("vm-cache"));
+    Some(Daemon::start_with(&format!(
+        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n{options}\n",
+        g.join("vmlinux").display(),
+        g.join("initrd.img").display(),
+        cache.display()
+    )))
+}
+
+fn yard(d: &Daemon, args: &[&str]) -> Output {
+    run_timeout(d.yard().args(args), T)
+}
+
+fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut c = d.yard();
+    c.args(["run", "--runtime", "vm"])
+        .args(extra)
+        .arg("--rootfs")
+        .arg(busybox_rootfs())
+        .arg("--")
+        .args(cmd);
+    run_timeout(&mut c, T)
+}
+
+fn ps_row(d: &Daemon, id: &str) -> Option<Value> {
+    let out = yard(d, &["ps", "--json"]);
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    rows.as_array()?.iter().find(|r| r["id"] == id).cloned()
+}
+
+fn status(d: &Daemon, id: &str) -> Option<String> {
+    ps_row(d, id).and_then(|r| r["status"].as_str().map(str::to_owned))
+}
+
+/// QEMU processes whose command line mentions `needle` (a sandbox id appears in `-name`).
+fn qemus(needle: &str) -> Vec<(u32, String)> {
+    processes_matching(&["qemu-system-x86_64", needle])
+}
+
+fn shims_of(socket: &Path) -> Vec<(u32, String)> {
+    processes_matching(&[SHIM, &socket.display().to_string()])
+}
+
+/// Files the vm runtime keeps per sandbox, which must be gone with it.
+fn sandbox_files(id: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for root in ["/run/switchyard/vm"] {
+        let Ok(namespaces) = std::fs::read_dir(root) else {
+            continue;
+        };
+        for ns in namespaces.flatten() {
+            let p = ns.path().join(id);
+            if p.exists() {
+                left.push(p.display().to_string());
+            }
+        }
+    }
+    left
+}
+
+#[test]
+fn runs_on_the_guest_kernel_with_the_vms_cpus_and_memory() {
+    let Some(d) = daemon("vcpus = 2\nmemory_mib = 320\n") else {
+        return;
+    };
+    let host = text(&std::fs::read("/proc/sys/kernel/osrelease").unwrap())
+        .trim()
+        .to_owned();
+    let out = yard_run(&d, &["--rm"], &["/bin/uname", "-r"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let guest = text(&out.stdout).trim().to_owned();
+    assert!(guest.starts_with("6.1."), "guest kernel: {}", show(&out));
+    assert_ne!(guest, host, "uname -r printed the host's kernel");
+
+    let out = yard_run(
+        &d,
+        &["--rm"],
+        &[
+            "/bin/sh",
+            "-c",
+            "grep -c ^processor /proc/cpuinfo; free -m | awk '/^Mem:/ {print $2}'",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some("2"),
+        "{}",
+        show(&out)
+    );
+    let mem: u64 = lines.get(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    assert!(
+        (200..=320).contains(&mem),
+        "guest memory {mem} MiB is not the VM's 320 MiB less the kernel's: {}",
+        show(&out)
+    );
+
+    for code in [0, 3, 42] {
+        let out = yard_run(&d, &["--rm"], &["/bin/sh", "-c", &format!("exit {code}")]);
+        assert_eq!(out.status.code(), Some(code), "{}", show(&out));
+    }
+    let out = yard_run(
+        &d,
+        &["--rm"],
+        &["/bin/sh", "-c", "echo out; echo err >&2; exit 7"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", show(&out));
+    assert_eq!(text(&out.stdout), "out\n", "{}", show(&out));
+    assert_eq!(text(&out.stderr), "err\n", "{}", show(&out));
+
+    // A signal from the host reaches the process in the guest; `yard run` exits with it.
+    let id = unique_id("vm-kill");
+    let mut run = d.yard();
+    run.args(["run", "--runtime", "vm", "--name", &id, "--rootfs"])
+        .arg(busybox_rootfs())
+        .args(["--", "/bin/sleep", "600"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = KillOnDrop(run.spawn().unwrap());
+    assert!(
+        eventually(T, || status(&d, &id).as_deref() == Some("running")),
+        "not running: {:?}",
+        ps_row(&d, &id)
+    );
+    let out = yard(&d, &["kill", "-s", "KILL", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || matches!(child.0.try_wait(), Ok(Some(_)))),
+        "yard run did not end after the kill"
+    );
+    assert_eq!(child.0.wait().unwrap().code(), Some(137));
+    let out = yard(&d, &["rm", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || qemus(&id).is_empty()),
+        "QEMU left: {:?}",
+        qemus(&id)
+    );
+}
+
+#[test]
+fn containerd_16_run_and_exec() {
+    if !prerequisites(&["containerd"]) {
+        return;
+    }
+    let c = Containerd::start(&which("containerd").unwrap());
+    let ctr = |args: &[&str]| run_timeout(c.ctr().args(args), T);
+    let root = busybox_rootfs().display().to_string();
+    let id = unique_id("ctd-vm");
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--rootfs",
+        &root,
+        &id,
+        "/bin/uname",
+        "-r",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        show(&out),
+        c.log_text()
+    );
+    assert!(text(&out.stdout).starts_with("6.1."), "{}", show(&out));
+
+    let id = unique_id("ctd-vm-d");
+    let out = ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME_TYPE,
+        "--rootfs",
+        &root,
+        &id,
+        "/bin/sleep",
+        "600",
+    ]);
+    assert!(out.status.success(), "{}\n{}", show(&out), c.log_text());
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "/bin/sh",
+        "-c",
+        "echo exec-ran; uname -r; exit 5",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", show(&out));
+    assert!(
+        text(&out.stdout).starts_with("exec-ran\n6.1."),
+        "{}",
+        show(&out)
+    );
+    let out = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || text(&ctr(&["task", "ls"]).stdout)
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))),
+        "not stopped after kill"
+    );
+    assert!(ctr(&["task", "rm", &id]).status.success());
+    assert!(ctr(&["containers", "rm", &id]).status.success());
+    let sock = c.socket.display().to_string();
+    assert!(
+        eventually(SETTLE, || processes_matching(&[SHIM, &sock]).is_empty()
+            && qemus(&id).is_empty()),
+        "left: shims {:?} qemu {:?}\n{}",
+        processes_matching(&[SHIM, &sock]),
+        qemus(&id),
+        c.log_text()
+    );
+}
+
+#[test]
+fn a_sandbox_shares_one_vm() {
+    let Some(d) = daemon("") else {
+        return;
+    };
+    let group = unique_id("pod");
+    let ann = format!("io.switchyard.group={group}");
+    let (a, b) = (unique_id("vm-a"), unique_id("vm-b"));
+    for id in [&a, &b] {
+        let out = yard_run(
+            &d,
+            &["-d", "--name", id, "--annotation", &ann],
+            &["/bin/sleep", "600"],
+        );
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    assert!(
+        eventually(SETTLE, || status(&d, &b).as_deref() == Some("running")),
+        "{:?}",
+        ps_row(&d, &b)
+    );
+    // One shim and one QEMU for both: the VM is named after the first container.
+    assert_eq!(shims_of(&d.socket).len(), 1, "{:?}", shims_of(&d.socket));
+    assert_eq!(qemus(&a).len(), 1, "{:?}", qemus(&a));
+    assert!(qemus(&b).is_empty(), "a second VM: {:?}", qemus(&b));
+    // Both run in the same guest: the second sees the first's kernel boot time.
+    let out = yard(
+        &d,
+        &[
+            "exec",
+            &b,
+            "--",
+            "/bin/cat",
+            "/proc/sys/kernel/random/boot_id",
+        ],
+    );
+    let out2 = yard(
+        &d,
+        &[
+            "exec",
+            &a,
+            "--",
+            "/bin/cat",
+            "/proc/sys/kernel/random/boot_id",
+        ],
+    );
+    assert!(
+        out.status.success() && out2.status.success(),
+        "{}\n{}",
+        show(&out),
+        show(&out2)
+    );
+    assert_eq!(text(&out.stdout), text(&out2.stdout), "different guests");
+
+    let out = yard(&d, &["kill", "-s", "KILL", &a]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || status(&d, &a).as_deref() == Some("stopped")),
+        "{:?}",
+        ps_row(&d, &a)
+    );
+    assert!(yard(&d, &["rm", &a]).status.success());
+    assert_eq!(status(&d, &b).as_deref(), Some("running"));
+    let out = yard(&d, &["exec", &b, "--", "/bin/echo", "still-here"]);
+    assert_eq!(text(&out.stdout), "still-here\n", "{}", show(&out));
+    assert!(yard(&d, &["rm", "--force", &b]).status.success());
+    assert!(
+        eventually(SETTLE, || qemus(&a).is_empty()
+            && shims_of(&d.socket).is_empty()),
+        "left: qemu {:?} shims {:?}",
+        qemus(&a),
+        shims_of(&d.socket)
+    );
+    assert!(sandbox_files(&a).is_empty(), "{:?}", sandbox_files(&a));
+}
+
+#[test]
+fn no_leaks_after_runs_or_a_killed_shim() {
+    let Some(mut d) = daemon("") else {
+        return;
+    };
+    let runs: usize = std::env::var("SWITCHYARD_VM_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut ids = Vec::new();
+    for i in 0..runs {
+        let id = unique_id("vm-leak");
+        let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/echo", &i.to_string()]);
+        assert_eq!(out.status.code(), Some(0), "run {i}: {}", show(&out));
+        assert_eq!(text(&out.stdout), format!("{i}\n"), "{}", show(&out));
+        ids.push(id);
+    }
+    assert!(
+        eventually(SETTLE, || shims_of(&d.socket).is_empty()),
+        "shims left: {:?}",
+        shims_of(&d.socket)
+    );
+    for id in &ids {
+        assert!(qemus(id).is_empty(), "QEMU left for {id}: {:?}", qemus(id));
+        assert!(sandbox_files(id).is_empty(), "{:?}", sandbox_files(id));
+        assert!(mounts_matching(id).is_empty(), "{:?}", mounts_matching(id));
+    }
+
+    // A shim killed with -9 takes its VM with it.
+    let id = unique_id("vm-k9");
+    let out = yard_run(&d, &["-d", "--name", &id], &["/bin/sleep", "600"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || qemus(&id).len() == 1),
+        "{:?}",
+        qemus(&id)
+    );
+    let shims = shims_of(&d.socket);
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    let _ = Command::new("kill")
+        .args(["-9", &shims[0].0.to_string()])
+        .status();
+    assert!(
+        eventually(SETTLE, || qemus(&id).is_empty()),
+        "QEMU outlived its shim: {:?}",
+        qemus(&id)
+    );
+    let out = yard(&d, &["rm", "--force", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || sandbox_files(&id).is_empty()),
+        "{:?}",
+        sandbox_files(&id)
+    );
+    d.kill9();
+}
+
+use std::process::Command;
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    // A missing kernel: the error says how to get one.
+    let d = Daemon::start_with(&format!(
+        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"/nonexistent/vmlinux\"\ninitrd = \"{}\"\n",
+        guest_dir().join("initrd.img").display()
+    ));
+    let id = unique_id("vm-nokernel");
+    let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/true"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/vmlinux") && err.contains("guest/kernel/build.sh"),
+        "{}",
+        show(&out)
+    );
+    assert!(qemus(&id).is_empty());
+    drop(d);
+
+    // An unbootable kernel: the error carries what QEMU or the console said.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("vmlinux");
+    std::fs::write(&junk, vec![0x7fu8; 4096]).unwrap();
+    let d = Daemon::start_with(&format!(
+        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\nboot_timeout_ms = 20000\n",
+        junk.display(),
+        guest_dir().join("initrd.img").display()
+    ));
+    let id = unique_id("vm-junk");
+    let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/true"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("exited during boot"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        eventually(SETTLE, || qemus(&id).is_empty()),
+        "{:?}",
+        qemus(&id)
+    );
+    drop(d);
+
+    // Too little memory for a guest: refused before anything boots, naming the option.
+    let d = daemon("memory_mib = 16\n").unwrap();
+    let out = yard_run(&d, &["--rm"], &["/bin/true"]);
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("memory_mib = 16"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        eventually(SETTLE, || shims_of(&d.socket).is_empty()),
+        "{:?}",
+        shims_of(&d.socket)
+    );
+
+    // The runtime still serves afterwards.
+    let d = daemon("").unwrap();
+    let out = yard_run(&d, &["--rm"], &["/bin/echo", "still-serving"]);
+    assert_eq!(text(&out.stdout), "still-serving\n", "{}", show(&out));
+}
+
+#[test]
+fn yard_info_reports_the_backend() {
+    let Some(d) = daemon("") else {
+        return;
+    };
+    let out = yard(&d, &["info", "--json"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vm = info["runtimes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "vm"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(vm["vm"]["backend"], "qemu", "{vm}");
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|f| f == "vmx" || f == "svm");
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    assert_eq!(
+        vm["vm"]["hardware_virtualization"],
+        if hw { "yes" } else { "no" },
+        "{vm}"
+    );
+    assert_eq!(vm["vm"]["kvm_pvm"], if pvm { "yes" } else { "no" }, "{vm}");
+    if !hw {
+        assert_eq!(vm["vm"]["accel"], "tcg", "{vm}");
+    }
+    let out = yard(&d, &["info"]);
+    assert!(
+        text(&out.stdout).contains("runtime vm (microVM):"),
+        "{}",
+        show(&out)
+    );
+}
