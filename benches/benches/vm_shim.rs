@@ -1,0 +1,291 @@
+//! The microVM shim (`containerd-shim-yard-vm-v1`) against plain QEMU booting the same guest
+//! kernel, in one run:
+//! 1. boot to ready: QEMU spawned → the agent's ready banner read by the shim (the shim's own
+//!    `boot_ms`), vs plain `qemu-system-x86_64 -M microvm` with a trivial busybox init that
+//!    prints a marker on the serial console and reboots (spawn → marker). The plain boot runs
+//!    twice: with a stock command line, and with the same kernel arguments the shim uses;
+//! 2. end to end: `yard run --rm --runtime vm /bin/true` through switchyardd vs the whole plain
+//!    QEMU run (spawn → exit);
+//! 3. memory: RSS and PSS of the shim and its QEMU for one idle task.
+//!
+//! Run: `cargo bench -p switchyard-benches --bench vm_shim` (root; release binaries built:
+//! `cargo build --release -p switchyardd -p yard -p containerd-shim-yard-vm-v1`; the guest
+//! installed by `scripts/guest`). `RUNS=N` sets the sample count (default 10). The accelerator
+//! is the runtime's choice (`accel = "auto"`: KVM with hardware virtualization, TCG otherwise);
+//! on a hardware-KVM host the same command measures the KVM numbers (see docs/vm.md).
+
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchyard_benches::{Stats, mib, ms, pss_kib, row};
+use switchyard_tests::daemon::rss_kib;
+use switchyard_tests::{
+    Daemon, busybox_rootfs, eventually, is_root, processes_matching, require, run_timeout, text,
+    unique_id,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// What the shim adds to every guest's command line (see `shims/vm/src/qemu/cmdline.rs`).
+const SHIM_ARGS: &str = "console=ttyS0 quiet 8250.nr_uarts=1 panic=-1 reboot=t pty.legacy_count=0";
+const SHIM_TCG_ARGS: &str = "nolapic_timer no_timer_check";
+const MARKER: &str = "plain-init-ready";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("SWITCHYARD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"))
+}
+
+fn hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|f| f == "vmx" || f == "svm")
+        && Path::new("/dev/kvm").exists()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// A busybox initramfs whose init prints the marker on the console and reboots at once.
+fn trivial_initrd(dir: &Path) -> PathBuf {
+    let root = dir.join("initrd-root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for d in ["dev", "proc", "sys"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let init = root.join("init");
+    std::fs::write(
+        &init,
+        format!(
+            "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\n/bin/busybox echo {MARKER} > /dev/console\n/bin/busybox reboot -f\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = dir.join("trivial.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio --quiet -o -H newc -R 0:0 > {}",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cpio");
+    out
+}
+
+/// One plain QEMU run: (spawn → marker on the console, spawn → exit).
+fn plain_boot(kernel: &Path, initrd: &Path, accel: &str, append: &str) -> (Duration, Duration) {
+    let t0 = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=off", "-accel", accel, "-cpu"])
+        .arg(if accel == "kvm" { "host" } else { "max" })
+        .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"])
+        .args(["-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let stdout = child.stdout.take().unwrap();
+    let mut ready = None;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if ready.is_none() && line.contains(MARKER) {
+            ready = Some(t0.elapsed());
+        }
+    }
+    let _ = child.wait();
+    let total = t0.elapsed();
+    (
+        ready.expect("the trivial init never printed its marker"),
+        total,
+    )
+}
+
+/// `boot_ms` of every VM the daemon's shims booted, in order.
+fn boot_times(log: &str) -> Vec<Duration> {
+    log.lines()
+        .filter(|l| l.contains("VM booted"))
+        .filter_map(|l| {
+            let v = l.split("boot_ms=").nth(1)?;
+            let n: u64 = v
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            Some(Duration::from_millis(n))
+        })
+        .collect()
+}
+
+fn tsc_khz(log: &str) -> Option<u64> {
+    log.lines()
+        .find(|l| l.contains("measured the host TSC"))
+        .and_then(|l| l.split("khz=").nth(1))
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn main() {
+    if !require(is_root(), "vm bench needs root") {
+        return;
+    }
+    let g = guest_dir();
+    let (kernel, initrd) = (g.join("vmlinux"), g.join("initrd.img"));
+    if !require(
+        kernel.is_file() && initrd.is_file(),
+        &format!("no guest in {} (run scripts/guest)", g.display()),
+    ) {
+        return;
+    }
+    let runs = env_usize("RUNS", 10);
+    let accel = if hardware_virtualization() {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    let work = tempfile::tempdir().unwrap();
+    let trivial = trivial_initrd(work.path());
+    let cache = work.path().join("vm-cache");
+    let d = Daemon::start_with(&format!(
+        "[shim]\ndebug = true\n[runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n",
+        kernel.display(),
+        initrd.display(),
+        cache.display()
+    ));
+    let yard_true = |id: &str| -> Duration {
+        let t0 = Instant::now();
+        let out = run_timeout(
+            d.yard()
+                .args(["run", "--runtime", "vm", "--rm", "--name", id, "--rootfs"])
+                .arg(busybox_rootfs())
+                .args(["--", "/bin/true"]),
+            TIMEOUT,
+        );
+        let t = t0.elapsed();
+        assert!(out.status.success(), "yard run: {}", text(&out.stderr));
+        t
+    };
+    // Warm-up: builds the rootfs image once (cached by digest) and measures the host TSC.
+    yard_true(&unique_id("warm"));
+    let khz = tsc_khz(&d.log_text());
+    let mut ours_append = SHIM_ARGS.to_owned();
+    if accel == "tcg" {
+        ours_append.push(' ');
+        ours_append.push_str(SHIM_TCG_ARGS);
+        if let Some(k) = khz {
+            ours_append.push_str(&format!(" tsc_early_khz={k}"));
+        }
+    }
+    let stock_append = "console=ttyS0 quiet panic=-1 reboot=t";
+
+    // Interleaved, so load on the machine hits every column alike.
+    let (mut e2e, mut plain_ready, mut plain_total, mut stock_ready, mut stock_total) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let booted_before = boot_times(&d.log_text()).len();
+    for _ in 0..runs {
+        e2e.push(yard_true(&unique_id("bench")));
+        let (r, t) = plain_boot(&kernel, &trivial, accel, &ours_append);
+        plain_ready.push(r);
+        plain_total.push(t);
+        let (r, t) = plain_boot(&kernel, &trivial, accel, stock_append);
+        stock_ready.push(r);
+        stock_total.push(t);
+    }
+    let ours_ready: Vec<Duration> = boot_times(&d.log_text())
+        .into_iter()
+        .skip(booted_before)
+        .collect();
+    assert_eq!(ours_ready.len(), runs, "boot times in the log");
+
+    // Memory of one idle sandbox: the shim and its QEMU.
+    let id = unique_id("mem");
+    let out = run_timeout(
+        d.yard()
+            .args(["run", "--runtime", "vm", "-d", "--name", &id, "--rootfs"])
+            .arg(busybox_rootfs())
+            .args(["--", "/bin/sleep", "600"]),
+        TIMEOUT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let sock = d.socket.display().to_string();
+    assert!(eventually(TIMEOUT, || !processes_matching(&[
+        "qemu-system-x86_64",
+        &id
+    ])
+    .is_empty()));
+    std::thread::sleep(Duration::from_secs(2));
+    let shim = processes_matching(&["containerd-shim-yard-vm-v1", &sock])
+        .first()
+        .map(|p| p.0)
+        .expect("shim");
+    let qemu = processes_matching(&["qemu-system-x86_64", &id])
+        .first()
+        .map(|p| p.0)
+        .expect("qemu");
+    let (shim_rss, qemu_rss) = (rss_kib(shim).unwrap_or(0), rss_kib(qemu).unwrap_or(0));
+    let (shim_pss, qemu_pss) = (pss_kib(shim).unwrap_or(0), pss_kib(qemu).unwrap_or(0));
+    let _ = run_timeout(d.yard().args(["rm", "--force", &id]), TIMEOUT);
+
+    let s = |v: &[Duration]| Stats::of(v);
+    println!("\nvm shim vs plain QEMU (accel {accel}, same kernel, 1 vcpu, 256 MiB, n={runs})");
+    println!("boot to ready:");
+    row("switchyard vm: agent ready", &s(&ours_ready));
+    row("plain QEMU, same kernel args: init", &s(&plain_ready));
+    row("plain QEMU, stock args: init", &s(&stock_ready));
+    println!("end to end:");
+    row("yard run --rm /bin/true", &s(&e2e));
+    row("plain QEMU run, same args", &s(&plain_total));
+    row("plain QEMU run, stock args", &s(&stock_total));
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let ready = s(&ours_ready).median;
+    let r_same = ratio(ready, s(&plain_ready).median);
+    let r_stock = ratio(ready, s(&stock_ready).median);
+    println!("memory (one idle sandbox):");
+    println!(
+        "  shim RSS {} PSS {}; QEMU RSS {} PSS {}; total RSS {}",
+        mib(shim_rss),
+        mib(shim_pss),
+        mib(qemu_rss),
+        mib(qemu_pss),
+        mib(shim_rss + qemu_rss)
+    );
+    let target_ms = if accel == "kvm" { 150.0 } else { 1500.0 };
+    println!("targets:");
+    println!(
+        "  agent ready {} <= {target_ms} ms: {}",
+        ms(ready),
+        if ready.as_secs_f64() * 1000.0 <= target_ms {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "  agent ready / plain boot (same args) = {r_same:.2} <= 1.2: {}; / plain boot (stock args) = {r_stock:.2}",
+        if r_same <= 1.2 { "met" } else { "NOT met" }
+    );
+}
