@@ -209,7 +209,27 @@ fn containerd_16_run_and_exec() {
     if !prerequisites(&["containerd"]) {
         return;
     }
-    let c = Containerd::start(&which("containerd").unwrap());
+    under_containerd(&which("containerd").unwrap());
+}
+
+#[test]
+fn containerd_17_and_21_run_and_exec() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    for name in ["containerd-1.7", "containerd-2.1"] {
+        let Some(bin) = switchyard_tests::daemon::peer_containerd(name) else {
+            require(false, &format!("{name} not fetched (scripts/peers)"));
+            continue;
+        };
+        under_containerd(&bin);
+    }
+}
+
+/// `ctr run` prints the guest's kernel release; `ctr task exec` runs in the guest with its exit
+/// code; a kill stops the task; nothing is left afterwards.
+fn under_containerd(binary: &Path) {
+    let c = Containerd::start(binary);
     let ctr = |args: &[&str]| run_timeout(c.ctr().args(args), T);
     let root = busybox_rootfs().display().to_string();
     let id = unique_id("ctd-vm");
