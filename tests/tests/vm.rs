@@ -499,8 +499,33 @@ fn bad_input_is_refused_and_leaves_nothing() {
         shims_of(&d.socket)
     );
 
-    // The runtime still serves afterwards.
+    // A bind mount of a host path: the guest cannot see it; refused naming the mount.
     let d = daemon("").unwrap();
+    let id = unique_id("vm-bind");
+    let out = run_timeout(
+        d.ctr()
+            .args(["run", "--rm", "--runtime", RUNTIME_TYPE, "--mount"])
+            .arg("type=bind,src=/etc,dst=/hostetc,options=rbind:ro")
+            .arg("--rootfs")
+            .arg(busybox_rootfs())
+            .args([&id, "/bin/ls", "/hostetc"]),
+        T,
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", show(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("mounts[") && err.contains("/hostetc"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        eventually(SETTLE, || qemus(&id).is_empty()),
+        "{:?}",
+        qemus(&id)
+    );
+    let _ = run_timeout(d.ctr().args(["containers", "rm", &id]), T);
+
+    // The runtime still serves afterwards.
     let out = yard_run(&d, &["--rm"], &["/bin/echo", "still-serving"]);
     assert_eq!(text(&out.stdout), "still-serving\n", "{}", show(&out));
 }

@@ -108,6 +108,7 @@ impl Engine for VmEngine {
                 "config.json: process: missing".into(),
             ));
         }
+        host_binds(&spec)?;
         let mounted = mount_rootfs(&req.bundle, &req.rootfs)?.is_some();
         let r = self.create_container(&req, &spec, bytes).await;
         if r.is_err() && mounted {
@@ -247,6 +248,31 @@ impl VmEngine {
             slot: self.sandbox.clone(),
         }))
     }
+}
+
+/// Bind mounts name host paths, which the guest cannot see: refused, naming the mount, rather
+/// than failing inside the guest. (Sharing them into the guest over 9p is future work.)
+fn host_binds(spec: &Spec) -> Result<()> {
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let bind = m.typ().as_deref() == Some("bind")
+            || m
+                .options()
+                .iter()
+                .flatten()
+                .any(|o| o == "bind" || o == "rbind");
+        if bind {
+            return Err(Error::InvalidArgument(format!(
+                "config.json: mounts[{i}]: bind mount of host path {} into {}: the vm runtime \
+                 cannot share host paths with the guest yet",
+                m.source()
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                m.destination().display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A container is gone: when it was the last, the VM goes too.
