@@ -113,10 +113,15 @@ fn sandbox_files(id: &str) -> Vec<String> {
         let Ok(namespaces) = std::fs::read_dir(root) else {
             continue;
         };
+        // `<first container>-<shim pid>`.
         for ns in namespaces.flatten() {
-            let p = ns.path().join(id);
-            if p.exists() {
-                left.push(p.display().to_string());
+            for e in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{id}-"))
+                {
+                    left.push(e.path().display().to_string());
+                }
             }
         }
     }
@@ -549,11 +554,8 @@ fn yard_info_reports_the_backend() {
         .split_whitespace()
         .any(|f| f == "vmx" || f == "svm");
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    assert_eq!(
-        vm["vm"]["hardware_virtualization"],
-        if hw { "yes" } else { "no" },
-        "{vm}"
-    );
+    // "vmx" or "svm" where the CPU has it.
+    assert_eq!(vm["vm"]["hardware_virtualization"] == "no", !hw, "{vm}");
     assert_eq!(vm["vm"]["kvm_pvm"], if pvm { "yes" } else { "no" }, "{vm}");
     if !hw {
         assert_eq!(vm["vm"]["accel"], "tcg", "{vm}");

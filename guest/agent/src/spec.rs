@@ -118,6 +118,21 @@ pub fn for_guest(mut spec: Spec, id: &str, rootfs: &Path, cpu_bandwidth: bool) -
         }
         match linux.cgroups_path() {
             Some(p) if p.is_absolute() && !p.to_string_lossy().contains(':') => {
+                // Below the root and nowhere else: `/` or `..` would let removal and
+                // signals reach every process in the guest, the agent's helpers included.
+                let confined = p.components().count() > 1
+                    && p.components().all(|c| {
+                        matches!(
+                            c,
+                            std::path::Component::RootDir | std::path::Component::Normal(_)
+                        )
+                    });
+                if !confined {
+                    return Err(Error::InvalidArgument(format!(
+                        "linux.cgroupsPath: {} is not a cgroup below the root",
+                        p.display()
+                    )));
+                }
                 cgroups_path = p.clone();
             }
             _ => {
@@ -197,6 +212,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.cgroups_path, Path::new("/switchyard/default/abc"));
+        for bad in ["/", "/yard/../.."] {
+            let text = RUNC_LIKE.replace("system.slice:yard:abc", bad);
+            let e = for_guest(
+                parse(text.as_bytes()).unwrap(),
+                "abc",
+                Path::new("/r"),
+                true,
+            )
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+            assert!(e.contains("linux.cgroupsPath"), "{bad}: {e}");
+        }
     }
 
     #[test]

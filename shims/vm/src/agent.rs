@@ -10,8 +10,9 @@ use yard_agent_protocol::ttrpc::context::{self, Context};
 use yard_agent_protocol::{self as proto, AgentClient, ttrpc};
 use yard_shim_kit::{Error, Result};
 
-/// Calls that should answer at once get this long (the guest may be slow under TCG and load).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Calls that should answer soon get this long: longer than the agent gives its own runtime
+/// helper (60 s), because ttrpc cancels a handler whose deadline passed, mid-work.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone)]
 pub struct Agent {

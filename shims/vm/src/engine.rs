@@ -64,6 +64,9 @@ impl VmEngine {
 /// One VM and what runs in it.
 struct Sandbox {
     id: String,
+    /// Names the sandbox's directories: its first container's id and this shim's pid, unique
+    /// while the shim lives (a later sandbox may reuse a deleted container's id).
+    key: String,
     options: Options,
     vm: Box<dyn Vm>,
     agent: Agent,
@@ -72,6 +75,26 @@ struct Sandbox {
     /// Container id → the file its image has in the share (None: the boot disk).
     containers: std::sync::Mutex<HashMap<String, Option<PathBuf>>>,
     oom: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Each container's bundle names its sandbox, so `<shim> delete` after a dead shim finds the
+/// sandbox's directories whichever container it is called for.
+const SANDBOX_FILE: &str = "vm-sandbox";
+
+fn write_sandbox_key(bundle: &Path, key: &str) {
+    if let Err(e) = std::fs::write(bundle.join(SANDBOX_FILE), key) {
+        tracing::warn!(bundle = %bundle.display(), error = %e, "cannot record the sandbox");
+    }
+}
+
+/// Whether the shim that owns sandbox `key` (`<id>-<pid>`) still runs.
+fn owner_alive(key: &str) -> bool {
+    let Some(pid) = key.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("containerd-shim-yard-vm-v1"))
+        .unwrap_or(false)
 }
 
 fn state_dir(namespace: &str, sandbox: &str) -> PathBuf {
@@ -124,8 +147,20 @@ impl Engine for VmEngine {
             .ok()
             .and_then(|b| serde_json::from_slice::<Options>(&b).ok())
             .unwrap_or_default();
-        let _ = std::fs::remove_dir_all(state_dir(namespace, id));
-        let _ = std::fs::remove_dir_all(share_dir(&options, namespace, id));
+        let Ok(key) = std::fs::read_to_string(bundle.join(SANDBOX_FILE)) else {
+            return Ok(());
+        };
+        let key = key.trim();
+        if key.is_empty() || key.contains('/') || key.starts_with('.') || owner_alive(key) {
+            return Ok(());
+        }
+        tracing::info!(
+            container_id = id,
+            sandbox = key,
+            "removing a dead shim's sandbox files"
+        );
+        let _ = std::fs::remove_dir_all(state_dir(namespace, key));
+        let _ = std::fs::remove_dir_all(share_dir(&options, namespace, key));
         Ok(())
     }
 
@@ -181,8 +216,11 @@ impl VmEngine {
             tokio::task::spawn_blocking(move || images.image_for(&rootfs))
                 .await
                 .map_err(|e| Error::Internal(format!("image build task: {e}")))?
-                .map_err(|e| Error::Internal(format!("rootfs image: {e}")))?
+                .map_err(image_error)?
         };
+        // Stdio first: a client that gave bad fifos fails the create before the guest has a
+        // container to leak.
+        let init = VmProcess::open(&req.id, "", &req.stdio, &req.namespace, terminal)?;
         let (sandbox, storage, shared) = match slot.as_ref() {
             Some(sb) => {
                 let (storage, file) = sb.share_image(&req.id, &image.path, image.fstype())?;
@@ -207,6 +245,13 @@ impl VmEngine {
                 (sb, storage, None)
             }
         };
+        // Reserved before the lock goes: a concurrent last delete must not stop this VM.
+        sandbox
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.id.clone(), shared.clone());
+        write_sandbox_key(&req.bundle, &sandbox.key);
         drop(slot);
 
         let created = sandbox
@@ -226,19 +271,7 @@ impl VmEngine {
             release(&self.sandbox, &sandbox, &req.id).await;
             return Err(e);
         }
-        sandbox
-            .containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(req.id.clone(), shared);
-        let init = VmProcess::new(
-            sandbox.agent.clone(),
-            &req.id,
-            "",
-            &req.stdio,
-            &req.namespace,
-            terminal,
-        )?;
+        let init = init.bind(sandbox.agent.clone());
         Ok(Arc::new(VmContainer {
             id: req.id.clone(),
             namespace: req.namespace.clone(),
@@ -255,8 +288,7 @@ impl VmEngine {
 fn host_binds(spec: &Spec) -> Result<()> {
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let bind = m.typ().as_deref() == Some("bind")
-            || m
-                .options()
+            || m.options()
                 .iter()
                 .flatten()
                 .any(|o| o == "bind" || o == "rbind");
@@ -300,11 +332,17 @@ impl Sandbox {
         image: &Path,
         events: Publisher,
     ) -> Result<Arc<Sandbox>> {
-        let virt = crate::virt::detect();
+        let virt = {
+            let qemu = options.qemu.clone();
+            tokio::task::spawn_blocking(move || crate::virt::detect_with(&qemu))
+                .await
+                .map_err(|e| Error::Internal(format!("detect virtualization: {e}")))?
+        };
         let accel = crate::virt::choose_accel(options.accel.into(), &virt)
             .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
-        let state_dir = state_dir(namespace, id);
-        let share_dir = share_dir(&options, namespace, id);
+        let key = format!("{id}-{}", std::process::id());
+        let state_dir = state_dir(namespace, &key);
+        let share_dir = share_dir(&options, namespace, &key);
         for d in [&state_dir, &share_dir] {
             let _ = std::fs::remove_dir_all(d);
             std::fs::create_dir_all(d).map_err(Error::io(format!("create {}", d.display())))?;
@@ -369,6 +407,7 @@ impl Sandbox {
         };
         Ok(Arc::new(Sandbox {
             id: id.to_owned(),
+            key,
             options,
             vm,
             agent,
@@ -420,6 +459,16 @@ impl Sandbox {
     }
 }
 
+fn image_error(e: crate::image::ImageError) -> Error {
+    use crate::image::ImageError as I;
+    let msg = format!("rootfs image: {e}");
+    match e {
+        I::RootfsMissing { .. } | I::NotADirectory { .. } => Error::InvalidArgument(msg),
+        I::NoTool { .. } => Error::FailedPrecondition(msg),
+        _ => Error::Internal(msg),
+    }
+}
+
 fn boot_error(e: crate::hypervisor::BootVmError) -> Error {
     use crate::hypervisor::BootVmError as B;
     let msg = e.to_string();
@@ -449,6 +498,13 @@ impl Container for VmContainer {
     async fn exec(&self, req: ExecRequest) -> Result<Arc<dyn Process>> {
         let process: oci_spec::runtime::Process = parse_json(&req.spec, "exec process")?;
         let terminal = process.terminal().unwrap_or(false);
+        let p = VmProcess::open(
+            &self.id,
+            &req.exec_id,
+            &req.stdio,
+            &self.namespace,
+            terminal,
+        )?;
         self.sandbox
             .agent
             .exec(proto::ExecProcessRequest {
@@ -459,15 +515,7 @@ impl Container for VmContainer {
                 ..Default::default()
             })
             .await?;
-        let p = VmProcess::new(
-            self.sandbox.agent.clone(),
-            &self.id,
-            &req.exec_id,
-            &req.stdio,
-            &self.namespace,
-            terminal,
-        )?;
-        Ok(p)
+        Ok(p.bind(self.sandbox.agent.clone()))
     }
 
     async fn kill_all(&self, signal: u32) -> Result<()> {
@@ -529,6 +577,7 @@ impl Container for VmContainer {
     }
 
     async fn delete(&self, force: bool) -> Result<()> {
+        self.init.never_started();
         if force {
             let _ = self.sandbox.agent.signal(&self.id, "", 9, true).await;
         }
@@ -554,9 +603,8 @@ impl Container for VmContainer {
 
 impl Sandbox {
     fn vm_gone(&self) -> bool {
-        self.vm
-            .pid()
-            .is_none_or(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        // Not /proc/PID: the kit's subreaper collects QEMU, and its pid can be reused.
+        self.vm.exit_status().is_some()
     }
 }
 
@@ -578,15 +626,24 @@ struct Pumps {
     stderr: tokio::fs::File,
 }
 
+/// A process whose stdio is open but which no agent knows yet.
+struct Unbound(Box<dyn FnOnce(Agent) -> Arc<VmProcess> + Send>);
+
+impl Unbound {
+    fn bind(self, agent: Agent) -> Arc<VmProcess> {
+        (self.0)(agent)
+    }
+}
+
 impl VmProcess {
-    fn new(
-        agent: Agent,
+    /// Open the process's stdio (containerd's fifos or files).
+    fn open(
         container_id: &str,
         exec_id: &str,
         spec: &StdioSpec,
         namespace: &str,
         terminal: bool,
-    ) -> Result<Arc<VmProcess>> {
+    ) -> Result<Unbound> {
         let name = if exec_id.is_empty() {
             container_id.to_owned()
         } else {
@@ -594,20 +651,31 @@ impl VmProcess {
         };
         let opened = stdio::open(spec, namespace, &name)?;
         let has_stdin = !spec.stdin.is_empty();
-        Ok(Arc::new(VmProcess {
-            agent,
-            container_id: container_id.to_owned(),
-            exec_id: exec_id.to_owned(),
-            pid: AtomicU32::new(0),
-            terminal,
-            stdin_closer: opened.stdin_closer,
-            exit: watch::channel(None).0,
-            pumps: std::sync::Mutex::new(Some(Pumps {
-                stdin: has_stdin.then(|| (tokio::fs::File::from_std(opened.stdin), true)),
-                stdout: tokio::fs::File::from_std(opened.stdout),
-                stderr: tokio::fs::File::from_std(opened.stderr),
-            })),
-        }))
+        let (container_id, exec_id) = (container_id.to_owned(), exec_id.to_owned());
+        Ok(Unbound(Box::new(move |agent| {
+            Arc::new(VmProcess {
+                agent,
+                container_id,
+                exec_id,
+                pid: AtomicU32::new(0),
+                terminal,
+                stdin_closer: opened.stdin_closer,
+                exit: watch::channel(None).0,
+                pumps: std::sync::Mutex::new(Some(Pumps {
+                    stdin: has_stdin.then(|| (tokio::fs::File::from_std(opened.stdin), true)),
+                    stdout: tokio::fs::File::from_std(opened.stdout),
+                    stderr: tokio::fs::File::from_std(opened.stderr),
+                })),
+            })
+        })))
+    }
+
+    /// A process deleted without ever starting: its waiters learn it is gone.
+    fn never_started(&self) {
+        if self.pid() == 0 && self.exit.borrow().is_none() {
+            self.stdin_closer.close_now();
+            let _ = self.exit.send(Some(Exit::now(128 + 9)));
+        }
     }
 
     /// Copy one output stream from the guest until its end.
@@ -689,6 +757,7 @@ impl Process for VmProcess {
                 }
             };
             let at = std::time::SystemTime::now();
+            let aborts: Vec<_> = outputs.iter().map(JoinHandle::abort_handle).collect();
             let drain = async {
                 for h in outputs {
                     let _ = h.await;
@@ -696,6 +765,9 @@ impl Process for VmProcess {
             };
             if tokio::time::timeout(OUTPUT_DRAIN, drain).await.is_err() {
                 tracing::warn!(container = %c, exec = %e, "output still open after exit; cut off");
+                for a in aborts {
+                    a.abort();
+                }
             }
             if let Some(h) = stdin {
                 h.abort();
