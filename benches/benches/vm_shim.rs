@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use containerd_shim_yard_vm_v1::qemu::cmdline::{BASE_KERNEL_ARGS, MACHINE, TCG_KERNEL_ARGS};
 use switchyard_benches::{Stats, mib, ms, pss_kib, row};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::{
@@ -34,9 +35,6 @@ use switchyard_tests::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// What the shim adds to every guest's command line (see `shims/vm/src/qemu/cmdline.rs`).
-const SHIM_ARGS: &str = "console=ttyS0 quiet 8250.nr_uarts=1 panic=-1 reboot=t pty.legacy_count=0";
-const SHIM_TCG_ARGS: &str = "nolapic_timer no_timer_check";
 const MARKER: &str = "plain-init-ready";
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -96,7 +94,7 @@ fn trivial_initrd(dir: &Path) -> PathBuf {
 fn plain_boot(kernel: &Path, initrd: &Path, accel: &str, append: &str) -> (Duration, Duration) {
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off", "-accel", accel, "-cpu"])
+        .args(["-M", MACHINE, "-accel", accel, "-cpu"])
         .arg(if accel == "kvm" { "host" } else { "max" })
         .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"])
         .args(["-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
@@ -192,10 +190,11 @@ fn main() {
     // Warm-up: builds the rootfs image once (cached by digest) and measures the host TSC.
     yard_true(&unique_id("warm"));
     let khz = tsc_khz(&d.log_text());
-    let mut ours_append = SHIM_ARGS.to_owned();
+    // The shim's own guest command line (see shims/vm/src/qemu/cmdline.rs).
+    let mut ours_append = BASE_KERNEL_ARGS.join(" ");
     if accel == "tcg" {
         ours_append.push(' ');
-        ours_append.push_str(SHIM_TCG_ARGS);
+        ours_append.push_str(&TCG_KERNEL_ARGS.join(" "));
         if let Some(k) = khz {
             ours_append.push_str(&format!(" tsc_early_khz={k}"));
         }

@@ -23,6 +23,22 @@ fn log_err<T>(method: &str, r: crate::error::Result<T>) -> R<T> {
     })
 }
 
+impl Service {
+    async fn read(&self, method: &str, req: ReadRequest, stderr: bool) -> R<ReadResponse> {
+        let (data, eof) = log_err(
+            method,
+            self.agent
+                .read(&req.container_id, &req.exec_id, req.len, stderr)
+                .await,
+        )?;
+        Ok(ReadResponse {
+            data,
+            eof,
+            ..Default::default()
+        })
+    }
+}
+
 #[async_trait]
 impl Agent for Service {
     async fn hello(&self, _: &TtrpcContext, _: HelloRequest) -> R<HelloResponse> {
@@ -84,31 +100,11 @@ impl Agent for Service {
     }
 
     async fn read_stdout(&self, _: &TtrpcContext, req: ReadRequest) -> R<ReadResponse> {
-        let (data, eof) = log_err(
-            "ReadStdout",
-            self.agent
-                .read(&req.container_id, &req.exec_id, req.len, false)
-                .await,
-        )?;
-        Ok(ReadResponse {
-            data,
-            eof,
-            ..Default::default()
-        })
+        self.read("ReadStdout", req, false).await
     }
 
     async fn read_stderr(&self, _: &TtrpcContext, req: ReadRequest) -> R<ReadResponse> {
-        let (data, eof) = log_err(
-            "ReadStderr",
-            self.agent
-                .read(&req.container_id, &req.exec_id, req.len, true)
-                .await,
-        )?;
-        Ok(ReadResponse {
-            data,
-            eof,
-            ..Default::default()
-        })
+        self.read("ReadStderr", req, true).await
     }
 
     async fn write_stdin(&self, _: &TtrpcContext, req: WriteRequest) -> R<WriteResponse> {

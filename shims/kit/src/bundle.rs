@@ -107,6 +107,40 @@ impl RuntimeOptions {
     }
 }
 
+/// A shim's own options from the runtime options `Any`: the defaults without options, else the
+/// TOML parsed strictly (the message names the key: "options: unknown field `vcpu`").
+/// Validation of the values is the caller's.
+pub fn options_from_any<T: serde::de::DeserializeOwned + Default>(any: Option<&Any>) -> Result<T> {
+    let Some(ro) = RuntimeOptions::from_any(any)? else {
+        return Ok(T::default());
+    };
+    options_from_toml(&ro.toml_text()?)
+}
+
+/// See [`options_from_any`].
+pub fn options_from_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    toml::from_str(text)
+        .map_err(|e| Error::InvalidArgument(format!("options: {}", e.to_string().trim())))
+}
+
+/// The rootfs folder a spec's `root.path` names (relative to the bundle), which must exist.
+pub fn rootfs_dir(bundle: &Path, root_path: Option<&Path>) -> Result<PathBuf> {
+    let root =
+        root_path.ok_or_else(|| Error::InvalidArgument("config.json: root: missing".into()))?;
+    let rootfs = if root.is_absolute() {
+        root.to_path_buf()
+    } else {
+        bundle.join(root)
+    };
+    if !rootfs.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "config.json: root.path: {} is not a directory",
+            rootfs.display()
+        )));
+    }
+    Ok(rootfs)
+}
+
 /// The three length-delimited fields of `runtimeoptions.v1.Options` (1 type_url, 2 config_path,
 /// 3 config_body); other fields are skipped.
 fn decode_runtime_options(mut b: &[u8]) -> Option<RuntimeOptions> {

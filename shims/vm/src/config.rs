@@ -5,23 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use yard_shim_kit::bundle::RuntimeOptions;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::{Error, Result};
 
+use crate::virt::AccelPreference;
+
 /// Where `scripts/guest` installs the guest kernel and the agent's initramfs.
 pub const DEFAULT_GUEST_DIR: &str = "/var/lib/switchyard/guest";
-
-/// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum AccelOption {
-    /// KVM where hardware virtualization is usable, TCG otherwise.
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -34,7 +24,8 @@ pub struct Options {
     pub qemu: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    pub accel: AccelOption,
+    /// `auto` (KVM where hardware virtualization is usable, TCG otherwise), `kvm` or `tcg`.
+    pub accel: AccelPreference,
     /// How long the guest may take from QEMU's start to the agent's ready banner.
     pub boot_timeout_ms: u64,
     /// Read-only rootfs images, cached by digest, and per-sandbox shares.
@@ -56,7 +47,7 @@ impl Default for Options {
             qemu: PathBuf::from("qemu-system-x86_64"),
             vcpus: 1,
             memory_mib: 256,
-            accel: AccelOption::Auto,
+            accel: AccelPreference::Auto,
             boot_timeout_ms: 20_000,
             cache_dir: PathBuf::from("/var/cache/switchyard/vm"),
             kernel_args: Vec::new(),
@@ -71,15 +62,13 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 
 impl Options {
     pub fn from_any(any: Option<&Any>) -> Result<Options> {
-        let Some(ro) = RuntimeOptions::from_any(any)? else {
-            return Ok(Options::default());
-        };
-        Options::from_toml(&ro.toml_text()?)
+        let o: Options = yard_shim_kit::bundle::options_from_any(any)?;
+        o.validate()?;
+        Ok(o)
     }
 
     pub fn from_toml(text: &str) -> Result<Options> {
-        let o: Options = toml::from_str(text)
-            .map_err(|e| Error::InvalidArgument(format!("options: {}", e.to_string().trim())))?;
+        let o: Options = yard_shim_kit::bundle::options_from_toml(text)?;
         o.validate()?;
         Ok(o)
     }
@@ -131,7 +120,10 @@ mod tests {
         assert_eq!(Options::from_toml("").ok(), Some(Options::default()));
         let o = Options::from_toml("vcpus = 2\nmemory_mib = 512\naccel = \"tcg\"\n")
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((o.vcpus, o.memory_mib, o.accel), (2, 512, AccelOption::Tcg));
+        assert_eq!(
+            (o.vcpus, o.memory_mib, o.accel),
+            (2, 512, AccelPreference::Tcg)
+        );
         assert!(err("vcpu = 2\n").contains("vcpu"));
         assert!(err("accel = \"fast\"\n").contains("fast"));
         assert!(err("memory_mib = 16\n").contains("memory_mib = 16"));

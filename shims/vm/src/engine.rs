@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use yard_agent_protocol as proto;
-use yard_shim_kit::bundle::{mount_rootfs, parse_json, unmount_rootfs};
+use yard_shim_kit::bundle::{mount_rootfs, parse_json, rootfs_dir, unmount_rootfs};
 use yard_shim_kit::protos::cgroups_v2::metrics as v2;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::protos::protobuf::{Message as _, MessageField};
@@ -30,7 +30,7 @@ use yard_shim_kit::{
 };
 
 use crate::agent::Agent;
-use crate::config::{AccelOption, Options};
+use crate::config::Options;
 use crate::hypervisor::{Hypervisor, Vm, VmConfig};
 use crate::image::ImageCache;
 
@@ -178,21 +178,10 @@ impl VmEngine {
         spec: &Spec,
         spec_bytes: Vec<u8>,
     ) -> Result<Arc<dyn Container>> {
-        let root = spec
-            .root()
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("config.json: root: missing".into()))?;
-        let rootfs = if root.path().is_absolute() {
-            root.path().clone()
-        } else {
-            req.bundle.join(root.path())
-        };
-        if !rootfs.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "config.json: root.path: {} is not a directory",
-                rootfs.display()
-            )));
-        }
+        let rootfs = rootfs_dir(
+            &req.bundle,
+            spec.root().as_ref().map(|r| r.path().as_path()),
+        )?;
         let terminal = spec
             .process()
             .as_ref()
@@ -338,7 +327,7 @@ impl Sandbox {
                 .await
                 .map_err(|e| Error::Internal(format!("detect virtualization: {e}")))?
         };
-        let accel = crate::virt::choose_accel(options.accel.into(), &virt)
+        let accel = crate::virt::choose_accel(options.accel, &virt)
             .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
         let key = format!("{id}-{}", std::process::id());
         let state_dir = state_dir(namespace, &key);
@@ -621,7 +610,7 @@ struct VmProcess {
 }
 
 struct Pumps {
-    stdin: Option<(tokio::fs::File, bool)>,
+    stdin: Option<tokio::fs::File>,
     stdout: tokio::fs::File,
     stderr: tokio::fs::File,
 }
@@ -662,7 +651,7 @@ impl VmProcess {
                 stdin_closer: opened.stdin_closer,
                 exit: watch::channel(None).0,
                 pumps: std::sync::Mutex::new(Some(Pumps {
-                    stdin: has_stdin.then(|| (tokio::fs::File::from_std(opened.stdin), true)),
+                    stdin: has_stdin.then(|| tokio::fs::File::from_std(opened.stdin)),
                     stdout: tokio::fs::File::from_std(opened.stdout),
                     stderr: tokio::fs::File::from_std(opened.stderr),
                 })),
@@ -730,7 +719,7 @@ impl Process for VmProcess {
         if !self.terminal {
             outputs.push(self.pump_out(pumps.stderr, true));
         }
-        let stdin = pumps.stdin.map(|(f, _)| self.pump_in(f));
+        let stdin = pumps.stdin.map(|f| self.pump_in(f));
         let pid = match self.agent.start(&self.container_id, &self.exec_id).await {
             Ok(pid) => pid,
             Err(e) => {
@@ -806,15 +795,5 @@ impl Process for VmProcess {
         // The pipe's end of file ends the stdin pump, which closes the guest's stdin.
         self.stdin_closer.close();
         Ok(())
-    }
-}
-
-impl From<AccelOption> for crate::virt::AccelPreference {
-    fn from(a: AccelOption) -> Self {
-        match a {
-            AccelOption::Auto => crate::virt::AccelPreference::Auto,
-            AccelOption::Kvm => crate::virt::AccelPreference::Kvm,
-            AccelOption::Tcg => crate::virt::AccelPreference::Tcg,
-        }
     }
 }

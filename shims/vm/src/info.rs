@@ -7,7 +7,7 @@ use crate::virt;
 /// A flat JSON object of strings: the daemon passes it on as plugin exports.
 pub fn report(options: &Options) -> serde_json::Value {
     let v = virt::detect_with(&options.qemu);
-    let accel = virt::choose_accel(options.accel.into(), &v);
+    let accel = virt::choose_accel(options.accel, &v);
     let file = |p: &std::path::Path, how: &str| {
         if p.is_file() {
             p.display().to_string()

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use yard_shim_kit::bundle::RuntimeOptions;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::{Error, Result};
 
@@ -56,23 +55,25 @@ impl Default for Options {
 
 impl Options {
     pub fn from_any(any: Option<&Any>) -> Result<Options> {
-        let Some(ro) = RuntimeOptions::from_any(any)? else {
-            return Ok(Options::default());
-        };
-        Options::from_toml(&ro.toml_text()?)
+        let o: Options = yard_shim_kit::bundle::options_from_any(any)?;
+        o.validate()?;
+        Ok(o)
     }
 
+    #[cfg(test)]
     pub fn from_toml(text: &str) -> Result<Options> {
-        // toml's message names the key ("unknown field `max_instance`", "invalid type ...
-        // for key `timeout_ms`").
-        let o: Options = toml::from_str(text)
-            .map_err(|e| Error::InvalidArgument(format!("options: {}", e.to_string().trim())))?;
-        if o.max_memory_mib == 0 {
+        let o: Options = yard_shim_kit::bundle::options_from_toml(text)?;
+        o.validate()?;
+        Ok(o)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_memory_mib == 0 {
             return Err(Error::InvalidArgument(
                 "options: max_memory_mib must be at least 1".into(),
             ));
         }
-        Ok(o)
+        Ok(())
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 use async_trait::async_trait;
 use oci_spec::runtime::Spec;
 use tokio::sync::OnceCell;
-use yard_shim_kit::bundle::{mount_rootfs, parse_json, unmount_rootfs};
+use yard_shim_kit::bundle::{mount_rootfs, parse_json, rootfs_dir, unmount_rootfs};
 use yard_shim_kit::stdio::{self, ConsoleCopy, StdinCloser};
 use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result};
 
@@ -122,21 +122,10 @@ impl WasmEngine {
                 "config.json: process.args: empty (args[0] names the .wasm file to run)".into(),
             ));
         };
-        let root = spec
-            .root()
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("config.json: root: missing".into()))?;
-        let rootfs = if root.path().is_absolute() {
-            root.path().clone()
-        } else {
-            req.bundle.join(root.path())
-        };
-        if !rootfs.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "config.json: root.path: {} is not a directory",
-                rootfs.display()
-            )));
-        }
+        let rootfs = rootfs_dir(
+            &req.bundle,
+            spec.root().as_ref().map(|r| r.path().as_path()),
+        )?;
         let cwd = process.cwd().to_string_lossy().into_owned();
         let module = module_path(&rootfs, &cwd, arg0)?;
         let env: Vec<(String, String)> = process
@@ -183,7 +172,11 @@ impl WasmEngine {
             args,
             env,
             rootfs,
-            readonly: root.readonly().unwrap_or(false),
+            readonly: spec
+                .root()
+                .as_ref()
+                .and_then(|r| r.readonly())
+                .unwrap_or(false),
             cwd,
             memory_limit: Arc::new(AtomicU64::new(settings.memory_limit.unwrap_or(0))),
             memory_used: Arc::new(AtomicU64::new(0)),
