@@ -75,6 +75,36 @@ struct Sandbox {
     /// Container id → the file its image has in the share (None: the boot disk).
     containers: std::sync::Mutex<HashMap<String, Option<PathBuf>>>,
     oom: std::sync::Mutex<Option<JoinHandle<()>>>,
+    ooms: Arc<OomReporter>,
+}
+
+/// Publishes `/tasks/oom` once per OOM kill the guest counted in a container's cgroup. Two
+/// paths ask: the agent's WaitOom stream, and a process's exit with 137, which must not be
+/// reported before its OOM (the agent polls memory.events, so the exit can come first, and a
+/// delete right after it would lose the OOM with the VM).
+struct OomReporter {
+    agent: Agent,
+    events: Publisher,
+    /// Container id → OOM kills already published.
+    published: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl OomReporter {
+    async fn report(&self, id: &str) {
+        let Ok(stats) = self.agent.stats(id).await else {
+            return;
+        };
+        let new = {
+            let mut p = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = p.entry(id.to_owned()).or_insert(0);
+            let new = stats.oom_kills > *seen;
+            *seen = (*seen).max(stats.oom_kills);
+            new
+        };
+        if new {
+            self.events.oom(id).await;
+        }
+    }
 }
 
 /// Each container's bundle names its sandbox, so `<shim> delete` after a dead shim finds the
@@ -260,7 +290,7 @@ impl VmEngine {
             release(&self.sandbox, &sandbox, &req.id).await;
             return Err(e);
         }
-        let init = init.bind(sandbox.agent.clone());
+        let init = init.bind(sandbox.agent.clone(), sandbox.ooms.clone());
         Ok(Arc::new(VmContainer {
             id: req.id.clone(),
             namespace: req.namespace.clone(),
@@ -386,11 +416,16 @@ impl Sandbox {
                 return Err(e);
             }
         }
+        let ooms = Arc::new(OomReporter {
+            agent: agent.clone(),
+            events,
+            published: std::sync::Mutex::new(HashMap::new()),
+        });
         let oom = {
-            let agent = agent.clone();
+            let (agent, ooms) = (agent.clone(), ooms.clone());
             tokio::spawn(async move {
                 while let Ok(id) = agent.wait_oom().await {
-                    events.oom(&id).await;
+                    ooms.report(&id).await;
                 }
             })
         };
@@ -404,6 +439,7 @@ impl Sandbox {
             share_dir,
             containers: std::sync::Mutex::new(HashMap::new()),
             oom: std::sync::Mutex::new(Some(oom)),
+            ooms,
         }))
     }
 
@@ -504,7 +540,7 @@ impl Container for VmContainer {
                 ..Default::default()
             })
             .await?;
-        Ok(p.bind(self.sandbox.agent.clone()))
+        Ok(p.bind(self.sandbox.agent.clone(), self.sandbox.ooms.clone()))
     }
 
     async fn kill_all(&self, signal: u32) -> Result<()> {
@@ -600,6 +636,7 @@ impl Sandbox {
 /// A process in the guest, and the pumps that carry its stdio.
 struct VmProcess {
     agent: Agent,
+    ooms: Arc<OomReporter>,
     container_id: String,
     exec_id: String,
     pid: AtomicU32,
@@ -616,11 +653,11 @@ struct Pumps {
 }
 
 /// A process whose stdio is open but which no agent knows yet.
-struct Unbound(Box<dyn FnOnce(Agent) -> Arc<VmProcess> + Send>);
+struct Unbound(Box<dyn FnOnce(Agent, Arc<OomReporter>) -> Arc<VmProcess> + Send>);
 
 impl Unbound {
-    fn bind(self, agent: Agent) -> Arc<VmProcess> {
-        (self.0)(agent)
+    fn bind(self, agent: Agent, ooms: Arc<OomReporter>) -> Arc<VmProcess> {
+        (self.0)(agent, ooms)
     }
 }
 
@@ -641,9 +678,10 @@ impl VmProcess {
         let opened = stdio::open(spec, namespace, &name)?;
         let has_stdin = !spec.stdin.is_empty();
         let (container_id, exec_id) = (container_id.to_owned(), exec_id.to_owned());
-        Ok(Unbound(Box::new(move |agent| {
+        Ok(Unbound(Box::new(move |agent, ooms| {
             Arc::new(VmProcess {
                 agent,
+                ooms,
                 container_id,
                 exec_id,
                 pid: AtomicU32::new(0),
@@ -737,6 +775,7 @@ impl Process for VmProcess {
         let (c, e) = (self.container_id.clone(), self.exec_id.clone());
         let exit = self.exit.clone();
         let closer = self.stdin_closer.clone();
+        let ooms = self.ooms.clone();
         tokio::spawn(async move {
             let status = match agent.wait(&c, &e).await {
                 Ok(s) => s,
@@ -746,6 +785,9 @@ impl Process for VmProcess {
                 }
             };
             let at = std::time::SystemTime::now();
+            if status == 128 + 9 {
+                ooms.report(&c).await;
+            }
             let aborts: Vec<_> = outputs.iter().map(JoinHandle::abort_handle).collect();
             let drain = async {
                 for h in outputs {
