@@ -1,0 +1,370 @@
+//! Pulls from OCI distribution registries with `oci-client`: the manifest (an index resolves to
+//! the platform's manifest, whose config must agree), then the config, then the layers in
+//! parallel into the content store (resuming an interrupted ingest with a range request), then
+//! the unpack into snapshots, and last the image record. Every blob is verified before it is
+//! stored; a failed pull leaves no record, and what it stored is collected.
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use oci_spec::image::{Descriptor, ImageConfiguration};
+
+use crate::content::{ContentError, sha256_digest};
+use crate::oci::{self, INDEX_TYPES, MANIFEST_TYPES, Parsed, Platform};
+use crate::store::{ImageError, ImageRecord, ImageStore, Lease, Progress, Report, Result, Target};
+
+/// How to pull.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// The platform to pick out of an index (default: this machine's).
+    pub platform: Option<Platform>,
+    /// Registry credentials (`docker login`'s user and password or token).
+    pub auth: Option<(String, String)>,
+    /// Speak HTTP instead of HTTPS (registries on a loopback address always get HTTP).
+    pub plain_http: bool,
+    /// Layers fetched at once (default 3, as containerd).
+    pub concurrency: usize,
+}
+
+/// Whether `host[:port]` names this machine (such registries are reached over plain HTTP, as
+/// containerd and docker treat them).
+pub fn is_loopback(host: &str) -> bool {
+    let h = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn registry_err(
+    reference: &Reference,
+) -> impl Fn(oci_client::errors::OciDistributionError) -> ImageError + '_ {
+    move |e| ImageError::Registry {
+        reference: reference.whole(),
+        source: Box::new(e),
+    }
+}
+
+/// The media type a manifest calls itself, else what its shape says.
+fn media_type_of(parsed: &Parsed, bytes: &[u8]) -> String {
+    let declared = serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| {
+            v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        });
+    declared.unwrap_or_else(|| match parsed {
+        Parsed::Index(_) => INDEX_TYPES[0].to_owned(),
+        Parsed::Manifest(_) => MANIFEST_TYPES[0].to_owned(),
+    })
+}
+
+impl ImageStore {
+    /// Pulls `reference` into namespace `ns` and unpacks it. The image is named by its full
+    /// reference (`docker.io/library/busybox:latest`).
+    pub async fn pull(
+        &self,
+        ns: &str,
+        reference: &str,
+        opts: &PullOptions,
+        report: Report<'_>,
+    ) -> Result<ImageRecord> {
+        let r: Reference =
+            reference
+                .parse()
+                .map_err(|e: oci_client::ParseError| ImageError::Reference {
+                    reference: reference.to_owned(),
+                    reason: e.to_string(),
+                })?;
+        let lease = self.lease();
+        let result = self.pull_inner(ns, &r, opts, &lease, report).await;
+        drop(lease);
+        if result.is_err() {
+            // Whatever this pull stored that no image references goes (resumable partial
+            // downloads stay in the ingest area).
+            let _ = tokio::task::block_in_place(|| self.gc(&|_, _| true));
+        }
+        result
+    }
+
+    async fn pull_inner(
+        &self,
+        ns: &str,
+        r: &Reference,
+        opts: &PullOptions,
+        lease: &Lease<'_>,
+        report: Report<'_>,
+    ) -> Result<ImageRecord> {
+        let protocol = if opts.plain_http || is_loopback(r.resolve_registry()) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            ..ClientConfig::default()
+        });
+        let auth = match &opts.auth {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let err = registry_err(r);
+        let accept: Vec<&str> = INDEX_TYPES.iter().chain(&MANIFEST_TYPES).copied().collect();
+        let wanted = opts
+            .platform
+            .clone()
+            .unwrap_or_else(|| self.platform().clone());
+
+        // The top manifest (or index), verified against a digest reference.
+        let (bytes, _) = client
+            .pull_manifest_raw(r, &auth, &accept)
+            .await
+            .map_err(&err)?;
+        let top_digest = sha256_digest(&bytes);
+        if let Some(want) = r.digest()
+            && want != top_digest
+        {
+            return Err(ContentError::DigestMismatch {
+                expected: want.to_owned(),
+                actual: top_digest,
+            }
+            .into());
+        }
+        let parsed = oci::parse_manifest(&top_digest, "", &bytes)?;
+        let target = Target {
+            media_type: media_type_of(&parsed, &bytes),
+            digest: top_digest.clone(),
+            size: bytes.len() as u64,
+        };
+        let (manifest_digest, manifest_bytes, manifest) = match parsed {
+            Parsed::Manifest(m) => (top_digest.clone(), bytes.clone(), *m),
+            Parsed::Index(index) => {
+                let d = oci::select_platform(&top_digest, &index, &wanted)?;
+                let digest = d.digest().to_string();
+                let (b, _) = client
+                    .pull_manifest_raw(&r.clone_with_digest(digest.clone()), &auth, &accept)
+                    .await
+                    .map_err(&err)?;
+                let actual = sha256_digest(&b);
+                if actual != digest {
+                    return Err(ContentError::DigestMismatch {
+                        expected: digest,
+                        actual,
+                    }
+                    .into());
+                }
+                match oci::parse_manifest(&digest, d.media_type().as_ref(), &b)? {
+                    Parsed::Manifest(m) => (digest, b, *m),
+                    Parsed::Index(_) => {
+                        return Err(oci::ManifestError::Invalid {
+                            what: "index",
+                            digest,
+                            reason: "nested indexes are not supported".into(),
+                        }
+                        .into());
+                    }
+                }
+            }
+        };
+
+        // The config decides the platform before any layer is fetched.
+        let cfg = manifest.config().clone();
+        let cfg_bytes = self.fetch_small(&client, r, &cfg, lease).await?;
+        if !oci::is_wasm_artifact(&manifest) {
+            let digest = cfg.digest().to_string();
+            let config = ImageConfiguration::from_reader(cfg_bytes.as_slice()).map_err(|e| {
+                oci::ManifestError::Invalid {
+                    what: "image config",
+                    digest: digest.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            oci::check_config_platform(&digest, &config, &wanted)?;
+            oci::diff_ids(&manifest, Some(&config))?;
+        }
+        report(Progress::Resolved {
+            name: r.whole(),
+            digest: manifest_digest.clone(),
+            layers: manifest.layers().len() as u64,
+            bytes: manifest.layers().iter().map(|l| l.size()).sum(),
+        });
+
+        let concurrency = if opts.concurrency == 0 {
+            3
+        } else {
+            opts.concurrency
+        };
+        // Boxed futures, not a combinator closure: the pull future must stay `Send` for any
+        // lifetime the daemon's task gives it.
+        let mut fetches: Vec<BoxFuture<'_, Result<()>>> = Vec::new();
+        for l in manifest.layers() {
+            fetches.push(Box::pin(self.fetch_layer(&client, r, l, lease, report)));
+        }
+        // Every fetch runs to its end even when one fails: a sibling cut off mid-stream would
+        // leave a partial ingest behind a pull that failed for a reason other than the network.
+        let results: Vec<Result<()>> = futures::stream::iter(fetches)
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+
+        // Metadata last: a record only ever names complete content.
+        lease.add(&top_digest);
+        lease.add(&manifest_digest);
+        self.content().put(&manifest_digest, &manifest_bytes)?;
+        self.content().put(&top_digest, &bytes)?;
+        let platform_str = wanted.to_string();
+        let resolved = self.resolve(&target, Some(&wanted))?;
+        tokio::task::block_in_place(|| self.unpack(&resolved, lease, report))?;
+        let name = r.whole();
+        self.put_record(ns, &name, target, &platform_str)?;
+        report(Progress::Stored {
+            name: name.clone(),
+            digest: top_digest,
+        });
+        self.get(ns, &name)
+    }
+
+    /// Fetches a small blob (a config) into memory and the store.
+    async fn fetch_small(
+        &self,
+        client: &Client,
+        r: &Reference,
+        d: &Descriptor,
+        lease: &Lease<'_>,
+    ) -> Result<Vec<u8>> {
+        let digest = d.digest().to_string();
+        lease.add(&digest);
+        if self.content().exists(&digest) {
+            return Ok(self.content().read(&digest, oci::MAX_METADATA_BYTES)?);
+        }
+        if d.size() > oci::MAX_METADATA_BYTES {
+            return Err(ContentError::TooLarge {
+                digest,
+                size: d.size(),
+                limit: oci::MAX_METADATA_BYTES,
+            }
+            .into());
+        }
+        let mut stream = client
+            .pull_blob_stream(r, digest.as_str())
+            .await
+            .map_err(registry_err(r))?;
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => buf.extend_from_slice(&c),
+                // A verification failure surfaces here; the content check below names it.
+                Err(_) if buf.len() as u64 == d.size() => break,
+                Err(e) => return Err(registry_err(r)(e.into())),
+            }
+            if buf.len() as u64 > d.size() {
+                break;
+            }
+        }
+        self.content().put(&digest, &buf)?;
+        Ok(buf)
+    }
+
+    /// Fetches one layer into the content store, resuming an earlier partial download.
+    async fn fetch_layer(
+        &self,
+        client: &Client,
+        r: &Reference,
+        l: &Descriptor,
+        lease: &Lease<'_>,
+        report: Report<'_>,
+    ) -> Result<()> {
+        let digest = l.digest().to_string();
+        let size = l.size();
+        lease.add(&digest);
+        if self.content().exists(&digest) {
+            report(Progress::Fetched {
+                digest,
+                cached: true,
+            });
+            return Ok(());
+        }
+        let mut ingest = self.content().ingest(Some(&digest), Some(size))?;
+        let mut stream = if ingest.offset() > 0 {
+            match client
+                .pull_blob_stream_partial(r, digest.as_str(), ingest.offset(), None)
+                .await
+                .map_err(registry_err(r))?
+            {
+                oci_client::client::BlobResponse::Partial(s) => {
+                    tracing::info!(%digest, offset = ingest.offset(), "resuming a layer download");
+                    s
+                }
+                oci_client::client::BlobResponse::Full(s) => {
+                    // The registry ignored the range: start over.
+                    ingest.discard();
+                    ingest = self.content().ingest(Some(&digest), Some(size))?;
+                    s
+                }
+            }
+        } else {
+            client
+                .pull_blob_stream(r, digest.as_str())
+                .await
+                .map_err(registry_err(r))?
+        };
+        let mut last = 0u64;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => {
+                    if ingest.offset() + c.len() as u64 > size {
+                        ingest.discard();
+                        return Err(ContentError::SizeMismatch {
+                            digest,
+                            expected: size,
+                            actual: size + 1,
+                        }
+                        .into());
+                    }
+                    ingest.write_all(&c)?;
+                }
+                // Every byte came and the stream still failed: its digest check did. Ours
+                // (the commit below) reports it and drops the bytes.
+                Err(_) if ingest.offset() == size => break,
+                // An interrupted transfer: the ingest stays for a resume.
+                Err(e) => return Err(registry_err(r)(e.into())),
+            }
+            if ingest.offset() - last >= 1 << 18 || ingest.offset() == size {
+                last = ingest.offset();
+                report(Progress::Fetch {
+                    digest: digest.clone(),
+                    current: last,
+                    total: size,
+                });
+            }
+        }
+        ingest.commit()?;
+        report(Progress::Fetched {
+            digest,
+            cached: false,
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries() {
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost:5000"));
+        assert!(is_loopback("localhost"));
+        assert!(is_loopback("[::1]:5000"));
+        assert!(!is_loopback("docker.io"));
+        assert!(!is_loopback("10.0.0.1:5000"));
+    }
+}
