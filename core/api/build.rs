@@ -33,7 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "services/tasks/v1/tasks.proto",
         "services/version/v1/version.proto",
     ]
-    .map(|f| api.join(f));
+    .map(|f| api.join(f))
+    .into_iter()
+    .chain([root.join("switchyard/images/v1/images.proto")])
+    .collect::<Vec<_>>();
 
     // gRPC services (client and server): the client API switchyardd serves.
     tonic_prost_build::configure()

@@ -117,5 +117,15 @@ pub mod containerd {
     }
 }
 
+/// Switchyard's own services (`proto/switchyard/`).
+#[allow(clippy::all, clippy::pedantic, unreachable_pub)]
+pub mod switchyard {
+    pub mod images {
+        pub mod v1 {
+            generated!("switchyard.images.v1");
+        }
+    }
+}
+
 pub mod client;
 pub mod events;

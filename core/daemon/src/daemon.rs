@@ -49,6 +49,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("open the image store {}", path.display())]
+    Images {
+        path: PathBuf,
+        #[source]
+        source: switchyard_images::ImageError,
+    },
     #[error("find switchyardd's own path (for -publish-binary)")]
     SelfExe(#[source] std::io::Error),
 }
@@ -142,11 +148,19 @@ pub async fn run(
     );
     tasks.restore().await;
     tracing::info!(address = %config.grpc_address.display(), ttrpc = %config.ttrpc_address.display(), "serving");
+    let images_root = config.root.join("images");
+    let images = switchyard_images::ImageStore::open(&images_root, store.database(), None)
+        .map_err(|source| DaemonError::Images {
+            path: images_root.clone(),
+            source,
+        })?;
+    tracing::info!(snapshotter = ?images.snapshots().driver(), "image store open");
     let shared = Shared {
         store,
         tasks,
         exchange,
         uuid,
+        images: std::sync::Arc::new(images),
     };
     let served = crate::server::serve(&config.grpc_address, shared, shutdown).await;
     let _ = std::fs::remove_file(&config.grpc_address);

@@ -134,6 +134,11 @@ impl Store {
         Ok(Store { db: Arc::new(db) })
     }
 
+    /// The database, shared with the image store (which keeps its own tables in it).
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     /// Runs `f` on a blocking thread.
     pub async fn run<T, F>(&self, f: F) -> Result<T>
     where

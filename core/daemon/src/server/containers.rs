@@ -201,11 +201,23 @@ impl api::containers_server::Containers for ContainersService {
             )));
         }
         let (n, i) = (ns.clone(), id.clone());
-        self.0
+        let record = self
+            .0
             .store
-            .run(move |s| s.delete_container(&n, &i))
+            .run(move |s| {
+                let c = s.get_container(&n, &i)?;
+                s.delete_container(&n, &i)?;
+                Ok(c)
+            })
             .await
             .map_err(status)?;
+        // A root made by the image store goes with its container (containerd leaves that to
+        // the client; `ctr run --rm` and `yard rm` both end here).
+        let (images, n) = (self.0.images.clone(), ns.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            super::images::release_rootfs(&images, &n, &record.snapshotter, &record.snapshot_key)
+        })
+        .await;
         self.0.exchange.publish(
             &ns,
             topics::CONTAINER_DELETE,

@@ -3,6 +3,7 @@
 
 mod containers;
 mod events;
+mod images;
 mod introspection;
 mod leases;
 mod namespaces;
@@ -30,6 +31,7 @@ pub struct Shared {
     pub tasks: Arc<TaskManager>,
     pub exchange: Exchange,
     pub uuid: String,
+    pub images: Arc<switchyard_images::ImageStore>,
 }
 
 /// The namespace a request acts in, from the `containerd-namespace` header.
@@ -60,6 +62,7 @@ const SERVED: &[&str] = &[
     "/containerd.services.tasks.v1.Tasks/",
     "/containerd.services.events.v1.Events/",
     "/containerd.services.introspection.v1.Introspection/",
+    "/switchyard.images.v1.Images/",
 ];
 
 /// Default gRPC message limit, as containerd's.
@@ -113,6 +116,10 @@ pub async fn serve(
             svc::events::v1::events_server::EventsServer<_>,
             events::EventsService(s.clone())
         ))
+        .add_service(svc!(
+            switchyard_api::switchyard::images::v1::images_server::ImagesServer<_>,
+            images::ImagesService(s.clone())
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| std::io::Error::other(format!("serve {}: {e}", path.display())))
@@ -145,7 +152,7 @@ where
             Box::pin(self.inner.call(req))
         } else {
             let msg = format!(
-                "{path}: not implemented by switchyardd (served: version, namespaces, leases, containers, tasks, events, introspection)"
+                "{path}: not implemented by switchyardd (served: version, namespaces, leases, containers, tasks, events, introspection, switchyard.images.v1)"
             );
             tracing::debug!(%path, "unimplemented RPC");
             Box::pin(async move { Ok(Status::unimplemented(msg).into_http()) })

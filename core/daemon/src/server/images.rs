@@ -1,0 +1,433 @@
+//! `switchyard.images.v1`: pulls, imports, listing, removal, collection and container roots,
+//! adapted onto the image store. Pulls and imports run to completion in the daemon even if the
+//! client goes away, so a half-done transfer never depends on a CLI staying alive.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use switchyard_api::containerd::types::Mount;
+use switchyard_api::switchyard::images::v1 as api;
+use switchyard_images::{ImageError, ImageStore, Platform, Progress, PullOptions, RootfsKind};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Shared, namespace};
+use crate::error::{Classify, Kind, Simple, status};
+
+pub struct ImagesService(pub Arc<Shared>);
+
+/// The runtime whose containers get the image's EROFS file instead of a writable mount: the
+/// guest agent makes the writable layer inside the VM.
+const VM_RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
+
+impl Classify for ImageError {
+    fn kind(&self) -> Kind {
+        use switchyard_images::content::ContentError as C;
+        use switchyard_images::snapshot::SnapshotError as S;
+        match self {
+            ImageError::NotFound { .. } => Kind::NotFound,
+            ImageError::Reference { .. }
+            | ImageError::Import(_)
+            | ImageError::User { .. }
+            | ImageError::Manifest(_) => Kind::InvalidArgument,
+            ImageError::Registry { source, .. } => match source.as_ref() {
+                oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_) => {
+                    Kind::NotFound
+                }
+                oci_client::errors::OciDistributionError::RegistryError { .. }
+                | oci_client::errors::OciDistributionError::ServerError { .. }
+                    if crate::error::chain(self).contains("MANIFEST_UNKNOWN")
+                        || crate::error::chain(self).contains("NAME_UNKNOWN") =>
+                {
+                    Kind::NotFound
+                }
+                _ => Kind::Unavailable,
+            },
+            ImageError::Content(C::DigestMismatch { .. } | C::SizeMismatch { .. })
+            | ImageError::Content(C::BadDigest(_) | C::TooLarge { .. }) => Kind::InvalidArgument,
+            ImageError::Content(C::NotFound(_)) => Kind::FailedPrecondition,
+            ImageError::Snapshot(S::Unpack(_) | S::DiffId { .. } | S::BadKey { .. }) => {
+                Kind::InvalidArgument
+            }
+            ImageError::Snapshot(S::ActiveExists { .. }) => Kind::AlreadyExists,
+            ImageError::Snapshot(S::NotFound { .. } | S::ActiveNotFound { .. }) => Kind::NotFound,
+            _ => Kind::Internal,
+        }
+    }
+}
+
+/// The image error as a status (`ImageError` is another crate's type).
+fn image_status(e: ImageError) -> Status {
+    status(e)
+}
+
+fn progress(p: Progress) -> api::Progress {
+    let mut out = api::Progress::default();
+    match p {
+        Progress::Resolved {
+            name,
+            digest,
+            layers,
+            bytes,
+        } => {
+            out.phase = "resolved".into();
+            out.name = name;
+            out.digest = digest;
+            out.current = layers;
+            out.total = bytes;
+        }
+        Progress::Fetch {
+            digest,
+            current,
+            total,
+        } => {
+            out.phase = "fetch".into();
+            out.digest = digest;
+            out.current = current;
+            out.total = total;
+        }
+        Progress::Fetched { digest, cached } => {
+            out.phase = if cached { "cached" } else { "fetched" }.into();
+            out.digest = digest;
+        }
+        Progress::Unpack { digest } => {
+            out.phase = "unpack".into();
+            out.digest = digest;
+        }
+        Progress::Stored { name, digest } => {
+            out.phase = "stored".into();
+            out.name = name;
+            out.digest = digest;
+        }
+    }
+    out
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| status(Simple::new(Kind::Internal, format!("image worker: {e}"))))?
+}
+
+/// Whether container `ns/id` exists (its root must survive a collection).
+fn container_exists(shared: &Shared, ns: &str, id: &str) -> bool {
+    !matches!(
+        shared.store.get_container(ns, id),
+        Err(crate::metadata::StoreError::NotFound { .. })
+    )
+}
+
+fn gc(shared: &Shared) -> Result<api::PruneResponse, Status> {
+    let r = shared
+        .images
+        .gc(&|ns, id| container_exists(shared, ns, id))
+        .map_err(image_status)?;
+    Ok(api::PruneResponse {
+        blobs: r.blobs,
+        blob_bytes: r.blob_bytes,
+        snapshots: r.snapshots,
+        active: r.active,
+    })
+}
+
+/// A `Read` over chunks arriving on a channel (an import's request stream).
+struct ChannelReader {
+    rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[tonic::async_trait]
+impl api::images_server::Images for ImagesService {
+    async fn pull(
+        &self,
+        req: Request<api::PullRequest>,
+    ) -> Result<Response<BoxStream<api::Progress>>, Status> {
+        let ns = namespace(&req)?;
+        let r = req.into_inner();
+        let platform = if r.platform.is_empty() {
+            None
+        } else {
+            Some(Platform::parse(&r.platform).map_err(|e| {
+                status(Simple::new(Kind::InvalidArgument, format!("platform: {e}")))
+            })?)
+        };
+        let opts = PullOptions {
+            platform,
+            auth: (!r.username.is_empty()).then(|| (r.username.clone(), r.password.clone())),
+            plain_http: r.plain_http,
+            concurrency: 0,
+        };
+        let shared = self.0.clone();
+        let n = ns.clone();
+        shared
+            .store
+            .run(move |s| s.ensure_ns(&n))
+            .await
+            .map_err(status)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let report_tx = tx.clone();
+            let report = move |p: Progress| {
+                let _ = report_tx.send(Ok(progress(p)));
+            };
+            let result = shared.images.pull(&ns, &r.reference, &opts, &report).await;
+            if let Err(e) = result {
+                tracing::warn!(reference = %r.reference, error = %crate::error::chain(&e), "pull failed");
+                let _ = tx.send(Err(image_status(e)));
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn import(
+        &self,
+        req: Request<Streaming<api::ImportRequest>>,
+    ) -> Result<Response<BoxStream<api::Progress>>, Status> {
+        let ns = namespace(&req)?;
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.unwrap_or_default();
+        let name = (!first.name.is_empty()).then_some(first.name);
+        let shared = self.0.clone();
+        let n = ns.clone();
+        shared
+            .store
+            .run(move |s| s.ensure_ns(&n))
+            .await
+            .map_err(status)?;
+        let (chunk_tx, chunk_rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(16);
+        tokio::spawn(async move {
+            if !first.data.is_empty() && chunk_tx.send(Ok(first.data)).await.is_err() {
+                return;
+            }
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(m)) => Ok(m.data),
+                    Ok(None) => break,
+                    Err(e) => Err(std::io::Error::other(format!("import stream: {e}"))),
+                };
+                let stop = next.is_err();
+                if chunk_tx.send(next).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::task::spawn_blocking(move || {
+            let report_tx = tx.clone();
+            let report = move |p: Progress| {
+                let _ = report_tx.send(Ok(progress(p)));
+            };
+            let reader = ChannelReader {
+                rx: chunk_rx,
+                buf: Vec::new(),
+                pos: 0,
+            };
+            if let Err(e) = shared.images.import(&ns, reader, name.as_deref(), &report) {
+                tracing::warn!(error = %crate::error::chain(&e), "import failed");
+                let _ = tx.send(Err(image_status(e)));
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn list(
+        &self,
+        req: Request<api::ListImagesRequest>,
+    ) -> Result<Response<api::ListImagesResponse>, Status> {
+        let ns = namespace(&req)?;
+        let images = self.0.images.clone();
+        blocking(move || {
+            let list = images.list(&ns).map_err(image_status)?;
+            let usage = images.usage().map_err(image_status)?;
+            let ts = |ms: u64| prost_types::Timestamp {
+                seconds: (ms / 1000) as i64,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            };
+            Ok(api::ListImagesResponse {
+                images: list
+                    .into_iter()
+                    .map(|s| api::Image {
+                        name: s.record.name,
+                        media_type: s.record.target.media_type,
+                        digest: s.record.target.digest,
+                        manifest: s.manifest,
+                        platform: s.record.platform,
+                        size: s.size,
+                        unpacked: s.unpacked,
+                        layers: s.layers,
+                        wasm: s.wasm,
+                        created_at: Some(ts(s.record.created_ms)),
+                        updated_at: Some(ts(s.record.updated_ms)),
+                        problem: s.problem.unwrap_or_default(),
+                    })
+                    .collect(),
+                usage: Some(api::Usage {
+                    blobs: usage.blobs,
+                    blob_bytes: usage.blob_bytes,
+                    snapshots: usage.snapshots,
+                    snapshot_bytes: usage.snapshot_bytes,
+                    snapshotter: match images.snapshots().driver() {
+                        switchyard_images::snapshot::Driver::Overlay => "overlayfs".into(),
+                        switchyard_images::snapshot::Driver::Copy => "copy".into(),
+                    },
+                }),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn remove(
+        &self,
+        req: Request<api::RemoveImagesRequest>,
+    ) -> Result<Response<api::RemoveImagesResponse>, Status> {
+        let ns = namespace(&req)?;
+        let names = req.into_inner().names;
+        let shared = self.0.clone();
+        blocking(move || {
+            let removed = shared.images.remove(&ns, &names).map_err(image_status)?;
+            let collected = gc(&shared)?;
+            Ok(api::RemoveImagesResponse {
+                removed,
+                collected: Some(collected),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn prune(
+        &self,
+        _req: Request<api::PruneRequest>,
+    ) -> Result<Response<api::PruneResponse>, Status> {
+        let shared = self.0.clone();
+        blocking(move || gc(&shared)).await.map(Response::new)
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<api::PrepareRequest>,
+    ) -> Result<Response<api::PrepareResponse>, Status> {
+        let ns = namespace(&req)?;
+        let r = req.into_inner();
+        crate::ident::check("key", &r.key).map_err(status)?;
+        let kind = match r.rootfs.as_str() {
+            "" => {
+                let rt = self
+                    .0
+                    .tasks
+                    .runtimes()
+                    .resolve(&r.runtime)
+                    .map_err(status)?;
+                if rt.runtime_type == VM_RUNTIME_TYPE {
+                    RootfsKind::Erofs
+                } else {
+                    RootfsKind::Mounts
+                }
+            }
+            "mounts" => RootfsKind::Mounts,
+            "erofs" => RootfsKind::Erofs,
+            other => {
+                return Err(status(Simple::new(
+                    Kind::InvalidArgument,
+                    format!("rootfs {other:?}: expected \"mounts\" or \"erofs\""),
+                )));
+            }
+        };
+        let images = self.0.images.clone();
+        blocking(move || {
+            let p = images
+                .prepare(&ns, &r.image, &r.key, kind)
+                .map_err(image_status)?;
+            Ok(api::PrepareResponse {
+                image: p.name,
+                mounts: p
+                    .mounts
+                    .into_iter()
+                    .map(|m| Mount {
+                        r#type: m.kind,
+                        source: m.source,
+                        options: m.options,
+                        ..Default::default()
+                    })
+                    .collect(),
+                entrypoint: p.run.entrypoint,
+                cmd: p.run.cmd,
+                env: p.run.env,
+                working_dir: p.run.working_dir,
+                uid: p.uid,
+                gid: p.gid,
+                wasm: p.run.wasm,
+                snapshotter: match kind {
+                    RootfsKind::Mounts => switchyard_images::SNAPSHOTTER.into(),
+                    RootfsKind::Erofs => String::new(),
+                },
+                rootfs: match kind {
+                    RootfsKind::Mounts => "mounts".into(),
+                    RootfsKind::Erofs => "erofs".into(),
+                },
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        req: Request<api::ReleaseRequest>,
+    ) -> Result<Response<api::ReleaseResponse>, Status> {
+        let ns = namespace(&req)?;
+        let key = req.into_inner().key;
+        crate::ident::check("key", &key).map_err(status)?;
+        let shared = self.0.clone();
+        blocking(move || {
+            if container_exists(&shared, &ns, &key) {
+                return Err(status(Simple::new(
+                    Kind::FailedPrecondition,
+                    format!("container {key:?} exists: its root goes when it is deleted"),
+                )));
+            }
+            shared
+                .images
+                .remove_rootfs(&ns, &key)
+                .map_err(image_status)?;
+            Ok(api::ReleaseResponse {})
+        })
+        .await
+        .map(Response::new)
+    }
+}
+
+/// Removes the active snapshot of a deleted container whose root came from the image store.
+pub fn release_rootfs(images: &ImageStore, ns: &str, snapshotter: &str, key: &str) {
+    if snapshotter != switchyard_images::SNAPSHOTTER || key.is_empty() {
+        return;
+    }
+    if let Err(e) = images.remove_rootfs(ns, key) {
+        tracing::warn!(namespace = ns, key, error = %crate::error::chain(&e), "remove a container's snapshot");
+    }
+}
