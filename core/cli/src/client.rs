@@ -63,6 +63,16 @@ impl Client {
         )
     }
 
+    pub fn images(
+        &self,
+    ) -> switchyard_api::switchyard::images::v1::images_client::ImagesClient<Svc> {
+        switchyard_api::switchyard::images::v1::images_client::ImagesClient::with_interceptor(
+            self.channel.clone(),
+            self.ns.clone(),
+        )
+        .max_decoding_message_size(16 << 20)
+    }
+
     pub fn introspection(
         &self,
     ) -> svc::introspection::v1::introspection_client::IntrospectionClient<Svc> {

@@ -1,6 +1,7 @@
 //! `yard`: run and manage Switchyard tasks from a shell.
 
 mod client;
+mod images;
 mod io;
 mod spec;
 
@@ -90,6 +91,66 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pull an image from a registry (and unpack it).
+    Pull {
+        /// Image reference, e.g. busybox:1.36 or 127.0.0.1:5000/app:1.
+        reference: String,
+        /// Platform to pick from a multi-platform image (os/arch[/variant]).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Registry credentials USER:PASSWORD (default: the docker config's, if any).
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Use HTTP instead of HTTPS (registries on loopback always use HTTP).
+        #[arg(long)]
+        plain_http: bool,
+        /// No progress bars.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// List images with their sizes.
+    Images {
+        #[arg(long)]
+        json: bool,
+        /// Names only.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Remove images; content and snapshots nothing else uses are collected.
+    Rmi {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import an OCI layout or `docker save` tarball (gzipped or not; - for stdin).
+    Import {
+        file: PathBuf,
+        /// Name for images the archive only tags (or does not name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// List images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Collect content and snapshots no image or container uses.
+    Prune,
 }
 
 #[derive(Args)]
@@ -139,11 +200,14 @@ struct RunArgs {
     /// Write a detached task's stdout and stderr to this file.
     #[arg(long)]
     log: Option<PathBuf>,
-    /// Root filesystem directory.
-    #[arg(long)]
-    rootfs: PathBuf,
-    /// Command and arguments.
-    #[arg(last = true, required = true)]
+    /// Root filesystem directory (instead of an image).
+    #[arg(long, conflicts_with = "image")]
+    rootfs: Option<PathBuf>,
+    /// Image to run (see yard pull and yard image import).
+    #[arg(required_unless_present = "rootfs")]
+    image: Option<String>,
+    /// Command and arguments (with an image: replaces its Cmd; its Entrypoint stays).
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -282,6 +346,36 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Exec(args) => exec(&client, args).await,
         Command::Events { json, filters } => watch_events(&client, json, filters).await.map(|()| 0),
         Command::Info { json } => info(&client, &cli.address, json).await.map(|()| 0),
+        Command::Pull {
+            reference,
+            platform,
+            user,
+            plain_http,
+            quiet,
+        } => images::pull(
+            &client,
+            images::PullArgs {
+                reference,
+                platform,
+                user,
+                plain_http,
+                quiet,
+            },
+        )
+        .await
+        .map(|()| 0),
+        Command::Images { json, quiet } | Command::Image(ImageCommand::Ls { json, quiet }) => {
+            images::list(&client, json, quiet).await.map(|()| 0)
+        }
+        Command::Rmi { names } | Command::Image(ImageCommand::Rm { names }) => {
+            images::remove(&client, names).await.map(|()| 0)
+        }
+        Command::Image(ImageCommand::Import { file, name, quiet }) => {
+            images::import(&client, &file, name, quiet)
+                .await
+                .map(|()| 0)
+        }
+        Command::Image(ImageCommand::Prune) => images::prune(&client).await.map(|()| 0),
     }
 }
 
@@ -412,21 +506,63 @@ async fn attach_and_run(
     Ok(status)
 }
 
-async fn run_task(client: &Client, a: RunArgs) -> anyhow::Result<u8> {
+async fn run_task(client: &Client, mut a: RunArgs) -> anyhow::Result<u8> {
     check_env(&a.env)?;
     let id = a.name.clone().unwrap_or_else(random_id);
-    let rootfs = std::fs::canonicalize(&a.rootfs)
-        .with_context(|| format!("rootfs {}", a.rootfs.display()))?;
-    if !rootfs.is_dir() {
-        bail!("rootfs {}: not a directory", rootfs.display());
-    }
+    let mut from_image = None;
+    let rootfs = match (&a.rootfs, &a.image) {
+        (Some(dir), _) => {
+            if a.command.is_empty() {
+                bail!("a command is required with --rootfs (yard run --rootfs DIR -- CMD...)");
+            }
+            let rootfs =
+                std::fs::canonicalize(dir).with_context(|| format!("rootfs {}", dir.display()))?;
+            if !rootfs.is_dir() {
+                bail!("rootfs {}: not a directory", rootfs.display());
+            }
+            rootfs
+        }
+        (None, Some(image)) => {
+            let p = images::prepare(client, image, &id, a.runtime.as_deref()).await?;
+            if a.runtime.is_none() && p.wasm {
+                a.runtime = Some("wasm".to_owned());
+            }
+            from_image = Some(p);
+            PathBuf::from("rootfs")
+        }
+        (None, None) => bail!("give an image or --rootfs"),
+    };
+    let (args, env, cwd, user) = match &from_image {
+        None => (a.command.clone(), a.env.clone(), a.cwd.clone(), (0, 0)),
+        Some(p) => {
+            let mut args = p.entrypoint.clone();
+            if a.command.is_empty() {
+                args.extend(p.cmd.iter().cloned());
+            } else {
+                args.extend(a.command.iter().cloned());
+            }
+            if args.is_empty() {
+                images::release(client, &id).await;
+                bail!(
+                    "image {} has no Entrypoint or Cmd: give a command after --",
+                    p.image
+                );
+            }
+            let cwd = a
+                .cwd
+                .clone()
+                .or_else(|| (!p.working_dir.is_empty()).then(|| p.working_dir.clone()));
+            (args, merge_env(&p.env, &a.env), cwd, (p.uid, p.gid))
+        }
+    };
     let spec = spec::spec(&spec::SpecOptions {
         namespace: &client.namespace,
         id: &id,
-        args: &a.command,
-        env: &a.env,
-        cwd: a.cwd.as_deref(),
+        args: &args,
+        env: &env,
+        cwd: cwd.as_deref(),
         rootfs: &rootfs,
+        user,
         terminal: a.tty,
         hostname: a.hostname.as_deref(),
         net_host: a.net_host,
@@ -442,17 +578,37 @@ async fn run_task(client: &Client, a: RunArgs) -> anyhow::Result<u8> {
             options: None,
         }),
         spec: Some(json_any(OCI_SPEC, serde_json::to_vec(&spec)?)),
+        image: from_image
+            .as_ref()
+            .map(|p| p.image.clone())
+            .unwrap_or_default(),
+        snapshotter: from_image
+            .as_ref()
+            .map(|p| p.snapshotter.clone())
+            .unwrap_or_default(),
+        snapshot_key: from_image
+            .as_ref()
+            .filter(|p| !p.snapshotter.is_empty())
+            .map(|_| id.clone())
+            .unwrap_or_default(),
         ..Default::default()
     };
-    client
+    let created = client
         .containers()
         .create(containers::CreateContainerRequest {
             container: Some(container),
         })
         .await
-        .map_err(rpc(&format!("create container {id}")))?;
+        .map_err(rpc(&format!("create container {id}")));
+    if let Err(e) = created {
+        if from_image.is_some() {
+            images::release(client, &id).await;
+        }
+        return Err(e);
+    }
+    let mounts = from_image.map(|p| p.mounts).unwrap_or_default();
 
-    let result = create_and_run(client, &a, &id).await;
+    let result = create_and_run(client, &a, &id, &mounts).await;
     // A detached task outlives this command unless it could not start.
     if a.rm && (!a.detach || result.is_err()) {
         cleanup(client, &id).await;
@@ -460,7 +616,28 @@ async fn run_task(client: &Client, a: RunArgs) -> anyhow::Result<u8> {
     result
 }
 
-async fn create_and_run(client: &Client, a: &RunArgs, id: &str) -> anyhow::Result<u8> {
+/// The image's environment with `--env` values replacing the same keys.
+fn merge_env(image: &[String], flags: &[String]) -> Vec<String> {
+    let key = |e: &String| {
+        e.split_once('=')
+            .map(|(k, _)| k.to_owned())
+            .unwrap_or_default()
+    };
+    let overridden: std::collections::HashSet<String> = flags.iter().map(key).collect();
+    image
+        .iter()
+        .filter(|e| !overridden.contains(&key(e)))
+        .chain(flags)
+        .cloned()
+        .collect()
+}
+
+async fn create_and_run(
+    client: &Client,
+    a: &RunArgs,
+    id: &str,
+    rootfs: &[switchyard_api::containerd::types::Mount],
+) -> anyhow::Result<u8> {
     if a.detach {
         let stdout = match &a.log {
             Some(p) => {
@@ -480,6 +657,7 @@ async fn create_and_run(client: &Client, a: &RunArgs, id: &str) -> anyhow::Resul
                 terminal: false,
                 stdout: stdout.clone(),
                 stderr: stdout,
+                rootfs: rootfs.to_vec(),
                 ..Default::default()
             })
             .await
@@ -506,6 +684,7 @@ async fn create_and_run(client: &Client, a: &RunArgs, id: &str) -> anyhow::Resul
             stdout: fifos.stdout_uri(),
             stderr: fifos.stderr_uri(),
             terminal: a.tty,
+            rootfs: rootfs.to_vec(),
             ..Default::default()
         })
         .await
@@ -614,7 +793,7 @@ async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<u8> {
     let mut process = spec
         .get("process")
         .cloned()
-        .unwrap_or_else(|| spec::process(&[], &[], None, false));
+        .unwrap_or_else(|| spec::process(&[], &[], None, false, (0, 0)));
     process["args"] = serde_json::json!(a.command);
     process["terminal"] = serde_json::json!(a.tty);
     if let Some(cwd) = &a.cwd {

@@ -35,6 +35,8 @@ pub struct SpecOptions<'a> {
     pub env: &'a [String],
     pub cwd: Option<&'a str>,
     pub rootfs: &'a Path,
+    /// The process's uid and gid.
+    pub user: (u32, u32),
     pub terminal: bool,
     pub hostname: Option<&'a str>,
     pub net_host: bool,
@@ -48,7 +50,13 @@ pub struct SpecOptions<'a> {
 }
 
 /// The process part, reused by `yard exec`.
-pub fn process(args: &[String], env: &[String], cwd: Option<&str>, terminal: bool) -> Value {
+pub fn process(
+    args: &[String],
+    env: &[String],
+    cwd: Option<&str>,
+    terminal: bool,
+    user: (u32, u32),
+) -> Value {
     let mut envs: Vec<String> = Vec::new();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         envs.push(DEFAULT_PATH.to_owned());
@@ -59,7 +67,7 @@ pub fn process(args: &[String], env: &[String], cwd: Option<&str>, terminal: boo
     envs.extend(env.iter().cloned());
     json!({
         "terminal": terminal,
-        "user": {"uid": 0, "gid": 0},
+        "user": {"uid": user.0, "gid": user.1},
         "args": args,
         "env": envs,
         "cwd": cwd.unwrap_or("/"),
@@ -111,7 +119,7 @@ pub fn spec(o: &SpecOptions<'_>) -> Value {
     json!({
         "ociVersion": "1.1.0",
         "annotations": annotations,
-        "process": process(o.args, o.env, o.cwd, o.terminal),
+        "process": process(o.args, o.env, o.cwd, o.terminal, o.user),
         "root": {"path": o.rootfs.display().to_string(), "readonly": o.read_only},
         "hostname": o.hostname.unwrap_or(o.id),
         "mounts": mounts,
@@ -146,6 +154,7 @@ mod tests {
             env: &env,
             cwd: Some("/tmp"),
             rootfs: Path::new("/r"),
+            user: (0, 0),
             terminal: true,
             hostname: None,
             net_host: true,
