@@ -32,7 +32,7 @@ use yard_shim_kit::{
 use crate::agent::Agent;
 use crate::config::Options;
 use crate::hypervisor::{Hypervisor, Vm, VmConfig};
-use crate::image::ImageCache;
+use crate::image::{Image, ImageCache, ImageFormat};
 
 /// Per-VM runtime state (console log): gone with the VM.
 pub const STATE_ROOT: &str = "/run/switchyard/vm";
@@ -162,8 +162,11 @@ impl Engine for VmEngine {
             ));
         }
         host_binds(&spec)?;
+        if let Some(image) = prebuilt_image(&req.rootfs)? {
+            return self.create_container(&req, &spec, bytes, Some(image)).await;
+        }
         let mounted = mount_rootfs(&req.bundle, &req.rootfs)?.is_some();
-        let r = self.create_container(&req, &spec, bytes).await;
+        let r = self.create_container(&req, &spec, bytes, None).await;
         if r.is_err() && mounted {
             unmount_rootfs(&req.bundle);
         }
@@ -207,11 +210,15 @@ impl VmEngine {
         req: &CreateRequest,
         spec: &Spec,
         spec_bytes: Vec<u8>,
+        prebuilt: Option<Image>,
     ) -> Result<Arc<dyn Container>> {
-        let rootfs = rootfs_dir(
-            &req.bundle,
-            spec.root().as_ref().map(|r| r.path().as_path()),
-        )?;
+        let rootfs = match prebuilt {
+            Some(_) => None,
+            None => Some(rootfs_dir(
+                &req.bundle,
+                spec.root().as_ref().map(|r| r.path().as_path()),
+            )?),
+        };
         let terminal = spec
             .process()
             .as_ref()
@@ -229,13 +236,16 @@ impl VmEngine {
             Some(sb) => sb.options.clone(),
             None => Options::from_any(req.options.as_ref())?,
         };
-        let images = cache(&options);
-        let image = {
-            let rootfs = rootfs.clone();
-            tokio::task::spawn_blocking(move || images.image_for(&rootfs))
-                .await
-                .map_err(|e| Error::Internal(format!("image build task: {e}")))?
-                .map_err(image_error)?
+        let image = match (prebuilt, rootfs) {
+            (Some(image), _) => image,
+            (None, Some(rootfs)) => {
+                let images = cache(&options);
+                tokio::task::spawn_blocking(move || images.image_for(&rootfs))
+                    .await
+                    .map_err(|e| Error::Internal(format!("image build task: {e}")))?
+                    .map_err(image_error)?
+            }
+            (None, None) => return Err(Error::Internal("no rootfs".into())),
         };
         // Stdio first: a client that gave bad fifos fails the create before the guest has a
         // container to leak.
@@ -300,6 +310,39 @@ impl VmEngine {
             slot: self.sandbox.clone(),
         }))
     }
+}
+
+/// A rootfs that is already a read-only EROFS image file: one mount of type `erofs` whose
+/// source is the file (what switchyardd's image store hands the vm runtime, and containerd
+/// 2.1's erofs snapshotter's form). The guest mounts it as the container's lower layer, so it is
+/// neither mounted on the host nor rebuilt.
+fn prebuilt_image(mounts: &[yard_shim_kit::protos::types::mount::Mount]) -> Result<Option<Image>> {
+    let [m] = mounts else {
+        return Ok(None);
+    };
+    if m.type_ != "erofs" {
+        return Ok(None);
+    }
+    let path = PathBuf::from(&m.source);
+    let meta = std::fs::metadata(&path).ok().filter(|md| md.is_file());
+    let Some(meta) = meta.filter(|_| path.is_absolute()) else {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs: erofs mount source {:?} is not an image file",
+            m.source
+        )));
+    };
+    if !ImageFormat::Erofs.has_superblock(&path) {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs: {} has no EROFS superblock",
+            path.display()
+        )));
+    }
+    Ok(Some(Image {
+        path,
+        digest: String::new(),
+        bytes: meta.len(),
+        format: ImageFormat::Erofs,
+    }))
 }
 
 /// Bind mounts name host paths, which the guest cannot see: refused, naming the mount, rather

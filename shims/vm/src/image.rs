@@ -65,7 +65,7 @@ impl ImageFormat {
 
     /// The filesystem's superblock magic is in place (at 1024: EROFS `0xE0F5E1E2`, ext4
     /// `0xEF53` 56 bytes in).
-    fn has_superblock(self, image: &Path) -> bool {
+    pub fn has_superblock(self, image: &Path) -> bool {
         use std::os::unix::fs::FileExt;
         let mut buf = [0u8; 4];
         let (offset, magic): (u64, &[u8]) = match self {
