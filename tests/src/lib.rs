@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod daemon;
+pub mod images;
 pub mod wasm;
 
 pub use daemon::{Containerd, Daemon};
