@@ -68,19 +68,25 @@ fn has_guest() -> bool {
 
 /// switchyardd with the wasm and vm runtimes' caches in temp dirs.
 fn daemon() -> Option<Daemon> {
+    daemon_with("")
+}
+
+fn daemon_with(extra: &str) -> Option<Daemon> {
     if !require_root_and(&["docker-registry", "mkfs.erofs"]) {
         return None;
     }
     let g = guest_dir();
     let cache = std::env::temp_dir().join(unique_id("img-cache"));
-    Some(Daemon::start_with(&format!(
-        "[runtimes.wasm]\nruntime_type = \"io.containerd.yard-wasm.v1\"\n[runtimes.wasm.options]\ncache_dir = \"{wasm}\"\n\
+    Some(Daemon::start_with(
+        &(format!(
+            "[runtimes.wasm]\nruntime_type = \"io.containerd.yard-wasm.v1\"\n[runtimes.wasm.options]\ncache_dir = \"{wasm}\"\n\
          [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n[runtimes.vm.options]\nkernel = \"{k}\"\ninitrd = \"{i}\"\ncache_dir = \"{vm}\"\n",
-        wasm = cache.join("wasm").display(),
-        vm = cache.join("vm").display(),
-        k = g.join("vmlinux").display(),
-        i = g.join("initrd.img").display(),
-    )))
+            wasm = cache.join("wasm").display(),
+            vm = cache.join("vm").display(),
+            k = g.join("vmlinux").display(),
+            i = g.join("initrd.img").display(),
+        ) + extra),
+    ))
 }
 
 fn images_root(d: &Daemon) -> PathBuf {
@@ -504,4 +510,57 @@ fn bad_images_are_refused_and_leave_nothing() {
     assert!(e.contains("missing"), "{e}");
     let e = fails(&d, &["pull", "-q", "UPPER/Case::bad"]);
     assert!(e.contains("UPPER/Case::bad"), "{e}");
+}
+
+#[test]
+fn the_copy_snapshotter_runs_images_without_overlayfs() {
+    let Some(d) = daemon_with("[images]\nsnapshotter = \"copy\"\n") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The second layer deletes a file of the first (a whiteout) and makes a directory opaque.
+    let top = gzip(&layer_tar(&[
+        TarEntry::dir("etc", 0o755),
+        TarEntry::file("etc/motd", 0o644, "hello from layer two\n"),
+        TarEntry::whiteout("etc/group"),
+        TarEntry::dir("home", 0o755),
+        TarEntry::opaque_whiteout("home"),
+    ]));
+    let img = busybox_image(vec![top], json!({"Cmd": ["/bin/cat", "/etc/motd"]}));
+    let f = dir.path().join("img.tar");
+    std::fs::write(&f, oci_layout_tar(&[("1", &img)])).unwrap();
+    ok(
+        &d,
+        &[
+            "image",
+            "import",
+            "-q",
+            "--name",
+            "copied",
+            f.to_str().unwrap(),
+        ],
+    );
+    let l = listing(&d);
+    assert_eq!(l["usage"]["snapshotter"], "copy", "{l}");
+    let out = ok(
+        &d,
+        &[
+            "run",
+            "--rm",
+            "copied:1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /etc/motd; test -e /etc/group || echo no-group; ls -A /home | wc -l; echo x > /etc/motd",
+        ],
+    );
+    assert_eq!(out, "hello from layer two\nno-group\n0\n");
+    assert_eq!(
+        ok(&d, &["run", "--rm", "copied:1"]),
+        "hello from layer two\n"
+    );
+    let active = files_under(&images_root(&d).join("snapshots").join("active"));
+    assert!(active.is_empty(), "container roots left: {active:?}");
+    ok(&d, &["rmi", "copied:1"]);
+    assert_store_empty(&d, "rmi with the copy snapshotter");
 }

@@ -27,6 +27,8 @@ pub struct Config {
     pub shim: ShimConfig,
     pub log_level: String,
     pub runtimes: BTreeMap<String, RuntimeConfig>,
+    /// `[images] snapshotter`: `None` picks overlayfs where it works, copies elsewhere.
+    pub snapshotter: Option<switchyard_images::snapshot::Driver>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +62,14 @@ struct ConfigFile {
     ttrpc: Option<TtrpcFile>,
     shim: Option<ShimFile>,
     log: Option<LogFile>,
+    images: Option<ImagesFile>,
     runtimes: Option<BTreeMap<String, RuntimeConfig>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImagesFile {
+    snapshotter: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -172,6 +181,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
     let over_shim = over.shim.unwrap_or_default();
     let base_log = base.log.unwrap_or_default();
     let over_log = over.log.unwrap_or_default();
+    let base_images = base.images.unwrap_or_default();
+    let over_images = over.images.unwrap_or_default();
     let mut runtimes = base.runtimes.unwrap_or_default();
     runtimes.extend(over.runtimes.unwrap_or_default());
     ConfigFile {
@@ -193,6 +204,9 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
         }),
         log: Some(LogFile {
             level: pick(over_log.level, base_log.level),
+        }),
+        images: Some(ImagesFile {
+            snapshotter: pick(over_images.snapshotter, base_images.snapshotter),
         }),
         runtimes: Some(runtimes),
     }
@@ -296,6 +310,19 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
             "expected one of error, warn, info, debug, trace",
         ));
     }
+    use switchyard_images::snapshot::Driver;
+    let snapshotter = match file.images.unwrap_or_default().snapshotter.as_deref() {
+        None | Some("auto") => None,
+        Some("overlayfs") => Some(Driver::Overlay),
+        Some("copy") => Some(Driver::Copy),
+        Some(other) => {
+            return Err(v.invalid(
+                "images.snapshotter",
+                format!("{other:?}"),
+                "expected \"auto\", \"overlayfs\" or \"copy\"",
+            ));
+        }
+    };
     let runtimes = file.runtimes.unwrap_or_default();
     for (name, rt) in &runtimes {
         let key = |k: &str| format!("runtimes.{name}.{k}");
@@ -338,6 +365,7 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
         shim,
         log_level,
         runtimes,
+        snapshotter,
     })
 }
 
@@ -384,6 +412,18 @@ mod tests {
 
     fn err(text: &str) -> String {
         crate::error::chain(&Config::parse(text, "bad.toml").unwrap_err())
+    }
+
+    #[test]
+    fn snapshotter_is_checked() {
+        let e = err("[images]\nsnapshotter = \"zfs\"\n");
+        assert!(e.contains("images.snapshotter") && e.contains("zfs"), "{e}");
+        let c = Config::parse("[images]\nsnapshotter = \"copy\"\n", "x.toml").unwrap();
+        assert_eq!(
+            c.snapshotter,
+            Some(switchyard_images::snapshot::Driver::Copy)
+        );
+        assert_eq!(Config::parse("", "x.toml").unwrap().snapshotter, None);
     }
 
     #[test]

@@ -149,11 +149,12 @@ pub async fn run(
     tasks.restore().await;
     tracing::info!(address = %config.grpc_address.display(), ttrpc = %config.ttrpc_address.display(), "serving");
     let images_root = config.root.join("images");
-    let images = switchyard_images::ImageStore::open(&images_root, store.database(), None)
-        .map_err(|source| DaemonError::Images {
-            path: images_root.clone(),
-            source,
-        })?;
+    let images =
+        switchyard_images::ImageStore::open(&images_root, store.database(), config.snapshotter)
+            .map_err(|source| DaemonError::Images {
+                path: images_root.clone(),
+                source,
+            })?;
     tracing::info!(snapshotter = ?images.snapshots().driver(), "image store open");
     let shared = Shared {
         store,
