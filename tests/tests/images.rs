@@ -282,8 +282,27 @@ fn pulled_images_run_on_native_vm_and_wasm() {
     let table = ok(&d, &["images"]);
     assert!(table.contains("NAME") && table.contains(&app), "{table}");
 
+    // containerd's ctr sees the same images (images.v1 List, Delete).
+    let out = run_timeout(d.ctr().args(["-n", "default", "image", "ls", "-q"]), T);
+    assert!(out.status.success(), "{}", show(&out));
+    let listed = text(&out.stdout);
+    for n in &names {
+        assert!(
+            listed.lines().any(|l| l == *n),
+            "ctr image ls lacks {n}: {listed}"
+        );
+    }
+    let user = reg.reference("app", "user");
+    let out = run_timeout(d.ctr().args(["-n", "default", "image", "rm", &user]), T);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(listing(&d)["images"].as_array().unwrap().len(), 2);
+
     // Removing every image collects every blob and snapshot.
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = names
+        .iter()
+        .filter(|n| **n != user)
+        .map(|s| s.to_string())
+        .collect();
     let mut args = vec!["rmi"];
     args.extend(names.iter().map(String::as_str));
     ok(&d, &args);

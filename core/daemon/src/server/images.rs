@@ -58,11 +58,6 @@ impl Classify for ImageError {
     }
 }
 
-/// The image error as a status (`ImageError` is another crate's type).
-fn image_status(e: ImageError) -> Status {
-    status(e)
-}
-
 fn progress(p: Progress) -> api::Progress {
     let mut out = api::Progress::default();
     match p {
@@ -121,11 +116,12 @@ fn container_exists(shared: &Shared, ns: &str, id: &str) -> bool {
     )
 }
 
-fn gc(shared: &Shared) -> Result<api::PruneResponse, Status> {
+/// Collects what nothing references (after a removal).
+pub(super) fn collect(shared: &Shared) -> Result<api::PruneResponse, Status> {
     let r = shared
         .images
         .gc(&|ns, id| container_exists(shared, ns, id))
-        .map_err(image_status)?;
+        .map_err(status)?;
     Ok(api::PruneResponse {
         blobs: r.blobs,
         blob_bytes: r.blob_bytes,
@@ -197,7 +193,7 @@ impl api::images_server::Images for ImagesService {
             let result = shared.images.pull(&ns, &r.reference, &opts, &report).await;
             if let Err(e) = result {
                 tracing::warn!(reference = %r.reference, error = %crate::error::chain(&e), "pull failed");
-                let _ = tx.send(Err(image_status(e)));
+                let _ = tx.send(Err(status(e)));
             }
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
@@ -248,7 +244,7 @@ impl api::images_server::Images for ImagesService {
             };
             if let Err(e) = shared.images.import(&ns, reader, name.as_deref(), &report) {
                 tracing::warn!(error = %crate::error::chain(&e), "import failed");
-                let _ = tx.send(Err(image_status(e)));
+                let _ = tx.send(Err(status(e)));
             }
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
@@ -261,8 +257,8 @@ impl api::images_server::Images for ImagesService {
         let ns = namespace(&req)?;
         let images = self.0.images.clone();
         blocking(move || {
-            let list = images.list(&ns).map_err(image_status)?;
-            let usage = images.usage().map_err(image_status)?;
+            let list = images.list(&ns).map_err(status)?;
+            let usage = images.usage().map_err(status)?;
             let ts = |ms: u64| prost_types::Timestamp {
                 seconds: (ms / 1000) as i64,
                 nanos: ((ms % 1000) * 1_000_000) as i32,
@@ -309,8 +305,8 @@ impl api::images_server::Images for ImagesService {
         let names = req.into_inner().names;
         let shared = self.0.clone();
         blocking(move || {
-            let removed = shared.images.remove(&ns, &names).map_err(image_status)?;
-            let collected = gc(&shared)?;
+            let removed = shared.images.remove(&ns, &names).map_err(status)?;
+            let collected = collect(&shared)?;
             Ok(api::RemoveImagesResponse {
                 removed,
                 collected: Some(collected),
@@ -325,7 +321,7 @@ impl api::images_server::Images for ImagesService {
         _req: Request<api::PruneRequest>,
     ) -> Result<Response<api::PruneResponse>, Status> {
         let shared = self.0.clone();
-        blocking(move || gc(&shared)).await.map(Response::new)
+        blocking(move || collect(&shared)).await.map(Response::new)
     }
 
     async fn prepare(
@@ -362,7 +358,7 @@ impl api::images_server::Images for ImagesService {
         blocking(move || {
             let p = images
                 .prepare(&ns, &r.image, &r.key, kind)
-                .map_err(image_status)?;
+                .map_err(status)?;
             Ok(api::PrepareResponse {
                 image: p.name,
                 mounts: p
@@ -411,10 +407,7 @@ impl api::images_server::Images for ImagesService {
                     format!("container {key:?} exists: its root goes when it is deleted"),
                 )));
             }
-            shared
-                .images
-                .remove_rootfs(&ns, &key)
-                .map_err(image_status)?;
+            shared.images.remove_rootfs(&ns, &key).map_err(status)?;
             Ok(api::ReleaseResponse {})
         })
         .await

@@ -2,6 +2,7 @@
 //! store, the task manager and the event exchange. Everything is served on one Unix socket.
 
 mod containers;
+mod ctr_images;
 mod events;
 mod images;
 mod introspection;
@@ -63,6 +64,7 @@ const SERVED: &[&str] = &[
     "/containerd.services.events.v1.Events/",
     "/containerd.services.introspection.v1.Introspection/",
     "/switchyard.images.v1.Images/",
+    "/containerd.services.images.v1.Images/",
 ];
 
 /// Default gRPC message limit, as containerd's.
@@ -117,6 +119,10 @@ pub async fn serve(
             events::EventsService(s.clone())
         ))
         .add_service(svc!(
+            svc::images::v1::images_server::ImagesServer<_>,
+            ctr_images::CtrImagesService(s.clone())
+        ))
+        .add_service(svc!(
             switchyard_api::switchyard::images::v1::images_server::ImagesServer<_>,
             images::ImagesService(s.clone())
         ))
@@ -152,7 +158,7 @@ where
             Box::pin(self.inner.call(req))
         } else {
             let msg = format!(
-                "{path}: not implemented by switchyardd (served: version, namespaces, leases, containers, tasks, events, introspection, switchyard.images.v1)"
+                "{path}: not implemented by switchyardd (served: version, namespaces, leases, containers, tasks, events, introspection, images (Get, List, Delete), switchyard.images.v1)"
             );
             tracing::debug!(%path, "unimplemented RPC");
             Box::pin(async move { Ok(Status::unimplemented(msg).into_http()) })
