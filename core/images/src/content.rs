@@ -153,49 +153,94 @@ impl ContentStore {
 
     /// Starts (or resumes) ingesting blob `digest`; with `None`, the digest is whatever the
     /// content hashes to. `size`, if known, is checked at commit.
+    ///
+    /// The ingest file of a digest is locked (`flock`) by its writer; a second writer of the
+    /// same digest at the same time (two pulls sharing a layer) gets a private file instead,
+    /// and whichever commits last renames identical bytes over the first.
     pub fn ingest(&self, digest: Option<&str>, size: Option<u64>) -> Result<Ingest> {
-        let (path, resume) = match digest {
-            Some(d) => (self.ingest.join(digest_hex(d)?), true),
-            None => (
-                self.ingest
-                    .join(format!("anon-{}-{}", std::process::id(), unique())),
-                false,
-            ),
-        };
-        let mut file = OpenOptions::new()
-            .create(true)
+        if let Some(d) = digest {
+            let path = self.ingest.join(digest_hex(d)?);
+            if let Some(file) = Self::lock_ingest(&path)? {
+                return Self::resume(file, path, self.blobs.clone(), d, size);
+            }
+        }
+        let path = self
+            .ingest
+            .join(format!("anon-{}-{}", std::process::id(), unique()));
+        let file = OpenOptions::new()
+            .create_new(true)
             .read(true)
             .append(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        let mut hasher = Sha256::new();
-        let mut offset = 0;
-        if resume {
-            // Re-hash what an earlier, interrupted ingest wrote; a partial file longer than the
-            // blob is junk.
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = file.read(&mut buf).map_err(io_err("read", &path))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                offset += n as u64;
-            }
-            if size.is_some_and(|s| offset > s) {
-                file.set_len(0).map_err(io_err("truncate", &path))?;
-                hasher = Sha256::new();
-                offset = 0;
-            }
-        }
         Ok(Ingest {
             blobs: self.blobs.clone(),
             path,
             file: Some(file),
-            hasher,
-            offset,
+            hasher: Sha256::new(),
+            offset: 0,
             expected: digest.map(str::to_owned),
             size,
+            anonymous: true,
+        })
+    }
+
+    /// Opens and locks `path`; `None` if another writer holds it.
+    fn lock_ingest(path: &Path) -> Result<Option<File>> {
+        use std::os::unix::fs::MetadataExt;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err("create", path))?;
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Ok(None);
+        }
+        // Between our open and our lock the previous holder may have committed (renamed) the
+        // file we opened: then it is a blob now, not ours to append to.
+        let ours = file.metadata().map(|m| m.ino()).ok();
+        let named = fs::metadata(path).map(|m| m.ino()).ok();
+        if ours.is_none() || ours != named {
+            return Ok(None);
+        }
+        Ok(Some(file))
+    }
+
+    fn resume(
+        mut file: File,
+        path: PathBuf,
+        blobs: PathBuf,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<Ingest> {
+        // Re-hash what an earlier, interrupted ingest wrote; a partial file longer than the
+        // blob is junk.
+        let mut hasher = Sha256::new();
+        let mut offset = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file.read(&mut buf).map_err(io_err("read", &path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        if size.is_some_and(|s| offset > s) {
+            file.set_len(0).map_err(io_err("truncate", &path))?;
+            hasher = Sha256::new();
+            offset = 0;
+        }
+        Ok(Ingest {
+            blobs,
+            path,
+            file: Some(file),
+            hasher,
+            offset,
+            expected: Some(digest.to_owned()),
+            size,
+            anonymous: false,
         })
     }
 
@@ -264,6 +309,9 @@ pub struct Ingest {
     offset: u64,
     expected: Option<String>,
     size: Option<u64>,
+    /// A private file (unknown digest, or a digest another writer is ingesting): removed when
+    /// dropped, never resumed.
+    anonymous: bool,
 }
 
 impl Ingest {
@@ -310,20 +358,21 @@ impl Ingest {
                 actual,
             });
         }
-        let Some(file) = self.file.take() else {
+        let Some(file) = self.file.as_ref() else {
             return Ok(digest);
         };
         file.sync_all().map_err(io_err("sync", &self.path))?;
-        drop(file);
         let dest = self.blobs.join(digest_hex(&digest)?);
+        // Renamed while still locked, so no other writer can take the name meanwhile.
         fs::rename(&self.path, &dest).map_err(io_err("rename", &self.path))?;
+        self.file = None;
         Ok(digest)
     }
 }
 
 impl Drop for Ingest {
     fn drop(&mut self) {
-        if self.file.is_some() && self.expected.is_none() {
+        if self.file.is_some() && self.anonymous {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -377,6 +426,22 @@ mod tests {
         w.write_all(&data[40_000..]).unwrap();
         assert_eq!(w.commit().unwrap(), digest);
         assert_eq!(s.read(&digest, 1 << 20).unwrap(), data);
+    }
+
+    #[test]
+    fn concurrent_ingests_of_one_digest_both_commit() {
+        let (_d, s) = store();
+        let data = b"shared layer bytes";
+        let digest = sha256_digest(data);
+        let mut a = s.ingest(Some(&digest), None).unwrap();
+        let mut b = s.ingest(Some(&digest), None).unwrap();
+        a.write_all(&data[..5]).unwrap();
+        b.write_all(data).unwrap();
+        a.write_all(&data[5..]).unwrap();
+        assert_eq!(b.commit().unwrap(), digest);
+        assert_eq!(a.commit().unwrap(), digest);
+        assert_eq!(s.read(&digest, 100).unwrap(), data);
+        assert_eq!(fs::read_dir(&s.ingest).unwrap().count(), 0);
     }
 
     #[test]

@@ -619,6 +619,12 @@ impl ImageStore {
     /// progress needs, and active snapshots whose container is gone.
     pub fn gc(&self, live: &dyn Fn(&str, &str) -> bool) -> Result<GcReport> {
         let _g = self.gc_lock.lock();
+        // What exists is listed before the marks are read: anything committed after the
+        // listing is not swept, and anything committed before it was leased (operations lease
+        // a digest or chain before writing it) or recorded by the time the marks are read.
+        let committed = self.snapshots.committed()?;
+        let blobs = self.content.list()?;
+        let active = self.snapshots.active()?;
         let mut keep: HashSet<String> = HashSet::new();
         if let Ok(l) = self.leases.lock() {
             for set in l.values() {
@@ -629,7 +635,7 @@ impl ImageStore {
             self.mark(&rec, &mut keep);
         }
         let mut report = GcReport::default();
-        for (key, parent) in self.snapshots.active()? {
+        for (key, parent) in active {
             let (ns, id) = key.split_once('/').unwrap_or(("", key.as_str()));
             let young = self
                 .snapshots
@@ -642,7 +648,6 @@ impl ImageStore {
             }
         }
         // A kept snapshot keeps its ancestors (the overlay driver mounts them as lowers).
-        let committed = self.snapshots.committed()?;
         let parents: HashMap<&str, Option<&str>> = committed
             .iter()
             .map(|c| (c.chain.as_str(), c.parent.as_deref()))
@@ -664,7 +669,7 @@ impl ImageStore {
                 report.snapshots += 1;
             }
         }
-        for (digest, size) in self.content.list()? {
+        for (digest, size) in blobs {
             if !keep.contains(&digest) && self.content.remove(&digest).is_ok() {
                 report.blobs += 1;
                 report.blob_bytes += size;
