@@ -583,3 +583,40 @@ fn the_copy_snapshotter_runs_images_without_overlayfs() {
     ok(&d, &["rmi", "copied:1"]);
     assert_store_empty(&d, "rmi with the copy snapshotter");
 }
+
+#[test]
+fn a_partial_layer_download_is_resumed() {
+    let Some(d) = daemon() else { return };
+    let reg = Registry::start();
+    let img = busybox_image(
+        vec![random_layer(11, 4, 256 << 10)],
+        json!({"Cmd": ["/bin/true"]}),
+    );
+    reg.push("resume", "1", &img);
+    let layer = &img.layers[1];
+    let ingest = images_root(&d).join("content").join("ingest");
+    std::fs::create_dir_all(&ingest).unwrap();
+    let partial = ingest.join(layer.digest.strip_prefix("sha256:").unwrap());
+    let half = layer.bytes.len() / 2;
+
+    // A partial file whose bytes are wrong: if the pull resumes from it (a range request for
+    // the rest), the whole cannot verify; a pull that started over would succeed.
+    let mut wrong = layer.bytes[..half].to_vec();
+    wrong[0] ^= 0xff;
+    std::fs::write(&partial, &wrong).unwrap();
+    let e = fails(&d, &["pull", "-q", &reg.reference("resume", "1")]);
+    assert!(
+        e.contains("hashes to"),
+        "the resumed bytes failed verification: {e}"
+    );
+    assert_store_empty(&d, "a resumed download that failed verification");
+
+    // The right first half: the pull resumes and the layer verifies.
+    std::fs::write(&partial, &layer.bytes[..half]).unwrap();
+    ok(&d, &["pull", "-q", &reg.reference("resume", "1")]);
+    assert!(!partial.exists(), "the ingest became a blob");
+    let blob = images_root(&d)
+        .join("content/blobs/sha256")
+        .join(layer.digest.strip_prefix("sha256:").unwrap());
+    assert_eq!(std::fs::read(blob).unwrap(), layer.bytes);
+}
