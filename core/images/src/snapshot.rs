@@ -720,7 +720,7 @@ impl Snapshotter {
 
     /// The `fs` directories of `chain` and its ancestors, top-most first (overlayfs's
     /// `lowerdir` order).
-    fn lowers(&self, chain: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+    pub(crate) fn lowers(&self, chain: &str) -> Result<Vec<PathBuf>, SnapshotError> {
         let mut out = Vec::new();
         let mut next = Some(chain.to_owned());
         while let Some(chain) = next {

@@ -14,12 +14,6 @@ use crate::snapshot::{Driver, SnapshotError, Snapshotter};
 const MAX_READ: u64 = 1 << 20;
 
 impl Snapshotter {
-    fn snapshot_dir(&self, chain: &str) -> PathBuf {
-        let hex = chain.strip_prefix("sha256:").unwrap_or(chain);
-        let id: String = hex.chars().take(16).collect();
-        self.root().join("snapshots").join(id)
-    }
-
     /// Reads `rel` (a relative path without `..`) from chain `chain`'s merged tree: `None` if
     /// it is missing, whited out, or not a regular file. No symlink is followed, so a link in
     /// an image cannot make this read a host file.
@@ -27,46 +21,14 @@ impl Snapshotter {
         if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
             return Ok(None);
         }
-        let mut cur = Some(chain.to_owned());
-        while let Some(chain) = cur {
-            let dir = self.snapshot_dir(&chain);
-            // The directory is named by a prefix of the chain id; its `chain` file says whose.
-            let recorded = fs::read_to_string(dir.join("chain")).unwrap_or_default();
-            if recorded.trim() != chain {
-                return Err(SnapshotError::NotFound { chain });
-            }
-            let fs_dir = dir.join("fs");
+        for fs_dir in self.lowers(chain)? {
             match lookup(&fs_dir, rel) {
-                Found::File(path) => {
-                    let f = fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NOFOLLOW)
-                        .open(&path)
-                        .map_err(|source| SnapshotError::Io {
-                            op: "open",
-                            path: path.clone(),
-                            source,
-                        })?;
-                    let mut buf = Vec::new();
-                    f.take(MAX_READ)
-                        .read_to_end(&mut buf)
-                        .map_err(|source| SnapshotError::Io {
-                            op: "read",
-                            path,
-                            source,
-                        })?;
-                    return Ok(Some(buf));
-                }
+                Found::File(path) => return read_limited(path).map(Some),
                 Found::Hidden => return Ok(None),
+                // The copy driver's top snapshot holds the whole tree.
+                Found::Missing if self.driver() == Driver::Copy => return Ok(None),
                 Found::Missing => {}
             }
-            if self.driver() == Driver::Copy {
-                return Ok(None);
-            }
-            cur = fs::read_to_string(dir.join("parent"))
-                .ok()
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty());
         }
         Ok(None)
     }
@@ -76,6 +38,27 @@ impl Snapshotter {
         let m = fs::symlink_metadata(self.root().join("active").join(key)).ok()?;
         m.modified().ok()?.elapsed().ok()
     }
+}
+
+fn read_limited(path: PathBuf) -> Result<Vec<u8>, SnapshotError> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|source| SnapshotError::Io {
+            op: "open",
+            path: path.clone(),
+            source,
+        })?;
+    let mut buf = Vec::new();
+    f.take(MAX_READ)
+        .read_to_end(&mut buf)
+        .map_err(|source| SnapshotError::Io {
+            op: "read",
+            path,
+            source,
+        })?;
+    Ok(buf)
 }
 
 enum Found {
