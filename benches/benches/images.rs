@@ -55,6 +55,7 @@ fn yard_pull(d: &Daemon, reference: &str) -> Duration {
 fn skopeo_umoci(reference: &str, dir: &Path) -> Duration {
     let layout = dir.join("layout");
     let bundle = dir.join("bundle");
+    std::fs::create_dir_all(dir).unwrap();
     let t = Instant::now();
     must(
         Command::new("skopeo")
