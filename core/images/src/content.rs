@@ -329,6 +329,11 @@ impl Ingest {
         Ok(())
     }
 
+    /// The digest the bytes written so far hash to (what an anonymous ingest will commit as).
+    pub fn digest(&self) -> String {
+        format!("sha256:{:x}", self.hasher.clone().finalize())
+    }
+
     /// Deletes the partial file (its bytes are known bad).
     pub fn discard(mut self) {
         self.file = None;

@@ -52,9 +52,9 @@ impl ImageStore {
         let lease = self.lease();
         let r = self.import_inner(ns, input, base_name, &lease, report);
         drop(lease);
-        if r.is_err() {
-            let _ = self.gc(&|_, _| true);
-        }
+        // Failed or not, blobs the archive carried that no image references go (layouts that
+        // tools rewrote in place, such as umoci's, keep their old manifests and configs).
+        let _ = self.gc(&|_, _| true);
         r
     }
 
@@ -119,6 +119,14 @@ impl ImageStore {
         if images.is_empty() {
             return Err(bad("the archive names no images"));
         }
+        let mut seen = std::collections::HashSet::new();
+        for (name, _) in &images {
+            if !seen.insert(name) {
+                return Err(bad(format!(
+                    "two images in the archive would be named {name} (name them apart, or import them separately)"
+                )));
+            }
+        }
 
         // Check and unpack everything before recording anything.
         let wanted = self.platform().clone();
@@ -140,9 +148,17 @@ impl ImageStore {
             if let Some(c) = &r.config {
                 oci::check_config_platform(r.manifest.config().digest().as_ref(), c, &wanted)?;
             }
-            for (d, _) in &r.blobs {
-                if !self.content().exists(d) {
-                    return Err(bad(format!("image {name}: the archive lacks blob {d}")));
+            for (d, expected) in &r.blobs {
+                match self.content().size(d) {
+                    None => {
+                        return Err(bad(format!("image {name}: the archive lacks blob {d}")));
+                    }
+                    Some(actual) if actual != *expected => {
+                        return Err(bad(format!(
+                            "image {name}: blob {d} has {actual} bytes, its descriptor says {expected}"
+                        )));
+                    }
+                    Some(_) => {}
                 }
             }
             resolved.push(r);
@@ -171,7 +187,7 @@ impl ImageStore {
         let mut a = Archive::default();
         let mut tar = tar::Archive::new(reader);
         let corrupt = |e: std::io::Error| bad(format!("the archive is truncated or corrupt: {e}"));
-        let mut saw_end = false;
+        let mut saw_file = false;
         for entry in tar.entries().map_err(corrupt)? {
             let mut entry = entry.map_err(corrupt)?;
             let path = clean(&String::from_utf8_lossy(&entry.path_bytes()));
@@ -241,17 +257,18 @@ impl ImageStore {
                     CopyError::Read(e) => corrupt(e),
                     CopyError::Write(e) => e.into(),
                 })?;
+                // Leased before it is named, so a collection running meanwhile keeps it.
+                lease.add(&ingest.digest());
                 let digest = ingest.commit().map_err(|e| commit_error(&path, e))?;
-                lease.add(&digest);
                 report(Progress::Fetched {
                     digest: digest.clone(),
                     cached: false,
                 });
                 a.files.insert(path, (digest, size));
             }
-            saw_end = true;
+            saw_file = true;
         }
-        if !saw_end {
+        if !saw_file {
             return Err(bad("the archive is empty"));
         }
         // tar stops quietly at a truncated header block; a layout must still be complete, so

@@ -212,10 +212,15 @@ pub fn diff_ids(
     config: Option<&ImageConfiguration>,
 ) -> Result<Vec<String>, ManifestError> {
     if is_wasm_artifact(manifest) {
+        // A module is stored as a file named by its title, not unpacked: its identity covers
+        // both, and cannot equal a tarball layer's diff id.
         return Ok(manifest
             .layers()
             .iter()
-            .map(|l| l.digest().to_string())
+            .map(|l| {
+                let id = format!("wasm\0{}\0{}", l.digest(), wasm_module_name(l));
+                format!("sha256:{:x}", Sha256::digest(id.as_bytes()))
+            })
             .collect());
     }
     let cfg_digest = manifest.config().digest().to_string();
@@ -365,6 +370,31 @@ mod tests {
         assert_eq!(c[0], a);
         let want = format!("sha256:{:x}", Sha256::digest(format!("{a} {b}").as_bytes()));
         assert_eq!(c[1], want);
+    }
+
+    #[test]
+    fn wasm_layer_ids_cover_the_module_name_and_never_equal_its_digest() {
+        let manifest = |title: &str| -> ImageManifest {
+            serde_json::from_value(serde_json::json!({
+                "schemaVersion": 2,
+                "config": {"mediaType": WASM_CONFIG_TYPE, "digest": format!("sha256:{}", "c".repeat(64)), "size": 2},
+                "layers": [{"mediaType": WASM_LAYER_TYPES[0], "digest": format!("sha256:{}", "d".repeat(64)), "size": 8,
+                            "annotations": {"org.opencontainers.image.title": title}}]
+            }))
+            .unwrap()
+        };
+        let a = diff_ids(&manifest("a.wasm"), None).unwrap();
+        let b = diff_ids(&manifest("b.wasm"), None).unwrap();
+        assert_ne!(a, b, "same module, other name: other snapshot");
+        assert_ne!(a[0], format!("sha256:{}", "d".repeat(64)));
+        assert_eq!(
+            RunConfig::wasm_artifact(&manifest("b.wasm")).entrypoint,
+            ["/b.wasm"]
+        );
+        assert_eq!(
+            wasm_module_name(&manifest("../x").layers()[0]),
+            "module.wasm"
+        );
     }
 
     #[test]

@@ -192,7 +192,10 @@ impl ImageStore {
             name: r.whole(),
             digest: manifest_digest.clone(),
             layers: manifest.layers().len() as u64,
-            bytes: manifest.layers().iter().map(|l| l.size()).sum(),
+            bytes: manifest
+                .layers()
+                .iter()
+                .fold(0u64, |a, l| a.saturating_add(l.size())),
         });
 
         let concurrency = if opts.concurrency == 0 {
@@ -292,6 +295,16 @@ impl ImageStore {
             return Ok(());
         }
         let mut ingest = self.content().ingest(Some(&digest), Some(size))?;
+        if ingest.offset() == size {
+            // Complete but never committed (a crash before the rename): verify it as it is;
+            // bad bytes are dropped and the next pull starts over.
+            ingest.commit()?;
+            report(Progress::Fetched {
+                digest,
+                cached: true,
+            });
+            return Ok(());
+        }
         let mut stream = if ingest.offset() > 0 {
             match client
                 .pull_blob_stream_partial(r, digest.as_str(), ingest.offset(), None)

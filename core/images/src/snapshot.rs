@@ -76,6 +76,16 @@ pub enum SnapshotError {
     NotFound { chain: String },
     #[error("active snapshot {key}: not found")]
     ActiveNotFound { key: String },
+    #[error(
+        "snapshot {chain}: its {layers} layers make overlay mount options longer than a page \
+         ({bytes} bytes); images this deep are not supported with the overlayfs snapshotter yet \
+         (use [images] snapshotter = \"copy\")"
+    )]
+    TooDeep {
+        chain: String,
+        layers: usize,
+        bytes: usize,
+    },
     #[error("active snapshot {key}: already exists")]
     ActiveExists { key: String },
     #[error("snapshot key {key:?}: {reason}")]
@@ -437,6 +447,21 @@ impl Snapshotter {
     pub fn prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>, SnapshotError> {
         let (namespace, id) = parse_key(key)?;
         let lowers = self.lowers(parent)?;
+        if self.driver == Driver::Overlay {
+            // The shim mounts with mount(2), whose options are one page at most.
+            let bytes = self
+                .mount_of(&self.root.join(ACTIVE).join(namespace).join(id), &lowers)
+                .options
+                .join(",")
+                .len();
+            if bytes >= 4096 {
+                return Err(SnapshotError::TooDeep {
+                    chain: parent.to_owned(),
+                    layers: lowers.len(),
+                    bytes,
+                });
+            }
+        }
         let namespace_dir = self.root.join(ACTIVE).join(namespace);
         fs::create_dir_all(&namespace_dir).map_err(io_err("create directory", &namespace_dir))?;
         let dir = namespace_dir.join(id);
@@ -541,12 +566,21 @@ impl Snapshotter {
 
     /// Committed snapshots.
     pub fn committed(&self) -> Result<Vec<Committed>, SnapshotError> {
+        self.list_committed(true)
+    }
+
+    /// Committed snapshots without their sizes (no tree walk): what collection needs.
+    pub fn chains(&self) -> Result<Vec<Committed>, SnapshotError> {
+        self.list_committed(false)
+    }
+
+    fn list_committed(&self, sizes: bool) -> Result<Vec<Committed>, SnapshotError> {
         let mut out = Vec::new();
         let snapshots = self.root.join(SNAPSHOTS);
         for id in list(&snapshots)? {
             let dir = snapshots.join(&id);
             if let Some(chain) = read_line(&dir.join("chain"))? {
-                out.push(self.describe(&dir, chain)?);
+                out.push(self.describe(&dir, chain, sizes)?);
             }
         }
         out.sort_by(|a, b| a.chain.cmp(&b.chain));
@@ -686,7 +720,7 @@ impl Snapshotter {
     fn existing(&self, dir: &Path, chain: &str) -> Result<Option<Committed>, SnapshotError> {
         match read_line(&dir.join("chain"))? {
             None => Ok(None),
-            Some(found) if found == chain => Ok(Some(self.describe(dir, found)?)),
+            Some(found) if found == chain => Ok(Some(self.describe(dir, found, true)?)),
             Some(found) => Err(SnapshotError::Io {
                 op: "chain id prefix taken by the snapshot in",
                 path: dir.to_owned(),
@@ -695,11 +729,21 @@ impl Snapshotter {
         }
     }
 
-    fn describe(&self, dir: &Path, chain: String) -> Result<Committed, SnapshotError> {
+    fn describe(&self, dir: &Path, chain: String, size: bool) -> Result<Committed, SnapshotError> {
+        let bytes = if size {
+            // A tree the walk cannot finish (deeper than PATH_MAX) shows 0 bytes rather than
+            // making every listing and collection fail.
+            tree::disk_usage(dir).unwrap_or_else(|e| {
+                tracing::warn!(%chain, error = %SnapshotError::from(e), "snapshot size unknown");
+                0
+            })
+        } else {
+            0
+        };
         Ok(Committed {
             chain,
             parent: read_line(&dir.join("parent"))?,
-            bytes: tree::disk_usage(dir)?,
+            bytes,
         })
     }
 

@@ -497,6 +497,13 @@ impl ImageStore {
         })
     }
 
+    /// Whether image `name` is for the wasm runtime.
+    pub fn is_wasm(&self, ns: &str, name: &str) -> Result<bool> {
+        let rec = self.find(ns, name)?;
+        let platform = Platform::parse(&rec.platform).ok();
+        Ok(self.resolve(&rec.target, platform.as_ref())?.wasm)
+    }
+
     /// Removes a container's active snapshot (a missing one is fine).
     pub fn remove_rootfs(&self, ns: &str, key: &str) -> Result<()> {
         Ok(self.snapshots.remove_active(&format!("{ns}/{key}"))?)
@@ -572,12 +579,10 @@ impl ImageStore {
             let s = match self.resolve(&record.target, platform.as_ref()) {
                 Ok(r) => ImageSummary {
                     manifest: r.manifest_digest.clone(),
-                    size: r.blobs.iter().map(|(_, s)| s).sum(),
-                    unpacked: r
-                        .chains
-                        .iter()
-                        .map(|c| snap_bytes.get(c).copied().unwrap_or(0))
-                        .sum(),
+                    size: r.blobs.iter().fold(0u64, |a, (_, s)| a.saturating_add(*s)),
+                    unpacked: r.chains.iter().fold(0u64, |a, c| {
+                        a.saturating_add(snap_bytes.get(c).copied().unwrap_or(0))
+                    }),
                     layers: r
                         .manifest
                         .layers()
@@ -609,9 +614,9 @@ impl ImageStore {
         let snaps = self.snapshots.committed()?;
         Ok(Usage {
             blobs: blobs.len() as u64,
-            blob_bytes: blobs.iter().map(|(_, s)| s).sum(),
+            blob_bytes: blobs.iter().fold(0u64, |a, (_, s)| a.saturating_add(*s)),
             snapshots: snaps.len() as u64,
-            snapshot_bytes: snaps.iter().map(|c| c.bytes).sum(),
+            snapshot_bytes: snaps.iter().fold(0u64, |a, c| a.saturating_add(c.bytes)),
         })
     }
 
@@ -622,7 +627,7 @@ impl ImageStore {
         // What exists is listed before the marks are read: anything committed after the
         // listing is not swept, and anything committed before it was leased (operations lease
         // a digest or chain before writing it) or recorded by the time the marks are read.
-        let committed = self.snapshots.committed()?;
+        let committed = self.snapshots.chains()?;
         let blobs = self.content.list()?;
         let active = self.snapshots.active()?;
         let mut keep: HashSet<String> = HashSet::new();

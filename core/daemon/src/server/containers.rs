@@ -215,7 +215,13 @@ impl api::containers_server::Containers for ContainersService {
         // the client; `ctr run --rm` and `yard rm` both end here).
         let (images, n) = (self.0.images.clone(), ns.clone());
         let _ = tokio::task::spawn_blocking(move || {
-            super::images::release_rootfs(&images, &n, &record.snapshotter, &record.snapshot_key)
+            super::images::release_rootfs(
+                &images,
+                &n,
+                &record.id,
+                &record.snapshotter,
+                &record.snapshot_key,
+            )
         })
         .await;
         self.0.exchange.publish(

@@ -10,18 +10,11 @@ use switchyard_api::containerd::types::Descriptor;
 use switchyard_images::ImageRecord;
 use tonic::{Request, Response, Status};
 
-use super::{Shared, namespace};
+use super::{Shared, blocking, namespace, timestamp_ms as ts};
 use crate::error::{Kind, Simple, status};
 use crate::filters::{Adaptor, Filter};
 
 pub struct CtrImagesService(pub Arc<Shared>);
-
-fn ts(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
 
 fn image(r: ImageRecord) -> api::Image {
     api::Image {
@@ -30,7 +23,7 @@ fn image(r: ImageRecord) -> api::Image {
         target: Some(Descriptor {
             media_type: r.target.media_type,
             digest: r.target.digest,
-            size: r.target.size as i64,
+            size: i64::try_from(r.target.size).unwrap_or(i64::MAX),
             annotations: Default::default(),
         }),
         created_at: Some(ts(r.created_ms)),
@@ -51,14 +44,6 @@ impl Adaptor for ImageFields<'_> {
             _ => None,
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| status(Simple::new(Kind::Internal, format!("image worker: {e}"))))?
 }
 
 #[tonic::async_trait]

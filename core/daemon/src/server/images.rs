@@ -13,7 +13,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Shared, namespace};
+use super::{Shared, blocking, namespace, timestamp_ms};
 use crate::error::{Classify, Kind, Simple, status};
 
 pub struct ImagesService(pub Arc<Shared>);
@@ -21,11 +21,15 @@ pub struct ImagesService(pub Arc<Shared>);
 /// The runtime whose containers get the image's EROFS file instead of a writable mount: the
 /// guest agent makes the writable layer inside the VM.
 const VM_RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
+/// The runtime name a Wasm image runs on when the client names none (the default config's).
+const WASM_RUNTIME: &str = "wasm";
 
 impl Classify for ImageError {
     fn kind(&self) -> Kind {
+        use oci_client::errors::{OciDistributionError as R, OciErrorCode as Code};
         use switchyard_images::content::ContentError as C;
         use switchyard_images::snapshot::SnapshotError as S;
+        use switchyard_images::unpack::UnpackError as U;
         match self {
             ImageError::NotFound { .. } => Kind::NotFound,
             ImageError::Reference { .. }
@@ -33,26 +37,45 @@ impl Classify for ImageError {
             | ImageError::User { .. }
             | ImageError::Manifest(_) => Kind::InvalidArgument,
             ImageError::Registry { source, .. } => match source.as_ref() {
-                oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_) => {
-                    Kind::NotFound
-                }
-                oci_client::errors::OciDistributionError::RegistryError { .. }
-                | oci_client::errors::OciDistributionError::ServerError { .. }
-                    if crate::error::chain(self).contains("MANIFEST_UNKNOWN")
-                        || crate::error::chain(self).contains("NAME_UNKNOWN") =>
+                R::ImageManifestNotFoundError(_) => Kind::NotFound,
+                R::RegistryError { envelope, .. }
+                    if envelope.errors.iter().any(|e| {
+                        matches!(
+                            e.code,
+                            Code::ManifestUnknown | Code::NameUnknown | Code::BlobUnknown
+                        )
+                    }) =>
                 {
                     Kind::NotFound
                 }
+                R::RegistryError { envelope, .. }
+                    if envelope
+                        .errors
+                        .iter()
+                        .any(|e| matches!(e.code, Code::Unauthorized | Code::Denied)) =>
+                {
+                    Kind::FailedPrecondition
+                }
+                R::AuthenticationFailure(_) | R::UnauthorizedError { .. } => {
+                    Kind::FailedPrecondition
+                }
+                R::ServerError { code: 404, .. } => Kind::NotFound,
                 _ => Kind::Unavailable,
             },
-            ImageError::Content(C::DigestMismatch { .. } | C::SizeMismatch { .. })
-            | ImageError::Content(C::BadDigest(_) | C::TooLarge { .. }) => Kind::InvalidArgument,
+            ImageError::Content(
+                C::DigestMismatch { .. }
+                | C::SizeMismatch { .. }
+                | C::BadDigest(_)
+                | C::TooLarge { .. },
+            ) => Kind::InvalidArgument,
             ImageError::Content(C::NotFound(_)) => Kind::FailedPrecondition,
+            ImageError::Snapshot(S::Unpack(U::Io { .. })) => Kind::Internal,
             ImageError::Snapshot(S::Unpack(_) | S::DiffId { .. } | S::BadKey { .. }) => {
                 Kind::InvalidArgument
             }
             ImageError::Snapshot(S::ActiveExists { .. }) => Kind::AlreadyExists,
             ImageError::Snapshot(S::NotFound { .. } | S::ActiveNotFound { .. }) => Kind::NotFound,
+            ImageError::Snapshot(S::Image { .. } | S::TooDeep { .. }) => Kind::FailedPrecondition,
             _ => Kind::Internal,
         }
     }
@@ -98,14 +121,6 @@ fn progress(p: Progress) -> api::Progress {
         }
     }
     out
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| status(Simple::new(Kind::Internal, format!("image worker: {e}"))))?
 }
 
 /// Whether container `ns/id` exists (its root must survive a collection).
@@ -259,10 +274,6 @@ impl api::images_server::Images for ImagesService {
         blocking(move || {
             let list = images.list(&ns).map_err(status)?;
             let usage = images.usage().map_err(status)?;
-            let ts = |ms: u64| prost_types::Timestamp {
-                seconds: (ms / 1000) as i64,
-                nanos: ((ms % 1000) * 1_000_000) as i32,
-            };
             Ok(api::ListImagesResponse {
                 images: list
                     .into_iter()
@@ -276,8 +287,8 @@ impl api::images_server::Images for ImagesService {
                         unpacked: s.unpacked,
                         layers: s.layers,
                         wasm: s.wasm,
-                        created_at: Some(ts(s.record.created_ms)),
-                        updated_at: Some(ts(s.record.updated_ms)),
+                        created_at: Some(timestamp_ms(s.record.created_ms)),
+                        updated_at: Some(timestamp_ms(s.record.updated_ms)),
                         problem: s.problem.unwrap_or_default(),
                     })
                     .collect(),
@@ -331,14 +342,24 @@ impl api::images_server::Images for ImagesService {
         let ns = namespace(&req)?;
         let r = req.into_inner();
         crate::ident::check("key", &r.key).map_err(status)?;
+        // A Wasm image without a runtime goes to the wasm runtime (when one is configured),
+        // whatever the default runtime is.
+        let mut chosen = String::new();
+        if r.runtime.is_empty() {
+            let (images, n, name) = (self.0.images.clone(), ns.clone(), r.image.clone());
+            let wasm = blocking(move || images.is_wasm(&n, &name).map_err(status)).await?;
+            if wasm && self.0.tasks.runtimes().resolve(WASM_RUNTIME).is_ok() {
+                chosen = WASM_RUNTIME.to_owned();
+            }
+        }
+        let runtime = if chosen.is_empty() {
+            r.runtime.clone()
+        } else {
+            chosen.clone()
+        };
         let kind = match r.rootfs.as_str() {
             "" => {
-                let rt = self
-                    .0
-                    .tasks
-                    .runtimes()
-                    .resolve(&r.runtime)
-                    .map_err(status)?;
+                let rt = self.0.tasks.runtimes().resolve(&runtime).map_err(status)?;
                 if rt.runtime_type == VM_RUNTIME_TYPE {
                     RootfsKind::Erofs
                 } else {
@@ -386,6 +407,7 @@ impl api::images_server::Images for ImagesService {
                     RootfsKind::Mounts => "mounts".into(),
                     RootfsKind::Erofs => "erofs".into(),
                 },
+                runtime: chosen,
             })
         })
         .await
@@ -416,11 +438,82 @@ impl api::images_server::Images for ImagesService {
 }
 
 /// Removes the active snapshot of a deleted container whose root came from the image store.
-pub fn release_rootfs(images: &ImageStore, ns: &str, snapshotter: &str, key: &str) {
-    if snapshotter != switchyard_images::SNAPSHOTTER || key.is_empty() {
+pub fn release_rootfs(images: &ImageStore, ns: &str, id: &str, snapshotter: &str, key: &str) {
+    // Only the root named after this container: a record naming another container's key
+    // (any client can write one) must not remove that container's root.
+    if snapshotter != switchyard_images::SNAPSHOTTER || key != id {
         return;
     }
     if let Err(e) = images.remove_rootfs(ns, key) {
         tracing::warn!(namespace = ns, key, error = %crate::error::chain(&e), "remove a container's snapshot");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchyard_images::content::ContentError;
+    use switchyard_images::snapshot::SnapshotError;
+    use switchyard_images::unpack::UnpackError;
+
+    use super::*;
+
+    #[test]
+    fn image_errors_map_to_containerd_codes() {
+        let registry = |e| ImageError::Registry {
+            reference: "r".into(),
+            source: Box::new(e),
+        };
+        let envelope = |code: &str| {
+            let envelope = serde_json::from_value(serde_json::json!({
+                "errors": [{"code": code, "message": "m"}]
+            }))
+            .unwrap_or_else(|e| panic!("{e}"));
+            oci_client::errors::OciDistributionError::RegistryError {
+                envelope,
+                url: "u".into(),
+            }
+        };
+        let cases: Vec<(ImageError, Kind)> = vec![
+            (ImageError::NotFound { name: "x".into() }, Kind::NotFound),
+            (registry(envelope("MANIFEST_UNKNOWN")), Kind::NotFound),
+            (registry(envelope("UNAUTHORIZED")), Kind::FailedPrecondition),
+            (
+                registry(oci_client::errors::OciDistributionError::GenericError(None)),
+                Kind::Unavailable,
+            ),
+            (
+                ImageError::Content(ContentError::DigestMismatch {
+                    expected: "a".into(),
+                    actual: "b".into(),
+                }),
+                Kind::InvalidArgument,
+            ),
+            (
+                ImageError::Snapshot(SnapshotError::Unpack(UnpackError::Escape {
+                    entry: "../x".into(),
+                    reason: "r".into(),
+                })),
+                Kind::InvalidArgument,
+            ),
+            (
+                ImageError::Snapshot(SnapshotError::Unpack(UnpackError::Io {
+                    entry: "x".into(),
+                    op: "write",
+                    source: std::io::Error::other("disk full"),
+                })),
+                Kind::Internal,
+            ),
+            (
+                ImageError::Snapshot(SnapshotError::ActiveExists { key: "k".into() }),
+                Kind::AlreadyExists,
+            ),
+            (
+                ImageError::Import("truncated".into()),
+                Kind::InvalidArgument,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.kind(), want, "{e}");
+        }
     }
 }

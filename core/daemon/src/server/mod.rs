@@ -53,6 +53,23 @@ fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
     Ok(ns.to_owned())
 }
 
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| status(Simple::new(Kind::Internal, format!("worker: {e}"))))?
+}
+
+/// Milliseconds since the epoch as a protobuf timestamp.
+fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
 /// The gRPC services this daemon serves; requests for any other path are answered
 /// UNIMPLEMENTED with a message naming the method, never left hanging.
 const SERVED: &[&str] = &[
