@@ -185,7 +185,7 @@ impl ImageStore {
         report: Report<'_>,
     ) -> Result<Archive> {
         let mut a = Archive::default();
-        let mut tar = tar::Archive::new(reader);
+        let mut tar = tar::Archive::new(crate::targuard::TarGuard::new(reader));
         let corrupt = |e: std::io::Error| bad(format!("the archive is truncated or corrupt: {e}"));
         let mut saw_file = false;
         for entry in tar.entries().map_err(corrupt)? {

@@ -16,6 +16,7 @@ mod pull;
 pub mod snapshot;
 mod snapshot_read;
 pub mod store;
+mod targuard;
 pub mod unpack;
 
 pub use oci::{Platform, RunConfig};

@@ -118,7 +118,7 @@ pub fn apply_layer(
         buf: vec![0; 128 << 10],
     };
     {
-        let mut archive = tar::Archive::new(&mut stream);
+        let mut archive = tar::Archive::new(crate::targuard::TarGuard::new(&mut stream));
         let entries = archive.entries().map_err(corrupt)?;
         for entry in entries {
             let mut entry = entry.map_err(corrupt)?;
