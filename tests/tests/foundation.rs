@@ -462,7 +462,7 @@ fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
         assert!(err.contains("rootfs /nonexistent/rootfs"), "{err}");
         assert!(err.contains("invalid argument"), "{err}");
         // A service switchyardd does not serve answers at once, with a clear message.
-        let out = run_timeout(d.ctr().args(["images", "ls"]), Duration::from_secs(10));
+        let out = run_timeout(d.ctr().args(["content", "ls"]), Duration::from_secs(10));
         assert!(!out.status.success());
         assert!(
             text(&out.stderr).contains("not implemented by switchyardd"),
