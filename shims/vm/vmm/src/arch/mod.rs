@@ -1,0 +1,1 @@
+//! x86_64 boot (owned by the arch work).

@@ -1,0 +1,1 @@
+//! Devices (owned by the devices work).

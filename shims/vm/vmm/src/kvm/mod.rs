@@ -1,0 +1,1 @@
+//! KVM objects (owned by the kvm work).

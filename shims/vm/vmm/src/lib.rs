@@ -1,0 +1,24 @@
+//! Switchyard's built-in VMM: a minimal, firecracker-class virtual machine monitor on the rust-vmm
+//! crates that the vm shim runs in-process (no QEMU process) where `/dev/kvm` has hardware
+//! virtualization.
+//!
+//! - [`layout`]: the guest physical memory map, IRQ numbers and port numbers.
+//! - [`bus`]: port-I/O and MMIO buses that route a vCPU exit to a device.
+//! - [`kvm`]: one owning type per KVM object (VM, vCPU), guest memory with guard pages.
+//! - [`arch`]: x86_64 boot: kernel load, zero page and e820, GDT, identity page tables, CPUID,
+//!   MSRs, FPU, LAPIC, MP table.
+//! - [`devices`]: 8250 serial, i8042 (reset), the boot timer, and virtio-mmio devices (block,
+//!   vsock with firecracker's hybrid-vsock Unix socket host side).
+//! - [`vmm`]: assembles a VM from a [`vmm::VmmConfig`], runs one thread per vCPU and the device
+//!   event loops, and tears everything down on shutdown, guest reboot, panic or drop.
+
+pub mod arch;
+pub mod bus;
+pub mod devices;
+pub mod irq;
+pub mod kvm;
+pub mod layout;
+pub mod vmm;
+
+/// Guest memory as every module sees it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;

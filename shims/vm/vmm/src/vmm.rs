@@ -1,0 +1,1 @@
+//! VM assembly (owned by the kvm work).
