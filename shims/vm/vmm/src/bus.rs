@@ -41,15 +41,15 @@ impl Bus {
             _ => return Err(BusError::BadRange { base, len }),
         };
         // The range starting at or before `base`, and the first one after it.
-        if let Some((&other, &(olen, _))) = self.devices.range(..=base).next_back() {
-            if other + olen > base {
-                return Err(BusError::Overlap { base, len, other });
-            }
+        if let Some((&other, &(olen, _))) = self.devices.range(..=base).next_back()
+            && other + olen > base
+        {
+            return Err(BusError::Overlap { base, len, other });
         }
-        if let Some((&other, _)) = self.devices.range(base..).next() {
-            if other < end {
-                return Err(BusError::Overlap { base, len, other });
-            }
+        if let Some((&other, _)) = self.devices.range(base..).next()
+            && other < end
+        {
+            return Err(BusError::Overlap { base, len, other });
         }
         self.devices.insert(base, (len, device));
         Ok(())
@@ -134,16 +134,33 @@ mod tests {
         bus.insert(dev(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1, other: 0x100 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1,
+                other: 0x100
+            })
         );
         assert_eq!(
             bus.insert(dev(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10, other: 0x100 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10,
+                other: 0x100
+            })
         );
-        assert_eq!(bus.insert(dev(), 0x200, 0), Err(BusError::BadRange { base: 0x200, len: 0 }));
+        assert_eq!(
+            bus.insert(dev(), 0x200, 0),
+            Err(BusError::BadRange {
+                base: 0x200,
+                len: 0
+            })
+        );
         assert_eq!(
             bus.insert(dev(), u64::MAX, 2),
-            Err(BusError::BadRange { base: u64::MAX, len: 2 })
+            Err(BusError::BadRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
         bus.insert(dev(), 0x110, 0x10).unwrap();
         bus.insert(dev(), 0xf0, 0x10).unwrap();

@@ -19,7 +19,9 @@ pub struct EventFdInterrupt {
 
 impl EventFdInterrupt {
     pub fn new() -> io::Result<Self> {
-        Ok(EventFdInterrupt { evt: EventFd::new(libc::EFD_NONBLOCK)? })
+        Ok(EventFdInterrupt {
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
     }
 
     /// The eventfd to register as the irqfd.

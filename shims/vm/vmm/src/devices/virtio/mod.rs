@@ -1,0 +1,109 @@
+//! virtio devices behind the virtio-mmio transport ([`mmio`]). A device model implements
+//! [`VirtioDevice`]; on activation it gets the guest memory, its queues, their notification
+//! eventfds and the interrupt status, and runs its I/O on a worker thread ([`worker`]) until
+//! reset or drop.
+
+pub mod block;
+pub mod mmio;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod vsock;
+pub mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemory;
+use crate::irq::Interrupt;
+
+/// Device ids (virtio 1.2, 5).
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Feature bits common to all devices.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt status bits (virtio-mmio InterruptStatus).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// A device model on the virtio-mmio transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// One entry per queue: its maximum size (a power of two).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered; the transport adds [`VIRTIO_F_VERSION_1`].
+    fn avail_features(&self) -> u64;
+    /// The features the driver accepted, before activation.
+    fn ack_features(&mut self, _features: u64) {}
+    /// Read device config space at `offset`; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write device config space; most devices ignore this.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Start the device: queues are validated and ready.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+        irq: Arc<InterruptStatus>,
+    ) -> Result<(), ActivateError>;
+    /// Stop the device (worker joined, backend state dropped) and return to the state before
+    /// activation.
+    fn reset(&mut self);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("starting the device worker")]
+    Worker(#[source] std::io::Error),
+    #[error("queue state")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("device is already active")]
+    AlreadyActive,
+}
+
+/// The InterruptStatus register shared by the transport (guest reads and acknowledges it) and
+/// the device worker (which sets bits and raises the line).
+pub struct InterruptStatus {
+    status: AtomicU32,
+    irq: Arc<dyn Interrupt>,
+}
+
+impl InterruptStatus {
+    pub fn new(irq: Arc<dyn Interrupt>) -> Self {
+        InterruptStatus {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Set `bits` (a combination of [`INT_USED_RING`], [`INT_CONFIG`]) and raise the line.
+    pub fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.irq.trigger() {
+            crate::guest_warn!("virtio: raising interrupt: {e}");
+        }
+    }
+
+    pub fn signal_used(&self) {
+        self.signal(INT_USED_RING);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,309 @@
+//! Tiny hand-assembled guests through the whole VMM: real mode (straight into the vCPU) and
+//! long mode (a minimal ELF through the same kernel loader and boot setup as vmlinux). They run
+//! under any KVM, PVM included, because they need no interrupts.
+//!
+//! Needs root and /dev/kvm; skips with a printed reason otherwise (fails under
+//! `SWITCHYARD_REQUIRE_ALL=1`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+use yard_vmm::bus::BusDevice;
+use yard_vmm::layout;
+use yard_vmm::vmm::{RealModeImage, StartOptions, Vm, VmExit, VmmConfig};
+
+fn require(ok: bool, reason: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
+        panic!("required prerequisite missing: {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+    false
+}
+
+fn have_kvm() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    require(root, "needs root")
+        && require(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok(),
+            "needs /dev/kvm",
+        )
+}
+
+/// A console writer the test can read back.
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn config(console: &Console, kernel: std::path::PathBuf) -> VmmConfig {
+    VmmConfig {
+        kernel,
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        vcpus: 1,
+        memory_mib: 64,
+        console: Box::new(console.clone()),
+        block: None,
+        vsock: None,
+    }
+}
+
+fn real_mode(code: &[u8]) -> StartOptions {
+    StartOptions {
+        real_mode: Some(RealModeImage {
+            code: code.to_vec(),
+            load_addr: 0x1000,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Waits for the VM to end, failing the test after `secs`.
+fn wait_for(vm: &Vm, secs: u64) -> VmExit {
+    assert!(
+        readable(vm.exit_fd(), secs * 1000),
+        "the VM did not end in {secs} s"
+    );
+    vm.exit().expect("exit reason once exit_fd is readable")
+}
+
+fn readable(fd: BorrowedFd<'_>, timeout_ms: u64) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack, an fd kept open by the borrow.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms as i32) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
+}
+
+// Real mode: `mov dx, 0x3f8; mov al, 'H'; out dx, al; mov al, 'i'; out dx, al;
+// mov al, 0xfe; out 0x64, al; hlt` (the i8042 reset command).
+const HELLO_RESET: &[u8] = &[
+    0xba, 0xf8, 0x03, 0xb0, b'H', 0xee, 0xb0, b'i', 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4,
+];
+
+#[test]
+fn real_mode_serial_output_reaches_the_console_and_i8042_resets() {
+    if !have_kvm() {
+        return;
+    }
+    let console = Console::default();
+    let vm = Vm::start_with(
+        config(&console, "/nonexistent".into()),
+        real_mode(HELLO_RESET),
+    )
+    .unwrap();
+    assert_eq!(wait_for(&vm, 10), VmExit::Reset);
+    assert_eq!(console.text(), "Hi");
+    assert_eq!(vm.wait(), VmExit::Reset);
+    vm.stop();
+    assert_eq!(
+        vm.exit(),
+        Some(VmExit::Reset),
+        "stop keeps the reason the VM ended with"
+    );
+}
+
+#[test]
+fn a_halted_boot_vcpu_waits_on_the_irqchip_or_ends_the_vm_without_one() {
+    if !have_kvm() {
+        return;
+    }
+    let console = Console::default();
+    // `mov al, '!'; mov dx, 0x3f8; out dx, al; cli; hlt`
+    let code = [0xb0, b'!', 0xba, 0xf8, 0x03, 0xee, 0xfa, 0xf4];
+    let vm = Vm::start_with(config(&console, "/nonexistent".into()), real_mode(&code)).unwrap();
+    if vm.has_irqchip() {
+        // KVM waits inside the kernel for an interrupt that never comes.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(vm.exit(), None);
+        vm.stop();
+        assert_eq!(vm.exit(), Some(VmExit::Stopped));
+    } else {
+        match wait_for(&vm, 10) {
+            VmExit::Error(msg) => assert!(msg.contains("halted"), "{msg}"),
+            other => panic!("expected a halt error, got {other:?}"),
+        }
+    }
+    assert_eq!(console.text(), "!");
+}
+
+#[test]
+fn stop_ends_a_spinning_guest_on_every_vcpu() {
+    if !have_kvm() {
+        return;
+    }
+    let console = Console::default();
+    let mut cfg = config(&console, "/nonexistent".into());
+    cfg.vcpus = 2;
+    // `jmp $`
+    let vm = Vm::start_with(cfg, real_mode(&[0xeb, 0xfe])).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.exit(), None);
+    assert!(!readable(vm.exit_fd(), 0));
+    vm.stop();
+    assert_eq!(vm.exit(), Some(VmExit::Stopped));
+    assert!(readable(vm.exit_fd(), 0));
+    vm.stop();
+    assert_eq!(vm.wait(), VmExit::Stopped);
+}
+
+/// An MMIO test device: remembers the last u32 written and reads back that value + 1, so a
+/// round trip proves both directions went through the bus.
+#[derive(Default)]
+struct Scratch {
+    value: u32,
+    writes: u32,
+}
+
+impl BusDevice for Scratch {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if offset == 0 && data.len() == 4 {
+            data.copy_from_slice(&(self.value + 1).to_le_bytes());
+        }
+    }
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset == 0 && data.len() == 4 {
+            self.value = u32::from_le_bytes(data.try_into().unwrap());
+            self.writes += 1;
+        }
+    }
+}
+
+const SCRATCH_BASE: u64 = 0xd080_0000;
+const RESULT_ADDR: u64 = 0x30_0000;
+const ENTRY: u64 = 0x20_0000;
+
+/// Long mode, identity mapped: MMIO write then read at SCRATCH_BASE, store the value read at
+/// RESULT_ADDR, boot-timer magic, 'K' on the serial port, i8042 reset.
+fn long_mode_program() -> Vec<u8> {
+    let mut c = Vec::new();
+    c.extend_from_slice(&[0x48, 0xb8]); // mov rax, imm64
+    c.extend_from_slice(&SCRATCH_BASE.to_le_bytes());
+    c.extend_from_slice(&[0xc7, 0x00, 0x78, 0x56, 0x34, 0x12]); // mov dword [rax], 0x12345678
+    c.extend_from_slice(&[0x8b, 0x18]); // mov ebx, [rax]
+    c.extend_from_slice(&[0x48, 0xb9]); // mov rcx, imm64
+    c.extend_from_slice(&RESULT_ADDR.to_le_bytes());
+    c.extend_from_slice(&[0x89, 0x19]); // mov [rcx], ebx
+    c.extend_from_slice(&[0x66, 0xba, 0x40, 0x04]); // mov dx, 0x440
+    c.extend_from_slice(&[0xb0, layout::BOOT_TIMER_MAGIC, 0xee]); // mov al, 123; out dx, al
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'K', 0xee]); // serial 'K'
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // i8042 reset; hlt
+    c
+}
+
+/// A static ELF64 with one PT_LOAD segment of `code` at physical address `entry`.
+fn elf(code: &[u8], entry: u64) -> Vec<u8> {
+    const PHOFF: u64 = 64;
+    const CODE_OFF: u64 = 0x1000;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LE, SysV
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes());
+    f.extend_from_slice(&PHOFF.to_le_bytes());
+    f.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+    f.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+    f.extend_from_slice(&1u16.to_le_bytes()); // phnum
+    f.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    assert_eq!(f.len() as u64, PHOFF);
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    f.extend_from_slice(&CODE_OFF.to_le_bytes());
+    f.extend_from_slice(&entry.to_le_bytes()); // vaddr
+    f.extend_from_slice(&entry.to_le_bytes()); // paddr
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    f.resize(CODE_OFF as usize, 0);
+    f.extend_from_slice(code);
+    f
+}
+
+#[test]
+fn long_mode_elf_does_mmio_boot_timer_serial_and_memory_then_resets() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, elf(&long_mode_program(), ENTRY)).unwrap();
+    let scratch = Arc::new(Mutex::new(Scratch::default()));
+    let opts = StartOptions {
+        mmio_devices: vec![(scratch.clone(), SCRATCH_BASE, 0x1000)],
+        ..Default::default()
+    };
+    let console = Console::default();
+    let vm = Vm::start_with(config(&console, kernel), opts).unwrap();
+    assert_eq!(wait_for(&vm, 10), VmExit::Reset);
+    assert_eq!(console.text(), "K");
+    let s = scratch.lock().unwrap();
+    assert_eq!((s.value, s.writes), (0x1234_5678, 1));
+    drop(s);
+    let stored: u32 = vm.memory().read_obj(GuestAddress(RESULT_ADDR)).unwrap();
+    assert_eq!(
+        stored, 0x1234_5679,
+        "the MMIO read result the guest stored in RAM"
+    );
+    let boot = vm.boot_time().expect("boot timer fired");
+    assert!(boot < Duration::from_secs(10), "{boot:?}");
+    assert!(readable(vm.boot_timer_fd(), 0));
+    // The boot structures the guest was given are in its memory.
+    let mut sig = [0u8; 4];
+    vm.memory()
+        .read_slice(&mut sig, GuestAddress(layout::MPTABLE_START))
+        .unwrap();
+    assert_eq!(&sig, b"_MP_");
+    let cmdline = vm
+        .memory()
+        .read_obj::<[u8; 13]>(GuestAddress(layout::CMDLINE_START))
+        .unwrap();
+    assert_eq!(&cmdline, b"console=ttyS0");
+}
+
+#[test]
+fn a_missing_kernel_fails_start_cleanly() {
+    if !have_kvm() {
+        return;
+    }
+    let console = Console::default();
+    let err = Vm::start(config(&console, "/nonexistent/vmlinux".into()))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    let mut cfg = config(&console, "/nonexistent".into());
+    cfg.vcpus = 0;
+    assert!(Vm::start(cfg).is_err());
+}
