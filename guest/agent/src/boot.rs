@@ -10,7 +10,7 @@ use std::time::Duration;
 use nix::mount::MsFlags;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use yard_agent_protocol::CMDLINE_DEBUG;
+use yard_agent_protocol::{CMDLINE_BOOT_TIMER, CMDLINE_CHANNEL, CMDLINE_DEBUG, cmdline_value};
 
 use crate::cgroup;
 
@@ -18,6 +18,10 @@ use crate::cgroup;
 #[derive(Debug, Default)]
 pub struct Boot {
     pub debug: bool,
+    /// `yard.channel=vsock`: serve on vsock only (the VMM has no virtio-serial port).
+    pub vsock_only: bool,
+    /// `yard.boot_timer=1`: tell the VMM's boot-timer device when the agent is ready.
+    pub boot_timer: bool,
     pub cpu_bandwidth: bool,
     /// Problems met before logging was up.
     pub early_errors: Vec<String>,
@@ -188,6 +192,8 @@ pub fn init(early_errors: Vec<String>) -> Boot {
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     boot.debug = debug_requested(&cmdline);
+    boot.vsock_only = cmdline_value(&cmdline, CMDLINE_CHANNEL) == Some("vsock");
+    boot.boot_timer = cmdline_value(&cmdline, CMDLINE_BOOT_TIMER).is_some_and(truthy);
     // Children of the root get the controllers the agent reports and limits.
     let controllers = std::fs::read_to_string(Path::new(cgroup::ROOT).join("cgroup.controllers"))
         .unwrap_or_default();
@@ -239,8 +245,12 @@ fn debug_requested(cmdline: &str) -> bool {
     cmdline.split_whitespace().any(|w| {
         w.strip_prefix(CMDLINE_DEBUG)
             .and_then(|r| r.strip_prefix('='))
-            .is_some_and(|v| matches!(v, "1" | "y" | "yes" | "true" | "on"))
+            .is_some_and(truthy)
     })
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(v, "1" | "y" | "yes" | "true" | "on")
 }
 
 /// Log lines carry the guest's uptime, like the kernel's.

@@ -26,10 +26,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use yard_agent_protocol::ttrpc::r#async::transport::Listener;
-use yard_agent_protocol::{PORT_NAME, READY_BANNER};
-
-/// The vsock port the agent listens on where vsock exists.
-pub const VSOCK_PORT: u32 = 1024;
+use yard_agent_protocol::{PORT_NAME, READY_BANNER, VSOCK_PORT};
 
 const PORTS: &str = "/sys/class/virtio-ports";
 

@@ -52,20 +52,30 @@ fn main() {
         debug: boot.debug,
         cpu_bandwidth: boot.cpu_bandwidth,
     };
+    let channels = Channels {
+        serial: !boot.vsock_only,
+        boot_timer: boot.boot_timer,
+    };
     match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(serve(settings)),
+        Ok(rt) => rt.block_on(serve(settings, channels)),
         Err(e) => tracing::error!(error = %e, "tokio runtime"),
     }
     // PID 1 must not return; what is left is to end the VM.
     boot::power_off();
 }
 
-async fn serve(settings: container::Settings) {
+/// Which channels to serve on, from the kernel command line.
+struct Channels {
+    serial: bool,
+    boot_timer: bool,
+}
+
+async fn serve(settings: container::Settings, channels: Channels) {
     let reaper = Arc::new(reaper::Reaper::default());
     tokio::spawn(reaper.clone().run());
     let agent = Arc::new(container::Agent::new(
@@ -79,19 +89,33 @@ async fn serve(settings: container::Settings) {
         }))
     };
     let mut servers = Vec::new();
-    let mut serial = Server::new()
-        .register_service(service())
-        .add_listener(channel::serial_listener());
-    match serial.start().await {
-        Ok(()) => servers.push(serial),
-        Err(e) => tracing::error!(error = %e, "serve the agent port"),
+    if channels.serial {
+        let mut serial = Server::new()
+            .register_service(service())
+            .add_listener(channel::serial_listener());
+        match serial.start().await {
+            Ok(()) => servers.push(serial),
+            Err(e) => tracing::error!(error = %e, "serve the agent port"),
+        }
     }
     if let Some(listener) = channel::vsock_listener() {
         let mut vsock = Server::new()
             .register_service(service())
             .add_listener(listener);
         match vsock.start().await {
-            Ok(()) => servers.push(vsock),
+            Ok(()) => {
+                servers.push(vsock);
+                tracing::info!(
+                    port = yard_agent_protocol::VSOCK_PORT,
+                    uptime_ms = boot::uptime().as_millis() as u64,
+                    "ready on vsock"
+                );
+                if channels.boot_timer
+                    && let Err(e) = sys::signal_boot_timer()
+                {
+                    tracing::warn!(error = %e, "signal the boot timer");
+                }
+            }
             Err(e) => tracing::error!(error = %e, "serve vsock"),
         }
     }

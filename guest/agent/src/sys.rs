@@ -1,4 +1,5 @@
-//! Kernel interfaces that nix and rustix do not wrap: loop devices and network interface flags.
+//! Kernel interfaces that nix and rustix do not wrap: loop devices, network interface flags and
+//! the boot-timer port.
 //! Every `unsafe` block of the agent lives here.
 
 use std::fs::{File, OpenOptions};
@@ -160,6 +161,36 @@ pub fn set_link_up(name: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Writes the boot-timer magic to the built-in VMM's boot-timer port: `ioperm` for that one
+/// port, one `out` instruction, and the permission dropped again.
+#[cfg(target_arch = "x86_64")]
+pub fn signal_boot_timer() -> io::Result<()> {
+    use yard_agent_protocol::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
+    let port = libc::c_ulong::from(BOOT_TIMER_PORT);
+    // SAFETY: ioperm only changes this thread's I/O permission bitmap for one port.
+    if unsafe { libc::ioperm(port, 1, 1) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the port is ours to write (ioperm above granted exactly it); the instruction
+    // touches no memory and clobbers no register but the ones named.
+    unsafe {
+        std::arch::asm!(
+            "out dx, al",
+            in("dx") BOOT_TIMER_PORT,
+            in("al") BOOT_TIMER_MAGIC,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    // SAFETY: as above; dropping the permission again.
+    unsafe { libc::ioperm(port, 1, 0) };
+    Ok(())
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn signal_boot_timer() -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 #[cfg(test)]

@@ -46,3 +46,40 @@ pub const SHARE_MOUNT: &str = "/run/yard/share";
 
 /// The kernel command-line key that turns on the agent's debug logs (`yard.debug=1`).
 pub const CMDLINE_DEBUG: &str = "yard.debug";
+
+/// The vsock port the agent listens on where the guest has vsock (the built-in VMM's hybrid
+/// vsock reaches it with `CONNECT 1024`).
+pub const VSOCK_PORT: u32 = 1024;
+
+/// `yard.channel=vsock` on the kernel command line: the VMM has no virtio-serial port, so the
+/// agent serves on vsock only (and does not wait for the port).
+pub const CMDLINE_CHANNEL: &str = "yard.channel";
+
+/// `yard.boot_timer=1`: when it is ready to serve, the agent writes
+/// [`BOOT_TIMER_MAGIC`] to I/O port [`BOOT_TIMER_PORT`], the built-in VMM's boot-timer device
+/// (firecracker's boot timer works the same way), so the VMM measures boot time itself.
+pub const CMDLINE_BOOT_TIMER: &str = "yard.boot_timer";
+pub const BOOT_TIMER_PORT: u16 = 0x440;
+pub const BOOT_TIMER_MAGIC: u8 = 123;
+
+/// The value of `key=value` on a kernel command line, if present (the last one wins, as the
+/// kernel's own parameters do).
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+}
+
+#[cfg(test)]
+mod cmdline_tests {
+    use super::*;
+
+    #[test]
+    fn values_are_read_by_key() {
+        let c = "console=ttyS0 yard.channel=vsock yard.debug=1 yard.channelx=no yard.debug=0";
+        assert_eq!(cmdline_value(c, CMDLINE_CHANNEL), Some("vsock"));
+        assert_eq!(cmdline_value(c, CMDLINE_DEBUG), Some("0"));
+        assert_eq!(cmdline_value(c, CMDLINE_BOOT_TIMER), None);
+    }
+}

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::{Error, Result};
 
-use crate::virt::AccelPreference;
+use crate::virt::{AccelPreference, BackendPreference};
 
 /// Where `scripts/guest` installs the guest kernel and the agent's initramfs.
 pub const DEFAULT_GUEST_DIR: &str = "/var/lib/switchyard/guest";
@@ -24,7 +24,11 @@ pub struct Options {
     pub qemu: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// `auto` (KVM where hardware virtualization is usable, TCG otherwise), `kvm` or `tcg`.
+    /// `auto` (the built-in VMM where KVM has hardware virtualization, QEMU otherwise),
+    /// `builtin` or `qemu`.
+    pub backend: BackendPreference,
+    /// QEMU's accelerator: `auto` (KVM where hardware virtualization is usable, TCG otherwise),
+    /// `kvm` or `tcg`.
     pub accel: AccelPreference,
     /// How long the guest may take from QEMU's start to the agent's ready banner.
     pub boot_timeout_ms: u64,
@@ -47,6 +51,7 @@ impl Default for Options {
             qemu: PathBuf::from("qemu-system-x86_64"),
             vcpus: 1,
             memory_mib: 256,
+            backend: BackendPreference::Auto,
             accel: AccelPreference::Auto,
             boot_timeout_ms: 20_000,
             cache_dir: PathBuf::from("/var/cache/switchyard/vm"),
@@ -126,6 +131,13 @@ mod tests {
         );
         assert!(err("vcpu = 2\n").contains("vcpu"));
         assert!(err("accel = \"fast\"\n").contains("fast"));
+        assert!(err("backend = \"firecracker\"\n").contains("firecracker"));
+        assert_eq!(
+            Options::from_toml("backend = \"builtin\"\n")
+                .map(|o| o.backend)
+                .ok(),
+            Some(BackendPreference::Builtin)
+        );
         assert!(err("memory_mib = 16\n").contains("memory_mib = 16"));
         assert!(err("vcpus = 0\n").contains("vcpus = 0"));
         assert!(err("kernel_args = [\"a b\"]\n").contains("kernel_args"));

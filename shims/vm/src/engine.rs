@@ -44,8 +44,8 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// Largest stdio read per agent call.
 const READ_CHUNK: u32 = 64 * 1024;
 
+#[derive(Default)]
 pub struct VmEngine {
-    hypervisor: Arc<dyn Hypervisor>,
     sandbox: Arc<Slot>,
 }
 
@@ -53,11 +53,10 @@ pub struct VmEngine {
 type Slot = Mutex<Option<Arc<Sandbox>>>;
 
 impl VmEngine {
-    pub fn new(hypervisor: Arc<dyn Hypervisor>) -> VmEngine {
-        VmEngine {
-            hypervisor,
-            sandbox: Arc::new(Mutex::new(None)),
-        }
+    /// The backend is chosen per sandbox from its options and the host
+    /// ([`crate::virt::choose_backend`]).
+    pub fn new() -> VmEngine {
+        VmEngine::default()
     }
 }
 
@@ -68,6 +67,10 @@ struct Sandbox {
     /// while the shim lives (a later sandbox may reuse a deleted container's id).
     key: String,
     options: Options,
+    /// The hypervisor backend's name.
+    backend: &'static str,
+    /// Later containers' images can reach the VM ([`Hypervisor::shares_files`]).
+    shares_files: bool,
     vm: Box<dyn Vm>,
     agent: Agent,
     state_dir: PathBuf,
@@ -251,13 +254,20 @@ impl VmEngine {
         // container to leak.
         let init = VmProcess::open(&req.id, "", &req.stdio, &req.namespace, terminal)?;
         let (sandbox, storage, shared) = match slot.as_ref() {
+            Some(sb) if !sb.shares_files => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sandbox {} runs on the {} backend, which gives a VM one root disk and no \
+                     shared directory: it runs one container (use backend = \"qemu\" for \
+                     groups and pods)",
+                    sb.id, sb.backend
+                )));
+            }
             Some(sb) => {
                 let (storage, file) = sb.share_image(&req.id, &image.path, image.fstype())?;
                 (sb.clone(), storage, Some(file))
             }
             None => {
                 let sb = Sandbox::boot(
-                    self.hypervisor.as_ref(),
                     &req.namespace,
                     &req.id,
                     options,
@@ -387,7 +397,6 @@ async fn release(slot: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
 
 impl Sandbox {
     async fn boot(
-        hypervisor: &dyn Hypervisor,
         namespace: &str,
         id: &str,
         options: Options,
@@ -400,8 +409,13 @@ impl Sandbox {
                 .await
                 .map_err(|e| Error::Internal(format!("detect virtualization: {e}")))?
         };
-        let accel = crate::virt::choose_accel(options.accel, &virt)
+        let backend = crate::virt::choose_backend(options.backend, options.accel, &virt)
             .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
+        let accel = backend.accel();
+        let hypervisor: Box<dyn Hypervisor> = match backend {
+            crate::virt::Backend::Builtin => Box::new(crate::builtin::Builtin),
+            crate::virt::Backend::Qemu(_) => Box::new(crate::qemu::Qemu),
+        };
         let key = format!("{id}-{}", std::process::id());
         let state_dir = state_dir(namespace, &key);
         let share_dir = share_dir(&options, namespace, &key);
@@ -476,6 +490,8 @@ impl Sandbox {
             id: id.to_owned(),
             key,
             options,
+            backend: hypervisor.name(),
+            shares_files: hypervisor.shares_files(),
             vm,
             agent,
             state_dir,

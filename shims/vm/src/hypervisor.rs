@@ -1,5 +1,5 @@
 //! The hypervisor backend interface: what the shim's engine needs from a VMM, so the QEMU backend
-//! ([`crate::qemu`]) and a built-in KVM VMM later plug in behind the same two traits
+//! ([`crate::qemu`]) and the built-in KVM VMM ([`crate::builtin`]) plug in behind the same two traits
 //! (cloud-hypervisor's `hypervisor` crate is shaped the same way).
 //!
 //! A backend boots one VM per [`VmConfig`] and hands back a [`Vm`] whose agent stream is already
@@ -136,6 +136,11 @@ pub enum BootVmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("start the built-in VMM")]
+    Vmm {
+        #[source]
+        source: yard_vmm::vmm::StartVmError,
+    },
 }
 
 impl BootVmError {
@@ -161,8 +166,14 @@ pub enum VmError {
 /// A VMM: boots VMs.
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
-    /// `qemu`, later `kvm`.
+    /// `qemu` or `builtin`.
     fn name(&self) -> &'static str;
+
+    /// The VM can take files after boot (the QEMU backend's 9p share): later containers of a
+    /// sandbox get their images through it. Without it a sandbox runs one container.
+    fn shares_files(&self) -> bool {
+        true
+    }
 
     /// Start the VM and wait for its agent's ready banner. On any error nothing is left running.
     ///

@@ -7,7 +7,7 @@ use crate::virt;
 /// A flat JSON object of strings: the daemon passes it on as plugin exports.
 pub fn report(options: &Options) -> serde_json::Value {
     let v = virt::detect_with(&options.qemu);
-    let accel = virt::choose_accel(options.accel, &v);
+    let backend = virt::choose_backend(options.backend, options.accel, &v);
     let file = |p: &std::path::Path, how: &str| {
         if p.is_file() {
             p.display().to_string()
@@ -17,10 +17,13 @@ pub fn report(options: &Options) -> serde_json::Value {
     };
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_owned();
     serde_json::json!({
-        "backend": "qemu",
-        "accel": match &accel {
-            Ok(a) => a.to_string(),
+        "backend": match &backend {
+            Ok(b) => b.name().to_owned(),
             Err(e) => format!("none ({e})"),
+        },
+        "accel": match &backend {
+            Ok(b) => b.accel().to_string(),
+            Err(_) => "none".to_owned(),
         },
         "hardware_virtualization": v.hardware_virtualization.clone().unwrap_or_else(|| "no".into()),
         "kvm_device": yes_no(v.kvm_device),

@@ -7,9 +7,8 @@
 //! on this host (backend, accelerator, virtualization facts, guest files); `yard info` shows it.
 
 use std::io::Write;
-use std::sync::Arc;
 
-use containerd_shim_yard_vm_v1::{config::Options, engine::VmEngine, info, qemu::Qemu};
+use containerd_shim_yard_vm_v1::{config::Options, engine::VmEngine, info};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -28,5 +27,5 @@ fn main() {
         let _ = writeln!(out, "{report}");
         std::process::exit(0);
     }
-    yard_shim_kit::run(env!("CARGO_PKG_VERSION"), |_| VmEngine::new(Arc::new(Qemu)))
+    yard_shim_kit::run(env!("CARGO_PKG_VERSION"), |_| VmEngine::new())
 }

@@ -177,3 +177,10 @@ pub fn lock_exclusive(file: &File) -> io::Result<()> {
         }
     }
 }
+
+/// Register an owned fd (an eventfd) with the current tokio runtime, for readability.
+pub fn watch_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` owns its fd and nothing replaces it, so `as_raw_fd` returns the same
+    // open fd for as long as the `AsyncFd` owns it.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}

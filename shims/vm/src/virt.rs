@@ -139,6 +139,76 @@ fn hardware_virtualization(cpuinfo: &str) -> Option<&'static str> {
     })
 }
 
+/// The `backend` option.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendPreference {
+    /// `builtin` where KVM is usable for our guests (and `accel` is not `tcg`), QEMU otherwise.
+    #[default]
+    Auto,
+    Builtin,
+    Qemu,
+}
+
+/// The hypervisor backend a VM gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-process KVM VMM ([`crate::builtin`]).
+    Builtin,
+    /// QEMU, with the accelerator chosen by [`choose_accel`].
+    Qemu(Accel),
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Builtin => "builtin",
+            Backend::Qemu(_) => "qemu",
+        }
+    }
+
+    pub fn accel(self) -> Accel {
+        match self {
+            Backend::Builtin => Accel::Kvm,
+            Backend::Qemu(a) => a,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(
+        "backend = \"builtin\", but KVM is not usable here: {reason}; set backend to \"auto\" \
+         or \"qemu\""
+    )]
+    KvmUnusable { reason: KvmUnusable },
+    #[error("backend = \"builtin\" runs on KVM only: accel = \"tcg\" needs backend \"qemu\"")]
+    BuiltinWithTcg,
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+}
+
+/// The backend for `backend` and `accel` on a host like `v`: the built-in VMM needs hardware
+/// virtualization; QEMU runs anywhere.
+pub fn choose_backend(
+    backend: BackendPreference,
+    accel: AccelPreference,
+    v: &Virtualization,
+) -> Result<Backend, BackendError> {
+    match backend {
+        BackendPreference::Qemu => Ok(Backend::Qemu(choose_accel(accel, v)?)),
+        BackendPreference::Builtin => match (accel, v.kvm_unusable()) {
+            (AccelPreference::Tcg, _) => Err(BackendError::BuiltinWithTcg),
+            (_, Some(reason)) => Err(BackendError::KvmUnusable { reason }),
+            (_, None) => Ok(Backend::Builtin),
+        },
+        BackendPreference::Auto => match (accel, v.kvm_unusable()) {
+            (AccelPreference::Auto | AccelPreference::Kvm, None) => Ok(Backend::Builtin),
+            _ => Ok(Backend::Qemu(choose_accel(accel, v)?)),
+        },
+    }
+}
+
 /// The accelerator for `preference` on a host like `v`.
 pub fn choose_accel(preference: AccelPreference, v: &Virtualization) -> Result<Accel, AccelError> {
     match (preference, v.kvm_unusable()) {
@@ -203,6 +273,47 @@ mod tests {
                 reason: KvmUnusable::NoDevice
             })
         ));
+    }
+
+    #[test]
+    fn builtin_is_chosen_only_where_kvm_has_hardware_virtualization() {
+        use AccelPreference as A;
+        use BackendPreference as B;
+        let kvm = host(Some("svm"), true, false);
+        let pvm = host(None, true, true);
+        let choose = |b, a, v: &Virtualization| choose_backend(b, a, v).map_err(|e| e.to_string());
+        assert_eq!(choose(B::Auto, A::Auto, &kvm), Ok(Backend::Builtin));
+        assert_eq!(choose(B::Auto, A::Kvm, &kvm), Ok(Backend::Builtin));
+        assert_eq!(choose(B::Auto, A::Tcg, &kvm), Ok(Backend::Qemu(Accel::Tcg)));
+        assert_eq!(
+            choose(B::Qemu, A::Auto, &kvm),
+            Ok(Backend::Qemu(Accel::Kvm))
+        );
+        assert_eq!(
+            choose(B::Auto, A::Auto, &pvm),
+            Ok(Backend::Qemu(Accel::Tcg))
+        );
+        assert_eq!(
+            choose(B::Qemu, A::Auto, &pvm),
+            Ok(Backend::Qemu(Accel::Tcg))
+        );
+        let e = choose(B::Builtin, A::Auto, &pvm).unwrap_err();
+        assert!(
+            e.starts_with("backend = \"builtin\", but KVM is not usable here"),
+            "{e}"
+        );
+        assert!(
+            choose(B::Builtin, A::Tcg, &kvm)
+                .unwrap_err()
+                .contains("accel = \"tcg\"")
+        );
+        assert!(
+            choose(B::Auto, A::Kvm, &pvm)
+                .unwrap_err()
+                .contains("accel = \"kvm\"")
+        );
+        assert_eq!(Backend::Builtin.name(), "builtin");
+        assert_eq!(Backend::Qemu(Accel::Tcg).accel(), Accel::Tcg);
     }
 
     #[test]
