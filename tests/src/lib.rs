@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 pub mod daemon;
 pub mod images;
+pub mod nested;
 pub mod wasm;
 
 pub use daemon::{Containerd, Daemon};

@@ -1,0 +1,277 @@
+//! The nested-KVM test harness (`switchyard_tests::nested`) proves itself: inside the outer
+//! QEMU TCG VM (emulated AMD SVM), `/dev/kvm` is kvm_amd, the vm shim's `info` sees hardware
+//! virtualization and no PVM (so it would pick `-accel kvm`), and KVM answers ioctls: API
+//! version 12, and a VM can be created.
+//!
+//! Needs root, qemu-system-x86_64, busybox-static, and the outer kernel (`scripts/guest` builds
+//! it with `guest/kernel/build.sh nested`); skips with a printed reason otherwise.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stderr,
+    clippy::print_stdout
+)]
+
+use std::time::Duration;
+
+use switchyard_tests::nested::{self, NestedVm};
+use switchyard_tests::*;
+
+/// Set inside the nested VM to make `probe_kvm_inside_the_nested_vm` do its work.
+const PROBE_ENV: &str = "SWITCHYARD_NESTED_PROBE";
+const PROBE_TEST: &str = "probe_kvm_inside_the_nested_vm";
+
+#[test]
+fn nested_vm_has_hardware_kvm() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let shim = bin("containerd-shim-yard-vm-v1");
+    let me = std::env::current_exe().unwrap();
+    let vm = NestedVm::builder()
+        .binary(&shim, "/usr/bin/containerd-shim-yard-vm-v1")
+        // This test binary is the KVM probe too (see the test below).
+        .binary(&me, "/usr/bin/nested-probe")
+        .mkfs_erofs()
+        .env(PROBE_ENV, "1")
+        .payload(&format!(
+            "set -e\n\
+             ls -l /dev/kvm\n\
+             echo \"info: $(containerd-shim-yard-vm-v1 info)\"\n\
+             nested-probe --exact {PROBE_TEST} --nocapture --test-threads=1\n\
+             mkfs.erofs --quiet /tmp/etc.erofs /etc && test -s /tmp/etc.erofs && echo erofs ok\n"
+        ))
+        .payload_timeout(Duration::from_secs(60))
+        .timeout(Duration::from_secs(180))
+        .build()
+        .unwrap();
+    let (bytes, pack) = vm.initrd_stats();
+    let run = vm.run().unwrap();
+    println!(
+        "nested VM: initramfs {} KiB packed in {pack:.2?}; outer boot to payload {:.2?} (guest \
+         uptime), payload {:.2?}, whole run {:.2?} (host wall clock)",
+        bytes / 1024,
+        run.boot_to_payload,
+        run.payload_time,
+        run.wall
+    );
+    assert_eq!(
+        run.status, 0,
+        "payload failed; its output:\n{}\nconsole:\n{}",
+        run.output, run.console
+    );
+
+    let info_line = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("info: "))
+        .unwrap_or_else(|| panic!("no shim info in:\n{}", run.output));
+    let info: serde_json::Value = serde_json::from_str(info_line).unwrap();
+    assert_eq!(info["hardware_virtualization"], "svm", "{info}");
+    assert_eq!(info["kvm_pvm"], "no", "{info}");
+    assert_eq!(info["kvm_device"], "yes", "{info}");
+    assert_eq!(info["accel"], "kvm", "{info}");
+    assert!(
+        run.output.contains("kvm probe: api 12, vm created"),
+        "{}",
+        run.output
+    );
+    assert!(run.output.contains("erofs ok"), "{}", run.output);
+}
+
+#[test]
+fn payload_status_output_env_and_its_timeout() {
+    if !require_root_and(&[]) || !nested::require_harness() {
+        return;
+    }
+    let vm = NestedVm::builder()
+        .env("GREETING", "it's $HOME")
+        .text("/etc/motd", "carried\n", 0o644)
+        .dir(busybox_rootfs(), "/containers/busybox")
+        .symlink("/containers/busybox/etc/hello.txt", "/hello")
+        .payload(
+            "echo \"$GREETING\"; cat /etc/motd /hello; echo to-stderr >&2\n\
+             test -L /containers/busybox/bin/sh || exit 9\n\
+             exit 7",
+        )
+        .build()
+        .unwrap();
+    let run = vm.run().unwrap();
+    assert_eq!(run.status, 7);
+    assert_eq!(
+        run.output,
+        "it's $HOME\ncarried\nhello from the rootfs\nto-stderr\n"
+    );
+
+    let vm = NestedVm::builder()
+        .payload("echo sleeping; sleep 600")
+        .payload_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let run = vm.run().unwrap();
+    assert_eq!(run.status, 124, "{}", run.output);
+    assert!(
+        run.output.contains("did not finish within 2s"),
+        "{}",
+        run.output
+    );
+    assert!(run.payload_time >= Duration::from_secs(2), "{run:?}");
+}
+
+#[test]
+fn a_vm_that_never_reports_fails_with_the_console_and_leaves_no_qemu() {
+    if !require_root_and(&[]) || !nested::require_harness() {
+        return;
+    }
+    // No /init: the kernel panics looking for a root filesystem, and `panic=-1` ends QEMU.
+    let vm = NestedVm::builder()
+        .kernel_arg("rdinit=/missing")
+        .build()
+        .unwrap();
+    let err = format!("{:#}", vm.run().unwrap_err());
+    assert!(
+        err.contains("without reporting the payload's status"),
+        "{err}"
+    );
+    assert!(err.contains("Kernel panic"), "{err}");
+
+    // The host-side timeout kills QEMU.
+    let vm = NestedVm::builder()
+        .payload("sleep 600")
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let err = format!("{:#}", vm.run().unwrap_err());
+    assert!(
+        err.contains("did not finish within 3s (QEMU killed)"),
+        "{err}"
+    );
+    let initrd = vm.initrd_path().display().to_string();
+    assert!(
+        processes_matching(&[nested::QEMU, &initrd]).is_empty(),
+        "QEMU still runs"
+    );
+}
+
+/// The KVM probe: does its work only inside the nested VM (the test above runs this binary
+/// there with `SWITCHYARD_NESTED_PROBE=1`); elsewhere it has nothing to check and passes.
+#[test]
+fn probe_kvm_inside_the_nested_vm() {
+    if std::env::var_os(PROBE_ENV).is_none() {
+        return;
+    }
+    let (api, vm_fd) = kvm::api_version_and_create_vm().unwrap();
+    assert_eq!(api, 12, "KVM_GET_API_VERSION");
+    drop(vm_fd);
+    println!("kvm probe: api {api}, vm created");
+}
+
+/// The two ioctls of the probe.
+mod kvm {
+    use std::fs::OpenOptions;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    const KVM_GET_API_VERSION: nix::libc::c_ulong = 0xAE00; // _IO(KVMIO, 0x00)
+    const KVM_CREATE_VM: nix::libc::c_ulong = 0xAE01; // _IO(KVMIO, 0x01)
+
+    pub fn api_version_and_create_vm() -> std::io::Result<(i32, OwnedFd)> {
+        let kvm = OpenOptions::new().read(true).write(true).open("/dev/kvm")?;
+        // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a number; `kvm` is an
+        // open /dev/kvm for the duration of the call.
+        let api = unsafe { nix::libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+        if api < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: KVM_CREATE_VM takes the machine type (0: default) by value and returns a new
+        // fd, which nothing else owns.
+        let vm = unsafe { nix::libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
+        if vm < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `vm` is a fresh fd from KVM_CREATE_VM, owned by nobody else.
+        Ok((api, unsafe { OwnedFd::from_raw_fd(vm) }))
+    }
+}
+
+/// Issue 7: inside the harness (a hardware-style KVM), switchyardd picks the built-in VMM for
+/// the vm runtime, `yard info` says so, and `yard run --runtime vm` runs a container in a
+/// microVM booted by it: the guest kernel and agent, over hybrid vsock, with the rootfs image on
+/// its virtio-blk disk. The shim's log shows the boot time the VMM's boot timer measured.
+#[test]
+fn the_builtin_vmm_runs_a_container_inside_the_harness() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let vm = NestedVm::builder()
+        .binary(bin("switchyardd"), "/usr/bin/switchyardd")
+        .binary(bin("yard"), "/usr/bin/yard")
+        .binary(
+            bin("containerd-shim-yard-vm-v1"),
+            "/usr/bin/containerd-shim-yard-vm-v1",
+        )
+        .mkfs_erofs()
+        .guest_kernel_and_initrd()
+        .dir(busybox_rootfs(), "/containers/busybox")
+        .text(
+            "/etc/switchyard/config.toml",
+            "root = \"/var/lib/switchyard\"\n\
+             state = \"/run/switchyard\"\n\
+             [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
+             [log]\nlevel = \"debug\"\n\
+             [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
+             [runtimes.vm.options]\nbackend = \"auto\"\nboot_timeout_ms = 60000\n",
+            0o644,
+        )
+        .payload(
+            "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
+             switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
+             i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
+             echo \"info: $(yard info --json | tr -d '\\n')\"\n\
+             start=$(cut -d' ' -f1 /proc/uptime)\n\
+             yard run --runtime vm --rm --rootfs /containers/busybox -- \
+               /bin/sh -c 'echo \"in the guest: $(uname -r) $(cat /proc/sys/kernel/hostname)\"; exit 3'\n\
+             echo \"run status: $?\"\n\
+             echo \"run took: $start $(cut -d' ' -f1 /proc/uptime)\"\n\
+             echo \"qemu processes: $(ps | grep -c [q]emu-system)\"\n\
+             kill %1 2>/dev/null; sleep 0.2\n\
+             echo '--- switchyardd log (vm shim lines)'\n\
+             grep -e 'VM ready' -e 'boot' -e ERROR -e WARN /tmp/switchyardd.log | tail -20\n",
+        )
+        .payload_timeout(Duration::from_secs(240))
+        .timeout(Duration::from_secs(400))
+        .build()
+        .unwrap();
+    let run = vm.run().unwrap();
+    println!(
+        "nested builtin run: outer boot to payload {:.2?}, payload {:.2?}, whole {:.2?}\n{}",
+        run.boot_to_payload, run.payload_time, run.wall, run.output
+    );
+    assert_eq!(
+        run.status, 0,
+        "payload failed; output:\n{}\nconsole:\n{}",
+        run.output, run.console
+    );
+    let info_line = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("info: "))
+        .unwrap_or_else(|| panic!("no yard info in:\n{}", run.output));
+    let info: serde_json::Value = serde_json::from_str(info_line)
+        .unwrap_or_else(|e| panic!("yard info --json: {e}: {info_line}"));
+    let vm_info = info["runtimes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "vm"))
+        .map(|r| r["vm"].clone())
+        .unwrap_or_default();
+    assert_eq!(vm_info["backend"], "builtin", "{info}");
+    assert_eq!(vm_info["accel"], "kvm", "{info}");
+    assert!(
+        run.output.contains("in the guest: 6.1."),
+        "the container did not run in the guest:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    assert!(run.output.contains("run status: 3"), "{}", run.output);
+    assert!(run.output.contains("qemu processes: 0"), "{}", run.output);
+}
