@@ -275,3 +275,66 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
     assert!(run.output.contains("run status: 3"), "{}", run.output);
     assert!(run.output.contains("qemu processes: 0"), "{}", run.output);
 }
+
+/// Issue 7, SMP: the built-in VMM boots the guest with `vcpus = 2` (MP table, per-vCPU CPUID
+/// and LAPICs, the second vCPU started by the guest kernel with INIT/SIPI through the in-kernel
+/// irqchip), and the container sees both CPUs. The harness VM gets two CPUs too.
+#[test]
+fn the_builtin_vmm_boots_a_two_vcpu_guest() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let vm = NestedVm::builder()
+        .vcpus(2)
+        .binary(bin("switchyardd"), "/usr/bin/switchyardd")
+        .binary(bin("yard"), "/usr/bin/yard")
+        .binary(
+            bin("containerd-shim-yard-vm-v1"),
+            "/usr/bin/containerd-shim-yard-vm-v1",
+        )
+        .mkfs_erofs()
+        .guest_kernel_and_initrd()
+        .dir(busybox_rootfs(), "/containers/busybox")
+        .text(
+            "/etc/switchyard/config.toml",
+            "root = \"/var/lib/switchyard\"\n\
+             state = \"/run/switchyard\"\n\
+             [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
+             [log]\nlevel = \"debug\"\n\
+             [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
+             [runtimes.vm.options]\nbackend = \"builtin\"\nvcpus = 2\nboot_timeout_ms = 60000\n",
+            0o644,
+        )
+        .payload(
+            "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
+             switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
+             i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
+             yard run --runtime vm --rm --rootfs /containers/busybox -- \
+               /bin/sh -c 'echo \"guest cpus: $(nproc) $(grep -c ^processor /proc/cpuinfo)\"'\n\
+             echo \"run status: $?\"\n\
+             kill %1 2>/dev/null; sleep 0.2\n\
+             echo '--- switchyardd log (vm shim lines)'\n\
+             grep -e 'VM ' -e 'boot' -e ERROR -e WARN /tmp/switchyardd.log | tail -20\n",
+        )
+        .payload_timeout(Duration::from_secs(240))
+        .timeout(Duration::from_secs(400))
+        .build()
+        .unwrap();
+    let run = vm.run().unwrap();
+    println!(
+        "nested builtin 2-vCPU run: payload {:.2?}, whole {:.2?}\n{}",
+        run.payload_time, run.wall, run.output
+    );
+    assert_eq!(
+        run.status, 0,
+        "payload failed; output:\n{}\nconsole:\n{}",
+        run.output, run.console
+    );
+    assert!(
+        run.output.contains("guest cpus: 2 2"),
+        "the guest did not bring up both vCPUs:\n{}\nconsole:\n{}",
+        run.output,
+        run.console
+    );
+    assert!(run.output.contains("run status: 0"), "{}", run.output);
+}

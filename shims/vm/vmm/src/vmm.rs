@@ -34,7 +34,7 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::irq::{EventFdInterrupt, Interrupt};
-use crate::kvm::vm::{CreateVcpuError, CreateVmError, IrqError, SetMemoryError};
+use crate::kvm::vm::{CreateVcpuError, CreateVmError, IrqError};
 use crate::kvm::{GuestRam, GuestRamError, KvmVm, Vcpu, vcpu};
 use crate::layout;
 
@@ -111,8 +111,6 @@ pub enum StartVmError {
     CreateVm(#[from] CreateVmError),
     #[error(transparent)]
     GuestRam(#[from] GuestRamError),
-    #[error(transparent)]
-    SetMemory(#[from] SetMemoryError),
     #[error(transparent)]
     Irq(#[from] IrqError),
     #[error(transparent)]
@@ -196,10 +194,9 @@ pub struct Vm {
     devices: Mutex<Option<Devices>>,
     boot_timer: Arc<BootTimerState>,
     boot_timer_evt: EventFd,
-    // Closed after the threads that use them are joined (`Drop` runs `stop` first), and the VM
-    // before the memory it maps (field order).
+    // Closed after the threads that use it are joined (`Drop` runs `stop` first); it owns the
+    // guest memory and unmaps it only after the VM's last fd is closed.
     kvm: KvmVm,
-    ram: GuestRam,
 }
 
 impl Vm {
@@ -220,11 +217,11 @@ impl Vm {
         }
         vcpu::install_kick_handler().map_err(StartVmError::KickSignal)?;
 
-        let mut kvm = KvmVm::new()?;
-        kvm.setup_irqchip();
         let ram = GuestRam::new(u64::from(cfg.memory_mib) << 20)?;
-        kvm.set_memory(&ram)?;
-        let mem = ram.memory();
+        let regions: Vec<(u64, u64)> = ram.regions().map(|(gpa, size, _)| (gpa, size)).collect();
+        let mut kvm = KvmVm::new(ram)?;
+        kvm.setup_irqchip();
+        let mem = &kvm.memory().clone();
 
         let fd = |r: io::Result<EventFd>| r.map_err(StartVmError::Fd);
         let mut io_bus = Bus::new();
@@ -294,7 +291,6 @@ impl Vm {
             mmio_bus.insert(device, base, len)?;
         }
 
-        let regions: Vec<(u64, u64)> = ram.regions().map(|(gpa, size, _)| (gpa, size)).collect();
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
             vcpus.push(kvm.create_vcpu(id)?);
@@ -395,13 +391,12 @@ impl Vm {
             boot_timer: boot_timer_state,
             boot_timer_evt,
             kvm,
-            ram,
         })
     }
 
     /// The guest's memory (for inspection; it stays mapped until the `Vm` is dropped).
     pub fn memory(&self) -> &crate::GuestMemory {
-        self.ram.memory()
+        self.kvm.memory()
     }
 
     /// Whether KVM gave the VM an in-kernel irqchip (so interrupts reach the guest).
@@ -445,15 +440,17 @@ impl Vm {
     }
 
     /// Stops the vCPUs and the devices and joins their threads. Idempotent; a VM that already
-    /// ended keeps its exit reason.
+    /// ended keeps its exit reason. Concurrent calls all return once the VM has ended.
     pub fn stop(&self) {
-        let control = lock(&self.control).take();
-        if let Some(control) = control {
+        // Held until the control thread is joined, so a second caller waits for the first.
+        let mut control = lock(&self.control);
+        if let Some(control) = control.take() {
             self.shared.end(VmExit::Stopped);
             if control.join().is_err() {
                 tracing::error!("the VM control thread panicked");
             }
         }
+        drop(control);
         // The vCPU threads' bus clones are gone: this drops the devices and joins their threads.
         drop(lock(&self.devices).take());
     }
@@ -550,8 +547,28 @@ fn unclaimed(kind: &str, addr: u64, len: usize) {
     }
 }
 
+/// Ends the VM if its vCPU thread unwinds (a device model panicking in an exit handler), so
+/// the control thread still stops the other vCPUs and `wait` returns.
+struct EndOnPanic<'a> {
+    shared: &'a Shared,
+    id: u8,
+}
+
+impl Drop for EndOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared
+                .end(VmExit::Error(format!("vCPU {} panicked", self.id)));
+        }
+    }
+}
+
 fn run_vcpu(mut vcpu: Vcpu, ctx: VcpuContext) {
     let id = vcpu.id();
+    let _end_on_panic = EndOnPanic {
+        shared: &ctx.shared,
+        id,
+    };
     if let Err(e) = vmm_sys_util::signal::unblock_signal(vcpu::kick_signal()) {
         ctx.shared.end(VmExit::Error(format!(
             "vCPU {id}: unblocking the kick signal: {e}"

@@ -1,12 +1,14 @@
-//! A VM leaves nothing behind: after it ends and is dropped, the process has the same file
-//! descriptors and threads as before. Its own test binary, so no other test opens fds or
-//! spawns threads meanwhile.
+//! A VM leaves nothing behind: after it ends and is dropped, or after `Vm::start` fails midway,
+//! the process has the same file descriptors, threads and guest memory mappings as before. Its
+//! own test binary with one test, so nothing else opens fds or spawns threads meanwhile.
 
-#![allow(clippy::unwrap_used, clippy::print_stderr)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::time::Duration;
 
-use yard_vmm::vmm::{RealModeImage, StartOptions, Vm, VmExit, VmmConfig};
+use std::path::{Path, PathBuf};
+
+use yard_vmm::vmm::{BlockConfig, RealModeImage, StartOptions, Vm, VmExit, VmmConfig, VsockConfig};
 
 fn require(ok: bool, reason: &str) -> bool {
     if ok {
@@ -37,9 +39,9 @@ fn guest_ram_mappings() -> usize {
         .count()
 }
 
-fn start(code: &[u8], vcpus: u8) -> Vm {
-    let cfg = VmmConfig {
-        kernel: "/nonexistent".into(),
+fn config(kernel: &Path, vcpus: u8) -> VmmConfig {
+    VmmConfig {
+        kernel: kernel.into(),
         initrd: None,
         cmdline: String::new(),
         vcpus,
@@ -47,7 +49,11 @@ fn start(code: &[u8], vcpus: u8) -> Vm {
         console: Box::new(std::io::sink()),
         block: None,
         vsock: None,
-    };
+    }
+}
+
+fn start(code: &[u8], vcpus: u8) -> Vm {
+    let cfg = config(Path::new("/nonexistent"), vcpus);
     let opts = StartOptions {
         real_mode: Some(RealModeImage {
             code: code.to_vec(),
@@ -96,4 +102,97 @@ fn ended_and_stopped_vms_leave_no_fds_or_threads() {
     assert_eq!(count("/proc/self/fd"), fds);
     assert_eq!(count("/proc/self/task"), threads);
     assert_eq!(guest_ram_mappings(), ram_maps, "guest memory unmapped");
+
+    a_start_that_fails_midway_leaves_nothing_behind();
+}
+
+/// What the process holds, to compare before and after.
+#[derive(Debug, PartialEq, Eq)]
+struct Held {
+    fds: usize,
+    threads: usize,
+    ram_maps: usize,
+}
+
+fn held() -> Held {
+    Held {
+        fds: count("/proc/self/fd"),
+        threads: count("/proc/self/task"),
+        ram_maps: guest_ram_mappings(),
+    }
+}
+
+/// Part of the one test: failing starts.
+fn a_start_that_fails_midway_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_elf = dir.path().join("vmlinux");
+    std::fs::write(&not_elf, b"not an ELF file").unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let uds = dir.path().join("vsock.sock");
+    let block = |path: PathBuf| {
+        Some(BlockConfig {
+            path,
+            read_only: false,
+        })
+    };
+    let vsock = |uds_path: PathBuf| {
+        Some(VsockConfig {
+            guest_cid: 3,
+            uds_path,
+        })
+    };
+    let fail = |cfg: VmmConfig| -> String {
+        let err = Vm::start(cfg).err().expect("the start fails");
+        let mut msg = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            msg.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        msg
+    };
+    // Warm up: the kick handler, the allocator's arenas.
+    drop(start(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4], 1));
+    let before = held();
+
+    // Every device built, then the kernel does not load.
+    let mut cfg = config(&not_elf, 2);
+    cfg.block = block(disk.clone());
+    cfg.vsock = vsock(uds.clone());
+    let msg = fail(cfg);
+    assert!(msg.contains("kernel"), "{msg}");
+    assert_eq!(held(), before, "after a kernel that does not load: {msg}");
+    assert!(!uds.exists(), "the vsock socket is removed");
+
+    // Every device built, then the command line is too long for the kernel.
+    let mut cfg = config(&not_elf, 1);
+    cfg.cmdline = "x".repeat(3000);
+    cfg.block = block(disk.clone());
+    cfg.vsock = vsock(uds.clone());
+    let msg = fail(cfg);
+    assert!(msg.contains("3070 bytes"), "{msg}");
+    assert_eq!(held(), before, "after a command line too long: {msg}");
+    assert!(!uds.exists(), "the vsock socket is removed");
+
+    // A disk that does not open.
+    let mut cfg = config(&not_elf, 1);
+    cfg.block = block(dir.path().join("missing.img"));
+    cfg.vsock = vsock(uds.clone());
+    let msg = fail(cfg);
+    assert!(msg.contains("virtio-block"), "{msg}");
+    assert_eq!(held(), before, "after a disk that does not open: {msg}");
+
+    // A vsock socket that cannot be bound, after the disk was opened.
+    let mut cfg = config(&not_elf, 1);
+    cfg.block = block(disk.clone());
+    cfg.vsock = vsock(dir.path().join("no/such/dir/vsock.sock"));
+    let msg = fail(cfg);
+    assert!(msg.contains("virtio-vsock"), "{msg}");
+    assert_eq!(held(), before, "after a socket that cannot be bound: {msg}");
+
+    // Refused before anything is created.
+    let msg = fail(config(&not_elf, 0));
+    assert!(msg.contains("0 vCPUs"), "{msg}");
+    assert_eq!(held(), before);
 }

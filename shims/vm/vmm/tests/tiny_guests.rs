@@ -307,3 +307,124 @@ fn a_missing_kernel_fails_start_cleanly() {
     cfg.vcpus = 0;
     assert!(Vm::start(cfg).is_err());
 }
+
+/// A device model that panics on a guest write.
+struct Panicky;
+
+impl BusDevice for Panicky {
+    fn read(&mut self, _base: u64, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {
+        panic!("device model bug (expected by the test)");
+    }
+}
+
+#[test]
+fn a_panic_in_a_vcpu_thread_ends_the_vm_instead_of_hanging_it() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, elf(&long_mode_program(), ENTRY)).unwrap();
+    let opts = StartOptions {
+        mmio_devices: vec![(Arc::new(Mutex::new(Panicky)), SCRATCH_BASE, 0x1000)],
+        ..Default::default()
+    };
+    let console = Console::default();
+    let vm = Vm::start_with(config(&console, kernel), opts).unwrap();
+    match wait_for(&vm, 10) {
+        VmExit::Error(msg) => assert_eq!(msg, "vCPU 0 panicked"),
+        other => panic!("expected the panic to end the VM, got {other:?}"),
+    }
+    assert_eq!(console.text(), "", "nothing ran after the panicking access");
+    vm.stop();
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn memory_above_the_mmio_gap_goes_above_4_gib_and_into_the_e820_map() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, elf(&long_mode_program(), ENTRY)).unwrap();
+    let opts = StartOptions {
+        mmio_devices: vec![(
+            Arc::new(Mutex::new(Scratch::default())),
+            SCRATCH_BASE,
+            0x1000,
+        )],
+        ..Default::default()
+    };
+    let console = Console::default();
+    let mut cfg = config(&console, kernel);
+    cfg.memory_mib = 4096;
+    let vm = Vm::start_with(cfg, opts).unwrap();
+    assert_eq!(wait_for(&vm, 10), VmExit::Reset);
+    assert_eq!(
+        console.text(),
+        "K",
+        "the MMIO gap still reaches the devices"
+    );
+
+    // The zero page, by the offsets of Documentation/arch/x86/zero-page.rst: e820_entries at
+    // 0x1e8, e820_table (20-byte entries) at 0x2d0.
+    let mut zero_page = vec![0u8; 4096];
+    vm.memory()
+        .read_slice(&mut zero_page, GuestAddress(layout::ZERO_PAGE_START))
+        .unwrap();
+    let entries: Vec<(u64, u64, u32)> = (0..usize::from(zero_page[0x1e8]))
+        .map(|i| {
+            let e = &zero_page[0x2d0 + 20 * i..][..20];
+            (
+                u64_at(e, 0),
+                u64_at(e, 8),
+                u32::from_le_bytes(e[16..20].try_into().unwrap()),
+            )
+        })
+        .collect();
+    let gap = layout::MMIO_GAP_START;
+    assert_eq!(
+        entries,
+        vec![
+            (0, layout::EBDA_START, 1),
+            (layout::HIMEM_START, gap - layout::HIMEM_START, 1),
+            (1 << 32, (4096 << 20) - gap, 1),
+        ]
+    );
+    // The RAM behind the last entry exists, up to its last byte, and nothing is mapped in the gap.
+    let last = (1u64 << 32) + (4096 << 20) - gap - 8;
+    vm.memory()
+        .write_obj(0x55aa_u64, GuestAddress(last))
+        .unwrap();
+    assert_eq!(
+        vm.memory().read_obj::<u64>(GuestAddress(last)).unwrap(),
+        0x55aa
+    );
+    assert!(vm.memory().read_obj::<u64>(GuestAddress(last + 8)).is_err());
+    assert!(vm.memory().read_obj::<u64>(GuestAddress(gap)).is_err());
+}
+
+#[test]
+fn concurrent_stops_all_return_after_the_vm_ended() {
+    if !have_kvm() {
+        return;
+    }
+    let console = Console::default();
+    let mut cfg = config(&console, "/nonexistent".into());
+    cfg.vcpus = 2;
+    let vm = Vm::start_with(cfg, real_mode(&[0xeb, 0xfe])).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                vm.stop();
+                assert_eq!(vm.exit(), Some(VmExit::Stopped), "stop returned early");
+            });
+        }
+    });
+}

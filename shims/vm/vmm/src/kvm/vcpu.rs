@@ -1,19 +1,24 @@
 //! A vCPU and the signal that kicks its thread out of `KVM_RUN`.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
+use super::memory::GuestRam;
+
 /// One vCPU. Closed on drop.
 pub struct Vcpu {
     id: u8,
+    // Closed (with its `kvm_run` mapping) before `_ram` is released (field order): the kernel
+    // VM, and so its memory slots, live as long as this fd.
     fd: VcpuFd,
+    _ram: Arc<GuestRam>,
 }
 
 impl Vcpu {
-    pub(super) fn new(id: u8, fd: VcpuFd) -> Vcpu {
-        Vcpu { id, fd }
+    pub(super) fn new(id: u8, fd: VcpuFd, ram: Arc<GuestRam>) -> Vcpu {
+        Vcpu { id, fd, _ram: ram }
     }
 
     pub fn id(&self) -> u8 {

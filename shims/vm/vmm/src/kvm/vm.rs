@@ -1,5 +1,7 @@
 //! The VM file descriptor and what hangs off it.
 
+use std::sync::Arc;
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, MsrList, kvm_pit_config};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
@@ -7,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestRam;
 use super::vcpu::Vcpu;
+use crate::GuestMemory;
 use crate::irq::EventFdInterrupt;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +24,8 @@ pub enum CreateVmError {
     Cpuid(#[source] kvm_ioctls::Error),
     #[error("KVM_GET_MSR_INDEX_LIST")]
     MsrList(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Memory(#[from] SetMemoryError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +63,18 @@ pub struct CreateVcpuError {
 
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// A KVM VM. Dropping it closes the VM (KVM frees the irqchip, irqfds and ioeventfds with it);
-/// the vCPUs and guest memory it was given must be dropped first or with it.
+/// A KVM VM and the guest RAM it maps. Dropping it closes the VM fd (KVM frees the irqchip,
+/// irqfds and ioeventfds with the VM).
+///
+/// The kernel VM lives until its last fd is closed, the vCPUs' included, and its memory slots
+/// point into `ram` all that time. So `ram` is shared with every [`Vcpu`] and each of them
+/// closes its fd before letting go of it: the RAM is unmapped only after the last KVM fd that
+/// could reach it is closed, however the owners are dropped (a vCPU thread that never ends
+/// keeps the memory mapped rather than have KVM write into whatever is mapped there next).
 pub struct KvmVm {
-    // vCPU fds reference the VM inside the kernel, so field order does not matter for safety.
+    // Closed before `ram` is released (field order).
     fd: VmFd,
+    ram: Arc<GuestRam>,
     kvm: Kvm,
     supported_cpuid: CpuId,
     msr_list: MsrList,
@@ -71,8 +83,9 @@ pub struct KvmVm {
 }
 
 impl KvmVm {
-    /// Opens `/dev/kvm` and creates a VM (no memory, no vCPUs yet).
-    pub fn new() -> Result<KvmVm, CreateVmError> {
+    /// Opens `/dev/kvm`, creates a VM and registers every region of `ram` as a memory slot
+    /// (slots 0, 1, ...). No vCPUs yet.
+    pub fn new(ram: GuestRam) -> Result<KvmVm, CreateVmError> {
         let kvm = Kvm::new().map_err(CreateVmError::Open)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -88,8 +101,11 @@ impl KvmVm {
         if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
             tracing::debug!(error = %e, "KVM_SET_TSS_ADDR refused");
         }
+        // From here an error drops `fd` before `ram` (locals before arguments).
+        set_memory(&fd, &ram)?;
         Ok(KvmVm {
             fd,
+            ram: Arc::new(ram),
             kvm,
             supported_cpuid,
             msr_list,
@@ -98,25 +114,9 @@ impl KvmVm {
         })
     }
 
-    /// Registers every region of `ram` as a memory slot (slots 0, 1, ...).
-    pub fn set_memory(&self, ram: &GuestRam) -> Result<(), SetMemoryError> {
-        for (slot, (guest_addr, size, host_addr)) in (0u32..).zip(ram.regions()) {
-            let region = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: guest_addr,
-                memory_size: size,
-                userspace_addr: host_addr,
-            };
-            // SAFETY: the host range is a live mapping owned by `ram`; the caller keeps `ram`
-            // alive for as long as this VM (the `Vm` drops the VM and vCPUs before the memory).
-            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| SetMemoryError {
-                slot,
-                guest_addr,
-                source,
-            })?;
-        }
-        Ok(())
+    /// The guest memory (cheap to clone: devices keep their own handle).
+    pub fn memory(&self) -> &GuestMemory {
+        self.ram.memory()
     }
 
     /// Creates the in-kernel interrupt controllers (PIC, IO-APIC, LAPICs) and the PIT where
@@ -175,7 +175,7 @@ impl KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|source| CreateVcpuError { id, source })?;
-        Ok(Vcpu::new(id, fd))
+        Ok(Vcpu::new(id, fd, self.ram.clone()))
     }
 
     /// The CPUID entries KVM supports on this host (the base for each vCPU's CPUID).
@@ -191,4 +191,27 @@ impl KvmVm {
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
     }
+}
+
+/// Registers every region of `ram` with the VM `fd`.
+fn set_memory(fd: &VmFd, ram: &GuestRam) -> Result<(), SetMemoryError> {
+    for (slot, (guest_addr, size, host_addr)) in (0u32..).zip(ram.regions()) {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the host range is a live mapping owned by `ram`. On success `ram` moves into
+        // the `KvmVm`, which with each of its `Vcpu`s keeps it until after its own fd is
+        // closed, so it stays mapped while any fd of this VM exists; on failure `fd` is closed
+        // before `ram` is dropped (see `KvmVm::new`).
+        unsafe { fd.set_user_memory_region(region) }.map_err(|source| SetMemoryError {
+            slot,
+            guest_addr,
+            source,
+        })?;
+    }
+    Ok(())
 }

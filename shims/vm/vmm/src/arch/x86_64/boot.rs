@@ -26,6 +26,9 @@ const KERNEL_MIN_ALIGNMENT: u32 = 0x100_0000;
 const INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 const PAGE: u64 = 0x1000;
 const E820_RAM: u32 = 1;
+/// The longest command line the kernel keeps, NUL included (x86 `COMMAND_LINE_SIZE`): it
+/// silently cuts a longer one, which would lose the `virtio_mmio.device=` arguments at its end.
+pub const KERNEL_CMDLINE_MAX: usize = 2048;
 /// `boot_params.e820_table` has room for this many entries.
 const E820_MAX: usize = 128;
 
@@ -55,6 +58,11 @@ pub enum LoadInitrdError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmdlineError {
+    #[error(
+        "kernel command line of {len} bytes is too long (at most {max}, with the VMM's device arguments)",
+        max = KERNEL_CMDLINE_MAX - 1
+    )]
+    TooLong { len: usize },
     #[error("building the kernel command line")]
     Build(#[source] linux_loader::cmdline::Error),
     #[error("writing the kernel command line")]
@@ -97,9 +105,13 @@ pub fn load_kernel(
 /// Where an initrd of `size` bytes goes: page aligned, as high as possible below the end of
 /// low RAM (`lowmem_end`, below the MMIO gap) and the kernel's limit, and above `kernel_end`.
 pub fn initrd_address(lowmem_end: u64, size: u64, kernel_end: u64) -> Option<u64> {
-    let limit = lowmem_end.min(INITRD_ADDR_MAX + 1);
-    let addr = limit.checked_sub(size)? & !(PAGE - 1);
+    let addr = initrd_limit(lowmem_end).checked_sub(size)? & !(PAGE - 1);
     (addr >= kernel_end).then_some(addr)
+}
+
+/// The end of the space an initrd may occupy.
+fn initrd_limit(lowmem_end: u64) -> u64 {
+    lowmem_end.min(INITRD_ADDR_MAX + 1)
 }
 
 /// Reads the initrd into guest memory; returns (address, size).
@@ -112,25 +124,34 @@ pub fn load_initrd(
     let open_err = |e| LoadInitrdError::Open(path.display().to_string(), e);
     let mut file = File::open(path).map_err(open_err)?;
     let size = file.metadata().map_err(open_err)?.len();
-    let addr = initrd_address(lowmem_end, size, kernel_end).ok_or(LoadInitrdError::TooBig {
+    let too_big = LoadInitrdError::TooBig {
         size,
         kernel_end,
-        limit: lowmem_end,
-    })?;
-    let len = usize::try_from(size).map_err(|_| LoadInitrdError::TooBig {
-        size,
-        kernel_end,
-        limit: lowmem_end,
-    })?;
+        limit: initrd_limit(lowmem_end),
+    };
+    let Some(addr) = initrd_address(lowmem_end, size, kernel_end) else {
+        return Err(too_big);
+    };
+    let len = usize::try_from(size).map_err(|_| too_big)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(LoadInitrdError::Read)?;
     Ok((addr, size))
 }
 
 /// The command line: `base` then each of `extra` (the `virtio_mmio.device=` arguments), at most
-/// [`CMDLINE_MAX_SIZE`] bytes with the terminating NUL.
+/// [`KERNEL_CMDLINE_MAX`] bytes with the terminating NUL.
 pub fn build_cmdline(base: &str, extra: &[String]) -> Result<Cmdline, CmdlineError> {
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(CmdlineError::Build)?;
+    let len = std::iter::once(base.trim())
+        .chain(extra.iter().map(String::as_str))
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| arg.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
+    if len >= KERNEL_CMDLINE_MAX {
+        return Err(CmdlineError::TooLong { len });
+    }
+    const _: () = assert!(KERNEL_CMDLINE_MAX <= CMDLINE_MAX_SIZE);
+    let mut cmdline = Cmdline::new(KERNEL_CMDLINE_MAX).map_err(CmdlineError::Build)?;
     if !base.trim().is_empty() {
         cmdline
             .insert_str(base.trim())
@@ -273,14 +294,30 @@ mod tests {
             c.as_cstring().unwrap().to_str().unwrap(),
             "console=ttyS0 reboot=k virtio_mmio.device=4K@0xd0000000:5"
         );
-        let fits = "a".repeat(CMDLINE_MAX_SIZE - 1);
-        assert!(build_cmdline(&fits, &[]).is_ok());
-        let long = "a".repeat(CMDLINE_MAX_SIZE);
+        // The kernel's limit, not the 4 KiB the VMM reserves for it in guest memory.
+        let fits = "a".repeat(KERNEL_CMDLINE_MAX - 1);
+        let c = build_cmdline(&fits, &[]).unwrap();
+        assert_eq!(c.as_cstring().unwrap().as_bytes().len(), 2047);
+        let long = "a".repeat(KERNEL_CMDLINE_MAX);
+        let err = build_cmdline(&long, &[]).unwrap_err();
+        assert!(
+            matches!(err, CmdlineError::TooLong { len: 2048 }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "kernel command line of 2048 bytes is too long (at most 2047, with the VMM's device \
+             arguments)"
+        );
+        // The device arguments count: 2000 + 1 + 34.
+        let near = "a".repeat(2000);
+        assert!(build_cmdline(&near, &extra).is_ok());
+        let base = "a".repeat(KERNEL_CMDLINE_MAX - 1 - extra[0].len());
         assert!(matches!(
-            build_cmdline(&long, &[]),
-            Err(CmdlineError::Build(_))
+            build_cmdline(&base, &extra),
+            Err(CmdlineError::TooLong { len: 2048 })
         ));
-        assert!(build_cmdline(&fits[1..], &extra).is_err());
+        assert!(build_cmdline(&base[1..], &extra).is_ok());
         assert!(build_cmdline("bad\u{1}char", &[]).is_err());
     }
 

@@ -1,7 +1,8 @@
 //! Per-vCPU CPUID, built only from what `KVM_GET_SUPPORTED_CPUID` returned (never from the
-//! host's own CPUID): the topology leaves are rewritten so each vCPU sees its APIC id and one
-//! package of `count` single-threaded cores; everything else, the KVM signature leaves
-//! included, passes through.
+//! host's own CPUID): the topology leaves, Intel's (1, 4, 0xb, 0x1f) and AMD's (0x8000_0008,
+//! 0x8000_001d, 0x8000_001e), are rewritten so each vCPU sees its APIC id and one package of
+//! `count` single-threaded cores, whatever the host's own topology; the hypervisor bit is set;
+//! everything else, the KVM signature leaves included, passes through.
 
 use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 
@@ -9,9 +10,13 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE: u32 = 0x4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_CACHE: u32 = 0x8000_001d;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
+const EDX_MTRR: u32 = 1 << 12;
 /// CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_SIZE: u32 = 8;
 
@@ -36,12 +41,25 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, id: u8, count: u8) {
                 e.edx &= !EDX_HTT;
             }
         }
-        LEAF_CACHE => {
-            // Cores per package - 1 in bits 26..32; threads sharing the cache - 1 in 14..26:
-            // one for L1/L2, every vCPU for L3.
-            let level = (e.eax >> 5) & 0x7;
-            let sharing = if level >= 3 { count32 - 1 } else { 0 };
-            e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | ((count32 - 1) << 26);
+        // Cache type 0 ends the list (and AMD hosts report leaf 4 as all zeros): left alone.
+        LEAF_CACHE if e.eax & 0x1f != 0 => {
+            // Cores per package - 1 in bits 26..32; threads sharing the cache - 1 in 14..26.
+            e.eax =
+                (e.eax & 0x3fff) | (cache_sharing(e.eax, count32) << 14) | ((count32 - 1) << 26);
+        }
+        LEAF_AMD_CACHE if e.eax & 0x1f != 0 => {
+            e.eax = (e.eax & !(0xfff << 14)) | (cache_sharing(e.eax, count32) << 14);
+        }
+        LEAF_AMD_SIZES => {
+            // ECX: threads per package - 1 in bits 0..8 (NC), APIC id bits for them in 12..16;
+            // Linux's AMD topology code counts cores from these, not from leaf 1.
+            e.ecx = (e.ecx & !0xf0ff) | (count32 - 1) | (core_bits(count) << 12);
+        }
+        LEAF_AMD_TOPOLOGY => {
+            // Extended APIC id; compute unit id with one thread per unit; node 0 of 1.
+            e.eax = id32;
+            e.ebx = id32 & 0xff;
+            e.ecx = 0;
         }
         LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
             e.edx = id32;
@@ -65,6 +83,21 @@ fn normalize_entry(e: &mut kvm_cpuid_entry2, id: u8, count: u8) {
         }
         _ => {}
     }
+}
+
+/// Threads sharing the cache a leaf 4 / 0x8000_001d EAX describes, minus one: a core's own for
+/// L1 and L2, every vCPU for L3.
+fn cache_sharing(eax: u32, count: u32) -> u32 {
+    let level = (eax >> 5) & 0x7;
+    if level >= 3 { (count - 1) & 0xfff } else { 0 }
+}
+
+/// Whether `cpuid` reports MTRRs (leaf 1 EDX bit 12).
+pub fn has_mtrr(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == LEAF_FEATURES && e.edx & EDX_MTRR != 0)
 }
 
 /// The CPUID of vCPU `id` of `count`.
@@ -115,7 +148,13 @@ mod tests {
             entry(0xb, 0, 9, 9, 9, 9),
             entry(0xb, 1, 9, 9, 9, 9),
             entry(0xb, 2, 9, 9, 9, 9),
+            entry(4, 4, 0, 0, 0, 0),
             entry(0x4000_0000, 0, 0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d),
+            entry(0x8000_0008, 0, 0x3030, 0, 0x0001_7003, 0),
+            entry(0x8000_001d, 0, 0x0000_4121, 1, 2, 3),
+            entry(0x8000_001d, 3, 0x0003_c163, 1, 2, 3),
+            entry(0x8000_001d, 4, 0, 0, 0, 0),
+            entry(0x8000_001e, 0, 7, 0x0000_0107, 0x0000_0101, 0),
         ])
         .unwrap()
     }
@@ -146,6 +185,22 @@ mod tests {
     }
 
     #[test]
+    fn amd_topology_leaves_describe_the_same_package() {
+        let c = for_vcpu(&supported(), 2, 3);
+        let sizes = find(&c, 0x8000_0008, 0);
+        // NC = 2, ApicIdSize = 2; PerfTscSize (bits 16..18) and the address sizes kept.
+        assert_eq!((sizes.eax, sizes.ecx), (0x3030, 0x0001_2002));
+        let topo = find(&c, 0x8000_001e, 0);
+        assert_eq!((topo.eax, topo.ebx, topo.ecx, topo.edx), (2, 2, 0, 0));
+        assert_eq!(find(&c, 0x8000_001d, 0).eax, 0x0000_0121, "L1: one thread");
+        assert_eq!(find(&c, 0x8000_001d, 3).eax, (2 << 14) | 0x163, "L3: all");
+        assert_eq!(find(&c, 0x8000_001d, 4).eax, 0, "the list's end");
+        assert_eq!(find(&c, 4, 4).eax, 0, "the list's end");
+        let single = for_vcpu(&supported(), 0, 1);
+        assert_eq!(find(&single, 0x8000_0008, 0).ecx, 0x0001_0000);
+    }
+
+    #[test]
     fn other_leaves_pass_through() {
         let s = supported();
         let c = for_vcpu(&s, 1, 2);
@@ -155,5 +210,9 @@ mod tests {
         assert_eq!(core_bits(1), 0);
         assert_eq!(core_bits(2), 1);
         assert_eq!(core_bits(5), 3);
+        assert!(!has_mtrr(&s));
+        assert!(has_mtrr(
+            &CpuId::from_entries(&[entry(1, 0, 0, 0, 0, EDX_MTRR)]).unwrap()
+        ));
     }
 }

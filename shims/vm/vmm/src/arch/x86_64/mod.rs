@@ -104,7 +104,7 @@ pub fn configure_vcpu(
     vcpu.fd()
         .set_cpuid2(&cpuid)
         .map_err(|source| ConfigureVcpuError::Cpuid { id, source })?;
-    msr::setup_msrs(vcpu.fd(), vm.msr_index_list())
+    msr::setup_msrs(vcpu.fd(), vm.msr_index_list(), cpuid::has_mtrr(&cpuid))
         .map_err(|source| ConfigureVcpuError::Msrs { id, source })?;
     regs::setup_long_mode(vcpu.fd(), entry)
         .map_err(|source| ConfigureVcpuError::Regs { id, source })?;

@@ -1,5 +1,7 @@
 //! The MSRs a vCPU boots with, restricted to those KVM lists in `KVM_GET_MSR_INDEX_LIST`
-//! (setting anything else fails the whole `KVM_SET_MSRS`).
+//! (setting anything else fails the whole `KVM_SET_MSRS`), plus the MTRR default type when the
+//! vCPU's CPUID has MTRRs: KVM emulates the MTRRs without listing them, and with MTRRs off
+//! Linux treats all memory as uncached and leaves PAT off.
 
 use kvm_bindings::{Msrs, kvm_msr_entry};
 use kvm_ioctls::VcpuFd;
@@ -15,6 +17,9 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// MTRRs enabled, default memory type write-back.
+const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupMsrsError {
@@ -40,12 +45,15 @@ const BOOT_MSRS: [(u32, u64); 10] = [
     (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
 ];
 
-/// The boot MSR entries KVM supports.
-pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
+/// The boot MSR entries KVM supports; `mtrr`: the vCPU's CPUID has MTRRs.
+pub fn boot_msrs(supported: &[u32], mtrr: bool) -> Vec<kvm_msr_entry> {
+    let mtrr = mtrr.then_some((MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB));
     BOOT_MSRS
         .iter()
         .filter(|(index, _)| supported.contains(index))
-        .map(|&(index, data)| kvm_msr_entry {
+        .copied()
+        .chain(mtrr)
+        .map(|(index, data)| kvm_msr_entry {
             index,
             data,
             ..Default::default()
@@ -53,8 +61,8 @@ pub fn boot_msrs(supported: &[u32]) -> Vec<kvm_msr_entry> {
         .collect()
 }
 
-pub fn setup_msrs(vcpu: &VcpuFd, supported: &[u32]) -> Result<(), SetupMsrsError> {
-    let entries = boot_msrs(supported);
+pub fn setup_msrs(vcpu: &VcpuFd, supported: &[u32], mtrr: bool) -> Result<(), SetupMsrsError> {
+    let entries = boot_msrs(supported, mtrr);
     if entries.is_empty() {
         return Ok(());
     }
@@ -75,13 +83,24 @@ mod tests {
 
     #[test]
     fn only_supported_msrs_are_set() {
-        let got = boot_msrs(&[MSR_IA32_TSC, 0x1234, MSR_IA32_MISC_ENABLE, MSR_LSTAR]);
+        let got = boot_msrs(
+            &[MSR_IA32_TSC, 0x1234, MSR_IA32_MISC_ENABLE, MSR_LSTAR],
+            false,
+        );
         let got: Vec<_> = got.iter().map(|e| (e.index, e.data)).collect();
         assert_eq!(
             got,
             vec![(MSR_LSTAR, 0), (MSR_IA32_TSC, 0), (MSR_IA32_MISC_ENABLE, 1)]
         );
-        assert!(boot_msrs(&[]).is_empty());
-        assert_eq!(boot_msrs(&BOOT_MSRS.map(|m| m.0)).len(), 10);
+        assert!(boot_msrs(&[], false).is_empty());
+        assert_eq!(boot_msrs(&BOOT_MSRS.map(|m| m.0), false).len(), 10);
+    }
+
+    #[test]
+    fn mtrrs_are_enabled_write_back_when_the_cpu_has_them() {
+        let got = boot_msrs(&[], true);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].index, got[0].data), (0x2ff, 0x806));
+        assert_eq!(boot_msrs(&BOOT_MSRS.map(|m| m.0), true).len(), 11);
     }
 }
