@@ -116,9 +116,10 @@ impl I8042 {
             CMD_WRITE_AUX_OUT => self.pending = Pending::AuxOut,
             CMD_WRITE_AUX => self.pending = Pending::Aux,
             CMD_RESET_CPU => {
-                tracing::info!("guest requested a reset through the i8042");
+                // The guest may repeat this before the VMM stops it: rate-limited.
+                crate::guest_log!(info, "guest requested a reset through the i8042");
                 if let Err(e) = self.reset.write(1) {
-                    tracing::error!("i8042: signalling reset: {e}");
+                    crate::guest_log!(error, "i8042: signalling reset: {e}");
                 }
             }
             _ => {}

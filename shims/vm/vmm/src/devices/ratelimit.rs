@@ -56,16 +56,25 @@ impl LogLimiter {
     }
 }
 
-/// `warn!` through a per-call-site limiter (10 per 5 s).
+/// A `tracing` event at `$level` (`debug`, `info`, `warn`, `error`) through a per-call-site
+/// limiter (10 per 5 s), for anything the guest can make us log.
 #[macro_export]
-macro_rules! guest_warn {
-    ($($arg:tt)+) => {{
+macro_rules! guest_log {
+    ($level:ident, $($arg:tt)+) => {{
         static LIMITER: $crate::devices::ratelimit::LogLimiter =
             $crate::devices::ratelimit::LogLimiter::new(10, ::std::time::Duration::from_secs(5));
         if let Some(suppressed) = LIMITER.check() {
-            ::tracing::warn!(suppressed, $($arg)+);
+            ::tracing::$level!(suppressed, $($arg)+);
         }
     }};
+}
+
+/// `warn!` through a per-call-site limiter (10 per 5 s).
+#[macro_export]
+macro_rules! guest_warn {
+    ($($arg:tt)+) => {
+        $crate::guest_log!(warn, $($arg)+)
+    };
 }
 
 #[cfg(test)]

@@ -337,7 +337,9 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::error!(
+                // A guest can retry (reset, DRIVER_OK) in a loop: rate-limited.
+                crate::guest_log!(
+                    error,
                     "virtio-mmio: activating device type {}: {e}",
                     self.device.device_type()
                 );
@@ -453,7 +455,7 @@ mod tests {
             self.log.lock().unwrap().acked = f;
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            super::super::block::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data);
+            super::super::read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data);
         }
         fn write_config(&mut self, _offset: u64, data: &[u8]) {
             self.log.lock().unwrap().config.extend_from_slice(data);

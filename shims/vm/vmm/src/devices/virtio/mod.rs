@@ -107,3 +107,16 @@ impl InterruptStatus {
         self.status.store(0, Ordering::SeqCst);
     }
 }
+
+/// Config space reads: any width, bytes past the end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    let Some(rest) = config.get(start..) else {
+        return;
+    };
+    let n = data.len().min(rest.len());
+    data[..n].copy_from_slice(&rest[..n]);
+}

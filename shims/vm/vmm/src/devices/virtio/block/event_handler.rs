@@ -1,0 +1,74 @@
+//! The block worker: waits on the queue's notification eventfd and serves every request
+//! the guest posted, until stopped.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::super::InterruptStatus;
+use super::super::worker::{Poller, STOP_TOKEN};
+use super::request::Disk;
+use crate::GuestMemory;
+use crate::guest_warn;
+
+const QUEUE_TOKEN: u64 = 0;
+
+pub(super) fn run(
+    disk: Disk,
+    mem: GuestMemory,
+    mut queue: Queue,
+    evt: EventFd,
+    irq: Arc<InterruptStatus>,
+    stop: EventFd,
+) -> io::Result<()> {
+    let mut poller = Poller::new()?;
+    poller.add(&evt, QUEUE_TOKEN, EventSet::IN)?;
+    poller.add(&stop, STOP_TOKEN, EventSet::IN)?;
+    loop {
+        for (token, _) in poller.wait(-1)? {
+            match token {
+                STOP_TOKEN => return Ok(()),
+                QUEUE_TOKEN => {
+                    let _ = evt.read();
+                    if queue.ready() {
+                        process_queue(&disk, &mem, &mut queue, &irq);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn process_queue(disk: &Disk, mem: &GuestMemory, queue: &mut Queue, irq: &InterruptStatus) {
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            guest_warn!("virtio-blk: queue: {e}");
+            return;
+        }
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = disk.handle(mem, chain);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                guest_warn!("virtio-blk: used ring: {e}");
+                return;
+            }
+            used_any = true;
+        }
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            irq.signal_used();
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => return,
+            Err(e) => {
+                guest_warn!("virtio-blk: queue: {e}");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! A test guest for the block device: one request queue in test memory, requests built by
+//! hand.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::super::mmio::MmioTransport;
+use super::super::testing::*;
+use super::*;
+use crate::GuestMemory;
+use crate::irq::CountingInterrupt;
+
+pub const HDR: u64 = 0x100000;
+pub const DATA: u64 = 0x110000;
+pub const STATUS: u64 = 0x130000;
+
+pub struct Rig {
+    pub t: MmioTransport,
+    pub q: DriverQueue,
+    pub mem: GuestMemory,
+    pub irq: Arc<CountingInterrupt>,
+    pub file: tempfile::NamedTempFile,
+}
+
+pub fn rig(read_only: bool) -> Rig {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let mut content = vec![0u8; 8 * 512 + 100];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = (i / 512) as u8;
+    }
+    file.write_all(&content).unwrap();
+    let dev = Block::new(file.path(), read_only).unwrap();
+    assert_eq!(dev.capacity(), 8);
+    let mem = memory();
+    let irq = CountingInterrupt::new();
+    let mut t = MmioTransport::new(mem.clone(), Box::new(dev), irq.clone()).unwrap();
+    let features = negotiate(&mut t);
+    assert_ne!(features & VIRTIO_BLK_F_FLUSH, 0);
+    assert_eq!(features & VIRTIO_BLK_F_RO != 0, read_only);
+    let q = DriverQueue::new(0, 16, 0x10000);
+    q.setup(&mut t);
+    driver_ok(&mut t);
+    Rig {
+        t,
+        q,
+        mem,
+        irq,
+        file,
+    }
+}
+
+impl Rig {
+    /// Submit one request; (status, used len).
+    pub fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut chain = vec![(HDR, 16, false)];
+        chain.extend_from_slice(data);
+        chain.push((STATUS, 1, true));
+        let head = self.q.add(&self.mem, &chain);
+        // Notify as an MMIO exit would (no ioeventfd in tests).
+        notify(&mut self.t, 0);
+        let (id, len) = self.q.wait_used(&self.mem);
+        assert_eq!(id, u32::from(head));
+        (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+    }
+}
