@@ -590,11 +590,23 @@ fn the_builtin_backend_runs_where_kvm_has_hardware_virtualization_and_says_why_n
         .split_whitespace()
         .any(|f| f == "vmx" || f == "svm");
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let out = yard_run(&d, &["--rm"], &["/bin/sh", "-c", "echo builtin $(uname -r)"]);
+    let out = yard_run(
+        &d,
+        &["--rm"],
+        &["/bin/sh", "-c", "echo builtin $(uname -r)"],
+    );
     if hw && !pvm {
         assert!(out.status.success(), "{}", show(&out));
-        assert!(text(&out.stdout).starts_with("builtin 6.1."), "{}", show(&out));
-        assert!(d.log_text().contains("hypervisor=\"builtin\""), "{}", d.log_text());
+        assert!(
+            text(&out.stdout).starts_with("builtin 6.1."),
+            "{}",
+            show(&out)
+        );
+        assert!(
+            d.log_text().contains("hypervisor=\"builtin\""),
+            "{}",
+            d.log_text()
+        );
     } else {
         assert!(!out.status.success(), "{}", show(&out));
         let err = text(&out.stderr);
