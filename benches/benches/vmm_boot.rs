@@ -211,6 +211,7 @@ fn boot_direct(guest: &Guest, dir: &Path) -> Sample {
         memory_mib: MEMORY_MIB,
         console: Box::new(File::create(&console_path).unwrap()),
         block: None,
+        spare_disks: 0,
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: uds_path.clone(),

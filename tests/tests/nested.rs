@@ -338,3 +338,103 @@ fn the_builtin_vmm_boots_a_two_vcpu_guest() {
     );
     assert!(run.output.contains("run status: 0"), "{}", run.output);
 }
+
+/// Issue 7, groups on the built-in VMM: it has no 9p share, so later containers of a sandbox get
+/// their images on spare virtio-blk disks swapped in at run time (a config-change interrupt
+/// tells the guest's driver the new capacity). Five containers share one VM (the root disk and
+/// four spares), a sixth is refused clearly, a removed container's disk is emptied and taken by
+/// the next one, and when the last container goes the shim goes with its VM.
+#[test]
+fn the_builtin_vmm_runs_a_group_on_spare_disks() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let vm = NestedVm::builder()
+        .binary(bin("switchyardd"), "/usr/bin/switchyardd")
+        .binary(bin("yard"), "/usr/bin/yard")
+        .binary(
+            bin("containerd-shim-yard-vm-v1"),
+            "/usr/bin/containerd-shim-yard-vm-v1",
+        )
+        .mkfs_erofs()
+        .guest_kernel_and_initrd()
+        .dir(busybox_rootfs(), "/containers/busybox")
+        .text(
+            "/etc/switchyard/config.toml",
+            "root = \"/var/lib/switchyard\"\n\
+             state = \"/run/switchyard\"\n\
+             [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
+             [log]\nlevel = \"debug\"\n\
+             [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
+             [runtimes.vm.options]\nbackend = \"builtin\"\nboot_timeout_ms = 60000\n",
+            0o644,
+        )
+        .payload(
+            "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
+             switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
+             i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
+             G='--annotation io.switchyard.group=pod'\n\
+             for n in a b c d e; do\n\
+               yard run --runtime vm -d --name $n $G --rootfs /containers/busybox -- /bin/sleep 600 >/dev/null\n\
+               echo \"start $n: $?\"\n\
+             done\n\
+             echo \"sixth: $(yard run --runtime vm -d --name f $G --rootfs /containers/busybox -- /bin/true 2>&1 | tr -d '\\n')\"\n\
+             for n in a b c d e; do\n\
+               echo \"boot_id $n: $(yard exec $n -- /bin/cat /proc/sys/kernel/random/boot_id)\"\n\
+             done\n\
+             echo \"root of e: $(yard exec e -- /bin/sh -c '/bin/busybox true && echo runs')\"\n\
+             yard rm --force c >/dev/null; echo \"rm c: $?\"\n\
+             yard run --runtime vm --rm --name g $G --rootfs /containers/busybox -- /bin/echo g-ran-in-the-freed-slot\n\
+             echo \"run g: $?\"\n\
+             echo \"vm shims: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
+             yard rm --force a b d e >/dev/null; echo \"rm rest: $?\"\n\
+             i=0; while [ $(ps | grep -c [c]ontainerd-shim-yard-vm) -gt 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+             echo \"vm shims after: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
+             kill %1 2>/dev/null; sleep 0.2\n\
+             echo '--- switchyardd log (vm shim lines)'\n\
+             grep -e 'disk' -e 'VM ready' -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n",
+        )
+        .payload_timeout(Duration::from_secs(300))
+        .timeout(Duration::from_secs(450))
+        .build()
+        .unwrap();
+    let run = vm.run().unwrap();
+    println!(
+        "nested builtin group run: payload {:.2?}, whole {:.2?}\n{}",
+        run.payload_time, run.wall, run.output
+    );
+    assert_eq!(
+        run.status, 0,
+        "payload failed; output:\n{}\nconsole:\n{}",
+        run.output, run.console
+    );
+    let out = &run.output;
+    for n in ["a", "b", "c", "d", "e"] {
+        assert!(out.contains(&format!("start {n}: 0")), "{n}:\n{out}");
+    }
+    let sixth = out
+        .lines()
+        .find_map(|l| l.strip_prefix("sixth: "))
+        .unwrap_or_default();
+    assert!(
+        sixth.contains("4 spare disks, all in use") && sixth.contains("backend = \"qemu\""),
+        "the sixth container was not refused clearly: {sixth:?}\n{out}"
+    );
+    let boot_ids: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("boot_id "))
+        .map(|l| l.split_once(": ").map_or("", |(_, id)| id.trim()))
+        .collect();
+    assert_eq!(boot_ids.len(), 5, "{out}");
+    assert!(
+        !boot_ids[0].is_empty() && boot_ids.iter().all(|id| *id == boot_ids[0]),
+        "not one guest: {boot_ids:?}\n{out}"
+    );
+    assert!(out.contains("root of e: runs"), "{out}");
+    assert!(out.contains("rm c: 0"), "{out}");
+    assert!(out.contains("g-ran-in-the-freed-slot"), "{out}");
+    assert!(out.contains("run g: 0"), "{out}");
+    assert!(out.contains("vm shims: 1"), "{out}");
+    assert!(out.contains("rm rest: 0"), "{out}");
+    assert!(out.contains("vm shims after: 0"), "{out}");
+}

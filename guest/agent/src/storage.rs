@@ -11,6 +11,7 @@
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags};
 use yard_agent_protocol::{SHARE_MOUNT, SHARE_TAG, Storage};
@@ -19,6 +20,11 @@ use crate::error::{Error, Result};
 
 /// Containers' directories.
 pub const CONTAINERS: &str = "/run/yard/c";
+/// How long a block device may take to show its capacity: a disk the host attached at run time
+/// (a spare virtio-blk slot given a backing file) has it once the driver handled the
+/// config-change interrupt, which the host raised before asking for the container.
+pub const CAPACITY_WAIT: Duration = Duration::from_secs(5);
+const CAPACITY_POLL: Duration = Duration::from_millis(5);
 
 /// The system calls a mount plan makes.
 pub trait Mounter: Send + Sync {
@@ -36,6 +42,8 @@ pub trait Mounter: Send + Sync {
     /// user is gone: keep the handle until it is mounted.
     fn attach_loop(&self, file: &Path) -> io::Result<Attached>;
     fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    /// The size of block device `device` in 512-byte sectors (`/sys/class/block/<name>/size`).
+    fn block_sectors(&self, device: &Path) -> io::Result<u64>;
 }
 
 /// The real thing.
@@ -79,6 +87,16 @@ impl Mounter for System {
 
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_dir_all(path)
+    }
+
+    fn block_sectors(&self, device: &Path) -> io::Result<u64> {
+        let name = device
+            .file_name()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let size = std::fs::read_to_string(Path::new("/sys/class/block").join(name).join("size"))?;
+        size.trim()
+            .parse()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -230,7 +248,10 @@ fn prepare_steps(m: &dyn Mounter, image: &Image, r: &mut Rootfs) -> Result<()> {
             .map_err(Error::io(format!("create {}", d.display())))?;
     }
     let (device, _loop_handle) = match &image.source {
-        Source::Block(dev) => (dev.clone(), None),
+        Source::Block(dev) => {
+            wait_for_capacity(m, dev, CAPACITY_WAIT)?;
+            (dev.clone(), None)
+        }
         Source::SharedFile(rel) => {
             let file = Path::new(SHARE_MOUNT).join(rel);
             let attached = m.attach_loop(&file).map_err(|e| {
@@ -290,6 +311,31 @@ fn prepare_steps(m: &dyn Mounter, image: &Image, r: &mut Rootfs) -> Result<()> {
     Ok(())
 }
 
+/// Waits until block device `device` has a non-zero size, polling: a disk the host attached
+/// after boot starts empty. A device the guest does not have is left to the mount to report.
+pub fn wait_for_capacity(m: &dyn Mounter, device: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match m.block_sectors(device) {
+            Ok(0) => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(Error::io(format!("size of {}", device.display()))(e));
+            }
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::FailedPrecondition(format!(
+                "storage.block_device: {} is still empty after {} ms (the host did not attach \
+                 the image)",
+                device.display(),
+                timeout.as_millis()
+            )));
+        }
+        std::thread::sleep(CAPACITY_POLL);
+    }
+}
+
 /// Unmounts the overlay, the image and the container's tmpfs, and removes its directory.
 pub fn release(m: &dyn Mounter, r: &Rootfs) {
     for target in r.mounts.iter().rev() {
@@ -314,6 +360,8 @@ mod tests {
     struct Recorder {
         calls: Mutex<Vec<String>>,
         fail_on: Option<&'static str>,
+        /// What successive `block_sectors` calls return; 8 once used up.
+        sectors: Mutex<std::collections::VecDeque<io::Result<u64>>>,
     }
 
     impl Recorder {
@@ -368,6 +416,37 @@ mod tests {
         fn remove_dir(&self, path: &Path) -> io::Result<()> {
             self.record(format!("rmdir {}", path.display()))
         }
+        fn block_sectors(&self, _device: &Path) -> io::Result<u64> {
+            self.sectors.lock().unwrap().pop_front().unwrap_or(Ok(8))
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_mounted_once_it_has_capacity() {
+        let m = Recorder::default();
+        m.sectors.lock().unwrap().extend([Ok(0), Ok(0), Ok(0)]);
+        wait_for_capacity(&m, Path::new("/dev/vdb"), Duration::from_secs(5)).unwrap();
+        assert!(
+            m.sectors.lock().unwrap().is_empty(),
+            "polled until non-zero"
+        );
+
+        let m = Recorder::default();
+        m.sectors.lock().unwrap().extend((0..1000).map(|_| Ok(0)));
+        let started = Instant::now();
+        let err =
+            wait_for_capacity(&m, Path::new("/dev/vdb"), Duration::from_millis(30)).unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        assert!(err.to_string().contains("/dev/vdb is still empty"), "{err}");
+
+        // A device the guest lacks is the mount's to report.
+        let m = Recorder::default();
+        m.sectors
+            .lock()
+            .unwrap()
+            .push_back(Err(io::ErrorKind::NotFound.into()));
+        wait_for_capacity(&m, Path::new("/dev/vdz"), Duration::from_secs(5)).unwrap();
     }
 
     fn storage(block: &str, file: &str, fstype: &str) -> Storage {

@@ -8,12 +8,17 @@
 //! guest's agent writes the boot-timer magic when it serves, so [`Vm::boot_time`] is the VMM's
 //! own measurement.
 //!
-//! No 9p: a sandbox on this backend has one root disk and runs one container
-//! ([`Hypervisor::shares_files`] is false; the engine refuses a second container clearly).
+//! No 9p ([`Hypervisor::shares_files`] is false): later containers of a sandbox get their
+//! images as disks. The VM boots with [`SPARE_DISKS`] empty read-only virtio-blk devices after
+//! the root disk (`/dev/vdb` ...); [`Vm::attach_disk`] swaps an image into a free one and
+//! raises a config-change interrupt, so the guest's driver picks up the new capacity, and
+//! [`Vm::detach_disk`] empties it again (firecracker's "update a drive's backing file").
+//! virtio-mmio has no hotplug, so the spares are the limit on containers per sandbox.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +27,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use yard_agent_protocol::{CMDLINE_BOOT_TIMER, CMDLINE_CHANNEL, READY_BANNER, VSOCK_PORT};
-use yard_vmm::vmm::{BlockConfig, VmExit, VmmConfig, VsockConfig};
+use yard_vmm::vmm::{BlockConfig, SetDiskError, VmExit, VmmConfig, VsockConfig};
 
 use crate::hypervisor::{Accel, BootVmError, Hypervisor, Vm, VmConfig, VmError, VmStatus, VmmExit};
 use crate::qemu::cmdline::BASE_KERNEL_ARGS;
@@ -36,6 +41,11 @@ const ERROR_TAIL_LINES: usize = 30;
 const CONNECT_RETRY: Duration = Duration::from_millis(5);
 /// One attempt: connect, handshake, banner.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Empty disk slots a VM boots with, for later containers of its sandbox: with the root disk,
+/// a sandbox runs up to `1 + SPARE_DISKS` containers at once. Each costs an MMIO page, an IRQ
+/// line and, once the guest's driver set it up, an idle worker thread.
+pub const SPARE_DISKS: u8 = 4;
 
 /// The built-in KVM backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -84,11 +94,13 @@ impl Hypervisor for Builtin {
                 path,
                 read_only: true,
             }),
+            spare_disks: SPARE_DISKS,
             vsock: Some(VsockConfig {
                 guest_cid: GUEST_CID,
                 uds_path: uds_path.clone(),
             }),
         };
+        let first_spare = usize::from(cfg.root_disk.is_some());
         let started = Instant::now();
         let vm = tokio::task::spawn_blocking(move || yard_vmm::vmm::Vm::start(vmm_cfg))
             .await
@@ -115,6 +127,8 @@ impl Hypervisor for Builtin {
             console,
             agent: None,
             banner_at: Duration::ZERO,
+            first_spare,
+            spares: Mutex::new(vec![None; usize::from(SPARE_DISKS)]),
         };
         let tail = |vm: &BuiltinVm| vm.console_tail(ERROR_TAIL_LINES);
         let reached = tokio::select! {
@@ -219,6 +233,49 @@ struct BuiltinVm {
     agent: Option<UnixStream>,
     /// From `boot` to the banner, when the VMM's boot timer did not fire.
     banner_at: Duration,
+    /// The VMM's disk slot of the first spare (after the root disk).
+    first_spare: usize,
+    /// Each spare's image while attached.
+    spares: Mutex<Vec<Option<PathBuf>>>,
+}
+
+/// The guest's name for virtio-blk disk `slot`: Linux names them in probe order, which is the
+/// VMM's slot order.
+fn guest_device(slot: usize) -> Option<String> {
+    let letter = u8::try_from(slot).ok().filter(|s| *s < 26)?;
+    Some(format!("/dev/vd{}", char::from(b'a' + letter)))
+}
+
+/// The inverse of [`guest_device`].
+fn device_slot(device: &str) -> Option<usize> {
+    match device.strip_prefix("/dev/vd")?.as_bytes() {
+        [c @ b'a'..=b'z'] => Some(usize::from(c - b'a')),
+        _ => None,
+    }
+}
+
+impl BuiltinVm {
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Option<PathBuf>>> {
+        self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `set_disk` off the async threads: it opens a file and waits for a request in flight.
+    async fn set_disk(&self, slot: usize, disk: Option<BlockConfig>) -> Result<(), SetDiskError> {
+        let vm = self.vm.clone();
+        tokio::task::spawn_blocking(move || vm.set_disk(slot, disk))
+            .await
+            .unwrap_or(Err(SetDiskError::Ended))
+    }
+}
+
+fn disk_error(what: &'static str, e: SetDiskError) -> VmError {
+    match e {
+        SetDiskError::Ended => VmError::Exited,
+        e => VmError::Backend {
+            what,
+            source: Box::new(e),
+        },
+    }
 }
 
 #[async_trait]
@@ -290,6 +347,49 @@ impl Vm for BuiltinVm {
             }
         })
     }
+
+    async fn attach_disk(&self, image: &Path) -> Result<String, VmError> {
+        let spare = {
+            let mut spares = self.spares();
+            let Some(i) = spares.iter().position(Option::is_none) else {
+                return Err(VmError::NoFreeDisk {
+                    slots: spares.len(),
+                });
+            };
+            spares[i] = Some(image.to_owned());
+            i
+        };
+        let slot = self.first_spare + spare;
+        let Some(device) = guest_device(slot) else {
+            self.spares()[spare] = None;
+            return Err(VmError::Unsupported("disk name past /dev/vdz"));
+        };
+        let disk = BlockConfig {
+            path: image.to_owned(),
+            read_only: true,
+        };
+        if let Err(e) = self.set_disk(slot, Some(disk)).await {
+            self.spares()[spare] = None;
+            return Err(disk_error("attach a disk", e));
+        }
+        tracing::debug!(vm = %self.id, image = %image.display(), device, "disk attached");
+        Ok(device)
+    }
+
+    async fn detach_disk(&self, guest_device: &str) -> Result<(), VmError> {
+        let spare = device_slot(guest_device)
+            .and_then(|slot| slot.checked_sub(self.first_spare))
+            .filter(|&i| self.spares().get(i).is_some_and(Option::is_some))
+            .ok_or_else(|| VmError::UnknownDisk(guest_device.to_owned()))?;
+        match self.set_disk(self.first_spare + spare, None).await {
+            // Nothing is attached to a VM that ended.
+            Ok(()) | Err(SetDiskError::Ended) => {}
+            Err(e) => return Err(disk_error("detach a disk", e)),
+        }
+        self.spares()[spare] = None;
+        tracing::debug!(vm = %self.id, device = guest_device, "disk detached");
+        Ok(())
+    }
 }
 
 impl Drop for BuiltinVm {
@@ -297,5 +397,26 @@ impl Drop for BuiltinVm {
         // Joins the vCPU and device threads; quick, because they only wait on KVM_RUN and
         // epoll, both of which `stop` interrupts.
         self.vm.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_device_names_follow_slots() {
+        assert_eq!(guest_device(0).as_deref(), Some("/dev/vda"));
+        assert_eq!(guest_device(4).as_deref(), Some("/dev/vde"));
+        assert_eq!(guest_device(26), None);
+        for slot in 0..26 {
+            assert_eq!(
+                device_slot(&guest_device(slot).unwrap_or_default()),
+                Some(slot)
+            );
+        }
+        for bad in ["/dev/vd", "/dev/vdaa", "/dev/sda", "vdb", "/dev/vdB"] {
+            assert_eq!(device_slot(bad), None, "{bad}");
+        }
     }
 }

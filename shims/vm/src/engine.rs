@@ -2,8 +2,11 @@
 //! the guest agent.
 //!
 //! The first Create of a shim boots the VM with that container's read-only rootfs image as its
-//! first disk (`/dev/vda`); later containers of the sandbox reach the running VM as image files in
-//! the sandbox's 9p share (virtio-mmio has no hotplug), which the agent loop-mounts. Every task
+//! first disk (`/dev/vda`). Later containers of the sandbox reach the running VM (virtio-mmio has
+//! no hotplug) as image files in the sandbox's 9p share, which the agent loop-mounts (QEMU), or
+//! as a spare disk the backend gives the image to ([`Vm::attach_disk`], the built-in VMM), which
+//! the agent mounts like `/dev/vda` and which is emptied again after the container's removal.
+//! Every task
 //! call becomes one agent call; stdio is pumped over the same channel with long-poll reads. When
 //! the last container is deleted the VM is shut down, so nothing outlives the sandbox.
 
@@ -31,7 +34,7 @@ use yard_shim_kit::{
 
 use crate::agent::Agent;
 use crate::config::Options;
-use crate::hypervisor::{Hypervisor, Vm, VmConfig};
+use crate::hypervisor::{Hypervisor, Vm, VmConfig, VmError};
 use crate::image::{Image, ImageCache, ImageFormat};
 
 /// Per-VM runtime state (console log): gone with the VM.
@@ -75,10 +78,21 @@ struct Sandbox {
     agent: Agent,
     state_dir: PathBuf,
     share_dir: PathBuf,
-    /// Container id → the file its image has in the share (None: the boot disk).
-    containers: std::sync::Mutex<HashMap<String, Option<PathBuf>>>,
+    /// Container id → how its image reached the VM.
+    containers: std::sync::Mutex<HashMap<String, Attached>>,
     oom: std::sync::Mutex<Option<JoinHandle<()>>>,
     ooms: Arc<OomReporter>,
+}
+
+/// How a container's image reached the VM, to undo after its removal.
+#[derive(Clone, Debug)]
+enum Attached {
+    /// The disk the VM booted with.
+    BootDisk,
+    /// A file in the 9p share.
+    Shared(PathBuf),
+    /// A disk attached after boot: the guest's device path.
+    Disk(String),
 }
 
 /// Publishes `/tasks/oom` once per OOM kill the guest counted in a container's cgroup. Two
@@ -253,18 +267,14 @@ impl VmEngine {
         // Stdio first: a client that gave bad fifos fails the create before the guest has a
         // container to leak.
         let init = VmProcess::open(&req.id, "", &req.stdio, &req.namespace, terminal)?;
-        let (sandbox, storage, shared) = match slot.as_ref() {
-            Some(sb) if !sb.shares_files => {
-                return Err(Error::FailedPrecondition(format!(
-                    "sandbox {} runs on the {} backend, which gives a VM one root disk and no \
-                     shared directory: it runs one container (use backend = \"qemu\" for \
-                     groups and pods)",
-                    sb.id, sb.backend
-                )));
+        let (sandbox, storage, attached) = match slot.as_ref() {
+            Some(sb) if sb.shares_files => {
+                let (storage, file) = sb.share_image(&req.id, &image.path, image.fstype())?;
+                (sb.clone(), storage, Attached::Shared(file))
             }
             Some(sb) => {
-                let (storage, file) = sb.share_image(&req.id, &image.path, image.fstype())?;
-                (sb.clone(), storage, Some(file))
+                let (storage, device) = sb.attach_image(&image.path, image.fstype()).await?;
+                (sb.clone(), storage, Attached::Disk(device))
             }
             None => {
                 let sb = Sandbox::boot(
@@ -281,7 +291,7 @@ impl VmEngine {
                     fstype: image.fstype().into(),
                     ..Default::default()
                 };
-                (sb, storage, None)
+                (sb, storage, Attached::BootDisk)
             }
         };
         // Reserved before the lock goes: a concurrent last delete must not stop this VM.
@@ -289,7 +299,7 @@ impl VmEngine {
             .containers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(req.id.clone(), shared.clone());
+            .insert(req.id.clone(), attached.clone());
         write_sandbox_key(&req.bundle, &sandbox.key);
         drop(slot);
 
@@ -304,9 +314,7 @@ impl VmEngine {
             })
             .await;
         if let Err(e) = created {
-            if let Some(f) = &shared {
-                let _ = std::fs::remove_file(f);
-            }
+            sandbox.detach(&req.id, &attached, true).await;
             release(&self.sandbox, &sandbox, &req.id).await;
             return Err(e);
         }
@@ -526,6 +534,53 @@ impl Sandbox {
         Ok((storage, dest))
     }
 
+    /// Give a later container's image to the VM as a disk (a backend without a share).
+    async fn attach_image(&self, image: &Path, fstype: &str) -> Result<(proto::Storage, String)> {
+        let device = self.vm.attach_disk(image).await.map_err(|e| match e {
+            VmError::NoFreeDisk { slots } => Error::FailedPrecondition(format!(
+                "sandbox {} runs on the {} backend, whose VM takes later containers' images on \
+                 {slots} spare disks, all in use: at most {} containers run in it at once (use \
+                 backend = \"qemu\" for larger groups and pods)",
+                self.id,
+                self.backend,
+                slots + 1
+            )),
+            VmError::Unsupported(_) => Error::FailedPrecondition(format!(
+                "sandbox {} runs on the {} backend, which cannot give a running VM another \
+                 image: it runs one container (use backend = \"qemu\" for groups and pods)",
+                self.id, self.backend
+            )),
+            e => Error::Internal(format!("give the image to the VM: {}", error_chain(&e))),
+        })?;
+        let storage = proto::Storage {
+            block_device: device.clone(),
+            fstype: fstype.into(),
+            ..Default::default()
+        };
+        Ok((storage, device))
+    }
+
+    /// Undo how a container's image reached the VM. A disk is detached only once the agent
+    /// removed the container (`removed`): until then its filesystem may still be mounted.
+    async fn detach(&self, id: &str, attached: &Attached, removed: bool) {
+        match attached {
+            Attached::BootDisk => {}
+            Attached::Shared(file) => {
+                let _ = std::fs::remove_file(file);
+            }
+            Attached::Disk(device) if removed => {
+                if let Err(e) = self.vm.detach_disk(device).await {
+                    tracing::warn!(container_id = id, device, error = %error_chain(&e), "detach the container's disk");
+                }
+            }
+            Attached::Disk(device) => tracing::warn!(
+                container_id = id,
+                device,
+                "the agent did not remove the container: its disk stays attached"
+            ),
+        }
+    }
+
     /// Shut the guest down (the agent kills what runs and reboots, so QEMU exits), kill the
     /// VMM if it does not go, and remove the sandbox's files.
     async fn stop(&self) {
@@ -666,14 +721,17 @@ impl Container for VmContainer {
             let _ = self.sandbox.agent.signal(&self.id, "", 9, true).await;
         }
         let removed = self.sandbox.agent.remove(&self.id).await;
-        if let Some(Some(file)) = self
+        let attached = self
             .sandbox
             .containers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&self.id)
-        {
-            let _ = std::fs::remove_file(file);
+            .cloned();
+        if let Some(attached) = attached {
+            self.sandbox
+                .detach(&self.id, &attached, removed.is_ok())
+                .await;
         }
         unmount_rootfs(&self.bundle);
         release(&self.slot, &self.sandbox, &self.id).await;
@@ -897,4 +955,16 @@ impl Process for VmProcess {
         self.stdin_closer.close();
         Ok(())
     }
+}
+
+/// `a: b: c` from an error and its sources.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
 }

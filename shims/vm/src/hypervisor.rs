@@ -7,7 +7,7 @@
 //! on it right away.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -161,6 +161,10 @@ pub enum VmError {
     },
     #[error("this backend has no {0}")]
     Unsupported(&'static str),
+    #[error("all {slots} spare disks of the VM are in use")]
+    NoFreeDisk { slots: usize },
+    #[error("no attached disk {0}")]
+    UnknownDisk(String),
 }
 
 /// A VMM: boots VMs.
@@ -170,7 +174,8 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// The VM can take files after boot (the QEMU backend's 9p share): later containers of a
-    /// sandbox get their images through it. Without it a sandbox runs one container.
+    /// sandbox get their images through it. Without it they get them as disks through
+    /// [`Vm::attach_disk`].
     fn shares_files(&self) -> bool {
         true
     }
@@ -213,4 +218,16 @@ pub trait Vm: Send + Sync {
 
     /// How the VMM ended: `None` while it runs.
     fn exit_status(&self) -> Option<VmmExit>;
+
+    /// Gives the running guest `image` as a read-only disk and returns its device path
+    /// (`/dev/vdb`). The built-in backend fills a spare virtio-blk slot and raises a
+    /// config-change interrupt; the guest sees the capacity once its driver handled it.
+    async fn attach_disk(&self, _image: &Path) -> Result<String, VmError> {
+        Err(VmError::Unsupported("disk attach"))
+    }
+
+    /// Takes a disk from [`Vm::attach_disk`] away again; the guest must have unmounted it.
+    async fn detach_disk(&self, _guest_device: &str) -> Result<(), VmError> {
+        Err(VmError::Unsupported("disk detach"))
+    }
 }

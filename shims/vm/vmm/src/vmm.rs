@@ -30,7 +30,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::ratelimit::LogLimiter;
 use crate::devices::serial::Serial;
 use crate::devices::virtio::VirtioDevice;
-use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::block::{Block, BlockError, BlockHandle};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::irq::{EventFdInterrupt, Interrupt};
@@ -66,7 +66,13 @@ pub struct VmmConfig {
     pub memory_mib: u32,
     /// Serial output (the guest console).
     pub console: Box<dyn Write + Send>,
+    /// The first virtio-blk disk (`/dev/vda` in a Linux guest).
     pub block: Option<BlockConfig>,
+    /// Read-only virtio-blk devices without a backing file (capacity 0) after `block`, for
+    /// [`Vm::set_disk`] to fill at run time. They are probed in MMIO order, which is
+    /// command-line order: `block`, then the spares, then vsock, so a Linux guest names them
+    /// `vda`, `vdb`, ... in disk-slot order.
+    pub spare_disks: u8,
     pub vsock: Option<VsockConfig>,
 }
 
@@ -141,6 +147,17 @@ pub enum StartVmError {
     Spawn(#[source] io::Error),
 }
 
+/// Why [`Vm::set_disk`] failed; the slot keeps its old backing file.
+#[derive(Debug, thiserror::Error)]
+pub enum SetDiskError {
+    #[error("no disk slot {slot}: the VM has {count}")]
+    NoSlot { slot: usize, count: usize },
+    #[error("the VM has ended")]
+    Ended,
+    #[error(transparent)]
+    Open(#[from] BlockError),
+}
+
 /// State shared by the vCPU threads, the control thread and the [`Vm`] handle.
 struct Shared {
     /// Raised by the control thread; vCPU threads leave their loop when they see it.
@@ -185,6 +202,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Devices {
     _io: Bus,
     _mmio: Bus,
+    /// The virtio-blk devices in slot order, for [`Vm::set_disk`].
+    disks: Vec<DiskSlot>,
+}
+
+/// One virtio-blk device: its backing file and the transport that announces a change.
+struct DiskSlot {
+    handle: BlockHandle,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+impl DiskSlot {
+    /// Swaps the backing file, then raises the config-change interrupt so the driver re-reads
+    /// the capacity (Linux: `virtblk_config_changed`). The swap waits for a request in flight.
+    fn set(&self, disk: Option<&BlockConfig>) -> Result<(), BlockError> {
+        self.handle
+            .set(disk.map(|d| (d.path.as_path(), d.read_only)))?;
+        lock(&self.transport).notify_config_change();
+        Ok(())
+    }
 }
 
 /// A running VM.
@@ -249,24 +285,37 @@ impl Vm {
             1,
         )?;
 
-        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        // MMIO (and so probe) order: the root disk, the spare disks, vsock.
+        let mut virtio: Vec<(Box<dyn VirtioDevice>, Option<BlockHandle>)> = Vec::new();
+        let count = usize::from(cfg.block.is_some())
+            + usize::from(cfg.spare_disks)
+            + usize::from(cfg.vsock.is_some());
+        if count > layout::VIRTIO_MAX_DEVICES as usize {
+            return Err(StartVmError::TooManyDevices);
+        }
         if let Some(block) = &cfg.block {
-            virtio.push(Box::new(
-                Block::new(&block.path, block.read_only).map_err(StartVmError::Block)?,
-            ));
+            let dev = Block::new(&block.path, block.read_only).map_err(StartVmError::Block)?;
+            let handle = dev.handle();
+            virtio.push((Box::new(dev), Some(handle)));
+        }
+        for _ in 0..cfg.spare_disks {
+            let dev = Block::empty(true);
+            let handle = dev.handle();
+            virtio.push((Box::new(dev), Some(handle)));
         }
         if let Some(vsock) = cfg.vsock {
-            virtio.push(Box::new(
-                Vsock::new(u64::from(vsock.guest_cid), vsock.uds_path)
-                    .map_err(StartVmError::Vsock)?,
+            virtio.push((
+                Box::new(
+                    Vsock::new(u64::from(vsock.guest_cid), vsock.uds_path)
+                        .map_err(StartVmError::Vsock)?,
+                ),
+                None,
             ));
-        }
-        if virtio.len() > layout::VIRTIO_MAX_DEVICES as usize {
-            return Err(StartVmError::TooManyDevices);
         }
         let mut mmio_bus = Bus::new();
         let mut cmdline_extra = Vec::new();
-        for (index, device) in (0u32..).zip(virtio) {
+        let mut disks = Vec::new();
+        for (index, (device, disk)) in (0u32..).zip(virtio) {
             let base = layout::VIRTIO_MMIO_BASE + u64::from(index) * layout::VIRTIO_MMIO_SIZE;
             let irq = Arc::new(EventFdInterrupt::new().map_err(StartVmError::Fd)?);
             register_irq(&kvm, &irq, layout::VIRTIO_IRQ_BASE + index)?;
@@ -280,11 +329,14 @@ impl Vm {
                     tracing::debug!(error = %e, queue, "no ioeventfd; queue notifies exit to the VMM");
                 }
             }
-            mmio_bus.insert(
-                Arc::new(Mutex::new(transport)),
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-            )?;
+            let transport = Arc::new(Mutex::new(transport));
+            if let Some(handle) = disk {
+                disks.push(DiskSlot {
+                    handle,
+                    transport: transport.clone(),
+                });
+            }
+            mmio_bus.insert(transport, base, layout::VIRTIO_MMIO_SIZE)?;
             cmdline_extra.push(layout::virtio_mmio_cmdline(index));
         }
         for (device, base, len) in opts.mmio_devices {
@@ -387,6 +439,7 @@ impl Vm {
             devices: Mutex::new(Some(Devices {
                 _io: io_bus,
                 _mmio: mmio_bus,
+                disks,
             })),
             boot_timer: boot_timer_state,
             boot_timer_evt,
@@ -437,6 +490,33 @@ impl Vm {
                 .wait(ended)
                 .unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// Gives virtio-blk disk `slot` (0 is [`VmmConfig::block`] when there is one, then the
+    /// spares in order) a new backing file, or empties it with `None`, and tells the guest's
+    /// driver with a config-change interrupt. The guest must not be using the old file (a
+    /// Linux guest: nothing mounted from it).
+    pub fn set_disk(&self, slot: usize, disk: Option<BlockConfig>) -> Result<(), SetDiskError> {
+        if self.exit().is_some() {
+            return Err(SetDiskError::Ended);
+        }
+        let devices = lock(&self.devices);
+        let Some(devices) = devices.as_ref() else {
+            return Err(SetDiskError::Ended);
+        };
+        let count = devices.disks.len();
+        let target = devices
+            .disks
+            .get(slot)
+            .ok_or(SetDiskError::NoSlot { slot, count })?;
+        target.set(disk.as_ref())?;
+        tracing::info!(
+            slot,
+            path = ?disk.as_ref().map(|d| &d.path),
+            sectors = target.handle.capacity(),
+            "disk backing file set"
+        );
+        Ok(())
     }
 
     /// Stops the vCPUs and the devices and joins their threads. Idempotent; a VM that already
@@ -646,5 +726,96 @@ fn register_irq(kvm: &KvmVm, irq: &EventFdInterrupt, gsi: u32) -> Result<(), Irq
     } else {
         // Nobody can deliver it: the device's triggers only count up the eventfd.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+    use super::*;
+
+    /// Skips (printing why) without root and /dev/kvm, unless `SWITCHYARD_REQUIRE_ALL=1`.
+    fn have_kvm() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if root && kvm {
+            return true;
+        }
+        let reason = if root { "needs /dev/kvm" } else { "needs root" };
+        if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
+            panic!("required prerequisite missing: {reason}");
+        }
+        eprintln!("SKIP: {reason}");
+        false
+    }
+
+    fn disk(path: &std::path::Path) -> Option<BlockConfig> {
+        Some(BlockConfig {
+            path: path.to_owned(),
+            read_only: true,
+        })
+    }
+
+    /// A spinning real-mode guest with a root disk and two spares: set_disk reaches every slot
+    /// and refuses a bad slot, a missing file and a VM that ended.
+    #[test]
+    fn set_disk_swaps_slots_and_refuses_what_it_cannot() {
+        if !have_kvm() {
+            return;
+        }
+        let root = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(root.path(), [0u8; 4096]).unwrap();
+        let image = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(image.path(), [1u8; 8192]).unwrap();
+        let vm = Vm::start_with(
+            VmmConfig {
+                kernel: PathBuf::new(),
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: 1,
+                memory_mib: 16,
+                console: Box::new(io::sink()),
+                block: disk(root.path()),
+                spare_disks: 2,
+                vsock: None,
+            },
+            StartOptions {
+                // jmp $
+                real_mode: Some(RealModeImage {
+                    code: vec![0xeb, 0xfe],
+                    load_addr: 0x1000,
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let capacity = |slot: usize| {
+            let devices = lock(&vm.devices);
+            devices.as_ref().unwrap().disks[slot].handle.capacity()
+        };
+        assert_eq!((capacity(0), capacity(1), capacity(2)), (8, 0, 0));
+        vm.set_disk(2, disk(image.path())).unwrap();
+        assert_eq!((capacity(1), capacity(2)), (0, 16));
+        vm.set_disk(0, None).unwrap();
+        assert_eq!(capacity(0), 0);
+        assert!(matches!(
+            vm.set_disk(3, disk(image.path())),
+            Err(SetDiskError::NoSlot { slot: 3, count: 3 })
+        ));
+        let missing = vm.set_disk(1, disk(std::path::Path::new("/nonexistent.img")));
+        assert!(matches!(missing, Err(SetDiskError::Open(_))), "{missing:?}");
+        assert_eq!(capacity(1), 0);
+        vm.set_disk(2, None).unwrap();
+        vm.stop();
+        assert!(matches!(
+            vm.set_disk(1, disk(image.path())),
+            Err(SetDiskError::Ended)
+        ));
     }
 }

@@ -48,6 +48,7 @@ fn config(kernel: &Path, vcpus: u8) -> VmmConfig {
         memory_mib: 32,
         console: Box::new(std::io::sink()),
         block: None,
+        spare_disks: 0,
         vsock: None,
     }
 }

@@ -327,6 +327,7 @@ fn test_guest_drives_block_and_vsock_with_virtio_drivers() {
             path: disk.clone(),
             read_only: false,
         }),
+        spare_disks: 0,
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),

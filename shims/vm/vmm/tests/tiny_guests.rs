@@ -71,6 +71,7 @@ fn config(console: &Console, kernel: std::path::PathBuf) -> VmmConfig {
         memory_mib: 64,
         console: Box::new(console.clone()),
         block: None,
+        spare_disks: 0,
         vsock: None,
     }
 }

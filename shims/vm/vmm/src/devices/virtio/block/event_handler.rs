@@ -1,5 +1,6 @@
 //! The block worker: waits on the queue's notification eventfd and serves every request
-//! the guest posted, until stopped.
+//! the guest posted, until stopped. Each request holds the backend's lock while it is served,
+//! so a swap of the backing file waits for it.
 
 use std::io;
 use std::sync::Arc;
@@ -10,14 +11,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::InterruptStatus;
 use super::super::worker::{Poller, STOP_TOKEN};
-use super::request::Disk;
+use super::{Backend, lock, request};
 use crate::GuestMemory;
 use crate::guest_warn;
 
 const QUEUE_TOKEN: u64 = 0;
 
 pub(super) fn run(
-    disk: Disk,
+    backend: Backend,
     mem: GuestMemory,
     mut queue: Queue,
     evt: EventFd,
@@ -34,7 +35,7 @@ pub(super) fn run(
                 QUEUE_TOKEN => {
                     let _ = evt.read();
                     if queue.ready() {
-                        process_queue(&disk, &mem, &mut queue, &irq);
+                        process_queue(&backend, &mem, &mut queue, &irq);
                     }
                 }
                 _ => {}
@@ -43,7 +44,7 @@ pub(super) fn run(
     }
 }
 
-fn process_queue(disk: &Disk, mem: &GuestMemory, queue: &mut Queue, irq: &InterruptStatus) {
+fn process_queue(backend: &Backend, mem: &GuestMemory, queue: &mut Queue, irq: &InterruptStatus) {
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             guest_warn!("virtio-blk: queue: {e}");
@@ -52,7 +53,7 @@ fn process_queue(disk: &Disk, mem: &GuestMemory, queue: &mut Queue, irq: &Interr
         let mut used_any = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = disk.handle(mem, chain);
+            let len = request::handle(lock(backend).as_ref(), mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {
                 guest_warn!("virtio-blk: used ring: {e}");
                 return;

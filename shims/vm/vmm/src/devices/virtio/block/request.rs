@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
@@ -20,58 +19,74 @@ use crate::guest_warn;
 const CHUNK: usize = 64 * 1024;
 
 pub(super) struct Disk {
-    pub(super) file: Arc<File>,
+    pub(super) file: File,
     pub(super) read_only: bool,
     pub(super) capacity: u64,
     pub(super) id: [u8; VIRTIO_BLK_ID_BYTES],
 }
 
-impl Disk {
-    /// Serve one request; the number of bytes written into guest memory.
-    pub(super) fn handle(
-        &self,
-        mem: &GuestMemory,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap<()>>,
-    ) -> u32 {
-        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
-            (Ok(r), Ok(w)) => (r, w),
-            _ => {
-                guest_warn!("virtio-blk: request chain outside guest memory");
-                return 0;
-            }
-        };
-        let avail = writer.available_bytes();
-        if avail == 0 {
-            guest_warn!("virtio-blk: request without a status byte");
+/// Serve one request against `disk` (`None`: an empty slot); the number of bytes written into
+/// guest memory.
+pub(super) fn handle(
+    disk: Option<&Disk>,
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap<()>>,
+) -> u32 {
+    let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+        (Ok(r), Ok(w)) => (r, w),
+        _ => {
+            guest_warn!("virtio-blk: request chain outside guest memory");
             return 0;
         }
-        let mut status_w = match writer.split_at(avail - 1) {
-            Ok(s) => s,
-            Err(_) => return 0,
-        };
-        let (status, written) = self.execute(&mut reader, &mut writer);
-        if status_w.write_all(&[status]).is_err() {
-            return 0;
-        }
-        // A chain may describe more than 4 GiB (descriptors can overlap): saturate.
-        u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+    };
+    let avail = writer.available_bytes();
+    if avail == 0 {
+        guest_warn!("virtio-blk: request without a status byte");
+        return 0;
     }
+    let mut status_w = match writer.split_at(avail - 1) {
+        Ok(s) => s,
+        Err(_) => return 0,
+    };
+    let (status, written) = execute(disk, &mut reader, &mut writer);
+    if status_w.write_all(&[status]).is_err() {
+        return 0;
+    }
+    // A chain may describe more than 4 GiB (descriptors can overlap): saturate.
+    u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX)
+}
 
-    /// (status, data bytes written to the guest)
+/// (status, data bytes written to the guest)
+fn execute(
+    disk: Option<&Disk>,
+    reader: &mut virtio_queue::Reader<'_, ()>,
+    writer: &mut virtio_queue::Writer<'_, ()>,
+) -> (u8, usize) {
+    let mut header = [0u8; 16];
+    if reader.read_exact(&mut header).is_err() {
+        guest_warn!("virtio-blk: short request header");
+        return (VIRTIO_BLK_S_IOERR, 0);
+    }
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut sector_bytes = [0u8; 8];
+    sector_bytes.copy_from_slice(&header[8..16]);
+    let sector = u64::from_le_bytes(sector_bytes);
+    match disk {
+        Some(disk) => disk.execute(kind, sector, reader, writer),
+        // An empty slot: the driver sees capacity 0 and has no reason to send I/O.
+        None if kind == VIRTIO_BLK_T_FLUSH => (VIRTIO_BLK_S_OK, 0),
+        None => (VIRTIO_BLK_S_IOERR, 0),
+    }
+}
+
+impl Disk {
     fn execute(
         &self,
+        kind: u32,
+        sector: u64,
         reader: &mut virtio_queue::Reader<'_, ()>,
         writer: &mut virtio_queue::Writer<'_, ()>,
     ) -> (u8, usize) {
-        let mut header = [0u8; 16];
-        if reader.read_exact(&mut header).is_err() {
-            guest_warn!("virtio-blk: short request header");
-            return (VIRTIO_BLK_S_IOERR, 0);
-        }
-        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-        let mut sector_bytes = [0u8; 8];
-        sector_bytes.copy_from_slice(&header[8..16]);
-        let sector = u64::from_le_bytes(sector_bytes);
         match kind {
             VIRTIO_BLK_T_IN => {
                 let len = writer.available_bytes();

@@ -24,15 +24,34 @@ pub struct Rig {
     pub file: tempfile::NamedTempFile,
 }
 
-pub fn rig(read_only: bool) -> Rig {
+/// A disk file of 8 sectors (and a partial one) whose sector `i` is filled with byte `i`.
+pub fn disk_file() -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let mut content = vec![0u8; 8 * 512 + 100];
     for (i, b) in content.iter_mut().enumerate() {
         *b = (i / 512) as u8;
     }
     file.write_all(&content).unwrap();
+    file
+}
+
+pub fn rig(read_only: bool) -> Rig {
+    let file = disk_file();
     let dev = Block::new(file.path(), read_only).unwrap();
     assert_eq!(dev.capacity(), 8);
+    rig_with(dev, read_only, file)
+}
+
+/// An empty device (as the VMM's spare disks start) with `file` not yet attached, and the
+/// handle that swaps it in.
+pub fn empty_rig(read_only: bool) -> (Rig, BlockHandle) {
+    let dev = Block::empty(read_only);
+    assert_eq!(dev.capacity(), 0);
+    let handle = dev.handle();
+    (rig_with(dev, read_only, disk_file()), handle)
+}
+
+fn rig_with(dev: Block, read_only: bool, file: tempfile::NamedTempFile) -> Rig {
     let mem = memory();
     let irq = CountingInterrupt::new();
     let mut t = MmioTransport::new(mem.clone(), Box::new(dev), irq.clone()).unwrap();
