@@ -194,16 +194,17 @@ mod kvm {
     }
 }
 
-/// Issue 7: inside the harness (a hardware-style KVM), switchyardd picks the built-in VMM for
-/// the vm runtime, `yard info` says so, and `yard run --runtime vm` runs a container in a
-/// microVM booted by it: the guest kernel and agent, over hybrid vsock, with the rootfs image on
-/// its virtio-blk disk. The shim's log shows the boot time the VMM's boot timer measured.
-#[test]
-fn the_builtin_vmm_runs_a_container_inside_the_harness() {
-    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
-        return;
-    }
-    let vm = NestedVm::builder()
+/// The payload's first lines in [`switchyard_in_harness`]: start switchyardd and wait for its
+/// socket.
+const START_SWITCHYARDD: &str = "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
+     switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
+     i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n";
+
+/// A harness VM carrying switchyardd, yard, the vm shim, mkfs.erofs, the guest kernel and agent
+/// and a busybox rootfs at `/containers/busybox`, with a config whose vm runtime has the
+/// `[runtimes.vm.options]` lines `vm_options`; `payload` runs after switchyardd serves.
+fn switchyard_in_harness(vm_options: &str, payload: &str) -> nested::NestedVmBuilder {
+    NestedVm::builder()
         .binary(bin("switchyardd"), "/usr/bin/switchyardd")
         .binary(bin("yard"), "/usr/bin/yard")
         .binary(
@@ -215,19 +216,33 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
         .dir(busybox_rootfs(), "/containers/busybox")
         .text(
             "/etc/switchyard/config.toml",
-            "root = \"/var/lib/switchyard\"\n\
-             state = \"/run/switchyard\"\n\
-             [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
-             [log]\nlevel = \"debug\"\n\
-             [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
-             [runtimes.vm.options]\nbackend = \"auto\"\nboot_timeout_ms = 60000\n",
+            format!(
+                "root = \"/var/lib/switchyard\"\n\
+                 state = \"/run/switchyard\"\n\
+                 [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
+                 [log]\nlevel = \"debug\"\n\
+                 [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
+                 [runtimes.vm.options]\n{vm_options}boot_timeout_ms = 60000\n"
+            ),
             0o644,
         )
-        .payload(
-            "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
-             switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
-             i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
-             echo \"info: $(yard info --json | tr -d '\\n')\"\n\
+        .payload(&format!("{START_SWITCHYARDD}{payload}"))
+        .payload_timeout(Duration::from_secs(300))
+        .timeout(Duration::from_secs(450))
+}
+
+/// Issue 7: inside the harness (a hardware-style KVM), switchyardd picks the built-in VMM for
+/// the vm runtime, `yard info` says so, and `yard run --runtime vm` runs a container in a
+/// microVM booted by it: the guest kernel and agent, over hybrid vsock, with the rootfs image on
+/// its virtio-blk disk. The shim's log shows the boot time the VMM's boot timer measured.
+#[test]
+fn the_builtin_vmm_runs_a_container_inside_the_harness() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let vm = switchyard_in_harness(
+        "backend = \"auto\"\n",
+        "echo \"info: $(yard info --json | tr -d '\\n')\"\n\
              start=$(cut -d' ' -f1 /proc/uptime)\n\
              yard run --runtime vm --rm --rootfs /containers/busybox -- \
                /bin/sh -c 'echo \"in the guest: $(uname -r) $(cat /proc/sys/kernel/hostname)\"; exit 3'\n\
@@ -237,10 +252,8 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
              kill %1 2>/dev/null; sleep 0.2\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'VM ready' -e 'boot' -e ERROR -e WARN /tmp/switchyardd.log | tail -20\n",
-        )
-        .payload_timeout(Duration::from_secs(240))
-        .timeout(Duration::from_secs(400))
-        .build()
+    )
+    .build()
         .unwrap();
     let run = vm.run().unwrap();
     println!(
@@ -284,42 +297,18 @@ fn the_builtin_vmm_boots_a_two_vcpu_guest() {
     if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
         return;
     }
-    let vm = NestedVm::builder()
-        .vcpus(2)
-        .binary(bin("switchyardd"), "/usr/bin/switchyardd")
-        .binary(bin("yard"), "/usr/bin/yard")
-        .binary(
-            bin("containerd-shim-yard-vm-v1"),
-            "/usr/bin/containerd-shim-yard-vm-v1",
-        )
-        .mkfs_erofs()
-        .guest_kernel_and_initrd()
-        .dir(busybox_rootfs(), "/containers/busybox")
-        .text(
-            "/etc/switchyard/config.toml",
-            "root = \"/var/lib/switchyard\"\n\
-             state = \"/run/switchyard\"\n\
-             [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
-             [log]\nlevel = \"debug\"\n\
-             [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
-             [runtimes.vm.options]\nbackend = \"builtin\"\nvcpus = 2\nboot_timeout_ms = 60000\n",
-            0o644,
-        )
-        .payload(
-            "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
-             switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
-             i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
-             yard run --runtime vm --rm --rootfs /containers/busybox -- \
+    let vm = switchyard_in_harness(
+        "backend = \"builtin\"\nvcpus = 2\n",
+        "yard run --runtime vm --rm --rootfs /containers/busybox -- \
                /bin/sh -c 'echo \"guest cpus: $(nproc) $(grep -c ^processor /proc/cpuinfo)\"'\n\
              echo \"run status: $?\"\n\
              kill %1 2>/dev/null; sleep 0.2\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'VM ' -e 'boot' -e ERROR -e WARN /tmp/switchyardd.log | tail -20\n",
-        )
-        .payload_timeout(Duration::from_secs(240))
-        .timeout(Duration::from_secs(400))
-        .build()
-        .unwrap();
+    )
+    .vcpus(2)
+    .build()
+    .unwrap();
     let run = vm.run().unwrap();
     println!(
         "nested builtin 2-vCPU run: payload {:.2?}, whole {:.2?}\n{}",
@@ -349,31 +338,9 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
     if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
         return;
     }
-    let vm = NestedVm::builder()
-        .binary(bin("switchyardd"), "/usr/bin/switchyardd")
-        .binary(bin("yard"), "/usr/bin/yard")
-        .binary(
-            bin("containerd-shim-yard-vm-v1"),
-            "/usr/bin/containerd-shim-yard-vm-v1",
-        )
-        .mkfs_erofs()
-        .guest_kernel_and_initrd()
-        .dir(busybox_rootfs(), "/containers/busybox")
-        .text(
-            "/etc/switchyard/config.toml",
-            "root = \"/var/lib/switchyard\"\n\
-             state = \"/run/switchyard\"\n\
-             [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
-             [log]\nlevel = \"debug\"\n\
-             [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
-             [runtimes.vm.options]\nbackend = \"builtin\"\nboot_timeout_ms = 60000\n",
-            0o644,
-        )
-        .payload(
-            "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
-             switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
-             i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n\
-             G='--annotation io.switchyard.group=pod'\n\
+    let vm = switchyard_in_harness(
+        "backend = \"builtin\"\n",
+        "G='--annotation io.switchyard.group=pod'\n\
              for n in a b c d e; do\n\
                yard run --runtime vm -d --name $n $G --rootfs /containers/busybox -- /bin/sleep 600 >/dev/null\n\
                echo \"start $n: $?\"\n\
@@ -393,10 +360,8 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
              kill %1 2>/dev/null; sleep 0.2\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'disk' -e 'VM ready' -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n",
-        )
-        .payload_timeout(Duration::from_secs(300))
-        .timeout(Duration::from_secs(450))
-        .build()
+    )
+    .build()
         .unwrap();
     let run = vm.run().unwrap();
     println!(

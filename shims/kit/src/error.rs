@@ -55,6 +55,22 @@ impl From<Error> for ttrpc::Error {
     }
 }
 
+/// `a: b: c` from an error and its sources, skipping a source whose text the message already
+/// carries (an error that prints `{context}: {source}` and also returns it as its source).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}
+
 /// A ttrpc error for a method this shim does not serve.
 pub fn unimplemented(method: &str) -> ttrpc::Error {
     Error::Unimplemented(format!("{method} is not implemented by this shim")).into()
@@ -80,5 +96,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("attach a disk")]
+        Wrapped(#[source] Error),
+    }
+
+    #[test]
+    fn chain_joins_sources_once() {
+        let inner = Error::io("open img")(std::io::Error::from(std::io::ErrorKind::NotFound));
+        // Error::Io prints its source and returns it too: it appears once.
+        let e = Outer::Wrapped(inner);
+        let text = chain(&e);
+        assert!(text.starts_with("attach a disk: open img: "), "{text}");
+        assert_eq!(text.matches("not found").count(), 1, "{text}");
     }
 }

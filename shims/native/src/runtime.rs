@@ -49,23 +49,9 @@ impl From<LibcontainerError> for Failure {
         );
         Failure {
             invalid,
-            message: chain(&e),
+            message: yard_shim_kit::error::chain(&e),
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = c.source();
-    }
-    s
 }
 
 fn usage(msg: impl Into<String>) -> Failure {

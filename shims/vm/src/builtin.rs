@@ -18,7 +18,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,7 +128,7 @@ impl Hypervisor for Builtin {
             agent: None,
             banner_at: Duration::ZERO,
             first_spare,
-            spares: Mutex::new(vec![None; usize::from(SPARE_DISKS)]),
+            spares: Mutex::new(vec![false; usize::from(SPARE_DISKS)]),
         };
         let tail = |vm: &BuiltinVm| vm.console_tail(ERROR_TAIL_LINES);
         let reached = tokio::select! {
@@ -235,8 +235,8 @@ struct BuiltinVm {
     banner_at: Duration,
     /// The VMM's disk slot of the first spare (after the root disk).
     first_spare: usize,
-    /// Each spare's image while attached.
-    spares: Mutex<Vec<Option<PathBuf>>>,
+    /// Which spares hold an image.
+    spares: Mutex<Vec<bool>>,
 }
 
 /// The guest's name for virtio-blk disk `slot`: Linux names them in probe order, which is the
@@ -255,7 +255,7 @@ fn device_slot(device: &str) -> Option<usize> {
 }
 
 impl BuiltinVm {
-    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Option<PathBuf>>> {
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<bool>> {
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -351,17 +351,17 @@ impl Vm for BuiltinVm {
     async fn attach_disk(&self, image: &Path) -> Result<String, VmError> {
         let spare = {
             let mut spares = self.spares();
-            let Some(i) = spares.iter().position(Option::is_none) else {
+            let Some(i) = spares.iter().position(|used| !used) else {
                 return Err(VmError::NoFreeDisk {
                     slots: spares.len(),
                 });
             };
-            spares[i] = Some(image.to_owned());
+            spares[i] = true;
             i
         };
         let slot = self.first_spare + spare;
         let Some(device) = guest_device(slot) else {
-            self.spares()[spare] = None;
+            self.spares()[spare] = false;
             return Err(VmError::Unsupported("disk name past /dev/vdz"));
         };
         let disk = BlockConfig {
@@ -369,7 +369,7 @@ impl Vm for BuiltinVm {
             read_only: true,
         };
         if let Err(e) = self.set_disk(slot, Some(disk)).await {
-            self.spares()[spare] = None;
+            self.spares()[spare] = false;
             return Err(disk_error("attach a disk", e));
         }
         tracing::debug!(vm = %self.id, image = %image.display(), device, "disk attached");
@@ -379,14 +379,14 @@ impl Vm for BuiltinVm {
     async fn detach_disk(&self, guest_device: &str) -> Result<(), VmError> {
         let spare = device_slot(guest_device)
             .and_then(|slot| slot.checked_sub(self.first_spare))
-            .filter(|&i| self.spares().get(i).is_some_and(Option::is_some))
+            .filter(|&i| self.spares().get(i).copied().unwrap_or(false))
             .ok_or_else(|| VmError::UnknownDisk(guest_device.to_owned()))?;
         match self.set_disk(self.first_spare + spare, None).await {
             // Nothing is attached to a VM that ended.
             Ok(()) | Err(SetDiskError::Ended) => {}
             Err(e) => return Err(disk_error("detach a disk", e)),
         }
-        self.spares()[spare] = None;
+        self.spares()[spare] = false;
         tracing::debug!(vm = %self.id, device = guest_device, "disk detached");
         Ok(())
     }

@@ -550,7 +550,10 @@ impl Sandbox {
                  image: it runs one container (use backend = \"qemu\" for groups and pods)",
                 self.id, self.backend
             )),
-            e => Error::Internal(format!("give the image to the VM: {}", error_chain(&e))),
+            e => Error::Internal(format!(
+                "give the image to the VM: {}",
+                yard_shim_kit::error::chain(&e)
+            )),
         })?;
         let storage = proto::Storage {
             block_device: device.clone(),
@@ -570,7 +573,7 @@ impl Sandbox {
             }
             Attached::Disk(device) if removed => {
                 if let Err(e) = self.vm.detach_disk(device).await {
-                    tracing::warn!(container_id = id, device, error = %error_chain(&e), "detach the container's disk");
+                    tracing::warn!(container_id = id, device, error = %yard_shim_kit::error::chain(&e), "detach the container's disk");
                 }
             }
             Attached::Disk(device) => tracing::warn!(
@@ -955,16 +958,4 @@ impl Process for VmProcess {
         self.stdin_closer.close();
         Ok(())
     }
-}
-
-/// `a: b: c` from an error and its sources.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
 }
