@@ -33,7 +33,6 @@
     clippy::expect_used
 )]
 
-use std::error::Error;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -179,7 +178,7 @@ async fn boot_backend(hv: &dyn Hypervisor, cfg: VmConfig) -> Sample {
     let t0 = Instant::now();
     let vm = match hv.boot(cfg).await {
         Ok(vm) => vm,
-        Err(e) => panic!("{} boot: {}", hv.name(), chain(&e)),
+        Err(e) => panic!("{} boot: {}", hv.name(), switchyard_base::chain(&e)),
     };
     let wall = t0.elapsed();
     let overhead_kib = vm.pid().and_then(|pid| {
@@ -221,7 +220,7 @@ fn boot_direct(guest: &Guest, dir: &Path) -> Sample {
     let t0 = Instant::now();
     let vm = match yard_vmm::vmm::Vm::start(cfg) {
         Ok(vm) => vm,
-        Err(e) => panic!("start the built-in VMM: {}", chain(&e)),
+        Err(e) => panic!("start the built-in VMM: {}", switchyard_base::chain(&e)),
     };
     let agent = match connect_agent(&vm, &uds_path) {
         Ok(s) => s,
@@ -376,17 +375,6 @@ fn qemu_ram_rss_kib(maps: &[Mapping]) -> Option<u64> {
                 .min_by_key(|m| m.end - m.start)
         })
         .map(|m| m.rss_kib)
-}
-
-fn chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
 }
 
 /// (median, p10, p90), picked as [`Stats::of`] picks them.

@@ -302,10 +302,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            let _ = writeln!(std::io::stderr(), "yard: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(e) => switchyard_base::exit_with(e.as_ref()),
     }
 }
 

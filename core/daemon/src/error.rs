@@ -22,21 +22,7 @@ pub trait Classify: StdError {
     fn kind(&self) -> Kind;
 }
 
-/// The error and its sources, `a: b: c`, skipping a source whose text its parent already
-/// printed.
-pub fn chain(err: &(dyn StdError + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !s.is_empty() && !out.ends_with(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = e.source();
-    }
-    out
-}
+pub use switchyard_base::chain;
 
 /// gRPC code for a kind.
 pub fn grpc_code(kind: Kind) -> tonic::Code {

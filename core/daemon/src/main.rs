@@ -53,11 +53,10 @@ enum ConfigCmd {
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    let config = match path {
-        Some(p) => Config::load(p),
-        None => Config::default_config(),
-    };
-    config.map_err(|e| anyhow::anyhow!(switchyardd::error::chain(&e)))
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default_config()?,
+    })
 }
 
 fn init_logging(level: &str) {
@@ -113,8 +112,12 @@ async fn publish(address: PathBuf, topic: String, namespace: String) -> anyhow::
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// A user error prints `error: a: b: c` and exits 1 (never anyhow's backtrace).
+fn main() -> std::process::ExitCode {
+    switchyard_base::exit_code(run(Cli::parse()))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -161,8 +164,7 @@ fn main() -> anyhow::Result<()> {
             std::panic::set_hook(Box::new(|info| {
                 tracing::error!(panic = %info, "switchyardd panicked");
             }));
-            rt.block_on(switchyardd::daemon::run(config, shutdown_signal()))
-                .map_err(|e| anyhow::anyhow!(switchyardd::error::chain(&e)))
+            Ok(rt.block_on(switchyardd::daemon::run(config, shutdown_signal()))?)
         }
     }
 }

@@ -50,7 +50,7 @@ pub enum StoreError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error(transparent)]
-    Ident(#[from] crate::ident::InvalidIdent),
+    Ident(crate::ident::InvalidIdent),
     #[error("metadata database")]
     Db(#[source] Box<redb::Error>),
     #[error("metadata record {key:?} is corrupt")]
@@ -175,7 +175,7 @@ impl Store {
     // ---- namespaces ----
 
     fn ensure_namespace(txn: &redb::WriteTransaction, ns: &str) -> Result<bool> {
-        crate::ident::check("namespace", ns)?;
+        crate::ident::check("namespace", ns).map_err(StoreError::Ident)?;
         let mut t = txn.open_table(NAMESPACES)?;
         if t.get(ns)?.is_some() {
             return Ok(false);
@@ -197,7 +197,7 @@ impl Store {
     }
 
     pub fn create_namespace(&self, ns: Namespace) -> Result<Namespace> {
-        crate::ident::check("namespace", &ns.name)?;
+        crate::ident::check("namespace", &ns.name).map_err(StoreError::Ident)?;
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(NAMESPACES)?;
@@ -303,7 +303,7 @@ impl Store {
 
     /// Stores a new container; the second value is true when its namespace was created too.
     pub fn create_container(&self, ns: &str, mut c: Container) -> Result<(Container, bool)> {
-        crate::ident::check("container id", &c.id)?;
+        crate::ident::check("container id", &c.id).map_err(StoreError::Ident)?;
         if c.spec.is_none() {
             return Err(StoreError::InvalidArgument(format!(
                 "container {:?}: spec is required",

@@ -25,18 +25,3 @@ pub use store::{
     GcReport, ImageError, ImageRecord, ImageStore, ImageSummary, Prepared, Progress, RootfsKind,
     SNAPSHOTTER, Target, Usage, normalize,
 };
-
-/// An error and its sources, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.ends_with(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}

@@ -134,8 +134,6 @@ const EROFS: &str = "erofs";
 const SCRATCH: &str = "tmp";
 /// A committed snapshot's directory name: this many hex digits of its chain id.
 const ID_LEN: usize = 16;
-/// containerd's limit for namespaces and identifiers.
-const KEY_PART_MAX: usize = 76;
 /// Far more ancestors than an image can have (overlayfs stacks at most 500): a longer walk
 /// through `parent` files is a loop.
 const MAX_CHAIN: usize = 1024;
@@ -173,16 +171,8 @@ fn parse_key(key: &str) -> Result<(&str, &str), SnapshotError> {
     let (namespace, id) = key
         .split_once('/')
         .ok_or_else(|| bad("a key is <namespace>/<id>".into()))?;
-    for part in [namespace, id] {
-        let mut bytes = part.bytes();
-        let ok = part.len() <= KEY_PART_MAX
-            && bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
-            && bytes.all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if !ok {
-            return Err(bad(format!(
-                "{part:?} must match [A-Za-z0-9][A-Za-z0-9_.-]* and be at most {KEY_PART_MAX} characters"
-            )));
-        }
+    for (what, part) in [("namespace", namespace), ("id", id)] {
+        switchyard_base::ident::check(what, part).map_err(|e| bad(e.to_string()))?;
     }
     Ok((namespace, id))
 }

@@ -599,7 +599,7 @@ impl ImageStore {
                     unpacked: 0,
                     layers: Vec::new(),
                     wasm: false,
-                    problem: Some(crate::error_chain(&e)),
+                    problem: Some(switchyard_base::chain(&e)),
                     record,
                 },
             };

@@ -56,20 +56,7 @@ impl Error {
     }
 }
 
-/// `a: b: c` for an error and its sources (a source already quoted by its parent is skipped).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = c.source();
-    }
-    s
-}
+pub use switchyard_base::chain;
 
 impl From<Error> for ttrpc::Error {
     fn from(e: Error) -> ttrpc::Error {

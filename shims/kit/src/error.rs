@@ -55,21 +55,7 @@ impl From<Error> for ttrpc::Error {
     }
 }
 
-/// `a: b: c` from an error and its sources, skipping a source whose text the message already
-/// carries (an error that prints `{context}: {source}` and also returns it as its source).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = c.source();
-    }
-    s
-}
+pub use switchyard_base::chain;
 
 /// A ttrpc error for a method this shim does not serve.
 pub fn unimplemented(method: &str) -> ttrpc::Error {

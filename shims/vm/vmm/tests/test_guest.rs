@@ -333,7 +333,7 @@ fn test_guest_drives_block_and_vsock_with_virtio_drivers() {
             uds_path: uds.clone(),
         }),
     })
-    .unwrap_or_else(|e| panic!("Vm::start: {}", chain(&e)));
+    .unwrap_or_else(|e| panic!("Vm::start: {}", switchyard_base::chain(&e)));
     let run = Run { vm, console };
 
     // Guest port 5000 once the guest listens: the handshake, one echoed line, then `done`.
@@ -419,15 +419,4 @@ fn test_guest_drives_block_and_vsock_with_virtio_drivers() {
         "boot time {boot:?}, run {elapsed:?}"
     );
     eprintln!("test guest: boot timer {boot:?}, whole run {elapsed:?}");
-}
-
-/// `a: b: c` for an error and its sources.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text += &format!(": {s}");
-        source = s.source();
-    }
-    text
 }
