@@ -20,6 +20,9 @@
 //! Arguments that do not start with `-` are only printed; an unknown option (or a missing or
 //! malformed option value) prints a message to stderr and exits with 2.
 
+// A test program whose output is its behaviour: printing is what it is for.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 use std::io::{self, Read, Write};
 use std::process::exit;
 use std::time::Duration;

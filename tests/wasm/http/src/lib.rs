@@ -5,6 +5,9 @@
 //! (the path with its query), except path `/env`, which answers the environment variables,
 //! sorted, one `KEY=VALUE` per line.
 
+// A test component: a host that breaks the wasi:http contract fails the test that runs it.
+#![allow(clippy::expect_used)]
+
 use std::io::Write;
 
 use wasi::http::types::{
