@@ -1,4 +1,4 @@
-//! Generates Rust types for the vendored containerd protobufs (see `proto/README.md`).
+//! Generates Rust types for the vendored containerd and CRI protobufs (see `proto/README.md`).
 
 use std::path::PathBuf;
 
@@ -45,6 +45,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Methods a service does not override answer UNIMPLEMENTED instead of failing to compile.
         .generate_default_stubs(true)
         .compile_with_config(config(), &files, std::slice::from_ref(&root))?;
+
+    // Kubernetes' CRI v1 (`runtime.v1`): what kubelet speaks to a container runtime. Its
+    // credentials carry `[debug_redact = true]`, a field option protoc learned in 22; Debian 12's
+    // protoc is 3.21. The option only changes how Go and C++ print a message, so the vendored
+    // file is compiled from a copy without it (the file itself stays as upstream wrote it).
+    let cri = "k8s.io/cri-api/pkg/apis/runtime/v1/api.proto";
+    println!("cargo:rerun-if-changed=proto/{cri}");
+    let cri_dir = PathBuf::from(std::env::var("OUT_DIR")?).join("cri-proto");
+    let cri_copy = cri_dir.join(cri);
+    std::fs::create_dir_all(cri_copy.parent().ok_or("proto path")?)?;
+    let text = std::fs::read_to_string(root.join(cri))?;
+    std::fs::write(&cri_copy, text.replace(" [debug_redact = true]", ""))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .generate_default_stubs(true)
+        .compile_with_config(config(), &[cri_copy], &[cri_dir])?;
 
     // ttrpc services: messages only; switchyardd speaks ttrpc through `ttrpc`'s raw client and
     // server, choosing the service name (task v2 or v3) at run time.

@@ -4,11 +4,21 @@
 //!   switchyardd,
 //! * the shim task API (`containerd.task.v2`; the same messages serve `containerd.task.v3`)
 //!   that switchyardd speaks to shims over ttrpc,
-//! * events (`containerd.events.*`) and the ttrpc events service shims publish to.
+//! * events (`containerd.events.*`) and the ttrpc events service shims publish to,
+//! * Kubernetes' CRI v1 (`runtime.v1`), for kubelet-facing clients and servers.
 //!
 //! The `.proto` files are vendored from containerd under `proto/`.
 
 pub mod typeurl;
+
+/// Kubernetes' Container Runtime Interface, `runtime.v1` (`RuntimeService`, `ImageService`):
+/// vendored from cri-api (see `proto/README.md` for the version).
+#[allow(clippy::all, clippy::pedantic, unreachable_pub)]
+pub mod cri {
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/runtime.v1.rs"));
+    }
+}
 
 macro_rules! generated {
     ($file:literal) => {
