@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::{bin, eventually, processes_matching, write};
 
 /// Waits until something accepts connections on `socket`.
-fn wait_for_socket(socket: &Path, child: &mut Child, log: &Path) {
+pub(crate) fn wait_for_socket(socket: &Path, child: &mut Child, log: &Path) {
     let up = eventually(Duration::from_secs(15), || {
         std::os::unix::net::UnixStream::connect(socket).is_ok()
     });

@@ -18,6 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod cri;
 pub mod daemon;
 pub mod images;
 pub mod nested;

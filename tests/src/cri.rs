@@ -1,0 +1,689 @@
+//! Kubernetes' CRI against real runtimes: containerd (1.6, 1.7, 2.1) with its CRI plugin on
+//! private sockets and directories, a CNI bridge of the test's own, locally built pause and
+//! busybox images, and a CRI client over the vendored `runtime.v1` proto.
+//!
+//! crictl cannot be built on these machines (no Go module proxy), so [`Cri`] is the client:
+//! typed calls, each with a deadline, on a private tokio runtime so tests stay synchronous.
+//!
+//! The test network: one bridge per node, `isGateway` (the host can reach pods and `portmap`
+//! works) but no masquerade, and an iptables rule that drops forwarded traffic leaving the
+//! bridge, so pods reach each other and the host, never anything else. Everything (bridge, rule,
+//! IPAM state) goes with the node.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use switchyard_api::cri::v1 as cri;
+use switchyard_api::cri::v1::image_service_client::ImageServiceClient;
+use switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+
+use crate::images::{TarEntry, busybox_base_layer, docker_save_tar, gzip, image, layer_tar};
+
+/// containerd's CRI namespace.
+pub const K8S_NAMESPACE: &str = "k8s.io";
+/// The locally built sandbox image every node is configured with.
+pub const PAUSE_IMAGE: &str = "switchyard.local/pause:1";
+/// busybox (the host's static busybox with its applet links), imported into every node.
+pub const BUSYBOX_IMAGE: &str = "switchyard.local/busybox:1";
+
+/// The runtime handlers a node offers: containerd's runc and Switchyard's shims.
+pub const HANDLERS: &[(&str, &str)] = &[
+    ("runc", "io.containerd.runc.v2"),
+    ("native", "io.containerd.yard-native.v1"),
+    ("vm", "io.containerd.yard-vm.v1"),
+    ("wasm", "io.containerd.yard-wasm.v1"),
+];
+
+/// A containerd line with a CRI plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Debian 12's containerd 1.6 (from apt).
+    V1_6,
+    /// containerd 1.7 (Debian trixie, `scripts/peers`).
+    V1_7,
+    /// containerd 2.1 (Debian sid, `scripts/peers`).
+    V2_1,
+}
+
+impl Peer {
+    pub const ALL: [Peer; 3] = [Peer::V1_6, Peer::V1_7, Peer::V2_1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::V1_6 => "containerd-1.6",
+            Peer::V1_7 => "containerd-1.7",
+            Peer::V2_1 => "containerd-2.1",
+        }
+    }
+
+    /// The containerd binary, if it is installed.
+    pub fn binary(self) -> Option<PathBuf> {
+        match self {
+            Peer::V1_6 => crate::which("containerd"),
+            Peer::V1_7 => crate::daemon::peer_containerd("containerd-1.7"),
+            Peer::V2_1 => crate::daemon::peer_containerd("containerd-2.1"),
+        }
+    }
+
+    /// The config file: CRI on, our handlers, the test's CNI, a private stream port.
+    fn config(self, dir: &Path, socket: &Path, cni_conf: &Path) -> String {
+        let runtimes = |prefix: &str| -> String {
+            HANDLERS
+                .iter()
+                .map(|(name, ty)| {
+                    format!("[{prefix}.containerd.runtimes.{name}]\nruntime_type = \"{ty}\"\n")
+                })
+                .collect()
+        };
+        let head = format!(
+            "root = \"{}\"\nstate = \"{}\"\n[grpc]\naddress = \"{}\"\n",
+            dir.join("root").display(),
+            dir.join("state").display(),
+            socket.display()
+        );
+        match self {
+            Peer::V1_6 | Peer::V1_7 => {
+                let p = "[plugins.\"io.containerd.grpc.v1.cri\"]";
+                let pre = "plugins.\"io.containerd.grpc.v1.cri\"";
+                format!(
+                    "version = 2\n{head}{p}\nsandbox_image = \"{PAUSE_IMAGE}\"\n\
+                     restrict_oom_score_adj = true\nstream_server_address = \"127.0.0.1\"\n\
+                     stream_server_port = \"0\"\ndisable_apparmor = true\n\
+                     [{pre}.containerd]\ndefault_runtime_name = \"runc\"\nsnapshotter = \"overlayfs\"\n\
+                     {}[{pre}.cni]\nbin_dir = \"/usr/lib/cni\"\nconf_dir = \"{}\"\n",
+                    runtimes(pre),
+                    cni_conf.display()
+                )
+            }
+            Peer::V2_1 => {
+                let rt = "plugins.'io.containerd.cri.v1.runtime'";
+                let img = "plugins.'io.containerd.cri.v1.images'";
+                format!(
+                    "version = 3\n{head}[{rt}]\nrestrict_oom_score_adj = true\ndisable_apparmor = true\n\
+                     [{rt}.containerd]\ndefault_runtime_name = \"runc\"\n{}\
+                     [{rt}.cni]\nbin_dirs = [\"/usr/lib/cni\"]\nconf_dir = \"{}\"\n\
+                     [{img}]\nsnapshotter = \"overlayfs\"\n[{img}.pinned_images]\nsandbox = \"{PAUSE_IMAGE}\"\n\
+                     [plugins.'io.containerd.grpc.v1.cri']\nstream_server_address = \"127.0.0.1\"\n\
+                     stream_server_port = \"0\"\n",
+                    runtimes(rt),
+                    cni_conf.display()
+                )
+            }
+        }
+    }
+}
+
+/// A CNI bridge network of the test's own (see the module doc).
+pub struct TestNet {
+    pub bridge: String,
+    /// The /24 the pods get addresses from, e.g. `10.77.3.0/24`.
+    pub subnet: String,
+    pub conf_dir: PathBuf,
+    rule: Vec<String>,
+}
+
+impl TestNet {
+    /// A bridge named after this process and a counter, so concurrent tests never share one.
+    pub fn new(dir: &Path) -> TestNet {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let bridge = format!("ytb{}x{n}", pid % 100_000);
+        let subnet = format!("10.{}.{}.0/24", 64 + (n % 64), pid % 250);
+        let conf_dir = dir.join("net.d");
+        std::fs::create_dir_all(&conf_dir).expect("cni conf dir");
+        let conf = json!({
+            "cniVersion": "1.0.0",
+            "name": format!("yardtest-{bridge}"),
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": subnet}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": dir.join("ipam"),
+                    }
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        });
+        crate::write(
+            &conf_dir.join("10-yardtest.conflist"),
+            &serde_json::to_string_pretty(&conf).expect("json"),
+        );
+        let rule: Vec<String> = ["FORWARD", "-i", &bridge, "!", "-o", &bridge, "-j", "DROP"]
+            .map(str::to_owned)
+            .to_vec();
+        let st = Command::new("iptables")
+            .arg("-I")
+            .args(&rule)
+            .status()
+            .expect("iptables");
+        assert!(st.success(), "iptables -I {}", rule.join(" "));
+        TestNet {
+            bridge,
+            subnet,
+            conf_dir,
+            rule,
+        }
+    }
+
+    /// Whether `ip` is in this network's /24.
+    pub fn contains(&self, ip: &str) -> bool {
+        let prefix = self.subnet.trim_end_matches("0/24");
+        ip.starts_with(prefix)
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables").arg("-D").args(&self.rule).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// containerd with its CRI plugin, on private directories, with [`TestNet`] and the test images.
+pub struct CriNode {
+    pub peer: Peer,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub ctr_bin: PathBuf,
+    pub net: TestNet,
+    child: Option<Child>,
+}
+
+impl CriNode {
+    /// Starts `peer`'s containerd and imports the pause and busybox images.
+    pub fn start(peer: Peer) -> CriNode {
+        let binary = peer
+            .binary()
+            .unwrap_or_else(|| panic!("{} is not installed", peer.name()));
+        let dir = tempfile::Builder::new()
+            .prefix("cri-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("c.sock");
+        let net = TestNet::new(dir.path());
+        let config = dir.path().join("config.toml");
+        crate::write(&config, &peer.config(dir.path(), &socket, &net.conf_dir));
+        let log = dir.path().join("containerd.log");
+        let logf = std::fs::File::create(&log).expect("log");
+        // Shims are found on containerd's PATH: ours (the build's bin dir) first.
+        let path = format!(
+            "{}:{}",
+            crate::bin_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut child = Command::new(&binary)
+            .env("PATH", path)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log"))
+            .stderr(logf)
+            .spawn()
+            .expect("spawn containerd");
+        crate::daemon::wait_for_socket(&socket, &mut child, &log);
+        let ctr_bin = binary
+            .parent()
+            .map(|d| d.join("ctr"))
+            .filter(|c| c.exists())
+            .unwrap_or_else(|| PathBuf::from("ctr"));
+        let node = CriNode {
+            peer,
+            dir,
+            socket,
+            log,
+            ctr_bin,
+            net,
+            child: Some(child),
+        };
+        node.import(test_images());
+        node
+    }
+
+    /// `ctr` against this node, in the CRI namespace.
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new(&self.ctr_bin);
+        c.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", K8S_NAMESPACE]);
+        c
+    }
+
+    /// Imports an image archive (docker save or OCI layout tar) into the CRI namespace.
+    pub fn import(&self, archive: &Path) {
+        let out = crate::run_timeout(
+            self.ctr().args(["images", "import"]).arg(archive),
+            Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "ctr images import {}: {}\n{}",
+            archive.display(),
+            crate::text(&out.stderr),
+            self.log_text()
+        );
+    }
+
+    pub fn client(&self) -> Cri {
+        Cri::connect(&self.socket)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The directory pods of this node log into (`log_directory` of [`pod_config`]).
+    pub fn pod_log_dir(&self, pod: &str) -> PathBuf {
+        self.dir.path().join("pods").join(pod)
+    }
+}
+
+impl Drop for CriNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log (last 60 lines) ---\n{}",
+                self.peer.name(),
+                tail(&self.log_text(), 60)
+            );
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let sock = self.socket.display().to_string();
+        for (pid, _) in crate::processes_matching(&["-address", &sock]) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // Whatever a failed test left mounted under the node's directories.
+        for m in crate::mounts_matching(&self.dir.path().display().to_string()) {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The pause and busybox images as one docker-save archive, built once per test process.
+pub fn test_images() -> &'static Path {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let pause_bin = pause_binary();
+        let bytes = std::fs::read(&pause_bin).expect("read yard-pause");
+        let pause_layer = gzip(&layer_tar(&[TarEntry::file("pause", 0o755, bytes)]));
+        let pause = image(
+            vec![pause_layer],
+            json!({"Entrypoint": ["/pause"], "User": "65535:65535"}),
+            "amd64",
+        );
+        let busybox = image(
+            vec![busybox_base_layer()],
+            json!({"Cmd": ["sh"], "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}),
+            "amd64",
+        );
+        let tar = docker_save_tar(&[(PAUSE_IMAGE, &pause), (BUSYBOX_IMAGE, &busybox)]);
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-cri-images-{}.tar",
+            std::process::id()
+        ));
+        std::fs::write(&path, tar).expect("write image archive");
+        path
+    })
+}
+
+/// `yard-pause` built statically (musl) so it runs in an image with nothing else in it.
+pub fn pause_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target = root.join("target");
+        let out = crate::run_timeout(
+            Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args([
+                    "build",
+                    "--release",
+                    "--locked",
+                    "-p",
+                    "switchyard-pause",
+                    "--target",
+                    "x86_64-unknown-linux-musl",
+                    "--target-dir",
+                ])
+                .arg(&target),
+            Duration::from_secs(600),
+        );
+        assert!(
+            out.status.success(),
+            "build yard-pause: {}",
+            crate::text(&out.stderr)
+        );
+        target.join("x86_64-unknown-linux-musl/release/yard-pause")
+    })
+    .clone()
+}
+
+/// A pod config as crictl's defaults make one: metadata, a log directory under the node, the
+/// pod's own network, IPC and (container-private) PID namespaces, a hostname.
+pub fn pod_config(node: &CriNode, name: &str) -> cri::PodSandboxConfig {
+    let uid = crate::unique_id("uid");
+    let log_dir = node.pod_log_dir(&uid);
+    std::fs::create_dir_all(&log_dir).expect("pod log dir");
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid,
+            namespace: "default".to_owned(),
+            attempt: 0,
+        }),
+        hostname: name.to_owned(),
+        log_directory: log_dir.display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Pod as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A container of `image` running `command`, logging to `<name>.log` in the pod's directory.
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| (*s).to_owned()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(cri::LinuxContainerConfig::default()),
+        ..Default::default()
+    }
+}
+
+/// What [`Cri::exec_sync`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+}
+
+/// A CRI client (RuntimeService + ImageService) with a deadline on every call.
+pub struct Cri {
+    rt: tokio::runtime::Runtime,
+    rs: RuntimeServiceClient<Channel>,
+    is: ImageServiceClient<Channel>,
+    /// The deadline of each call.
+    pub timeout: Duration,
+}
+
+impl Cri {
+    pub fn connect(socket: &Path) -> Cri {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let channel = rt
+            .block_on(switchyard_api::client::connect(socket))
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", socket.display()));
+        Cri {
+            rt,
+            rs: RuntimeServiceClient::new(channel.clone()),
+            is: ImageServiceClient::new(channel),
+            timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Runs one call with the deadline; the status on failure.
+    pub fn call<T, F>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let timeout = self.timeout;
+        match self
+            .rt
+            .block_on(async move { tokio::time::timeout(timeout, f).await })
+        {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        self.rs.clone()
+    }
+
+    pub fn images(&self) -> ImageServiceClient<Channel> {
+        self.is.clone()
+    }
+
+    pub fn version(&self) -> cri::VersionResponse {
+        let mut rs = self.runtime();
+        self.call(rs.version(cri::VersionRequest::default()))
+            .expect("Version")
+    }
+
+    /// RunPodSandbox on `handler`; the pod id.
+    pub fn run_pod(
+        &self,
+        config: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.to_owned(),
+        }))
+        .map(|r| r.pod_sandbox_id)
+    }
+
+    pub fn pod_status(&self, id: &str) -> Result<cri::PodSandboxStatus, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.to_owned(),
+            verbose: false,
+        }))
+        .map(|r| r.status.unwrap_or_default())
+    }
+
+    pub fn list_pods(&self) -> Vec<cri::PodSandbox> {
+        let mut rs = self.runtime();
+        self.call(rs.list_pod_sandbox(cri::ListPodSandboxRequest::default()))
+            .expect("ListPodSandbox")
+            .items
+    }
+
+    pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        }))
+        .map(|_| ())
+    }
+
+    pub fn remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: id.to_owned(),
+        }))
+        .map(|_| ())
+    }
+
+    /// CreateContainer in `pod`; the container id.
+    pub fn create_container(
+        &self,
+        pod: &str,
+        config: &cri::ContainerConfig,
+        pod_config: &cri::PodSandboxConfig,
+    ) -> Result<String, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.to_owned(),
+            config: Some(config.clone()),
+            sandbox_config: Some(pod_config.clone()),
+        }))
+        .map(|r| r.container_id)
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.start_container(cri::StartContainerRequest {
+            container_id: id.to_owned(),
+        }))
+        .map(|_| ())
+    }
+
+    pub fn stop_container(&self, id: &str, timeout_s: i64) -> Result<(), tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.stop_container(cri::StopContainerRequest {
+            container_id: id.to_owned(),
+            timeout: timeout_s,
+        }))
+        .map(|_| ())
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.remove_container(cri::RemoveContainerRequest {
+            container_id: id.to_owned(),
+        }))
+        .map(|_| ())
+    }
+
+    pub fn container_status(&self, id: &str) -> Result<cri::ContainerStatus, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.container_status(cri::ContainerStatusRequest {
+            container_id: id.to_owned(),
+            verbose: false,
+        }))
+        .map(|r| r.status.unwrap_or_default())
+    }
+
+    pub fn list_containers(&self, pod: Option<&str>) -> Vec<cri::Container> {
+        let mut rs = self.runtime();
+        let filter = pod.map(|p| cri::ContainerFilter {
+            pod_sandbox_id: p.to_owned(),
+            ..Default::default()
+        });
+        self.call(rs.list_containers(cri::ListContainersRequest { filter }))
+            .expect("ListContainers")
+            .containers
+    }
+
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<ExecOutput, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.exec_sync(cri::ExecSyncRequest {
+            container_id: id.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: timeout_s,
+        }))
+        .map(|r| ExecOutput {
+            stdout: crate::text(&r.stdout),
+            stderr: crate::text(&r.stderr),
+            exit_code: r.exit_code,
+        })
+    }
+
+    pub fn container_stats(&self, id: &str) -> Result<cri::ContainerStats, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.container_stats(cri::ContainerStatsRequest {
+            container_id: id.to_owned(),
+        }))
+        .map(|r| r.stats.unwrap_or_default())
+    }
+
+    pub fn pod_stats(&self, id: &str) -> Result<cri::PodSandboxStats, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: id.to_owned(),
+        }))
+        .map(|r| r.stats.unwrap_or_default())
+    }
+
+    /// Waits until the container is in `state` (a [`cri::ContainerState`]).
+    pub fn wait_container_state(
+        &self,
+        id: &str,
+        state: cri::ContainerState,
+        within: Duration,
+    ) -> cri::ContainerStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.container_status(id).expect("ContainerStatus");
+            if st.state == state as i32 {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} is {:?}, not {state:?}, after {within:?}",
+                cri::ContainerState::try_from(st.state)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The lines of a CRI log file (`<time> <stream> <P|F> <text>`), as (stream, text) with partial
+/// lines joined.
+pub fn read_cri_log(path: &Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut pending: HashMap<String, String> = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (Some(_time), Some(stream), Some(tag), rest) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let buf = pending.entry(stream.to_owned()).or_default();
+        buf.push_str(rest.unwrap_or(""));
+        if tag == "F" {
+            out.push((stream.to_owned(), std::mem::take(buf)));
+        }
+    }
+    out
+}
