@@ -137,6 +137,454 @@ fn pod_lifecycle(peer: Peer, handler: &str) {
     assert!(!c.list_pods().iter().any(|p| p.id == pod));
 }
 
+/// A host directory that is its own mount point with shared propagation, so mounts can
+/// propagate between it and a container (the host's `/` here is private). Unmounted on drop.
+struct SharedDir {
+    path: std::path::PathBuf,
+}
+
+impl SharedDir {
+    fn new(parent: &std::path::Path, name: &str) -> SharedDir {
+        let path = parent.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        sh(&format!(
+            "mount --bind {p} {p} && mount --make-rshared {p}",
+            p = path.display()
+        ));
+        SharedDir { path }
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(&self.path)
+            .status();
+    }
+}
+
+fn sh(script: &str) {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn mount(
+    container_path: &str,
+    host_path: &std::path::Path,
+    propagation: cri::MountPropagation,
+    readonly: bool,
+) -> cri::Mount {
+    cri::Mount {
+        container_path: container_path.to_owned(),
+        host_path: host_path.display().to_string(),
+        readonly,
+        propagation: propagation as i32,
+        ..Default::default()
+    }
+}
+
+fn security(
+    f: impl FnOnce(&mut cri::LinuxContainerSecurityContext),
+) -> Option<cri::LinuxContainerConfig> {
+    let mut sc = cri::LinuxContainerSecurityContext::default();
+    f(&mut sc);
+    Some(cri::LinuxContainerConfig {
+        security_context: Some(sc),
+        ..Default::default()
+    })
+}
+
+/// A pod with one running container made from `cfg`; returns (pod config, pod id, container id).
+fn running(
+    node: &CriNode,
+    c: &switchyard_tests::cri::Cri,
+    handler: &str,
+    name: &str,
+    cfg: cri::ContainerConfig,
+) -> (cri::PodSandboxConfig, String, String) {
+    let pod_cfg = pod_config(node, name);
+    let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
+    let id = c
+        .create_container(&pod, &cfg, &pod_cfg)
+        .expect("CreateContainer");
+    c.start_container(&id).expect("StartContainer");
+    c.wait_container_state(
+        &id,
+        cri::ContainerState::ContainerRunning,
+        Duration::from_secs(30),
+    );
+    (pod_cfg, pod, id)
+}
+
+fn teardown(c: &switchyard_tests::cri::Cri, pod: &str) {
+    c.stop_pod(pod).expect("StopPodSandbox");
+    c.remove_pod(pod).expect("RemovePodSandbox");
+}
+
+fn exec_ok(c: &switchyard_tests::cri::Cri, id: &str, script: &str) -> String {
+    let out = c
+        .exec_sync(id, &["sh", "-c", script], 30)
+        .expect("ExecSync");
+    assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+    out.stdout
+}
+
+/// Mount propagation of each kind, and the rootfs propagation containerd derives from it
+/// (`rslave` for HostToContainer, `rshared` for Bidirectional): private mounts see nothing
+/// mounted on the host later, host-to-container mounts do, bidirectional mounts made in the
+/// container appear on the host.
+fn propagation(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let h2c = SharedDir::new(node.dir.path(), "h2c");
+    let bidi = SharedDir::new(node.dir.path(), "bidi");
+    let private = node.dir.path().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+
+    let mut cfg = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    cfg.mounts = vec![
+        mount(
+            "/mnt/h2c",
+            &h2c.path,
+            cri::MountPropagation::PropagationHostToContainer,
+            false,
+        ),
+        mount(
+            "/mnt/private",
+            &private,
+            cri::MountPropagation::PropagationPrivate,
+            false,
+        ),
+    ];
+    let (_, pod, id) = running(&node, &c, handler, "h2c", cfg);
+    sh(&format!(
+        "mkdir -p {d}/late && mount -t tmpfs late {d}/late && echo seen > {d}/late/f",
+        d = h2c.path.display()
+    ));
+    sh(&format!(
+        "mkdir -p {d}/late && mount -t tmpfs late {d}/late && echo seen > {d}/late/f",
+        d = private.display()
+    ));
+    assert_eq!(
+        exec_ok(&c, &id, "cat /mnt/h2c/late/f"),
+        "seen\n",
+        "host-to-container"
+    );
+    let out = c
+        .exec_sync(&id, &["cat", "/mnt/private/late/f"], 30)
+        .expect("ExecSync");
+    assert_ne!(
+        out.exit_code, 0,
+        "a private mount must not see the host's later mount: {out:?}"
+    );
+    let _ = std::process::Command::new("umount")
+        .arg(private.join("late"))
+        .status();
+    teardown(&c, &pod);
+
+    let mut cfg = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    cfg.mounts = vec![mount(
+        "/mnt/bidi",
+        &bidi.path,
+        cri::MountPropagation::PropagationBidirectional,
+        false,
+    )];
+    cfg.linux = security(|sc| sc.privileged = true);
+    let pod_cfg = {
+        let mut p = pod_config(&node, "bidi");
+        p.linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .privileged = true;
+        p
+    };
+    let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
+    let id = c
+        .create_container(&pod, &cfg, &pod_cfg)
+        .expect("CreateContainer");
+    c.start_container(&id).expect("StartContainer");
+    c.wait_container_state(
+        &id,
+        cri::ContainerState::ContainerRunning,
+        Duration::from_secs(30),
+    );
+    exec_ok(
+        &c,
+        &id,
+        "mkdir -p /mnt/bidi/inner && mount -t tmpfs inner /mnt/bidi/inner && echo back > /mnt/bidi/inner/f",
+    );
+    let seen = std::fs::read_to_string(bidi.path.join("inner/f")).unwrap_or_default();
+    assert_eq!(
+        seen, "back\n",
+        "a bidirectional mount made in the container is on the host"
+    );
+    teardown(&c, &pod);
+}
+
+/// seccomp: RuntimeDefault filters the container and an exec into it alike; a Localhost
+/// profile that makes sethostname fail with ENOSYS applies to the container and the exec (with
+/// CAP_SYS_ADMIN, so only seccomp can refuse it); a profile that does not exist fails
+/// CreateContainer naming it.
+fn seccomp(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let mut cfg = container_config(
+        "main",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "grep ^Seccomp: /proc/self/status; exec sleep 3600",
+        ],
+    );
+    cfg.linux = security(|sc| {
+        sc.seccomp = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            ..Default::default()
+        })
+    });
+    let (pod_cfg, pod, id) = running(&node, &c, handler, "seccomp", cfg);
+    let log = node
+        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
+        .join("main.log");
+    assert!(switchyard_tests::eventually(
+        Duration::from_secs(20),
+        || !read_cri_log(&log).is_empty()
+    ));
+    let first = read_cri_log(&log);
+    assert!(
+        first[0].1.ends_with("\t2") || first[0].1.ends_with(" 2"),
+        "init: {first:?}"
+    );
+    let exec = exec_ok(&c, &id, "grep ^Seccomp: /proc/self/status");
+    assert!(
+        exec.trim_end().ends_with('2'),
+        "an exec runs under the container's filter: {exec:?}"
+    );
+    teardown(&c, &pod);
+
+    let profile = node.dir.path().join("no-sethostname.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["sethostname"],"action":"SCMP_ACT_ERRNO","errnoRet":38}]}"#,
+    )
+    .unwrap();
+    let mut cfg = container_config(
+        "main",
+        BUSYBOX_IMAGE,
+        &["sh", "-c", "hostname changed 2>&1; exec sleep 3600"],
+    );
+    let localhost = cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::Localhost as i32,
+        localhost_ref: profile.display().to_string(),
+    };
+    let with = localhost.clone();
+    cfg.linux = security(move |sc| {
+        sc.seccomp = Some(with);
+        sc.capabilities = Some(cri::Capability {
+            add_capabilities: vec!["SYS_ADMIN".into()],
+            ..Default::default()
+        });
+    });
+    let (pod_cfg, pod, id) = running(&node, &c, handler, "localhost", cfg);
+    let log = node
+        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
+        .join("main.log");
+    assert!(switchyard_tests::eventually(
+        Duration::from_secs(20),
+        || !read_cri_log(&log).is_empty()
+    ));
+    let init = read_cri_log(&log);
+    assert!(init[0].1.contains("not implemented"), "init: {init:?}");
+    let out = c
+        .exec_sync(&id, &["hostname", "changed"], 30)
+        .expect("ExecSync");
+    assert_ne!(out.exit_code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("not implemented") || out.stdout.contains("not implemented"),
+        "an exec runs under the container's profile: {out:?}"
+    );
+    assert_eq!(
+        exec_ok(&c, &id, "hostname").trim(),
+        "localhost",
+        "the hostname never changed"
+    );
+
+    let mut cfg = container_config("missing", BUSYBOX_IMAGE, &["sleep", "1"]);
+    let missing = node.dir.path().join("does-not-exist.json");
+    cfg.linux = security(|sc| {
+        sc.seccomp = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: missing.display().to_string(),
+        })
+    });
+    let err = c
+        .create_container(&pod, &cfg, &pod_cfg)
+        .expect_err("a missing profile fails");
+    assert!(err.message().contains("does-not-exist.json"), "{err:?}");
+    teardown(&c, &pod);
+}
+
+/// A container with a terminal (CRI ids are 64 hex characters, so every path derived from them
+/// is long).
+fn tty(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let mut cfg = container_config("main", BUSYBOX_IMAGE, &["sh", "-c", "tty; exec sleep 3600"]);
+    cfg.tty = true;
+    let (pod_cfg, pod, id) = running(&node, &c, handler, "tty", cfg);
+    assert_eq!(id.len(), 64, "{id}");
+    let log = node
+        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
+        .join("main.log");
+    assert!(switchyard_tests::eventually(
+        Duration::from_secs(20),
+        || !read_cri_log(&log).is_empty()
+    ));
+    let lines = read_cri_log(&log);
+    assert!(lines[0].1.trim_end().starts_with("/dev/pts/"), "{lines:?}");
+    teardown(&c, &pod);
+}
+
+/// kubelet's default masked and read-only paths (`DefaultProcMount`), which it sends with every
+/// container: containerd's CRI applies what it is sent, not defaults of its own.
+const MASKED: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+const READONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// A read-only rootfs and a read-only host mount refuse writes; masked paths read empty (those
+/// this host has: its kernel has no `/proc/kcore`) and read-only paths are read-only mounts.
+fn readonly_and_masked(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let host = node.dir.path().join("ro-src");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("f"), "host file\n").unwrap();
+    let mut cfg = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    cfg.mounts = vec![mount(
+        "/mnt/ro",
+        &host,
+        cri::MountPropagation::PropagationPrivate,
+        true,
+    )];
+    cfg.linux = security(|sc| {
+        sc.readonly_rootfs = true;
+        sc.masked_paths = MASKED.iter().map(|p| (*p).to_owned()).collect();
+        sc.readonly_paths = READONLY.iter().map(|p| (*p).to_owned()).collect();
+    });
+    let (_, pod, id) = running(&node, &c, handler, "readonly", cfg);
+    assert_eq!(exec_ok(&c, &id, "cat /mnt/ro/f"), "host file\n");
+    for (what, script) in [
+        ("read-only rootfs", "touch /new-file"),
+        ("read-only mount", "echo x > /mnt/ro/f"),
+    ] {
+        let out = c
+            .exec_sync(&id, &["sh", "-c", script], 30)
+            .expect("ExecSync");
+        assert_ne!(out.exit_code, 0, "{what}: {out:?}");
+    }
+    assert_eq!(
+        exec_ok(&c, &id, "wc -c < /proc/timer_list").trim(),
+        "0",
+        "masked /proc/timer_list"
+    );
+    assert_eq!(
+        exec_ok(&c, &id, "ls /sys/firmware | wc -l").trim(),
+        "0",
+        "masked /sys/firmware"
+    );
+    let sys = exec_ok(&c, &id, "grep ' /proc/sys ' /proc/self/mounts");
+    assert!(
+        sys.split_whitespace()
+            .nth(3)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "/proc/sys read-only: {sys:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host.join("f")).unwrap(),
+        "host file\n"
+    );
+    teardown(&c, &pod);
+}
+
+/// A container over its memory limit is killed, and ContainerStatus says OOMKilled.
+fn oom_killed(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let pod_cfg = pod_config(&node, "oom");
+    let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
+    let mut cfg = container_config(
+        "main",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
+    cfg.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 32 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = c
+        .create_container(&pod, &cfg, &pod_cfg)
+        .expect("CreateContainer");
+    c.start_container(&id).expect("StartContainer");
+    let st = c.wait_container_state(
+        &id,
+        cri::ContainerState::ContainerExited,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (137, "OOMKilled"),
+        "{st:?}"
+    );
+    teardown(&c, &pod);
+}
+
+/// Bad input through CRI: an unknown handler fails RunPodSandbox naming it, and leaves no pod.
+fn bad_handler(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let err = c
+        .run_pod(&pod_config(&node, "bad"), "no-such-handler")
+        .expect_err("unknown handler");
+    assert!(err.message().contains("no-such-handler"), "{err:?}");
+    assert!(c.list_pods().is_empty(), "{:?}", c.list_pods());
+}
+
 macro_rules! per_peer {
     ($scenario:ident, $handler:literal) => {
         mod $scenario {
@@ -159,9 +607,20 @@ macro_rules! per_peer {
 mod runc {
     use super::*;
     per_peer!(pod_lifecycle, "runc");
+    per_peer!(propagation, "runc");
+    per_peer!(seccomp, "runc");
+    per_peer!(tty, "runc");
+    per_peer!(readonly_and_masked, "runc");
+    per_peer!(oom_killed, "runc");
+    per_peer!(bad_handler, "runc");
 }
 
 mod native {
     use super::*;
     per_peer!(pod_lifecycle, "native");
+    per_peer!(propagation, "native");
+    per_peer!(seccomp, "native");
+    per_peer!(tty, "native");
+    per_peer!(readonly_and_masked, "native");
+    per_peer!(oom_killed, "native");
 }
