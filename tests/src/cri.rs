@@ -666,6 +666,116 @@ impl Cri {
     }
 }
 
+/// What an exec through the streaming server returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamExit {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+}
+
+impl Cri {
+    /// CRI Exec: the streaming server's URL for running `cmd` in container `id`.
+    pub fn exec_url(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        tty: bool,
+        stdin: bool,
+    ) -> Result<String, tonic::Status> {
+        let mut rs = self.runtime();
+        self.call(rs.exec(cri::ExecRequest {
+            container_id: id.to_owned(),
+            cmd: cmd.iter().map(|s| (*s).to_owned()).collect(),
+            tty,
+            stdin,
+            stdout: true,
+            stderr: !tty,
+        }))
+        .map(|r| r.url)
+    }
+
+    /// Runs a remotecommand session at `url` (from [`Cri::exec_url`]) over WebSocket
+    /// (`v4.channel.k8s.io`: one channel byte before each message; 0 stdin, 1 stdout, 2 stderr,
+    /// 3 the final status as JSON, 4 terminal size): sends the terminal size if given, then
+    /// `input`, and collects the output until the server closes.
+    pub fn stream_exec(&self, url: &str, input: &[u8], size: Option<(u16, u16)>) -> StreamExit {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+        let ws_url = url
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1);
+        let mut request = ws_url.into_client_request().expect("websocket request");
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "v4.channel.k8s.io".parse().expect("header"),
+        );
+        let input = input.to_vec();
+        let session = async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(request)
+                .await
+                .expect("websocket connect");
+            if let Some((w, h)) = size {
+                let mut msg = vec![4u8];
+                msg.extend(format!("{{\"Width\":{w},\"Height\":{h}}}").bytes());
+                ws.send(Message::binary(msg)).await.expect("send resize");
+            }
+            if !input.is_empty() {
+                let mut msg = vec![0u8];
+                msg.extend(&input);
+                ws.send(Message::binary(msg)).await.expect("send stdin");
+            }
+            let (mut stdout, mut stderr, mut status) = (Vec::new(), Vec::new(), Vec::new());
+            while let Some(msg) = ws.next().await {
+                if std::env::var_os("CRI_STREAM_DEBUG").is_some() {
+                    eprintln!("stream message: {msg:?}");
+                }
+                let data = match msg {
+                    Ok(Message::Binary(b)) => b,
+                    Ok(Message::Close(_)) | Err(_) => break,
+                    Ok(_) => continue,
+                };
+                match data.split_first() {
+                    Some((1, rest)) => stdout.extend_from_slice(rest),
+                    Some((2, rest)) => stderr.extend_from_slice(rest),
+                    Some((3, rest)) => status.extend_from_slice(rest),
+                    _ => {}
+                }
+            }
+            StreamExit {
+                stdout: crate::text(&stdout),
+                stderr: crate::text(&stderr),
+                exit_code: exit_code_of_status(&status),
+            }
+        };
+        let timeout = self.timeout;
+        self.rt
+            .block_on(async move { tokio::time::timeout(timeout, session).await })
+            .unwrap_or_else(|_| panic!("exec session at {url} did not end within {timeout:?}"))
+    }
+}
+
+/// The exit code in a remotecommand v4 status (`metav1.Status`): 0 for `Success`, the
+/// `ExitCode` cause of a `Failure`, -1 when there is neither.
+fn exit_code_of_status(status: &[u8]) -> i32 {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(status) else {
+        return -1;
+    };
+    if v["status"] == "Success" {
+        return 0;
+    }
+    v["details"]["causes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["reason"] == "ExitCode")
+        .and_then(|c| c["message"].as_str())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(-1)
+}
+
 /// The lines of a CRI log file (`<time> <stream> <P|F> <text>`), as (stream, text) with partial
 /// lines joined.
 pub fn read_cri_log(path: &Path) -> Vec<(String, String)> {

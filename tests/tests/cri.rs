@@ -457,6 +457,41 @@ fn tty(peer: Peer, handler: &str) {
     teardown(&c, &pod);
 }
 
+/// `kubectl exec -it` the CRI way: Exec returns a URL of containerd's streaming server; a
+/// WebSocket session there runs a shell with a terminal of the asked size and stdin, and the
+/// exit code comes back; the same without a terminal keeps stdout and stderr apart.
+fn exec_streaming(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let cfg = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    let (_, pod, id) = running(&node, &c, handler, "stream", cfg);
+    let url = c.exec_url(&id, &["sh"], true, true).expect("Exec");
+    let out = c.stream_exec(&url, b"stty size; tty; exit 7\n", Some((91, 37)));
+    assert_eq!(out.exit_code, 7, "{out:?}");
+    assert!(out.stdout.contains("37 91"), "terminal size: {out:?}");
+    assert!(out.stdout.contains("/dev/pts/"), "a terminal: {out:?}");
+
+    // WebSocket v4 cannot half-close stdin (v5 can; containerd 1.6 does not speak it), so the
+    // command reads one line rather than to EOF.
+    let url = c
+        .exec_url(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "read line; echo got $line; echo err >&2; exit 4",
+            ],
+            false,
+            true,
+        )
+        .expect("Exec");
+    let out = c.stream_exec(&url, b"hello\n", None);
+    assert_eq!(out.stdout, "got hello\n", "{out:?}");
+    assert_eq!(out.exit_code, 4, "{out:?}");
+    assert_eq!(out.stderr, "err\n", "{out:?}");
+    teardown(&c, &pod);
+}
+
 /// kubelet's default masked and read-only paths (`DefaultProcMount`), which it sends with every
 /// container: containerd's CRI applies what it is sent, not defaults of its own.
 const MASKED: &[&str] = &[
@@ -613,6 +648,7 @@ mod runc {
     per_peer!(readonly_and_masked, "runc");
     per_peer!(oom_killed, "runc");
     per_peer!(bad_handler, "runc");
+    per_peer!(exec_streaming, "runc");
 }
 
 mod native {
@@ -623,4 +659,5 @@ mod native {
     per_peer!(tty, "native");
     per_peer!(readonly_and_masked, "native");
     per_peer!(oom_killed, "native");
+    per_peer!(exec_streaming, "native");
 }
