@@ -31,6 +31,12 @@ pub const K8S_NAMESPACE: &str = "k8s.io";
 pub const PAUSE_IMAGE: &str = "switchyard.local/pause:1";
 /// busybox (the host's static busybox with its applet links), imported into every node.
 pub const BUSYBOX_IMAGE: &str = "switchyard.local/busybox:1";
+/// The `wasi:http` test component as `/http.wasm`, its entrypoint ([`wasm_images`]).
+pub const WASM_HTTP_IMAGE: &str = "switchyard.local/wasm-http:1";
+/// The WASI `hello` test module as `/hello.wasm`, its entrypoint ([`wasm_images`]).
+pub const WASM_HELLO_IMAGE: &str = "switchyard.local/wasm-hello:1";
+/// A file that is neither Wasm nor ELF as the entrypoint (bad input for the wasm handler).
+pub const NOT_WASM_IMAGE: &str = "switchyard.local/not-wasm:1";
 
 /// The runtime handlers a node offers: containerd's runc and Switchyard's shims.
 pub const HANDLERS: &[(&str, &str)] = &[
@@ -347,6 +353,42 @@ pub fn test_images() -> &'static Path {
         let tar = docker_save_tar(&[(PAUSE_IMAGE, &pause), (BUSYBOX_IMAGE, &busybox)]);
         let path = std::env::temp_dir().join(format!(
             "switchyard-cri-images-{}.tar",
+            std::process::id()
+        ));
+        std::fs::write(&path, tar).expect("write image archive");
+        path
+    })
+}
+
+/// The Wasm test images (their modules in an ordinary tar layer, as runwasi also accepts them),
+/// as one docker-save archive built once per test process; import with [`CriNode::import`].
+pub fn wasm_images() -> &'static Path {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let f = crate::wasm::fixtures();
+        let one = |file: &str, bytes: Vec<u8>| {
+            image(
+                vec![gzip(&layer_tar(&[TarEntry::file(file, 0o755, bytes)]))],
+                json!({"Entrypoint": [format!("/{file}")]}),
+                "amd64",
+            )
+        };
+        let http = one(
+            "http.wasm",
+            std::fs::read(&f.http_component).expect("http.wasm"),
+        );
+        let hello = one(
+            "hello.wasm",
+            std::fs::read(&f.hello_module).expect("hello.wasm"),
+        );
+        let not_wasm = one("app.wasm", b"#!/bin/sh\necho not wasm\n".to_vec());
+        let tar = docker_save_tar(&[
+            (WASM_HTTP_IMAGE, &http),
+            (WASM_HELLO_IMAGE, &hello),
+            (NOT_WASM_IMAGE, &not_wasm),
+        ]);
+        let path = std::env::temp_dir().join(format!(
+            "switchyard-cri-wasm-images-{}.tar",
             std::process::id()
         ));
         std::fs::write(&path, tar).expect("write image archive");

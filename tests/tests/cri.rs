@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use switchyard_api::cri::v1 as cri;
 use switchyard_tests::cri::{
-    BUSYBOX_IMAGE, CriNode, Peer, container_config, pod_config, read_cri_log,
+    BUSYBOX_IMAGE, CriNode, NOT_WASM_IMAGE, Peer, WASM_HTTP_IMAGE, container_config, pod_config,
+    read_cri_log, wasm_images,
 };
 
 fn node(peer: Peer) -> Option<CriNode> {
@@ -620,6 +621,257 @@ fn bad_handler(peer: Peer, _handler: &str) {
     assert!(c.list_pods().is_empty(), "{:?}", c.list_pods());
 }
 
+/// Issue 18: a `wasm` pod with a `wasi:http` function and a busybox sidecar (an ordinary Linux
+/// container in the Wasm pod): the sidecar reaches the function on localhost inside the pod,
+/// and a `native` pod reaches it by the pod's IP.
+fn wasm_pod_http_and_sidecar(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    node.import(wasm_images());
+    let c = node.client();
+    let pod_cfg = pod_config(&node, "edge");
+    let pod = c.run_pod(&pod_cfg, "wasm").expect("RunPodSandbox on wasm");
+    let pod_ip = c
+        .pod_status(&pod)
+        .expect("PodSandboxStatus")
+        .network
+        .unwrap_or_default()
+        .ip;
+    assert!(node.net.contains(&pod_ip), "{pod_ip}");
+    let func = c
+        .create_container(
+            &pod,
+            &container_config("func", WASM_HTTP_IMAGE, &[]),
+            &pod_cfg,
+        )
+        .expect("CreateContainer (wasm)");
+    c.start_container(&func).expect("StartContainer (wasm)");
+    let sidecar = c
+        .create_container(
+            &pod,
+            &container_config("sidecar", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &pod_cfg,
+        )
+        .expect("CreateContainer (sidecar)");
+    c.start_container(&sidecar)
+        .expect("StartContainer (sidecar)");
+    c.wait_container_state(
+        &sidecar,
+        cri::ContainerState::ContainerRunning,
+        Duration::from_secs(30),
+    );
+    let get = |id: &str, url: &str| -> String {
+        let mut last = None;
+        // The listener comes up asynchronously after StartContainer.
+        switchyard_tests::eventually(Duration::from_secs(20), || {
+            let out = c
+                .exec_sync(id, &["wget", "-qO-", url], 10)
+                .expect("ExecSync");
+            let ok = out.exit_code == 0;
+            last = Some(out);
+            ok
+        });
+        last.map(|o| o.stdout).unwrap_or_default()
+    };
+    let body = get(&sidecar, "http://127.0.0.1:8080/edge?x=1");
+    assert_eq!(
+        body, "hello from wasm http: GET /edge?x=1\n",
+        "sidecar → localhost:8080"
+    );
+
+    let other_cfg = pod_config(&node, "client");
+    let other = c
+        .run_pod(&other_cfg, "native")
+        .expect("RunPodSandbox on native");
+    let client = c
+        .create_container(
+            &other,
+            &container_config("client", BUSYBOX_IMAGE, &["sleep", "3600"]),
+            &other_cfg,
+        )
+        .expect("CreateContainer");
+    c.start_container(&client).expect("StartContainer");
+    c.wait_container_state(
+        &client,
+        cri::ContainerState::ContainerRunning,
+        Duration::from_secs(30),
+    );
+    let body = get(&client, &format!("http://{pod_ip}:8080/from-another-pod"));
+    assert_eq!(
+        body, "hello from wasm http: GET /from-another-pod\n",
+        "native pod → pod IP"
+    );
+    teardown(&c, &other);
+    teardown(&c, &pod);
+    assert_no_pod_processes(&node);
+}
+
+/// Issue 18: a `vm` pod: every container in the one VM, an emptyDir shared by two containers,
+/// hostPath read-write and read-only, a configmap-style file that changes on the host and is
+/// seen changed in the guest, `/dev/shm` usable, the pod's hostname, `/etc/hosts` and
+/// `/etc/resolv.conf` visible.
+fn vm_pod_volumes(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let base = node.dir.path().join("volumes");
+    let (empty, rw, ro) = (base.join("empty"), base.join("rw"), base.join("ro"));
+    for d in [&empty, &rw, &ro] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(ro.join("given"), "from the host\n").unwrap();
+    let config = base.join("config-key");
+    std::fs::write(&config, "version 1\n").unwrap();
+
+    let mut pod_cfg = pod_config(&node, "vmpod");
+    pod_cfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["svc.test".into()],
+        options: vec!["ndots:5".into()],
+    });
+    let pod = c.run_pod(&pod_cfg, "vm").expect("RunPodSandbox on vm");
+    let mut main = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    let private = cri::MountPropagation::PropagationPrivate;
+    main.mounts = vec![
+        mount("/data", &empty, private, false),
+        mount("/rw", &rw, private, false),
+        mount("/ro", &ro, private, true),
+        mount("/etc/config/key", &config, private, true),
+    ];
+    let mut side = container_config("side", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    side.mounts = vec![mount("/data", &empty, private, false)];
+    let mut ids = Vec::new();
+    for cfg in [&main, &side] {
+        let id = c
+            .create_container(&pod, cfg, &pod_cfg)
+            .expect("CreateContainer");
+        c.start_container(&id).expect("StartContainer");
+        c.wait_container_state(
+            &id,
+            cri::ContainerState::ContainerRunning,
+            Duration::from_secs(60),
+        );
+        ids.push(id);
+    }
+    let (m, s) = (&ids[0], &ids[1]);
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let guest_kernel = exec_ok(&c, m, "uname -r");
+    assert_ne!(
+        guest_kernel.trim(),
+        host_kernel.trim(),
+        "the container runs in the VM"
+    );
+    assert_eq!(
+        exec_ok(&c, s, "cat /proc/sys/kernel/random/boot_id"),
+        exec_ok(&c, m, "cat /proc/sys/kernel/random/boot_id"),
+        "one VM per pod"
+    );
+
+    exec_ok(&c, m, "echo shared > /data/f");
+    assert_eq!(
+        exec_ok(&c, s, "cat /data/f"),
+        "shared\n",
+        "emptyDir between containers"
+    );
+    exec_ok(&c, m, "echo from the guest > /rw/out");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out")).unwrap(),
+        "from the guest\n",
+        "hostPath rw"
+    );
+    assert_eq!(exec_ok(&c, m, "cat /ro/given"), "from the host\n");
+    let out = c
+        .exec_sync(m, &["sh", "-c", "echo x > /ro/new"], 30)
+        .expect("ExecSync");
+    assert_ne!(out.exit_code, 0, "hostPath ro: {out:?}");
+    assert!(!ro.join("new").exists());
+
+    assert_eq!(exec_ok(&c, m, "cat /etc/config/key"), "version 1\n");
+    std::fs::write(&config, "version 2\n").unwrap();
+    assert!(
+        switchyard_tests::eventually(Duration::from_secs(20), || {
+            c.exec_sync(m, &["cat", "/etc/config/key"], 10)
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+                == "version 2\n"
+        }),
+        "the configmap-style file is kept current in the guest"
+    );
+
+    assert_eq!(
+        exec_ok(&c, m, "echo shm > /dev/shm/f && cat /dev/shm/f"),
+        "shm\n"
+    );
+    assert_eq!(exec_ok(&c, m, "hostname").trim(), "vmpod");
+    let resolv = exec_ok(&c, m, "cat /etc/resolv.conf");
+    assert!(
+        resolv.contains("nameserver 10.96.0.10") && resolv.contains("svc.test"),
+        "{resolv}"
+    );
+    let hosts = exec_ok(&c, m, "cat /etc/hosts");
+    assert!(hosts.contains("localhost"), "{hosts}");
+    teardown(&c, &pod);
+    assert_no_pod_processes(&node);
+}
+
+/// Issue 18: bad input on our handlers fails with an error naming the cause and leaves nothing:
+/// a mount the vm runtime cannot honour (bidirectional propagation into the host), and a
+/// neither-Wasm-nor-ELF entrypoint on the wasm handler.
+fn bad_input_on_our_handlers(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    node.import(wasm_images());
+    let c = node.client();
+    let shared = SharedDir::new(node.dir.path(), "bidi");
+    let pod_cfg = pod_config(&node, "badvm");
+    let pod = c.run_pod(&pod_cfg, "vm").expect("RunPodSandbox on vm");
+    let mut cfg = container_config("bidi", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    cfg.mounts = vec![mount(
+        "/mnt",
+        &shared.path,
+        cri::MountPropagation::PropagationBidirectional,
+        false,
+    )];
+    let err = c
+        .create_container(&pod, &cfg, &pod_cfg)
+        .and_then(|id| c.start_container(&id))
+        .expect_err("a bidirectional mount cannot reach the host from a VM");
+    assert!(
+        err.message().contains("propagation") || err.message().contains("rshared"),
+        "{err:?}"
+    );
+    teardown(&c, &pod);
+
+    let pod_cfg = pod_config(&node, "badwasm");
+    let pod = c.run_pod(&pod_cfg, "wasm").expect("RunPodSandbox on wasm");
+    let err = c
+        .create_container(
+            &pod,
+            &container_config("app", NOT_WASM_IMAGE, &[]),
+            &pod_cfg,
+        )
+        .and_then(|id| c.start_container(&id))
+        .expect_err("a shell script is neither Wasm nor ELF");
+    assert!(err.message().contains("app.wasm"), "{err:?}");
+    teardown(&c, &pod);
+    assert_no_pod_processes(&node);
+}
+
+/// After every pod is removed: no shim or VM of this node's containerd is left, and nothing is
+/// mounted under its directories.
+fn assert_no_pod_processes(node: &CriNode) {
+    let sock = node.socket.display().to_string();
+    assert!(
+        switchyard_tests::eventually(Duration::from_secs(20), || {
+            switchyard_tests::processes_matching(&["-address", &sock]).is_empty()
+        }),
+        "shims left: {:?}",
+        switchyard_tests::processes_matching(&["-address", &sock])
+    );
+    let qemu = switchyard_tests::processes_matching(&[
+        "qemu-system",
+        &node.dir.path().display().to_string(),
+    ]);
+    assert!(qemu.is_empty(), "VMs left: {qemu:?}");
+}
+
 macro_rules! per_peer {
     ($scenario:ident, $handler:literal) => {
         mod $scenario {
@@ -660,4 +912,23 @@ mod native {
     per_peer!(readonly_and_masked, "native");
     per_peer!(oom_killed, "native");
     per_peer!(exec_streaming, "native");
+}
+
+mod vm {
+    use super::*;
+    per_peer!(pod_lifecycle, "vm");
+    per_peer!(exec_streaming, "vm");
+    per_peer!(vm_pod_volumes, "vm");
+}
+
+mod wasm {
+    use super::*;
+    // The pod's containers here are busybox: Linux containers in a Wasm pod (sidecars).
+    per_peer!(pod_lifecycle, "wasm");
+    per_peer!(wasm_pod_http_and_sidecar, "wasm");
+}
+
+mod ours {
+    use super::*;
+    per_peer!(bad_input_on_our_handlers, "");
 }
