@@ -1,0 +1,227 @@
+//! Committed snapshots, one per layer chain: commits (built in scratch, renamed into place),
+//! lookups by chain id, the parent walk that gives overlayfs its lower directories, listing and
+//! removal.
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use super::{
+    Committed, Driver, EROFS, ID_LEN, MAX_CHAIN, SNAPSHOTS, SnapshotError, Snapshotter, create_dir,
+    io_err, list, read_line, rename_new, tree,
+};
+use crate::unpack::{self, Whiteouts};
+
+/// The on-disk name of `chain` (`algorithm:hex`): the first [`ID_LEN`] hex digits.
+pub(super) fn snapshot_id(chain: &str) -> Result<&str, SnapshotError> {
+    let bad = |reason: &str| SnapshotError::BadKey {
+        key: chain.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (algorithm, hex) = chain
+        .split_once(':')
+        .ok_or_else(|| bad("a chain id is algorithm:hex"))?;
+    let algorithm_ok = !algorithm.is_empty()
+        && algorithm
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b));
+    if !algorithm_ok {
+        return Err(bad("a chain id is algorithm:hex"));
+    }
+    if hex.len() < ID_LEN || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(bad("the digest must be at least 16 lowercase hex digits"));
+    }
+    Ok(&hex[..ID_LEN])
+}
+
+impl Snapshotter {
+    /// Whether chain `chain` is committed.
+    pub fn exists(&self, chain: &str) -> bool {
+        self.committed_dir(chain).is_ok()
+    }
+
+    /// Commits chain `chain` = `parent` + the layer read from `layer` (compressed or not),
+    /// checking the uncompressed digest against `diff_id`. The parent must be committed.
+    pub fn commit_layer(
+        &self,
+        chain: &str,
+        parent: Option<&str>,
+        diff_id: &str,
+        layer: impl Read,
+    ) -> Result<Committed, SnapshotError> {
+        let whiteouts = match self.driver {
+            Driver::Overlay => Whiteouts::Overlay,
+            Driver::Copy => Whiteouts::Remove,
+        };
+        self.commit(chain, parent, |fs| {
+            let applied = unpack::apply_layer(layer, fs, whiteouts)?;
+            if applied.diff_id != diff_id {
+                return Err(SnapshotError::DiffId {
+                    diff_id: diff_id.to_owned(),
+                    actual: applied.diff_id,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Commits chain `chain` as `parent` + files `populate` writes into the given directory
+    /// (used for Wasm artifacts, whose layers are modules, not tarballs).
+    pub fn commit_with(
+        &self,
+        chain: &str,
+        parent: Option<&str>,
+        populate: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<Committed, SnapshotError> {
+        self.commit(chain, parent, |fs| {
+            populate(fs).map_err(io_err("populate snapshot", fs))
+        })
+    }
+
+    /// Committed snapshots.
+    pub fn committed(&self) -> Result<Vec<Committed>, SnapshotError> {
+        self.list_committed(true)
+    }
+
+    /// Committed snapshots without their sizes (no tree walk): what collection needs.
+    pub fn chains(&self) -> Result<Vec<Committed>, SnapshotError> {
+        self.list_committed(false)
+    }
+
+    fn list_committed(&self, sizes: bool) -> Result<Vec<Committed>, SnapshotError> {
+        let mut out = Vec::new();
+        let snapshots = self.root.join(SNAPSHOTS);
+        for id in list(&snapshots)? {
+            let dir = snapshots.join(&id);
+            if let Some(chain) = read_line(&dir.join("chain"))? {
+                out.push(self.describe(&dir, chain, sizes)?);
+            }
+        }
+        out.sort_by(|a, b| a.chain.cmp(&b.chain));
+        Ok(out)
+    }
+
+    /// Removes committed `chain` and its EROFS image. The caller (garbage collection) makes
+    /// sure no child or active snapshot still needs it.
+    pub fn remove(&self, chain: &str) -> Result<(), SnapshotError> {
+        let dir = self.committed_dir(chain)?;
+        let id = snapshot_id(chain)?;
+        // The image first: it must never outlive its tree.
+        for suffix in ["erofs", "lock"] {
+            let path = self.root.join(EROFS).join(format!("{id}.{suffix}"));
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("remove", &path)(e));
+                }
+                _ => {}
+            }
+        }
+        self.discard(&dir)
+    }
+
+    /// Builds a snapshot in scratch and renames it into place; a concurrent commit of the
+    /// same chain that got there first wins, and this one returns what it committed.
+    fn commit(
+        &self,
+        chain: &str,
+        parent: Option<&str>,
+        build: impl FnOnce(&Path) -> Result<(), SnapshotError>,
+    ) -> Result<Committed, SnapshotError> {
+        let id = snapshot_id(chain)?;
+        let dir = self.root.join(SNAPSHOTS).join(id);
+        if let Some(existing) = self.existing(&dir, chain)? {
+            return Ok(existing);
+        }
+        let parent_dir = parent.map(|p| self.committed_dir(p)).transpose()?;
+        let scratch = self.scratch()?;
+        let fs = scratch.path.join("fs");
+        create_dir(&fs, 0o755)?;
+        if let (Driver::Copy, Some(parent_dir)) = (self.driver, &parent_dir) {
+            tree::copy_tree(&parent_dir.join("fs"), &fs)?;
+        }
+        build(&fs)?;
+        let chain_file = scratch.path.join("chain");
+        fs::write(&chain_file, chain).map_err(io_err("write", &chain_file))?;
+        if let Some(parent) = parent {
+            let parent_file = scratch.path.join("parent");
+            fs::write(&parent_file, parent).map_err(io_err("write", &parent_file))?;
+        }
+        if rename_new(&scratch.path, &dir)? {
+            scratch.renamed();
+            tracing::debug!(chain, "committed snapshot");
+        } else {
+            drop(scratch);
+        }
+        self.existing(&dir, chain)?
+            .ok_or_else(|| SnapshotError::NotFound {
+                chain: chain.to_owned(),
+            })
+    }
+
+    /// The committed snapshot in `dir` if it is `chain`; an error if it is another chain
+    /// with the same id prefix.
+    fn existing(&self, dir: &Path, chain: &str) -> Result<Option<Committed>, SnapshotError> {
+        match read_line(&dir.join("chain"))? {
+            None => Ok(None),
+            Some(found) if found == chain => Ok(Some(self.describe(dir, found, true)?)),
+            Some(found) => Err(SnapshotError::Io {
+                op: "chain id prefix taken by the snapshot in",
+                path: dir.to_owned(),
+                source: io::Error::new(io::ErrorKind::AlreadyExists, found),
+            }),
+        }
+    }
+
+    fn describe(&self, dir: &Path, chain: String, size: bool) -> Result<Committed, SnapshotError> {
+        let bytes = if size {
+            // A tree the walk cannot finish (deeper than PATH_MAX) shows 0 bytes rather than
+            // making every listing and collection fail.
+            tree::disk_usage(dir).unwrap_or_else(|e| {
+                tracing::warn!(%chain, error = %SnapshotError::from(e), "snapshot size unknown");
+                0
+            })
+        } else {
+            0
+        };
+        Ok(Committed {
+            chain,
+            parent: read_line(&dir.join("parent"))?,
+            bytes,
+        })
+    }
+
+    /// The directory of committed `chain`.
+    pub(super) fn committed_dir(&self, chain: &str) -> Result<PathBuf, SnapshotError> {
+        let not_found = || SnapshotError::NotFound {
+            chain: chain.to_owned(),
+        };
+        let dir = self
+            .root
+            .join(SNAPSHOTS)
+            .join(snapshot_id(chain).map_err(|_| not_found())?);
+        match read_line(&dir.join("chain"))? {
+            Some(found) if found == chain => Ok(dir),
+            _ => Err(not_found()),
+        }
+    }
+
+    /// The `fs` directories of `chain` and its ancestors, top-most first (overlayfs's
+    /// `lowerdir` order).
+    pub(crate) fn lowers(&self, chain: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+        let mut out = Vec::new();
+        let mut next = Some(chain.to_owned());
+        while let Some(chain) = next {
+            if out.len() == MAX_CHAIN {
+                return Err(SnapshotError::Io {
+                    op: "walk parents",
+                    path: self.root.join(SNAPSHOTS),
+                    source: io::Error::other("the chain of parents loops"),
+                });
+            }
+            let dir = self.committed_dir(&chain)?;
+            next = read_line(&dir.join("parent"))?;
+            out.push(dir.join("fs"));
+        }
+        Ok(out)
+    }
+}
