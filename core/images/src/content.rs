@@ -11,9 +11,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -85,8 +88,8 @@ impl ContentStore {
     pub fn open(root: &Path) -> Result<ContentStore> {
         let blobs = root.join("blobs").join("sha256");
         let ingest = root.join("ingest");
-        for d in [&blobs, &ingest] {
-            fs::create_dir_all(d).map_err(io_err("create", d))?;
+        for d in [root, &root.join("blobs"), &blobs, &ingest] {
+            fsutil::private_dir(d).map_err(io_err("create", d))?;
         }
         Ok(ContentStore { blobs, ingest })
     }
@@ -171,6 +174,7 @@ impl ContentStore {
             .create_new(true)
             .read(true)
             .append(true)
+            .mode(fsutil::FILE_MODE)
             .open(&path)
             .map_err(io_err("create", &path))?;
         Ok(Ingest {
@@ -192,6 +196,7 @@ impl ContentStore {
             .create(true)
             .read(true)
             .append(true)
+            .mode(fsutil::FILE_MODE)
             .open(path)
             .map_err(io_err("create", path))?;
         if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
@@ -368,9 +373,11 @@ impl Ingest {
         };
         file.sync_all().map_err(io_err("sync", &self.path))?;
         let dest = self.blobs.join(digest_hex(&digest)?);
-        // Renamed while still locked, so no other writer can take the name meanwhile.
+        // Renamed while still locked, so no other writer can take the name meanwhile; and the
+        // rename made durable before any record (a manifest, an image) can name the blob.
         fs::rename(&self.path, &dest).map_err(io_err("rename", &self.path))?;
         self.file = None;
+        fsutil::sync_dir(&self.blobs).map_err(io_err("sync", &self.blobs))?;
         Ok(digest)
     }
 }

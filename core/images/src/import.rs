@@ -185,16 +185,18 @@ impl ImageStore {
         report: Report<'_>,
     ) -> Result<Archive> {
         let mut a = Archive::default();
-        let mut tar = tar::Archive::new(crate::targuard::TarGuard::new(reader));
+        // The same tar reader as layers: special entries capped, one idea of where headers are.
+        let mut tar = crate::unpack::archive::Archive::new(reader);
         let corrupt = |e: std::io::Error| bad(format!("the archive is truncated or corrupt: {e}"));
+        let refused = |e: crate::unpack::UnpackError| bad(format!("the archive: {e}"));
         let mut saw_file = false;
-        for entry in tar.entries().map_err(corrupt)? {
-            let mut entry = entry.map_err(corrupt)?;
-            let path = clean(&String::from_utf8_lossy(&entry.path_bytes()));
-            let kind = entry.header().entry_type();
+        while let Some(header) = tar.next_entry().map_err(refused)? {
+            let path = clean(&header.name());
+            let kind = header.kind;
+            let mut entry = tar.data();
             if kind.is_symlink() || kind.is_hard_link() {
-                if let Ok(Some(target)) = entry.link_name() {
-                    let t = target.to_string_lossy().into_owned();
+                if let Some(target) = &header.link {
+                    let t = String::from_utf8_lossy(target).into_owned();
                     let resolved = if kind.is_symlink() {
                         resolve_relative(&path, &t)
                     } else {
@@ -204,10 +206,10 @@ impl ImageStore {
                 }
                 continue;
             }
-            if !kind.is_file() {
+            if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
                 continue;
             }
-            let size = entry.header().size().map_err(corrupt)?;
+            let size = header.size;
             if let Some(hex) = path.strip_prefix("blobs/sha256/") {
                 let digest = format!("sha256:{hex}");
                 digest_hex(&digest)

@@ -10,18 +10,18 @@
 //! The daemon owns one [`store::ImageStore`]; its metadata lives in the daemon's database.
 
 pub mod content;
+mod fsutil;
 mod import;
 pub mod oci;
 mod pull;
 pub mod snapshot;
 mod snapshot_read;
 pub mod store;
-mod targuard;
 pub mod unpack;
 
 pub use oci::{Platform, RunConfig};
 pub use pull::{PullOptions, is_loopback};
 pub use store::{
     GcReport, ImageError, ImageRecord, ImageStore, ImageSummary, Prepared, Progress, RootfsKind,
-    SNAPSHOTTER, Target, Usage, normalize,
+    SNAPSHOTTER, StoreOptions, Target, Usage, normalize,
 };

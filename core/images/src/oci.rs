@@ -199,6 +199,26 @@ pub fn is_wasm_artifact(manifest: &ImageManifest) -> bool {
             .any(|l| WASM_LAYER_TYPES.contains(&l.media_type().to_string().as_str()))
 }
 
+/// Whether an image is for the wasm runtime: a Wasm artifact (by media types), an image whose
+/// program (the first of `Entrypoint`, else of `Cmd`) is a `.wasm` file, or an image built for
+/// the `wasm` architecture. The store, the daemon's routing and `yard run` all take this one
+/// answer (as [`crate::store::Resolved::wasm`] and [`RunConfig::wasm`]).
+pub fn is_for_wasm(manifest: &ImageManifest, config: Option<&ImageConfiguration>) -> bool {
+    if is_wasm_artifact(manifest) {
+        return true;
+    }
+    let Some(config) = config else {
+        return false;
+    };
+    let program = config.config().as_ref().and_then(|c| {
+        c.entrypoint()
+            .as_ref()
+            .and_then(|e| e.first())
+            .or_else(|| c.cmd().as_ref().and_then(|c| c.first()))
+    });
+    program.is_some_and(|p| p.ends_with(".wasm")) || config.architecture().to_string() == "wasm"
+}
+
 /// Whether a layer's media type is a tarball this store unpacks.
 pub fn is_tar_layer(media_type: &str) -> bool {
     media_type.starts_with("application/vnd.oci.image.layer.")
@@ -317,12 +337,12 @@ pub struct RunConfig {
     pub working_dir: String,
     /// The config's `User`, unresolved (`name`, `uid`, `uid:gid`, `name:group`).
     pub user: String,
-    /// Whether the image is for the wasm runtime: a Wasm artifact, or an image whose program
-    /// is a `.wasm` file.
+    /// Whether the image is for the wasm runtime ([`is_for_wasm`]).
     pub wasm: bool,
 }
 
 impl RunConfig {
+    /// What the config says; `wasm` is left for [`is_for_wasm`], which also sees the manifest.
     pub fn from_image(config: &ImageConfiguration) -> RunConfig {
         let mut rc = RunConfig::default();
         if let Some(c) = config.config() {
@@ -332,11 +352,6 @@ impl RunConfig {
             rc.working_dir = c.working_dir().clone().unwrap_or_default();
             rc.user = c.user().clone().unwrap_or_default();
         }
-        rc.wasm = rc
-            .entrypoint
-            .first()
-            .or(rc.cmd.first())
-            .is_some_and(|p| p.ends_with(".wasm"));
         rc
     }
 

@@ -50,7 +50,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{self as rfs, CWD, RenameFlags};
 use rustix::io::Errno;
 
-use crate::unpack::UnpackError;
+use crate::fsutil;
+use crate::unpack::{Nodes, UnpackError};
 
 use self::tree::TreeError;
 
@@ -67,6 +68,19 @@ pub struct Mount {
     pub kind: String,
     pub source: String,
     pub options: Vec<String>,
+}
+
+/// A layer to commit on top of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layer<'a> {
+    /// What messages call the layer (its blob digest).
+    pub name: &'a str,
+    /// The digest the uncompressed tar must have.
+    pub diff_id: &'a str,
+    /// Whether device nodes and fifos may be in it.
+    pub nodes: Nodes,
+    /// Uncompressed bytes it may unpack to.
+    pub max_tar_bytes: u64,
 }
 
 /// A committed snapshot.
@@ -100,8 +114,12 @@ pub enum SnapshotError {
     BadKey { key: String, reason: String },
     #[error("layer {diff_id}: the unpacked layer's digest is {actual}")]
     DiffId { diff_id: String, actual: String },
-    #[error(transparent)]
-    Unpack(#[from] UnpackError),
+    #[error("unpack layer {layer}")]
+    Unpack {
+        layer: String,
+        #[source]
+        source: UnpackError,
+    },
     #[error("snapshot {chain}: build EROFS image: {reason}")]
     Image { chain: String, reason: String },
     #[error("{op} {}", path.display())]
@@ -164,7 +182,8 @@ fn create_dir(path: &Path, mode: u32) -> Result<(), SnapshotError> {
         .map_err(io_err("create directory", path))
 }
 
-/// Renames a directory into place unless something is already there (`Ok(false)`).
+/// Renames a directory into place unless something is already there (`Ok(false)`), durably:
+/// the directory holding `to` is synced before a record can name it.
 fn rename_new(from: &Path, to: &Path) -> Result<bool, SnapshotError> {
     let result = match rfs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
         // A filesystem without RENAME_NOREPLACE: plain rename still refuses to replace a
@@ -173,7 +192,10 @@ fn rename_new(from: &Path, to: &Path) -> Result<bool, SnapshotError> {
         other => other,
     };
     match result {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            fsutil::sync_parent(to).map_err(io_err("sync the directory of", to))?;
+            Ok(true)
+        }
         Err(Errno::EXIST | Errno::NOTEMPTY) => Ok(false),
         Err(e) => Err(io_err("rename into place", to)(e)),
     }
@@ -190,9 +212,10 @@ impl Snapshotter {
     pub fn open(root: &Path, driver: Option<Driver>) -> Result<Snapshotter, SnapshotError> {
         // Absolute: the paths end up in mount options.
         let root = std::path::absolute(root).map_err(io_err("resolve", root))?;
+        fsutil::private_dir(&root).map_err(io_err("create directory", &root))?;
         for dir in [SNAPSHOTS, ACTIVE, EROFS, SCRATCH] {
             let path = root.join(dir);
-            fs::create_dir_all(&path).map_err(io_err("create directory", &path))?;
+            fsutil::private_dir(&path).map_err(io_err("create directory", &path))?;
         }
         // The mounts `prepare` returns list directories in one option string.
         let mountable = !root

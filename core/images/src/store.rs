@@ -12,8 +12,10 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::content::{ContentError, ContentStore};
+use crate::fsutil;
 use crate::oci::{self, ManifestError, Parsed, Platform, RunConfig};
-use crate::snapshot::{Driver, Mount, SnapshotError, Snapshotter};
+use crate::snapshot::{Driver, Layer, Mount, SnapshotError, Snapshotter};
+use crate::unpack::{Limits, Nodes, UnpackError};
 
 /// The `snapshotter` a container record names when its root came from [`ImageStore::prepare`].
 pub const SNAPSHOTTER: &str = "yard";
@@ -175,9 +177,19 @@ pub struct Resolved {
     pub blobs: Vec<(String, u64)>,
 }
 
+/// How the store is set up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The snapshot driver (`None`: overlayfs where it works, copies otherwise).
+    pub driver: Option<Driver>,
+    /// How much a layer may unpack to.
+    pub limits: Limits,
+}
+
 pub struct ImageStore {
     content: ContentStore,
     snapshots: Snapshotter,
+    limits: Limits,
     db: Arc<Database>,
     platform: Platform,
     leases: Mutex<HashMap<u64, HashSet<String>>>,
@@ -215,6 +227,17 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What a recorded node kind reads back as.
+fn node_kind(what: &str) -> &'static str {
+    match what {
+        "character device" => "character device",
+        "block device" => "block device",
+        "fifo" => "fifo",
+        "socket" => "socket",
+        _ => "device node",
+    }
+}
+
 fn record_key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }
@@ -233,16 +256,35 @@ pub fn normalize(reference: &str) -> Result<String> {
 }
 
 impl ImageStore {
-    /// Opens the store under `root` (content, snapshots) with records in `db`.
+    /// Opens the store under `root` (content, snapshots) with records in `db`, with the default
+    /// limits.
     pub fn open(root: &Path, db: Arc<Database>, driver: Option<Driver>) -> Result<ImageStore> {
+        Self::open_with(
+            root,
+            db,
+            StoreOptions {
+                driver,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
+    /// Opens the store under `root` (content, snapshots) with records in `db`.
+    pub fn open_with(root: &Path, db: Arc<Database>, opts: StoreOptions) -> Result<ImageStore> {
+        fsutil::private_dir(root).map_err(|source| ContentError::Io {
+            op: "create",
+            path: root.to_owned(),
+            source,
+        })?;
         let content = ContentStore::open(&root.join("content"))?;
-        let snapshots = Snapshotter::open(&root.join("snapshots"), driver)?;
+        let snapshots = Snapshotter::open(&root.join("snapshots"), opts.driver)?;
         let txn = db.begin_write()?;
         txn.open_table(IMAGES)?;
         txn.commit()?;
         Ok(ImageStore {
             content,
             snapshots,
+            limits: opts.limits,
             db,
             platform: Platform::host(),
             leases: Mutex::new(HashMap::new()),
@@ -391,11 +433,11 @@ impl ImageStore {
                     }
                 }
             };
-        let wasm = oci::is_wasm_artifact(&manifest);
+        let artifact = oci::is_wasm_artifact(&manifest);
         let cfg = manifest.config();
         let cfg_digest = cfg.digest().to_string();
         blobs.push((cfg_digest.clone(), cfg.size()));
-        let config = if wasm {
+        let config = if artifact {
             None
         } else {
             let bytes = self.content.read(&cfg_digest, oci::MAX_METADATA_BYTES)?;
@@ -413,13 +455,15 @@ impl ImageStore {
         }
         let diff_ids = oci::diff_ids(&manifest, config.as_ref())?;
         let chains = oci::chain_ids(&diff_ids);
-        let run = match &config {
+        let wasm = oci::is_for_wasm(&manifest, config.as_ref());
+        let mut run = match &config {
             Some(c) => RunConfig::from_image(c),
             None => RunConfig::wasm_artifact(&manifest),
         };
+        run.wasm = wasm;
         Ok(Resolved {
             manifest_digest,
-            wasm: wasm || run.wasm,
+            wasm,
             manifest,
             config,
             diff_ids,
@@ -429,15 +473,45 @@ impl ImageStore {
         })
     }
 
-    /// Unpacks every layer of `r` not yet in a snapshot.
+    /// Unpacks every layer of `r` not yet in a snapshot. An image for the wasm runtime (`r.wasm`,
+    /// or `for_wasm`) may hold no device node or fifo: its layers are unpacked refusing them,
+    /// and layers already unpacked for another image are checked.
     pub fn unpack(&self, r: &Resolved, lease: &Lease<'_>, report: Report<'_>) -> Result<()> {
+        self.unpack_for(r, r.wasm, lease, report)
+    }
+
+    fn unpack_for(
+        &self,
+        r: &Resolved,
+        for_wasm: bool,
+        lease: &Lease<'_>,
+        report: Report<'_>,
+    ) -> Result<()> {
         let wasm_artifact = oci::is_wasm_artifact(&r.manifest);
+        let nodes = if for_wasm || r.wasm {
+            Nodes::Refuse
+        } else {
+            Nodes::Allow
+        };
         let mut parent: Option<&str> = None;
         for ((layer, diff_id), chain) in r.manifest.layers().iter().zip(&r.diff_ids).zip(&r.chains)
         {
             lease.add(chain);
-            if !self.snapshots.exists(chain) {
-                let digest = layer.digest().to_string();
+            let digest = layer.digest().to_string();
+            if self.snapshots.exists(chain) {
+                if nodes == Nodes::Refuse
+                    && let Some((entry, what)) = self.snapshots.node(chain)?
+                {
+                    return Err(SnapshotError::Unpack {
+                        layer: digest,
+                        source: UnpackError::Node {
+                            entry,
+                            what: node_kind(&what),
+                        },
+                    }
+                    .into());
+                }
+            } else {
                 report(Progress::Unpack {
                     digest: digest.clone(),
                 });
@@ -449,9 +523,15 @@ impl ImageStore {
                     })?;
                 } else {
                     let blob = self.content.open_blob(&digest)?;
+                    let compressed = blob.metadata().map(|m| m.len()).unwrap_or(layer.size());
                     let reader = std::io::BufReader::with_capacity(1 << 16, blob);
-                    self.snapshots
-                        .commit_layer(chain, parent, diff_id, reader)?;
+                    let spec = Layer {
+                        name: &digest,
+                        diff_id,
+                        nodes,
+                        max_tar_bytes: self.limits.max_tar_bytes(compressed),
+                    };
+                    self.snapshots.commit_layer(chain, parent, &spec, reader)?;
                 }
             }
             parent = Some(chain);
@@ -463,11 +543,24 @@ impl ImageStore {
     /// [`RootfsKind::Erofs`], the chain's image file), and the image's run configuration with
     /// its user resolved against the image's `/etc/passwd` and `/etc/group`.
     pub fn prepare(&self, ns: &str, name: &str, key: &str, kind: RootfsKind) -> Result<Prepared> {
+        self.prepare_for(ns, name, key, kind, false)
+    }
+
+    /// [`ImageStore::prepare`] for a root the caller hands to the wasm runtime whatever the
+    /// image says (`for_wasm`): such a root holds no device node or fifo, or is refused.
+    pub fn prepare_for(
+        &self,
+        ns: &str,
+        name: &str,
+        key: &str,
+        kind: RootfsKind,
+        for_wasm: bool,
+    ) -> Result<Prepared> {
         let rec = self.find(ns, name)?;
         let platform = Platform::parse(&rec.platform).ok();
         let r = self.resolve(&rec.target, platform.as_ref())?;
         let lease = self.lease();
-        self.unpack(&r, &lease, &|_| {})?;
+        self.unpack_for(&r, for_wasm, &lease, &|_| {})?;
         let Some(top) = r.chains.last() else {
             return Err(ManifestError::Invalid {
                 what: "manifest",
@@ -497,7 +590,8 @@ impl ImageStore {
         })
     }
 
-    /// Whether image `name` is for the wasm runtime.
+    /// Whether image `name` is for the wasm runtime (see [`oci::is_for_wasm`]): the one decision
+    /// the daemon routes by and the store refuses device nodes by.
     pub fn is_wasm(&self, ns: &str, name: &str) -> Result<bool> {
         let rec = self.find(ns, name)?;
         let platform = Platform::parse(&rec.platform).ok();

@@ -69,8 +69,11 @@ impl Classify for ImageError {
                 | C::TooLarge { .. },
             ) => Kind::InvalidArgument,
             ImageError::Content(C::NotFound(_)) => Kind::FailedPrecondition,
-            ImageError::Snapshot(S::Unpack(U::Io { .. })) => Kind::Internal,
-            ImageError::Snapshot(S::Unpack(_) | S::DiffId { .. } | S::BadKey { .. }) => {
+            ImageError::Snapshot(S::Unpack {
+                source: U::Io { .. },
+                ..
+            }) => Kind::Internal,
+            ImageError::Snapshot(S::Unpack { .. } | S::DiffId { .. } | S::BadKey { .. }) => {
                 Kind::InvalidArgument
             }
             ImageError::Snapshot(S::ActiveExists { .. }) => Kind::AlreadyExists,
@@ -489,18 +492,24 @@ mod tests {
                 Kind::InvalidArgument,
             ),
             (
-                ImageError::Snapshot(SnapshotError::Unpack(UnpackError::Escape {
-                    entry: "../x".into(),
-                    reason: "r".into(),
-                })),
+                ImageError::Snapshot(SnapshotError::Unpack {
+                    layer: "l".into(),
+                    source: UnpackError::Escape {
+                        entry: "../x".into(),
+                        reason: "r".into(),
+                    },
+                }),
                 Kind::InvalidArgument,
             ),
             (
-                ImageError::Snapshot(SnapshotError::Unpack(UnpackError::Io {
-                    entry: "x".into(),
-                    op: "write",
-                    source: std::io::Error::other("disk full"),
-                })),
+                ImageError::Snapshot(SnapshotError::Unpack {
+                    layer: "l".into(),
+                    source: UnpackError::Io {
+                        entry: "x".into(),
+                        op: "write",
+                        source: std::io::Error::other("disk full"),
+                    },
+                }),
                 Kind::Internal,
             ),
             (

@@ -11,6 +11,7 @@ use super::{
     ACTIVE, Driver, Mount, SnapshotError, Snapshotter, create_dir, io_err, list, read_line,
     rename_new, tree,
 };
+use crate::fsutil;
 
 /// Splits an active snapshot's key `<namespace>/<id>`.
 pub(super) fn parse_key(key: &str) -> Result<(&str, &str), SnapshotError> {
@@ -49,7 +50,7 @@ impl Snapshotter {
             }
         }
         let namespace_dir = self.root.join(ACTIVE).join(namespace);
-        fs::create_dir_all(&namespace_dir).map_err(io_err("create directory", &namespace_dir))?;
+        fsutil::private_dir(&namespace_dir).map_err(io_err("create directory", &namespace_dir))?;
         let dir = namespace_dir.join(id);
         if fs::symlink_metadata(&dir).is_ok() {
             return Err(SnapshotError::ActiveExists {
@@ -82,6 +83,8 @@ impl Snapshotter {
         }
         let parent_file = scratch.path.join("parent");
         fs::write(&parent_file, parent).map_err(io_err("write", &parent_file))?;
+        // On disk before the rename, which a container record then names.
+        fsutil::sync_fs(&scratch.path).map_err(io_err("sync the file system of", &scratch.path))?;
         if !rename_new(&scratch.path, &dir)? {
             return Err(SnapshotError::ActiveExists {
                 key: key.to_owned(),

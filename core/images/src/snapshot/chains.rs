@@ -7,10 +7,16 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use super::{
-    Committed, Driver, EROFS, ID_LEN, MAX_CHAIN, SNAPSHOTS, SnapshotError, Snapshotter, create_dir,
-    io_err, list, read_line, rename_new, tree,
+    Committed, Driver, EROFS, ID_LEN, Layer, MAX_CHAIN, SNAPSHOTS, SnapshotError, Snapshotter,
+    create_dir, io_err, list, read_line, rename_new, tree,
 };
-use crate::unpack::{self, Whiteouts};
+use crate::fsutil;
+use crate::unpack::{self, Options, Whiteouts};
+
+/// The file in a committed snapshot naming the first device node or fifo its layer made
+/// (`<what>\n<entry>`), empty if it made none. Snapshots committed before it existed lack it
+/// and are searched instead.
+const NODES: &str = "nodes";
 
 /// The on-disk name of `chain` (`algorithm:hex`): the first [`ID_LEN`] hex digits.
 pub(super) fn snapshot_id(chain: &str) -> Result<&str, SnapshotError> {
@@ -40,28 +46,36 @@ impl Snapshotter {
         self.committed_dir(chain).is_ok()
     }
 
-    /// Commits chain `chain` = `parent` + the layer read from `layer` (compressed or not),
-    /// checking the uncompressed digest against `diff_id`. The parent must be committed.
+    /// Commits chain `chain` = `parent` + `layer`, read from `read` (compressed or not),
+    /// checking the uncompressed digest against its diff id. The parent must be committed.
     pub fn commit_layer(
         &self,
         chain: &str,
         parent: Option<&str>,
-        diff_id: &str,
-        layer: impl Read,
+        layer: &Layer<'_>,
+        read: impl Read,
     ) -> Result<Committed, SnapshotError> {
-        let whiteouts = match self.driver {
-            Driver::Overlay => Whiteouts::Overlay,
-            Driver::Copy => Whiteouts::Remove,
+        let opts = Options {
+            whiteouts: match self.driver {
+                Driver::Overlay => Whiteouts::Overlay,
+                Driver::Copy => Whiteouts::Remove,
+            },
+            nodes: layer.nodes,
+            max_tar_bytes: layer.max_tar_bytes,
         };
         self.commit(chain, parent, |fs| {
-            let applied = unpack::apply_layer(layer, fs, whiteouts)?;
-            if applied.diff_id != diff_id {
+            let applied =
+                unpack::apply_layer(read, fs, &opts).map_err(|source| SnapshotError::Unpack {
+                    layer: layer.name.to_owned(),
+                    source,
+                })?;
+            if applied.diff_id != layer.diff_id {
                 return Err(SnapshotError::DiffId {
-                    diff_id: diff_id.to_owned(),
+                    diff_id: layer.diff_id.to_owned(),
                     actual: applied.diff_id,
                 });
             }
-            Ok(())
+            Ok(applied.node)
         })
     }
 
@@ -74,7 +88,8 @@ impl Snapshotter {
         populate: impl FnOnce(&Path) -> std::io::Result<()>,
     ) -> Result<Committed, SnapshotError> {
         self.commit(chain, parent, |fs| {
-            populate(fs).map_err(io_err("populate snapshot", fs))
+            populate(fs).map_err(io_err("populate snapshot", fs))?;
+            Ok(None)
         })
     }
 
@@ -125,7 +140,7 @@ impl Snapshotter {
         &self,
         chain: &str,
         parent: Option<&str>,
-        build: impl FnOnce(&Path) -> Result<(), SnapshotError>,
+        build: impl FnOnce(&Path) -> Result<Option<(String, &'static str)>, SnapshotError>,
     ) -> Result<Committed, SnapshotError> {
         let id = snapshot_id(chain)?;
         let dir = self.root.join(SNAPSHOTS).join(id);
@@ -139,13 +154,19 @@ impl Snapshotter {
         if let (Driver::Copy, Some(parent_dir)) = (self.driver, &parent_dir) {
             tree::copy_tree(&parent_dir.join("fs"), &fs)?;
         }
-        build(&fs)?;
+        let node = build(&fs)?;
+        let nodes_file = scratch.path.join(NODES);
+        let nodes = node.map_or(String::new(), |(entry, what)| format!("{what}\n{entry}"));
+        fs::write(&nodes_file, nodes).map_err(io_err("write", &nodes_file))?;
         let chain_file = scratch.path.join("chain");
         fs::write(&chain_file, chain).map_err(io_err("write", &chain_file))?;
         if let Some(parent) = parent {
             let parent_file = scratch.path.join("parent");
             fs::write(&parent_file, parent).map_err(io_err("write", &parent_file))?;
         }
+        // The tree and its metadata reach the disk before the rename makes them a snapshot
+        // (one `syncfs` rather than an `fsync` per unpacked file).
+        fsutil::sync_fs(&scratch.path).map_err(io_err("sync the file system of", &scratch.path))?;
         if rename_new(&scratch.path, &dir)? {
             scratch.renamed();
             tracing::debug!(chain, "committed snapshot");
@@ -156,6 +177,29 @@ impl Snapshotter {
             .ok_or_else(|| SnapshotError::NotFound {
                 chain: chain.to_owned(),
             })
+    }
+
+    /// The first device node or fifo committed `chain`'s own layer made: `(entry, what)`.
+    pub fn node(&self, chain: &str) -> Result<Option<(String, String)>, SnapshotError> {
+        let dir = self.committed_dir(chain)?;
+        let path = dir.join(NODES);
+        match fs::read_to_string(&path) {
+            Ok(text) if text.is_empty() => Ok(None),
+            Ok(text) => {
+                let (what, entry) = text.split_once('\n').unwrap_or(("node", text.as_str()));
+                Ok(Some((entry.to_owned(), what.to_owned())))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Committed before nodes were recorded: look.
+                let fs_dir = dir.join("fs");
+                let whiteouts = self.driver == Driver::Overlay;
+                Ok(tree::find_node(&fs_dir, whiteouts)?.map(|(path, what)| {
+                    let entry = path.strip_prefix(&fs_dir).unwrap_or(&path);
+                    (entry.display().to_string(), what.to_owned())
+                }))
+            }
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
     }
 
     /// The committed snapshot in `dir` if it is `chain`; an error if it is another chain

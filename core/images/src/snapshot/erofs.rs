@@ -2,6 +2,7 @@
 //! `mkfs.erofs` from the copy driver's tree or a read-only overlay mount of the chain.
 
 use std::fs::{self, File};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -10,6 +11,7 @@ use rustix::fs::{self as rfs, FlockOperation};
 use super::chains::snapshot_id;
 use super::mount::mount_overlay;
 use super::{Driver, EROFS, SnapshotError, Snapshotter, create_dir, io_err};
+use crate::fsutil;
 
 impl Snapshotter {
     /// A chain's merged tree as a read-only EROFS image file, built on first use (under a lock
@@ -26,6 +28,7 @@ impl Snapshotter {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(fsutil::FILE_MODE)
             .open(&lock_path)
             .map_err(io_err("open", &lock_path))?;
         rfs::flock(&lock, FlockOperation::LockExclusive).map_err(io_err("lock", &lock_path))?;
@@ -76,10 +79,14 @@ impl Snapshotter {
                 stderr.trim()
             )));
         }
+        // Private, on disk, then in place, and the rename durable before a container names it.
+        fs::set_permissions(&built, fs::Permissions::from_mode(fsutil::FILE_MODE))
+            .map_err(io_err("set mode", &built))?;
         File::open(&built)
             .and_then(|f| f.sync_all())
             .map_err(io_err("sync", &built))?;
         fs::rename(&built, &image).map_err(io_err("rename into place", &image))?;
+        fsutil::sync_parent(&image).map_err(io_err("sync the directory of", &image))?;
         Ok(image)
     }
 }

@@ -22,6 +22,16 @@ fn chain_of(parent: Option<&str>, diff_id: &str) -> String {
     }
 }
 
+/// A layer with diff id `diff_id`, nothing refused.
+fn spec(diff_id: &str) -> super::Layer<'_> {
+    super::Layer {
+        name: "test-layer",
+        diff_id,
+        nodes: crate::unpack::Nodes::Allow,
+        max_tar_bytes: u64::MAX,
+    }
+}
+
 /// Opens a snapshotter with `driver`, or says why the test cannot run.
 fn open(driver: Driver) -> Option<(tempfile::TempDir, Snapshotter)> {
     if !is_root() {
@@ -42,13 +52,15 @@ fn commit_two(s: &Snapshotter) -> (String, String) {
     let (d1, d2) = (sha256(&lower), sha256(&upper));
     let base = chain_of(None, &d1);
     let child = chain_of(Some(&base), &d2);
-    let c = s.commit_layer(&base, None, &d1, &gzip(&lower)[..]).unwrap();
+    let c = s
+        .commit_layer(&base, None, &spec(&d1), &gzip(&lower)[..])
+        .unwrap();
     assert_eq!(
         (c.chain.as_str(), c.parent.as_deref()),
         (base.as_str(), None)
     );
     let c = s
-        .commit_layer(&child, Some(&base), &d2, &upper[..])
+        .commit_layer(&child, Some(&base), &spec(&d2), &upper[..])
         .unwrap();
     assert_eq!(c.parent.as_deref(), Some(base.as_str()));
     assert!(c.bytes > 0);
@@ -275,11 +287,11 @@ fn copies_keep_links_owners_modes_xattrs_and_nodes() {
         .finish();
     let d1 = sha256(&layer);
     let base = chain_of(None, &d1);
-    s.commit_layer(&base, None, &d1, &layer[..]).unwrap();
+    s.commit_layer(&base, None, &spec(&d1), &layer[..]).unwrap();
     let empty = Layer::new().finish();
     let d2 = sha256(&empty);
     let child = chain_of(Some(&base), &d2);
-    s.commit_layer(&child, Some(&base), &d2, &empty[..])
+    s.commit_layer(&child, Some(&base), &spec(&d2), &empty[..])
         .unwrap();
     s.prepare("ns/copy", &child).unwrap();
 
@@ -353,11 +365,25 @@ fn failed_commits_leave_nothing() {
             ),
         ];
         for (what, data, diff, parent) in cases {
-            let err = s.commit_layer(&chain, parent, diff, &data[..]).unwrap_err();
+            let err = s
+                .commit_layer(&chain, parent, &spec(diff), &data[..])
+                .unwrap_err();
             let expected = match what {
                 "wrong diff id" => matches!(err, SnapshotError::DiffId { .. }),
-                "truncated" => matches!(err, SnapshotError::Unpack(UnpackError::Corrupt(_))),
-                "escape" => matches!(err, SnapshotError::Unpack(UnpackError::Escape { .. })),
+                "truncated" => matches!(
+                    err,
+                    SnapshotError::Unpack {
+                        source: UnpackError::Corrupt(_),
+                        ..
+                    }
+                ),
+                "escape" => matches!(
+                    err,
+                    SnapshotError::Unpack {
+                        source: UnpackError::Escape { .. },
+                        ..
+                    }
+                ),
                 _ => matches!(err, SnapshotError::NotFound { .. }),
             };
             assert!(expected, "{driver:?} {what}: {err}");
@@ -395,7 +421,9 @@ fn concurrent_commits_of_one_chain_all_succeed() {
         let chain = chain_of(Some(&base), &diff_id);
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..8)
-                .map(|_| scope.spawn(|| s.commit_layer(&chain, Some(&base), &diff_id, &layer[..])))
+                .map(|_| {
+                    scope.spawn(|| s.commit_layer(&chain, Some(&base), &spec(&diff_id), &layer[..]))
+                })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
@@ -410,7 +438,7 @@ fn concurrent_commits_of_one_chain_all_succeed() {
         assert!(scratch_is_empty(&s));
         // Committing it again reads what is there.
         let again = s
-            .commit_layer(&chain, Some(&base), &diff_id, &b""[..])
+            .commit_layer(&chain, Some(&base), &spec(&diff_id), &b""[..])
             .unwrap();
         assert_eq!(again.chain, chain);
     }
@@ -509,7 +537,7 @@ fn images_of_chains_longer_than_a_page_of_mount_options() {
         let layer = Layer::new().file(&format!("f{i}"), b"x").finish();
         let diff_id = sha256(&layer);
         let chain = chain_of(parent.as_deref(), &diff_id);
-        s.commit_layer(&chain, parent.as_deref(), &diff_id, &layer[..])
+        s.commit_layer(&chain, parent.as_deref(), &spec(&diff_id), &layer[..])
             .unwrap();
         parent = Some(chain);
     }
@@ -601,7 +629,7 @@ fn images_are_built_once_and_hold_the_merged_tree() {
             (sha256(&layer), layer)
         };
         let third = chain_of(Some(&child), &d);
-        s.commit_layer(&third, Some(&child), &d, &layer[..])
+        s.commit_layer(&third, Some(&child), &spec(&d), &layer[..])
             .unwrap();
         let paths: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..4)

@@ -216,6 +216,32 @@ pub(super) fn disk_usage(path: &Path) -> Result<u64, TreeError> {
     walk(path, &mut HashSet::new())
 }
 
+/// The first device node, fifo or socket under `dir` (in directory order), with what it is;
+/// with `whiteouts`, 0:0 character devices (overlayfs whiteouts) are not nodes.
+pub(super) fn find_node(
+    dir: &Path,
+    whiteouts: bool,
+) -> Result<Option<(PathBuf, &'static str)>, TreeError> {
+    for entry in fs::read_dir(dir).map_err(at("read directory", dir))? {
+        let path = entry.map_err(at("read directory", dir))?.path();
+        let st = rfs::lstat(&path).map_err(at("stat", &path))?;
+        let what = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => match find_node(&path, whiteouts)? {
+                Some(found) => return Ok(Some(found)),
+                None => continue,
+            },
+            FileType::CharacterDevice if whiteouts && st.st_rdev == 0 => continue,
+            FileType::CharacterDevice => "character device",
+            FileType::BlockDevice => "block device",
+            FileType::Fifo => "fifo",
+            FileType::Socket => "socket",
+            _ => continue,
+        };
+        return Ok(Some((path, what)));
+    }
+    Ok(None)
+}
+
 /// Removes `path` and everything under it; missing is fine. Directories without write or
 /// search permission (overlayfs leaves `work/work` at mode 000) are opened up first.
 pub(super) fn remove_tree(path: &Path) -> Result<(), TreeError> {

@@ -33,28 +33,59 @@ pub(super) fn decompress<'a>(mut layer: impl Read + 'a) -> Result<Box<dyn Read +
     })
 }
 
-/// Counts and hashes what is read through it: the uncompressed tar.
+/// The uncompressed stream passed its bound (carried in an `io::Error` up to
+/// [`super::corrupt`], which makes it [`UnpackError::TooLarge`]).
+#[derive(Debug)]
+pub(super) struct TarTooLarge {
+    pub(super) limit: u64,
+}
+
+impl std::fmt::Display for TarTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "more than {} bytes uncompressed", self.limit)
+    }
+}
+
+impl std::error::Error for TarTooLarge {}
+
+/// Counts and hashes what is read through it (the uncompressed tar), and fails past `limit`
+/// bytes: the decompressor is never asked for more than one byte beyond it.
 pub(super) struct Hashing<R> {
     inner: R,
-    pub(super) hasher: Sha256,
-    pub(super) bytes: u64,
+    hasher: Sha256,
+    bytes: u64,
+    limit: u64,
 }
 
 impl<R> Hashing<R> {
-    pub(super) fn new(inner: R) -> Self {
+    pub(super) fn new(inner: R, limit: u64) -> Self {
         Hashing {
             inner,
             hasher: Sha256::new(),
             bytes: 0,
+            limit,
         }
+    }
+
+    /// The hash and length of what was read.
+    pub(super) fn finish(self) -> (Sha256, u64) {
+        (self.hasher, self.bytes)
     }
 }
 
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let room = self.limit.saturating_sub(self.bytes).saturating_add(1);
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        if self.bytes > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                TarTooLarge { limit: self.limit },
+            ));
+        }
         Ok(n)
     }
 }

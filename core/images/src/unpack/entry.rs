@@ -2,7 +2,6 @@
 //! with one already there), symlinks, hard links (resolved inside the root like any path) and
 //! device nodes and fifos; what an entry replaces is removed first.
 
-use std::collections::HashSet;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -11,17 +10,23 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timestamps};
 use tar::EntryType;
 
+use rustix::io::Errno;
+
+use super::archive::Entry;
 use super::meta::Meta;
 use super::paths::{Parents, components, join, remove_all_at, resolve};
-use super::{UnpackError, WHITEOUT_PREFIX, Whiteouts, corrupt};
-use rustix::io::Errno;
+use super::whiteout::Written;
+use super::{Nodes, UnpackError, WHITEOUT_PREFIX, Whiteouts, corrupt};
 
 pub(super) struct Unpacker {
     pub(super) root: OwnedFd,
     pub(super) whiteouts: Whiteouts,
+    pub(super) nodes: Nodes,
+    /// The first device node or fifo made: `(entry, what)`.
+    pub(super) node: Option<(String, &'static str)>,
     /// Paths (and their ancestors) this layer wrote: whiteouts and opaque markers hide what
     /// lower layers put there, never what the same layer adds.
-    pub(super) written: HashSet<Vec<u8>>,
+    pub(super) written: Written,
     /// Directory mtimes, set at the end: creating their contents changes them.
     pub(super) dir_times: Vec<(Vec<u8>, Timestamps)>,
     /// Copy buffer for file data.
@@ -59,21 +64,11 @@ impl Place<'_> {
 }
 
 impl Unpacker {
-    pub(super) fn entry<R: Read>(
-        &mut self,
-        entry: &mut tar::Entry<'_, R>,
-    ) -> Result<(), UnpackError> {
-        let raw_path = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw_path).into_owned();
-        let mut kind = entry.header().entry_type();
-        match kind {
-            // Global PAX headers describe the archive, not a file.
-            EntryType::XGlobalHeader => return Ok(()),
-            // Pre-POSIX archives mark directories by a trailing slash.
-            EntryType::Regular if raw_path.ends_with(b"/") => kind = EntryType::Directory,
-            _ => {}
-        }
-        let Some(comps) = components(&raw_path) else {
+    pub(super) fn entry(&mut self, entry: &Entry, data: &mut impl Read) -> Result<(), UnpackError> {
+        let raw_path = &entry.path;
+        let name = entry.name();
+        let kind = entry.kind;
+        let Some(comps) = components(raw_path) else {
             return Err(UnpackError::Escape {
                 entry: name,
                 reason: "path has a `..` component".into(),
@@ -86,24 +81,29 @@ impl Unpacker {
         if base.starts_with(WHITEOUT_PREFIX) {
             return self.whiteout(entry, parents, base, &name);
         }
-        let meta = self.meta(entry, &name)?;
-        match kind {
+        let node = match kind {
+            EntryType::Char => Some("character device"),
+            EntryType::Block => Some("block device"),
+            EntryType::Fifo => Some("fifo"),
             EntryType::Regular
             | EntryType::Continuous
-            | EntryType::GNUSparse
             | EntryType::Directory
             | EntryType::Symlink
-            | EntryType::Link
-            | EntryType::Char
-            | EntryType::Block
-            | EntryType::Fifo => {}
+            | EntryType::Link => None,
             other => {
                 return Err(UnpackError::Unsupported {
                     entry: name,
                     what: format!("entry type {other:?}"),
                 });
             }
+        };
+        if let Some(what) = node {
+            if self.nodes == Nodes::Refuse {
+                return Err(UnpackError::Node { entry: name, what });
+            }
+            self.node.get_or_insert_with(|| (name.clone(), what));
         }
+        let meta = self.meta(entry, &name)?;
         let place = Place {
             dir: self.parent(parents, Parents::Create, &name)?,
             base,
@@ -115,9 +115,9 @@ impl Unpacker {
                 self.dir_times.push((join(&comps), meta.times()));
             }
             EntryType::Symlink => {
-                let target = entry.link_name_bytes().unwrap_or_default();
+                let target = entry.link.clone().unwrap_or_default();
                 // PAX records may hold a NUL; a symlink target cannot.
-                let target = CString::new(target.into_owned()).map_err(|_| {
+                let target = CString::new(target).map_err(|_| {
                     UnpackError::Corrupt(format!("symlink {name:?}: target holds a NUL byte"))
                 })?;
                 place.clear()?;
@@ -127,17 +127,17 @@ impl Unpacker {
                 self.set_at_meta(&place, &meta, false)?;
             }
             EntryType::Link => {
-                let target = entry.link_name_bytes().ok_or_else(|| {
+                let target = entry.link.as_deref().ok_or_else(|| {
                     UnpackError::Corrupt(format!("hard link {name:?} has no target"))
                 })?;
-                self.hard_link(&place, &comps, &target)?;
+                self.hard_link(&place, &comps, target)?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 let (file_type, dev) = if kind == EntryType::Fifo {
                     // Writers leave a fifo's device fields blank.
                     (FileType::Fifo, 0)
                 } else {
-                    let header = entry.header();
+                    let header = &entry.header;
                     let number = |n: io::Result<Option<u32>>| n.map(Option::unwrap_or_default);
                     let major = number(header.device_major()).map_err(corrupt)?;
                     let minor = number(header.device_minor()).map_err(corrupt)?;
@@ -153,15 +153,16 @@ impl Unpacker {
                     .map_err(io_error(&name, "create node"))?;
                 self.set_at_meta(&place, &meta, true)?;
             }
-            _ => self.regular_file(entry, &place, &meta)?,
+            _ => self.regular_file(entry.size, data, &place, &meta)?,
         }
-        self.mark_written(&comps);
+        self.written.insert(&comps);
         Ok(())
     }
 
-    fn regular_file<R: Read>(
+    fn regular_file(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        size: u64,
+        data: &mut impl Read,
         place: &Place<'_>,
         meta: &Meta,
     ) -> Result<(), UnpackError> {
@@ -175,10 +176,9 @@ impl Unpacker {
         )
         .map_err(io_error(name, "create file"))?;
         let mut file = File::from(fd);
-        let size = entry.size();
         let mut copied = 0u64;
         loop {
-            let n = match entry.read(&mut self.buf) {
+            let n = match data.read(&mut self.buf) {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -188,7 +188,7 @@ impl Unpacker {
                 .map_err(io_error(name, "write file"))?;
             copied += n as u64;
         }
-        // The tar crate hands out at most `size` bytes, and fewer when the stream ends.
+        // The archive hands out at most `size` bytes, and fewer when the stream ends.
         if copied != size {
             return Err(UnpackError::Corrupt(format!(
                 "entry {name:?} ends after {copied} of its {size} bytes"

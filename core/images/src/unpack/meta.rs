@@ -2,7 +2,6 @@
 //! `SCHILY.xattr.*`, overlayfs's own dropped), and setting them on what was created.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::io::{self, Read};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -10,6 +9,7 @@ use std::path::PathBuf;
 use rustix::fs::{self as rfs, AtFlags, Mode, Timespec, Timestamps};
 use rustix::io::Errno;
 
+use super::archive::Entry;
 use super::entry::{Place, Unpacker, io_error};
 use super::{OVERLAY_XATTR_PREFIX, PAX_XATTR_PREFIX, UnpackError, corrupt};
 
@@ -79,26 +79,41 @@ pub(super) fn parse_pax_time(value: &str) -> Option<Timespec> {
 }
 
 impl Unpacker {
-    pub(super) fn meta<R: Read>(
-        &self,
-        entry: &mut tar::Entry<'_, R>,
-        name: &str,
-    ) -> Result<Meta, UnpackError> {
-        let header = entry.header();
-        let id = |value: io::Result<u64>, what: &str| -> Result<u32, UnpackError> {
-            let value = value.map_err(corrupt)?;
+    pub(super) fn meta(&self, entry: &Entry, name: &str) -> Result<Meta, UnpackError> {
+        let header = &entry.header;
+        let id = |value: u64, what: &str| -> Result<u32, UnpackError> {
             u32::try_from(value).map_err(|_| UnpackError::Unsupported {
                 entry: name.to_owned(),
                 what: format!("{what} {value} does not fit 32 bits"),
             })
         };
-        let uid = id(header.uid(), "uid")?;
-        let gid = id(header.gid(), "gid")?;
+        // PAX `uid` and `gid` override the header's (ids too large for its octal fields).
+        let pax_id = |key: &str| -> Result<Option<u64>, UnpackError> {
+            let Some(value) = entry.pax_value(key) else {
+                return Ok(None);
+            };
+            std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Some)
+                .ok_or_else(|| UnpackError::Pax {
+                    entry: name.to_owned(),
+                    reason: format!("{key} {:?} is not a number", String::from_utf8_lossy(value)),
+                })
+        };
+        let uid = match pax_id("uid")? {
+            Some(v) => v,
+            None => header.uid().map_err(corrupt)?,
+        };
+        let gid = match pax_id("gid")? {
+            Some(v) => v,
+            None => header.gid().map_err(corrupt)?,
+        };
         let mode = header.mode().map_err(corrupt)?;
         let mtime = header.mtime().map_err(corrupt)?;
         let mut meta = Meta {
-            uid,
-            gid,
+            uid: id(uid, "uid")?,
+            gid: id(gid, "gid")?,
             mode,
             mtime: Timespec {
                 tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX),
@@ -106,23 +121,19 @@ impl Unpacker {
             },
             xattrs: Vec::new(),
         };
-        if let Some(pax) = entry.pax_extensions().map_err(corrupt)? {
-            for record in pax {
-                let record = record.map_err(corrupt)?;
-                let Ok(key) = record.key() else { continue };
-                if let Some(xattr) = key.strip_prefix(PAX_XATTR_PREFIX) {
-                    // overlayfs's own metadata (opaque, redirect, metacopy, origin) is ours to
-                    // write, from whiteouts: a layer setting it would steer overlay lookups.
-                    if xattr.starts_with(OVERLAY_XATTR_PREFIX) {
-                        tracing::debug!(entry = name, xattr, "overlayfs xattr in layer dropped");
-                    } else if let Ok(xattr) = CString::new(xattr) {
-                        meta.xattrs.push((xattr, record.value_bytes().to_vec()));
-                    }
-                } else if key == "mtime"
-                    && let Some(t) = record.value().ok().and_then(parse_pax_time)
-                {
-                    meta.mtime = t;
+        for (key, value) in &entry.pax {
+            if let Some(xattr) = key.strip_prefix(PAX_XATTR_PREFIX) {
+                // overlayfs's own metadata (opaque, redirect, metacopy, origin) is ours to
+                // write, from whiteouts: a layer setting it would steer overlay lookups.
+                if xattr.starts_with(OVERLAY_XATTR_PREFIX) {
+                    tracing::debug!(entry = name, xattr, "overlayfs xattr in layer dropped");
+                } else if let Ok(xattr) = CString::new(xattr) {
+                    meta.xattrs.push((xattr, value.clone()));
                 }
+            } else if key == "mtime"
+                && let Some(t) = std::str::from_utf8(value).ok().and_then(parse_pax_time)
+            {
+                meta.mtime = t;
             }
         }
         Ok(meta)

@@ -99,6 +99,12 @@ impl Layer {
         self.entry(EntryType::XHeader, "PaxHeaders/x", 0o644, &data, |_| {})
     }
 
+    /// Whatever `f` appends with the builder itself (long names, links).
+    pub(crate) fn with(mut self, f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Self {
+        f(&mut self.builder);
+        self
+    }
+
     pub(crate) fn finish(self) -> Vec<u8> {
         self.builder.into_inner().unwrap()
     }
@@ -187,7 +193,8 @@ fn plain_gzip_and_zstd_layers_have_the_plain_tars_diff_id() {
     let zst = zstd::encode_all(&tar[..], 3).unwrap();
     for (what, layer) in [("plain", tar.clone()), ("gzip", gzip(&tar)), ("zstd", zst)] {
         let dir = tempfile::tempdir().unwrap();
-        let applied = apply_layer(&layer[..], dir.path(), Whiteouts::Overlay).unwrap();
+        let applied =
+            apply_layer(&layer[..], dir.path(), &Options::new(Whiteouts::Overlay)).unwrap();
         assert_eq!(applied.diff_id, want, "{what}");
         assert_eq!(applied.tar_bytes, tar.len() as u64, "{what}");
         assert_eq!(
@@ -214,7 +221,7 @@ fn plain_gzip_and_zstd_layers_have_the_plain_tars_diff_id() {
 #[test]
 fn empty_stream_is_an_empty_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let applied = apply_layer(&b""[..], dir.path(), Whiteouts::Remove).unwrap();
+    let applied = apply_layer(&b""[..], dir.path(), &Options::new(Whiteouts::Remove)).unwrap();
     assert_eq!(applied.tar_bytes, 0);
     assert_eq!(applied.diff_id, sha256(b""));
 }
@@ -260,7 +267,7 @@ fn ownership_modes_times_xattrs_and_nodes_are_kept() {
         .finish();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    apply_layer(&layer[..], root, Whiteouts::Overlay).unwrap();
+    apply_layer(&layer[..], root, &Options::new(Whiteouts::Overlay)).unwrap();
 
     let tmp = fs::symlink_metadata(root.join("tmp")).unwrap();
     assert_eq!(tmp.mode() & 0o7777, 0o1777);
@@ -327,7 +334,7 @@ fn dot_dot_entries_are_refused() {
         "..",
     ] {
         let layer = Layer::new().file(name, b"pwned").finish();
-        let err = apply_layer(&layer[..], &root, Whiteouts::Remove).unwrap_err();
+        let err = apply_layer(&layer[..], &root, &Options::new(Whiteouts::Remove)).unwrap_err();
         assert!(
             matches!(&err, UnpackError::Escape { entry, .. } if entry == name),
             "{name}: {err}"
@@ -337,13 +344,13 @@ fn dot_dot_entries_are_refused() {
         .file("x", b"")
         .hardlink("hl", "../outside/pwned")
         .finish();
-    let err = apply_layer(&layer[..], &root, Whiteouts::Remove).unwrap_err();
+    let err = apply_layer(&layer[..], &root, &Options::new(Whiteouts::Remove)).unwrap_err();
     assert!(
         matches!(&err, UnpackError::Escape { entry, .. } if entry == "hl"),
         "{err}"
     );
     let layer = Layer::new().file("a/.wh...", b"").finish();
-    let err = apply_layer(&layer[..], &root, Whiteouts::Remove).unwrap_err();
+    let err = apply_layer(&layer[..], &root, &Options::new(Whiteouts::Remove)).unwrap_err();
     assert!(matches!(err, UnpackError::Escape { .. }), "{err}");
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 }
@@ -369,7 +376,7 @@ fn absolute_paths_and_symlinks_resolve_inside_the_root() {
         .symlink("abs", outside_abs)
         .symlink("etc/up", "../../../outside")
         .finish();
-    apply_layer(&lower[..], &root, Whiteouts::Remove).unwrap();
+    apply_layer(&lower[..], &root, &Options::new(Whiteouts::Remove)).unwrap();
 
     let mut results = Vec::new();
     for (name, layer) in [
@@ -413,7 +420,7 @@ fn absolute_paths_and_symlinks_resolve_inside_the_root() {
     ] {
         results.push((
             name,
-            apply_layer(&layer[..], &root, Whiteouts::Remove).is_ok(),
+            apply_layer(&layer[..], &root, &Options::new(Whiteouts::Remove)).is_ok(),
         ));
     }
     // Nothing changed outside.
@@ -495,8 +502,18 @@ pub(crate) fn merged() -> BTreeMap<String, String> {
 #[test]
 fn whiteouts_remove_lower_paths() {
     let dir = tempfile::tempdir().unwrap();
-    apply_layer(&lower_tree()[..], dir.path(), Whiteouts::Remove).unwrap();
-    apply_layer(&upper_tree()[..], dir.path(), Whiteouts::Remove).unwrap();
+    apply_layer(
+        &lower_tree()[..],
+        dir.path(),
+        &Options::new(Whiteouts::Remove),
+    )
+    .unwrap();
+    apply_layer(
+        &upper_tree()[..],
+        dir.path(),
+        &Options::new(Whiteouts::Remove),
+    )
+    .unwrap();
     assert_eq!(tree(dir.path()), merged());
 }
 
@@ -514,8 +531,8 @@ fn overlay_whiteouts_give_the_same_merged_view() {
     for d in [&lower, &upper, &mnt] {
         fs::create_dir(d).unwrap();
     }
-    apply_layer(&lower_tree()[..], &lower, Whiteouts::Overlay).unwrap();
-    apply_layer(&upper_tree()[..], &upper, Whiteouts::Overlay).unwrap();
+    apply_layer(&lower_tree()[..], &lower, &Options::new(Whiteouts::Overlay)).unwrap();
+    apply_layer(&upper_tree()[..], &upper, &Options::new(Whiteouts::Overlay)).unwrap();
 
     let whiteout = fs::symlink_metadata(upper.join("a/x")).unwrap();
     assert!(whiteout.file_type().is_char_device());
@@ -572,7 +589,7 @@ fn truncated_layers_are_corrupt() {
     ];
     for (what, layer) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let result = apply_layer(&layer[..], dir.path(), Whiteouts::Remove);
+        let result = apply_layer(&layer[..], dir.path(), &Options::new(Whiteouts::Remove));
         assert!(
             matches!(result, Err(UnpackError::Corrupt(_))),
             "{what}: {result:?}"
@@ -582,13 +599,17 @@ fn truncated_layers_are_corrupt() {
     let at = bad.len() - 6;
     bad[at] ^= 0xff; // the CRC
     let dir = tempfile::tempdir().unwrap();
-    let result = apply_layer(&bad[..], dir.path(), Whiteouts::Remove);
+    let result = apply_layer(&bad[..], dir.path(), &Options::new(Whiteouts::Remove));
     assert!(
         matches!(result, Err(UnpackError::Corrupt(_))),
         "crc: {result:?}"
     );
     // Not a tar at all.
-    let result = apply_layer(&noise(4096)[..], dir.path(), Whiteouts::Remove);
+    let result = apply_layer(
+        &noise(4096)[..],
+        dir.path(),
+        &Options::new(Whiteouts::Remove),
+    );
     assert!(
         matches!(result, Err(UnpackError::Corrupt(_))),
         "noise: {result:?}"
@@ -604,7 +625,7 @@ fn files_and_directories_replace_each_other() {
         .file("f", b"file")
         .symlink("l", "d")
         .finish();
-    apply_layer(&lower[..], dir.path(), Whiteouts::Remove).unwrap();
+    apply_layer(&lower[..], dir.path(), &Options::new(Whiteouts::Remove)).unwrap();
     let upper = Layer::new()
         .file("d", b"now a file")
         .dir("f/")
@@ -614,7 +635,7 @@ fn files_and_directories_replace_each_other() {
         .file("twice", b"1")
         .file("twice", b"2")
         .finish();
-    apply_layer(&upper[..], dir.path(), Whiteouts::Remove).unwrap();
+    apply_layer(&upper[..], dir.path(), &Options::new(Whiteouts::Remove)).unwrap();
     assert_eq!(
         tree(dir.path()),
         expect(&[
@@ -633,11 +654,126 @@ fn unknown_entry_types_are_unsupported() {
         .entry(EntryType::new(b'Z'), "weird", 0o644, b"", |_| {})
         .finish();
     let dir = tempfile::tempdir().unwrap();
-    let err = apply_layer(&layer[..], dir.path(), Whiteouts::Remove).unwrap_err();
+    let err = apply_layer(&layer[..], dir.path(), &Options::new(Whiteouts::Remove)).unwrap_err();
     assert!(
         matches!(&err, UnpackError::Unsupported { entry, .. } if entry == "weird"),
         "{err}"
     );
+}
+
+#[test]
+fn long_names_and_pax_overrides_apply() {
+    if !is_root() {
+        return;
+    }
+    let long = format!("{}/file", "d".repeat(200));
+    let long_target = format!("/{}", "t".repeat(300));
+    let data = noise(1500);
+    let layer = Layer::new()
+        .with(|b| {
+            // GNU long name (data) and long link (symlink target), as the builder writes them.
+            let mut h = Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(3);
+            b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+            let mut h = Header::new_gnu();
+            h.set_entry_type(EntryType::Symlink);
+            h.set_mode(0o777);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(0);
+            b.append_link(&mut h, "long-link", &long_target).unwrap();
+        })
+        // PAX `size` over a header saying 0 (Go writes this for files over 8 GiB), and PAX
+        // `path`, `uid`, `gid` over the header's.
+        .pax(&[
+            ("size", b"1500"),
+            ("path", b"pax/named"),
+            ("uid", b"5000000"),
+            ("gid", b"6000000"),
+        ])
+        .entry(EntryType::Regular, "ustar-name", 0o600, &data, |h| {
+            h.set_size(0)
+        })
+        .file("after", b"next header found")
+        .finish();
+    let dir = tempfile::tempdir().unwrap();
+    let applied = apply_layer(&layer[..], dir.path(), &Options::new(Whiteouts::Remove)).unwrap();
+    assert_eq!(applied.node, None);
+    let root = dir.path();
+    assert_eq!(fs::read(root.join(&long)).unwrap(), b"abc");
+    assert_eq!(
+        fs::read_link(root.join("long-link")).unwrap().to_str(),
+        Some(long_target.as_str())
+    );
+    assert_eq!(fs::read(root.join("pax/named")).unwrap(), data);
+    let meta = fs::metadata(root.join("pax/named")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (5_000_000, 6_000_000));
+    assert!(!root.join("ustar-name").exists());
+    assert_eq!(fs::read(root.join("after")).unwrap(), b"next header found");
+}
+
+#[test]
+fn nodes_are_reported_or_refused() {
+    if !is_root() {
+        return;
+    }
+    let layer = Layer::new()
+        .file("bin/app.wasm", b"\0asm")
+        .entry(EntryType::Char, "dev/null", 0o666, b"", |h| {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        })
+        .entry(EntryType::Fifo, "run/fifo", 0o600, b"", |_| {})
+        .finish();
+    let dir = tempfile::tempdir().unwrap();
+    let applied = apply_layer(&layer[..], dir.path(), &Options::new(Whiteouts::Remove)).unwrap();
+    assert_eq!(
+        applied.node,
+        Some(("dev/null".to_owned(), "character device"))
+    );
+    for (what, layer) in [
+        ("character device", layer),
+        (
+            "fifo",
+            Layer::new()
+                .entry(EntryType::Fifo, "run/fifo", 0o600, b"", |_| {})
+                .finish(),
+        ),
+        (
+            "block device",
+            Layer::new()
+                .entry(EntryType::Block, "dev/loop0", 0o600, b"", |h| {
+                    h.set_device_major(7).unwrap();
+                    h.set_device_minor(0).unwrap();
+                })
+                .finish(),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            nodes: Nodes::Refuse,
+            ..Options::new(Whiteouts::Overlay)
+        };
+        let err = apply_layer(&layer[..], dir.path(), &opts).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::Node { what: w, .. } if *w == what),
+            "{what}: {err}"
+        );
+        assert!(err.to_string().contains("wasm"), "{err}");
+    }
+    // Whiteouts are the unpacker's own nodes, not the layer's: still allowed.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options {
+        nodes: Nodes::Refuse,
+        ..Options::new(Whiteouts::Overlay)
+    };
+    let whiteout = Layer::new().file("etc/.wh.passwd", b"").finish();
+    apply_layer(&whiteout[..], dir.path(), &opts).unwrap();
 }
 
 #[test]

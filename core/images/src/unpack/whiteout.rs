@@ -2,12 +2,14 @@
 //! character device, the `trusted.overlay.opaque` xattr) or removal of what lower layers put
 //! there. Either only hides what lower layers wrote, so the paths this layer wrote are kept.
 
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
+use super::archive::Entry;
 use super::entry::{Unpacker, io_error};
 use super::paths::{Parents, join, list_dir, remove_all_at, resolve};
 use super::{
@@ -15,18 +17,55 @@ use super::{
     Whiteouts,
 };
 
-impl Unpacker {
-    pub(super) fn mark_written(&mut self, comps: &[&[u8]]) {
-        for i in (1..=comps.len()).rev() {
-            if !self.written.insert(join(&comps[..i])) {
-                break;
-            }
+/// The paths a layer wrote, and their ancestors, as a tree of names: memory in proportion to
+/// the names written (a set of whole paths would hold every ancestor's path again, the square
+/// of a deep path's length).
+#[derive(Default)]
+pub(super) struct Written {
+    /// Node → its children by name. Node 0 is the root.
+    children: HashMap<u32, HashMap<Box<[u8]>, u32>>,
+    nodes: u32,
+}
+
+/// The root's node in [`Written`].
+const ROOT: u32 = 0;
+
+impl Written {
+    /// Records `comps` (and so its ancestors) as written.
+    pub(super) fn insert(&mut self, comps: &[&[u8]]) {
+        let mut node = ROOT;
+        for c in comps {
+            node = match self.child(node, c) {
+                Some(next) => next,
+                None => {
+                    self.nodes += 1;
+                    let next = self.nodes;
+                    self.children
+                        .entry(node)
+                        .or_default()
+                        .insert((*c).into(), next);
+                    next
+                }
+            };
         }
     }
 
-    pub(super) fn whiteout<R: Read>(
+    fn child(&self, node: u32, name: &[u8]) -> Option<u32> {
+        self.children.get(&node)?.get(name).copied()
+    }
+
+    /// The node of `comps`, if it was written.
+    fn find<'a>(&self, comps: impl IntoIterator<Item = &'a [u8]>) -> Option<u32> {
+        comps
+            .into_iter()
+            .try_fold(ROOT, |node, c| self.child(node, c))
+    }
+}
+
+impl Unpacker {
+    pub(super) fn whiteout(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        entry: &Entry,
         parents: &[&[u8]],
         base: &[u8],
         name: &str,
@@ -44,7 +83,7 @@ impl Unpacker {
                     .map_err(io_error(name, "open opaque directory"))?;
                     rfs::fsetxattr(&fd, OVERLAY_OPAQUE_XATTR, b"y", rfs::XattrFlags::empty())
                         .map_err(io_error(name, "mark directory opaque"))?;
-                    self.mark_written(parents);
+                    self.written.insert(parents);
                 }
                 Whiteouts::Remove => {
                     let dir = match self.parent(parents, Parents::Existing, name) {
@@ -56,7 +95,8 @@ impl Unpacker {
                         }
                         Err(e) => return Err(e),
                     };
-                    self.prune(dir.as_fd(), &join(parents))
+                    let node = self.written.find(parents.iter().copied());
+                    self.prune(dir.as_fd(), node)
                         .map_err(io_error(name, "empty opaque directory"))?;
                 }
             }
@@ -81,12 +121,8 @@ impl Unpacker {
             }
             _ => {}
         }
-        let mut key = join(parents);
-        if !key.is_empty() {
-            key.push(b'/');
-        }
-        key.extend_from_slice(hidden);
-        if self.written.contains(&key) {
+        let hidden_path = parents.iter().copied().chain([hidden]);
+        if self.written.find(hidden_path).is_some() {
             // Whiteouts hide lower layers only.
             return Ok(());
         }
@@ -121,15 +157,12 @@ impl Unpacker {
         Ok(())
     }
 
-    /// Removes everything under `dir` (at `prefix`) this layer did not write.
-    fn prune(&self, dir: BorrowedFd<'_>, prefix: &[u8]) -> io::Result<()> {
+    /// Removes everything under `dir` (node `node` of what was written) this layer did not
+    /// write.
+    fn prune(&self, dir: BorrowedFd<'_>, node: Option<u32>) -> io::Result<()> {
         for (child, file_type) in list_dir(dir)? {
-            let mut key = prefix.to_vec();
-            if !key.is_empty() {
-                key.push(b'/');
-            }
-            key.extend_from_slice(child.to_bytes());
-            if !self.written.contains(&key) {
+            let written = node.and_then(|n| self.written.child(n, child.to_bytes()));
+            if written.is_none() {
                 remove_all_at(dir, child.to_bytes())?;
             } else if file_type == FileType::Directory {
                 let sub = rfs::openat(
@@ -138,7 +171,7 @@ impl Unpacker {
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )?;
-                self.prune(sub.as_fd(), &key)?;
+                self.prune(sub.as_fd(), written)?;
             }
         }
         Ok(())
