@@ -14,6 +14,7 @@ mod fsutil;
 mod import;
 pub mod oci;
 mod pull;
+pub mod registry;
 pub mod snapshot;
 mod snapshot_read;
 pub mod store;

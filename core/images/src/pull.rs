@@ -1,18 +1,18 @@
-//! Pulls from OCI distribution registries with `oci-client`: the manifest (an index resolves to
-//! the platform's manifest, whose config must agree), then the config, then the layers in
-//! parallel into the content store (resuming an interrupted ingest with a range request), then
-//! the unpack into snapshots, and last the image record. Every blob is verified before it is
-//! stored; a failed pull leaves no record, and what it stored is collected.
+//! Pulls from OCI distribution registries (through [`crate::registry`], which reads every
+//! manifest, config and token with a cap): the manifest (an index resolves to the platform's
+//! manifest, whose config must agree), then the config, then the layers in parallel into the
+//! content store (resuming an interrupted ingest with a range request), then the unpack into
+//! snapshots, and last the image record. Every blob is verified before it is stored; a failed
+//! pull leaves no record, and what it stored is collected.
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 use oci_spec::image::{Descriptor, ImageConfiguration};
 
 use crate::content::{ContentError, sha256_digest};
 use crate::oci::{self, INDEX_TYPES, MANIFEST_TYPES, Parsed, Platform};
+use crate::registry::{Registry, RegistryError};
 use crate::store::{ImageError, ImageRecord, ImageStore, Lease, Progress, Report, Result, Target};
 
 /// How to pull.
@@ -41,9 +41,7 @@ pub fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn registry_err(
-    reference: &Reference,
-) -> impl Fn(oci_client::errors::OciDistributionError) -> ImageError + '_ {
+fn registry_err(reference: &Reference) -> impl Fn(RegistryError) -> ImageError + '_ {
     move |e| ImageError::Registry {
         reference: reference.whole(),
         source: Box::new(e),
@@ -101,20 +99,15 @@ impl ImageStore {
         lease: &Lease<'_>,
         report: Report<'_>,
     ) -> Result<ImageRecord> {
-        let protocol = if opts.plain_http || is_loopback(r.resolve_registry()) {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        };
-        let client = Client::new(ClientConfig {
-            protocol,
-            ..ClientConfig::default()
-        });
-        let auth = match &opts.auth {
-            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
-            None => RegistryAuth::Anonymous,
-        };
+        let plain = opts.plain_http || is_loopback(r.resolve_registry());
         let err = registry_err(r);
+        let client = Registry::new(
+            r.resolve_registry(),
+            r.repository(),
+            plain,
+            opts.auth.clone(),
+        )
+        .map_err(&err)?;
         let accept: Vec<&str> = INDEX_TYPES.iter().chain(&MANIFEST_TYPES).copied().collect();
         let wanted = opts
             .platform
@@ -122,10 +115,8 @@ impl ImageStore {
             .unwrap_or_else(|| self.platform().clone());
 
         // The top manifest (or index), verified against a digest reference.
-        let (bytes, _) = client
-            .pull_manifest_raw(r, &auth, &accept)
-            .await
-            .map_err(&err)?;
+        let top_ref = r.digest().or(r.tag()).unwrap_or("latest").to_owned();
+        let bytes = client.manifest(&top_ref, &accept).await.map_err(&err)?;
         let top_digest = sha256_digest(&bytes);
         if let Some(want) = r.digest()
             && want != top_digest
@@ -147,10 +138,7 @@ impl ImageStore {
             Parsed::Index(index) => {
                 let d = oci::select_platform(&top_digest, &index, &wanted)?;
                 let digest = d.digest().to_string();
-                let (b, _) = client
-                    .pull_manifest_raw(&r.clone_with_digest(digest.clone()), &auth, &accept)
-                    .await
-                    .map_err(&err)?;
+                let b = client.manifest(&digest, &accept).await.map_err(&err)?;
                 let actual = sha256_digest(&b);
                 if actual != digest {
                     return Err(ContentError::DigestMismatch {
@@ -237,7 +225,7 @@ impl ImageStore {
     /// Fetches a small blob (a config) into memory and the store.
     async fn fetch_small(
         &self,
-        client: &Client,
+        client: &Registry,
         r: &Reference,
         d: &Descriptor,
         lease: &Lease<'_>,
@@ -255,22 +243,10 @@ impl ImageStore {
             }
             .into());
         }
-        let mut stream = client
-            .pull_blob_stream(r, digest.as_str())
+        let buf = client
+            .small_blob(&digest, d.size())
             .await
             .map_err(registry_err(r))?;
-        let mut buf = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(c) => buf.extend_from_slice(&c),
-                // A verification failure surfaces here; the content check below names it.
-                Err(_) if buf.len() as u64 == d.size() => break,
-                Err(e) => return Err(registry_err(r)(e.into())),
-            }
-            if buf.len() as u64 > d.size() {
-                break;
-            }
-        }
         self.content().put(&digest, &buf)?;
         Ok(buf)
     }
@@ -278,7 +254,7 @@ impl ImageStore {
     /// Fetches one layer into the content store, resuming an earlier partial download.
     async fn fetch_layer(
         &self,
-        client: &Client,
+        client: &Registry,
         r: &Reference,
         l: &Descriptor,
         lease: &Lease<'_>,
@@ -305,50 +281,37 @@ impl ImageStore {
             });
             return Ok(());
         }
-        let mut stream = if ingest.offset() > 0 {
-            match client
-                .pull_blob_stream_partial(r, digest.as_str(), ingest.offset(), None)
-                .await
-                .map_err(registry_err(r))?
-            {
-                oci_client::client::BlobResponse::Partial(s) => {
-                    tracing::info!(%digest, offset = ingest.offset(), "resuming a layer download");
-                    s
-                }
-                oci_client::client::BlobResponse::Full(s) => {
-                    // The registry ignored the range: start over.
-                    ingest.discard();
-                    ingest = self.content().ingest(Some(&digest), Some(size))?;
-                    s
-                }
+        let mut blob = client
+            .blob(&digest, ingest.offset())
+            .await
+            .map_err(registry_err(r))?;
+        if ingest.offset() > 0 {
+            if blob.partial {
+                tracing::info!(%digest, offset = ingest.offset(), "resuming a layer download");
+            } else {
+                // The registry ignored the range: start over.
+                ingest.discard();
+                ingest = self.content().ingest(Some(&digest), Some(size))?;
             }
-        } else {
-            client
-                .pull_blob_stream(r, digest.as_str())
-                .await
-                .map_err(registry_err(r))?
-        };
+        }
         let mut last = 0u64;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(c) => {
-                    if ingest.offset() + c.len() as u64 > size {
-                        ingest.discard();
-                        return Err(ContentError::SizeMismatch {
-                            digest,
-                            expected: size,
-                            actual: size + 1,
-                        }
-                        .into());
-                    }
-                    ingest.write_all(&c)?;
-                }
-                // Every byte came and the stream still failed: its digest check did. Ours
-                // (the commit below) reports it and drops the bytes.
-                Err(_) if ingest.offset() == size => break,
+        loop {
+            let chunk = match blob.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
                 // An interrupted transfer: the ingest stays for a resume.
-                Err(e) => return Err(registry_err(r)(e.into())),
+                Err(e) => return Err(registry_err(r)(e)),
+            };
+            if ingest.offset() + chunk.len() as u64 > size {
+                ingest.discard();
+                return Err(ContentError::SizeMismatch {
+                    digest,
+                    expected: size,
+                    actual: size + 1,
+                }
+                .into());
             }
+            ingest.write_all(&chunk)?;
             if ingest.offset() - last >= 1 << 18 || ingest.offset() == size {
                 last = ingest.offset();
                 report(Progress::Fetch {
@@ -358,6 +321,7 @@ impl ImageStore {
                 });
             }
         }
+        // Size and digest are checked here; bad bytes are dropped.
         ingest.commit()?;
         report(Progress::Fetched {
             digest,

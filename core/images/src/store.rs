@@ -38,7 +38,7 @@ pub enum ImageError {
     Registry {
         reference: String,
         #[source]
-        source: Box<oci_client::errors::OciDistributionError>,
+        source: Box<crate::registry::RegistryError>,
     },
     #[error("import: {0}")]
     Import(String),

@@ -26,7 +26,6 @@ const WASM_RUNTIME: &str = "wasm";
 
 impl Classify for ImageError {
     fn kind(&self) -> Kind {
-        use oci_client::errors::{OciDistributionError as R, OciErrorCode as Code};
         use switchyard_images::content::ContentError as C;
         use switchyard_images::snapshot::SnapshotError as S;
         use switchyard_images::unpack::UnpackError as U;
@@ -36,32 +35,11 @@ impl Classify for ImageError {
             | ImageError::Import(_)
             | ImageError::User { .. }
             | ImageError::Manifest(_) => Kind::InvalidArgument,
-            ImageError::Registry { source, .. } => match source.as_ref() {
-                R::ImageManifestNotFoundError(_) => Kind::NotFound,
-                R::RegistryError { envelope, .. }
-                    if envelope.errors.iter().any(|e| {
-                        matches!(
-                            e.code,
-                            Code::ManifestUnknown | Code::NameUnknown | Code::BlobUnknown
-                        )
-                    }) =>
-                {
-                    Kind::NotFound
-                }
-                R::RegistryError { envelope, .. }
-                    if envelope
-                        .errors
-                        .iter()
-                        .any(|e| matches!(e.code, Code::Unauthorized | Code::Denied)) =>
-                {
-                    Kind::FailedPrecondition
-                }
-                R::AuthenticationFailure(_) | R::UnauthorizedError { .. } => {
-                    Kind::FailedPrecondition
-                }
-                R::ServerError { code: 404, .. } => Kind::NotFound,
-                _ => Kind::Unavailable,
-            },
+            ImageError::Registry { source, .. } if source.is_not_found() => Kind::NotFound,
+            ImageError::Registry { source, .. } if source.is_unauthorized() => {
+                Kind::FailedPrecondition
+            }
+            ImageError::Registry { .. } => Kind::Unavailable,
             ImageError::Content(
                 C::DigestMismatch { .. }
                 | C::SizeMismatch { .. }
@@ -455,6 +433,7 @@ pub fn release_rootfs(images: &ImageStore, ns: &str, id: &str, snapshotter: &str
 #[cfg(test)]
 mod tests {
     use switchyard_images::content::ContentError;
+    use switchyard_images::registry::RegistryError;
     use switchyard_images::snapshot::SnapshotError;
     use switchyard_images::unpack::UnpackError;
 
@@ -466,22 +445,25 @@ mod tests {
             reference: "r".into(),
             source: Box::new(e),
         };
-        let envelope = |code: &str| {
-            let envelope = serde_json::from_value(serde_json::json!({
-                "errors": [{"code": code, "message": "m"}]
-            }))
-            .unwrap_or_else(|e| panic!("{e}"));
-            oci_client::errors::OciDistributionError::RegistryError {
-                envelope,
-                url: "u".into(),
-            }
+        let status = |status: u16, code: &str| RegistryError::Status {
+            url: "u".into(),
+            status,
+            codes: vec![code.to_owned()],
+            message: "m".into(),
         };
         let cases: Vec<(ImageError, Kind)> = vec![
             (ImageError::NotFound { name: "x".into() }, Kind::NotFound),
-            (registry(envelope("MANIFEST_UNKNOWN")), Kind::NotFound),
-            (registry(envelope("UNAUTHORIZED")), Kind::FailedPrecondition),
+            (registry(status(404, "MANIFEST_UNKNOWN")), Kind::NotFound),
             (
-                registry(oci_client::errors::OciDistributionError::GenericError(None)),
+                registry(status(401, "UNAUTHORIZED")),
+                Kind::FailedPrecondition,
+            ),
+            (registry(status(503, "UNAVAILABLE")), Kind::Unavailable),
+            (
+                registry(RegistryError::TooLarge {
+                    url: "u".into(),
+                    limit: 4 << 20,
+                }),
                 Kind::Unavailable,
             ),
             (

@@ -1,0 +1,401 @@
+//! The OCI distribution API as a pull needs it: manifests by tag or digest, blobs (whole, or
+//! from an offset to resume), and the authentication a registry asks for (HTTP basic, or a
+//! bearer token from the realm its challenge names).
+//!
+//! Every body is read with a cap: manifests, indexes, configs and token responses up to
+//! [`MAX_METADATA_BYTES`] (a `Content-Length` above it is refused before a byte is read, a
+//! stream past it is cut off there), error bodies up to [`MAX_ERROR_BODY`], and metadata
+//! requests have a deadline. A registry is untrusted: an endless manifest or token response
+//! must not grow the daemon's memory. `oci-client`, which pulls used before, reads every
+//! manifest, token and error body whole (`Response::bytes`) with no way to bound it, so this
+//! small client replaces it; blobs are streamed to the caller, who checks their size and digest.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{ACCEPT, CONTENT_RANGE, HeaderMap, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Response, StatusCode, Url};
+
+use crate::oci::MAX_METADATA_BYTES;
+
+/// Most of an error response read (for the registry's error codes and message).
+pub const MAX_ERROR_BODY: u64 = 64 << 10;
+/// How long a manifest, config or token request may take in all.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long any response may go without sending a byte.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A failed registry request.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The request did not complete (connection, TLS, timeout, a body cut short).
+    #[error("{url}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The registry answered with an error status.
+    #[error(
+        "{url}: HTTP {status}{}{}",
+        if codes.is_empty() { String::new() } else { format!(" {}", codes.join(", ")) },
+        if message.is_empty() { String::new() } else { format!(": {message}") }
+    )]
+    Status {
+        url: String,
+        status: u16,
+        /// The distribution error codes of its body (`MANIFEST_UNKNOWN`, `DENIED`, …).
+        codes: Vec<String>,
+        message: String,
+    },
+    /// A body over its cap.
+    #[error("{url}: the response is larger than {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+    /// An authentication challenge or token response that cannot be used.
+    #[error("{url}: authentication: {reason}")]
+    Auth { url: String, reason: String },
+    #[error("{url}: not a URL")]
+    Url { url: String },
+}
+
+impl RegistryError {
+    /// Whether the registry says the image or blob does not exist.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            RegistryError::Status { status, codes, .. } => {
+                *status == 404
+                    || codes.iter().any(|c| {
+                        matches!(
+                            c.as_str(),
+                            "MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "BLOB_UNKNOWN"
+                        )
+                    })
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the registry refused our credentials (or their absence).
+    pub fn is_unauthorized(&self) -> bool {
+        match self {
+            RegistryError::Status { status, codes, .. } => {
+                matches!(status, 401 | 403)
+                    || codes
+                        .iter()
+                        .any(|c| matches!(c.as_str(), "UNAUTHORIZED" | "DENIED"))
+            }
+            RegistryError::Auth { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+fn http_err(url: &str) -> impl FnOnce(reqwest::Error) -> RegistryError + '_ {
+    move |source| RegistryError::Http {
+        url: url.to_owned(),
+        source,
+    }
+}
+
+/// What a request carries to authenticate, once the registry asked.
+#[derive(Clone)]
+enum Auth {
+    Basic(String, String),
+    Bearer(String),
+}
+
+/// One repository of one registry.
+pub(crate) struct Registry {
+    http: reqwest::Client,
+    /// `http(s)://host[:port]/v2/<repository>`.
+    base: String,
+    repository: String,
+    /// Plain HTTP (a loopback registry, or asked for): token realms may be plain too.
+    plain: bool,
+    credentials: Option<(String, String)>,
+    auth: Mutex<Option<Auth>>,
+}
+
+/// A blob response being read.
+pub(crate) struct Blob {
+    response: Response,
+    url: String,
+    /// The registry honoured the range: the body starts at the offset asked for.
+    pub(crate) partial: bool,
+}
+
+impl Blob {
+    /// The next piece of the body; `None` at its end.
+    pub(crate) async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        self.response.chunk().await.map_err(http_err(&self.url))
+    }
+}
+
+impl Registry {
+    /// A client for `repository` at `registry` (`host[:port]`).
+    pub(crate) fn new(
+        registry: &str,
+        repository: &str,
+        plain: bool,
+        credentials: Option<(String, String)>,
+    ) -> Result<Registry> {
+        let scheme = if plain { "http" } else { "https" };
+        let base = format!("{scheme}://{registry}/v2/{repository}");
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .map_err(http_err(&base))?;
+        Ok(Registry {
+            http,
+            base,
+            repository: repository.to_owned(),
+            plain,
+            credentials,
+            auth: Mutex::new(None),
+        })
+    }
+
+    /// The manifest or index `reference` (a tag or a digest), at most
+    /// [`MAX_METADATA_BYTES`].
+    pub(crate) async fn manifest(&self, reference: &str, accept: &[&str]) -> Result<Vec<u8>> {
+        let url = format!("{}/manifests/{reference}", self.base);
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = accept.join(", ").parse() {
+            headers.insert(ACCEPT, value);
+        }
+        let response = self.get(&url, headers, Some(METADATA_TIMEOUT)).await?;
+        read_capped(&url, response, MAX_METADATA_BYTES).await
+    }
+
+    /// A small blob (a config) whole, at most `limit` bytes.
+    pub(crate) async fn small_blob(&self, digest: &str, limit: u64) -> Result<Vec<u8>> {
+        let url = format!("{}/blobs/{digest}", self.base);
+        let response = self
+            .get(&url, HeaderMap::new(), Some(METADATA_TIMEOUT))
+            .await?;
+        read_capped(&url, response, limit.min(MAX_METADATA_BYTES)).await
+    }
+
+    /// A blob, from byte `offset` on if the registry takes the range.
+    pub(crate) async fn blob(&self, digest: &str, offset: u64) -> Result<Blob> {
+        let url = format!("{}/blobs/{digest}", self.base);
+        let mut headers = HeaderMap::new();
+        if offset > 0
+            && let Ok(value) = format!("bytes={offset}-").parse()
+        {
+            headers.insert(RANGE, value);
+        }
+        let response = self.get(&url, headers, None).await?;
+        // A 206 for another range than ours is as useless as none.
+        let partial = response.status() == StatusCode::PARTIAL_CONTENT
+            && response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with(&format!("bytes {offset}-")));
+        Ok(Blob {
+            response,
+            url,
+            partial,
+        })
+    }
+
+    /// GET `url`, answering one authentication challenge.
+    async fn get(
+        &self,
+        url: &str,
+        headers: HeaderMap,
+        timeout: Option<Duration>,
+    ) -> Result<Response> {
+        let mut challenged = false;
+        loop {
+            let mut request = self.http.get(url).headers(headers.clone());
+            if let Some(t) = timeout {
+                request = request.timeout(t);
+            }
+            let auth = self.auth.lock().ok().and_then(|a| a.clone());
+            request = match auth {
+                Some(Auth::Basic(user, pass)) => request.basic_auth(user, Some(pass)),
+                Some(Auth::Bearer(token)) => request.bearer_auth(token),
+                None => request,
+            };
+            let response = request.send().await.map_err(http_err(url))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            if status == StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
+                let challenge = response
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                if let Some(challenge) = challenge
+                    && self.answer(url, &challenge).await?
+                {
+                    continue;
+                }
+            }
+            return Err(status_error(url, response).await);
+        }
+    }
+
+    /// Sets what answers `challenge`; `false` if we have nothing to answer with.
+    async fn answer(&self, url: &str, challenge: &str) -> Result<bool> {
+        let auth_err = |reason: String| RegistryError::Auth {
+            url: url.to_owned(),
+            reason,
+        };
+        let challenges = http_auth::parse_challenges(challenge)
+            .map_err(|e| auth_err(format!("bad challenge {challenge:?}: {e}")))?;
+        let param = |c: &http_auth::ChallengeRef<'_>, key: &str| {
+            c.params
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.to_unescaped())
+        };
+        if let Some(bearer) = challenges
+            .iter()
+            .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
+        {
+            let realm = param(bearer, "realm")
+                .ok_or_else(|| auth_err("a bearer challenge without a realm".into()))?;
+            let service = param(bearer, "service");
+            let token = self.token(&realm, service.as_deref()).await?;
+            if let Ok(mut a) = self.auth.lock() {
+                *a = Some(Auth::Bearer(token));
+            }
+            return Ok(true);
+        }
+        let basic = challenges
+            .iter()
+            .any(|c| c.scheme.eq_ignore_ascii_case("basic"));
+        match (&self.credentials, basic) {
+            (Some((user, pass)), true) => {
+                if let Ok(mut a) = self.auth.lock() {
+                    *a = Some(Auth::Basic(user.clone(), pass.clone()));
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// A pull token from `realm` (distribution's token protocol), read with a cap.
+    async fn token(&self, realm: &str, service: Option<&str>) -> Result<String> {
+        let auth_err = |reason: String| RegistryError::Auth {
+            url: realm.to_owned(),
+            reason,
+        };
+        let mut url = Url::parse(realm).map_err(|_| RegistryError::Url {
+            url: realm.to_owned(),
+        })?;
+        match url.scheme() {
+            "https" => {}
+            "http" if self.plain => {}
+            other => {
+                return Err(auth_err(format!(
+                    "the token realm's scheme {other:?} is not allowed (https, or http for a \
+                     plain-HTTP registry)"
+                )));
+            }
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("scope", &format!("repository:{}:pull", self.repository));
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+        }
+        let url = url.to_string();
+        let mut request = self.http.get(&url).timeout(METADATA_TIMEOUT);
+        if let Some((user, pass)) = &self.credentials {
+            request = request.basic_auth(user, Some(pass));
+        }
+        let response = request.send().await.map_err(http_err(&url))?;
+        if !response.status().is_success() {
+            return Err(status_error(&url, response).await);
+        }
+        let body = read_capped(&url, response, MAX_METADATA_BYTES).await?;
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| auth_err(format!("the token response is not JSON: {e}")))?;
+        parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| auth_err("the token response has no token".into()))
+    }
+}
+
+/// Reads `response`'s body, refusing one over `limit` bytes (by its `Content-Length` before
+/// reading, or as soon as the bytes pass it).
+async fn read_capped(url: &str, mut response: Response, limit: u64) -> Result<Vec<u8>> {
+    let too_large = || RegistryError::TooLarge {
+        url: url.to_owned(),
+        limit,
+    };
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(http_err(url))? {
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The error for a failed response, with the distribution error codes of (at most
+/// [`MAX_ERROR_BODY`] bytes of) its body.
+async fn status_error(url: &str, mut response: Response) -> RegistryError {
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ERROR_BODY as usize - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() as u64 >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        errors: Vec<ErrorEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorEntry {
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    let (codes, message) = match serde_json::from_slice::<Envelope>(&body) {
+        Ok(e) => (
+            e.errors.iter().map(|e| e.code.clone()).collect(),
+            e.errors
+                .iter()
+                .map(|e| e.message.as_str())
+                .filter(|m| !m.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        Err(_) => (Vec::new(), String::new()),
+    };
+    RegistryError::Status {
+        url: url.to_owned(),
+        status,
+        codes,
+        message: message.chars().take(512).collect(),
+    }
+}
