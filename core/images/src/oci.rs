@@ -413,6 +413,49 @@ mod tests {
     }
 
     #[test]
+    fn one_decision_routes_images_to_wasm() {
+        let manifest: ImageManifest = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": format!("sha256:{}", "c".repeat(64)), "size": 2},
+            "layers": []
+        }))
+        .unwrap();
+        let config = |arch: &str, cfg: serde_json::Value| -> ImageConfiguration {
+            serde_json::from_value(serde_json::json!({
+                "architecture": arch, "os": "linux", "config": cfg,
+                "rootfs": {"type": "layers", "diff_ids": []}
+            }))
+            .unwrap()
+        };
+        let cases = [
+            (
+                "amd64",
+                serde_json::json!({"Entrypoint": ["/app.wasm"]}),
+                true,
+            ),
+            (
+                "amd64",
+                serde_json::json!({"Cmd": ["/app.wasm", "x"]}),
+                true,
+            ),
+            // The program is the entrypoint's; a module as its argument is not a Wasm image.
+            (
+                "amd64",
+                serde_json::json!({"Entrypoint": ["/bin/sh"], "Cmd": ["a.wasm"]}),
+                false,
+            ),
+            ("amd64", serde_json::json!({"Cmd": ["/bin/sh"]}), false),
+            ("wasm", serde_json::json!({"Cmd": ["/run"]}), true),
+        ];
+        for (arch, cfg, want) in cases {
+            let c = config(arch, cfg.clone());
+            assert_eq!(is_for_wasm(&manifest, Some(&c)), want, "{arch} {cfg}");
+        }
+        assert!(!is_for_wasm(&manifest, None));
+    }
+
+    #[test]
     fn platform_selection_names_what_exists() {
         let index: ImageIndex = serde_json::from_value(serde_json::json!({
             "schemaVersion": 2,
