@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -203,12 +204,60 @@ async fn follow(
     Ok(stored)
 }
 
+#[derive(Args)]
 pub struct PullArgs {
-    pub reference: String,
-    pub platform: Option<String>,
-    pub user: Option<String>,
-    pub plain_http: bool,
-    pub quiet: bool,
+    /// Image reference, e.g. busybox:1.36 or 127.0.0.1:5000/app:1.
+    reference: String,
+    /// Platform to pick from a multi-platform image (os/arch[/variant]).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Registry credentials USER:PASSWORD (default: the docker config's, if any).
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    /// Use HTTP instead of HTTPS (registries on loopback always use HTTP).
+    #[arg(long)]
+    plain_http: bool,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Import an OCI layout or `docker save` tarball (gzipped or not; - for stdin).
+    Import {
+        file: PathBuf,
+        /// Name for images the archive only tags (or does not name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// List images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Collect content and snapshots no image or container uses.
+    Prune,
+}
+
+impl ImageCommand {
+    pub async fn run(self, client: &Client) -> anyhow::Result<()> {
+        match self {
+            ImageCommand::Import { file, name, quiet } => import(client, &file, name, quiet).await,
+            ImageCommand::Ls { json, quiet } => list(client, json, quiet).await,
+            ImageCommand::Rm { names } => remove(client, names).await,
+            ImageCommand::Prune => prune(client).await,
+        }
+    }
 }
 
 pub async fn pull(client: &Client, a: PullArgs) -> anyhow::Result<()> {
