@@ -5,6 +5,10 @@
 //! When a shim dies the task is cleaned up the way containerd does it: `<shim> delete`, the
 //! bundle removed, `/tasks/exit` and `/tasks/delete` published. After a daemon restart the
 //! tasks are found again from their bundles.
+//!
+//! The manager speaks the shim task API (`containerd.task.v2` messages, whatever version the
+//! shim serves: see `runtime::bridge`); translating containerd's client API (`tasks.v1`) to
+//! and from it is the gRPC adapter's job (`server::tasks`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -13,10 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use prost_types::Timestamp;
 use switchyard_api::containerd::events::{TaskDelete, TaskExit};
-use switchyard_api::containerd::services::tasks::v1 as api;
 use switchyard_api::containerd::task::v2 as shimapi;
-use switchyard_api::containerd::types::Metric;
-use switchyard_api::containerd::v1::types::{Process, ProcessInfo, Status};
+use switchyard_api::containerd::v1::types::{ProcessInfo, Status};
 use switchyard_api::events::topics;
 use switchyard_api::typeurl::to_any;
 use tokio::sync::watch;
@@ -268,8 +270,16 @@ impl TaskManager {
 
     // ---- lifecycle ----
 
-    pub async fn create(self: &Arc<Self>, ns: &str, req: api::CreateTaskRequest) -> Result<u32> {
-        let id = req.container_id.clone();
+    /// Creates task `req.id` from its container's record: resolves the runtime (or uses
+    /// `runtime_path`, the shim binary a containerd 2.x client may name), writes the bundle,
+    /// starts or joins the shim and sends it `req` with `bundle` filled in. Returns the pid.
+    pub async fn create(
+        self: &Arc<Self>,
+        ns: &str,
+        mut req: shimapi::CreateTaskRequest,
+        runtime_path: Option<PathBuf>,
+    ) -> Result<u32> {
+        let id = req.id.clone();
         crate::ident::check("container id", &id)?;
         let key = (ns.to_owned(), id.clone());
         let _creating = {
@@ -292,9 +302,8 @@ impl TaskManager {
             .await?;
         let runtime = container.runtime.clone().unwrap_or_default();
         let mut resolved = self.runtimes.resolve(&runtime.name)?;
-        if !req.runtime_path.is_empty() {
-            // containerd 2.x clients may name the shim binary directly.
-            resolved.binary = PathBuf::from(&req.runtime_path);
+        if let Some(path) = runtime_path {
+            resolved.binary = path;
         }
         let non_empty =
             |a: &Option<prost_types::Any>| a.as_ref().is_some_and(|a| !a.type_url.is_empty());
@@ -344,19 +353,9 @@ impl TaskManager {
                 return Err(e.into());
             }
         };
-        let create = shimapi::CreateTaskRequest {
-            id: id.clone(),
-            bundle: bundle.path.to_string_lossy().into_owned(),
-            rootfs: req.rootfs,
-            terminal: req.terminal,
-            stdin: req.stdin,
-            stdout: req.stdout,
-            stderr: req.stderr,
-            checkpoint: req.checkpoint.map(|c| c.digest).unwrap_or_default(),
-            parent_checkpoint: String::new(),
-            options,
-        };
-        match shim.client.create(create).await {
+        req.bundle = bundle.path.to_string_lossy().into_owned();
+        req.options = options;
+        match shim.client.create(req).await {
             Ok(r) => {
                 let task = self.new_task(bundle, record, shim, log);
                 self.register(task);
@@ -486,7 +485,7 @@ impl TaskManager {
         }
     }
 
-    pub async fn delete(&self, ns: &str, id: &str) -> Result<api::DeleteResponse> {
+    pub async fn delete(&self, ns: &str, id: &str) -> Result<shimapi::DeleteResponse> {
         let task = self.get(ns, id)?;
         let req = shimapi::DeleteRequest {
             id: id.to_owned(),
@@ -506,18 +505,12 @@ impl TaskManager {
                 if let Err(e) = task.bundle.delete() {
                     tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "remove bundle");
                 }
-                Ok(api::DeleteResponse {
-                    id: id.to_owned(),
-                    pid: r.pid,
-                    exit_status: r.exit_status,
-                    exited_at: r.exited_at,
-                })
+                Ok(r)
             }
             Err(e) if e.is_disconnected() => {
                 // The shim is gone; its monitor cleans up (or already has).
                 let exit = self.await_exit(&task).await?;
-                Ok(api::DeleteResponse {
-                    id: id.to_owned(),
+                Ok(shimapi::DeleteResponse {
                     pid: exit.pid,
                     exit_status: exit.status,
                     exited_at: exit.exited_at,
@@ -535,23 +528,16 @@ impl TaskManager {
         ns: &str,
         id: &str,
         exec_id: &str,
-    ) -> Result<api::DeleteResponse> {
+    ) -> Result<shimapi::DeleteResponse> {
         let task = self.get(ns, id)?;
-        let r = task
-            .shim
+        task.shim
             .client
             .delete(shimapi::DeleteRequest {
                 id: id.to_owned(),
                 exec_id: exec_id.to_owned(),
             })
             .await
-            .map_err(Self::call_err(id))?;
-        Ok(api::DeleteResponse {
-            id: exec_id.to_owned(),
-            pid: r.pid,
-            exit_status: r.exit_status,
-            exited_at: r.exited_at,
-        })
+            .map_err(Self::call_err(id))
     }
 
     pub async fn start(&self, ns: &str, id: &str, exec_id: &str) -> Result<u32> {
@@ -568,20 +554,17 @@ impl TaskManager {
         Ok(r.pid)
     }
 
-    pub async fn wait(&self, ns: &str, id: &str, exec_id: &str) -> Result<api::WaitResponse> {
+    pub async fn wait(&self, ns: &str, id: &str, exec_id: &str) -> Result<shimapi::WaitResponse> {
         let task = self.get(ns, id)?;
         let req = shimapi::WaitRequest {
             id: id.to_owned(),
             exec_id: exec_id.to_owned(),
         };
         match task.shim.client.wait(req).await {
-            Ok(r) => Ok(api::WaitResponse {
-                exit_status: r.exit_status,
-                exited_at: r.exited_at,
-            }),
+            Ok(r) => Ok(r),
             Err(e) if e.is_disconnected() && exec_id.is_empty() => {
                 let exit = self.await_exit(&task).await?;
-                Ok(api::WaitResponse {
+                Ok(shimapi::WaitResponse {
                     exit_status: exit.status,
                     exited_at: exit.exited_at,
                 })
@@ -593,8 +576,13 @@ impl TaskManager {
         }
     }
 
-    async fn state(task: &Task, exec_id: &str) -> std::result::Result<Process, CallError> {
-        let s = task
+    /// The shim's State of a process, with `id` and `exec_id` set to what was asked (a shim's
+    /// own idea of them is not trusted to name the task).
+    async fn state(
+        task: &Task,
+        exec_id: &str,
+    ) -> std::result::Result<shimapi::StateResponse, CallError> {
+        let mut s = task
             .shim
             .client
             .state(shimapi::StateRequest {
@@ -602,25 +590,17 @@ impl TaskManager {
                 exec_id: exec_id.to_owned(),
             })
             .await?;
-        Ok(Process {
-            container_id: task.id.clone(),
-            id: if exec_id.is_empty() {
-                task.id.clone()
-            } else {
-                exec_id.to_owned()
-            },
-            pid: s.pid,
-            status: s.status,
-            stdin: s.stdin,
-            stdout: s.stdout,
-            stderr: s.stderr,
-            terminal: s.terminal,
-            exit_status: s.exit_status,
-            exited_at: s.exited_at,
-        })
+        s.id = task.id.clone();
+        s.exec_id = exec_id.to_owned();
+        Ok(s)
     }
 
-    pub async fn get_process(&self, ns: &str, id: &str, exec_id: &str) -> Result<Process> {
+    pub async fn state_of(
+        &self,
+        ns: &str,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<shimapi::StateResponse> {
         let task = self.get(ns, id)?;
         Self::state(&task, exec_id)
             .await
@@ -628,7 +608,7 @@ impl TaskManager {
     }
 
     /// Tasks of a namespace; a shim that does not answer in time shows as UNKNOWN.
-    pub async fn list(&self, ns: &str) -> Vec<Process> {
+    pub async fn list(&self, ns: &str) -> Vec<shimapi::StateResponse> {
         let tasks: Vec<Arc<Task>> = self
             .read()
             .values()
@@ -637,9 +617,8 @@ impl TaskManager {
             .collect();
         let states = tasks.iter().map(|t| async move {
             match tokio::time::timeout(LIST_TIMEOUT, Self::state(t, "")).await {
-                Ok(Ok(p)) => p,
-                _ => Process {
-                    container_id: t.id.clone(),
+                Ok(Ok(s)) => s,
+                _ => shimapi::StateResponse {
                     id: t.id.clone(),
                     status: Status::Unknown as i32,
                     ..Default::default()
@@ -647,67 +626,49 @@ impl TaskManager {
             }
         });
         let mut out = futures::future::join_all(states).await;
-        out.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
 
-    pub async fn kill(&self, ns: &str, req: api::KillRequest) -> Result<()> {
-        let task = self.get(ns, &req.container_id)?;
+    pub async fn kill(&self, ns: &str, req: shimapi::KillRequest) -> Result<()> {
+        let task = self.get(ns, &req.id)?;
+        let id = req.id.clone();
         task.shim
             .client
-            .kill(shimapi::KillRequest {
-                id: req.container_id.clone(),
-                exec_id: req.exec_id,
-                signal: req.signal,
-                all: req.all,
-            })
+            .kill(req)
             .await
-            .map_err(Self::call_err(&req.container_id))
+            .map_err(Self::call_err(&id))
     }
 
-    pub async fn exec(&self, ns: &str, req: api::ExecProcessRequest) -> Result<()> {
+    pub async fn exec(&self, ns: &str, req: shimapi::ExecProcessRequest) -> Result<()> {
         crate::ident::check("exec id", &req.exec_id)?;
-        let task = self.get(ns, &req.container_id)?;
+        let task = self.get(ns, &req.id)?;
+        let id = req.id.clone();
         task.shim
             .client
-            .exec(shimapi::ExecProcessRequest {
-                id: req.container_id.clone(),
-                exec_id: req.exec_id,
-                terminal: req.terminal,
-                stdin: req.stdin,
-                stdout: req.stdout,
-                stderr: req.stderr,
-                spec: req.spec,
-            })
+            .exec(req)
             .await
-            .map_err(Self::call_err(&req.container_id))
+            .map_err(Self::call_err(&id))
     }
 
-    pub async fn resize_pty(&self, ns: &str, req: api::ResizePtyRequest) -> Result<()> {
-        let task = self.get(ns, &req.container_id)?;
+    pub async fn resize_pty(&self, ns: &str, req: shimapi::ResizePtyRequest) -> Result<()> {
+        let task = self.get(ns, &req.id)?;
+        let id = req.id.clone();
         task.shim
             .client
-            .resize_pty(shimapi::ResizePtyRequest {
-                id: req.container_id.clone(),
-                exec_id: req.exec_id,
-                width: req.width,
-                height: req.height,
-            })
+            .resize_pty(req)
             .await
-            .map_err(Self::call_err(&req.container_id))
+            .map_err(Self::call_err(&id))
     }
 
-    pub async fn close_io(&self, ns: &str, req: api::CloseIoRequest) -> Result<()> {
-        let task = self.get(ns, &req.container_id)?;
+    pub async fn close_io(&self, ns: &str, req: shimapi::CloseIoRequest) -> Result<()> {
+        let task = self.get(ns, &req.id)?;
+        let id = req.id.clone();
         task.shim
             .client
-            .close_io(shimapi::CloseIoRequest {
-                id: req.container_id.clone(),
-                exec_id: req.exec_id,
-                stdin: req.stdin,
-            })
+            .close_io(req)
             .await
-            .map_err(Self::call_err(&req.container_id))
+            .map_err(Self::call_err(&id))
     }
 
     pub async fn pause(&self, ns: &str, id: &str) -> Result<()> {
@@ -739,21 +700,23 @@ impl TaskManager {
         Ok(r.processes)
     }
 
-    pub async fn update(&self, ns: &str, req: api::UpdateTaskRequest) -> Result<()> {
-        let task = self.get(ns, &req.container_id)?;
+    pub async fn update(&self, ns: &str, req: shimapi::UpdateTaskRequest) -> Result<()> {
+        let task = self.get(ns, &req.id)?;
+        let id = req.id.clone();
         task.shim
             .client
-            .update(shimapi::UpdateTaskRequest {
-                id: req.container_id.clone(),
-                resources: req.resources,
-                annotations: req.annotations,
-            })
+            .update(req)
             .await
-            .map_err(Self::call_err(&req.container_id))
+            .map_err(Self::call_err(&id))
     }
 
-    /// Stats of the namespace's tasks that match `filters` (fields: `id`, `runtime`).
-    pub async fn metrics(&self, ns: &str, filters: &[String]) -> Result<Vec<Metric>> {
+    /// Stats of the namespace's tasks that match `filters` (fields: `id`, `runtime`), by task
+    /// id; a shim that does not answer in time is left out.
+    pub async fn metrics(
+        &self,
+        ns: &str,
+        filters: &[String],
+    ) -> Result<Vec<(String, shimapi::StatsResponse)>> {
         let filter = Filter::parse(filters)?;
         let tasks: Vec<Arc<Task>> = self
             .read()
@@ -770,11 +733,7 @@ impl TaskManager {
             )
             .await;
             match r {
-                Ok(Ok(s)) => Some(Metric {
-                    timestamp: Some(now()),
-                    id: t.id.clone(),
-                    data: s.stats,
-                }),
+                Ok(Ok(s)) => Some((t.id.clone(), s)),
                 _ => None,
             }
         });
