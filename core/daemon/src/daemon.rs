@@ -3,7 +3,7 @@
 //! tasks) running; the next daemon reconnects to them.
 
 use std::fs::File;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
@@ -19,6 +19,12 @@ use crate::tasks::TaskManager;
 pub enum DaemonError {
     #[error("create directory {}", path.display())]
     Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("make {} private", path.display())]
+    Chmod {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -83,6 +89,7 @@ fn lock_root(root: &Path) -> Result<nix::fcntl::Flock<File>, DaemonError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|source| DaemonError::Lock {
             path: path.clone(),
@@ -109,13 +116,22 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
-    mkdir(&config.root, 0o711)?;
-    mkdir(&config.state, 0o711)?;
+    // Nothing under root or state is for other users (see docs/operations.md, "Files and
+    // permissions"); `main` set the umask to 077 before anything was created.
+    mkdir(&config.root, 0o700)?;
+    mkdir(&config.state, 0o700)?;
     let _lock = lock_root(&config.root)?;
     let db = config.root.join("meta.redb");
     let store = Store::open(&db).map_err(|source| DaemonError::Store {
         path: db.clone(),
         source,
+    })?;
+    // A store made by an older daemon (under a looser umask) is closed to other users too.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DaemonError::Chmod {
+            path: db.clone(),
+            source,
+        }
     })?;
     let uuid = store.server_uuid().map_err(|source| DaemonError::Store {
         path: db.clone(),

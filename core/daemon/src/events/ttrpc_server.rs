@@ -2,7 +2,6 @@
 //! Forward`, at the address handed to shims as `TTRPC_ADDRESS`.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use prost::Message;
@@ -51,7 +50,6 @@ impl MethodHandler for Forward {
 /// Binds `path` (mode 0600) and serves Forward until the returned server is dropped.
 pub async fn serve(path: &Path, exchange: Exchange) -> std::io::Result<Server> {
     let listener = crate::sock::bind_unix(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let mut methods: HashMap<String, Box<dyn MethodHandler + Send + Sync>> = HashMap::new();
     methods.insert("Forward".to_owned(), Box::new(Forward { exchange }));
     let services = HashMap::from([(

@@ -90,12 +90,14 @@ impl Bundle {
             // registered under this id), so start over.
             self.delete()?;
         }
+        // Nothing here is for other users: the bundle holds the task's spec and the shim's
+        // log fifo, and a shim or runtime that needs a path reaches it as root.
         let mut dirs = std::fs::DirBuilder::new();
-        dirs.recursive(true).mode(0o711);
+        dirs.recursive(true).mode(0o700);
         if let Some(parent) = self.path.parent() {
             dirs.create(parent).map_err(io_err("create", parent))?;
         }
-        dirs.recursive(false).mode(0o700);
+        dirs.recursive(false);
         dirs.create(&self.path)
             .map_err(io_err("create bundle", &self.path))?;
         let result = self.populate(spec, options_json);
@@ -107,7 +109,7 @@ impl Bundle {
 
     fn populate(&self, spec: &[u8], options_json: Option<&[u8]>) -> Result<(), BundleError> {
         let mut dirs = std::fs::DirBuilder::new();
-        dirs.recursive(true).mode(0o711);
+        dirs.recursive(true).mode(0o700);
         dirs.create(&self.work)
             .map_err(io_err("create work dir", &self.work))?;
         let link = self.path.join("work");
@@ -117,10 +119,10 @@ impl Bundle {
             .create(&rootfs)
             .map_err(io_err("create", &rootfs))?;
         let config = self.path.join("config.json");
-        std::fs::write(&config, spec).map_err(io_err("write", &config))?;
+        write_private(&config, spec).map_err(io_err("write", &config))?;
         if let Some(opts) = options_json {
             let p = self.path.join("options.json");
-            std::fs::write(&p, opts).map_err(io_err("write", &p))?;
+            write_private(&p, opts).map_err(io_err("write", &p))?;
         }
         let log = self.log_fifo();
         nix::unistd::mkfifo(&log, Mode::S_IRUSR | Mode::S_IWUSR)
@@ -166,10 +168,23 @@ impl Bundle {
     }
 }
 
-/// Writes `data` to `path` through a temporary file and a rename.
+/// Writes a new file only its owner can read (0600, whatever the umask).
+pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+/// Writes `data` to `path` (0600) through a temporary file and a rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
+    write_private(&tmp, data)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -234,6 +249,20 @@ mod tests {
         b.create(spec.as_bytes(), false, Some(b"{}")).unwrap();
         for f in ["config.json", "rootfs", "work", "log", "options.json"] {
             assert!(b.path.join(f).exists(), "{f}");
+        }
+        // Nothing of the bundle is open to other users, whatever the umask.
+        for p in [
+            b.path.parent().unwrap().to_owned(),
+            b.path.clone(),
+            b.work.clone(),
+            b.path.join("config.json"),
+            b.path.join("options.json"),
+            b.path.join("rootfs"),
+            b.path.join("log"),
+        ] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
         }
         b.write_record(&TaskRecord {
             runtime: "runc".into(),

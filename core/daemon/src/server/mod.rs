@@ -93,9 +93,7 @@ pub async fn serve(
     shared: Shared,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     let listener = crate::sock::bind_unix(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     macro_rules! svc {
         ($server:ty, $inner:expr) => {
