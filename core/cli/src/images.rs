@@ -211,9 +211,13 @@ pub struct PullArgs {
     /// Platform to pick from a multi-platform image (os/arch[/variant]).
     #[arg(long)]
     platform: Option<String>,
-    /// Registry credentials USER:PASSWORD (default: the docker config's, if any).
+    /// Registry credentials: USER with --password-stdin, or USER:PASSWORD (seen by other
+    /// users in the process list; a warning says so). Default: the docker config's, if any.
     #[arg(long, short = 'u')]
     user: Option<String>,
+    /// Read the registry password from stdin (one line), as `docker login` does.
+    #[arg(long, requires = "user")]
+    password_stdin: bool,
     /// Use HTTP instead of HTTPS (registries on loopback always use HTTP).
     #[arg(long)]
     plain_http: bool,
@@ -260,14 +264,60 @@ impl ImageCommand {
     }
 }
 
+/// The longest password `--password-stdin` takes.
+const MAX_PASSWORD: u64 = 64 << 10;
+
+/// The password on `input` (`--password-stdin`): everything up to the end, less one trailing
+/// line end, as `docker login --password-stdin` takes it.
+fn read_password(input: impl Read) -> anyhow::Result<String> {
+    let mut bytes = Vec::new();
+    input
+        .take(MAX_PASSWORD + 1)
+        .read_to_end(&mut bytes)
+        .context("--password-stdin: read stdin")?;
+    if bytes.len() as u64 > MAX_PASSWORD {
+        bail!("--password-stdin: more than {MAX_PASSWORD} bytes on stdin");
+    }
+    let mut password =
+        String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("--password-stdin: not text"))?;
+    for end in ["\n", "\r"] {
+        if password.ends_with(end) {
+            password.truncate(password.len() - end.len());
+        }
+    }
+    if password.is_empty() {
+        bail!("--password-stdin: stdin is empty");
+    }
+    Ok(password)
+}
+
+/// The credentials a pull sends: `--user` (with `--password-stdin`, or USER:PASSWORD), else
+/// the docker config's for the reference's registry.
+fn credentials(a: &PullArgs) -> anyhow::Result<(String, String)> {
+    match (&a.user, a.password_stdin) {
+        (Some(u), true) => {
+            if u.contains(':') {
+                bail!("--user {u:?}: give only the user name with --password-stdin");
+            }
+            Ok((u.clone(), read_password(std::io::stdin().lock())?))
+        }
+        (Some(u), false) => {
+            let Some((user, password)) = u.split_once(':') else {
+                bail!("--user {u:?}: expected USER:PASSWORD, or USER with --password-stdin");
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "yard: warning: a password given on the command line can be read by other users \
+                 of this machine (ps, /proc) and stays in shell history; use --password-stdin"
+            );
+            Ok((user.to_owned(), password.to_owned()))
+        }
+        (None, _) => Ok(config_credentials(&registry_of(&a.reference))?.unwrap_or_default()),
+    }
+}
+
 pub async fn pull(client: &Client, a: PullArgs) -> anyhow::Result<()> {
-    let (username, password) = match &a.user {
-        Some(u) => match u.split_once(':') {
-            Some((u, p)) => (u.to_owned(), p.to_owned()),
-            None => bail!("--user {u:?}: expected USER:PASSWORD"),
-        },
-        None => config_credentials(&registry_of(&a.reference))?.unwrap_or_default(),
-    };
+    let (username, password) = credentials(&a)?;
     let stream = client
         .images()
         .pull(api::PullRequest {
@@ -498,5 +548,22 @@ mod tests {
         assert_eq!(registry_of("ghcr.io/a/b"), "ghcr.io");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn passwords_from_stdin() {
+        let read = |s: &str| read_password(s.as_bytes());
+        assert_eq!(read("s3cret\n").unwrap(), "s3cret");
+        assert_eq!(read("s3cret\r\n").unwrap(), "s3cret");
+        assert_eq!(read("s3cret").unwrap(), "s3cret");
+        assert_eq!(
+            read("a b:c\n\n").unwrap(),
+            "a b:c\n",
+            "only one line end goes"
+        );
+        assert!(read("").unwrap_err().to_string().contains("empty"));
+        assert!(read("\n").is_err());
+        let huge = "x".repeat(MAX_PASSWORD as usize + 1);
+        assert!(read(&huge).unwrap_err().to_string().contains("more than"));
     }
 }
