@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod failpoints;
 pub mod filters;
 pub mod ident;
 pub mod metadata;

@@ -164,6 +164,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None => {
             let config = load_config(cli.config.as_ref())?;
             init_logging(cli.log_level.as_deref().unwrap_or(&config.log_level));
+            let armed = switchyardd::failpoints::install()?;
+            if !armed.is_empty() {
+                tracing::warn!(points = ?armed, "failpoints armed ({})", switchyardd::failpoints::ENV);
+            }
             std::panic::set_hook(Box::new(|info| {
                 tracing::error!(panic = %info, "switchyardd panicked");
             }));

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Classify, Kind};
 use crate::events::Exchange;
+use crate::failpoints;
 use crate::filters::{Adaptor, Filter, FilterError};
 use crate::metadata::{Store, StoreError};
 use crate::runtime::bridge::CallError;
@@ -128,6 +129,11 @@ impl std::fmt::Debug for Task {
 
 /// How long List and Metrics wait for one shim before reporting it unknown.
 const LIST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a restart waits for a reconnected shim to say whether it knows its task; one
+/// that does not answer in time is kept (it may only be busy).
+const RESTORE_STATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The exit status reported for a task whose real exit nobody can tell any more.
+const UNKNOWN_EXIT: u32 = 255;
 
 /// The task registry and router.
 pub struct TaskManager {
@@ -326,6 +332,7 @@ impl TaskManager {
             }
         });
         bundle.create(&spec.value, !req.rootfs.is_empty(), options_json.as_deref())?;
+        failpoints::hit("task.create.bundle-written");
         let record = TaskRecord {
             runtime: resolved.name.clone(),
             runtime_type: resolved.runtime_type.clone(),
@@ -335,6 +342,7 @@ impl TaskManager {
             let _ = bundle.delete();
             return Err(e.into());
         }
+        failpoints::hit("task.create.record-written");
         // The shim opens its log fifo for writing and blocks until someone reads.
         let log = crate::runtime::log::follow(&bundle.log_fifo(), ns, &id)
             .map_err(|e| tracing::warn!(container_id = %id, error = %e, "cannot follow shim log"))
@@ -353,10 +361,12 @@ impl TaskManager {
                 return Err(e.into());
             }
         };
+        failpoints::hit("task.create.shim-started");
         req.bundle = bundle.path.to_string_lossy().into_owned();
         req.options = options;
         match shim.client.create(req).await {
             Ok(r) => {
+                failpoints::hit("task.create.shim-created");
                 let task = self.new_task(bundle, record, shim, log);
                 self.register(task);
                 Ok(r.pid)
@@ -438,7 +448,7 @@ impl TaskManager {
                 tracing::warn!(container_id = %bundle.id, error = %crate::error::chain(&e), "cleanup after dead shim");
                 Exit {
                     pid: 0,
-                    status: 255,
+                    status: UNKNOWN_EXIT,
                     exited_at: Some(now()),
                 }
             }
@@ -493,6 +503,7 @@ impl TaskManager {
         };
         match task.shim.client.delete(req).await {
             Ok(r) => {
+                failpoints::hit("task.delete.shim-deleted");
                 self.unregister(&task);
                 if let Err(e) = task
                     .shim
@@ -502,10 +513,25 @@ impl TaskManager {
                 {
                     tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim shutdown");
                 }
+                failpoints::hit("task.delete.shim-shutdown");
                 if let Err(e) = task.bundle.delete() {
                     tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "remove bundle");
                 }
                 Ok(r)
+            }
+            Err(e) if e.is_not_found() => {
+                // The shim has no such task (it was deleted there, or never created, before
+                // a daemon crash): it is gone; finish the cleanup rather than fail forever.
+                tracing::warn!(namespace = ns, container_id = %id, "the shim does not know the task; removing it");
+                if self.unregister(&task) {
+                    self.abandon(&task.bundle, &task.record, &task.shim, false)
+                        .await;
+                }
+                Ok(shimapi::DeleteResponse {
+                    pid: 0,
+                    exit_status: UNKNOWN_EXIT,
+                    exited_at: Some(now()),
+                })
             }
             Err(e) if e.is_disconnected() => {
                 // The shim is gone; its monitor cleans up (or already has).
@@ -551,6 +577,7 @@ impl TaskManager {
             })
             .await
             .map_err(Self::call_err(id))?;
+        failpoints::hit("task.start.shim-started");
         Ok(r.pid)
     }
 
@@ -747,11 +774,34 @@ impl TaskManager {
     // ---- restart ----
 
     /// Finds the tasks a previous daemon left running, reconnecting to their shims and cleaning
-    /// up after those that died meanwhile.
+    /// up after those that died meanwhile and those their shim does not know (a daemon that
+    /// stopped between shim start and shim Create, or between the shim's Delete and its own).
     pub async fn restore(self: &Arc<Self>) {
-        let dir = self.state.join("tasks");
-        let Ok(namespaces) = std::fs::read_dir(&dir) else {
-            return;
+        let mut unknown = Vec::new();
+        for bundle in self.bundles() {
+            if let Some(orphan) = self.restore_one(bundle).await {
+                unknown.push(orphan);
+            }
+        }
+        // Only now, with every live task registered, can a shim that also serves other tasks
+        // be told apart from one that serves none (and may be stopped).
+        for Orphan {
+            bundle,
+            record,
+            shim,
+            _log,
+        } in unknown
+        {
+            tracing::warn!(namespace = %bundle.namespace, container_id = %bundle.id, "the shim does not know this task; cleaning up");
+            self.abandon(&bundle, &record, &shim, false).await;
+        }
+    }
+
+    /// The bundles under `<state>/tasks`.
+    fn bundles(&self) -> Vec<Bundle> {
+        let mut out = Vec::new();
+        let Ok(namespaces) = std::fs::read_dir(self.state.join("tasks")) else {
+            return out;
         };
         for ns in namespaces.flatten() {
             let ns_name = ns.file_name().to_string_lossy().into_owned();
@@ -760,16 +810,17 @@ impl TaskManager {
             };
             for entry in ids.flatten() {
                 let id = entry.file_name().to_string_lossy().into_owned();
-                if !crate::ident::is_valid(&ns_name) || !crate::ident::is_valid(&id) {
-                    continue;
+                if crate::ident::is_valid(&ns_name) && crate::ident::is_valid(&id) {
+                    out.push(Bundle::locate(&self.state, &self.root, &ns_name, &id));
                 }
-                let bundle = Bundle::locate(&self.state, &self.root, &ns_name, &id);
-                self.restore_one(bundle).await;
             }
         }
+        out
     }
 
-    async fn restore_one(self: &Arc<Self>, bundle: Bundle) {
+    /// Registers the task of one bundle again, or cleans up after it; returns it when its
+    /// shim is alive but does not know it.
+    async fn restore_one(self: &Arc<Self>, bundle: Bundle) -> Option<Orphan> {
         let id = bundle.id.clone();
         let record = match bundle.read_record() {
             Ok(r) => r,
@@ -783,23 +834,47 @@ impl TaskManager {
                 }
                 let _ = bundle.delete();
                 tracing::info!(namespace = %bundle.namespace, container_id = %id, "removed an unfinished bundle");
-                return;
+                return None;
             }
         };
         let log = crate::runtime::log::follow(&bundle.log_fifo(), &bundle.namespace, &id).ok();
-        match self.shims.load(&bundle).await {
-            Ok(shim) => {
-                tracing::info!(namespace = %bundle.namespace, container_id = %id, runtime = %record.runtime, "reconnected to shim");
-                let task = self.new_task(bundle, record, shim, log);
-                self.register(task);
-            }
+        let shim = match self.shims.load(&bundle).await {
+            Ok(shim) => shim,
             Err(e) => {
                 tracing::warn!(namespace = %bundle.namespace, container_id = %id, error = %crate::error::chain(&e), "shim is gone; cleaning up");
                 drop(log);
                 self.cleanup_dead(&bundle, &record).await;
+                return None;
             }
+        };
+        let state = shim.client.state(shimapi::StateRequest {
+            id: id.clone(),
+            exec_id: String::new(),
+        });
+        if let Ok(Err(e)) = tokio::time::timeout(RESTORE_STATE_TIMEOUT, state).await
+            && e.is_not_found()
+        {
+            return Some(Orphan {
+                bundle,
+                record,
+                shim,
+                _log: log.map(AbortOnDrop),
+            });
         }
+        tracing::info!(namespace = %bundle.namespace, container_id = %id, runtime = %record.runtime, "reconnected to shim");
+        let task = self.new_task(bundle, record, shim, log);
+        self.register(task);
+        None
     }
+}
+
+/// A bundle whose shim is alive but has no such task.
+struct Orphan {
+    bundle: Bundle,
+    record: TaskRecord,
+    shim: Arc<Shim>,
+    /// The shim's log stays read until it is cleaned up.
+    _log: Option<AbortOnDrop>,
 }
 
 /// Filter fields of a task (Metrics): `id`, `runtime`.

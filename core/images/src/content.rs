@@ -372,6 +372,8 @@ impl Ingest {
             return Ok(digest);
         };
         file.sync_all().map_err(io_err("sync", &self.path))?;
+        #[cfg(debug_assertions)]
+        fail::fail_point!("images.content.commit");
         let dest = self.blobs.join(digest_hex(&digest)?);
         // Renamed while still locked, so no other writer can take the name meanwhile; and the
         // rename made durable before any record (a manifest, an image) can name the blob.

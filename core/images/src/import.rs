@@ -166,6 +166,8 @@ impl ImageStore {
         for r in &resolved {
             self.unpack(r, lease, report)?;
         }
+        #[cfg(debug_assertions)]
+        fail::fail_point!("images.import.unpacked");
         let mut names = Vec::new();
         for (name, target) in images {
             self.put_record(ns, &name, target.clone(), &wanted.to_string())?;

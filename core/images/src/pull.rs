@@ -204,6 +204,8 @@ impl ImageStore {
             .collect()
             .await;
         results.into_iter().collect::<Result<Vec<()>>>()?;
+        #[cfg(debug_assertions)]
+        fail::fail_point!("images.pull.fetched");
 
         // Metadata last: a record only ever names complete content.
         lease.add(&top_digest);
@@ -213,6 +215,8 @@ impl ImageStore {
         let platform_str = wanted.to_string();
         let resolved = self.resolve(&target, Some(&wanted))?;
         tokio::task::block_in_place(|| self.unpack(&resolved, lease, report))?;
+        #[cfg(debug_assertions)]
+        fail::fail_point!("images.pull.unpacked");
         let name = r.whole();
         self.put_record(ns, &name, target, &platform_str)?;
         report(Progress::Stored {

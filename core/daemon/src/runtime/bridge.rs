@@ -75,6 +75,11 @@ impl CallError {
     pub fn is_disconnected(&self) -> bool {
         matches!(self, CallError::Closed { .. } | CallError::Transport { .. })
     }
+
+    /// Whether the shim answered that it does not know the task or process.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, CallError::Status { .. }) && self.kind() == Kind::NotFound
+    }
 }
 
 impl Classify for CallError {

@@ -260,12 +260,13 @@ impl ShimManager {
                 binary: binary.to_owned(),
                 source,
             })?;
+        crate::failpoints::hit("task.create.shim-spawned");
         let json = serde_json::to_vec(&params).unwrap_or_default();
         let path = bundle.path.join(BOOTSTRAP);
         super::bundle::write_atomic(&path, &json)
             .map_err(|source| ShimError::Bootstrap { path, source })?;
-        std::fs::write(
-            bundle.path.join("shim-binary-path"),
+        super::bundle::write_private(
+            &bundle.path.join("shim-binary-path"),
             binary.as_os_str().as_encoded_bytes(),
         )
         .map_err(|source| ShimError::Bootstrap {

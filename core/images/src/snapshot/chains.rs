@@ -167,6 +167,8 @@ impl Snapshotter {
         // The tree and its metadata reach the disk before the rename makes them a snapshot
         // (one `syncfs` rather than an `fsync` per unpacked file).
         fsutil::sync_fs(&scratch.path).map_err(io_err("sync the file system of", &scratch.path))?;
+        #[cfg(debug_assertions)]
+        fail::fail_point!("images.snapshot.commit");
         if rename_new(&scratch.path, &dir)? {
             scratch.renamed();
             tracing::debug!(chain, "committed snapshot");
