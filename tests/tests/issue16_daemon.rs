@@ -760,10 +760,15 @@ fn crash_task_at(
     if let TaskOp::Remove = op {
         yard_ok(d, &args);
         yard_ok(d, &["kill", "-s", "KILL", &id]);
-        assert!(
-            eventually(T, || whole_or_gone(d, &id).as_deref() == Some("stopped")),
-            "{id} did not stop"
-        );
+        // Both views settle (they are read one after the other, so compare only then).
+        let stopped = || {
+            ctr_tasks(d)
+                .iter()
+                .any(|(t, _, s)| *t == id && s == "stopped")
+                && ps_row(d, &id).is_some_and(|r| r["status"] == "stopped")
+        };
+        assert!(eventually(T, stopped), "{id} did not stop");
+        assert_eq!(whole_or_gone(d, &id).as_deref(), Some("stopped"));
     }
     let mut crashing = armed(d, point);
     let out = match op {
