@@ -1,6 +1,6 @@
 //! `yard pull`, `yard images`, `yard rmi`, `yard image import|prune`: thin clients of the
-//! daemon's image service, plus the registry credentials a pull sends (from `--user` or the
-//! docker-style `config.json`).
+//! daemon's image service, plus the registry credentials a pull sends (from `--user` with
+//! `--password-stdin` or `USER:PASSWORD`, or the docker-style `config.json`).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
