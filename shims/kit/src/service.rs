@@ -286,3 +286,107 @@ pub fn services<E: Engine>(svc: Arc<Service<E>>) -> HashMap<String, ttrpc::r#asy
     }
     all
 }
+
+#[cfg(test)]
+mod tests {
+    use containerd_shim_protos::shim_async::{Client, TaskClient};
+    use containerd_shim_protos::ttrpc::r#async::Server;
+    use containerd_shim_protos::ttrpc::context::Context;
+
+    use super::*;
+    use crate::engine::{Container, CreateRequest};
+
+    /// Nothing gets as far as the engine in these tests.
+    struct NoEngine;
+
+    #[async_trait]
+    impl Engine for NoEngine {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+        async fn create(&self, _: CreateRequest) -> crate::Result<Arc<dyn Container>> {
+            Err(Error::Unimplemented("create".into()))
+        }
+        async fn cleanup(&self, _: &str, _: &str, _: &std::path::Path) -> crate::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(r: TResult<T>) -> ttrpc::Code {
+        match r {
+            Err(ttrpc::Error::RpcStatus(s)) => s.code(),
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_v2_and_v3_and_maps_errors_to_codes() {
+        let tasks = Arc::new(TaskService::new(
+            Arc::new(NoEngine),
+            "ns",
+            crate::Publisher::none(),
+        ));
+        let all = services(Arc::new(Service::new(tasks)));
+        assert!(
+            all.contains_key("containerd.task.v2.Task"),
+            "{:?}",
+            all.keys()
+        );
+        assert!(
+            all.contains_key("containerd.task.v3.Task"),
+            "{:?}",
+            all.keys()
+        );
+
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let sock = dir.path().join("s");
+        let listener = crate::perms::bind(&sock).unwrap_or_else(|e| panic!("{e}"));
+        let listener = ttrpc::r#async::transport::Listener::try_from(listener)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut server = Server::new().add_listener(listener).register_service(all);
+        server.start().await.unwrap_or_else(|e| panic!("{e}"));
+        let client = Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let client = TaskClient::new(client);
+        let ctx = Context::default;
+
+        let c = client
+            .connect(
+                ctx(),
+                &ConnectRequest {
+                    id: "nope".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((c.shim_pid, c.task_pid), (std::process::id(), 0));
+        let state = client
+            .state(
+                ctx(),
+                &StateRequest {
+                    id: "nope".into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(code(state), ttrpc::Code::NOT_FOUND);
+        let create = client
+            .create(
+                ctx(),
+                &CreateTaskRequest {
+                    id: "t".into(),
+                    bundle: dir.path().join("no-bundle").display().to_string(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_eq!(code(create), ttrpc::Code::INVALID_ARGUMENT);
+        let checkpoint = client
+            .checkpoint(ctx(), &CheckpointTaskRequest::default())
+            .await;
+        assert_eq!(code(checkpoint), ttrpc::Code::UNIMPLEMENTED);
+        let _ = server.shutdown().await;
+    }
+}

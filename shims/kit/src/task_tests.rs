@@ -378,6 +378,15 @@ impl Harness {
         pid
     }
 
+    /// The error of a Create that must fail.
+    async fn refused(&self, req: CreateTask) -> Error {
+        let id = req.id.clone();
+        match self.svc.create(req).await {
+            Ok(pid) => panic!("create {id}: accepted (pid {pid})"),
+            Err(e) => e,
+        }
+    }
+
     /// The events published so far.
     fn drain(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
@@ -457,38 +466,21 @@ async fn create_refuses_a_bad_spec_naming_the_field_before_the_engine_runs() {
         "bad",
         r#"{"ociVersion": "1.1.0", "root": {"path": "rootfs"}, "process": {"args": "notalist", "cwd": "/"}}"#,
     );
-    let e = h
-        .svc
-        .create(req)
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("accepted"));
+    let e = h.refused(req).await;
     assert_eq!(code(&e), ttrpc_code::Code::INVALID_ARGUMENT, "{e}");
     assert!(
         e.to_string().starts_with("config.json: process.args"),
         "{e}"
     );
 
-    let mut req = h.request("noconf");
+    let req = h.request("noconf");
     std::fs::remove_file(req.bundle.join("config.json")).unwrap_or_else(|e| panic!("{e}"));
-    req.id = "noconf".into();
-    let e = h
-        .svc
-        .create(req)
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("accepted"));
+    let e = h.refused(req).await;
     assert!(e.to_string().contains("config.json: cannot read"), "{e}");
 
-    let mut req = h.request("noroot");
+    let req = h.request("noroot");
     std::fs::remove_dir(req.bundle.join("rootfs")).unwrap_or_else(|e| panic!("{e}"));
-    req.id = "noroot".into();
-    let e = h
-        .svc
-        .create(req)
-        .await
-        .err()
-        .unwrap_or_else(|| panic!("accepted"));
+    let e = h.refused(req).await;
     assert!(e.to_string().contains("root.path"), "{e}");
 
     assert!(h.engine.created().is_empty(), "the engine ran");
