@@ -1,11 +1,15 @@
 //! What every shim reads from a bundle: `config.json` parsed with the path of a bad field in the
 //! error, the rootfs mounts containerd asks for, and the runtime options a non-runc shim gets
 //! (containerd's `runtimeoptions.v1.Options`: a TOML body or a config file path).
+//!
+//! The task state machine reads `config.json` and mounts the rootfs once per Create, so engines
+//! get a parsed spec and a rootfs and never re-read the bundle.
 
 use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::types::mount::Mount;
+use oci_spec::runtime::Spec;
 
 use crate::error::{Error, Result};
 
@@ -21,6 +25,17 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> R
             Error::InvalidArgument(format!("{what}: {path}: {inner}"))
         }
     })
+}
+
+/// Read and parse the bundle's `config.json` (oci-spec 0.10). Returns the spec and the bytes
+/// as read. Errors are InvalidArgument naming the file or the field.
+pub fn read_spec(bundle: &Path) -> Result<(Spec, Vec<u8>)> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| {
+        Error::InvalidArgument(format!("config.json: cannot read {}: {e}", path.display()))
+    })?;
+    let spec = parse_json(&bytes, "config.json")?;
+    Ok((spec, bytes))
 }
 
 /// Mount what containerd asks for as the rootfs (snapshotter mounts) onto `bundle/rootfs`.
@@ -47,16 +62,23 @@ pub fn mount_rootfs(bundle: &Path, mounts: &[Mount]) -> Result<Option<PathBuf>> 
     }
 }
 
-/// Undo [`mount_rootfs`]; a rootfs that is not a mount point is left alone.
+/// Undo [`mount_rootfs`] for a bundle whose mount point is not known (`<shim> delete` after a
+/// dead shim); a rootfs that is not a mount point is left alone.
 pub fn unmount_rootfs(bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     if is_mountpoint(&rootfs) {
-        let _ = nix_umount(&rootfs);
+        unmount(&rootfs);
     }
 }
 
-fn nix_umount(path: &Path) -> std::io::Result<()> {
-    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(Into::into)
+/// Detach the mount at `target` (what [`mount_rootfs`] returned). Processes still inside keep
+/// it until they leave; nothing is left once they have.
+pub fn unmount(target: &Path) {
+    match rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH) {
+        // EINVAL: not a mount point (any more); ENOENT: gone with the bundle.
+        Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!(target = %target.display(), error = %e, "unmount rootfs"),
+    }
 }
 
 /// Whether `path` is a mount point (listed in this process's mountinfo).

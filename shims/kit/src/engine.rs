@@ -1,9 +1,11 @@
 //! The small runtime trait a shim implements; the kit turns it into the containerd task service.
 //!
 //! The kit owns everything containerd sees: task and exec bookkeeping, status, exit codes and
-//! times, `Wait`, events, `Connect`, `Shutdown`. An engine only does the work: create a container
-//! from a bundle, start it, run extra processes in it, signal, pause, report stats, and say when
-//! a process has exited.
+//! times, `Wait`, events, `Connect`, `Shutdown`, and the steps every engine would repeat at
+//! Create (read and parse the bundle's `config.json`, mount the rootfs containerd asks for, undo
+//! that mount on Delete). An engine only does the work: create a container from the parsed spec
+//! and its rootfs, start it, run extra processes in it, signal, pause, report stats, and say
+//! when a process has exited.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::types::mount::Mount;
+use oci_spec::runtime::Spec;
 
 use crate::error::Result;
 use crate::events::Publisher;
@@ -33,14 +37,31 @@ impl Exit {
     }
 }
 
+/// The container's root filesystem, as the kit hands it to an engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rootfs {
+    /// A directory on the host: the spec's `root.path` (relative to the bundle, or absolute),
+    /// which exists. When containerd asked for rootfs mounts the kit has mounted them there, and
+    /// unmounts them after the container's `delete` (or a failed `create`).
+    Dir(PathBuf),
+    /// The rootfs mounts exactly as containerd sent them, unmounted: the engine asked for them
+    /// with [`Engine::hands_over_rootfs`] (the vm engine gives an EROFS image to its guest).
+    Mounts(Vec<Mount>),
+}
+
 /// Everything `Create` tells a shim, in the kit's own terms.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
     pub namespace: String,
     pub id: String,
     pub bundle: PathBuf,
-    /// Mounts containerd asks the shim to set up as the rootfs (empty with `--rootfs` dirs).
-    pub rootfs: Vec<containerd_shim_protos::types::mount::Mount>,
+    /// The bundle's `config.json`, parsed once by the kit (oci-spec 0.10): a bad field is an
+    /// InvalidArgument naming it before any engine runs.
+    pub spec: Box<Spec>,
+    /// `config.json` as read, for an engine that passes the spec on unchanged (the vm engine's
+    /// guest) or must rewrite it for an OCI runtime without losing fields oci-spec ignores.
+    pub config: Vec<u8>,
+    pub rootfs: Rootfs,
     pub stdio: StdioSpec,
     /// The runtime options `Any` (containerd's runc `Options` or a shim's own).
     pub options: Option<Any>,
@@ -93,8 +114,9 @@ pub trait Container: Send + Sync {
     async fn update(&self, resources: &Any) -> Result<()>;
     /// Metrics as an `Any` (containerd's cgroups v1/v2 `Metrics`).
     async fn stats(&self) -> Result<Any>;
-    /// Remove what the container holds (runtime state, cgroup, mounts). Called after its init
-    /// has exited, or with `force` to kill what is left first.
+    /// Remove what the container holds (runtime state, cgroup, its own mounts). Called after its
+    /// init has exited, or with `force` to kill what is left first. The kit unmounts the rootfs
+    /// it mounted afterwards.
     async fn delete(&self, force: bool) -> Result<()>;
 }
 
@@ -105,7 +127,14 @@ pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Create the container; its init process exists but has not started.
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>>;
-    /// `<shim> delete`: clean up a container whose shim is gone (kill, unmount, remove state).
+    /// Whether the engine takes these rootfs mounts as they are ([`Rootfs::Mounts`]) instead of
+    /// the kit mounting them on the host ([`Rootfs::Dir`]). Asked once per Create.
+    fn hands_over_rootfs(&self, mounts: &[Mount]) -> bool {
+        let _ = mounts;
+        false
+    }
+    /// `<shim> delete`: clean up a container whose shim is gone (kill, remove state). The kit
+    /// unmounts the bundle's rootfs afterwards.
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &std::path::Path) -> Result<()>;
     /// Tasks with the same group share one shim process. `None`: one shim per task.
     /// The default groups by the `io.kubernetes.cri.sandbox-id` or `io.switchyard.group`

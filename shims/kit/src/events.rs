@@ -1,70 +1,237 @@
-//! Event publishing to the daemon that started the shim (`TTRPC_ADDRESS`, the
-//! `containerd.services.events.ttrpc.v1.Events/Forward` endpoint that containerd and switchyardd
-//! both serve), queued and retried by `containerd-shim`'s `RemotePublisher`.
+//! Events a shim publishes, and where they go.
+//!
+//! The task state machine and the engines publish through a [`Publisher`], a handle on an
+//! [`EventSink`]. In a shim server the sink is [`RemoteSink`]: the daemon that started the shim
+//! (`TTRPC_ADDRESS`, the `containerd.services.events.ttrpc.v1.Events/Forward` endpoint that
+//! containerd and switchyardd both serve), queued and retried by `containerd-shim`'s
+//! `RemotePublisher`. Tests use [`channel`].
+//!
+//! Publishing never waits: a sink only queues, in order. That lets the state machine record a
+//! change and queue its event in one step, so no client can see the event before the state
+//! (a Delete right after `/tasks/exit` finds the task stopped) or two events out of order.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim_protos::events::task::TaskOOM;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
 use containerd_shim_protos::protobuf::MessageDyn;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::context::Context;
+use tokio::sync::{mpsc, watch};
 
+/// One containerd task event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Create(TaskCreate),
+    Start(TaskStart),
+    Exit(TaskExit),
+    Delete(TaskDelete),
+    ExecAdded(TaskExecAdded),
+    ExecStarted(TaskExecStarted),
+    Paused(TaskPaused),
+    Resumed(TaskResumed),
+    Oom(TaskOOM),
+}
+
+impl Event {
+    /// containerd's topic for the event (`/tasks/exit`, ...).
+    pub fn topic(&self) -> &'static str {
+        match self {
+            Event::Create(_) => topics::TASK_CREATE_EVENT_TOPIC,
+            Event::Start(_) => topics::TASK_START_EVENT_TOPIC,
+            Event::Exit(_) => topics::TASK_EXIT_EVENT_TOPIC,
+            Event::Delete(_) => topics::TASK_DELETE_EVENT_TOPIC,
+            Event::ExecAdded(_) => topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Event::ExecStarted(_) => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Event::Paused(_) => topics::TASK_PAUSED_EVENT_TOPIC,
+            Event::Resumed(_) => topics::TASK_RESUMED_EVENT_TOPIC,
+            Event::Oom(_) => topics::TASK_OOM_EVENT_TOPIC,
+        }
+    }
+
+    /// The container the event is about.
+    pub fn container_id(&self) -> &str {
+        match self {
+            Event::Create(e) => &e.container_id,
+            Event::Start(e) => &e.container_id,
+            Event::Exit(e) => &e.container_id,
+            Event::Delete(e) => &e.container_id,
+            Event::ExecAdded(e) => &e.container_id,
+            Event::ExecStarted(e) => &e.container_id,
+            Event::Paused(e) => &e.container_id,
+            Event::Resumed(e) => &e.container_id,
+            Event::Oom(e) => &e.container_id,
+        }
+    }
+
+    fn into_message(self) -> Box<dyn MessageDyn> {
+        match self {
+            Event::Create(e) => Box::new(e),
+            Event::Start(e) => Box::new(e),
+            Event::Exit(e) => Box::new(e),
+            Event::Delete(e) => Box::new(e),
+            Event::ExecAdded(e) => Box::new(e),
+            Event::ExecStarted(e) => Box::new(e),
+            Event::Paused(e) => Box::new(e),
+            Event::Resumed(e) => Box::new(e),
+            Event::Oom(e) => Box::new(e),
+        }
+    }
+}
+
+/// A protobuf timestamp, as events and replies carry times.
+pub fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+/// Where published events go. `publish` queues and returns at once; events leave in the order
+/// they were published.
+pub trait EventSink: Send + Sync {
+    fn publish(&self, event: Event);
+}
+
+/// What the kit and engines publish through: a cheap handle on one sink.
 #[derive(Clone)]
 pub struct Publisher {
-    remote: Option<Arc<RemotePublisher>>,
-    namespace: String,
+    sink: Arc<dyn EventSink>,
 }
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher")
-            .field("address", &self.remote.as_ref().map(|r| r.address.clone()))
-            .field("namespace", &self.namespace)
-            .finish()
+        f.debug_struct("Publisher").finish_non_exhaustive()
     }
 }
 
 impl Publisher {
-    /// Connect to `address`; an empty address gives a publisher that drops events (tests).
-    pub async fn connect(address: &str, namespace: &str) -> crate::Result<Publisher> {
-        let remote = if address.is_empty() {
-            None
-        } else {
-            Some(Arc::new(RemotePublisher::new(address).await.map_err(
-                |e| crate::Error::Internal(format!("connect to event address {address}: {e}")),
-            )?))
-        };
-        Ok(Publisher {
-            remote,
-            namespace: namespace.to_owned(),
-        })
+    pub fn new(sink: Arc<dyn EventSink>) -> Publisher {
+        Publisher { sink }
     }
 
     /// A publisher that drops everything.
-    pub fn none(namespace: &str) -> Publisher {
-        Publisher {
-            remote: None,
-            namespace: namespace.to_owned(),
-        }
+    pub fn none() -> Publisher {
+        Publisher::new(Arc::new(NullSink))
     }
 
-    pub async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        let Some(remote) = &self.remote else { return };
-        if let Err(e) = remote
-            .publish(Context::default(), topic, &self.namespace, event)
-            .await
-        {
-            tracing::warn!(topic, error = %e, "publish event");
-        }
+    pub fn publish(&self, event: Event) {
+        self.sink.publish(event);
     }
 
+    /// The kernel (or a guest's limit) killed a process of `container_id` for memory.
     pub async fn oom(&self, container_id: &str) {
-        let ev = TaskOOM {
+        self.publish(Event::Oom(TaskOOM {
             container_id: container_id.to_owned(),
             ..Default::default()
-        };
-        self.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
-            .await;
+        }));
+    }
+}
+
+struct NullSink;
+
+impl EventSink for NullSink {
+    fn publish(&self, _: Event) {}
+}
+
+/// A sink that hands every event to a channel, for tests (of the kit and of engines).
+pub fn channel() -> (Publisher, mpsc::UnboundedReceiver<Event>) {
+    struct ChannelSink(mpsc::UnboundedSender<Event>);
+    impl EventSink for ChannelSink {
+        fn publish(&self, event: Event) {
+            let _ = self.0.send(event);
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Publisher::new(Arc::new(ChannelSink(tx))), rx)
+}
+
+/// How many events may wait for the daemon. Far more than a shim produces between two
+/// forwards; past it the daemon is gone or stuck, and events are dropped with a warning rather
+/// than held without bound.
+const QUEUE: usize = 4096;
+
+/// Events forwarded to the daemon over ttrpc, in order, by one task.
+pub struct RemoteSink {
+    queue: mpsc::Sender<Event>,
+    /// Events queued and not yet handed to the ttrpc publisher.
+    pending: watch::Sender<usize>,
+}
+
+impl RemoteSink {
+    /// Connect to `address` and start forwarding events of `namespace` there.
+    pub async fn connect(address: &str, namespace: &str) -> crate::Result<Arc<RemoteSink>> {
+        let remote = RemotePublisher::new(address).await.map_err(|e| {
+            crate::Error::Internal(format!("connect to event address {address}: {e}"))
+        })?;
+        let (queue, mut rx) = mpsc::channel::<Event>(QUEUE);
+        let pending = watch::channel(0usize).0;
+        let sink = Arc::new(RemoteSink {
+            queue,
+            pending: pending.clone(),
+        });
+        let namespace = namespace.to_owned();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let topic = event.topic();
+                if let Err(e) = remote
+                    .publish(Context::default(), topic, &namespace, event.into_message())
+                    .await
+                {
+                    tracing::warn!(topic, error = %e, "publish event");
+                }
+                pending.send_modify(|n| *n = n.saturating_sub(1));
+            }
+        });
+        Ok(sink)
+    }
+
+    /// Wait (up to `timeout`) until every queued event has been handed on: before the server
+    /// exits, so the last `/tasks/delete` is not lost with the process.
+    pub async fn flush(&self, timeout: Duration) {
+        let mut rx = self.pending.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0)).await;
+    }
+}
+
+impl EventSink for RemoteSink {
+    fn publish(&self, event: Event) {
+        let topic = event.topic();
+        self.pending.send_modify(|n| *n += 1);
+        if self.queue.try_send(event).is_err() {
+            self.pending.send_modify(|n| *n = n.saturating_sub(1));
+            tracing::warn!(topic, "event queue full or closed: event dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn channel_keeps_order_and_topics() {
+        let (publisher, mut rx) = channel();
+        publisher.oom("c1").await;
+        publisher.publish(Event::Paused(TaskPaused {
+            container_id: "c1".into(),
+            ..Default::default()
+        }));
+        let a = rx.recv().await;
+        let b = rx.recv().await;
+        assert!(
+            matches!(&a, Some(Event::Oom(e)) if e.container_id == "c1"),
+            "{a:?}"
+        );
+        assert_eq!(a.as_ref().map(Event::topic), Some("/tasks/oom"));
+        assert_eq!(b.as_ref().map(Event::topic), Some("/tasks/paused"));
+        assert_eq!(b.as_ref().map(Event::container_id), Some("c1"));
     }
 }

@@ -1,5 +1,6 @@
 //! What every Switchyard shim shares: the shim v2 command line (`start`, `delete`, serve), the
-//! containerd task service as a thin adapter over a small [`Engine`] trait, event publishing,
+//! containerd task service (a ttrpc adapter over the task state machine, which drives a small
+//! [`Engine`] trait), event publishing through an [`EventSink`], the bundle's spec and rootfs,
 //! stdio (fifos, `file://`, `binary://`, terminals), exit reaping, and one error type with one
 //! mapping to ttrpc codes.
 //!
@@ -11,22 +12,28 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod ident;
+pub mod perms;
 pub mod reaper;
 pub mod service;
 pub mod start;
 pub mod stdio;
 pub mod sys;
+pub mod task;
 
 use std::io::Write;
 use std::sync::Arc;
 
 pub use containerd_shim_protos as protos;
-pub use engine::{Container, CreateRequest, Engine, ExecRequest, Exit, Process, ProcessInfo};
+pub use engine::{
+    Container, CreateRequest, Engine, ExecRequest, Exit, Process, ProcessInfo, Rootfs,
+};
 pub use error::{Error, Result};
-pub use events::Publisher;
+pub use events::{Event, EventSink, Publisher};
 
 /// Run the shim: parse containerd's flags and do what the action asks. Never returns.
 pub fn run<E: Engine>(version: &str, make_engine: impl FnOnce(&containerd_shim::Flags) -> E) -> ! {
+    // Before anything is created: sockets, state, logs and images are the shim's alone.
+    sys::restrict_umask();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let flags = match containerd_shim::parse(&args[1..]) {
         Ok(f) => f,

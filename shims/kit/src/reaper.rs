@@ -1,25 +1,45 @@
 //! Exit reaping. A shim is a subreaper: container processes whose parents exit are reparented
 //! to it, and it must collect every child. One task owns `waitpid(-1)`; whoever starts a process
-//! asks here for its exit. An exit that nobody has asked for yet is kept (bounded), so a process
-//! that ends before its starter asks is not lost.
+//! asks here for its exit, and for a pidfd to signal it by.
+//!
+//! Pids are reused. An exit reaped for pid P belongs to whichever process had P *then*; a
+//! later process with P must never be handed it. So every reaped exit gets a sequence number,
+//! and a starter takes a [`Mark`] before the process it starts can exist: only exits reaped
+//! after the mark can be that process's. Exits nobody has asked for yet (a process that ends
+//! before its starter asks, orphans nobody will ask about) are kept, bounded.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, OnceLock};
+use std::os::fd::OwnedFd;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use rustix::process::{WaitOptions, WaitStatus};
+use rustix::process::{Pid, PidfdFlags, WaitOptions, WaitStatus};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 
 use crate::engine::Exit;
 
-/// How many unclaimed exits are remembered (orphans nobody will ask about end up here).
-const UNCLAIMED: usize = 1024;
+/// How many reaped exits are remembered.
+const REMEMBERED: usize = 4096;
+
+/// A point in the reaper's history: exits reaped after it are of processes that existed after
+/// it. Take one before starting a process, then [`Reaper::wait`] and [`Reaper::pidfd`] with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mark(u64);
+
+#[derive(Clone, Copy)]
+struct Reaped {
+    seq: u64,
+    exit: Exit,
+}
 
 #[derive(Default)]
 struct Inner {
+    /// How many exits have been reaped.
+    seq: u64,
     waiters: HashMap<u32, Vec<oneshot::Sender<Exit>>>,
-    unclaimed: HashMap<u32, Exit>,
-    order: VecDeque<u32>,
+    /// The last exit reaped for each pid, while remembered.
+    reaped: HashMap<u32, Reaped>,
+    order: VecDeque<(u32, u64)>,
 }
 
 pub struct Reaper {
@@ -45,34 +65,45 @@ pub fn start() -> std::io::Result<&'static Reaper> {
 }
 
 pub fn global() -> &'static Reaper {
-    REAPER.get_or_init(|| Reaper {
-        inner: Mutex::new(Inner::default()),
-    })
+    REAPER.get_or_init(Reaper::new)
 }
 
 /// Exit code as a shell reports it: the code, or 128 + the signal that killed it.
 pub fn exit_code(status: WaitStatus) -> u32 {
     if let Some(code) = status.exit_status() {
-        code as u32
+        u32::try_from(code).unwrap_or(255)
     } else if let Some(sig) = status.terminating_signal() {
-        128 + sig as u32
+        128 + u32::try_from(sig).unwrap_or(127)
     } else {
         255
     }
 }
 
 impl Reaper {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn new() -> Reaper {
+        Reaper {
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Now, in the reaper's history.
+    pub fn mark(&self) -> Mark {
+        Mark(self.lock().seq)
     }
 
     /// Collect every exited child.
     pub fn reap(&self) {
         loop {
+            // Held across waitpid: between a reap and its record nobody may look (see `pidfd`).
+            let mut inner = self.lock();
             match rustix::process::wait(WaitOptions::NOHANG) {
                 Ok(Some((pid, status))) => {
-                    let exit = Exit::now(exit_code(status));
-                    self.deliver(pid.as_raw_nonzero().get() as u32, exit);
+                    let pid = pid.as_raw_nonzero().get().unsigned_abs();
+                    deliver(&mut inner, pid, Exit::now(exit_code(status)));
                 }
                 Ok(None) => break,
                 Err(rustix::io::Errno::INTR) => continue,
@@ -81,45 +112,58 @@ impl Reaper {
         }
     }
 
-    fn deliver(&self, pid: u32, exit: Exit) {
-        let mut inner = self.lock();
-        match inner.waiters.remove(&pid) {
-            Some(waiters) => {
-                for w in waiters {
-                    let _ = w.send(exit);
-                }
-            }
-            None => {
-                if inner.unclaimed.insert(pid, exit).is_none() {
-                    inner.order.push_back(pid);
-                }
-                while inner.order.len() > UNCLAIMED {
-                    if let Some(old) = inner.order.pop_front() {
-                        inner.unclaimed.remove(&old);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The exit of child `pid` (a direct or reparented child of this process).
-    pub async fn wait(&self, pid: u32) -> Exit {
+    /// The exit of child `pid` (a direct or reparented child of this process), started after
+    /// `since`.
+    pub async fn wait(&self, pid: u32, since: Mark) -> Exit {
         let rx = {
             let mut inner = self.lock();
-            if let Some(exit) = inner.unclaimed.remove(&pid) {
-                inner.order.retain(|p| *p != pid);
-                return exit;
+            if let Some(r) = inner.reaped.get(&pid).filter(|r| r.seq > since.0) {
+                return r.exit;
             }
             let (tx, rx) = oneshot::channel();
             inner.waiters.entry(pid).or_default().push(tx);
             rx
         };
-        // A child exiting between the last SIGCHLD and the registration is picked up here.
-        self.reap();
         match rx.await {
             Ok(exit) => exit,
             // The reaper is never dropped; treat the impossible as an unknown exit.
             Err(_) => Exit::now(255),
+        }
+    }
+
+    /// A pidfd for child `pid`, started after `since`, to signal it by: `None` when it has
+    /// already been reaped, so the pid may be someone else's by now.
+    pub fn pidfd(&self, pid: u32, since: Mark) -> Option<OwnedFd> {
+        // Under the lock no reap happens: if none was recorded for `pid` since the mark, the
+        // process with that pid now is still the one started after it (a child is only reaped
+        // here, and its pid is not reused before it is).
+        let inner = self.lock();
+        if inner.reaped.get(&pid).is_some_and(|r| r.seq > since.0) {
+            return None;
+        }
+        let raw = i32::try_from(pid).ok()?;
+        rustix::process::pidfd_open(Pid::from_raw(raw)?, PidfdFlags::empty()).ok()
+    }
+
+    #[cfg(test)]
+    fn deliver(&self, pid: u32, exit: Exit) {
+        deliver(&mut self.lock(), pid, exit);
+    }
+}
+
+fn deliver(inner: &mut Inner, pid: u32, exit: Exit) {
+    inner.seq += 1;
+    let seq = inner.seq;
+    for w in inner.waiters.remove(&pid).unwrap_or_default() {
+        let _ = w.send(exit);
+    }
+    inner.reaped.insert(pid, Reaped { seq, exit });
+    inner.order.push_back((pid, seq));
+    while inner.order.len() > REMEMBERED {
+        if let Some((old, s)) = inner.order.pop_front()
+            && inner.reaped.get(&old).is_some_and(|r| r.seq == s)
+        {
+            inner.reaped.remove(&old);
         }
     }
 }
@@ -128,21 +172,55 @@ impl Reaper {
 mod tests {
     use super::*;
 
-    // The reaper, not the std handle, waits for these children: that is what is tested.
-    #[allow(clippy::zombie_processes)]
     #[tokio::test]
-    async fn collects_exit_codes_and_signals_even_when_asked_late() {
-        let reaper = start().unwrap();
-        let ok = std::process::Command::new("/bin/sh")
-            .args(["-c", "exit 7"])
-            .spawn()
-            .unwrap();
-        let killed = std::process::Command::new("/bin/sh")
-            .args(["-c", "kill -9 $$"])
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        assert_eq!(reaper.wait(ok.id()).await.status, 7);
-        assert_eq!(reaper.wait(killed.id()).await.status, 137);
+    async fn issue16_an_old_exit_is_never_handed_to_a_reused_pid() {
+        let reaper = Reaper::new();
+        // An orphan with pid 4242 exits; nobody asks about it.
+        reaper.deliver(4242, Exit::now(1));
+        // Later a process started by the shim gets pid 4242 again.
+        let mark = reaper.mark();
+        let wait = reaper.wait(4242, mark);
+        tokio::pin!(wait);
+        assert!(
+            futures_poll_once(wait.as_mut()).await.is_none(),
+            "the orphan's exit was handed to the new process"
+        );
+        reaper.deliver(4242, Exit::now(0));
+        assert_eq!(wait.await.status, 0);
+        // Its exit, reaped before the starter asked, is still its own.
+        let mark = reaper.mark();
+        reaper.deliver(4242, Exit::now(7));
+        assert_eq!(reaper.wait(4242, mark).await.status, 7);
+        // And it is remembered for a second waiter.
+        assert_eq!(reaper.wait(4242, mark).await.status, 7);
+        // No pidfd for a process reaped since the mark: its pid may be someone else's.
+        assert!(reaper.pidfd(4242, mark).is_none());
+    }
+
+    #[tokio::test]
+    async fn remembered_exits_are_bounded() {
+        let reaper = Reaper::new();
+        let mark = reaper.mark();
+        for pid in 0..u32::try_from(REMEMBERED * 2).unwrap_or(u32::MAX) {
+            reaper.deliver(100_000 + pid, Exit::now(0));
+        }
+        let inner = reaper.lock();
+        assert_eq!(inner.reaped.len(), REMEMBERED);
+        assert_eq!(inner.order.len(), REMEMBERED);
+        assert!(!inner.reaped.contains_key(&100_000));
+        drop(inner);
+        assert!(reaper.mark() > mark);
+    }
+
+    /// Poll a future once: `Some` if it was ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -18,12 +18,12 @@ use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::ttrpc::r#async::Server;
 use containerd_shim_protos::ttrpc::r#async::transport::Listener;
-use tokio::sync::Notify;
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::events::Publisher;
-use crate::service::{Service, services, timestamp};
+use crate::events::{Publisher, RemoteSink, timestamp};
+use crate::service::{Service, services};
+use crate::task::TaskService;
 
 /// Annotations that group tasks into one shim: the CRI sandbox, or our own.
 pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.switchyard.group"];
@@ -66,7 +66,7 @@ pub fn start<E: Engine>(engine: &E, flags: &Flags) -> Result<String> {
     let path = socket_path(&address);
     if !(group != flags.id && connectable(&path)) {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+            crate::perms::private_dir(dir)?;
         }
         let exe = std::env::current_exe().map_err(Error::io("find the shim's own binary"))?;
         let mut cmd = Command::new(exe);
@@ -136,7 +136,9 @@ fn write_address(bundle: &Path, address: &str) -> Result<()> {
 /// `delete`: the shim is gone; make sure the container is too. Prints a `DeleteResponse`.
 pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
     let bundle = bundle_dir(flags)?;
-    engine.cleanup(&flags.namespace, &flags.id, &bundle).await?;
+    let cleaned = engine.cleanup(&flags.namespace, &flags.id, &bundle).await;
+    crate::bundle::unmount_rootfs(&bundle);
+    cleaned?;
     let resp = DeleteResponse {
         pid: 0,
         exit_status: 128 + 9,
@@ -150,9 +152,12 @@ pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
 /// The server: listen, signal readiness by closing stdout, serve until `Shutdown`.
 pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     let path = socket_path(&flags.socket);
-    let listener = match UnixListener::bind(&path) {
+    if let Some(dir) = path.parent() {
+        crate::perms::private_dir(dir)?;
+    }
+    let listener = match crate::perms::bind(&path) {
         Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse => {
             if connectable(&path) {
                 // Another server of this group won the race; `start` will use it.
                 tracing::info!(socket = %path.display(), "a shim already serves this group");
@@ -160,34 +165,43 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
                 return Ok(());
             }
             let _ = std::fs::remove_file(&path);
-            UnixListener::bind(&path).map_err(Error::io(format!("bind {}", path.display())))?
+            crate::perms::bind(&path)?
         }
-        Err(e) => return Err(Error::io(format!("bind {}", path.display()))(e)),
+        Err(e) => return Err(e),
     };
     let listener = Listener::try_from(listener).map_err(Error::io("ttrpc listener"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
-    let publisher = Publisher::connect(&ttrpc_address, &flags.namespace).await?;
-    let exit = Arc::new(Notify::new());
-    let svc = Arc::new(Service::new(
+    let remote = if ttrpc_address.is_empty() {
+        None
+    } else {
+        Some(RemoteSink::connect(&ttrpc_address, &flags.namespace).await?)
+    };
+    let publisher = match &remote {
+        Some(sink) => Publisher::new(sink.clone()),
+        None => Publisher::none(),
+    };
+    let tasks = Arc::new(TaskService::new(
         engine.clone(),
         &flags.namespace,
         publisher,
-        exit.clone(),
     ));
     let mut server = Server::new()
         .add_listener(listener)
-        .register_service(services(svc));
+        .register_service(services(Arc::new(Service::new(tasks.clone()))));
     server
         .start()
         .await
         .map_err(|e| Error::Internal(format!("start ttrpc server: {e}")))?;
     tracing::info!(socket = %path.display(), "serving");
     release_stdout();
-    exit.notified().await;
+    tasks.stopped().await;
     // Let the Shutdown reply reach the caller before the socket goes away.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let _ = server.shutdown().await;
     engine.shutdown().await;
+    if let Some(sink) = remote {
+        sink.flush(Duration::from_secs(2)).await;
+    }
     let _ = std::fs::remove_file(&path);
     tracing::info!("shim exiting");
     Ok(())

@@ -315,6 +315,7 @@ fn spawn_logger(path: &Path, args: &[String], namespace: &str, id: &str) -> Resu
             },
         ])
         .map_err(|e| Error::Internal(format!("logging binary fds: {e}")))?;
+    crate::sys::child_umask(&mut cmd, crate::sys::WORKLOAD_UMASK);
     use std::os::unix::process::CommandExt as _;
     let _child = cmd.spawn().map_err(Error::io(format!(
         "start logging binary {}",
@@ -337,41 +338,41 @@ fn spawn_logger(path: &Path, args: &[String], namespace: &str, id: &str) -> Resu
     Ok((File::from(out_w), File::from(err_w)))
 }
 
-/// A listening socket on which an OCI runtime sends the pty master (`--console-socket`).
+/// Where console sockets live: a short, root-only directory, so a socket's path stays far
+/// below the 108-byte `sun_path` limit whatever the namespace and ids (a path derived from a
+/// 64-character namespace and id did not fit: issue 18).
+pub const CONSOLE_DIR: &str = "/run/yard-pty";
+
+/// A listening socket on which an OCI runtime sends the pty master (`--console-socket`), in a
+/// fresh private directory that goes with it.
 pub struct ConsoleSocket {
     pub path: PathBuf,
     listener: UnixListener,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: tempfile::TempDir,
 }
 
 impl ConsoleSocket {
-    pub fn new(runtime_dir: &Path) -> Result<ConsoleSocket> {
-        std::fs::create_dir_all(runtime_dir)
-            .map_err(Error::io(format!("create {}", runtime_dir.display())))?;
-        let dir = runtime_dir.join(format!(
-            "pty-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
-        let path = dir.join("pty.sock");
-        let listener =
-            UnixListener::bind(&path).map_err(Error::io(format!("bind {}", path.display())))?;
+    /// A console socket under [`CONSOLE_DIR`].
+    pub fn new() -> Result<ConsoleSocket> {
+        ConsoleSocket::new_in(Path::new(CONSOLE_DIR))
+    }
+
+    /// A console socket in a new directory under `base`.
+    pub fn new_in(base: &Path) -> Result<ConsoleSocket> {
+        crate::perms::private_dir(base)?;
+        let dir = tempfile::Builder::new()
+            .prefix("pty")
+            .tempdir_in(base)
+            .map_err(Error::io(format!(
+                "create a directory in {}",
+                base.display()
+            )))?;
+        let path = dir.path().join("pty.sock");
+        let listener = crate::perms::bind(&path)?;
         Ok(ConsoleSocket {
             path,
             listener,
-            _dir: TempDir(dir),
+            _dir: dir,
         })
     }
 
@@ -558,5 +559,48 @@ mod tests {
         o.stderr.write_all(b"err\n").unwrap();
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "out\nerr\n");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn issue18_console_sockets_are_short_and_pass_the_master() {
+        let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let console = ConsoleSocket::new_in(tmp.path()).unwrap_or_else(|e| panic!("{e}"));
+        // The default place leaves room for any id: the path does not contain one.
+        assert!(
+            CONSOLE_DIR.len() + "/pty123456/pty.sock".len() < 64,
+            "{CONSOLE_DIR}"
+        );
+        let (r, w) = rustix::pipe::pipe().unwrap_or_else(|e| panic!("{e}"));
+        let path = console.path.clone();
+        let sender = std::thread::spawn(move || {
+            let stream = std::os::unix::net::UnixStream::connect(&path)
+                .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+            let fds = [w.as_fd()];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+            assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+            rustix::net::sendmsg(
+                &stream,
+                &[std::io::IoSlice::new(b"pty")],
+                &mut control,
+                rustix::net::SendFlags::empty(),
+            )
+            .unwrap_or_else(|e| panic!("sendmsg: {e}"));
+        });
+        let fd = console
+            .receive(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+        sender.join().unwrap_or_else(|_| panic!("sender panicked"));
+        File::from(fd)
+            .write_all(b"hello")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut got = [0u8; 5];
+        File::from(r)
+            .read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got, b"hello");
+        let dir = console.path.parent().map(Path::to_path_buf);
+        drop(console);
+        assert!(dir.is_some_and(|d| !d.exists()), "socket directory left");
     }
 }

@@ -2,7 +2,8 @@
 //! notification, straight through the container's cgroup (youki's libcgroups picks the v1 or v2
 //! driver from the host).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use libcgroups::common::{
@@ -10,6 +11,7 @@ use libcgroups::common::{
 };
 use libcgroups::stats::Stats;
 use oci_spec::runtime::LinuxResources;
+use rustix::process::{Pid, PidfdFlags, Signal};
 use yard_shim_kit::protos::cgroups::metrics as v1;
 use yard_shim_kit::protos::cgroups_v2::metrics as v2;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
@@ -60,11 +62,23 @@ impl Cgroup {
         Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
     }
 
+    /// Signal every process in the cgroup, by pidfd. A listed process may exit, and its pid be
+    /// reused outside the container, before the signal: so each is pinned with a pidfd first,
+    /// and signalled only if its pid is still listed afterwards. A pid still listed is still the
+    /// pinned process (or that process has died since, and its pidfd signals nobody).
     pub fn kill_all(&self, signal: u32) -> Result<(), Error> {
         let sig = to_signal(signal)?;
-        for pid in self.pids()? {
-            // A process may exit between the listing and the signal.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        let pinned: Vec<(u32, OwnedFd)> = self
+            .pids()?
+            .into_iter()
+            .filter_map(|pid| pidfd(pid).map(|fd| (pid, fd)))
+            .collect();
+        let listed: HashSet<u32> = self.pids()?.into_iter().collect();
+        for (pid, fd) in pinned {
+            if listed.contains(&pid) {
+                // A process may exit between the listing and the signal.
+                let _ = rustix::process::pidfd_send_signal(&fd, sig);
+            }
         }
         Ok(())
     }
@@ -141,9 +155,17 @@ impl Cgroup {
     }
 }
 
-pub fn to_signal(signal: u32) -> Result<nix::sys::signal::Signal, Error> {
-    nix::sys::signal::Signal::try_from(signal as i32)
-        .map_err(|_| Error::InvalidArgument(format!("signal: {signal} is not a valid signal")))
+pub fn to_signal(signal: u32) -> Result<Signal, Error> {
+    i32::try_from(signal)
+        .ok()
+        .and_then(Signal::from_named_raw)
+        .ok_or_else(|| Error::InvalidArgument(format!("signal: {signal} is not a valid signal")))
+}
+
+/// A pidfd for `pid`, if it names a live (or unreaped) process.
+fn pidfd(pid: u32) -> Option<OwnedFd> {
+    let pid = Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()
 }
 
 fn stat(map: &HashMap<String, u64>, key: &str) -> u64 {

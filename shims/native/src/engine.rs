@@ -5,6 +5,7 @@
 //! done here through the container's cgroup.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -15,10 +16,11 @@ use async_trait::async_trait;
 use yard_shim_kit::protos::protobuf::Message;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::protos::shim::oci::Options as RuncOptions;
+use yard_shim_kit::reaper::{self, Mark};
 use yard_shim_kit::stdio::{self, ConsoleCopy, ConsoleSocket, StdinCloser, StdioSpec};
 use yard_shim_kit::{
     Container, CreateRequest, Engine, Error, ExecRequest, Exit, Process, ProcessInfo, Result,
-    reaper,
+    Rootfs,
 };
 
 use crate::cgroups::{self, Cgroup};
@@ -152,6 +154,9 @@ impl Oci {
             cmd.args(["--log-format", "json"]);
         }
         cmd.args(args);
+        // The runtime's children become the container's processes, which start with the
+        // umask runc gives them, not the shim's.
+        yard_shim_kit::sys::child_umask(&mut cmd, yard_shim_kit::sys::WORKLOAD_UMASK);
         match stdio {
             Some((i, o, e)) => cmd.stdin(i).stdout(o).stderr(e),
             None => cmd
@@ -159,6 +164,8 @@ impl Oci {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         };
+        let reaper = reaper::global();
+        let since = reaper.mark();
         let child = cmd
             .spawn()
             .map_err(Error::io(format!("run {}", self.binary.display())))?;
@@ -166,13 +173,13 @@ impl Oci {
         let pid = child.id();
         // The reaper owns waitpid; the std handle is only dropped.
         drop(child);
-        let exit = match tokio::time::timeout(RUNTIME_TIMEOUT, reaper::global().wait(pid)).await {
+        let pidfd = reaper.pidfd(pid, since);
+        let exit = match tokio::time::timeout(RUNTIME_TIMEOUT, reaper.wait(pid, since)).await {
             Ok(exit) => exit,
             Err(_) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                if let Some(fd) = &pidfd {
+                    let _ = rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                }
                 return Err(Error::Internal(format!(
                     "{} {} did not finish in {}s",
                     self.name(),
@@ -238,12 +245,15 @@ struct Stdio3 {
     console: Option<ConsoleSocket>,
 }
 
-fn open_stdio(spec: &StdioSpec, ns: &str, id: &str, work: &Path) -> Result<Stdio3> {
+/// The stdio of a process: files, or for a terminal a console socket the runtime sends the pty
+/// master to. The socket's path does not depend on the namespace or ids, which may be long
+/// enough to overflow a socket address.
+fn open_stdio(spec: &StdioSpec, ns: &str, id: &str) -> Result<Stdio3> {
     if spec.terminal {
         Ok(Stdio3 {
             files: None,
             stdin_closer: StdinCloser::default(),
-            console: Some(ConsoleSocket::new(work)?),
+            console: Some(ConsoleSocket::new()?),
         })
     } else {
         let o = stdio::open(spec, ns, id)?;
@@ -297,14 +307,7 @@ impl Engine for NativeEngine {
 
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
         let oci = Arc::new(Oci::new(&req.namespace, req.options.as_ref())?);
-        let mounted = yard_shim_kit::bundle::mount_rootfs(&req.bundle, &req.rootfs)?;
-        let result = create_container(&oci, &req, mounted.clone()).await;
-        if result.is_err()
-            && let Some(target) = &mounted
-        {
-            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-        }
-        result
+        create_container(&oci, &req).await
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
@@ -317,7 +320,6 @@ impl Engine for NativeEngine {
             let _ = std::fs::create_dir_all(&work);
         }
         let r = oci.delete(id, true, &log).await;
-        yard_shim_kit::bundle::unmount_rootfs(bundle);
         let _ = std::fs::remove_dir_all(&work);
         r
     }
@@ -343,20 +345,23 @@ fn read_bundle_options(bundle: &Path) -> Option<Any> {
     })
 }
 
-async fn create_container(
-    oci: &Arc<Oci>,
-    req: &CreateRequest,
-    mounted: Option<PathBuf>,
-) -> Result<Arc<dyn Container>> {
-    let spec = spec::load(&req.bundle)?;
-    let cgroup = Cgroup::new(spec::cgroup_path(&spec, &req.namespace, &req.id), &req.id);
+async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn Container>> {
+    let spec = &req.spec;
+    // The kit mounts the rootfs; this engine never asks for the mounts themselves.
+    if let Rootfs::Mounts(_) = &req.rootfs {
+        return Err(Error::Internal(
+            "rootfs: mounts handed over unmounted".into(),
+        ));
+    }
+    spec::validate(spec, &req.bundle)?;
+    let cgroup = Cgroup::new(spec::cgroup_path(spec, &req.namespace, &req.id), &req.id);
     if spec
         .linux()
         .as_ref()
         .and_then(|l| l.cgroups_path().as_ref())
         .is_none()
     {
-        ensure_cgroup_path(&req.bundle, &req.namespace, &req.id)?;
+        ensure_cgroup_path(&req.bundle, &req.config, &req.namespace, &req.id)?;
     }
     if spec
         .process()
@@ -374,7 +379,7 @@ async fn create_container(
     let pid_file = work.join("init.pid");
     let log = work.join("create.log");
     let _ = std::fs::remove_file(&log);
-    let io = open_stdio(&req.stdio, &req.namespace, &req.id, &work)?;
+    let io = open_stdio(&req.stdio, &req.namespace, &req.id)?;
     let stdin_closer = io.stdin_closer.clone();
     let bundle = req.bundle.display().to_string();
     let pid_arg = pid_file.display().to_string();
@@ -386,6 +391,8 @@ async fn create_container(
         &pid_arg,
         &req.id,
     ];
+    // Before the runtime runs: the init it creates is a child of this shim only after that.
+    let since = reaper::global().mark();
     let console =
         match run_with_console(oci, &args, io, &log, &req.stdio, &req.namespace, &req.id).await {
             Ok(c) => c,
@@ -397,6 +404,7 @@ async fn create_container(
             }
         };
     let pid = read_pid(&pid_file)?;
+    let pidfd = reaper::global().pidfd(pid, since);
     let oom = match cgroup.watch_oom(req.events.clone()) {
         Ok(h) => Some(h),
         Err(e) => {
@@ -411,6 +419,7 @@ async fn create_container(
         work: work.clone(),
         namespace: req.namespace.clone(),
         pid: AtomicU32::new(pid),
+        started: Mutex::new(Started { since, pidfd }),
         stdio: req.stdio.clone(),
         console: Mutex::new(console),
         stdin_closer: Mutex::new(stdin_closer),
@@ -423,15 +432,14 @@ async fn create_container(
         cgroup,
         init,
         oom: Mutex::new(oom),
-        mounted,
     }))
 }
 
 /// libcontainer needs a cgroup path; containerd's clients always set one, other callers may not.
-fn ensure_cgroup_path(bundle: &Path, namespace: &str, id: &str) -> Result<()> {
+/// The bundle's `config.json` (as the kit read it) is rewritten with one, keeping every field.
+fn ensure_cgroup_path(bundle: &Path, config: &[u8], namespace: &str, id: &str) -> Result<()> {
     let path = bundle.join("config.json");
-    let bytes = std::fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
-    let mut v: serde_json::Value = serde_json::from_slice(&bytes)
+    let mut v: serde_json::Value = serde_json::from_slice(config)
         .map_err(|e| Error::InvalidArgument(format!("config.json: {e}")))?;
     v["linux"]["cgroupsPath"] = serde_json::Value::String(format!("/yard-native/{namespace}/{id}"));
     let out = serde_json::to_vec(&v).map_err(|e| Error::Internal(e.to_string()))?;
@@ -445,7 +453,6 @@ struct NativeContainer {
     cgroup: Cgroup,
     init: Arc<NativeProcess>,
     oom: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    mounted: Option<PathBuf>,
 }
 
 #[async_trait]
@@ -474,6 +481,7 @@ impl Container for NativeContainer {
             work: self.work.clone(),
             namespace: self.init.namespace.clone(),
             pid: AtomicU32::new(0),
+            started: Mutex::new(Started::default()),
             stdio: req.stdio.clone(),
             console: Mutex::new(None),
             stdin_closer: Mutex::new(StdinCloser::default()),
@@ -519,12 +527,18 @@ impl Container for NativeContainer {
             Err(_) if !force => self.oci.delete(&self.id, true, &log).await,
             other => other,
         };
-        if let Some(target) = &self.mounted {
-            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
-        }
         let _ = std::fs::remove_dir_all(&self.work);
         r
     }
+}
+
+/// What identifies a started process beyond its pid: the reaper's mark from before it existed
+/// (only exits after it are its own) and a pidfd to signal it by (`None` once it was reaped
+/// before the pidfd could be opened).
+#[derive(Default)]
+struct Started {
+    since: Mark,
+    pidfd: Option<OwnedFd>,
 }
 
 struct NativeProcess {
@@ -534,6 +548,7 @@ struct NativeProcess {
     work: PathBuf,
     namespace: String,
     pid: AtomicU32,
+    started: Mutex<Started>,
     stdio: StdioSpec,
     console: Mutex<Option<ConsoleCopy>>,
     stdin_closer: Mutex<StdinCloser>,
@@ -558,7 +573,7 @@ impl Process for NativeProcess {
         let log = self.work.join(format!("{exec_id}.log"));
         std::fs::write(&spec_path, &self.spec)
             .map_err(Error::io(format!("write {}", spec_path.display())))?;
-        let io = open_stdio(&self.stdio, &self.namespace, &self.container_id, &self.work)?;
+        let io = open_stdio(&self.stdio, &self.namespace, &self.container_id)?;
         *self.stdin_closer.lock().unwrap_or_else(|p| p.into_inner()) = io.stdin_closer.clone();
         let spec_arg = spec_path.display().to_string();
         let pid_arg = pid_file.display().to_string();
@@ -571,6 +586,7 @@ impl Process for NativeProcess {
             &pid_arg,
             &self.container_id,
         ];
+        let since = reaper::global().mark();
         let r = run_with_console(
             &self.oci,
             &args,
@@ -593,12 +609,17 @@ impl Process for NativeProcess {
         let pid = read_pid(&pid_file)?;
         let _ = std::fs::remove_file(&pid_file);
         let _ = std::fs::remove_file(&log);
+        *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Started {
+            since,
+            pidfd: reaper::global().pidfd(pid, since),
+        };
         self.pid.store(pid, Ordering::SeqCst);
         Ok(pid)
     }
 
     async fn wait(&self) -> Exit {
-        let exit = reaper::global().wait(self.pid()).await;
+        let since = self.started.lock().unwrap_or_else(|p| p.into_inner()).since;
+        let exit = reaper::global().wait(self.pid(), since).await;
         let console = self
             .console
             .lock()
@@ -611,15 +632,19 @@ impl Process for NativeProcess {
         exit
     }
 
+    /// By pidfd, never by pid: the pid may belong to another process once this one is reaped.
     async fn kill(&self, signal: u32) -> Result<()> {
         let pid = self.pid();
         if pid == 0 {
             return Err(Error::FailedPrecondition("process has not started".into()));
         }
         let sig = cgroups::to_signal(signal)?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).map_err(|e| {
-            if e == nix::errno::Errno::ESRCH {
-                Error::NotFound(format!("process {pid} already finished"))
+        let started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        let finished = || Error::NotFound(format!("process {pid} already finished"));
+        let fd = started.pidfd.as_ref().ok_or_else(finished)?;
+        rustix::process::pidfd_send_signal(fd, sig).map_err(|e| {
+            if e == rustix::io::Errno::SRCH {
+                finished()
             } else {
                 Error::Internal(format!("kill {pid}: {e}"))
             }
@@ -652,5 +677,51 @@ impl Process for NativeProcess {
             c.close_stdin();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issue18_a_terminal_gets_a_console_socket_whatever_the_ids() {
+        if !rustix::process::geteuid().is_root() {
+            let reason = "needs root (console sockets live under /run)";
+            assert!(
+                std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_none_or(|v| v != "1"),
+                "{reason}"
+            );
+            eprintln!("skipped: {reason}");
+            return;
+        }
+        let namespace = "n".repeat(64);
+        let id = "i".repeat(64);
+        // Where the socket used to go: too long for a socket address with these ids.
+        let oci = Oci {
+            binary: PathBuf::from("/bin/true"),
+            prefix: Vec::new(),
+            root: PathBuf::from(STATE_ROOT).join(&namespace),
+            external: false,
+        };
+        let old = work_dir(&oci, &id).join("pty-123456-123456789/pty.sock");
+        assert!(old.as_os_str().len() > yard_shim_kit::perms::SOCKET_PATH_MAX);
+
+        let spec = StdioSpec {
+            terminal: true,
+            ..Default::default()
+        };
+        let io = open_stdio(&spec, &namespace, &id).unwrap_or_else(|e| panic!("{e}"));
+        let console = io.console.unwrap_or_else(|| panic!("no console socket"));
+        let path = console.path.clone();
+        assert!(
+            path.as_os_str().len() <= yard_shim_kit::perms::SOCKET_PATH_MAX,
+            "{}",
+            path.display()
+        );
+        std::os::unix::net::UnixStream::connect(&path)
+            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        drop(console);
+        assert!(!path.exists(), "console socket left behind");
     }
 }

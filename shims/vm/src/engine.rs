@@ -22,14 +22,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use yard_agent_protocol as proto;
-use yard_shim_kit::bundle::{mount_rootfs, parse_json, rootfs_dir, unmount_rootfs};
+use yard_shim_kit::bundle::{parse_json, rootfs_dir, unmount_rootfs};
 use yard_shim_kit::protos::cgroups_v2::metrics as v2;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::protos::protobuf::{Message as _, MessageField};
 use yard_shim_kit::stdio::{self, StdinCloser, StdioSpec};
 use yard_shim_kit::{
     Container, CreateRequest, Engine, Error, ExecRequest, Exit, Process, ProcessInfo, Publisher,
-    Result,
+    Result, Rootfs,
 };
 
 use crate::agent::Agent;
@@ -167,27 +167,26 @@ impl Engine for VmEngine {
         "containerd-shim-yard-vm-v1"
     }
 
+    /// A single EROFS image file goes to the guest as it is (see [`prebuilt_image`]).
+    fn hands_over_rootfs(&self, mounts: &[yard_shim_kit::protos::types::mount::Mount]) -> bool {
+        matches!(mounts, [m] if m.type_ == "erofs")
+    }
+
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
-        let path = req.bundle.join("config.json");
-        let bytes = std::fs::read(&path).map_err(|e| {
-            Error::InvalidArgument(format!("config.json: cannot read {}: {e}", path.display()))
-        })?;
-        let spec: Spec = parse_json(&bytes, "config.json")?;
+        // The kit has read the spec and mounted a rootfs it did not hand over (and unmounts it).
+        let spec = &req.spec;
         if spec.process().is_none() {
             return Err(Error::InvalidArgument(
                 "config.json: process: missing".into(),
             ));
         }
-        host_binds(&spec)?;
-        if let Some(image) = prebuilt_image(&req.rootfs)? {
-            return self.create_container(&req, &spec, bytes, Some(image)).await;
-        }
-        let mounted = mount_rootfs(&req.bundle, &req.rootfs)?.is_some();
-        let r = self.create_container(&req, &spec, bytes, None).await;
-        if r.is_err() && mounted {
-            unmount_rootfs(&req.bundle);
-        }
-        r
+        host_binds(spec)?;
+        let prebuilt = match &req.rootfs {
+            Rootfs::Mounts(mounts) => prebuilt_image(mounts)?,
+            Rootfs::Dir(_) => None,
+        };
+        self.create_container(&req, spec, req.config.clone(), prebuilt)
+            .await
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {

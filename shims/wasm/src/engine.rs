@@ -12,9 +12,9 @@ use std::sync::atomic::AtomicU64;
 use async_trait::async_trait;
 use oci_spec::runtime::Spec;
 use tokio::sync::OnceCell;
-use yard_shim_kit::bundle::{mount_rootfs, parse_json, rootfs_dir, unmount_rootfs};
+use yard_shim_kit::bundle::unmount_rootfs;
 use yard_shim_kit::stdio::{self, ConsoleCopy, StdinCloser};
-use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result};
+use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result, Rootfs};
 
 use crate::config::{Options, TaskSettings};
 use crate::runtime::Runtime;
@@ -56,17 +56,8 @@ impl Engine for WasmEngine {
     }
 
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
-        let path = req.bundle.join("config.json");
-        let bytes = std::fs::read(&path).map_err(|e| {
-            Error::InvalidArgument(format!("config.json: cannot read {}: {e}", path.display()))
-        })?;
-        let spec: Spec = parse_json(&bytes, "config.json")?;
-        let mounted = mount_rootfs(&req.bundle, &req.rootfs)?.is_some();
-        let r = self.create_task(&req, &spec, mounted).await;
-        if r.is_err() && mounted {
-            unmount_rootfs(&req.bundle);
-        }
-        r
+        // The kit has read the spec and mounted the rootfs (and unmounts it).
+        self.create_task(&req, &req.spec, false).await
     }
 
     async fn cleanup(&self, _namespace: &str, _id: &str, bundle: &Path) -> Result<()> {
@@ -122,10 +113,11 @@ impl WasmEngine {
                 "config.json: process.args: empty (args[0] names the .wasm file to run)".into(),
             ));
         };
-        let rootfs = rootfs_dir(
-            &req.bundle,
-            spec.root().as_ref().map(|r| r.path().as_path()),
-        )?;
+        let Rootfs::Dir(rootfs) = req.rootfs.clone() else {
+            return Err(Error::Internal(
+                "rootfs: mounts handed over unmounted".into(),
+            ));
+        };
         let cwd = process.cwd().to_string_lossy().into_owned();
         let module = module_path(&rootfs, &cwd, arg0)?;
         let env: Vec<(String, String)> = process
