@@ -1,0 +1,58 @@
+//! A busybox root filesystem (Debian's busybox-static) for containers, and files written for
+//! tests.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The host's busybox-static, if installed.
+pub fn busybox_binary() -> Option<&'static Path> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+}
+
+/// Fills `dir` with a minimal busybox root: `/bin/busybox` and a symlink per applet, the usual
+/// mount points, and `/etc/passwd` and `/etc/group` with root.
+pub fn busybox_tree(dir: &Path) {
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "run", "root"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let busybox = busybox_binary().expect("busybox (apt-get install busybox-static)");
+    std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
+    let list = Command::new(dir.join("bin/busybox"))
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
+        }
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+}
+
+/// A busybox root filesystem ([`busybox_tree`] plus `/etc/hello.txt`), made once per test
+/// process.
+pub fn busybox_rootfs() -> &'static Path {
+    static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
+    ROOTFS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("switchyard-busybox-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        busybox_tree(&dir);
+        std::fs::write(dir.join("etc/hello.txt"), "hello from the rootfs\n").unwrap();
+        dir
+    })
+}
+
+/// Writes a file, creating parents.
+pub fn write(path: &Path, content: &str) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+}
