@@ -1038,6 +1038,7 @@ fn issue16_output_reaches_a_reader_that_opens_late(name: &'static str) {
     let fifo_dir = tempfile::tempdir().unwrap();
     let stdout = fifo_dir.path().join("stdout");
     nix::unistd::mkfifo(&stdout, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    write(&fifo_dir.path().join("stderr"), "");
 
     // The task API, as ctr drives it: Create, Start, Wait, on a thread of its own.
     let (socket, task_id, fifo) = (c.d.socket.clone(), id.clone(), stdout.clone());
@@ -1054,6 +1055,8 @@ fn issue16_output_reaches_a_reader_that_opens_late(name: &'static str) {
             t.create(tasks::CreateTaskRequest {
                 container_id: task_id.clone(),
                 stdout: fifo.display().to_string(),
+                // A plain file: containerd's runc shim takes no empty path but stdin's.
+                stderr: fifo.with_file_name("stderr").display().to_string(),
                 ..Default::default()
             })
             .await
