@@ -204,7 +204,14 @@ impl Daemon {
     /// Starts a daemon on the embedded default config, with paths moved into a temp dir and
     /// `extra` TOML appended.
     pub fn start_with(extra: &str) -> Daemon {
-        let (dir, socket, config) = private_dir("sy-", |root, state, sock| {
+        Self::start_in(|_| extra.to_owned())
+    }
+
+    /// Like [`Daemon::start_with`], the TOML made from the daemon's private directory (where
+    /// a runtime's cache can go, removed with the daemon).
+    pub fn start_in(extra: impl FnOnce(&Path) -> String) -> Daemon {
+        let (dir, socket, config) = private_dir("sy-", |dir, root, state, sock| {
+            let extra = extra(dir);
             format!(
                 "root = \"{root}\"\nstate = \"{state}\"\n[grpc]\naddress = \"{sock}\"\n[log]\nlevel = \"debug\"\n{extra}\n"
             )
@@ -424,7 +431,7 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(binary: &Path) -> Containerd {
-        let (dir, socket, config) = private_dir("ctd-", |root, state, sock| {
+        let (dir, socket, config) = private_dir("ctd-", |_, root, state, sock| {
             format!(
                 "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\naddress = \"{sock}\"\n"
             )
@@ -533,10 +540,10 @@ pub fn require_peer_containerd(name: &str) -> Option<PathBuf> {
 }
 
 /// A private directory for one daemon: its root, state, socket (returned), config (returned,
-/// written from `config(root, state, socket)`) and log.
+/// written from `config(dir, root, state, socket)`) and log.
 fn private_dir(
     prefix: &str,
-    config: impl FnOnce(&str, &str, &str) -> String,
+    config: impl FnOnce(&Path, &str, &str, &str) -> String,
 ) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::Builder::new()
         .prefix(prefix)
@@ -547,7 +554,12 @@ fn private_dir(
     let path = |name: &str| dir.path().join(name).display().to_string();
     write(
         &file,
-        &config(&path("root"), &path("state"), &socket.display().to_string()),
+        &config(
+            dir.path(),
+            &path("root"),
+            &path("state"),
+            &socket.display().to_string(),
+        ),
     );
     (dir, socket, file)
 }

@@ -35,15 +35,31 @@ pub fn busybox_tree(dir: &Path) {
     std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
 }
 
-/// A busybox root filesystem ([`busybox_tree`] plus `/etc/hello.txt`), made once per test
-/// process.
+/// A busybox root filesystem ([`busybox_tree`] plus `/etc/hello.txt`), shared by the test
+/// processes of the machine (tests write only names of their own into it, and remove them):
+/// made once, and renamed into place whole, so a concurrent process never sees it half made.
 pub fn busybox_rootfs() -> &'static Path {
     static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
     ROOTFS.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("switchyard-busybox-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        busybox_tree(&dir);
-        std::fs::write(dir.join("etc/hello.txt"), "hello from the rootfs\n").unwrap();
+        // The version changes with what is in the tree.
+        let dir = std::env::temp_dir().join("switchyard-busybox-v1");
+        if dir.join("etc/hello.txt").is_file() {
+            return dir;
+        }
+        let new =
+            std::env::temp_dir().join(format!("switchyard-busybox-v1.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_dir_all(&new);
+        busybox_tree(&new);
+        std::fs::write(new.join("etc/hello.txt"), "hello from the rootfs\n").unwrap();
+        if std::fs::rename(&new, &dir).is_err() {
+            // Another process made it first.
+            let _ = std::fs::remove_dir_all(&new);
+            assert!(
+                dir.join("etc/hello.txt").is_file(),
+                "{} is not a busybox rootfs",
+                dir.display()
+            );
+        }
         dir
     })
 }

@@ -27,7 +27,7 @@ fn has_guest() -> bool {
     which("qemu-system-x86_64").is_some() && guest_kernel_and_initrd().is_some()
 }
 
-/// switchyardd with the wasm and vm runtimes' caches in temp dirs.
+/// switchyardd with the wasm and vm runtimes' caches in its own directory.
 fn daemon() -> Option<Daemon> {
     daemon_with("")
 }
@@ -37,17 +37,16 @@ fn daemon_with(extra: &str) -> Option<Daemon> {
         return None;
     }
     let g = guest_dir();
-    let cache = std::env::temp_dir().join(unique_id("img-cache"));
-    Some(Daemon::start_with(
-        &(format!(
+    Some(Daemon::start_in(|dir| {
+        format!(
             "[runtimes.wasm]\nruntime_type = \"io.containerd.yard-wasm.v1\"\n[runtimes.wasm.options]\ncache_dir = \"{wasm}\"\n\
          [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n[runtimes.vm.options]\nkernel = \"{k}\"\ninitrd = \"{i}\"\ncache_dir = \"{vm}\"\n",
-            wasm = cache.join("wasm").display(),
-            vm = cache.join("vm").display(),
+            wasm = dir.join("wasm-cache").display(),
+            vm = dir.join("vm-cache").display(),
             k = g.join("vmlinux").display(),
             i = g.join("initrd.img").display(),
-        ) + extra),
-    ))
+        ) + extra
+    }))
 }
 
 fn images_root(d: &Daemon) -> PathBuf {

@@ -35,27 +35,22 @@ fn prerequisites(programs: &[&str]) -> bool {
     require_root_and(&needed) && require_guest()
 }
 
-/// switchyardd's config for the vm runtime with the installed guest, its image cache in a temp
-/// dir, plus `options`.
-fn vm_config(kernel: &Path, options: &str) -> String {
-    let cache = std::env::temp_dir().join(unique_id("vm-cache"));
-    format!(
-        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n{options}\n",
-        kernel.display(),
-        guest_dir().join("initrd.img").display(),
-        cache.display()
-    )
+/// switchyardd's config for the vm runtime with the installed guest (`kernel` instead of its
+/// kernel), its image cache in the daemon's directory, plus `options`.
+fn vm_daemon(kernel: &Path, options: &str) -> Daemon {
+    Daemon::start_in(|dir| {
+        format!(
+            "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n{options}\n",
+            kernel.display(),
+            guest_dir().join("initrd.img").display(),
+            dir.join("vm-cache").display()
+        )
+    })
 }
 
 /// switchyardd whose vm runtime runs the installed guest, plus `options`.
 fn daemon(options: &str) -> Option<Daemon> {
-    if !prerequisites(&[]) {
-        return None;
-    }
-    Some(Daemon::start_with(&vm_config(
-        &guest_dir().join("vmlinux"),
-        options,
-    )))
+    prerequisites(&[]).then(|| vm_daemon(&guest_dir().join("vmlinux"), options))
 }
 
 fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
@@ -379,7 +374,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
         return;
     }
     // A missing kernel: the error says how to get one.
-    let d = Daemon::start_with(&vm_config(Path::new("/nonexistent/vmlinux"), ""));
+    let d = vm_daemon(Path::new("/nonexistent/vmlinux"), "");
     let id = unique_id("vm-nokernel");
     let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/true"]);
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
@@ -396,7 +391,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("vmlinux");
     std::fs::write(&junk, vec![0x7fu8; 4096]).unwrap();
-    let d = Daemon::start_with(&vm_config(&junk, "boot_timeout_ms = 20000"));
+    let d = vm_daemon(&junk, "boot_timeout_ms = 20000");
     let id = unique_id("vm-junk");
     let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/true"]);
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));

@@ -43,11 +43,13 @@ fn daemon_with(programs: &[&str], options: &str) -> Option<(Daemon, PathBuf)> {
     if !require_root_and(&needed) {
         return None;
     }
-    let cache = std::env::temp_dir().join(unique_id("wasm-cache"));
-    let d = Daemon::start_with(&format!(
-        "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n{options}\n",
-        cache.display()
-    ));
+    let d = Daemon::start_in(|dir| {
+        format!(
+            "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n{options}\n",
+            dir.join("wasm-cache").display()
+        )
+    });
+    let cache = d.dir.path().join("wasm-cache");
     Some((d, cache))
 }
 
