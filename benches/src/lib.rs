@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
+pub use switchyard_tests::env_usize;
 use switchyard_tests::{Ctr, busybox_rootfs, show, unique_id, which};
 
 /// Summary statistics of a set of timings.
@@ -57,14 +58,6 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// A numeric setting from the environment (`RUNS`, `DENSITY`, ...), or `default`.
-pub fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
 }
 
 /// The wall time of `ctr run --rm --runtime RUNTIME_TYPE --rootfs BUSYBOX ID /bin/true` against

@@ -112,25 +112,6 @@ pub trait Ctr {
         })
     }
 
-    /// `ctr run --runtime TYPE EXTRA --rootfs ROOTFS ID CMD`, to run with a deadline or timed.
-    fn ctr_run_command(
-        &self,
-        runtime_type: &str,
-        rootfs: &Path,
-        extra: &[&str],
-        id: &str,
-        cmd: &[&str],
-    ) -> Command {
-        let mut c = self.ctr_command();
-        c.args(["run", "--runtime", runtime_type])
-            .args(extra)
-            .arg("--rootfs")
-            .arg(rootfs)
-            .arg(id)
-            .args(cmd);
-        c
-    }
-
     /// `ctr run --runtime TYPE EXTRA --rootfs ROOTFS ID CMD`, within [`CLIENT_DEADLINE`].
     fn ctr_run(
         &self,
@@ -140,10 +121,14 @@ pub trait Ctr {
         id: &str,
         cmd: &[&str],
     ) -> Output {
-        run_timeout(
-            &mut self.ctr_run_command(runtime_type, rootfs, extra, id, cmd),
-            CLIENT_DEADLINE,
-        )
+        let mut c = self.ctr_command();
+        c.args(["run", "--runtime", runtime_type])
+            .args(extra)
+            .arg("--rootfs")
+            .arg(rootfs)
+            .arg(id)
+            .args(cmd);
+        run_timeout(&mut c, CLIENT_DEADLINE)
     }
 
     /// Waits (up to `timeout`) until `ctr task ls` shows task `id` with `status`; asserts it

@@ -76,3 +76,12 @@ pub fn unique_id(prefix: &str) -> String {
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
 }
+
+/// A count from the environment (`RUNS`, `SWITCHYARD_VM_RUNS`, ...), or `default` when unset or
+/// not a number.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}

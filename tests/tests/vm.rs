@@ -318,10 +318,7 @@ fn no_leaks_after_runs_or_a_killed_shim() {
     let Some(mut d) = daemon("") else {
         return;
     };
-    let runs: usize = std::env::var("SWITCHYARD_VM_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let runs = env_usize("SWITCHYARD_VM_RUNS", 20);
     let mut ids = Vec::new();
     for i in 0..runs {
         let id = unique_id("vm-leak");

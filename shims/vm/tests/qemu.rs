@@ -24,7 +24,7 @@ use containerd_shim_yard_vm_v1::hypervisor::{Accel, BootVmError, Hypervisor, VmC
 use containerd_shim_yard_vm_v1::image::ImageCache;
 use containerd_shim_yard_vm_v1::qemu::{self, Qemu};
 use containerd_shim_yard_vm_v1::virt::{self, AccelPreference};
-use switchyard_tests::{busybox_binary, processes_matching, reaped, require};
+use switchyard_tests::{busybox_binary, env_usize, processes_matching, reaped, require};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use yard_agent_protocol::READY_BANNER;
 
@@ -444,10 +444,7 @@ async fn missing_files_are_named_before_anything_starts() {
 #[ignore = "a measurement, not a check"]
 async fn boot_time_report() {
     let g = guest_or_skip!();
-    let runs: usize = std::env::var("BOOTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5);
+    let runs = env_usize("BOOTS", 5);
     let mut times = Vec::new();
     for i in 0..runs {
         let state = tempfile::tempdir().unwrap();
