@@ -8,36 +8,13 @@
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use switchyard_benches::{Stats, mib, row};
+use switchyard_benches::{Stats, containerd_under_test, env_usize, mib, row, time_ctr_run};
 use switchyard_tests::daemon::rss_kib;
-use switchyard_tests::{
-    Containerd, Daemon, busybox_rootfs, require_root_and, run_timeout, text, unique_id, which,
-};
+use switchyard_tests::{Containerd, Daemon, busybox_rootfs, require_root_and, text};
 
-fn ctr_run(mut ctr: Command) -> Duration {
-    let id = unique_id("bench");
-    ctr.args([
-        "run",
-        "--rm",
-        "--runtime",
-        "io.containerd.runc.v2",
-        "--rootfs",
-    ])
-    .arg(busybox_rootfs())
-    .arg(&id)
-    .arg("/bin/true");
-    let t = Instant::now();
-    let out = run_timeout(&mut ctr, Duration::from_secs(60));
-    let elapsed = t.elapsed();
-    assert!(
-        out.status.success(),
-        "ctr run failed: {}",
-        text(&out.stderr)
-    );
-    elapsed
-}
+const RUNC: &str = "io.containerd.runc.v2";
 
 fn version(bin: &std::path::Path) -> String {
     Command::new(bin)
@@ -57,14 +34,8 @@ fn main() {
     if !require_root_and(&["ctr", "containerd", "runc", "containerd-shim-runc-v2"]) {
         return;
     }
-    let containerd_bin = std::env::var_os("CONTAINERD")
-        .map(Into::into)
-        .or_else(|| which("containerd"))
-        .expect("containerd");
-    let runs: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(30);
+    let containerd_bin = containerd_under_test();
+    let runs = env_usize("RUNS", 30);
     busybox_rootfs();
 
     let ctd = Containerd::start(&containerd_bin);
@@ -75,19 +46,19 @@ fn main() {
     let rss_sy_cold = rss_kib(sy.pid().unwrap()).unwrap_or(0);
 
     for _ in 0..3 {
-        ctr_run(ctd.ctr());
-        ctr_run(sy.ctr());
+        time_ctr_run(&ctd, RUNC);
+        time_ctr_run(&sy, RUNC);
     }
     let mut t_ctd = Vec::with_capacity(runs);
     let mut t_sy = Vec::with_capacity(runs);
     for i in 0..runs {
         // Alternate who goes first so drift (page cache, CPU frequency) hits both alike.
         if i % 2 == 0 {
-            t_ctd.push(ctr_run(ctd.ctr()));
-            t_sy.push(ctr_run(sy.ctr()));
+            t_ctd.push(time_ctr_run(&ctd, RUNC));
+            t_sy.push(time_ctr_run(&sy, RUNC));
         } else {
-            t_sy.push(ctr_run(sy.ctr()));
-            t_ctd.push(ctr_run(ctd.ctr()));
+            t_sy.push(time_ctr_run(&sy, RUNC));
+            t_ctd.push(time_ctr_run(&ctd, RUNC));
         }
     }
     std::thread::sleep(Duration::from_secs(1));

@@ -10,35 +10,18 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use switchyard_benches::{Stats, mib, pss_kib, row};
+use switchyard_benches::{
+    Stats, containerd_under_test, env_usize, mib, pss_kib, row, time_ctr_run,
+};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::{
-    Containerd, Daemon, bin, busybox_rootfs, processes_matching, require_root_and, run_timeout,
-    text, unique_id, which,
+    Containerd, Ctr, Daemon, bin, busybox_rootfs, require_root_and, run_timeout, text, unique_id,
 };
 
 const NATIVE: &str = "io.containerd.yard-native.v1";
 const RUNC: &str = "io.containerd.runc.v2";
-
-fn ctr_run(mut ctr: Command, runtime: &str) -> Duration {
-    let id = unique_id("bench");
-    ctr.args(["run", "--rm", "--runtime", runtime, "--rootfs"])
-        .arg(busybox_rootfs())
-        .arg(&id)
-        .arg("/bin/true");
-    let t = Instant::now();
-    let out = run_timeout(&mut ctr, Duration::from_secs(60));
-    let elapsed = t.elapsed();
-    assert!(
-        out.status.success(),
-        "ctr run --runtime {runtime} failed: {}",
-        text(&out.stderr)
-    );
-    elapsed
-}
 
 /// Start `n` detached sleepers with `runtime`, measure each shim, stop them.
 fn shim_memory(ctd: &Containerd, runtime: &str, shim_name: &str, n: usize) -> (u64, u64) {
@@ -54,8 +37,8 @@ fn shim_memory(ctd: &Containerd, runtime: &str, shim_name: &str, n: usize) -> (u
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let sock = ctd.socket.display().to_string();
-    let shims: Vec<u32> = processes_matching(&[shim_name, "-address", &sock])
+    let shims: Vec<u32> = ctd
+        .shim_processes(shim_name)
         .into_iter()
         .map(|(pid, _)| pid)
         .collect();
@@ -84,23 +67,17 @@ fn main() {
         bin("containerd-shim-yard-native-v1").exists(),
         "build the release binaries first: cargo build --release --workspace --bins"
     );
-    let containerd_bin = std::env::var_os("CONTAINERD")
-        .map(Into::into)
-        .or_else(|| which("containerd"))
-        .expect("containerd");
-    let runs: usize = std::env::var("RUNS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(30);
+    let containerd_bin = containerd_under_test();
+    let runs = env_usize("RUNS", 30);
     busybox_rootfs();
 
     let ctd = Containerd::start(&containerd_bin);
     let sy = Daemon::start();
     for _ in 0..3 {
-        ctr_run(ctd.ctr(), NATIVE);
-        ctr_run(ctd.ctr(), RUNC);
-        ctr_run(sy.ctr(), NATIVE);
-        ctr_run(sy.ctr(), RUNC);
+        time_ctr_run(&ctd, NATIVE);
+        time_ctr_run(&ctd, RUNC);
+        time_ctr_run(&sy, NATIVE);
+        time_ctr_run(&sy, RUNC);
     }
     let mut samples: [Vec<Duration>; 4] = Default::default();
     for i in 0..runs {
@@ -108,10 +85,10 @@ fn main() {
         for k in 0..4 {
             let v = (i + k) % 4;
             let d = match v {
-                0 => ctr_run(ctd.ctr(), NATIVE),
-                1 => ctr_run(ctd.ctr(), RUNC),
-                2 => ctr_run(sy.ctr(), NATIVE),
-                _ => ctr_run(sy.ctr(), RUNC),
+                0 => time_ctr_run(&ctd, NATIVE),
+                1 => time_ctr_run(&ctd, RUNC),
+                2 => time_ctr_run(&sy, NATIVE),
+                _ => time_ctr_run(&sy, RUNC),
             };
             samples[v].push(d);
         }

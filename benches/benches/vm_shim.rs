@@ -27,36 +27,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use containerd_shim_yard_vm_v1::qemu::cmdline::{BASE_KERNEL_ARGS, MACHINE, TCG_KERNEL_ARGS};
-use switchyard_benches::{Stats, mib, ms, pss_kib, row};
+use switchyard_benches::{Stats, env_usize, mib, ms, pss_kib, row};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::{
-    Daemon, busybox_rootfs, eventually, is_root, processes_matching, require, run_timeout, text,
-    unique_id,
+    Ctr, Daemon, busybox_rootfs, cpu_has_hardware_virtualization, eventually,
+    guest_kernel_and_initrd, is_root, kvm_is_pvm, processes_matching, require, require_guest,
+    run_timeout, text, unique_id,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const MARKER: &str = "plain-init-ready";
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("SWITCHYARD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"))
-}
-
+/// KVM can run a full guest here: hardware virtualization, a KVM device, and not PVM.
 fn hardware_virtualization() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .split_whitespace()
-        .any(|f| f == "vmx" || f == "svm")
-        && Path::new("/dev/kvm").exists()
-        && !Path::new("/sys/module/kvm_pvm").exists()
+    cpu_has_hardware_virtualization() && Path::new("/dev/kvm").exists() && !kvm_is_pvm()
 }
 
 /// A busybox initramfs whose init prints the marker on the console and reboots at once.
@@ -151,14 +135,10 @@ fn main() {
     if !require(is_root(), "vm bench needs root") {
         return;
     }
-    let g = guest_dir();
-    let (kernel, initrd) = (g.join("vmlinux"), g.join("initrd.img"));
-    if !require(
-        kernel.is_file() && initrd.is_file(),
-        &format!("no guest in {} (run scripts/guest)", g.display()),
-    ) {
+    if !require_guest() {
         return;
     }
+    let (kernel, initrd) = guest_kernel_and_initrd().expect("the guest, just checked");
     let runs = env_usize("RUNS", 10);
     let accel = if hardware_virtualization() {
         "kvm"
@@ -230,14 +210,14 @@ fn main() {
         TIMEOUT,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let sock = d.socket.display().to_string();
     assert!(eventually(TIMEOUT, || !processes_matching(&[
         "qemu-system-x86_64",
         &id
     ])
     .is_empty()));
     std::thread::sleep(Duration::from_secs(2));
-    let shim = processes_matching(&["containerd-shim-yard-vm-v1", &sock])
+    let shim = d
+        .shim_servers("containerd-shim-yard-vm-v1")
         .first()
         .map(|p| p.0)
         .expect("shim");

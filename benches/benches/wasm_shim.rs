@@ -24,18 +24,17 @@
 )]
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use switchyard_benches::{Stats, mib, ms, pss_kib, row};
+use switchyard_benches::{Stats, env_usize, mib, ms, pss_kib, row};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::wasm::wasm_rootfs;
 use switchyard_tests::{
-    Daemon, bin, eventually, is_root, processes_matching, require, run_timeout, text, which,
+    Ctr, Daemon, bin, eventually, is_root, open_fds, require, run_timeout, text, which,
 };
 
 const SHIM: &str = "containerd-shim-yard-wasm-v1";
@@ -46,13 +45,6 @@ const WASMTIME_VERSIONS: [&str; 2] = ["48.0.8", "36.0.2"];
 /// Parallel `yard` clients for the density run.
 const THREADS: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -152,58 +144,12 @@ fn wasmtime_cli() -> Option<PathBuf> {
     None
 }
 
-/// Runs a command with the bench's timeout; returns its wall time and output.
-///
-/// Not `run_timeout`: that polls `try_wait` every 10 ms, which rounds every sample up to the
-/// next 10 ms (and reads the pipes only after the exit). Here the main thread blocks in
-/// `wait` and returns the moment the child is reaped; a watchdog kills it at the deadline.
+/// Runs a command with the bench's timeout; returns its wall time and output (`run_timeout`
+/// notices the exit the moment it happens, so the time is exact).
 fn timed(cmd: &mut Command) -> (Duration, Output) {
     let t = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id().to_string();
-    let (done, deadline) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let late = matches!(
-            deadline.recv_timeout(TIMEOUT),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-        );
-        if late {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        }
-        late
-    });
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let status = child.wait().expect("wait");
-    let elapsed = t.elapsed();
-    let _ = done.send(());
-    let late = watchdog.join().unwrap();
-    let out = Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    };
-    assert!(
-        !late,
-        "{cmd:?} did not finish within {TIMEOUT:?}\nstdout: {}\nstderr: {}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    (elapsed, out)
+    let out = run_timeout(cmd, TIMEOUT);
+    (t.elapsed(), out)
 }
 
 /// Runs a command that must succeed and print `hello from wasm`; returns its wall time.
@@ -236,8 +182,7 @@ fn yard_run(d: &Daemon, flags: &[&str], group: Option<&str>, command: &[&str]) -
 
 /// Shim server processes of daemon `d` (the server has `-socket`; `start`/`delete` do not).
 fn shims(d: &Daemon) -> Vec<u32> {
-    let sock = d.socket.display().to_string();
-    processes_matching(&[SHIM, "-socket", "-address", &sock])
+    d.shim_servers(SHIM)
         .into_iter()
         .map(|(pid, _)| pid)
         .collect()
@@ -245,8 +190,7 @@ fn shims(d: &Daemon) -> Vec<u32> {
 
 /// Every shim process of daemon `d`: servers and `start`/`delete` invocations.
 fn any_shims(d: &Daemon) -> usize {
-    let sock = d.socket.display().to_string();
-    processes_matching(&[SHIM, "-address", &sock]).len()
+    d.shim_processes(SHIM).len()
 }
 
 fn empty_dir(dir: &Path) {
@@ -428,10 +372,6 @@ fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_default()
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 /// A short description of a mapping: its size, permissions and name.
 fn describe(m: &Mapping) -> String {
     let f: Vec<&str> = m.header.split_whitespace().collect();
@@ -462,7 +402,7 @@ fn memory_breakdown(pid: u32, before: &[Mapping], after: &[Mapping], n: usize) {
     println!(
         "  threads {}  open fds {}  VmSize {}",
         status_field(pid, "Threads:"),
-        fd_count(pid),
+        open_fds(pid),
         status_field(pid, "VmSize:")
     );
     let key = |m: &Mapping| m.header.split_whitespace().next().unwrap_or("").to_owned();

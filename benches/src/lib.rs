@@ -2,7 +2,12 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use std::path::PathBuf;
+
+pub use switchyard_tests::env_usize;
+use switchyard_tests::{Ctr, busybox_rootfs, show, unique_id, which};
 
 /// Summary statistics of a set of timings.
 #[derive(Debug, Clone, Copy)]
@@ -53,4 +58,33 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The wall time of `ctr run --rm --runtime RUNTIME_TYPE --rootfs BUSYBOX ID /bin/true` against
+/// `daemon`, which must succeed.
+pub fn time_ctr_run(daemon: &impl Ctr, runtime_type: &str) -> Duration {
+    let id = unique_id("bench");
+    let t = Instant::now();
+    let out = daemon.ctr_run(
+        runtime_type,
+        busybox_rootfs(),
+        &["--rm"],
+        &id,
+        &["/bin/true"],
+    );
+    let elapsed = t.elapsed();
+    assert!(
+        out.status.success(),
+        "ctr run --runtime {runtime_type} failed: {}",
+        show(&out)
+    );
+    elapsed
+}
+
+/// The containerd to compare with: `$CONTAINERD`, else the one on PATH (Debian's).
+pub fn containerd_under_test() -> PathBuf {
+    std::env::var_os("CONTAINERD")
+        .map(PathBuf::from)
+        .or_else(|| which("containerd"))
+        .expect("containerd (apt-get install containerd, or set CONTAINERD)")
 }

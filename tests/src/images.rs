@@ -271,11 +271,9 @@ pub const BUSYBOX_APPLETS: &[&str] = &[
 
 /// The host's busybox-static.
 pub fn host_busybox() -> PathBuf {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
+    crate::busybox_binary()
         .expect("busybox (apt-get install busybox-static)")
+        .to_owned()
 }
 
 /// A base layer (tar.gz): the host's static busybox as `/bin/busybox` with applet symlinks

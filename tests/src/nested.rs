@@ -104,7 +104,7 @@ pub fn require_harness() -> bool {
         }
     }
     if !crate::require(
-        busybox().is_some(),
+        crate::busybox_binary().is_some(),
         "the nested-KVM harness needs busybox (apt-get install busybox-static)",
     ) {
         return false;
@@ -114,13 +114,6 @@ pub fn require_harness() -> bool {
         "the nested-KVM harness needs its outer kernel: scripts/guest (or guest/kernel/build.sh \
          nested, or SWITCHYARD_NESTED_KERNEL)",
     )
-}
-
-fn busybox() -> Option<&'static Path> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
 }
 
 /// One thing to put into the initramfs.
@@ -344,7 +337,8 @@ impl NestedVmBuilder {
         ] {
             std::fs::create_dir_all(root.join(d)).with_context(|| format!("mkdir {d}"))?;
         }
-        let busybox = busybox().context("busybox (apt-get install busybox-static)")?;
+        let busybox =
+            crate::busybox_binary().context("busybox (apt-get install busybox-static)")?;
         copy_file(busybox, &root.join("bin/busybox"))?;
         let list = Command::new(busybox)
             .arg("--list-full")

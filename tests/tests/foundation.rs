@@ -2,7 +2,7 @@
 //! clients it did not write (containerd's ctr) as well as `yard`; survives a crash; refuses
 //! bad input clearly.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use switchyard_tests::*;
@@ -10,30 +10,17 @@ use switchyard_tests::*;
 const T: Duration = Duration::from_secs(60);
 
 fn ctr_run(d: &Daemon, id: &str, args: &[&str]) -> std::process::Output {
-    let rootfs = busybox_rootfs();
-    let mut c = d.ctr();
-    c.args([
-        "run",
-        "--rm",
-        "--runtime",
+    d.ctr_run(
         "io.containerd.runc.v2",
-        "--rootfs",
-    ])
-    .arg(rootfs)
-    .arg(id)
-    .args(args);
-    run_timeout(&mut c, T)
+        busybox_rootfs(),
+        &["--rm"],
+        id,
+        args,
+    )
 }
 
 fn yard_run(d: &Daemon, extra: &[&str], args: &[&str]) -> std::process::Output {
-    let mut c = d.yard();
-    c.arg("run")
-        .args(extra)
-        .arg("--rootfs")
-        .arg(busybox_rootfs())
-        .arg("--")
-        .args(args);
-    run_timeout(&mut c, T)
+    d.yard_run(busybox_rootfs(), extra, args)
 }
 
 fn runc_ready() -> bool {
@@ -79,30 +66,19 @@ fn issue2_yard_run_through_switchyardd() {
     assert_eq!(text(&out.stderr), "oops\n");
 
     // stdin reaches the task with -i, and the file in the rootfs is readable.
-    let mut c = d.yard();
-    c.args(["run", "-i", "--runtime", "runc", "--rm", "--rootfs"])
-        .arg(busybox_rootfs())
-        .args(["--", "/bin/sh", "-c", "cat; cat /etc/hello.txt"]);
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"from stdin\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        &mut d.yard_run_cmd(
+            busybox_rootfs(),
+            &["-i", "--runtime", "runc", "--rm"],
+            &["/bin/sh", "-c", "cat; cat /etc/hello.txt"],
+        ),
+        b"from stdin\n".to_vec(),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "from stdin\nhello from the rootfs\n");
 
-    let out = run_timeout(d.yard().args(["ps", "--json"]), T);
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rows.as_array().map(Vec::len), Some(0), "{rows}");
+    let rows = d.ps();
+    assert!(rows.is_empty(), "{rows:?}");
 }
 
 #[test]
@@ -111,53 +87,17 @@ fn issue2_events_show_the_task_lifecycle() {
         return;
     }
     let d = Daemon::start();
-    let mut ctr_events = KillOnDrop(
-        d.ctr()
-            .arg("events")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut yard_events = KillOnDrop(
-        d.yard()
-            .args(["events", "--json", "topic~=/tasks/"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let ctr_lines = collect_lines(&mut ctr_events.0);
-    let yard_lines = collect_lines(&mut yard_events.0);
-    let both_saw = |needle: &str| {
-        ctr_lines.lock().unwrap().contains(needle) && yard_lines.lock().unwrap().contains(needle)
-    };
-    // Subscriptions are in place once a probe task's events come through to both; run probes
-    // until they do (a fixed sleep is not enough on a loaded machine).
-    let live = (0..20).any(|_| {
-        let probe = unique_id("probe");
-        let out = ctr_run(&d, &probe, &["/bin/true"]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        eventually(Duration::from_secs(2), || both_saw(&probe))
-    });
-    assert!(live, "the subscriptions never saw a probe task");
+    let mut ctr_events = CtrEvents::watch(&d);
+    let mut yard_events = Events::watch(&d, &["topic~=/tasks/"]);
     let id = unique_id("ev");
     let out = ctr_run(&d, &id, &["/bin/true"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let delete = "\"/tasks/delete\"";
-    eventually(Duration::from_secs(10), || {
-        both_saw(&id)
-            && yard_lines.lock().unwrap().contains(delete)
-            && ctr_lines
-                .lock()
-                .unwrap()
-                .lines()
-                .any(|l| l.contains("/tasks/delete") && l.contains(&id))
-    });
-    let _ = ctr_events.0.kill();
-    let _ = yard_events.0.kill();
-    let ctr_out = ctr_lines.lock().unwrap().clone();
-    let yard_out = yard_lines.lock().unwrap().clone();
+    yard_events.wait_for("/tasks/delete", &id, "any payload", |_| true);
+    ctr_events.wait_for("/tasks/delete", &id);
+    ctr_events.stop();
+    yard_events.stop();
+    let ctr_out = ctr_events.text();
+    let yard_out = yard_events.dump();
     for topic in [
         "/tasks/create",
         "/tasks/start",
@@ -181,44 +121,14 @@ fn issue2_events_show_the_task_lifecycle() {
     assert!(ctr_out.contains("/containers/create"), "{ctr_out}");
 }
 
-/// Collects a child's stdout lines in a thread.
-fn collect_lines(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<String>> {
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let Some(stdout) = child.stdout.take() else {
-        panic!("the child's stdout is not piped");
-    };
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let mut g = l.lock().unwrap_or_else(|p| p.into_inner());
-            g.push_str(&line);
-            g.push('\n');
-        }
-    });
-    lines
-}
-
 #[test]
 fn issue2_legacy_publish_binary_reaches_subscribers() {
     if !require(is_root(), "needs root") {
         return;
     }
-    use prost::Message;
     use switchyard_api::containerd::events::TaskOom;
     let d = Daemon::start();
-    let mut sub = KillOnDrop(
-        d.yard()
-            .args(["events", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = collect_lines(&mut sub.0);
+    let mut sub = Lines::spawn(d.yard().args(["events", "--json"]));
     // What a shim does with -publish-binary: `<binary> --address A publish --topic T
     // --namespace N` with the event on stdin. Published until the subscriber sees it: a fresh
     // subscription may not be live yet (a fixed sleep is not enough on a loaded machine).
@@ -226,32 +136,17 @@ fn issue2_legacy_publish_binary_reaches_subscribers() {
         container_id: "oomed".into(),
     });
     let seen = || {
-        let g = lines.lock().unwrap();
+        let g = sub.text();
         g.contains("\"/tasks/oom\"") && g.contains("oomed")
     };
     for _ in 0..20 {
-        let mut p = Command::new(bin("switchyardd"))
-            .arg("--address")
-            .arg(&d.socket)
-            .args(["publish", "--topic", "/tasks/oom", "--namespace", "default"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        p.stdin
-            .take()
-            .unwrap()
-            .write_all(&any.encode_to_vec())
-            .unwrap();
-        let out = p.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        d.publish("/tasks/oom", &any);
         if eventually(Duration::from_secs(1), seen) {
             break;
         }
     }
-    let _ = sub.0.kill();
-    let got = lines.lock().unwrap().clone();
+    sub.stop();
+    let got = sub.text();
     assert!(
         got.contains("\"/tasks/oom\"") && got.contains("oomed"),
         "subscriber did not see the published event: {got}"
@@ -326,41 +221,16 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     }
     let d = Daemon::start();
     let id = unique_id("dead");
-    // Subscribe first and collect lines in a thread; the task's own /tasks/start shows the
-    // subscription is live (a fixed sleep is not enough on a loaded machine).
-    let mut sub = KillOnDrop(
-        d.yard()
-            .args(["events", "--json", &format!("event.container_id=={id}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let ev = Events::watch_container(&d, &id);
+    let out = yard_run(
+        &d,
+        &["--runtime", "runc", "-d", "--name", &id],
+        &["/bin/sleep", "1000"],
     );
-    let lines = collect_lines(&mut sub.0);
-    let seen = |topic: &str| lines.lock().unwrap().contains(topic);
-    let started = std::time::Instant::now();
-    let mut live = false;
-    while !live && started.elapsed() < Duration::from_secs(15) {
-        // Until the subscription is live, a task's events are not seen: start it again.
-        let out = yard_run(
-            &d,
-            &["--runtime", "runc", "-d", "--name", &id],
-            &["/bin/sleep", "1000"],
-        );
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        live = eventually(Duration::from_secs(2), || seen("/tasks/start"));
-        if !live {
-            let out = run_timeout(d.yard().args(["rm", "--force", &id]), T);
-            assert!(out.status.success(), "{}", text(&out.stderr));
-        }
-    }
-    assert!(live, "yard events never showed the task's /tasks/start");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    ev.wait_for("/tasks/start", &id, "any payload", |_| true);
     for (pid, _) in processes_matching(&["containerd-shim-runc-v2", "-id", &id]) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        sigkill(pid);
     }
     // The daemon notices, runs `<shim> delete` (which kills the container), and reports.
     assert!(
@@ -370,13 +240,8 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
         }),
         "task still listed"
     );
-    assert!(
-        eventually(Duration::from_secs(10), || seen("/tasks/exit")
-            && seen("/tasks/delete")),
-        "{}",
-        lines.lock().unwrap()
-    );
-    let _ = sub.0.kill();
+    ev.wait_for("/tasks/exit", &id, "any payload", |_| true);
+    ev.wait_for("/tasks/delete", &id, "any payload", |_| true);
     assert!(
         processes_matching(&["sleep 1000"])
             .iter()

@@ -21,15 +21,6 @@ use switchyard_tests::*;
 
 const T: Duration = Duration::from_secs(120);
 
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
 /// Runs a peer tool; panics with its output unless it succeeds.
 fn ok(program: &str, args: &[&str]) -> Output {
     let out = run_timeout(Command::new(program).args(args), T);

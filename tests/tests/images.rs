@@ -11,8 +11,7 @@
     clippy::print_stdout
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -24,49 +23,11 @@ use switchyard_tests::*;
 
 const T: Duration = Duration::from_secs(120);
 
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
-}
-
-fn ok(d: &Daemon, args: &[&str]) -> String {
-    let out = yard(d, args);
-    assert!(out.status.success(), "yard {args:?}: {}", show(&out));
-    text(&out.stdout)
-}
-
-fn fails(d: &Daemon, args: &[&str]) -> String {
-    let out = yard(d, args);
-    assert!(
-        !out.status.success(),
-        "yard {args:?} should fail: {}",
-        show(&out)
-    );
-    text(&out.stderr)
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("SWITCHYARD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"))
-}
-
 fn has_guest() -> bool {
-    let g = guest_dir();
-    which("qemu-system-x86_64").is_some()
-        && g.join("vmlinux").is_file()
-        && g.join("initrd.img").is_file()
+    which("qemu-system-x86_64").is_some() && guest_kernel_and_initrd().is_some()
 }
 
-/// switchyardd with the wasm and vm runtimes' caches in temp dirs.
+/// switchyardd with the wasm and vm runtimes' caches in its own directory.
 fn daemon() -> Option<Daemon> {
     daemon_with("")
 }
@@ -76,17 +37,16 @@ fn daemon_with(extra: &str) -> Option<Daemon> {
         return None;
     }
     let g = guest_dir();
-    let cache = std::env::temp_dir().join(unique_id("img-cache"));
-    Some(Daemon::start_with(
-        &(format!(
+    Some(Daemon::start_in(|dir| {
+        format!(
             "[runtimes.wasm]\nruntime_type = \"io.containerd.yard-wasm.v1\"\n[runtimes.wasm.options]\ncache_dir = \"{wasm}\"\n\
          [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n[runtimes.vm.options]\nkernel = \"{k}\"\ninitrd = \"{i}\"\ncache_dir = \"{vm}\"\n",
-            wasm = cache.join("wasm").display(),
-            vm = cache.join("vm").display(),
+            wasm = dir.join("wasm-cache").display(),
+            vm = dir.join("vm-cache").display(),
             k = g.join("vmlinux").display(),
             i = g.join("initrd.img").display(),
-        ) + extra),
-    ))
+        ) + extra
+    }))
 }
 
 fn images_root(d: &Daemon) -> PathBuf {
@@ -95,23 +55,7 @@ fn images_root(d: &Daemon) -> PathBuf {
 
 /// `yard images --json`.
 fn listing(d: &Daemon) -> Value {
-    serde_json::from_str(&ok(d, &["images", "--json"])).unwrap()
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+    serde_json::from_str(&d.yard_ok(&["images", "--json"])).unwrap()
 }
 
 /// Nothing in the store: no images, blobs, snapshots, ingests or container roots.
@@ -160,67 +104,55 @@ fn pulled_images_run_on_native_vm_and_wasm() {
     reg.push("hello", "1", &wasm_artifact(&hello_wasm(), "hello.wasm"));
     let app = reg.reference("app", "1");
 
-    let out = ok(&d, &["pull", "-q", &app]);
+    let out = d.yard_ok(&["pull", "-q", &app]);
     assert!(out.starts_with(&app), "{out}");
-    ok(&d, &["pull", "-q", &reg.reference("app", "user")]);
-    ok(&d, &["pull", "-q", &reg.reference("hello", "1")]);
+    d.yard_ok(&["pull", "-q", &reg.reference("app", "user")]);
+    d.yard_ok(&["pull", "-q", &reg.reference("hello", "1")]);
 
     // The image's Cmd, Env, WorkingDir and User make the process.
-    let out = ok(&d, &["run", "--rm", "--runtime", "native", &app]);
+    let out = d.yard_ok(&["run", "--rm", "--runtime", "native", &app]);
     assert_eq!(out, "hello from layer two\n");
-    let out = ok(
-        &d,
-        &[
-            "run",
-            "--rm",
-            "--runtime",
-            "native",
-            "-e",
-            "EXTRA=1",
-            &app,
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo $GREETING $EXTRA; pwd; id -u",
-        ],
-    );
+    let out = d.yard_ok(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "native",
+        "-e",
+        "EXTRA=1",
+        &app,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $GREETING $EXTRA; pwd; id -u",
+    ]);
     assert_eq!(out, "hi 1\n/tmp\n0\n");
-    let out = ok(
-        &d,
-        &[
-            "run",
-            "--rm",
-            &reg.reference("app", "user"),
-            "--",
-            "/bin/id",
-            "-u",
-        ],
-    );
+    let out = d.yard_ok(&[
+        "run",
+        "--rm",
+        &reg.reference("app", "user"),
+        "--",
+        "/bin/id",
+        "-u",
+    ]);
     assert_eq!(
         out, "1000\n",
         "User app resolves through the image's /etc/passwd"
     );
 
     // A container's writes stay in its own layer.
-    ok(
-        &d,
-        &[
-            "run",
-            "--rm",
-            &app,
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo changed > /etc/motd; cat /etc/motd",
-        ],
-    );
-    assert_eq!(ok(&d, &["run", "--rm", &app]), "hello from layer two\n");
+    d.yard_ok(&[
+        "run",
+        "--rm",
+        &app,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo changed > /etc/motd; cat /etc/motd",
+    ]);
+    assert_eq!(d.yard_ok(&["run", "--rm", &app]), "hello from layer two\n");
 
     // The Wasm artifact picks the wasm runtime by itself and runs its module.
-    let out = ok(
-        &d,
-        &["run", "--rm", &reg.reference("hello", "1"), "--", "a1"],
-    );
+    let out = d.yard_ok(&["run", "--rm", &reg.reference("hello", "1"), "--", "a1"]);
     assert!(out.contains("hello from wasm"), "{out}");
     assert!(out.contains("a1"), "{out}");
 
@@ -228,7 +160,7 @@ fn pulled_images_run_on_native_vm_and_wasm() {
         has_guest(),
         "no guest kernel/initrd or QEMU: vm part skipped",
     ) {
-        let out = ok(&d, &["run", "--rm", "--runtime", "vm", &app]);
+        let out = d.yard_ok(&["run", "--rm", "--runtime", "vm", &app]);
         assert_eq!(out, "hello from layer two\n");
         let erofs = files_under(&images_root(&d).join("snapshots").join("erofs"));
         let images: Vec<&PathBuf> = erofs
@@ -237,20 +169,17 @@ fn pulled_images_run_on_native_vm_and_wasm() {
             .collect();
         assert_eq!(images.len(), 1, "one EROFS image per chain: {erofs:?}");
         let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(images[0]).unwrap());
-        let out = ok(
-            &d,
-            &[
-                "run",
-                "--rm",
-                "--runtime",
-                "vm",
-                &app,
-                "--",
-                "/bin/sh",
-                "-c",
-                "uname -r; cat /etc/motd",
-            ],
-        );
+        let out = d.yard_ok(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "vm",
+            &app,
+            "--",
+            "/bin/sh",
+            "-c",
+            "uname -r; cat /etc/motd",
+        ]);
         assert!(out.ends_with("hello from layer two\n"), "{out}");
         let ino2 = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(images[0]).unwrap());
         assert_eq!(ino, ino2, "the second vm run reuses the chain's image");
@@ -276,7 +205,7 @@ fn pulled_images_run_on_native_vm_and_wasm() {
         .find(|i| i["name"].as_str().unwrap().contains("hello"))
         .unwrap();
     assert_eq!(wasm["wasm"], true);
-    let table = ok(&d, &["images"]);
+    let table = d.yard_ok(&["images"]);
     assert!(table.contains("NAME") && table.contains(&app), "{table}");
 
     // containerd's ctr sees the same images (images.v1 List, Delete).
@@ -302,9 +231,9 @@ fn pulled_images_run_on_native_vm_and_wasm() {
         .collect();
     let mut args = vec!["rmi"];
     args.extend(names.iter().map(String::as_str));
-    ok(&d, &args);
+    d.yard_ok(&args);
     assert_store_empty(&d, "rmi of every image");
-    let e = fails(&d, &["run", "--rm", &app]);
+    let e = d.yard_fails(&["run", "--rm", &app]);
     assert!(e.contains("not found"), "{e}");
 }
 
@@ -314,33 +243,27 @@ fn imported_archives_run() {
     let dir = tempfile::tempdir().unwrap();
     let oci = dir.path().join("oci.tar");
     std::fs::write(&oci, oci_layout_tar(&[("1", &app_image(""))])).unwrap();
-    let out = ok(
-        &d,
-        &[
-            "image",
-            "import",
-            "-q",
-            "--name",
-            "imported/oci",
-            oci.to_str().unwrap(),
-        ],
-    );
+    let out = d.yard_ok(&[
+        "image",
+        "import",
+        "-q",
+        "--name",
+        "imported/oci",
+        oci.to_str().unwrap(),
+    ]);
     assert!(out.contains("docker.io/imported/oci:1"), "{out}");
     assert_eq!(
-        ok(&d, &["run", "--rm", "imported/oci:1"]),
+        d.yard_ok(&["run", "--rm", "imported/oci:1"]),
         "hello from layer two\n"
     );
 
     let saved = dir.path().join("saved.tar");
     let img = app_image("");
     std::fs::write(&saved, docker_save_tar(&[("saved/app:2", &img)])).unwrap();
-    let out = ok(&d, &["image", "import", "-q", saved.to_str().unwrap()]);
+    let out = d.yard_ok(&["image", "import", "-q", saved.to_str().unwrap()]);
     assert!(out.contains("docker.io/saved/app:2"), "{out}");
     assert_eq!(
-        ok(
-            &d,
-            &["run", "--rm", "saved/app:2", "--", "/bin/cat", "/etc/motd"]
-        ),
+        d.yard_ok(&["run", "--rm", "saved/app:2", "--", "/bin/cat", "/etc/motd"]),
         "hello from layer two\n"
     );
 
@@ -358,7 +281,7 @@ fn imported_archives_run() {
     );
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(
-        ok(&d, &["run", "--rm", "imported/gz:3"]),
+        d.yard_ok(&["run", "--rm", "imported/gz:3"]),
         "hello from layer two\n"
     );
 }
@@ -377,17 +300,14 @@ fn a_shared_base_layer_is_stored_once() {
     );
     let f = dir.path().join("two.tar");
     std::fs::write(&f, oci_layout_tar(&[("a", &a), ("b", &b)])).unwrap();
-    ok(
-        &d,
-        &[
-            "image",
-            "import",
-            "-q",
-            "--name",
-            "shared",
-            f.to_str().unwrap(),
-        ],
-    );
+    d.yard_ok(&[
+        "image",
+        "import",
+        "-q",
+        "--name",
+        "shared",
+        f.to_str().unwrap(),
+    ]);
 
     let l = listing(&d);
     let images = l["images"].as_array().unwrap();
@@ -417,12 +337,12 @@ fn a_shared_base_layer_is_stored_once() {
     assert_eq!(l["usage"]["snapshots"], 3, "{l}");
 
     // Removing one image keeps the base its sibling still uses.
-    ok(&d, &["rmi", "shared:a"]);
+    d.yard_ok(&["rmi", "shared:a"]);
     let l = listing(&d);
     assert_eq!(l["usage"]["blobs"], 4, "{l}");
     assert_eq!(l["usage"]["snapshots"], 2, "{l}");
-    ok(&d, &["run", "--rm", "shared:b"]);
-    ok(&d, &["rmi", "shared:b"]);
+    d.yard_ok(&["run", "--rm", "shared:b"]);
+    d.yard_ok(&["rmi", "shared:b"]);
     assert_store_empty(&d, "rmi of both");
 }
 
@@ -439,7 +359,7 @@ fn bad_images_are_refused_and_leave_nothing() {
     );
     reg.push("tampered", "1", &tampered);
     reg.tamper_blob(&tampered.layers[1].digest);
-    let e = fails(&d, &["pull", "-q", &reg.reference("tampered", "1")]);
+    let e = d.yard_fails(&["pull", "-q", &reg.reference("tampered", "1")]);
     assert!(
         e.contains(&tampered.layers[1].digest) && e.contains("hashes to"),
         "the error names the layer and the mismatch: {e}"
@@ -450,10 +370,7 @@ fn bad_images_are_refused_and_leave_nothing() {
     let whole = oci_layout_tar(&[("1", &app_image(""))]);
     let cut = dir.path().join("cut.tar");
     std::fs::write(&cut, &whole[..whole.len() * 2 / 3]).unwrap();
-    let e = fails(
-        &d,
-        &["image", "import", "--name", "cut", cut.to_str().unwrap()],
-    );
+    let e = d.yard_fails(&["image", "import", "--name", "cut", cut.to_str().unwrap()]);
     assert!(
         e.contains("truncated") || e.contains("lacks"),
         "the error says what is wrong: {e}"
@@ -472,10 +389,7 @@ fn bad_images_are_refused_and_leave_nothing() {
     );
     let f = dir.path().join("evil.tar");
     std::fs::write(&f, oci_layout_tar(&[("1", &evil)])).unwrap();
-    let e = fails(
-        &d,
-        &["image", "import", "--name", "evil", f.to_str().unwrap()],
-    );
+    let e = d.yard_fails(&["image", "import", "--name", "evil", f.to_str().unwrap()]);
     assert!(
         e.contains("../../etc/passwd"),
         "the error names the entry: {e}"
@@ -494,37 +408,34 @@ fn bad_images_are_refused_and_leave_nothing() {
         "arm64",
     );
     reg.push_index("multi", "1", &index(&[(&arm, "linux", "arm64")]), &[&arm]);
-    let e = fails(&d, &["pull", "-q", &reg.reference("multi", "1")]);
+    let e = d.yard_fails(&["pull", "-q", &reg.reference("multi", "1")]);
     assert!(
         e.contains("linux/amd64") && e.contains("linux/arm64"),
         "the error names the wanted and the available platforms: {e}"
     );
     assert_store_empty(&d, "index without the platform");
     reg.push("armonly", "1", &arm);
-    let e = fails(&d, &["pull", "-q", &reg.reference("armonly", "1")]);
+    let e = d.yard_fails(&["pull", "-q", &reg.reference("armonly", "1")]);
     assert!(
         e.contains("linux/arm64") && e.contains("linux/amd64"),
         "{e}"
     );
     assert_store_empty(&d, "manifest for another platform");
     // ...which the right --platform accepts (the bytes are fine, only the platform differs).
-    ok(
-        &d,
-        &[
-            "pull",
-            "-q",
-            "--platform",
-            "linux/arm64",
-            &reg.reference("multi", "1"),
-        ],
-    );
+    d.yard_ok(&[
+        "pull",
+        "-q",
+        "--platform",
+        "linux/arm64",
+        &reg.reference("multi", "1"),
+    ]);
     let l = listing(&d);
     assert_eq!(l["images"][0]["platform"], "linux/arm64", "{l}");
 
     // An image that is not there, and a bad reference.
-    let e = fails(&d, &["pull", "-q", &reg.reference("missing", "1")]);
+    let e = d.yard_fails(&["pull", "-q", &reg.reference("missing", "1")]);
     assert!(e.contains("manifest unknown"), "the registry's answer: {e}");
-    let e = fails(&d, &["pull", "-q", "UPPER/Case::bad"]);
+    let e = d.yard_fails(&["pull", "-q", "UPPER/Case::bad"]);
     assert!(e.contains("image reference \"UPPER/Case::bad\""), "{e}");
 }
 
@@ -545,22 +456,17 @@ fn the_copy_snapshotter_runs_images_without_overlayfs() {
     let img = busybox_image(vec![top], json!({"Cmd": ["/bin/cat", "/etc/motd"]}));
     let f = dir.path().join("img.tar");
     std::fs::write(&f, oci_layout_tar(&[("1", &img)])).unwrap();
-    ok(
-        &d,
-        &[
-            "image",
-            "import",
-            "-q",
-            "--name",
-            "copied",
-            f.to_str().unwrap(),
-        ],
-    );
+    d.yard_ok(&[
+        "image",
+        "import",
+        "-q",
+        "--name",
+        "copied",
+        f.to_str().unwrap(),
+    ]);
     let l = listing(&d);
     assert_eq!(l["usage"]["snapshotter"], "copy", "{l}");
-    let out = ok(
-        &d,
-        &[
+    let out = d.yard_ok(&[
             "run",
             "--rm",
             "copied:1",
@@ -572,12 +478,12 @@ fn the_copy_snapshotter_runs_images_without_overlayfs() {
     );
     assert_eq!(out, "hello from layer two\nno-group\n0\n");
     assert_eq!(
-        ok(&d, &["run", "--rm", "copied:1"]),
+        d.yard_ok(&["run", "--rm", "copied:1"]),
         "hello from layer two\n"
     );
     let active = files_under(&images_root(&d).join("snapshots").join("active"));
     assert!(active.is_empty(), "container roots left: {active:?}");
-    ok(&d, &["rmi", "copied:1"]);
+    d.yard_ok(&["rmi", "copied:1"]);
     assert_store_empty(&d, "rmi with the copy snapshotter");
 }
 
@@ -601,7 +507,7 @@ fn a_partial_layer_download_is_resumed() {
     let mut wrong = layer.bytes[..half].to_vec();
     wrong[0] ^= 0xff;
     std::fs::write(&partial, &wrong).unwrap();
-    let e = fails(&d, &["pull", "-q", &reg.reference("resume", "1")]);
+    let e = d.yard_fails(&["pull", "-q", &reg.reference("resume", "1")]);
     assert!(
         e.contains("hashes to"),
         "the resumed bytes failed verification: {e}"
@@ -610,7 +516,7 @@ fn a_partial_layer_download_is_resumed() {
 
     // The right first half: the pull resumes and the layer verifies.
     std::fs::write(&partial, &layer.bytes[..half]).unwrap();
-    ok(&d, &["pull", "-q", &reg.reference("resume", "1")]);
+    d.yard_ok(&["pull", "-q", &reg.reference("resume", "1")]);
     assert!(!partial.exists(), "the ingest became a blob");
     let blob = images_root(&d)
         .join("content/blobs/sha256")

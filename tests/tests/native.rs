@@ -13,14 +13,11 @@
     clippy::print_stdout
 )]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use switchyard_tests::daemon::peer_containerd;
 use switchyard_tests::*;
 
 /// Deadline for one client command.
@@ -33,52 +30,9 @@ const SHIM: &str = "containerd-shim-yard-native-v1";
 /// runc's under `runc/` when `BinaryName` selects it.
 const STATE_ROOT: &str = "/run/yard-native";
 
-/// Everything about a finished command, for assertion messages (long streams cut).
-fn show(out: &Output) -> String {
-    let cut = |b: &[u8]| {
-        const MAX: usize = 4096;
-        if b.len() > MAX {
-            format!("{}... ({} bytes)", text(&b[..MAX]), b.len())
-        } else {
-            text(b)
-        }
-    };
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        cut(&out.stdout),
-        cut(&out.stderr)
-    )
-}
-
 /// The shim binary, which must have been built.
 fn shim_bin() -> PathBuf {
     bin(SHIM)
-}
-
-/// A process's parent pid.
-fn ppid(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Whether a process exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(')')?;
-            rest.split_whitespace().next().map(|st| st != "Z")
-        })
-        .unwrap_or(false)
-}
-
-fn sigkill(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
 }
 
 /// The socket path a shim server listens on (`-socket unix://PATH` in its command line).
@@ -131,130 +85,27 @@ fn assert_no_leftovers(id: &str, cgroup: &str) {
 // ---------------------------------------------------------------------------------------------
 // containerd
 
-/// A containerd for one test. On failure its log is printed and what the test left running is
-/// removed, so a failed test does not orphan containers and cgroups on the host.
-struct Ctd {
-    c: Containerd,
-    name: String,
+/// `ctr run -d` of a native task sleeping for a minute.
+fn run_detached(ctd: &Containerd, id: &str) -> Output {
+    ctd.ctr_run(
+        RUNTIME_TYPE,
+        busybox_rootfs(),
+        &["-d"],
+        id,
+        &["/bin/sleep", "60"],
+    )
 }
 
-impl Ctd {
-    fn start(binary: &Path, name: &str) -> Ctd {
-        let c = Containerd::start(binary);
-        Ctd {
-            c,
-            name: name.to_owned(),
-        }
-    }
-
-    fn sock(&self) -> String {
-        self.c.socket.display().to_string()
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        run_timeout(self.c.ctr().args(args), T)
-    }
-
-    /// Runs ctr and asserts it succeeded.
-    fn ctr_ok(&self, args: &[&str]) -> Output {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "[{}] ctr {}: {}",
-            self.name,
-            args.join(" "),
-            show(&out)
-        );
-        out
-    }
-
-    /// `ctr task ls`'s (pid, STATUS) for `id`.
-    fn task(&self, id: &str) -> Option<(u32, String)> {
-        let out = self.ctr_ok(&["task", "ls"]);
-        text(&out.stdout).lines().skip(1).find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            match cols[..] {
-                [task, pid, status] if task == id => {
-                    Some((pid.parse().unwrap_or(0), status.to_owned()))
-                }
-                _ => None,
-            }
-        })
-    }
-
-    fn containers(&self) -> Vec<String> {
-        let out = self.ctr_ok(&["containers", "ls", "-q"]);
-        text(&out.stdout).lines().map(str::to_owned).collect()
-    }
-
-    /// Native shim processes serving this containerd (their command line names its socket,
-    /// `-address <socket>`).
-    fn shims(&self) -> Vec<(u32, String)> {
-        processes_matching(&[SHIM, &format!("-address {} ", self.sock())])
-    }
-
-    /// Waits for task `id` to reach `status` in `ctr task ls`.
-    fn wait_status(&self, id: &str, status: &str) {
-        let ok = eventually(Duration::from_secs(10), || {
-            self.task(id).is_some_and(|(_, s)| s == status)
-        });
-        assert!(
-            ok,
-            "[{}] task {id} did not become {status}: {:?}",
-            self.name,
-            self.task(id)
-        );
-    }
-
-    /// The spec `ctr oci spec` prints, made to run `args` in the busybox rootfs under the cgroup
-    /// ctr itself would give container `id`.
-    fn spec(&self, id: &str, args: &[&str]) -> Value {
-        let out = self.ctr_ok(&["oci", "spec"]);
-        let mut spec: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("ctr oci spec: {e}: {}", show(&out)));
-        spec["process"]["args"] = json!(args);
-        spec["root"]["path"] = json!(busybox_rootfs());
-        spec["linux"]["cgroupsPath"] = json!(format!("/default/{id}"));
-        spec
-    }
-}
-
-impl Drop for Ctd {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        eprintln!(
-            "--- containerd ({}) log ---\n{}",
-            self.name,
-            self.c.log_text()
-        );
-        let quick = Duration::from_secs(10);
-        let Some(out) = try_run(self.c.ctr().args(["containers", "ls", "-q"]), quick) else {
-            return;
-        };
-        for id in text(&out.stdout).lines() {
-            let _ = try_run(self.c.ctr().args(["task", "kill", "-s", "KILL", id]), quick);
-            let _ = try_run(self.c.ctr().args(["task", "rm", "-f", id]), quick);
-            let _ = try_run(self.c.ctr().args(["containers", "rm", id]), quick);
-        }
-    }
-}
-
-/// Runs a command within `timeout`, never panicking (for use while unwinding).
-fn try_run(cmd: &mut Command, timeout: Duration) -> Option<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    if !eventually(timeout, || child.try_wait().ok().flatten().is_some()) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return None;
-    }
-    child.wait_with_output().ok()
+/// The spec `ctr oci spec` prints, made to run `args` in the busybox rootfs under the cgroup
+/// ctr itself would give container `id`.
+fn spec(ctd: &Containerd, id: &str, args: &[&str]) -> Value {
+    let out = ctd.ctr_ok(&["oci", "spec"]);
+    let mut spec: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ctr oci spec: {e}: {}", show(&out)));
+    spec["process"]["args"] = json!(args);
+    spec["root"]["path"] = json!(busybox_rootfs());
+    spec["linux"]["cgroupsPath"] = json!(format!("/default/{id}"));
+    spec
 }
 
 /// The host's hostname: ctr sets none without `--hostname` (which 1.6 lacks), so the container's
@@ -269,24 +120,22 @@ fn host_hostname() -> String {
 /// One containerd line, end to end with its own ctr: run --rm (PID 1, hostname, cgroup, exit
 /// code), a detached task with exec, pause/resume, metrics, ps, kill -9, rm; then nothing left.
 fn native_under(binary: &Path, name: &str) {
-    let ctd = Ctd::start(binary, name);
-    let rootfs = busybox_rootfs().display().to_string();
+    let ctd = Containerd::start(binary);
     let started = Instant::now();
 
     // Foreground, removed on exit.
     let id = unique_id("nat");
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
+    let out = ctd.ctr_run(
         RUNTIME_TYPE,
-        "--rootfs",
-        &rootfs,
+        busybox_rootfs(),
+        &["--rm"],
         &id,
-        "/bin/sh",
-        "-c",
-        "echo $$; hostname; cat /proc/self/cgroup; exit 3",
-    ]);
+        &[
+            "/bin/sh",
+            "-c",
+            "echo $$; hostname; cat /proc/self/cgroup; exit 3",
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -316,31 +165,21 @@ fn native_under(binary: &Path, name: &str) {
         show(&out)
     );
     assert!(
-        !ctd.containers().contains(&id),
+        !ctd.ctr_containers().contains(&id),
         "[{name}] ctr run --rm left container {id}"
     );
     assert_no_leftovers(&id, &format!("default/{id}"));
 
     // Detached, with an exec, pause/resume, metrics, ps, kill -9, rm.
     let id = unique_id("natd");
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME_TYPE,
-        "--rootfs",
-        &rootfs,
-        &id,
-        "/bin/sleep",
-        "60",
-    ]);
+    let out = run_detached(&ctd, &id);
     assert!(out.status.success(), "[{name}] ctr run -d: {}", show(&out));
     let (pid, status) = ctd
-        .task(&id)
+        .ctr_task(&id)
         .unwrap_or_else(|| panic!("[{name}] {id} not in ctr task ls after run -d"));
     assert_eq!(status, "RUNNING", "[{name}]");
     assert!(pid > 0 && alive(pid), "[{name}] pid {pid}");
-    let shims = ctd.shims();
+    let shims = ctd.shim_processes(SHIM);
     assert_eq!(shims.len(), 1, "[{name}] shim processes: {shims:?}");
     assert_eq!(
         ppid(pid),
@@ -351,7 +190,7 @@ fn native_under(binary: &Path, name: &str) {
         socket_of(&shims[0].1).unwrap_or_else(|| panic!("[{name}] no -socket in {:?}", shims[0].1));
     assert!(shim_socket.exists(), "[{name}] {}", shim_socket.display());
 
-    let out = ctd.ctr(&[
+    let out = ctd.ctr_output(&[
         "task",
         "exec",
         "--exec-id",
@@ -365,9 +204,17 @@ fn native_under(binary: &Path, name: &str) {
     assert_eq!(text(&out.stdout), "hi\n", "[{name}] exec: {}", show(&out));
 
     ctd.ctr_ok(&["task", "pause", &id]);
-    assert_eq!(ctd.task(&id), Some((pid, "PAUSED".to_owned())), "[{name}]");
+    assert_eq!(
+        ctd.ctr_task(&id),
+        Some((pid, "PAUSED".to_owned())),
+        "[{name}]"
+    );
     ctd.ctr_ok(&["task", "resume", &id]);
-    assert_eq!(ctd.task(&id), Some((pid, "RUNNING".to_owned())), "[{name}]");
+    assert_eq!(
+        ctd.ctr_task(&id),
+        Some((pid, "RUNNING".to_owned())),
+        "[{name}]"
+    );
 
     let out = ctd.ctr_ok(&["task", "metrics", &id]);
     let metrics = text(&out.stdout);
@@ -393,8 +240,8 @@ fn native_under(binary: &Path, name: &str) {
     assert_eq!(pids, vec![pid], "[{name}] ctr task ps: {}", show(&out));
 
     ctd.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
-    ctd.wait_status(&id, "STOPPED");
-    let out = ctd.ctr(&["task", "rm", &id]);
+    ctd.wait_ctr_status(&id, "STOPPED", Duration::from_secs(10));
+    let out = ctd.ctr_output(&["task", "rm", &id]);
     assert!(out.status.success(), "[{name}] ctr task rm: {}", show(&out));
     assert!(
         text(&out.stderr).contains("exit with non-zero exit code 137"),
@@ -402,11 +249,11 @@ fn native_under(binary: &Path, name: &str) {
         show(&out)
     );
     ctd.ctr_ok(&["containers", "rm", &id]);
-    assert_eq!(ctd.task(&id), None, "[{name}]");
-    assert!(!ctd.containers().contains(&id), "[{name}]");
+    assert_eq!(ctd.ctr_task(&id), None, "[{name}]");
+    assert!(!ctd.ctr_containers().contains(&id), "[{name}]");
 
-    let gone = eventually(SETTLE, || ctd.shims().is_empty());
-    assert!(gone, "[{name}] shims left: {:?}", ctd.shims());
+    let gone = eventually(SETTLE, || ctd.shim_processes(SHIM).is_empty());
+    assert!(gone, "[{name}] shims left: {:?}", ctd.shim_processes(SHIM));
     assert!(!alive(pid), "[{name}] task {pid} survives");
     assert!(
         !shim_socket.exists(),
@@ -430,8 +277,7 @@ fn native_under_containerd_1_7() {
     if !require_root_and(&[]) {
         return;
     }
-    let Some(bin) = peer_containerd("containerd-1.7") else {
-        require(false, "needs containerd 1.7 (scripts/peers)");
+    let Some(bin) = require_peer_containerd("containerd-1.7") else {
         return;
     };
     native_under(&bin, "containerd-1.7");
@@ -442,78 +288,10 @@ fn native_under_containerd_2_1() {
     if !require_root_and(&[]) {
         return;
     }
-    let Some(bin) = peer_containerd("containerd-2.1") else {
-        require(false, "needs containerd 2.1 (scripts/peers)");
+    let Some(bin) = require_peer_containerd("containerd-2.1") else {
         return;
     };
     native_under(&bin, "containerd-2.1");
-}
-
-/// `ctr events`, read line by line by a thread so a test can wait for an event.
-struct CtrEvents {
-    _child: KillOnDrop,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl CtrEvents {
-    /// Subscribes and returns once the subscription is live: a namespace label update made after
-    /// subscribing has come through.
-    fn watch(ctd: &Ctd) -> CtrEvents {
-        let mut child = ctd
-            .c
-            .ctr()
-            .arg("events")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let ev = CtrEvents {
-            _child: KillOnDrop(child),
-            lines,
-        };
-        let probe = format!("yard-probe-{}", unique_id("p"));
-        let live = eventually(Duration::from_secs(10), || {
-            ctd.ctr_ok(&["namespaces", "label", "default", &format!("{probe}=1")]);
-            std::thread::sleep(Duration::from_millis(100));
-            ev.text().contains(&probe)
-        });
-        assert!(live, "ctr events never showed the probe: {}", ev.text());
-        ev
-    }
-
-    fn text(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// The payloads of `topic` events for container `id`.
-    fn find(&self, topic: &str, id: &str) -> Vec<Value> {
-        let marker = format!(" {topic} ");
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| {
-                let (_, payload) = l.split_once(&marker)?;
-                let v: Value = serde_json::from_str(payload).ok()?;
-                (v["container_id"] == id).then_some(v)
-            })
-            .collect()
-    }
-
-    fn wait_for(&self, topic: &str, id: &str) -> Vec<Value> {
-        eventually(Duration::from_secs(10), || !self.find(topic, id).is_empty());
-        self.find(topic, id)
-    }
 }
 
 #[test]
@@ -521,32 +299,21 @@ fn native_kill_9_exit_code_and_event() {
     if !require_root_and(&["containerd", "ctr"]) {
         return;
     }
-    let ctd = Ctd::start(&which("containerd").unwrap(), "containerd-1.6");
-    let rootfs = busybox_rootfs().display().to_string();
+    let ctd = Containerd::start(&which("containerd").unwrap());
     let events = CtrEvents::watch(&ctd);
 
     // SIGKILL: /tasks/exit with 137.
     let id = unique_id("k9");
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME_TYPE,
-        "--rootfs",
-        &rootfs,
-        &id,
-        "/bin/sleep",
-        "60",
-    ]);
+    let out = run_detached(&ctd, &id);
     assert!(out.status.success(), "ctr run -d: {}", show(&out));
-    let (pid, _) = ctd.task(&id).expect("task listed");
+    let (pid, _) = ctd.ctr_task(&id).expect("task listed");
     ctd.ctr_ok(&["task", "kill", "-s", "KILL", &id]);
     let exits = events.wait_for("/tasks/exit", &id);
     assert_eq!(exits.len(), 1, "exit events for {id}: {}", events.text());
     assert_eq!(exits[0]["exit_status"], 137, "{}", exits[0]);
     assert_eq!(exits[0]["pid"], pid, "{}", exits[0]);
     assert_eq!(exits[0]["id"], id.as_str(), "{}", exits[0]);
-    ctd.wait_status(&id, "STOPPED");
+    ctd.wait_ctr_status(&id, "STOPPED", Duration::from_secs(10));
     ctd.ctr_ok(&["task", "rm", &id]);
     let deletes = events.wait_for("/tasks/delete", &id);
     assert_eq!(deletes.len(), 1, "{}", events.text());
@@ -556,20 +323,17 @@ fn native_kill_9_exit_code_and_event() {
 
     // Out of memory: /tasks/oom, and the task dies with 137.
     let id = unique_id("oom");
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
+    let out = ctd.ctr_run(
         RUNTIME_TYPE,
-        "--memory-limit",
-        "33554432",
-        "--rootfs",
-        &rootfs,
+        busybox_rootfs(),
+        &["--rm", "--memory-limit", "33554432"],
         &id,
-        "/bin/sh",
-        "-c",
-        "x=$(head -c 100000000 /dev/zero | tr \"\\0\" a)",
-    ]);
+        &[
+            "/bin/sh",
+            "-c",
+            "x=$(head -c 100000000 /dev/zero | tr \"\\0\" a)",
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(137),
@@ -596,7 +360,7 @@ fn native_bad_input_under_containerd() {
     if !require_root_and(&["containerd", "ctr"]) {
         return;
     }
-    let ctd = Ctd::start(&which("containerd").unwrap(), "containerd-1.6");
+    let ctd = Containerd::start(&which("containerd").unwrap());
     let dir = tempfile::tempdir().unwrap();
     let args = ["/bin/sh", "-c", "echo good; exit 5"];
 
@@ -646,12 +410,12 @@ fn native_bad_input_under_containerd() {
 
     for (what, breaker) in cases {
         let id = unique_id("bad");
-        let mut spec = ctd.spec(&id, &args);
+        let mut spec = spec(&ctd, &id, &args);
         let expect = breaker(&mut spec);
         let file = dir.path().join(format!("{id}.json"));
         write(&file, &spec.to_string());
         let file = file.display().to_string();
-        let out = ctd.ctr(&["run", "--runtime", RUNTIME_TYPE, "--config", &file, &id]);
+        let out = ctd.ctr_output(&["run", "--runtime", RUNTIME_TYPE, "--config", &file, &id]);
         assert!(!out.status.success(), "{what}: accepted: {}", show(&out));
         let err = text(&out.stderr);
         for e in &expect {
@@ -663,21 +427,28 @@ fn native_bad_input_under_containerd() {
         }
         assert!(!err.contains("panicked"), "{what}: {}", show(&out));
         assert_no_leftovers(&id, &format!("default/{id}"));
-        assert_eq!(ctd.task(&id), None, "{what}: task left in containerd");
+        assert_eq!(ctd.ctr_task(&id), None, "{what}: task left in containerd");
         // ctr run without --rm keeps the container record after a failed start; it must be
         // removable (no task holds it).
         ctd.ctr_ok(&["containers", "rm", &id]);
-        assert!(!ctd.containers().contains(&id), "{what}: container listed");
-        assert!(ctd.shims().is_empty(), "{what}: {:?}", ctd.shims());
+        assert!(
+            !ctd.ctr_containers().contains(&id),
+            "{what}: container listed"
+        );
+        assert!(
+            ctd.shim_processes(SHIM).is_empty(),
+            "{what}: {:?}",
+            ctd.shim_processes(SHIM)
+        );
     }
 
     // containerd and the shim still run a good container.
     let id = unique_id("good");
-    let spec = ctd.spec(&id, &args);
+    let spec = spec(&ctd, &id, &args);
     let file = dir.path().join(format!("{id}.json"));
     write(&file, &spec.to_string());
     let file = file.display().to_string();
-    let out = ctd.ctr(&[
+    let out = ctd.ctr_output(&[
         "run",
         "--rm",
         "--runtime",
@@ -688,64 +459,26 @@ fn native_bad_input_under_containerd() {
     ]);
     assert_eq!(out.status.code(), Some(5), "good spec: {}", show(&out));
     assert_eq!(text(&out.stdout), "good\n", "{}", show(&out));
-    assert!(!ctd.containers().contains(&id));
+    assert!(!ctd.ctr_containers().contains(&id));
     assert_no_leftovers(&id, &format!("default/{id}"));
 }
 
 // ---------------------------------------------------------------------------------------------
 // switchyardd
 
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
-}
-
-fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
-    let mut c = d.yard();
-    c.arg("run")
-        .args(extra)
-        .arg("--rootfs")
-        .arg(busybox_rootfs())
-        .arg("--")
-        .args(cmd);
-    run_timeout(&mut c, T)
-}
-
-/// `yard ps --json`'s row for `id`.
-fn ps_row(d: &Daemon, id: &str) -> Option<Value> {
-    let out = yard(d, &["ps", "--json"]);
-    assert!(out.status.success(), "yard ps: {}", show(&out));
-    let rows: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("yard ps --json: {e}: {}", show(&out)));
-    rows.as_array()
-        .unwrap_or_else(|| panic!("yard ps --json is not a list: {rows}"))
-        .iter()
-        .find(|r| r["id"] == id)
-        .cloned()
-}
-
 /// Starts a detached native task; returns its pid.
 fn detach(d: &Daemon, runtime: &str, id: &str, extra: &[&str]) -> u32 {
     let mut args = vec!["-d", "--runtime", runtime, "--name", id];
     args.extend_from_slice(extra);
-    let out = yard_run(d, &args, &["/bin/sleep", "60"]);
+    let out = d.yard_run(busybox_rootfs(), &args, &["/bin/sleep", "60"]);
     assert!(out.status.success(), "yard run -d {id}: {}", show(&out));
-    let row = ps_row(d, id).unwrap_or_else(|| panic!("{id} not in yard ps"));
+    let row = d
+        .ps_row(id)
+        .unwrap_or_else(|| panic!("{id} not in yard ps"));
     assert_eq!(row["status"], "running", "{row}");
     let pid = row["pid"].as_u64().unwrap_or(0) as u32;
     assert!(pid > 0 && alive(pid), "{row}");
     pid
-}
-
-/// Shim servers of this daemon: `<shim> -namespace N -id ID -address <daemon socket> -socket
-/// unix://...` (the `start` invocations exit once the server listens).
-fn daemon_shims(d: &Daemon) -> Vec<(u32, String)> {
-    let addr = format!("-address {} ", d.socket.display());
-    processes_matching(&[SHIM, &addr, "-socket"])
-}
-
-fn rm_force(d: &Daemon, id: &str) {
-    let out = yard(d, &["rm", "--force", id]);
-    assert!(out.status.success(), "yard rm --force {id}: {}", show(&out));
 }
 
 #[test]
@@ -760,7 +493,7 @@ fn native_shim_grouping() {
 
     let pa = detach(&d, "native", &a, &["--annotation", &group]);
     let pb = detach(&d, "native", &b, &["--annotation", &group]);
-    let shims = daemon_shims(&d);
+    let shims = d.shim_servers(SHIM);
     assert_eq!(
         shims.len(),
         1,
@@ -773,16 +506,16 @@ fn native_shim_grouping() {
 
     // A task without the annotation gets its own shim.
     let pc = detach(&d, "native", &c, &[]);
-    let shims = daemon_shims(&d);
+    let shims = d.shim_servers(SHIM);
     assert_eq!(shims.len(), 2, "{shims:#?}");
     let solo_shim = ppid(pc).unwrap();
     assert_ne!(solo_shim, group_shim);
     assert!(shims.iter().any(|(p, _)| *p == solo_shim), "{shims:#?}");
 
     // Removing one task of the group keeps the shim for the other.
-    rm_force(&d, &a);
-    assert_eq!(ps_row(&d, &a), None, "{a} still listed");
-    let row = ps_row(&d, &b).unwrap_or_else(|| panic!("{b} gone with {a}"));
+    d.rm_force(&a);
+    assert_eq!(d.ps_row(&a), None, "{a} still listed");
+    let row = d.ps_row(&b).unwrap_or_else(|| panic!("{b} gone with {a}"));
     assert_eq!(row["status"], "running", "{row}");
     assert!(
         alive(pb) && alive(group_shim),
@@ -801,7 +534,7 @@ fn native_shim_grouping() {
     );
 
     // The last task of the group takes the shim with it.
-    rm_force(&d, &b);
+    d.rm_force(&b);
     let gone = eventually(SETTLE, || !alive(group_shim));
     assert!(gone, "group shim {group_shim} outlived its tasks");
     assert!(
@@ -812,11 +545,11 @@ fn native_shim_grouping() {
     assert_no_leftovers(&a, &format!("switchyard/default/{a}"));
     assert_no_leftovers(&b, &format!("switchyard/default/{b}"));
     assert!(alive(solo_shim) && alive(pc), "{c} or its shim died");
-    let row = ps_row(&d, &c).unwrap();
+    let row = d.ps_row(&c).unwrap();
     assert_eq!(row["status"], "running", "{row}");
 
-    rm_force(&d, &c);
-    assert!(eventually(SETTLE, || daemon_shims(&d).is_empty()));
+    d.rm_force(&c);
+    assert!(eventually(SETTLE, || d.shim_servers(SHIM).is_empty()));
     assert_no_leftovers(&c, &format!("switchyard/default/{c}"));
 }
 
@@ -833,8 +566,8 @@ fn native_binary_name_runc_option() {
     );
 
     let id = unique_id("nrr");
-    let out = yard_run(
-        &d,
+    let out = d.yard_run(
+        busybox_rootfs(),
         &["--rm", "--runtime", "native-runc", "--name", &id],
         &["/bin/sh", "-c", "echo $$; exit 6"],
     );
@@ -865,14 +598,14 @@ fn native_binary_name_runc_option() {
     let st: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["status"], "running", "{st}");
     assert_eq!(st["pid"], pid, "{st}");
-    let shims = daemon_shims(&d);
+    let shims = d.shim_servers(SHIM);
     assert_eq!(shims.len(), 1, "{shims:#?}");
     assert_eq!(ppid(pid), Some(shims[0].0), "task is not the shim's child");
 
-    rm_force(&d, &id);
-    assert_eq!(ps_row(&d, &id), None);
+    d.rm_force(&id);
+    assert_eq!(d.ps_row(&id), None);
     assert!(!alive(pid), "task {pid} survives yard rm --force");
-    assert!(eventually(SETTLE, || daemon_shims(&d).is_empty()));
+    assert!(eventually(SETTLE, || d.shim_servers(SHIM).is_empty()));
     assert_no_leftovers(&id, &format!("switchyard/default/{id}"));
 }
 

@@ -15,7 +15,7 @@
     clippy::print_stdout
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -23,87 +23,44 @@ use serde_json::Value;
 use switchyard_tests::*;
 
 /// A boot under TCG takes about 1.5 s; a loaded CI machine may take several times that.
-const T: Duration = Duration::from_secs(120);
+const T: Duration = CLIENT_DEADLINE;
 const SETTLE: Duration = Duration::from_secs(20);
 const RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
 const SHIM: &str = "containerd-shim-yard-vm-v1";
 
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("SWITCHYARD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"))
-}
-
-/// Root, QEMU and the installed guest.
+/// Root, QEMU, ctr, `programs` and the installed guest.
 fn prerequisites(programs: &[&str]) -> bool {
-    let mut needed = vec!["qemu-system-x86_64", "ctr"];
+    let mut needed = vec!["ctr"];
     needed.extend_from_slice(programs);
-    if !require_root_and(&needed) {
-        return false;
-    }
-    let g = guest_dir();
-    require(
-        g.join("vmlinux").is_file() && g.join("initrd.img").is_file(),
-        &format!("no guest in {} (run scripts/guest)", g.display()),
-    )
+    require_root_and(&needed) && require_guest()
 }
 
-/// switchyardd whose vm runtime keeps its image cache in the test's temp dir, plus `options`.
+/// switchyardd's config for the vm runtime with the installed guest (`kernel` instead of its
+/// kernel), its image cache in the daemon's directory, plus `options`.
+fn vm_daemon(kernel: &Path, options: &str) -> Daemon {
+    Daemon::start_in(|dir| {
+        format!(
+            "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n{options}\n",
+            kernel.display(),
+            guest_dir().join("initrd.img").display(),
+            dir.join("vm-cache").display()
+        )
+    })
+}
+
+/// switchyardd whose vm runtime runs the installed guest, plus `options`.
 fn daemon(options: &str) -> Option<Daemon> {
-    if !prerequisites(&[]) {
-        return None;
-    }
-    let g = guest_dir();
-    let cache = std::env::temp_dir().join(unique_id("vm-cache"));
-    Some(Daemon::start_with(&format!(
-        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n{options}\n",
-        g.join("vmlinux").display(),
-        g.join("initrd.img").display(),
-        cache.display()
-    )))
-}
-
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
+    prerequisites(&[]).then(|| vm_daemon(&guest_dir().join("vmlinux"), options))
 }
 
 fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
-    let mut c = d.yard();
-    c.args(["run", "--runtime", "vm"])
-        .args(extra)
-        .arg("--rootfs")
-        .arg(busybox_rootfs())
-        .arg("--")
-        .args(cmd);
-    run_timeout(&mut c, T)
-}
-
-fn ps_row(d: &Daemon, id: &str) -> Option<Value> {
-    let out = yard(d, &["ps", "--json"]);
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    rows.as_array()?.iter().find(|r| r["id"] == id).cloned()
-}
-
-fn status(d: &Daemon, id: &str) -> Option<String> {
-    ps_row(d, id).and_then(|r| r["status"].as_str().map(str::to_owned))
+    let extra: Vec<&str> = ["--runtime", "vm"].iter().chain(extra).copied().collect();
+    d.yard_run(busybox_rootfs(), &extra, cmd)
 }
 
 /// QEMU processes whose command line mentions `needle` (a sandbox id appears in `-name`).
 fn qemus(needle: &str) -> Vec<(u32, String)> {
     processes_matching(&["qemu-system-x86_64", needle])
-}
-
-fn shims_of(socket: &Path) -> Vec<(u32, String)> {
-    processes_matching(&[SHIM, &socket.display().to_string()])
 }
 
 /// Files the vm runtime keeps per sandbox, which must be gone with it.
@@ -189,18 +146,18 @@ fn runs_on_the_guest_kernel_with_the_vms_cpus_and_memory() {
         .stderr(std::process::Stdio::null());
     let mut child = KillOnDrop(run.spawn().unwrap());
     assert!(
-        eventually(T, || status(&d, &id).as_deref() == Some("running")),
+        eventually(T, || d.status(&id).as_deref() == Some("running")),
         "not running: {:?}",
-        ps_row(&d, &id)
+        d.ps_row(&id)
     );
-    let out = yard(&d, &["kill", "-s", "KILL", &id]);
+    let out = d.run_yard(&["kill", "-s", "KILL", &id]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         eventually(SETTLE, || matches!(child.0.try_wait(), Ok(Some(_)))),
         "yard run did not end after the kill"
     );
     assert_eq!(child.0.wait().unwrap().code(), Some(137));
-    let out = yard(&d, &["rm", &id]);
+    let out = d.run_yard(&["rm", &id]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         eventually(SETTLE, || qemus(&id).is_empty()),
@@ -223,11 +180,9 @@ fn containerd_17_and_21_run_and_exec() {
         return;
     }
     for name in ["containerd-1.7", "containerd-2.1"] {
-        let Some(bin) = switchyard_tests::daemon::peer_containerd(name) else {
-            require(false, &format!("{name} not fetched (scripts/peers)"));
-            continue;
-        };
-        under_containerd(&bin);
+        if let Some(bin) = require_peer_containerd(name) {
+            under_containerd(&bin);
+        }
     }
 }
 
@@ -235,20 +190,14 @@ fn containerd_17_and_21_run_and_exec() {
 /// code; a kill stops the task; nothing is left afterwards.
 fn under_containerd(binary: &Path) {
     let c = Containerd::start(binary);
-    let ctr = |args: &[&str]| run_timeout(c.ctr().args(args), T);
-    let root = busybox_rootfs().display().to_string();
     let id = unique_id("ctd-vm");
-    let out = ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
+    let out = c.ctr_run(
         RUNTIME_TYPE,
-        "--rootfs",
-        &root,
+        busybox_rootfs(),
+        &["--rm"],
         &id,
-        "/bin/uname",
-        "-r",
-    ]);
+        &["/bin/uname", "-r"],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -259,19 +208,15 @@ fn under_containerd(binary: &Path) {
     assert!(text(&out.stdout).starts_with("6.1."), "{}", show(&out));
 
     let id = unique_id("ctd-vm-d");
-    let out = ctr(&[
-        "run",
-        "-d",
-        "--runtime",
+    let out = c.ctr_run(
         RUNTIME_TYPE,
-        "--rootfs",
-        &root,
+        busybox_rootfs(),
+        &["-d"],
         &id,
-        "/bin/sleep",
-        "600",
-    ]);
+        &["/bin/sleep", "600"],
+    );
     assert!(out.status.success(), "{}\n{}", show(&out), c.log_text());
-    let out = ctr(&[
+    let out = c.ctr_output(&[
         "task",
         "exec",
         "--exec-id",
@@ -287,22 +232,12 @@ fn under_containerd(binary: &Path) {
         "{}",
         show(&out)
     );
-    let out = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
-    assert!(out.status.success(), "{}", show(&out));
+    c.ctr_kill_and_remove(&id, SETTLE);
     assert!(
-        eventually(SETTLE, || text(&ctr(&["task", "ls"]).stdout)
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))),
-        "not stopped after kill"
-    );
-    assert!(ctr(&["task", "rm", &id]).status.success());
-    assert!(ctr(&["containers", "rm", &id]).status.success());
-    let sock = c.socket.display().to_string();
-    assert!(
-        eventually(SETTLE, || processes_matching(&[SHIM, &sock]).is_empty()
+        eventually(SETTLE, || c.shim_processes(SHIM).is_empty()
             && qemus(&id).is_empty()),
         "left: shims {:?} qemu {:?}\n{}",
-        processes_matching(&[SHIM, &sock]),
+        c.shim_processes(SHIM),
         qemus(&id),
         c.log_text()
     );
@@ -325,35 +260,29 @@ fn a_sandbox_shares_one_vm() {
         assert!(out.status.success(), "{}", show(&out));
     }
     assert!(
-        eventually(SETTLE, || status(&d, &b).as_deref() == Some("running")),
+        eventually(SETTLE, || d.status(&b).as_deref() == Some("running")),
         "{:?}",
-        ps_row(&d, &b)
+        d.ps_row(&b)
     );
     // One shim and one QEMU for both: the VM is named after the first container.
-    assert_eq!(shims_of(&d.socket).len(), 1, "{:?}", shims_of(&d.socket));
+    assert_eq!(d.shim_servers(SHIM).len(), 1, "{:?}", d.shim_servers(SHIM));
     assert_eq!(qemus(&a).len(), 1, "{:?}", qemus(&a));
     assert!(qemus(&b).is_empty(), "a second VM: {:?}", qemus(&b));
     // Both run in the same guest: the second sees the first's kernel boot time.
-    let out = yard(
-        &d,
-        &[
-            "exec",
-            &b,
-            "--",
-            "/bin/cat",
-            "/proc/sys/kernel/random/boot_id",
-        ],
-    );
-    let out2 = yard(
-        &d,
-        &[
-            "exec",
-            &a,
-            "--",
-            "/bin/cat",
-            "/proc/sys/kernel/random/boot_id",
-        ],
-    );
+    let out = d.run_yard(&[
+        "exec",
+        &b,
+        "--",
+        "/bin/cat",
+        "/proc/sys/kernel/random/boot_id",
+    ]);
+    let out2 = d.run_yard(&[
+        "exec",
+        &a,
+        "--",
+        "/bin/cat",
+        "/proc/sys/kernel/random/boot_id",
+    ]);
     assert!(
         out.status.success() && out2.status.success(),
         "{}\n{}",
@@ -362,24 +291,24 @@ fn a_sandbox_shares_one_vm() {
     );
     assert_eq!(text(&out.stdout), text(&out2.stdout), "different guests");
 
-    let out = yard(&d, &["kill", "-s", "KILL", &a]);
+    let out = d.run_yard(&["kill", "-s", "KILL", &a]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
-        eventually(SETTLE, || status(&d, &a).as_deref() == Some("stopped")),
+        eventually(SETTLE, || d.status(&a).as_deref() == Some("stopped")),
         "{:?}",
-        ps_row(&d, &a)
+        d.ps_row(&a)
     );
-    assert!(yard(&d, &["rm", &a]).status.success());
-    assert_eq!(status(&d, &b).as_deref(), Some("running"));
-    let out = yard(&d, &["exec", &b, "--", "/bin/echo", "still-here"]);
+    assert!(d.run_yard(&["rm", &a]).status.success());
+    assert_eq!(d.status(&b).as_deref(), Some("running"));
+    let out = d.run_yard(&["exec", &b, "--", "/bin/echo", "still-here"]);
     assert_eq!(text(&out.stdout), "still-here\n", "{}", show(&out));
-    assert!(yard(&d, &["rm", "--force", &b]).status.success());
+    assert!(d.run_yard(&["rm", "--force", &b]).status.success());
     assert!(
         eventually(SETTLE, || qemus(&a).is_empty()
-            && shims_of(&d.socket).is_empty()),
+            && d.shim_servers(SHIM).is_empty()),
         "left: qemu {:?} shims {:?}",
         qemus(&a),
-        shims_of(&d.socket)
+        d.shim_servers(SHIM)
     );
     assert!(sandbox_files(&a).is_empty(), "{:?}", sandbox_files(&a));
 }
@@ -389,10 +318,7 @@ fn no_leaks_after_runs_or_a_killed_shim() {
     let Some(mut d) = daemon("") else {
         return;
     };
-    let runs: usize = std::env::var("SWITCHYARD_VM_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let runs = env_usize("SWITCHYARD_VM_RUNS", 20);
     let mut ids = Vec::new();
     for i in 0..runs {
         let id = unique_id("vm-leak");
@@ -402,9 +328,9 @@ fn no_leaks_after_runs_or_a_killed_shim() {
         ids.push(id);
     }
     assert!(
-        eventually(SETTLE, || shims_of(&d.socket).is_empty()),
+        eventually(SETTLE, || d.shim_servers(SHIM).is_empty()),
         "shims left: {:?}",
-        shims_of(&d.socket)
+        d.shim_servers(SHIM)
     );
     for id in &ids {
         assert!(qemus(id).is_empty(), "QEMU left for {id}: {:?}", qemus(id));
@@ -421,17 +347,15 @@ fn no_leaks_after_runs_or_a_killed_shim() {
         "{:?}",
         qemus(&id)
     );
-    let shims = shims_of(&d.socket);
+    let shims = d.shim_servers(SHIM);
     assert_eq!(shims.len(), 1, "{shims:?}");
-    let _ = Command::new("kill")
-        .args(["-9", &shims[0].0.to_string()])
-        .status();
+    sigkill(shims[0].0);
     assert!(
         eventually(SETTLE, || qemus(&id).is_empty()),
         "QEMU outlived its shim: {:?}",
         qemus(&id)
     );
-    let out = yard(&d, &["rm", "--force", &id]);
+    let out = d.run_yard(&["rm", "--force", &id]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         eventually(SETTLE, || sandbox_files(&id).is_empty()),
@@ -441,18 +365,13 @@ fn no_leaks_after_runs_or_a_killed_shim() {
     d.kill9();
 }
 
-use std::process::Command;
-
 #[test]
 fn bad_input_is_refused_and_leaves_nothing() {
     if !prerequisites(&[]) {
         return;
     }
     // A missing kernel: the error says how to get one.
-    let d = Daemon::start_with(&format!(
-        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"/nonexistent/vmlinux\"\ninitrd = \"{}\"\n",
-        guest_dir().join("initrd.img").display()
-    ));
+    let d = vm_daemon(Path::new("/nonexistent/vmlinux"), "");
     let id = unique_id("vm-nokernel");
     let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/true"]);
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
@@ -469,11 +388,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("vmlinux");
     std::fs::write(&junk, vec![0x7fu8; 4096]).unwrap();
-    let d = Daemon::start_with(&format!(
-        "[runtimes.vm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.vm.options]\nkernel = \"{}\"\ninitrd = \"{}\"\nboot_timeout_ms = 20000\n",
-        junk.display(),
-        guest_dir().join("initrd.img").display()
-    ));
+    let d = vm_daemon(&junk, "boot_timeout_ms = 20000");
     let id = unique_id("vm-junk");
     let out = yard_run(&d, &["--rm", "--name", &id], &["/bin/true"]);
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
@@ -499,9 +414,9 @@ fn bad_input_is_refused_and_leaves_nothing() {
         show(&out)
     );
     assert!(
-        eventually(SETTLE, || shims_of(&d.socket).is_empty()),
+        eventually(SETTLE, || d.shim_servers(SHIM).is_empty()),
         "{:?}",
-        shims_of(&d.socket)
+        d.shim_servers(SHIM)
     );
 
     // A bind mount of a host path: the guest cannot see it; refused naming the mount.
@@ -540,7 +455,7 @@ fn yard_info_reports_the_backend() {
     let Some(d) = daemon("") else {
         return;
     };
-    let out = yard(&d, &["info", "--json"]);
+    let out = d.run_yard(&["info", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     let vm = info["runtimes"]
@@ -548,11 +463,8 @@ fn yard_info_reports_the_backend() {
         .and_then(|r| r.iter().find(|r| r["name"] == "vm"))
         .cloned()
         .unwrap_or(Value::Null);
-    let hw = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .split_whitespace()
-        .any(|f| f == "vmx" || f == "svm");
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let hw = cpu_has_hardware_virtualization();
+    let pvm = kvm_is_pvm();
     // The built-in VMM where KVM has hardware virtualization (the nested harness shows it
     // chosen: tests/tests/nested.rs), QEMU here.
     let builtin = hw && !pvm && Path::new("/dev/kvm").exists();
@@ -567,7 +479,7 @@ fn yard_info_reports_the_backend() {
     if !hw {
         assert_eq!(vm["vm"]["accel"], "tcg", "{vm}");
     }
-    let out = yard(&d, &["info"]);
+    let out = d.run_yard(&["info"]);
     assert!(
         text(&out.stdout).contains("runtime vm (microVM):"),
         "{}",
@@ -585,11 +497,8 @@ fn the_builtin_backend_runs_where_kvm_has_hardware_virtualization_and_says_why_n
     let Some(d) = daemon("backend = \"builtin\"") else {
         return;
     };
-    let hw = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .split_whitespace()
-        .any(|f| f == "vmx" || f == "svm");
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let hw = cpu_has_hardware_virtualization();
+    let pvm = kvm_is_pvm();
     let out = yard_run(
         &d,
         &["--rm"],
@@ -622,7 +531,7 @@ fn the_builtin_backend_runs_where_kvm_has_hardware_virtualization_and_says_why_n
         );
     }
     // Nothing is left: no container record (and no VM: the builtin VMM lives in the shim).
-    let out = yard(&d, &["ps", "--json"]);
+    let out = d.run_yard(&["ps", "--json"]);
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert_eq!(rows.as_array().map(Vec::len), Some(0), "{rows}");
 }

@@ -14,15 +14,12 @@
     clippy::print_stdout
 )]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use switchyard_tests::daemon::peer_containerd;
 use switchyard_tests::wasm::wasm_rootfs;
 use switchyard_tests::*;
 
@@ -33,15 +30,6 @@ const SHIM: &str = "containerd-shim-yard-wasm-v1";
 const HELLO: &str = "/app/hello.wasm";
 const HELLO_COMPONENT: &str = "/app/hello-c.wasm";
 const HTTP: &str = "/app/http.wasm";
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
 
 /// switchyardd with the wasm runtime's cache in the daemon's temp dir.
 fn daemon(programs: &[&str]) -> Option<(Daemon, PathBuf)> {
@@ -55,106 +43,24 @@ fn daemon_with(programs: &[&str], options: &str) -> Option<(Daemon, PathBuf)> {
     if !require_root_and(&needed) {
         return None;
     }
-    let cache = std::env::temp_dir().join(unique_id("wasm-cache"));
-    let d = Daemon::start_with(&format!(
-        "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n{options}\n",
-        cache.display()
-    ));
+    let d = Daemon::start_in(|dir| {
+        format!(
+            "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n{options}\n",
+            dir.join("wasm-cache").display()
+        )
+    });
+    let cache = d.dir.path().join("wasm-cache");
     Some((d, cache))
 }
 
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
-}
-
 fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
-    let mut c = d.yard();
-    c.args(["run", "--runtime", "wasm"])
-        .args(extra)
-        .arg("--rootfs")
-        .arg(wasm_rootfs())
-        .arg("--")
-        .args(cmd);
-    run_timeout(&mut c, T)
+    let extra: Vec<&str> = ["--runtime", "wasm"].iter().chain(extra).copied().collect();
+    d.yard_run(wasm_rootfs(), &extra, cmd)
 }
 
-/// `yard ps --json` row of `id`.
-fn ps_row(d: &Daemon, id: &str) -> Option<Value> {
-    let out = yard(d, &["ps", "--json"]);
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    rows.as_array()?.iter().find(|r| r["id"] == id).cloned()
-}
-
-fn status(d: &Daemon, id: &str) -> Option<String> {
-    ps_row(d, id).and_then(|r| r["status"].as_str().map(str::to_owned))
-}
-
-/// Shim processes serving this daemon.
+/// Shim servers of this daemon.
 fn shims(d: &Daemon) -> Vec<u32> {
-    let sock = d.socket.display().to_string();
-    processes_matching(&[SHIM, "-address", &sock])
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect()
-}
-
-/// `yard events --json` collected by a thread.
-struct Events {
-    _child: KillOnDrop,
-    seen: Arc<Mutex<Vec<(Instant, Value)>>>,
-}
-
-impl Events {
-    fn watch(d: &Daemon) -> Events {
-        let mut child = d
-            .yard()
-            .args(["events", "--json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("yard events");
-        let stdout = child.stdout.take().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    s.lock().unwrap().push((Instant::now(), v));
-                }
-            }
-        });
-        // The subscription is live once a task event of ours comes through.
-        let ev = Events {
-            _child: KillOnDrop(child),
-            seen,
-        };
-        let probe = unique_id("probe");
-        let out = yard_run(d, &["--rm", "--name", &probe], &[HELLO]);
-        assert!(out.status.success(), "{}", show(&out));
-        assert!(
-            eventually(SETTLE, || ev.find("/tasks/exit", &probe).is_some()),
-            "yard events never delivered the probe's exit"
-        );
-        ev
-    }
-
-    fn find(&self, topic: &str, id: &str) -> Option<(Instant, Value)> {
-        self.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(_, v)| v["topic"] == topic && v["event"]["container_id"] == id)
-            .cloned()
-    }
-
-    fn wait(&self, topic: &str, id: &str) -> (Instant, Value) {
-        assert!(
-            eventually(SETTLE, || self.find(topic, id).is_some()),
-            "no {topic} for {id}"
-        );
-        self.find(topic, id).unwrap()
-    }
+    d.shim_servers(SHIM).into_iter().map(|(p, _)| p).collect()
 }
 
 /// Under real containerd: a WASI module and a component print their args and env, read a
@@ -162,27 +68,15 @@ impl Events {
 /// and killed through `ctr task`.
 fn under_containerd(binary: &Path) {
     let c = Containerd::start(binary);
-    let ctr = |args: &[&str]| run_timeout(c.ctr().args(args), T);
-    let root = wasm_rootfs().display().to_string();
     for (prog, code) in [(HELLO, 7), (HELLO_COMPONENT, 1)] {
         let id = unique_id("ctd");
-        let out = ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
+        let out = c.ctr_run(
             RUNTIME_TYPE,
-            "--env",
-            "GREETING=hi",
-            "--rootfs",
-            &root,
+            wasm_rootfs(),
+            &["--rm", "--env", "GREETING=hi"],
             &id,
-            prog,
-            "one",
-            "--read",
-            "/hello.txt",
-            "--exit",
-            "7",
-        ]);
+            &[prog, "one", "--read", "/hello.txt", "--exit", "7"],
+        );
         // A component's wasi:cli/exit carries only success or failure.
         assert_eq!(out.status.code(), Some(code), "{prog}: {}", show(&out));
         let stdout = text(&out.stdout);
@@ -201,51 +95,27 @@ fn under_containerd(binary: &Path) {
         }
     }
     let id = unique_id("ctd-d");
-    let out = ctr(&[
-        "run",
-        "-d",
-        "--runtime",
+    let out = c.ctr_run(
         RUNTIME_TYPE,
-        "--rootfs",
-        &root,
+        wasm_rootfs(),
+        &["-d"],
         &id,
-        HELLO,
-        "--sleep",
-        "60000",
-    ]);
-    assert!(out.status.success(), "{}", show(&out));
-    let out = ctr(&["task", "ls"]);
-    assert!(
-        text(&out.stdout)
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("RUNNING")),
-        "{}",
-        show(&out)
+        &[HELLO, "--sleep", "60000"],
     );
-    let out = ctr(&["task", "metrics", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(c.ctr_task(&id).map(|t| t.1).as_deref(), Some("RUNNING"));
+    let out = c.ctr_output(&["task", "metrics", &id]);
     assert!(out.status.success(), "ctr task metrics: {}", show(&out));
     assert!(
         text(&out.stdout).contains("memory.usage_in_bytes"),
         "{}",
         show(&out)
     );
-    let out = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
-    assert!(out.status.success(), "ctr task kill: {}", show(&out));
+    c.ctr_kill_and_remove(&id, SETTLE);
     assert!(
-        eventually(SETTLE, || text(&ctr(&["task", "ls"]).stdout)
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))),
-        "not stopped after kill"
-    );
-    let out = ctr(&["task", "rm", &id]);
-    assert!(out.status.success(), "ctr task rm: {}", show(&out));
-    let out = ctr(&["containers", "rm", &id]);
-    assert!(out.status.success(), "ctr containers rm: {}", show(&out));
-    let sock = c.socket.display().to_string();
-    assert!(
-        eventually(SETTLE, || processes_matching(&[SHIM, &sock]).is_empty()),
+        eventually(SETTLE, || c.shim_processes(SHIM).is_empty()),
         "shims left: {:?}\n{}",
-        processes_matching(&[SHIM, &sock]),
+        c.shim_processes(SHIM),
         c.log_text()
     );
 }
@@ -264,11 +134,9 @@ fn containerd_17_and_21() {
         return;
     }
     for name in ["containerd-1.7", "containerd-2.1"] {
-        let Some(bin) = peer_containerd(name) else {
-            require(false, &format!("{name} not fetched (scripts/peers)"));
-            continue;
-        };
-        under_containerd(&bin);
+        if let Some(bin) = require_peer_containerd(name) {
+            under_containerd(&bin);
+        }
     }
 }
 
@@ -375,7 +243,7 @@ fn http_component_serves_requests() {
         &failures[..failures.len().min(5)]
     );
 
-    let out = yard(&d, &["rm", "--force", &id]);
+    let out = d.run_yard(&["rm", "--force", &id]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         eventually(SETTLE, || TcpStream::connect(("127.0.0.1", port)).is_err()),
@@ -393,7 +261,7 @@ fn tasks_in_one_shim_are_isolated() {
         return;
     };
     let group = ["--annotation", "io.switchyard.group=iso"];
-    let ev = Events::watch(&d);
+    let ev = Events::watch_all(&d);
     let sleeper = unique_id("sleeper");
     let spinner = unique_id("spinner");
     for (id, cmd) in [
@@ -407,7 +275,7 @@ fn tasks_in_one_shim_are_isolated() {
     }
     let one = shims(&d);
     assert_eq!(one.len(), 1, "grouped tasks are not in one shim: {one:?}");
-    let pid = |id: &str| ps_row(&d, id).and_then(|r| r["pid"].as_u64());
+    let pid = |id: &str| d.ps_row(id).and_then(|r| r["pid"].as_u64());
     assert_eq!(pid(&sleeper), Some(u64::from(one[0])));
     assert_eq!(pid(&spinner), Some(u64::from(one[0])));
 
@@ -428,19 +296,19 @@ fn tasks_in_one_shim_are_isolated() {
     // Kill the spinner: its exit comes promptly (an epoch tick is 10 ms; the 100 ms figure is
     // measured by the benchmark, this only guards against a kill that waits for something).
     let t = Instant::now();
-    let out = yard(&d, &["kill", "-s", "KILL", &spinner]);
+    let out = d.run_yard(&["kill", "-s", "KILL", &spinner]);
     assert!(out.status.success(), "{}", show(&out));
-    let (at, exit) = ev.wait("/tasks/exit", &spinner);
+    let (at, exit) = ev.wait_timed("/tasks/exit", &spinner, "any payload", |_| true);
     let latency = at.saturating_duration_since(t);
     eprintln!("kill of a spinning task: exit event after {latency:?} (including yard startup)");
     assert_eq!(exit["event"]["exit_status"], 137, "{exit}");
     assert!(latency < Duration::from_secs(2), "kill took {latency:?}");
 
-    assert_eq!(status(&d, &sleeper).as_deref(), Some("running"));
-    let out = yard(&d, &["rm", &spinner]);
+    assert_eq!(d.status(&sleeper).as_deref(), Some("running"));
+    let out = d.run_yard(&["rm", &spinner]);
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(shims(&d), one, "the shim went away with tasks left");
-    let out = yard(&d, &["rm", "--force", &sleeper]);
+    let out = d.run_yard(&["rm", "--force", &sleeper]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
         eventually(SETTLE, || shims(&d).is_empty()),
@@ -535,7 +403,7 @@ fn group_option_shares_one_shim() {
         s.len()
     );
     for id in &ids {
-        let out = yard(&d, &["rm", "--force", id]);
+        let out = d.run_yard(&["rm", "--force", id]);
         assert!(out.status.success(), "{}", show(&out));
     }
     assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");

@@ -629,9 +629,38 @@ impl TaskManager {
         exec_id: &str,
     ) -> Result<shimapi::StateResponse> {
         let task = self.get(ns, id)?;
-        Self::state(&task, exec_id)
-            .await
-            .map_err(Self::call_err(id))
+        match Self::state(&task, exec_id).await {
+            Ok(p) => Ok(p),
+            Err(e) => Err(self.after_call_failed(&task, e).await),
+        }
+    }
+
+    /// The answer to a call the task's shim failed. A shim that died (its connection closed)
+    /// may not have been noticed by its monitor yet: wait for the monitor's cleanup, after
+    /// which the task no longer exists (containerd answers a closed shim's State the same
+    /// way), so that a client's next step (`yard rm --force` deleting the container) is not
+    /// refused for a task that is already gone.
+    async fn after_call_failed(&self, task: &Task, e: CallError) -> TaskError {
+        if !e.is_disconnected() {
+            return Self::call_err(&task.id)(e);
+        }
+        let not_found = || TaskError::NotFound {
+            namespace: task.namespace.clone(),
+            id: task.id.clone(),
+        };
+        let key = (task.namespace.clone(), task.id.clone());
+        let registered = self
+            .read()
+            .get(&key)
+            .is_some_and(|t| std::ptr::eq(Arc::as_ptr(t), task));
+        if !registered {
+            // Deleted meanwhile: nothing will report an exit.
+            return not_found();
+        }
+        match self.await_exit(task).await {
+            Ok(_) => not_found(),
+            Err(lost) => lost,
+        }
     }
 
     /// Tasks of a namespace; a shim that does not answer in time shows as UNKNOWN.
@@ -659,12 +688,10 @@ impl TaskManager {
 
     pub async fn kill(&self, ns: &str, req: shimapi::KillRequest) -> Result<()> {
         let task = self.get(ns, &req.id)?;
-        let id = req.id.clone();
-        task.shim
-            .client
-            .kill(req)
-            .await
-            .map_err(Self::call_err(&id))
+        match task.shim.client.kill(req).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.after_call_failed(&task, e).await),
+        }
     }
 
     pub async fn exec(&self, ns: &str, req: shimapi::ExecProcessRequest) -> Result<()> {

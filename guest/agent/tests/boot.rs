@@ -25,30 +25,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use switchyard_tests::{busybox_binary, busybox_tree, guest_dir, is_root, require, which};
 use tokio::io::AsyncReadExt;
 use yard_agent_protocol::ttrpc::{self, Code, r#async::transport::Socket};
 use yard_agent_protocol::*;
 
 /// Every agent call; TCG on a loaded 2-core machine is slow.
 const CALL: Duration = Duration::from_secs(60);
-
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -74,12 +57,7 @@ fn kernel() -> Option<PathBuf> {
     if let Some(k) = std::env::var_os("YARD_GUEST_KERNEL") {
         return Some(PathBuf::from(k)).filter(|p| p.is_file());
     }
-    cached_kernel().or_else(|| {
-        let dir = std::env::var_os("SWITCHYARD_GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"));
-        Some(dir.join("vmlinux")).filter(|p| p.is_file())
-    })
+    cached_kernel().or_else(|| Some(guest_dir().join("vmlinux")).filter(|p| p.is_file()))
 }
 
 fn initrd() -> Result<PathBuf, String> {
@@ -110,26 +88,7 @@ fn initrd() -> Result<PathBuf, String> {
 /// A busybox rootfs with a marker file, as an erofs image.
 fn erofs_image(dir: &Path, name: &str, marker: &str) -> PathBuf {
     let root = dir.join(format!("{name}.d"));
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "run", "root"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-        .unwrap();
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    let list = Command::new(root.join("bin/busybox"))
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    busybox_tree(&root);
     std::fs::write(root.join("etc/marker"), marker).unwrap();
     let image = dir.join(format!("{name}.erofs"));
     let out = Command::new("mkfs.erofs")
@@ -502,7 +461,7 @@ async fn run(c: &AgentClient, id: &str, args: &[&str], storage: Storage) -> (Str
 #[test]
 fn the_agent_runs_containers_in_a_real_guest() {
     if !require(
-        nix::unistd::geteuid().is_root(),
+        is_root(),
         "needs root (QEMU's 9p share of root-owned images)",
     ) {
         return;
@@ -513,7 +472,7 @@ fn the_agent_runs_containers_in_a_real_guest() {
         }
     }
     if !require(
-        Path::new("/bin/busybox").is_file() || Path::new("/usr/bin/busybox").is_file(),
+        busybox_binary().is_some(),
         "needs busybox (apt-get install busybox-static)",
     ) {
         return;

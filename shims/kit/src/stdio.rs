@@ -94,14 +94,51 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Open a fifo for writing without blocking on a reader: read-write keeps it open even if the
-/// client has not opened its end yet (and the process sees no EPIPE if the client goes away).
+/// How long the shim waits for the client to open its end of an output fifo.
+const READER_WAIT: Duration = Duration::from_secs(10);
+
+/// Open an output fifo for the process, once the client has its end open (as containerd's
+/// shims do). A fifo drops what is in it when its last descriptor closes: had the process
+/// written and exited before the client's reader arrived (ctr opens its ends in goroutines
+/// that can run late under load), its output would be lost and the client would print
+/// nothing. The process then gets a read-write descriptor: it never blocks, and a client that
+/// goes away does not turn the process's writes into EPIPE.
 fn open_fifo_write(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let reader_is_there = wait_for_reader(path);
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .map_err(Error::io(format!("open stdio fifo {}", path.display())))
+        .map_err(Error::io(format!("open stdio fifo {}", path.display())))?;
+    // Closed only now, so the client never sees a moment without a writer (end of file).
+    drop(reader_is_there);
+    Ok(file)
+}
+
+/// A write-only descriptor of the fifo `path`, opened once a reader has it open (such an open
+/// blocks until then); `None` if no reader came within `READER_WAIT`, or on an error (which
+/// the caller's own open then reports).
+fn wait_for_reader(path: &Path) -> Option<File> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fifo = path.to_owned();
+    std::thread::Builder::new()
+        .name("fifo-reader-wait".into())
+        .spawn(move || {
+            let _ = tx.send(OpenOptions::new().write(true).open(&fifo));
+        })
+        .ok()?;
+    match rx.recv_timeout(READER_WAIT) {
+        Ok(opened) => opened.ok(),
+        Err(_) => {
+            tracing::warn!(
+                fifo = %path.display(),
+                "the client has not opened its end of the fifo; output before it does may be lost"
+            );
+            // A read-write open counts as a reader: it releases the waiting thread.
+            let _ = OpenOptions::new().read(true).write(true).open(path);
+            None
+        }
+    }
 }
 
 fn open_file_append(path: &Path) -> Result<File> {

@@ -4,8 +4,9 @@
 //!
 //! Needs root, `qemu-system-x86_64`, a guest kernel (`$SWITCHYARD_VM_KERNEL`, or the newest
 //! build under /var/cache/switchyard/kernel with virtio-console) and busybox-static; each test
-//! skips with a printed reason where one is missing. CI here has them all. Guests run under TCG
-//! unless KVM can run them (see `virt`).
+//! skips with a printed reason where one is missing (fails instead under
+//! `SWITCHYARD_REQUIRE_ALL=1`: the test kit's `require`). CI here has them all. Guests run under
+//! TCG unless KVM can run them (see `virt`).
 
 #![allow(
     clippy::unwrap_used,
@@ -23,11 +24,11 @@ use containerd_shim_yard_vm_v1::hypervisor::{Accel, BootVmError, Hypervisor, VmC
 use containerd_shim_yard_vm_v1::image::ImageCache;
 use containerd_shim_yard_vm_v1::qemu::{self, Qemu};
 use containerd_shim_yard_vm_v1::virt::{self, AccelPreference};
+use switchyard_tests::{busybox_binary, env_usize, processes_matching, reaped, require};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use yard_agent_protocol::READY_BANNER;
 
 const INIT: &str = include_str!("fixtures/init.sh");
-const BUSYBOX: &str = "/bin/busybox";
 const KERNEL_CACHE: &str = "/var/cache/switchyard/kernel";
 
 struct Guest {
@@ -42,16 +43,14 @@ fn guest() -> Result<&'static Guest, String> {
     static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
     GUEST
         .get_or_init(|| {
-            if !rustix::process::geteuid().is_root() {
+            if !switchyard_tests::is_root() {
                 return Err("not root".into());
             }
             if qemu::find_binary(Path::new(qemu::DEFAULT_BINARY)).is_none() {
                 return Err("qemu-system-x86_64 not installed".into());
             }
-            if !Path::new(BUSYBOX).is_file() {
-                return Err(format!(
-                    "{BUSYBOX} missing (apt-get install busybox-static)"
-                ));
+            if busybox_binary().is_none() {
+                return Err("no busybox (apt-get install busybox-static)".into());
             }
             let kernel = find_kernel().ok_or("no guest kernel: run guest/kernel/build.sh")?;
             let config =
@@ -73,7 +72,7 @@ macro_rules! guest_or_skip {
         match guest() {
             Ok(g) => g,
             Err(reason) => {
-                eprintln!("skipped: {reason}");
+                require(false, &reason);
                 return;
             }
         }
@@ -104,7 +103,7 @@ fn find_kernel() -> Option<PathBuf> {
 
 /// An uncompressed newc cpio: /init, /bin/busybox, the mount points and /dev/console.
 fn write_initrd(path: &Path) -> std::io::Result<()> {
-    let busybox = std::fs::read(BUSYBOX)?;
+    let busybox = std::fs::read(busybox_binary().ok_or(std::io::ErrorKind::NotFound)?)?;
     let mut out = Vec::with_capacity(busybox.len() + 4096);
     let mut ino = 1;
     let mut entry = |name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
@@ -169,26 +168,6 @@ fn config(g: &Guest, state: &Path, id: &str, mode: &str) -> VmConfig {
         root_disk: None,
         share_dir: None,
     }
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_with(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            String::from_utf8_lossy(&cmdline)
-                .contains(needle)
-                .then_some(pid)
-        })
-        .collect()
-}
-
-fn gone(pid: u32) -> bool {
-    // A zombie would still be there: the test checks the process was collected too.
-    !Path::new(&format!("/proc/{pid}")).exists()
 }
 
 struct Agent {
@@ -279,7 +258,7 @@ async fn boots_serves_the_agent_stream_disk_and_share_then_stops() {
         started.elapsed() < Duration::from_secs(4),
         "QMP quit, not SIGKILL"
     );
-    assert!(gone(pid), "QEMU {pid} still there after stop");
+    assert!(reaped(pid), "QEMU {pid} still there after stop");
     assert!(vm.exit_status().is_some());
     vm.stop(Duration::from_secs(1)).await;
     vm.exited().await;
@@ -305,7 +284,7 @@ async fn guest_reboot_ends_the_vm_and_dropping_a_vm_kills_qemu() {
         .await
         .expect("QEMU exits when the guest reboots");
     assert_eq!(vm.exit_status(), Some(VmmExit::Code(0)));
-    assert!(gone(vm.pid().unwrap()));
+    assert!(reaped(vm.pid().unwrap()));
 
     let state = tempfile::tempdir().unwrap();
     let vm = Qemu
@@ -315,10 +294,10 @@ async fn guest_reboot_ends_the_vm_and_dropping_a_vm_kills_qemu() {
     let pid = vm.pid().unwrap();
     drop(vm);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !gone(pid) && Instant::now() < deadline {
+    while !reaped(pid) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(gone(pid), "QEMU {pid} survived its Vm");
+    assert!(reaped(pid), "QEMU {pid} survived its Vm");
 }
 
 #[tokio::test]
@@ -341,7 +320,7 @@ async fn guest_that_exits_during_boot_is_reported_with_its_console() {
         err.to_string()
             .starts_with("VMM exited during boot (exit code 0); console tail:\n")
     );
-    assert!(processes_with(&id).is_empty());
+    assert!(processes_matching(&[&id]).is_empty());
 }
 
 #[tokio::test]
@@ -368,7 +347,7 @@ async fn boot_timeout_kills_qemu() {
             .starts_with("guest agent not ready after 500 ms; console tail:")
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(processes_with(&id).is_empty(), "QEMU left running");
+    assert!(processes_matching(&[&id]).is_empty(), "QEMU left running");
 }
 
 #[tokio::test]
@@ -383,7 +362,7 @@ async fn wrong_banner_is_refused() {
     };
     assert_eq!(got.len(), READY_BANNER.len());
     assert!(got.starts_with("not the banner"));
-    assert!(processes_with(&id).is_empty());
+    assert!(processes_matching(&[&id]).is_empty());
 }
 
 #[tokio::test]
@@ -396,7 +375,7 @@ async fn stop_without_grace_kills_at_once() {
         .unwrap();
     vm.stop(Duration::ZERO).await;
     assert_eq!(vm.exit_status(), Some(VmmExit::Signal(9)));
-    assert!(gone(vm.pid().unwrap()));
+    assert!(reaped(vm.pid().unwrap()));
 }
 
 #[tokio::test]
@@ -465,10 +444,7 @@ async fn missing_files_are_named_before_anything_starts() {
 #[ignore = "a measurement, not a check"]
 async fn boot_time_report() {
     let g = guest_or_skip!();
-    let runs: usize = std::env::var("BOOTS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5);
+    let runs = env_usize("BOOTS", 5);
     let mut times = Vec::new();
     for i in 0..runs {
         let state = tempfile::tempdir().unwrap();
@@ -537,13 +513,13 @@ async fn qemu_dies_with_a_killed_shim() {
     .await
     .unwrap()
     .expect("the helper shim booted a VM");
-    assert!(!gone(pid));
+    assert!(!reaped(pid));
     shim.kill().unwrap(); // SIGKILL: no destructor runs in the shim
     shim.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     // QEMU was reparented (to init or a subreaper), which collects it.
-    while !gone(pid) && Instant::now() < deadline {
+    while !reaped(pid) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(gone(pid), "QEMU {pid} outlived its shim");
+    assert!(reaped(pid), "QEMU {pid} outlived its shim");
 }
