@@ -219,27 +219,7 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
         // process would run as the host's root in the container's other namespaces.
         return Err(SpecError::ExecUserNamespace.into());
     }
-    #[allow(unused_mut)]
-    let mut workload = Workload::default();
-    if let Some(seccomp) = linux.and_then(|l| l.seccomp().clone()) {
-        #[cfg(feature = "seccomp")]
-        {
-            if libcontainer::seccomp::is_notify(&seccomp) {
-                return Err(SpecError::SeccompNotifyOnExec.into());
-            }
-            workload.confine = Some(workload::Confinement {
-                seccomp,
-                capabilities: process.capabilities().clone(),
-                no_new_privs: process.no_new_privileges() == Some(true),
-            });
-            process.set_capabilities(None);
-        }
-        #[cfg(not(feature = "seccomp"))]
-        {
-            let _ = seccomp;
-            return Err(SpecError::SeccompUnsupported.into());
-        }
-    }
+    let workload = Workload::for_exec(linux.and_then(|l| l.seccomp().as_ref()), &mut process)?;
     // libcontainer reads the process from a file; this one lives with the container's state.
     let resolved = root
         .join(&id)

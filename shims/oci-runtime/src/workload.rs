@@ -17,6 +17,8 @@ use libcontainer::workload::default::DefaultExecutor;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use oci_spec::runtime::Spec;
 
+use crate::spec::SpecError;
+
 /// libcontainer's default workload with the additions above.
 #[derive(Clone, Default)]
 pub(crate) struct Workload {
@@ -34,6 +36,39 @@ pub(crate) struct Confinement {
     /// Dropped here, not by libcontainer (see the module's documentation).
     pub capabilities: Option<oci_spec::runtime::LinuxCapabilities>,
     pub no_new_privs: bool,
+}
+
+impl Workload {
+    /// The workload of an exec into a container with `seccomp`; `process` is what libcontainer
+    /// gets (without capabilities when this step drops them).
+    pub(crate) fn for_exec(
+        seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+        process: &mut oci_spec::runtime::Process,
+    ) -> Result<Workload, SpecError> {
+        let Some(seccomp) = seccomp else {
+            return Ok(Workload::default());
+        };
+        #[cfg(feature = "seccomp")]
+        {
+            if libcontainer::seccomp::is_notify(seccomp) {
+                return Err(SpecError::SeccompNotifyOnExec);
+            }
+            let confine = Confinement {
+                seccomp: seccomp.clone(),
+                capabilities: process.capabilities().clone(),
+                no_new_privs: process.no_new_privileges() == Some(true),
+            };
+            process.set_capabilities(None);
+            Ok(Workload {
+                confine: Some(confine),
+            })
+        }
+        #[cfg(not(feature = "seccomp"))]
+        {
+            let _ = (seccomp, process);
+            Err(SpecError::SeccompUnsupported)
+        }
+    }
 }
 
 impl Executor for Workload {
@@ -115,5 +150,61 @@ impl Confinement {
                 switchyard_base::chain(&e)
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process() -> oci_spec::runtime::Process {
+        serde_json::from_value(serde_json::json!({
+            "args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]},
+            "noNewPrivileges": true
+        }))
+        .unwrap()
+    }
+
+    fn seccomp(action: &str) -> oci_spec::runtime::LinuxSeccomp {
+        serde_json::from_value(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "listenerPath": "/run/listener.sock",
+            "syscalls": [{"names": ["sethostname"], "action": action}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn without_a_filter_libcontainer_confines_the_exec_alone() {
+        let mut p = process();
+        let w = Workload::for_exec(None, &mut p).unwrap();
+        assert_eq!(p, process());
+        #[cfg(feature = "seccomp")]
+        assert!(w.confine.is_none());
+        let _ = w;
+    }
+
+    #[cfg(feature = "seccomp")]
+    #[test]
+    fn with_a_filter_the_workload_loads_it_and_drops_the_capabilities() {
+        let mut p = process();
+        let w = Workload::for_exec(Some(&seccomp("SCMP_ACT_ERRNO")), &mut p).unwrap();
+        let c = w.confine.unwrap();
+        assert!(
+            p.capabilities().is_none(),
+            "libcontainer must not drop them first"
+        );
+        assert_eq!(&c.capabilities, process().capabilities());
+        assert!(c.no_new_privs);
+        let e = Workload::for_exec(Some(&seccomp("SCMP_ACT_NOTIFY")), &mut process());
+        assert!(matches!(e, Err(SpecError::SeccompNotifyOnExec)));
+    }
+
+    #[cfg(not(feature = "seccomp"))]
+    #[test]
+    fn without_libseccomp_an_exec_into_a_filtered_container_is_refused() {
+        let e = Workload::for_exec(Some(&seccomp("SCMP_ACT_ERRNO")), &mut process());
+        assert!(matches!(e, Err(SpecError::SeccompUnsupported)));
     }
 }
