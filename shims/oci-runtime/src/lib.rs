@@ -32,7 +32,7 @@ use libcontainer::container::Container;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{Process, Spec};
 
 use flags::{Command, Globals, Io};
 pub use log::last_error;
@@ -210,16 +210,9 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
     })?;
     let mut process = read_process(process_path)?;
     spec::inherit(&init, &mut process);
-    let linux = init.linux().as_ref();
-    if linux
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User))
-    {
-        // libcontainer's tenant joins every namespace of the init but the user namespace: the
-        // process would run as the host's root in the container's other namespaces.
-        return Err(SpecError::ExecUserNamespace.into());
-    }
-    let workload = Workload::for_exec(linux.and_then(|l| l.seccomp().as_ref()), &mut process)?;
+    spec::check_exec(&init)?;
+    let seccomp = init.linux().as_ref().and_then(|l| l.seccomp().as_ref());
+    let workload = Workload::for_exec(seccomp, &mut process)?;
     // libcontainer reads the process from a file; this one lives with the container's state.
     let resolved = root
         .join(&id)

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -85,6 +85,21 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<(), SpecError> {
     let bytes = serde_json::to_vec(&spec).map_err(|e| save(e.into()))?;
     std::fs::write(&tmp, bytes).map_err(save)?;
     std::fs::rename(&tmp, &path).map_err(save)
+}
+
+/// What of the container's spec an exec cannot honour.
+pub(crate) fn check_exec(container: &Spec) -> Result<(), SpecError> {
+    let user_ns = container
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
+    if user_ns {
+        // libcontainer's tenant joins every namespace of the init but the user namespace: the
+        // process would run as the host's root in the container's other namespaces.
+        return Err(SpecError::ExecUserNamespace);
+    }
+    Ok(())
 }
 
 /// Completes an exec's process from its container's, the way runc does for `runc exec
@@ -178,6 +193,25 @@ mod tests {
         } else {
             assert!(matches!(r, Err(SpecError::SeccompUnsupported)), "{r:?}");
         }
+    }
+
+    #[test]
+    fn an_exec_into_a_user_namespace_is_refused() {
+        let spec = |ns: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.1.0",
+                "linux": {"namespaces": ns}
+            }))
+            .unwrap()
+        };
+        check_exec(&spec(
+            serde_json::json!([{"type": "pid"}, {"type": "mount"}]),
+        ))
+        .unwrap();
+        let e = check_exec(&spec(
+            serde_json::json!([{"type": "pid"}, {"type": "user"}]),
+        ));
+        assert!(matches!(e, Err(SpecError::ExecUserNamespace)), "{e:?}");
     }
 
     #[test]
