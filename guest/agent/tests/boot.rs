@@ -644,6 +644,54 @@ async fn scenarios(c: &AgentClient) {
     assert_eq!(read_all(c, "sleeper", "echo", false).await, "hi\n");
     assert_eq!(wait(c, "sleeper", "echo").await, 0);
 
+    // Issue 16: an exec whose process names no capabilities and no noNewPrivileges is confined
+    // as the container's init (runc's rule), not left with root's full set; and it is in init's
+    // cgroup and namespaces.
+    let views = "cat /proc/self/status; echo ===; cat /proc/1/status; echo ===; \
+        cat /proc/self/cgroup; for n in cgroup ipc mnt net pid uts; do readlink /proc/self/ns/$n; done; \
+        echo ===; cat /proc/1/cgroup; for n in cgroup ipc mnt net pid uts; do readlink /proc/1/ns/$n; done";
+    let exec = ExecProcessRequest {
+        container_id: "sleeper".into(),
+        exec_id: "confined".into(),
+        process: serde_json::to_vec(&json!({
+            "args": ["/bin/sh", "-c", views], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "env": ["PATH=/bin"]
+        }))
+        .unwrap(),
+        ..Default::default()
+    };
+    call("ExecProcess confined", c.exec_process(ctx(), &exec)).await;
+    start(c, "sleeper", "confined").await;
+    let out = read_all(c, "sleeper", "confined", false).await;
+    assert_eq!(wait(c, "sleeper", "confined").await, 0, "{out}");
+    let parts: Vec<&str> = out.split("===\n").collect();
+    assert_eq!(parts.len(), 4, "{out}");
+    let confinement = |status: &str| -> Vec<String> {
+        status
+            .lines()
+            .filter(|l| {
+                [
+                    "NoNewPrivs:",
+                    "CapInh:",
+                    "CapPrm:",
+                    "CapEff:",
+                    "CapBnd:",
+                    "CapAmb:",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(confinement(parts[1]).len(), 6, "{out}");
+    assert_eq!(
+        confinement(parts[0]),
+        confinement(parts[1]),
+        "exec and init differ: {out}"
+    );
+    assert_eq!(parts[2], parts[3], "exec and init differ: {out}");
+
     // The exec shares the container's pid namespace: it sees sleep as pid 1.
     let exec = ExecProcessRequest {
         container_id: "sleeper".into(),

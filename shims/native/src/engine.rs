@@ -191,7 +191,9 @@ impl Oci {
         if exit.status == 0 {
             return Ok(());
         }
-        let message = last_error(log).unwrap_or_else(|| format!("exit status {}", exit.status));
+        // Our runtime mode's log and runc's (`--log-format json`) end with the same record.
+        let message = crate::runtime::last_error(log)
+            .unwrap_or_else(|| format!("exit status {}", exit.status));
         let what = format!("{} {}", self.name(), args.first().copied().unwrap_or(""));
         if !self.external && exit.status == crate::runtime::EXIT_INVALID as u32 {
             Err(Error::InvalidArgument(format!("{what}: {message}")))
@@ -199,18 +201,6 @@ impl Oci {
             Err(Error::Internal(format!("{what}: {message}")))
         }
     }
-}
-
-/// The last error in a runtime log: our `error: ...` lines, or runc's JSON `msg`.
-fn last_error(log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines().rev().find_map(|l| {
-        if let Some(m) = l.strip_prefix("error: ") {
-            return Some(m.to_owned());
-        }
-        let v: serde_json::Value = serde_json::from_str(l).ok()?;
-        (v.get("level")?.as_str()? == "error").then(|| v.get("msg")?.as_str().map(str::to_owned))?
-    })
 }
 
 fn which(name: &str) -> Option<PathBuf> {

@@ -61,9 +61,11 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<(), Error> {
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         return Err(invalid("config.json: process.args: must not be empty"));
     }
-    if spec.linux().is_none() {
+    let Some(linux) = spec.linux() else {
         return Err(invalid("config.json: linux: missing"));
-    }
+    };
+    yard_oci_runtime::spec::rootfs_propagation(linux.rootfs_propagation().as_deref())
+        .map_err(|e| invalid(e.to_string()))?;
     let known = filesystems();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let dest = m.destination();
@@ -175,6 +177,21 @@ mod tests {
         c["mounts"][0] = serde_json::json!({"destination": "/x", "type": "bind", "source": "/does/not/exist", "options": ["rbind"]});
         let e = err(c);
         assert!(e.contains("mounts[0].source"), "{e}");
+
+        let mut c = good();
+        c["linux"]["rootfsPropagation"] = "sideways".into();
+        let e = err(c);
+        assert!(
+            e.contains("linux.rootfsPropagation") && e.contains("sideways"),
+            "{e}"
+        );
+        for value in [
+            "rshared", "rslave", "rprivate", "shared", "slave", "private",
+        ] {
+            let mut c = good();
+            c["linux"]["rootfsPropagation"] = value.into();
+            load(bundle(&c).path()).unwrap();
+        }
 
         let b = tempfile::tempdir().unwrap();
         std::fs::write(b.path().join("config.json"), b"{not json").unwrap();
