@@ -105,7 +105,6 @@ fn main() {
     let config = |state_dir: PathBuf, id: &str| VmConfig {
         id: format!("vmm-bench-{id}-{}", std::process::id()),
         state_dir,
-        qemu: qemu::DEFAULT_BINARY.into(),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
         kernel_args: Vec::new(),
@@ -119,13 +118,16 @@ fn main() {
 
     // Warm-up: the kernel and initrd into the page cache. QEMU, so that no built-in VMM code
     // runs before the first (cold) built-in boot below.
-    rt.block_on(boot_backend(&Qemu, config(next_dir(), "warm")));
+    rt.block_on(boot_backend(&Qemu::default(), config(next_dir(), "warm")));
 
     let (mut direct, mut backend, mut qemu) = (vec![], vec![], vec![]);
     for i in 0..runs {
         direct.push(boot_direct(&guest, &next_dir()));
         backend.push(rt.block_on(boot_backend(&Builtin, config(next_dir(), &format!("b{i}")))));
-        qemu.push(rt.block_on(boot_backend(&Qemu, config(next_dir(), &format!("q{i}")))));
+        qemu.push(rt.block_on(boot_backend(
+            &Qemu::default(),
+            config(next_dir(), &format!("q{i}")),
+        )));
     }
     report(runs, &direct, &backend, &qemu);
 }

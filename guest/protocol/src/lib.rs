@@ -35,6 +35,13 @@ pub use ttrpc;
 /// exactly these bytes (its boot timer stops here) and then hands the stream to ttrpc.
 pub const READY_BANNER: &[u8] = b"switchyard-agent ready v1\n";
 
+/// The largest ttrpc frame the host reads from the agent (ttrpc's own limit is 4 MiB). A
+/// well-behaved agent stays far below it: a stdio read returns at most what the host asked for
+/// (64 KiB), and the other replies are a few hundred bytes (`ListPids` of a guest full of
+/// processes, the largest, is about 200 KiB). A frame announcing more is a protocol violation:
+/// the host refuses it before allocating for it and tears the sandbox down.
+pub const MAX_REPLY_FRAME: u32 = 1 << 20;
+
 /// The virtio-serial port name the agent serves on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "yard.agent";
 

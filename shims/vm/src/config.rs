@@ -41,6 +41,10 @@ pub struct Options {
     /// Put every task of this runtime in one sandbox (VM) per namespace (the group
     /// annotations win).
     pub group: String,
+    /// Run containers whose spec asks for security settings the guest cannot enforce
+    /// (`linux.seccomp`, AppArmor and SELinux labels), with a warning, instead of refusing
+    /// them: the VM is then their only boundary.
+    pub allow_unenforced_security: bool,
 }
 
 impl Default for Options {
@@ -58,6 +62,7 @@ impl Default for Options {
             kernel_args: Vec::new(),
             debug: false,
             group: String::new(),
+            allow_unenforced_security: false,
         }
     }
 }

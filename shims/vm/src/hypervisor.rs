@@ -1,10 +1,12 @@
 //! The hypervisor backend interface: what the shim's engine needs from a VMM, so the QEMU backend
 //! ([`crate::qemu`]) and the built-in KVM VMM ([`crate::builtin`]) plug in behind the same two traits
-//! (cloud-hypervisor's `hypervisor` crate is shaped the same way).
+//! (cloud-hypervisor's `hypervisor` crate is shaped the same way), and the factory that picks one
+//! for a sandbox ([`Backends`]; tests put a fake VMM there).
 //!
 //! A backend boots one VM per [`VmConfig`] and hands back a [`Vm`] whose agent stream is already
 //! past the agent's [`READY_BANNER`](yard_agent_protocol::READY_BANNER): the caller speaks ttrpc
-//! on it right away.
+//! on it right away. What is particular to one backend (QEMU's binary) is that backend's own
+//! configuration, not the VM's.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+
+use crate::config::Options;
+use crate::virt::{self, Backend, BackendError};
 
 /// How guest code runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,9 +51,6 @@ pub struct VmConfig {
     /// A per-VM directory the caller creates (and removes after [`Vm::stop`]); the backend writes
     /// `console.log` here.
     pub state_dir: PathBuf,
-    /// The QEMU binary, a path or a name looked up on `PATH`, for the QEMU backend (per VM
-    /// because it is a runtime option); other backends ignore it.
-    pub qemu: PathBuf,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// Appended to the backend's base arguments (`console=ttyS0 quiet panic=-1 reboot=t ...`).
@@ -61,7 +63,9 @@ pub struct VmConfig {
     /// A raw image attached read-only as the first virtio-blk disk (`/dev/vda` in the guest).
     pub root_disk: Option<PathBuf>,
     /// A host directory exported read-only over virtio-9p with mount tag
-    /// [`SHARE_TAG`](yard_agent_protocol::SHARE_TAG).
+    /// [`SHARE_TAG`](yard_agent_protocol::SHARE_TAG), for a backend that
+    /// [shares files](Hypervisor::shares_files). `None`: the VM gets no 9p device at all (the
+    /// engine asks for one only when later containers may need it).
     pub share_dir: Option<PathBuf>,
 }
 
@@ -229,5 +233,46 @@ pub trait Vm: Send + Sync {
     /// Takes a disk from [`Vm::attach_disk`] away again; the guest must have unmounted it.
     async fn detach_disk(&self, _guest_device: &str) -> Result<(), VmError> {
         Err(VmError::Unsupported("disk detach"))
+    }
+}
+
+/// Picks and makes the backend for a sandbox: the engine's one seam to the host's VMMs.
+#[async_trait]
+pub trait Backends: Send + Sync {
+    async fn choose(&self, options: &Options) -> Result<Chosen, BackendError>;
+}
+
+/// A sandbox's backend and the accelerator its VM runs on ([`VmConfig::accel`]).
+pub struct Chosen {
+    pub hypervisor: Box<dyn Hypervisor>,
+    pub accel: Accel,
+}
+
+/// The real backends, chosen by [`virt::choose_backend`] from the options and what
+/// [`virt::detect_with`] sees on this host.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostBackends;
+
+#[async_trait]
+impl Backends for HostBackends {
+    async fn choose(&self, options: &Options) -> Result<Chosen, BackendError> {
+        let qemu = options.qemu.clone();
+        // Runs `qemu --version`: off the async threads.
+        let host = tokio::task::spawn_blocking(move || virt::detect_with(&qemu))
+            .await
+            .map_err(|e| BackendError::Detect(e.to_string()))?;
+        let backend = virt::choose_backend(options.backend, options.accel, &host)?;
+        Ok(Chosen {
+            hypervisor: hypervisor_for(backend, options),
+            accel: backend.accel(),
+        })
+    }
+}
+
+/// The hypervisor of `backend`, configured from `options`.
+pub fn hypervisor_for(backend: Backend, options: &Options) -> Box<dyn Hypervisor> {
+    match backend {
+        Backend::Builtin => Box::new(crate::builtin::Builtin),
+        Backend::Qemu(_) => Box::new(crate::qemu::Qemu::new(&options.qemu)),
     }
 }

@@ -186,6 +186,9 @@ pub enum BackendError {
     BuiltinWithTcg,
     #[error(transparent)]
     Accel(#[from] AccelError),
+    /// The detection task died (it panicked).
+    #[error("detect the host's virtualization: {0}")]
+    Detect(String),
 }
 
 /// The backend for `backend` and `accel` on a host like `v`: the built-in VMM needs hardware

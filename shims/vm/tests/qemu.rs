@@ -157,7 +157,6 @@ fn config(g: &Guest, state: &Path, id: &str, mode: &str) -> VmConfig {
     VmConfig {
         id: format!("vmtest-{id}-{}", std::process::id()),
         state_dir: state.to_owned(),
-        qemu: qemu::DEFAULT_BINARY.into(),
         kernel: g.kernel.clone(),
         initrd: g.initrd.clone(),
         kernel_args: vec![format!("yard.test={mode}")],
@@ -205,7 +204,7 @@ async fn boots_serves_the_agent_stream_disk_and_share_then_stops() {
     cfg.root_disk = Some(image.path.clone());
     cfg.share_dir = Some(share.path().to_owned());
     let timeout = cfg.boot_timeout;
-    let mut vm = Qemu.boot(cfg).await.unwrap();
+    let mut vm = Qemu::default().boot(cfg).await.unwrap();
     let pid = vm.pid().unwrap();
     eprintln!(
         "boot to banner: {} ms ({}, {})",
@@ -272,7 +271,7 @@ async fn boots_serves_the_agent_stream_disk_and_share_then_stops() {
 async fn guest_reboot_ends_the_vm_and_dropping_a_vm_kills_qemu() {
     let g = guest_or_skip!();
     let state = tempfile::tempdir().unwrap();
-    let mut vm = Qemu
+    let mut vm = Qemu::default()
         .boot(config(g, state.path(), "bye", "echo"))
         .await
         .unwrap();
@@ -287,7 +286,7 @@ async fn guest_reboot_ends_the_vm_and_dropping_a_vm_kills_qemu() {
     assert!(reaped(vm.pid().unwrap()));
 
     let state = tempfile::tempdir().unwrap();
-    let vm = Qemu
+    let vm = Qemu::default()
         .boot(config(g, state.path(), "drop", "echo"))
         .await
         .unwrap();
@@ -306,7 +305,7 @@ async fn guest_that_exits_during_boot_is_reported_with_its_console() {
     let state = tempfile::tempdir().unwrap();
     let cfg = config(g, state.path(), "exit", "exit");
     let id = cfg.id.clone();
-    let err = Qemu.boot(cfg).await.err().unwrap();
+    let err = Qemu::default().boot(cfg).await.err().unwrap();
     let BootVmError::ExitedDuringBoot { status, console } = &err else {
         panic!("{err}");
     };
@@ -331,7 +330,7 @@ async fn boot_timeout_kills_qemu() {
     cfg.boot_timeout = Duration::from_millis(500);
     let id = cfg.id.clone();
     let started = Instant::now();
-    let err = Qemu.boot(cfg).await.err().unwrap();
+    let err = Qemu::default().boot(cfg).await.err().unwrap();
     assert!(
         matches!(
             err,
@@ -356,7 +355,7 @@ async fn wrong_banner_is_refused() {
     let state = tempfile::tempdir().unwrap();
     let cfg = config(g, state.path(), "badbanner", "badbanner");
     let id = cfg.id.clone();
-    let err = Qemu.boot(cfg).await.err().unwrap();
+    let err = Qemu::default().boot(cfg).await.err().unwrap();
     let BootVmError::BannerMismatch { got } = &err else {
         panic!("{err}");
     };
@@ -369,7 +368,7 @@ async fn wrong_banner_is_refused() {
 async fn stop_without_grace_kills_at_once() {
     let g = guest_or_skip!();
     let state = tempfile::tempdir().unwrap();
-    let vm = Qemu
+    let vm = Qemu::default()
         .boot(config(g, state.path(), "kill", "stay"))
         .await
         .unwrap();
@@ -388,7 +387,7 @@ async fn qemu_refusing_the_kernel_is_reported_with_its_message() {
         kernel,
         ..config(g, state.path(), "badkernel", "echo")
     };
-    let err = Qemu.boot(cfg).await.err().unwrap();
+    let err = Qemu::default().boot(cfg).await.err().unwrap();
     let BootVmError::ExitedDuringBoot { status, console } = &err else {
         panic!("{err}");
     };
@@ -403,7 +402,6 @@ async fn missing_files_are_named_before_anything_starts() {
     let cfg = VmConfig {
         id: "missing".into(),
         state_dir: state.path().to_owned(),
-        qemu: qemu::DEFAULT_BINARY.into(),
         kernel: state.path().join("no-vmlinux"),
         initrd: state.path().join("no-initrd"),
         kernel_args: vec![],
@@ -414,7 +412,7 @@ async fn missing_files_are_named_before_anything_starts() {
         root_disk: None,
         share_dir: None,
     };
-    let err = Qemu.boot(cfg.clone()).await.err().unwrap();
+    let err = Qemu::default().boot(cfg.clone()).await.err().unwrap();
     assert!(matches!(err, BootVmError::KernelMissing { .. }), "{err}");
     assert!(err.to_string().contains("guest/kernel/build.sh"));
     assert!(err.to_string().contains("`kernel` option"));
@@ -422,18 +420,18 @@ async fn missing_files_are_named_before_anything_starts() {
     let kernel = state.path().join("vmlinux");
     std::fs::write(&kernel, "not a kernel").unwrap();
     let cfg = VmConfig { kernel, ..cfg };
-    let err = Qemu.boot(cfg.clone()).await.err().unwrap();
+    let err = Qemu::default().boot(cfg.clone()).await.err().unwrap();
     assert!(matches!(err, BootVmError::InitrdMissing { .. }), "{err}");
     assert!(err.to_string().contains("guest/agent/build-initrd.sh"));
 
     let initrd = state.path().join("initrd");
     std::fs::write(&initrd, "not an initrd").unwrap();
-    let cfg = VmConfig {
-        initrd,
-        qemu: "/nonexistent/qemu-system-x86_64".into(),
-        ..cfg
-    };
-    let err = Qemu.boot(cfg).await.err().unwrap();
+    let cfg = VmConfig { initrd, ..cfg };
+    let err = Qemu::new("/nonexistent/qemu-system-x86_64")
+        .boot(cfg)
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, BootVmError::QemuMissing { .. }), "{err}");
     assert!(err.to_string().contains("apt-get install qemu-system-x86"));
 }
@@ -448,7 +446,7 @@ async fn boot_time_report() {
     let mut times = Vec::new();
     for i in 0..runs {
         let state = tempfile::tempdir().unwrap();
-        let vm = Qemu
+        let vm = Qemu::default()
             .boot(config(g, state.path(), &format!("time{i}"), "echo"))
             .await
             .unwrap();
@@ -478,7 +476,7 @@ async fn helper_shim_that_boots_and_waits() {
     }
     let g = guest_or_skip!();
     let state = tempfile::tempdir().unwrap();
-    let vm = Qemu
+    let vm = Qemu::default()
         .boot(config(g, state.path(), "orphan", "stay"))
         .await
         .unwrap();

@@ -55,9 +55,26 @@ const EXIT_WAIT: Duration = Duration::from_secs(2);
 /// After SIGKILL: QEMU is gone in milliseconds unless the kernel is stuck freeing its memory.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
-/// The QEMU hypervisor backend. The binary is per VM ([`VmConfig::qemu`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Qemu;
+/// The QEMU hypervisor backend, with its binary: a path, or a name looked up on `PATH`
+/// ([`find_binary`]).
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Qemu::new(DEFAULT_BINARY)
+    }
+}
+
+impl Qemu {
+    pub fn new(binary: impl Into<PathBuf>) -> Qemu {
+        Qemu {
+            binary: binary.into(),
+        }
+    }
+}
 
 /// Resolve a binary name on `PATH` (then `/usr/bin`, `/usr/local/bin`: shims may run with a
 /// minimal environment); a name with a `/` is taken as a path.
@@ -144,8 +161,8 @@ impl Qemu {
         if let Some(dir) = cfg.share_dir.as_ref().filter(|d| !d.is_dir()) {
             return Err(BootVmError::ShareDirMissing { path: dir.clone() });
         }
-        let binary = find_binary(&cfg.qemu).ok_or_else(|| BootVmError::QemuMissing {
-            path: cfg.qemu.clone(),
+        let binary = find_binary(&self.binary).ok_or_else(|| BootVmError::QemuMissing {
+            path: self.binary.clone(),
         })?;
 
         let (agent, agent_child) = StdUnixStream::pair().map_err(BootVmError::io("socketpair"))?;

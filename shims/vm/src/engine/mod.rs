@@ -1,0 +1,294 @@
+//! The kit's engine for microVMs: one VM per sandbox (per shim process), containers created by
+//! the guest agent.
+//!
+//! The first Create of a shim boots the VM with that container's read-only rootfs image as its
+//! first disk (`/dev/vda`). Later containers of the sandbox reach the running VM (virtio-mmio has
+//! no hotplug) as image files in the sandbox's 9p share, which the agent loop-mounts (QEMU, for
+//! a group or pod: only then does the VM get a 9p device), or as a spare disk the backend gives
+//! the image to ([`Vm::attach_disk`](crate::hypervisor::Vm::attach_disk), the built-in VMM),
+//! which the agent mounts like `/dev/vda` and which is emptied again after the container's
+//! removal. Every task call becomes one agent call; stdio is pumped over the same channel with
+//! long-poll reads. When the last container is deleted the VM is shut down, so nothing outlives
+//! the sandbox.
+//!
+//! | module | |
+//! |---|---|
+//! | here | Create: the spec's checks, the rootfs image, joining or booting the sandbox |
+//! | [`sandbox`] | the VM's lifecycle: boot, later containers' images, teardown, stop |
+//! | [`container`] | the task calls of one container |
+//! | [`process`] | one process and its stdio pumps |
+//! | [`oom`] | OOM reports from the guest, checked and paced |
+//! | [`spec`] | what the vm runtime refuses in a spec |
+
+pub mod container;
+pub mod oom;
+pub mod process;
+pub mod sandbox;
+pub mod spec;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use oci_spec::runtime::Spec;
+use yard_agent_protocol as proto;
+use yard_shim_kit::bundle::{parse_json, rootfs_dir, unmount_rootfs};
+use yard_shim_kit::protos::protobuf::MessageField;
+use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result, Rootfs};
+
+use crate::config::Options;
+use crate::hypervisor::{Backends, HostBackends};
+use crate::image::{Image, ImageFormat};
+use container::VmContainer;
+use process::VmProcess;
+use sandbox::{Attached, Boot, Dirs, SANDBOX_FILE, Sandbox, Slot, release};
+
+pub use sandbox::STATE_ROOT;
+
+pub struct VmEngine {
+    sandbox: Arc<Slot>,
+    backends: Arc<dyn Backends>,
+    dirs: Dirs,
+}
+
+impl Default for VmEngine {
+    fn default() -> Self {
+        VmEngine::new()
+    }
+}
+
+impl VmEngine {
+    /// The backend is chosen per sandbox from its options and the host
+    /// ([`crate::virt::choose_backend`]).
+    pub fn new() -> VmEngine {
+        VmEngine::with_backends(Arc::new(HostBackends), STATE_ROOT)
+    }
+
+    /// An engine whose sandboxes boot on `backends` and keep their state under `state_root`
+    /// (tests use a fake VMM and a temporary directory).
+    pub fn with_backends(backends: Arc<dyn Backends>, state_root: impl Into<PathBuf>) -> VmEngine {
+        VmEngine {
+            sandbox: Arc::default(),
+            backends,
+            dirs: Dirs {
+                state_root: state_root.into(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for VmEngine {
+    fn name(&self) -> &'static str {
+        "containerd-shim-yard-vm-v1"
+    }
+
+    /// A single EROFS image file goes to the guest as it is (see [`prebuilt_image`]).
+    fn hands_over_rootfs(&self, mounts: &[yard_shim_kit::protos::types::mount::Mount]) -> bool {
+        matches!(mounts, [m] if m.type_ == "erofs")
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
+        // The kit has read the spec and mounted a rootfs it did not hand over (and unmounts it
+        // when this fails).
+        let spec = &req.spec;
+        if spec.process().is_none() {
+            return Err(Error::InvalidArgument(
+                "config.json: process: missing".into(),
+            ));
+        }
+        spec::host_binds(spec)?;
+        let prebuilt = match &req.rootfs {
+            Rootfs::Mounts(mounts) => prebuilt_image(mounts)?,
+            Rootfs::Dir(_) => None,
+        };
+        self.create_container(&req, spec, req.config.clone(), prebuilt)
+            .await
+    }
+
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        // The shim is gone, and with it (PR_SET_PDEATHSIG) its VM; what is left is on disk.
+        unmount_rootfs(bundle);
+        let options = std::fs::read(bundle.join("options.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Options>(&b).ok())
+            .unwrap_or_default();
+        let Ok(key) = std::fs::read_to_string(bundle.join(SANDBOX_FILE)) else {
+            return Ok(());
+        };
+        let key = key.trim();
+        if key.is_empty() || key.contains('/') || key.starts_with('.') || sandbox::owner_alive(key)
+        {
+            return Ok(());
+        }
+        tracing::info!(
+            container_id = id,
+            sandbox = key,
+            "removing a dead shim's sandbox files"
+        );
+        let _ = std::fs::remove_dir_all(self.dirs.state_dir(namespace, key));
+        let _ = std::fs::remove_dir_all(sandbox::share_dir(&options, namespace, key));
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        if let Some(sb) = self.sandbox.lock().await.take() {
+            sb.stop().await;
+        }
+    }
+}
+
+impl VmEngine {
+    async fn create_container(
+        &self,
+        req: &CreateRequest,
+        spec: &Spec,
+        spec_bytes: Vec<u8>,
+        prebuilt: Option<Image>,
+    ) -> Result<Arc<dyn Container>> {
+        let rootfs = match prebuilt {
+            Some(_) => None,
+            None => Some(rootfs_dir(
+                &req.bundle,
+                spec.root().as_ref().map(|r| r.path().as_path()),
+            )?),
+        };
+        let terminal = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+
+        let mut slot = self.sandbox.lock().await;
+        if let Some(sb) = slot.as_ref().filter(|sb| sb.unusable()) {
+            tracing::warn!(sandbox = %sb.id, "the sandbox's VM is gone; booting a new one");
+            let sb = sb.clone();
+            slot.take();
+            sb.stop().await;
+        }
+        let options = match slot.as_ref() {
+            Some(sb) => sb.options.clone(),
+            None => Options::from_any(req.options.as_ref())?,
+        };
+        spec::check_enforceable(&spec::unenforceable(spec), &options, "config.json", &req.id)?;
+        let image = match (prebuilt, rootfs) {
+            (Some(image), _) => image,
+            (None, Some(rootfs)) => {
+                let images = sandbox::cache(&options);
+                tokio::task::spawn_blocking(move || images.image_for(&rootfs))
+                    .await
+                    .map_err(|e| Error::Internal(format!("image build task: {e}")))?
+                    .map_err(image_error)?
+            }
+            (None, None) => return Err(Error::Internal("no rootfs".into())),
+        };
+        // Stdio first: a client that gave bad fifos fails the create before the guest has a
+        // container to leak.
+        let init = VmProcess::open(&req.id, "", &req.stdio, &req.namespace, terminal)?;
+        let (sandbox, storage, attached) = match slot.as_ref() {
+            Some(sb) => {
+                let (storage, attached) =
+                    sb.give_image(&req.id, &image.path, image.fstype()).await?;
+                (sb.clone(), storage, attached)
+            }
+            None => {
+                let grouped = spec::grouped(spec, &options);
+                let sb = Sandbox::boot(
+                    self.backends.as_ref(),
+                    Boot {
+                        namespace: &req.namespace,
+                        id: &req.id,
+                        options,
+                        image: &image.path,
+                        events: req.events.clone(),
+                        grouped,
+                        dirs: &self.dirs,
+                    },
+                )
+                .await?;
+                *slot = Some(sb.clone());
+                let storage = proto::Storage {
+                    block_device: "/dev/vda".into(),
+                    fstype: image.fstype().into(),
+                    ..Default::default()
+                };
+                (sb, storage, Attached::BootDisk)
+            }
+        };
+        // Reserved before the lock goes: a concurrent last delete must not stop this VM.
+        sandbox.reserve(&req.id, attached.clone());
+        sandbox::write_sandbox_key(&req.bundle, &sandbox.key);
+        drop(slot);
+
+        let created = sandbox
+            .agent
+            .create_container(proto::CreateContainerRequest {
+                container_id: req.id.clone(),
+                spec: spec_bytes,
+                storage: MessageField::some(storage),
+                stdin: !req.stdio.stdin.is_empty(),
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = created {
+            sandbox.detach(&req.id, &attached, true).await;
+            release(&self.sandbox, &sandbox, &req.id).await;
+            return Err(e.into());
+        }
+        let init = init.bind(sandbox.agent.clone(), sandbox.ooms.clone());
+        Ok(Arc::new(VmContainer {
+            id: req.id.clone(),
+            namespace: req.namespace.clone(),
+            bundle: req.bundle.clone(),
+            sandbox,
+            init,
+            slot: self.sandbox.clone(),
+        }))
+    }
+}
+
+/// A rootfs that is already a read-only EROFS image file: one mount of type `erofs` whose
+/// source is the file (what switchyardd's image store hands the vm runtime, and containerd
+/// 2.1's erofs snapshotter's form). The guest mounts it as the container's lower layer, so it is
+/// neither mounted on the host nor rebuilt.
+fn prebuilt_image(mounts: &[yard_shim_kit::protos::types::mount::Mount]) -> Result<Option<Image>> {
+    let [m] = mounts else {
+        return Ok(None);
+    };
+    if m.type_ != "erofs" {
+        return Ok(None);
+    }
+    let path = PathBuf::from(&m.source);
+    let meta = std::fs::metadata(&path).ok().filter(|md| md.is_file());
+    let Some(meta) = meta.filter(|_| path.is_absolute()) else {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs: erofs mount source {:?} is not an image file",
+            m.source
+        )));
+    };
+    if !ImageFormat::Erofs.has_superblock(&path) {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs: {} has no EROFS superblock",
+            path.display()
+        )));
+    }
+    Ok(Some(Image {
+        path,
+        digest: String::new(),
+        bytes: meta.len(),
+        format: ImageFormat::Erofs,
+    }))
+}
+
+fn image_error(e: crate::image::ImageError) -> Error {
+    use crate::image::ImageError as I;
+    let msg = format!("rootfs image: {e}");
+    match e {
+        I::RootfsMissing { .. } | I::NotADirectory { .. } => Error::InvalidArgument(msg),
+        I::NoTool { .. } => Error::FailedPrecondition(msg),
+        _ => Error::Internal(msg),
+    }
+}

@@ -1,0 +1,424 @@
+//! The sandbox: one VM, its agent, and the containers in it. It boots with the first container
+//! (whose image is the boot disk), takes later containers' images through the backend's share
+//! or spare disks, and stops when its last container is deleted. If the guest agent breaks the
+//! protocol the VM is torn down at once ([`Sandbox::boot`]'s watchdog): every call in flight
+//! then fails and every process reads as killed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use yard_agent_protocol as proto;
+use yard_shim_kit::{Error, Publisher, Result};
+
+use super::oom::OomReporter;
+use crate::agent::{Agent, bounded};
+use crate::config::Options;
+use crate::hypervisor::{Backends, BootVmError, Vm, VmConfig, VmError};
+use crate::image::ImageCache;
+
+/// Per-VM runtime state (console log): gone with the VM.
+pub const STATE_ROOT: &str = "/run/switchyard/vm";
+/// How long a VM may take to power off after the agent's Shutdown before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long the agent may take to answer Shutdown.
+const SHUTDOWN_ASK: Duration = Duration::from_secs(2);
+
+/// The shim's sandbox, once booted; containers keep a handle to release it on delete.
+pub type Slot = Mutex<Option<Arc<Sandbox>>>;
+
+/// Where a sandbox keeps its files on the host.
+#[derive(Clone, Debug)]
+pub struct Dirs {
+    /// Per-VM state (console log, vsock socket): [`STATE_ROOT`] unless a test says otherwise.
+    pub state_root: PathBuf,
+}
+
+impl Dirs {
+    pub fn state_dir(&self, namespace: &str, key: &str) -> PathBuf {
+        self.state_root.join(namespace).join(key)
+    }
+}
+
+/// The 9p share of a sandbox: beside the image cache, so images are hard-linked in rather than
+/// copied.
+pub fn share_dir(options: &Options, namespace: &str, key: &str) -> PathBuf {
+    options.cache_dir.join("share").join(namespace).join(key)
+}
+
+pub fn cache(options: &Options) -> ImageCache {
+    ImageCache::new(options.cache_dir.join("images"))
+}
+
+/// Each container's bundle names its sandbox, so `<shim> delete` after a dead shim finds the
+/// sandbox's directories whichever container it is called for.
+pub const SANDBOX_FILE: &str = "vm-sandbox";
+
+pub fn write_sandbox_key(bundle: &Path, key: &str) {
+    if let Err(e) = std::fs::write(bundle.join(SANDBOX_FILE), key) {
+        tracing::warn!(bundle = %bundle.display(), error = %e, "cannot record the sandbox");
+    }
+}
+
+/// Whether the shim that owns sandbox `key` (`<id>-<pid>`) still runs.
+pub fn owner_alive(key: &str) -> bool {
+    let Some(pid) = key.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("containerd-shim-yard-vm-v1"))
+        .unwrap_or(false)
+}
+
+/// How a container's image reached the VM, to undo after its removal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// The disk the VM booted with.
+    BootDisk,
+    /// A file in the 9p share.
+    Shared(PathBuf),
+    /// A disk attached after boot: the guest's device path.
+    Disk(String),
+}
+
+/// How later containers' images reach the running VM (virtio-mmio has no hotplug, so what a VM
+/// can take is fixed at boot).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Later {
+    /// Files in this 9p share (QEMU, for a group or pod).
+    Share(PathBuf),
+    /// Spare disks ([`Vm::attach_disk`], the built-in backend).
+    Disks,
+    /// Nothing: the sandbox runs one container (QEMU outside a group: no 9p device).
+    Nothing,
+}
+
+/// What booting a sandbox needs.
+pub struct Boot<'a> {
+    pub namespace: &'a str,
+    /// The first container's id: names the sandbox.
+    pub id: &'a str,
+    pub options: Options,
+    /// The first container's image: the VM's boot disk.
+    pub image: &'a Path,
+    pub events: Publisher,
+    /// Other containers may join (a group or pod).
+    pub grouped: bool,
+    pub dirs: &'a Dirs,
+}
+
+/// One VM and what runs in it.
+pub struct Sandbox {
+    pub id: String,
+    /// Names the sandbox's directories: its first container's id and this shim's pid, unique
+    /// while the shim lives (a later sandbox may reuse a deleted container's id).
+    pub key: String,
+    pub options: Options,
+    /// The hypervisor backend's name.
+    pub backend: &'static str,
+    pub later: Later,
+    vm: Arc<dyn Vm>,
+    pub agent: Agent,
+    state_dir: PathBuf,
+    /// Container id → how its image reached the VM.
+    containers: std::sync::Mutex<HashMap<String, Attached>>,
+    /// The OOM watch and the teardown watchdog.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    pub ooms: Arc<OomReporter>,
+}
+
+fn boot_error(e: BootVmError) -> Error {
+    use BootVmError as B;
+    let msg = e.to_string();
+    match e {
+        B::KernelMissing { .. } | B::InitrdMissing { .. } | B::QemuMissing { .. } => {
+            Error::FailedPrecondition(msg)
+        }
+        _ => Error::Internal(msg),
+    }
+}
+
+/// Removes `dirs` off the async threads (a share may hold copied images).
+async fn remove_dirs(dirs: Vec<PathBuf>) {
+    let _ = tokio::task::spawn_blocking(move || {
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    })
+    .await;
+}
+
+impl Sandbox {
+    pub async fn boot(backends: &dyn Backends, b: Boot<'_>) -> Result<Arc<Sandbox>> {
+        let chosen = backends
+            .choose(&b.options)
+            .await
+            .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
+        let hypervisor = chosen.hypervisor;
+        let key = format!("{}-{}", b.id, std::process::id());
+        let state_dir = b.dirs.state_dir(b.namespace, &key);
+        let later = if !hypervisor.shares_files() {
+            Later::Disks
+        } else if b.grouped {
+            Later::Share(share_dir(&b.options, b.namespace, &key))
+        } else {
+            Later::Nothing
+        };
+        let mut dirs = vec![state_dir.clone()];
+        if let Later::Share(share) = &later {
+            dirs.push(share.clone());
+        }
+        for d in &dirs {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(Error::io(format!("create {}", d.display())))?;
+        }
+        let mut kernel_args = b.options.kernel_args.clone();
+        if b.options.debug {
+            kernel_args.push(format!("{}=1", proto::CMDLINE_DEBUG));
+        }
+        let cfg = VmConfig {
+            id: format!("{}-{}", b.namespace, b.id),
+            state_dir: state_dir.clone(),
+            kernel: b.options.kernel.clone(),
+            initrd: b.options.initrd.clone(),
+            kernel_args,
+            vcpus: b.options.vcpus,
+            memory_mib: b.options.memory_mib,
+            accel: chosen.accel,
+            boot_timeout: b.options.boot_timeout(),
+            root_disk: Some(b.image.to_path_buf()),
+            share_dir: match &later {
+                Later::Share(dir) => Some(dir.clone()),
+                Later::Disks | Later::Nothing => None,
+            },
+        };
+        let mut vm = match hypervisor.boot(cfg).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                remove_dirs(dirs).await;
+                return Err(boot_error(e));
+            }
+        };
+        let Some(stream) = vm.take_agent_stream() else {
+            vm.stop(STOP_GRACE).await;
+            remove_dirs(dirs).await;
+            return Err(Error::Internal("VM booted without an agent stream".into()));
+        };
+        let vm: Arc<dyn Vm> = Arc::from(vm);
+        let agent = Agent::new(stream);
+        match agent.hello().await {
+            Ok(h) => tracing::info!(
+                sandbox = b.id,
+                hypervisor = hypervisor.name(),
+                accel = %vm.accel(),
+                boot_ms = vm.boot_time().as_millis() as u64,
+                kernel = %bounded(&h.kernel_release),
+                vcpus = h.vcpus,
+                memory_mib = h.memory_bytes >> 20,
+                "VM ready"
+            ),
+            Err(e) => {
+                vm.stop(STOP_GRACE).await;
+                remove_dirs(dirs).await;
+                return Err(e.into());
+            }
+        }
+        let ooms = Arc::new(OomReporter::new(agent.clone(), b.events));
+        let watch = tokio::spawn({
+            let ooms = ooms.clone();
+            async move { ooms.watch().await }
+        });
+        let watchdog = tokio::spawn({
+            let (health, vm, id) = (agent.health().clone(), vm.clone(), b.id.to_owned());
+            async move {
+                let what = health.broken().await;
+                tracing::error!(
+                    sandbox = %id,
+                    violation = %what,
+                    "tearing the sandbox down: its guest agent broke the protocol"
+                );
+                vm.stop(Duration::ZERO).await;
+            }
+        });
+        Ok(Arc::new(Sandbox {
+            id: b.id.to_owned(),
+            key,
+            options: b.options,
+            backend: hypervisor.name(),
+            later,
+            vm,
+            agent,
+            state_dir,
+            containers: std::sync::Mutex::new(HashMap::new()),
+            tasks: std::sync::Mutex::new(vec![watch, watchdog]),
+            ooms,
+        }))
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attached>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts `id` in: a concurrent last delete must not stop the VM from now on.
+    pub fn reserve(&self, id: &str, attached: Attached) {
+        self.containers().insert(id.to_owned(), attached);
+        self.ooms.add(id);
+    }
+
+    pub fn attached(&self, id: &str) -> Option<Attached> {
+        self.containers().get(id).cloned()
+    }
+
+    /// The VM has ended, or its agent can no longer be trusted: a new container needs a new
+    /// sandbox.
+    pub fn unusable(&self) -> bool {
+        // Not /proc/PID: the kit's subreaper collects QEMU, and its pid can be reused.
+        self.vm.exit_status().is_some() || self.agent.health().violation().is_some()
+    }
+
+    /// Gives a later container's image to the running VM.
+    pub async fn give_image(
+        &self,
+        id: &str,
+        image: &Path,
+        fstype: &str,
+    ) -> Result<(proto::Storage, Attached)> {
+        match &self.later {
+            Later::Share(dir) => self.share_image(dir, id, image, fstype).await,
+            Later::Disks => self.attach_image(image, fstype).await,
+            Later::Nothing => Err(Error::FailedPrecondition(format!(
+                "sandbox {} was booted for one container (no group annotation or `group` \
+                 option), so its VM has no share for another container's image: give the \
+                 tasks a group (annotation io.switchyard.group) to run them in one VM",
+                self.id
+            ))),
+        }
+    }
+
+    /// Puts a later container's image into the share, as `<container>.<fstype>`: a hard link,
+    /// or a copy of the whole image where the cache is on another filesystem, made off the
+    /// async threads so a large image does not hold up other calls.
+    async fn share_image(
+        &self,
+        dir: &Path,
+        id: &str,
+        image: &Path,
+        fstype: &str,
+    ) -> Result<(proto::Storage, Attached)> {
+        let name = format!("{id}.{fstype}");
+        let dest = dir.join(&name);
+        let (from, to) = (image.to_owned(), dest.clone());
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&to);
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).map_err(Error::io(format!(
+                    "copy {} into the sandbox share",
+                    from.display()
+                )))?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("share the image: {e}")))??;
+        let storage = proto::Storage {
+            shared_file: name,
+            fstype: fstype.into(),
+            ..Default::default()
+        };
+        Ok((storage, Attached::Shared(dest)))
+    }
+
+    /// Gives a later container's image to the VM as a disk.
+    async fn attach_image(&self, image: &Path, fstype: &str) -> Result<(proto::Storage, Attached)> {
+        let device = self.vm.attach_disk(image).await.map_err(|e| match e {
+            VmError::NoFreeDisk { slots } => Error::FailedPrecondition(format!(
+                "sandbox {} runs on the {} backend, whose VM takes later containers' images on \
+                 {slots} spare disks, all in use: at most {} containers run in it at once (use \
+                 backend = \"qemu\" for larger groups and pods)",
+                self.id,
+                self.backend,
+                slots + 1
+            )),
+            VmError::Unsupported(_) => Error::FailedPrecondition(format!(
+                "sandbox {} runs on the {} backend, which cannot give a running VM another \
+                 image: it runs one container (use backend = \"qemu\" for groups and pods)",
+                self.id, self.backend
+            )),
+            e => Error::Internal(format!(
+                "give the image to the VM: {}",
+                yard_shim_kit::error::chain(&e)
+            )),
+        })?;
+        let storage = proto::Storage {
+            block_device: device.clone(),
+            fstype: fstype.into(),
+            ..Default::default()
+        };
+        Ok((storage, Attached::Disk(device)))
+    }
+
+    /// Undoes how a container's image reached the VM. A disk is detached only once the agent
+    /// removed the container (`removed`): until then its filesystem may still be mounted.
+    pub async fn detach(&self, id: &str, attached: &Attached, removed: bool) {
+        match attached {
+            Attached::BootDisk => {}
+            Attached::Shared(file) => {
+                let _ = std::fs::remove_file(file);
+            }
+            Attached::Disk(device) if removed => {
+                if let Err(e) = self.vm.detach_disk(device).await {
+                    tracing::warn!(container_id = id, device, error = %yard_shim_kit::error::chain(&e), "detach the container's disk");
+                }
+            }
+            Attached::Disk(device) => tracing::warn!(
+                container_id = id,
+                device,
+                "the agent did not remove the container: its disk stays attached"
+            ),
+        }
+    }
+
+    /// Shuts the guest down (the agent kills what runs and powers off, so the VMM exits), stops
+    /// the VMM if it does not go, and removes the sandbox's files.
+    pub async fn stop(&self) {
+        for h in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+        let asked = tokio::time::timeout(SHUTDOWN_ASK, self.agent.shutdown()).await;
+        if !matches!(asked, Ok(Ok(()))) {
+            tracing::warn!(sandbox = %self.id, "agent did not take Shutdown; stopping the VM");
+        }
+        self.vm.stop(STOP_GRACE).await;
+        let mut dirs = vec![self.state_dir.clone()];
+        if let Later::Share(dir) = &self.later {
+            dirs.push(dir.clone());
+        }
+        remove_dirs(dirs).await;
+        tracing::info!(sandbox = %self.id, "VM stopped");
+    }
+}
+
+/// A container is gone: when it was the last, the VM goes too.
+pub async fn release(slot: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
+    let mut slot = slot.lock().await;
+    sandbox.ooms.remove(id);
+    let empty = {
+        let mut c = sandbox.containers();
+        c.remove(id);
+        c.is_empty()
+    };
+    let ours = slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, sandbox));
+    if empty && ours {
+        slot.take();
+        drop(slot);
+        sandbox.stop().await;
+    }
+}

@@ -1,0 +1,335 @@
+//! The engine against a fake VMM and a fake guest agent (`crate::testing`): the sandbox's
+//! lifecycle, later containers' images, a VM that dies under its containers, what Create
+//! refuses, and OOM events. No root, KVM or QEMU needed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use yard_shim_kit::{Container, Engine, ExecRequest, Publisher};
+
+use super::VmEngine;
+use crate::testing::{Bundles, EventsServer, FakeAgent, FakeBackends, GuestAgent, spec_json};
+
+const GROUP: (&str, &str) = ("io.switchyard.group", "pod");
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct World {
+    dir: tempfile::TempDir,
+    agent: Arc<FakeAgent>,
+    backends: FakeBackends,
+    engine: VmEngine,
+    bundles: Bundles,
+}
+
+impl World {
+    fn new(backends: impl FnOnce(GuestAgent) -> FakeBackends) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = FakeAgent::new();
+        let backends = backends(agent.clone());
+        let engine = VmEngine::with_backends(Arc::new(backends.clone()), dir.path().join("state"));
+        let bundles = Bundles::new(dir.path());
+        World {
+            dir,
+            agent,
+            backends,
+            engine,
+            bundles,
+        }
+    }
+
+    async fn create(&self, id: &str, spec: &str) -> yard_shim_kit::Result<Arc<dyn Container>> {
+        let req = self.bundles.request(id, spec, Publisher::none("test"));
+        self.engine.create(req).await
+    }
+
+    /// What is left under the state root: one directory per namespace, empty when no sandbox
+    /// is.
+    fn state_left(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.path().join("state/test"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn sleep() -> String {
+    spec_json(&["/bin/sleep", "600"], &[], "")
+}
+
+fn grouped_sleep() -> String {
+    spec_json(&["/bin/sleep", "600"], &[GROUP], "")
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(DEADLINE, async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "not within {DEADLINE:?}: {what}");
+}
+
+fn message<T>(r: yard_shim_kit::Result<T>) -> (String, String) {
+    match r {
+        Ok(_) => panic!("succeeded"),
+        Err(e) => (format!("{e:?}"), e.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn the_first_create_boots_the_vm_and_the_last_delete_stops_it() {
+    let w = World::new(FakeBackends::sharing);
+    let c = w
+        .create("c1", &spec_json(&["/bin/echo", "hello", "vm"], &[], ""))
+        .await
+        .unwrap();
+    let vms = w.backends.vms();
+    assert_eq!(vms.len(), 1);
+    let cfg = &vms[0].config;
+    assert_eq!(cfg.root_disk, Some(w.dir.path().join("c1/image.erofs")));
+    assert_eq!(cfg.id, "test-c1");
+    // Not in a group: no later container can come, so the VM gets no share (no 9p device).
+    assert_eq!(cfg.share_dir, None);
+    assert!(cfg.state_dir.is_dir());
+    let storage = w.agent.storage("c1").unwrap();
+    assert_eq!(
+        (storage.block_device.as_str(), storage.fstype.as_str()),
+        ("/dev/vda", "erofs")
+    );
+
+    let init = c.init();
+    assert!(init.start().await.unwrap() > 0);
+    assert_eq!(init.wait().await.status, 0);
+    assert_eq!(w.bundles.stdout("c1"), "hello vm\n");
+
+    c.delete(false).await.unwrap();
+    assert!(vms[0].ended());
+    assert_eq!(w.agent.removed(), ["c1"]);
+    assert_eq!(w.agent.shutdowns(), 1);
+    assert!(!cfg.state_dir.exists());
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+}
+
+#[tokio::test]
+async fn a_groups_vm_gets_a_share_and_later_containers_come_and_go_through_it() {
+    let w = World::new(FakeBackends::sharing);
+    let c1 = w.create("c1", &grouped_sleep()).await.unwrap();
+    let c2 = w.create("c2", &grouped_sleep()).await.unwrap();
+    let vms = w.backends.vms();
+    assert_eq!(vms.len(), 1, "a second VM for the group");
+    let share = vms[0]
+        .config
+        .share_dir
+        .clone()
+        .expect("a share for the group");
+    let storage = w.agent.storage("c2").unwrap();
+    assert_eq!(storage.shared_file, "c2.erofs");
+    assert_eq!(storage.block_device, "");
+    let shared = share.join("c2.erofs");
+    // Hard-linked, not copied: the cache and the share are on one filesystem here.
+    let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&shared), ino(&w.dir.path().join("c2/image.erofs")));
+
+    c2.init().start().await.unwrap();
+    c2.delete(true).await.unwrap();
+    assert!(!shared.exists());
+    assert!(
+        !vms[0].ended(),
+        "the VM went with a container that was not its last"
+    );
+    let out = c1.exec(ExecRequest {
+        exec_id: "e1".into(),
+        stdio: Default::default(),
+        spec: br#"{"args": ["/bin/echo", "still"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#
+            .to_vec(),
+    });
+    let p = out.await.unwrap();
+    p.start().await.unwrap();
+    assert_eq!(p.wait().await.status, 0);
+
+    c1.delete(true).await.unwrap();
+    assert!(vms[0].ended());
+    assert!(!share.exists());
+}
+
+#[tokio::test]
+async fn without_a_group_a_second_container_is_refused_clearly() {
+    let w = World::new(FakeBackends::sharing);
+    let _c1 = w.create("c1", &sleep()).await.unwrap();
+    let (_, text) = message(w.create("c2", &sleep()).await);
+    assert!(
+        text.contains("booted for one container") && text.contains("io.switchyard.group"),
+        "{text}"
+    );
+    assert_eq!(w.agent.containers(), ["c1"]);
+    assert!(!w.backends.vms()[0].ended());
+}
+
+#[tokio::test]
+async fn spare_disks_carry_later_containers_and_running_out_is_named() {
+    let w = World::new(|a| FakeBackends::with_disks(a, 1));
+    let _c1 = w.create("c1", &sleep()).await.unwrap();
+    let vm = w.backends.vms()[0].clone();
+    assert_eq!(vm.config.share_dir, None);
+    let c2 = w.create("c2", &sleep()).await.unwrap();
+    assert_eq!(w.agent.storage("c2").unwrap().block_device, "/dev/vdb");
+    assert_eq!(vm.disks(), [Some(w.dir.path().join("c2/image.erofs"))]);
+
+    let (debug, text) = message(w.create("c3", &sleep()).await);
+    assert!(debug.starts_with("FailedPrecondition"), "{debug}");
+    assert!(
+        text.contains("fake-builtin backend") && text.contains("at most 2 containers"),
+        "{text}"
+    );
+    c2.delete(true).await.unwrap();
+    assert_eq!(vm.disks(), [None]);
+    let _c3 = w.create("c3", &sleep()).await.unwrap();
+    assert_eq!(w.agent.storage("c3").unwrap().block_device, "/dev/vdb");
+    assert_eq!(w.backends.vms().len(), 1);
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_ends_its_processes_and_the_next_create_boots_a_new_one() {
+    let w = World::new(FakeBackends::sharing);
+    let c1 = w.create("c1", &grouped_sleep()).await.unwrap();
+    let init = c1.init();
+    init.start().await.unwrap();
+    let vm = w.backends.vms()[0].clone();
+    let crashing = vm.clone();
+    tokio::task::spawn_blocking(move || crashing.crash())
+        .await
+        .unwrap();
+    // Lost with the VM: reads as killed.
+    assert_eq!(init.wait().await.status, 128 + 9);
+    // The sandbox is useless now: a new container of the group gets a new VM.
+    let c2 = w.create("c2", &grouped_sleep()).await.unwrap();
+    assert_eq!(w.backends.vms().len(), 2);
+    assert_eq!(w.agent.storage("c2").unwrap().block_device, "/dev/vda");
+    // The dead VM's container deletes cleanly (its VM is gone: nothing to remove).
+    c1.delete(false).await.unwrap();
+    assert!(!w.backends.vms()[1].ended());
+    c2.delete(true).await.unwrap();
+    assert!(w.backends.vms()[1].ended());
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+}
+
+#[tokio::test]
+async fn unenforceable_security_is_refused_unless_the_options_allow_it() {
+    let mut w = World::new(FakeBackends::sharing);
+    let seccomp = spec_json(
+        &["/bin/sleep", "600"],
+        &[],
+        r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}"#,
+    );
+    let (debug, text) = message(w.create("c1", &seccomp).await);
+    assert!(debug.starts_with("InvalidArgument"), "{debug}");
+    assert!(
+        text.starts_with("config.json: linux.seccomp: ")
+            && text.contains("allow_unenforced_security = true"),
+        "{text}"
+    );
+    assert!(
+        w.backends.vms().is_empty(),
+        "a VM booted for a refused container"
+    );
+
+    w.bundles
+        .options
+        .push_str("allow_unenforced_security = true\n");
+    let c1 = w.create("c1", &seccomp).await.unwrap();
+    assert_eq!(w.agent.containers(), ["c1"]);
+    // An exec with a label the guest cannot apply is refused the same way, unless allowed.
+    let exec = |id: &str| ExecRequest {
+        exec_id: id.into(),
+        stdio: Default::default(),
+        spec: br#"{"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                 "apparmorProfile": "x"}"#
+            .to_vec(),
+    };
+    assert!(c1.exec(exec("e1")).await.is_ok());
+    c1.delete(true).await.unwrap();
+
+    w.bundles.options = Bundles::new(w.dir.path()).options;
+    let c2 = w.create("c2", &sleep()).await.unwrap();
+    let (_, text) = message(c2.exec(exec("e2")).await);
+    assert!(
+        text.starts_with("exec process: apparmorProfile: "),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn host_binds_and_missing_processes_are_refused_before_a_vm_boots() {
+    let w = World::new(FakeBackends::sharing);
+    let bind = spec_json(
+        &["/bin/true"],
+        &[],
+        r#""mounts": [{"destination": "/data", "type": "bind", "source": "/etc"}]"#,
+    );
+    let (_, text) = message(w.create("c1", &bind).await);
+    assert!(
+        text.starts_with("config.json: mounts[0]: bind mount of host path /etc"),
+        "{text}"
+    );
+    let (_, text) = message(
+        w.create(
+            "c2",
+            r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#,
+        )
+        .await,
+    );
+    assert_eq!(text, "config.json: process: missing");
+    assert!(w.backends.vms().is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_boot_says_why_and_leaves_nothing() {
+    let w = World::new(FakeBackends::sharing);
+    w.backends
+        .fail_boots(Some("Kernel panic - not syncing: fake"));
+    let (debug, text) = message(w.create("c1", &grouped_sleep()).await);
+    assert!(debug.starts_with("Internal"), "{debug}");
+    assert!(text.contains("Kernel panic - not syncing: fake"), "{text}");
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+    assert!(
+        !w.dir
+            .path()
+            .join("cache/share/test")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some())
+    );
+    // The failure did not stick: the next create boots.
+    w.backends.fail_boots(None);
+    let c = w.create("c1", &grouped_sleep()).await.unwrap();
+    c.delete(true).await.unwrap();
+}
+
+#[tokio::test]
+async fn oom_events_are_published_for_the_sandboxs_own_containers_only() {
+    let w = World::new(FakeBackends::sharing);
+    let events = EventsServer::start(w.dir.path()).await;
+    let req = async |id: &str| {
+        w.bundles
+            .request(id, &grouped_sleep(), events.publisher().await)
+    };
+    let c1 = w.engine.create(req("c1").await).await.unwrap();
+    let _c2 = w.engine.create(req("c2").await).await.unwrap();
+
+    w.agent.oom("c1");
+    eventually("the OOM of c1", || events.ooms() == ["c1"]).await;
+    // Another sandbox's container, then (after the deletion) c1 again, then c2: only c2's
+    // reaches containerd, and the reports are taken in order.
+    w.agent.oom("other-sandbox-container");
+    c1.delete(true).await.unwrap();
+    w.agent.oom("c1");
+    w.agent.oom("c2");
+    eventually("the OOM of c2", || events.ooms().len() >= 2).await;
+    assert_eq!(events.ooms(), ["c1", "c2"]);
+}
