@@ -9,6 +9,7 @@
 //!   MSRs, FPU, LAPIC, MP table.
 //! - [`devices`]: 8250 serial, i8042 (reset), the boot timer, and virtio-mmio devices (block,
 //!   vsock with firecracker's hybrid-vsock Unix socket host side).
+//! - [`seccomp`]: the per-thread seccomp filters of the vCPU, control and device threads.
 //! - [`vmm`]: assembles a VM from a [`vmm::VmmConfig`], runs one thread per vCPU and the device
 //!   event loops, and tears everything down on shutdown, guest reboot, panic or drop.
 
@@ -18,6 +19,7 @@ pub mod devices;
 pub mod irq;
 pub mod kvm;
 pub mod layout;
+pub mod seccomp;
 pub mod vmm;
 
 /// Guest memory as every module sees it.

@@ -331,7 +331,7 @@ impl MmioTransport {
                 self.device
                     .activate(self.mem.clone(), queues, evts, self.interrupt.clone())
             }
-            (Err(e), _) => Err(super::ActivateError::Worker(e)),
+            (Err(e), _) => Err(super::ActivateError::QueueEvents(e)),
             (_, Err(e)) => Err(super::ActivateError::Queue(e)),
         };
         match result {

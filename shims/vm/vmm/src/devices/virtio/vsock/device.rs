@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::worker::{Poller, Worker};
+use super::super::worker::Poller;
 use super::super::{ActivateError, InterruptStatus, TYPE_VSOCK, VirtioDevice, read_config_bytes};
 use super::connection::{ConnKey, State};
 use super::event_handler::Backend;
@@ -47,7 +47,7 @@ impl VirtioDevice for Vsock {
         queue_evts: Vec<EventFd>,
         irq: Arc<InterruptStatus>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.active {
             return Err(ActivateError::AlreadyActive);
         }
         let got = queues.len();
@@ -57,30 +57,26 @@ impl VirtioDevice for Vsock {
         ) else {
             return Err(ActivateError::QueueCount { expected: 3, got });
         };
-        let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
-        let backend = Backend::new(
-            mem,
-            rxq,
-            txq,
-            irq,
-            listener,
-            self.uds_path.clone(),
-            self.guest_cid,
-        );
-        let worker = Worker::spawn("virtio-vsock", move |stop| {
-            if let Err(e) = backend.run(rx_evt, tx_evt, ev_evt, stop) {
-                tracing::error!("virtio-vsock worker: {e}");
-            }
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(ActivateError::QueueEvents)?;
+        let (uds_path, guest_cid) = (self.uds_path.clone(), self.guest_cid);
+        self.worker
+            .start(Box::new(move |stop| {
+                let backend = Backend::new(mem, rxq, txq, irq, listener, uds_path, guest_cid);
+                if let Err(e) = backend.run(rx_evt, tx_evt, ev_evt, stop) {
+                    tracing::error!("virtio-vsock worker: {e}");
+                }
+            }))
+            .map_err(ActivateError::Worker)?;
+        self.active = true;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
+        self.active = false;
     }
 }
 

@@ -34,7 +34,8 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::worker::Worker;
+use super::worker::{Worker, WorkerError};
+use crate::seccomp::{Seccomp, ThreadKind};
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const HOST_CID: u64 = 2;
@@ -70,6 +71,8 @@ pub enum VsockError {
     },
     #[error("guest CID {0} is reserved")]
     Cid(u64),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 pub struct Vsock {
@@ -77,12 +80,15 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: UnixListener,
     queue_sizes: [u16; 3],
-    worker: Option<Worker>,
+    /// Made with the device, so activation (on a vCPU thread) needs no new thread.
+    worker: Worker,
+    active: bool,
 }
 
 impl Vsock {
-    /// Listen on `uds_path` for host clients (the path must not exist).
-    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+    /// Listen on `uds_path` for host clients (the path must not exist); the worker thread runs
+    /// under the vsock worker's filter per `seccomp`.
+    pub fn new(guest_cid: u64, uds_path: PathBuf, seccomp: Seccomp) -> Result<Vsock, VsockError> {
         if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::Cid(guest_cid));
         }
@@ -90,6 +96,7 @@ impl Vsock {
             path: uds_path.display().to_string(),
             source,
         };
+        let worker = Worker::new("virtio-vsock", ThreadKind::VsockWorker, seccomp)?;
         let listener = UnixListener::bind(&uds_path).map_err(bind)?;
         listener.set_nonblocking(true).map_err(bind)?;
         Ok(Vsock {
@@ -97,7 +104,8 @@ impl Vsock {
             uds_path,
             listener,
             queue_sizes: [QUEUE_SIZE; 3],
-            worker: None,
+            worker,
+            active: false,
         })
     }
 
@@ -125,14 +133,14 @@ mod tests {
         let uds = dir.path().join("v.sock");
         for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
             assert!(matches!(
-                Vsock::new(cid, uds.clone()),
+                Vsock::new(cid, uds.clone(), Seccomp::Off),
                 Err(VsockError::Cid(c)) if c == cid
             ));
         }
-        let v = Vsock::new(3, uds.clone()).unwrap();
+        let v = Vsock::new(3, uds.clone(), Seccomp::Enforce).unwrap();
         assert_eq!(v.uds_path(), uds);
         assert!(matches!(
-            Vsock::new(4, uds.clone()),
+            Vsock::new(4, uds.clone(), Seccomp::Enforce),
             Err(VsockError::Bind { .. })
         ));
         drop(v);

@@ -54,7 +54,7 @@ pub fn rig() -> Rig {
 pub fn rig_with(rx_buffers: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
-    let dev = Vsock::new(CID, uds.clone()).unwrap();
+    let dev = Vsock::new(CID, uds.clone(), crate::seccomp::Seccomp::Enforce).unwrap();
     let mem = memory();
     let mut t = MmioTransport::new(mem.clone(), Box::new(dev), CountingInterrupt::new()).unwrap();
     negotiate(&mut t);
