@@ -13,6 +13,15 @@
 //! - [`vmm`]: assembles a VM from a [`vmm::VmmConfig`], runs one thread per vCPU and the device
 //!   event loops, and tears everything down on shutdown, guest reboot, panic or drop.
 
+// A silent truncation of a guest-controlled value is a bug here: every cast is proven lossless
+// (`From`/`try_from`) or says why it cannot lose anything. Per-crate lint levels cannot go in the
+// root manifest, so they are here.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod arch;
 pub mod bus;
 pub mod devices;

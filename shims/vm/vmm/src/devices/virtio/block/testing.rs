@@ -30,7 +30,7 @@ pub fn disk_file() -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let mut content = vec![0u8; 8 * 512 + 100];
     for (i, b) in content.iter_mut().enumerate() {
-        *b = (i / 512) as u8;
+        *b = u8::try_from(i / 512).unwrap();
     }
     file.write_all(&content).unwrap();
     file
