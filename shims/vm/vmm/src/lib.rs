@@ -10,6 +10,7 @@
 //! - [`devices`]: 8250 serial, i8042 (reset), the boot timer, and virtio-mmio devices (block,
 //!   vsock with firecracker's hybrid-vsock Unix socket host side).
 //! - [`seccomp`]: the per-thread seccomp filters of the vCPU, control and device threads.
+//! - `fuzzing` (the `fuzzing` feature): the fuzz targets' harnesses over the device models.
 //! - [`vmm`]: assembles a VM from a [`vmm::VmmConfig`], runs one thread per vCPU and the device
 //!   event loops, and tears everything down on shutdown, guest reboot, panic or drop.
 
@@ -25,6 +26,8 @@
 pub mod arch;
 pub mod bus;
 pub mod devices;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod irq;
 pub mod kvm;
 pub mod layout;

@@ -44,7 +44,12 @@ pub(super) fn run(
     }
 }
 
-fn process_queue(backend: &Backend, mem: &GuestMemory, queue: &mut Queue, irq: &InterruptStatus) {
+pub(super) fn process_queue(
+    backend: &Backend,
+    mem: &GuestMemory,
+    queue: &mut Queue,
+    irq: &InterruptStatus,
+) {
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             guest_warn!("virtio-blk: queue: {e}");

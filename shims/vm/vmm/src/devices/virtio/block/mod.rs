@@ -15,6 +15,26 @@ mod request;
 #[cfg(test)]
 mod testing;
 
+/// Serves every request the guest has posted on `queue` against `file` (as the worker does on a
+/// notification), with no worker thread: for the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn serve_queue(
+    mem: &crate::GuestMemory,
+    queue: &mut virtio_queue::Queue,
+    file: std::fs::File,
+    read_only: bool,
+) {
+    let capacity = file.metadata().map_or(0, |m| m.len()) / SECTOR_SIZE;
+    let disk = Disk {
+        file,
+        read_only,
+        capacity,
+        id: *b"fuzz-disk-0000000000",
+    };
+    let irq = super::InterruptStatus::new(crate::irq::CountingInterrupt::new());
+    event_handler::process_queue(&Arc::new(Mutex::new(Some(disk))), mem, queue, &irq);
+}
+
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;

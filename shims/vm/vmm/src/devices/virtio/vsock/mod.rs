@@ -29,6 +29,32 @@ mod sys;
 mod testing;
 mod unix;
 
+/// Handles what the guest posted on `txq` and fills its `rxq` buffers, `rounds` times (as the
+/// worker does on notifications), with no worker thread: for the fuzz targets. Guest
+/// connections dial `<uds_path>_<port>`; host clients arrive on `listener`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn serve_queues(
+    mem: crate::GuestMemory,
+    rxq: virtio_queue::Queue,
+    txq: virtio_queue::Queue,
+    listener: UnixListener,
+    uds_path: PathBuf,
+    guest_cid: u64,
+    rounds: usize,
+) -> io::Result<()> {
+    let irq = std::sync::Arc::new(super::InterruptStatus::new(
+        crate::irq::CountingInterrupt::new(),
+    ));
+    let mut backend =
+        event_handler::Backend::new(mem, rxq, txq, irq, listener, uds_path, guest_cid);
+    let poller = super::worker::Poller::new()?;
+    for _ in 0..rounds {
+        backend.process_tx(&poller);
+        backend.fill_rx(&poller);
+    }
+    Ok(())
+}
+
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
