@@ -149,12 +149,9 @@ impl Worker {
 
     /// Runs `job` on the thread. The previous job must have been stopped.
     pub fn start(&mut self, job: Job) -> Result<(), WorkerError> {
-        let gone = WorkerError::Gone { name: self.name };
-        let jobs = self
-            .jobs
-            .as_ref()
-            .ok_or(WorkerError::Gone { name: self.name })?;
-        jobs.send(job).map_err(|_| gone)?;
+        let name = self.name;
+        let jobs = self.jobs.as_ref().ok_or(WorkerError::Gone { name })?;
+        jobs.send(job).map_err(|_| WorkerError::Gone { name })?;
         self.running = true;
         Ok(())
     }
