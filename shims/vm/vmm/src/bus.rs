@@ -102,7 +102,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(offset.to_le_bytes()[0]);
             self.last.push((base, offset, Vec::new()));
         }
         fn write(&mut self, base: u64, offset: u64, data: &[u8]) {

@@ -17,6 +17,14 @@ pub const PDE_START: u64 = 0xb000;
 pub const PDE_COUNT: u64 = 4;
 /// The kernel command line, NUL-terminated.
 pub const CMDLINE_START: u64 = 0x20000;
+
+/// `v` for a 32-bit field of a boot structure (an address or length below 4 GiB). Meant for
+/// constants (`const { low32(X) }`), where a value that does not fit fails the build.
+#[allow(clippy::cast_possible_truncation)] // the assert above the cast makes it lossless
+pub const fn low32(v: u64) -> u32 {
+    assert!(v <= u32::MAX as u64, "does not fit in 32 bits");
+    v as u32
+}
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// The MP table (in the EBDA, where the kernel's `smp_scan_config` looks).
 pub const MPTABLE_START: u64 = 0x9fc00;

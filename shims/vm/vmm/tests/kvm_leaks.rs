@@ -4,22 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::time::Duration;
+mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use yard_vmm::vmm::{BlockConfig, RealModeImage, StartOptions, Vm, VmExit, VmmConfig, VsockConfig};
+use common::{RESET, SPIN, have_kvm, real_mode};
 
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
+use yard_vmm::vmm::{BlockConfig, Vm, VmExit, VmmConfig, VsockConfig};
 
 fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
@@ -54,34 +46,22 @@ fn config(kernel: &Path, vcpus: u8) -> VmmConfig {
 }
 
 fn start(code: &[u8], vcpus: u8) -> Vm {
-    let cfg = config(Path::new("/nonexistent"), vcpus);
-    let opts = StartOptions {
-        real_mode: Some(RealModeImage {
-            code: code.to_vec(),
-            load_addr: 0x1000,
-        }),
-        ..Default::default()
-    };
-    Vm::start_with(cfg, opts).unwrap()
+    Vm::start_with(config(Path::new("/nonexistent"), vcpus), real_mode(code)).unwrap()
 }
 
 #[test]
 fn ended_and_stopped_vms_leave_no_fds_or_threads() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !require(root, "needs root")
-        || !require(std::path::Path::new("/dev/kvm").exists(), "needs /dev/kvm")
-    {
+    if !have_kvm() {
         return;
     }
     // Warm up once: the kick signal handler and the allocator's arenas are per process.
-    drop(start(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4], 1));
+    drop(start(RESET, 1));
     let fds = count("/proc/self/fd");
     let threads = count("/proc/self/task");
     let ram_maps = guest_ram_mappings();
 
     // Ends by itself (i8042 reset), then dropped.
-    let vm = start(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4], 1);
+    let vm = start(RESET, 1);
     assert_eq!(vm.wait(), VmExit::Reset);
     assert_eq!(
         guest_ram_mappings(),
@@ -93,7 +73,7 @@ fn ended_and_stopped_vms_leave_no_fds_or_threads() {
     assert_eq!(count("/proc/self/task"), threads);
 
     // Spinning on two vCPUs, dropped without stop().
-    let vm = start(&[0xeb, 0xfe], 2);
+    let vm = start(SPIN, 2);
     std::thread::sleep(Duration::from_millis(50));
     assert!(
         count("/proc/self/task") >= threads + 3,
@@ -145,16 +125,10 @@ fn a_start_that_fails_midway_leaves_nothing_behind() {
     };
     let fail = |cfg: VmmConfig| -> String {
         let err = Vm::start(cfg).err().expect("the start fails");
-        let mut msg = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(s) = source {
-            msg.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        msg
+        switchyard_base::chain(&err)
     };
     // Warm up: the kick handler, the allocator's arenas.
-    drop(start(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4], 1));
+    drop(start(RESET, 1));
     let before = held();
 
     // Every device built, then the kernel does not load.

@@ -8,16 +8,17 @@
 
 #![allow(clippy::print_stderr, clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use std::fmt::Display;
-use std::fs::OpenOptions;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::{Console, have_kvm};
 use yard_vmm::vmm::{BlockConfig, Vm, VmExit, VmmConfig, VsockConfig};
 
 const SECTOR: usize = 512;
@@ -25,31 +26,6 @@ const SECTOR: usize = 512;
 const DISK_LINE: &str = "switchyard test disk";
 const GUEST_CID: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Whether a prerequisite is there; otherwise prints why the test is skipped (or fails, under
-/// `SWITCHYARD_REQUIRE_ALL=1`). yard-vmm cannot depend on the tests crate, whose `require` this is.
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-fn kvm_usable() -> bool {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
 
 /// The guest's ELF, built once per process (`cargo build --release --locked` for
 /// `x86_64-unknown-none` into `<repo>/target/test-guest`).
@@ -104,49 +80,6 @@ fn build_guest() -> PathBuf {
         elf.display()
     );
     elf
-}
-
-/// The serial console: everything the guest printed, and a way to wait for a line.
-#[derive(Clone, Default)]
-struct Console(Arc<(Mutex<Vec<u8>>, Condvar)>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let (text, changed) = &*self.0;
-        text.lock().unwrap().extend_from_slice(buf);
-        changed.notify_all();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.0.lock().unwrap()).into_owned()
-    }
-
-    /// Whether a line starting with `prefix` appears within `timeout`.
-    fn wait_for(&self, prefix: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let (text, changed) = &*self.0;
-        let mut text = text.lock().unwrap();
-        loop {
-            if String::from_utf8_lossy(&text)
-                .lines()
-                .any(|l| l.starts_with(prefix))
-            {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            text = changed.wait_timeout(text, left).unwrap().0;
-        }
-    }
 }
 
 /// The VMM's `tracing` events (debug and up), kept for failure reports. yard-vmm has no
@@ -300,9 +233,7 @@ fn connect_port_5000(uds: &Path) -> io::Result<(BufReader<UnixStream>, String)> 
 
 #[test]
 fn test_guest_drives_block_and_vsock_with_virtio_drivers() {
-    if !require(is_root(), "needs root (/dev/kvm)")
-        || !require(kvm_usable(), "needs /dev/kvm (read-write)")
-    {
+    if !have_kvm() {
         return;
     }
     Logs::install();

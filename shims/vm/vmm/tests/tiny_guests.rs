@@ -7,104 +7,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd};
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{Console, config, elf, have_kvm, readable, real_mode, wait_for};
 use vm_memory::{Bytes, GuestAddress};
 use yard_vmm::bus::BusDevice;
 use yard_vmm::layout;
-use yard_vmm::vmm::{RealModeImage, StartOptions, Vm, VmExit, VmmConfig};
-
-fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-fn have_kvm() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    require(root, "needs root")
-        && require(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .is_ok(),
-            "needs /dev/kvm",
-        )
-}
-
-/// A console writer the test can read back.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-fn config(console: &Console, kernel: std::path::PathBuf) -> VmmConfig {
-    VmmConfig {
-        kernel,
-        initrd: None,
-        cmdline: "console=ttyS0".into(),
-        vcpus: 1,
-        memory_mib: 64,
-        console: Box::new(console.clone()),
-        block: None,
-        spare_disks: 0,
-        vsock: None,
-    }
-}
-
-fn real_mode(code: &[u8]) -> StartOptions {
-    StartOptions {
-        real_mode: Some(RealModeImage {
-            code: code.to_vec(),
-            load_addr: 0x1000,
-        }),
-        ..Default::default()
-    }
-}
-
-/// Waits for the VM to end, failing the test after `secs`.
-fn wait_for(vm: &Vm, secs: u64) -> VmExit {
-    assert!(
-        readable(vm.exit_fd(), secs * 1000),
-        "the VM did not end in {secs} s"
-    );
-    vm.exit().expect("exit reason once exit_fd is readable")
-}
-
-fn readable(fd: BorrowedFd<'_>, timeout_ms: u64) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd on the stack, an fd kept open by the borrow.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms as i32) };
-    n == 1 && pfd.revents & libc::POLLIN != 0
-}
+use yard_vmm::vmm::{StartOptions, Vm, VmExit};
 
 // Real mode: `mov dx, 0x3f8; mov al, 'H'; out dx, al; mov al, 'i'; out dx, al;
 // mov al, 0xfe; out 0x64, al; hlt` (the i8042 reset command).
@@ -220,37 +132,6 @@ fn long_mode_program() -> Vec<u8> {
     c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'K', 0xee]); // serial 'K'
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]); // i8042 reset; hlt
     c
-}
-
-/// A static ELF64 with one PT_LOAD segment of `code` at physical address `entry`.
-fn elf(code: &[u8], entry: u64) -> Vec<u8> {
-    const PHOFF: u64 = 64;
-    const CODE_OFF: u64 = 0x1000;
-    let mut f = Vec::new();
-    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"); // 64-bit, LE, SysV
-    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    f.extend_from_slice(&1u32.to_le_bytes());
-    f.extend_from_slice(&entry.to_le_bytes());
-    f.extend_from_slice(&PHOFF.to_le_bytes());
-    f.extend_from_slice(&0u64.to_le_bytes()); // no section headers
-    f.extend_from_slice(&0u32.to_le_bytes());
-    f.extend_from_slice(&64u16.to_le_bytes()); // ehsize
-    f.extend_from_slice(&56u16.to_le_bytes()); // phentsize
-    f.extend_from_slice(&1u16.to_le_bytes()); // phnum
-    f.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
-    assert_eq!(f.len() as u64, PHOFF);
-    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    f.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    f.extend_from_slice(&CODE_OFF.to_le_bytes());
-    f.extend_from_slice(&entry.to_le_bytes()); // vaddr
-    f.extend_from_slice(&entry.to_le_bytes()); // paddr
-    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    f.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    f.extend_from_slice(&0x1000u64.to_le_bytes());
-    f.resize(CODE_OFF as usize, 0);
-    f.extend_from_slice(code);
-    f
 }
 
 #[test]

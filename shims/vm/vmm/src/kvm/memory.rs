@@ -129,7 +129,7 @@ struct Reservation {
 
 impl Reservation {
     fn new(len: usize) -> Result<Reservation, GuestRamError> {
-        let page = page_size() as usize;
+        let page = usize::try_from(page_size()).unwrap_or(4096);
         let total = len
             .checked_add(2 * page)
             .ok_or(GuestRamError::BadSize(len as u64))?;
@@ -181,7 +181,7 @@ impl Reservation {
         self.base
             .as_ptr()
             .cast::<u8>()
-            .wrapping_add(page_size() as usize)
+            .wrapping_add(usize::try_from(page_size()).unwrap_or(4096))
     }
 }
 

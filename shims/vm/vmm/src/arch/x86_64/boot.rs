@@ -73,6 +73,8 @@ pub enum CmdlineError {
 pub enum ZeroPageError {
     #[error("{0} memory ranges overflow the zero page's e820 table")]
     TooManyRanges(usize),
+    #[error("the initrd at {addr:#x} ({size} bytes) does not fit below 4 GiB")]
+    InitrdAbove4G { addr: u64, size: u64 },
     #[error("writing the zero page")]
     Write(#[source] linux_loader::configurator::Error),
 }
@@ -172,7 +174,7 @@ pub fn write_cmdline(mem: &GuestMemory, cmdline: &Cmdline) -> Result<u32, Cmdlin
         .as_bytes_with_nul()
         .len();
     // At most CMDLINE_MAX_SIZE, checked by the Cmdline's capacity.
-    Ok(len as u32)
+    u32::try_from(len).map_err(|_| CmdlineError::TooLong { len })
 }
 
 /// The end of RAM below the MMIO gap, given the RAM regions (start, size).
@@ -218,12 +220,15 @@ pub fn boot_params_for(
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = const { crate::layout::low32(CMDLINE_START) };
     params.hdr.cmdline_size = cmdline_size;
     if let Some((addr, size)) = initrd {
         // Both below 4 GiB: the address by `initrd_address`, the size by fitting below it.
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        let (Ok(image), Ok(len)) = (u32::try_from(addr), u32::try_from(size)) else {
+            return Err(ZeroPageError::InitrdAbove4G { addr, size });
+        };
+        params.hdr.ramdisk_image = image;
+        params.hdr.ramdisk_size = len;
     }
     for (slot, &(addr, size)) in params.e820_table.iter_mut().zip(e820) {
         *slot = boot_e820_entry {
@@ -232,7 +237,8 @@ pub fn boot_params_for(
             r#type: E820_RAM,
         };
     }
-    params.e820_entries = e820.len() as u8;
+    params.e820_entries =
+        u8::try_from(e820.len()).map_err(|_| ZeroPageError::TooManyRanges(e820.len()))?;
     Ok(params)
 }
 

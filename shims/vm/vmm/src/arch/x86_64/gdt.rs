@@ -37,6 +37,7 @@ fn base(entry: u64) -> u64 {
         | ((entry & 0x0000_0000_ffff_0000) >> 16)
 }
 
+#[allow(clippy::cast_possible_truncation)] // masked to the 20 bits of a segment limit
 fn limit(entry: u64) -> u32 {
     (((entry & 0x000f_0000_0000_0000) >> 32) | (entry & 0x0000_0000_0000_ffff)) as u32
 }

@@ -70,10 +70,10 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     if cpus == 0 || usize::from(cpus) > max_cpus() {
         return Err(MptableError::TooManyCpus(cpus));
     }
-    let table_addr = MPTABLE_START + FLOATING_LEN as u64;
+    let table_addr = const { crate::layout::low32(MPTABLE_START + FLOATING_LEN as u64) };
     let mut floating = Vec::with_capacity(FLOATING_LEN);
     floating.extend_from_slice(b"_MP_");
-    floating.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    floating.extend_from_slice(&table_addr.to_le_bytes());
     floating.extend_from_slice(&[1, SPEC_REV, 0, 0, 0, 0, 0, 0]);
     fix_checksum(&mut floating, 10);
 
@@ -92,7 +92,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_BUS, 0]);
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic, APIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&const { crate::layout::low32(IOAPIC_START) }.to_le_bytes());
     count += 2;
     for irq in 0..IRQ_COUNT {
         // Default polarity and trigger for the bus, ISA bus 0 line `irq` to IO-APIC pin `irq`.
@@ -106,14 +106,16 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
 
     let mut table = Vec::with_capacity(HEADER_LEN + entries.len());
     table.extend_from_slice(b"PCMP");
-    table.extend_from_slice(&((HEADER_LEN + entries.len()) as u16).to_le_bytes());
+    let len =
+        u16::try_from(HEADER_LEN + entries.len()).map_err(|_| MptableError::TooManyCpus(cpus))?;
+    table.extend_from_slice(&len.to_le_bytes());
     table.extend_from_slice(&[SPEC_REV, 0]);
     table.extend_from_slice(b"SWITCHYD");
     table.extend_from_slice(b"YARD-VMM    ");
     table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
     table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&const { crate::layout::low32(APIC_START) }.to_le_bytes());
     table.extend_from_slice(&0u32.to_le_bytes()); // extended table length, checksum
     table.extend_from_slice(&entries);
     fix_checksum(&mut table, 7);

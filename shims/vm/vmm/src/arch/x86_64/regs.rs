@@ -32,10 +32,14 @@ pub enum SetupRegsError {
     SetLapic(#[source] kvm_ioctls::Error),
 }
 
+/// The GDT's limit: its size in bytes, less one.
+#[allow(clippy::cast_possible_truncation)] // four 8-byte entries: 31
+const GDT_LIMIT: u16 = (BOOT_GDT.len() * 8 - 1) as u16;
+
 /// Long mode with paging on [`PML4_START`]'s identity map and the boot GDT loaded.
 pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     let code = segment(CODE_INDEX, BOOT_GDT[usize::from(CODE_INDEX)]);
@@ -117,7 +121,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 fn read_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
     let mut bytes = [0u8; 4];
     for (b, r) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
-        *b = *r as u8;
+        *b = r.cast_unsigned();
     }
     u32::from_le_bytes(bytes)
 }
@@ -127,7 +131,7 @@ fn write_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
         .iter_mut()
         .zip(value.to_le_bytes())
     {
-        *r = b as libc::c_char;
+        *r = b.cast_signed();
     }
 }
 

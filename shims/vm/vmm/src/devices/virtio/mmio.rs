@@ -57,6 +57,15 @@ pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
 
+/// The low and high 32 bits of a 64-bit value the driver reads as two registers.
+pub fn halves(v: u64) -> [u32; 2] {
+    let [a, b, c, d, e, f, g, h] = v.to_le_bytes();
+    [
+        u32::from_le_bytes([a, b, c, d]),
+        u32::from_le_bytes([e, f, g, h]),
+    ]
+}
+
 pub struct MmioTransport {
     mem: GuestMemory,
     device: Box<dyn VirtioDevice>,
@@ -149,8 +158,8 @@ impl MmioTransport {
             REG_DEVICE_ID => self.device.device_type(),
             REG_VENDOR_ID => VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
+                0 => halves(self.device_features())[0],
+                1 => halves(self.device_features())[1],
                 _ => 0,
             },
             REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
@@ -331,7 +340,7 @@ impl MmioTransport {
                 self.device
                     .activate(self.mem.clone(), queues, evts, self.interrupt.clone())
             }
-            (Err(e), _) => Err(super::ActivateError::Worker(e)),
+            (Err(e), _) => Err(super::ActivateError::QueueEvents(e)),
             (_, Err(e)) => Err(super::ActivateError::Queue(e)),
         };
         match result {

@@ -61,7 +61,9 @@ pub enum ActivateError {
     #[error("expected {expected} queues, got {got}")]
     QueueCount { expected: usize, got: usize },
     #[error("starting the device worker")]
-    Worker(#[source] std::io::Error),
+    Worker(#[source] worker::WorkerError),
+    #[error("cloning the queue eventfds")]
+    QueueEvents(#[source] std::io::Error),
     #[error("queue state")]
     Queue(#[source] virtio_queue::Error),
     #[error("device is already active")]

@@ -59,12 +59,15 @@ impl DriverQueue {
     pub fn setup(&self, t: &mut MmioTransport) {
         write32(t, REG_QUEUE_SEL, self.index);
         write32(t, REG_QUEUE_NUM, u32::from(self.size));
-        write32(t, REG_QUEUE_DESC_LOW, self.desc as u32);
-        write32(t, REG_QUEUE_DESC_HIGH, (self.desc >> 32) as u32);
-        write32(t, REG_QUEUE_DRIVER_LOW, self.avail as u32);
-        write32(t, REG_QUEUE_DRIVER_HIGH, (self.avail >> 32) as u32);
-        write32(t, REG_QUEUE_DEVICE_LOW, self.used as u32);
-        write32(t, REG_QUEUE_DEVICE_HIGH, (self.used >> 32) as u32);
+        let [desc_lo, desc_hi] = halves(self.desc);
+        let [avail_lo, avail_hi] = halves(self.avail);
+        let [used_lo, used_hi] = halves(self.used);
+        write32(t, REG_QUEUE_DESC_LOW, desc_lo);
+        write32(t, REG_QUEUE_DESC_HIGH, desc_hi);
+        write32(t, REG_QUEUE_DRIVER_LOW, avail_lo);
+        write32(t, REG_QUEUE_DRIVER_HIGH, avail_hi);
+        write32(t, REG_QUEUE_DEVICE_LOW, used_lo);
+        write32(t, REG_QUEUE_DEVICE_HIGH, used_hi);
         write32(t, REG_QUEUE_READY, 1);
         assert_eq!(read32(t, REG_QUEUE_READY), 1, "queue {} ready", self.index);
     }

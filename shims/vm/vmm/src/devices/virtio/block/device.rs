@@ -5,7 +5,6 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::worker::Worker;
 use super::super::{ActivateError, InterruptStatus, TYPE_BLOCK, VirtioDevice, read_config_bytes};
 use super::event_handler::run;
 use super::{Block, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
@@ -41,7 +40,7 @@ impl VirtioDevice for Block {
         queue_evts: Vec<EventFd>,
         irq: Arc<InterruptStatus>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.active {
             return Err(ActivateError::AlreadyActive);
         }
         let got = queues.len();
@@ -52,20 +51,20 @@ impl VirtioDevice for Block {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
         let backend = self.backend.clone();
-        let worker = Worker::spawn("virtio-blk", move |stop| {
-            if let Err(e) = run(backend, mem, queue, evt, irq, stop) {
-                tracing::error!("virtio-blk worker: {e}");
-            }
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        self.worker
+            .start(Box::new(move |stop| {
+                if let Err(e) = run(backend, mem, queue, evt, irq, stop) {
+                    tracing::error!("virtio-blk worker: {e}");
+                }
+            }))
+            .map_err(ActivateError::Worker)?;
+        self.active = true;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
+        self.active = false;
     }
 }
 
@@ -233,7 +232,7 @@ mod tests {
         use virtio_queue::QueueT;
 
         let file = tempfile::NamedTempFile::new().unwrap();
-        let mut dev = Block::new(file.path(), true).unwrap();
+        let mut dev = Block::new(file.path(), true, crate::seccomp::Seccomp::Enforce).unwrap();
         let irq = Arc::new(InterruptStatus::new(crate::irq::CountingInterrupt::new()));
         let queues = vec![Queue::new(16).unwrap(), Queue::new(16).unwrap()];
         let evts = vec![EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];

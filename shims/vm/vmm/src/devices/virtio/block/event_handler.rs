@@ -23,11 +23,11 @@ pub(super) fn run(
     mut queue: Queue,
     evt: EventFd,
     irq: Arc<InterruptStatus>,
-    stop: EventFd,
+    stop: &EventFd,
 ) -> io::Result<()> {
     let mut poller = Poller::new()?;
     poller.add(&evt, QUEUE_TOKEN, EventSet::IN)?;
-    poller.add(&stop, STOP_TOKEN, EventSet::IN)?;
+    poller.add(stop, STOP_TOKEN, EventSet::IN)?;
     loop {
         for (token, _) in poller.wait(-1)? {
             match token {
@@ -44,7 +44,12 @@ pub(super) fn run(
     }
 }
 
-fn process_queue(backend: &Backend, mem: &GuestMemory, queue: &mut Queue, irq: &InterruptStatus) {
+pub(super) fn process_queue(
+    backend: &Backend,
+    mem: &GuestMemory,
+    queue: &mut Queue,
+    irq: &InterruptStatus,
+) {
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             guest_warn!("virtio-blk: queue: {e}");

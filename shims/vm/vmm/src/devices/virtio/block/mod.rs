@@ -15,6 +15,26 @@ mod request;
 #[cfg(test)]
 mod testing;
 
+/// Serves every request the guest has posted on `queue` against `file` (as the worker does on a
+/// notification), with no worker thread: for the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn serve_queue(
+    mem: &crate::GuestMemory,
+    queue: &mut virtio_queue::Queue,
+    file: std::fs::File,
+    read_only: bool,
+) {
+    let capacity = file.metadata().map_or(0, |m| m.len()) / SECTOR_SIZE;
+    let disk = Disk {
+        file,
+        read_only,
+        capacity,
+        id: *b"fuzz-disk-0000000000",
+    };
+    let irq = super::InterruptStatus::new(crate::irq::CountingInterrupt::new());
+    event_handler::process_queue(&Arc::new(Mutex::new(Some(disk))), mem, queue, &irq);
+}
+
 use std::fs::OpenOptions;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
@@ -22,7 +42,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use self::request::Disk;
-use super::worker::Worker;
+use super::worker::{Worker, WorkerError};
+use crate::seccomp::{Seccomp, ThreadKind};
 
 pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
@@ -56,6 +77,8 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 /// The backing file, shared by the device (config space), its worker (requests) and every
@@ -72,28 +95,37 @@ pub struct Block {
     /// probe), so every backing file swapped in later is opened read-only too.
     read_only: bool,
     queue_sizes: [u16; 1],
-    worker: Option<Worker>,
+    /// Made with the device, so activation (on a vCPU thread) needs no new thread.
+    worker: Worker,
+    active: bool,
 }
 
 impl Block {
-    pub fn new(path: &Path, read_only: bool) -> Result<Block, BlockError> {
+    /// A device on `path`; its worker thread runs under the block worker's filter per
+    /// `seccomp`.
+    pub fn new(path: &Path, read_only: bool, seccomp: Seccomp) -> Result<Block, BlockError> {
         let disk = Disk::open(path, read_only)?;
-        Ok(Block::with_backend(Some(disk), read_only))
+        Block::with_backend(Some(disk), read_only, seccomp)
     }
 
     /// A device without a backing file: capacity 0, every read and write fails with IOERR,
     /// until a [`BlockHandle::set`] swaps one in.
-    pub fn empty(read_only: bool) -> Block {
-        Block::with_backend(None, read_only)
+    pub fn empty(read_only: bool, seccomp: Seccomp) -> Result<Block, BlockError> {
+        Block::with_backend(None, read_only, seccomp)
     }
 
-    fn with_backend(disk: Option<Disk>, read_only: bool) -> Block {
-        Block {
+    fn with_backend(
+        disk: Option<Disk>,
+        read_only: bool,
+        seccomp: Seccomp,
+    ) -> Result<Block, BlockError> {
+        Ok(Block {
             backend: Arc::new(Mutex::new(disk)),
             read_only,
             queue_sizes: [QUEUE_SIZE],
-            worker: None,
-        }
+            worker: Worker::new("virtio-blk", ThreadKind::BlockWorker, seccomp)?,
+            active: false,
+        })
     }
 
     /// Size in 512-byte sectors (a trailing partial sector is not exposed); 0 when empty.

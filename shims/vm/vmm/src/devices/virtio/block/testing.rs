@@ -11,6 +11,7 @@ use super::super::testing::*;
 use super::*;
 use crate::GuestMemory;
 use crate::irq::CountingInterrupt;
+use crate::seccomp::Seccomp;
 
 pub const HDR: u64 = 0x100000;
 pub const DATA: u64 = 0x110000;
@@ -29,7 +30,7 @@ pub fn disk_file() -> tempfile::NamedTempFile {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let mut content = vec![0u8; 8 * 512 + 100];
     for (i, b) in content.iter_mut().enumerate() {
-        *b = (i / 512) as u8;
+        *b = u8::try_from(i / 512).unwrap();
     }
     file.write_all(&content).unwrap();
     file
@@ -37,7 +38,7 @@ pub fn disk_file() -> tempfile::NamedTempFile {
 
 pub fn rig(read_only: bool) -> Rig {
     let file = disk_file();
-    let dev = Block::new(file.path(), read_only).unwrap();
+    let dev = Block::new(file.path(), read_only, Seccomp::Enforce).unwrap();
     assert_eq!(dev.capacity(), 8);
     rig_with(dev, read_only, file)
 }
@@ -45,7 +46,7 @@ pub fn rig(read_only: bool) -> Rig {
 /// An empty device (as the VMM's spare disks start) with `file` not yet attached, and the
 /// handle that swaps it in.
 pub fn empty_rig(read_only: bool) -> (Rig, BlockHandle) {
-    let dev = Block::empty(read_only);
+    let dev = Block::empty(read_only, Seccomp::Enforce).unwrap();
     assert_eq!(dev.capacity(), 0);
     let handle = dev.handle();
     (rig_with(dev, read_only, disk_file()), handle)

@@ -123,12 +123,13 @@ impl Conn {
             return Err(GuestDataError::AfterShutdown);
         }
         let in_flight = u64::from(self.rx_cnt.wrapping_sub(self.fwd_cnt_sent));
-        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
-        if in_flight.saturating_add(len) > u64::from(BUF_ALLOC) {
+        let Ok(len) = u32::try_from(data.len()) else {
+            return Err(GuestDataError::Credit);
+        };
+        if in_flight.saturating_add(u64::from(len)) > u64::from(BUF_ALLOC) {
             return Err(GuestDataError::Credit);
         }
-        // `len` fits in u32: it is at most BUF_ALLOC.
-        self.rx_cnt = self.rx_cnt.wrapping_add(len as u32);
+        self.rx_cnt = self.rx_cnt.wrapping_add(len);
         self.out.extend(data);
         Ok(())
     }
@@ -150,9 +151,12 @@ impl Conn {
             // std writes Unix sockets with MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
             match (&self.stream).write(a) {
                 Ok(n) => {
-                    self.out.drain(..n.min(a.len()));
-                    // n <= a.len() <= BUF_ALLOC
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    let n = n.min(a.len());
+                    self.out.drain(..n);
+                    // n <= a.len() <= BUF_ALLOC: `guest_data` bounds what is queued.
+                    self.fwd_cnt = self
+                        .fwd_cnt
+                        .wrapping_add(u32::try_from(n).unwrap_or(BUF_ALLOC));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -295,7 +299,7 @@ mod tests {
         let (mut slow, slow_hp) = client(&mut r, 1);
         let (mut fast, fast_hp) = client(&mut r, 2);
         // Fill the slow client's socket and our buffer: a full credit window.
-        let chunk: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let chunk: Vec<u8> = (0..4096u32).map(|i| i.to_le_bytes()[0]).collect();
         for _ in 0..(BUF_ALLOC as usize / chunk.len()) {
             let mut p = gp(1, slow_hp, OP_RW);
             p.data = chunk.clone();

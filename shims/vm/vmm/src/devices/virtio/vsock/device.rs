@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::worker::{Poller, Worker};
+use super::super::worker::Poller;
 use super::super::{ActivateError, InterruptStatus, TYPE_VSOCK, VirtioDevice, read_config_bytes};
 use super::connection::{ConnKey, State};
 use super::event_handler::Backend;
@@ -47,7 +47,7 @@ impl VirtioDevice for Vsock {
         queue_evts: Vec<EventFd>,
         irq: Arc<InterruptStatus>,
     ) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
+        if self.active {
             return Err(ActivateError::AlreadyActive);
         }
         let got = queues.len();
@@ -57,32 +57,32 @@ impl VirtioDevice for Vsock {
         ) else {
             return Err(ActivateError::QueueCount { expected: 3, got });
         };
-        let listener = self.listener.try_clone().map_err(ActivateError::Worker)?;
-        let backend = Backend::new(
-            mem,
-            rxq,
-            txq,
-            irq,
-            listener,
-            self.uds_path.clone(),
-            self.guest_cid,
-        );
-        let worker = Worker::spawn("virtio-vsock", move |stop| {
-            if let Err(e) = backend.run(rx_evt, tx_evt, ev_evt, stop) {
-                tracing::error!("virtio-vsock worker: {e}");
-            }
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(ActivateError::QueueEvents)?;
+        let (uds_path, guest_cid) = (self.uds_path.clone(), self.guest_cid);
+        self.worker
+            .start(Box::new(move |stop| {
+                let backend = Backend::new(mem, rxq, txq, irq, listener, uds_path, guest_cid);
+                if let Err(e) = backend.run(rx_evt, tx_evt, ev_evt, stop) {
+                    tracing::error!("virtio-vsock worker: {e}");
+                }
+            }))
+            .map_err(ActivateError::Worker)?;
+        self.active = true;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
+        self.worker.stop();
+        self.active = false;
     }
 }
+
+/// [`PKT_HEADER_SIZE`] as a used length.
+const HEADER_LEN: u32 = 44;
+const _: () = assert!(PKT_HEADER_SIZE == HEADER_LEN as usize);
 
 /// What the guest sent, copied out of guest memory.
 pub(super) struct GuestPkt {
@@ -273,7 +273,7 @@ impl Backend {
     fn next_rx_packet(&mut self, poller: &Poller, pkt: &mut VsockPacket<'_, ()>) -> Option<u32> {
         if let Some((key, op)) = self.ctrl.pop() {
             self.write_header(pkt, key, op, 0, 0);
-            return Some(PKT_HEADER_SIZE as u32);
+            return Some(HEADER_LEN);
         }
         let mut keys: Vec<ConnKey> = self
             .conns
@@ -291,15 +291,13 @@ impl Backend {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
-            let room = pkt.data_slice().map_or(0, |s| s.len());
-            let want = usize::try_from(conn.peer_credit())
-                .unwrap_or(usize::MAX)
-                .min(room)
-                .min(MAX_PKT_DATA as usize);
+            // A buffer past 4 GiB has no more room than MAX_PKT_DATA.
+            let room = u32::try_from(pkt.data_slice().map_or(0, |s| s.len())).unwrap_or(u32::MAX);
+            let want = conn.peer_credit().min(room).min(MAX_PKT_DATA);
             if want == 0 {
                 continue;
             }
-            let mut buf = vec![0u8; want];
+            let mut buf = vec![0u8; want as usize];
             match std::io::Read::read(&mut conn.stream, &mut buf) {
                 Ok(0) => {
                     // The host client closed: tell the guest, and wait for its OP_RST.
@@ -308,25 +306,24 @@ impl Backend {
                         deadline: Instant::now() + CLOSE_TIMEOUT,
                     };
                     self.write_header(pkt, key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0);
-                    return Some(PKT_HEADER_SIZE as u32);
+                    return Some(HEADER_LEN);
                 }
                 Ok(n) => {
-                    let n = n.min(want);
-                    // n <= MAX_PKT_DATA
-                    let len = n as u32;
+                    // read() returns at most buf.len() == want bytes.
+                    let len = u32::try_from(n).map_or(want, |n| n.min(want));
                     conn.tx_cnt = conn.tx_cnt.wrapping_add(len);
                     if let Some(s) = pkt.data_slice() {
-                        s.copy_from(&buf[..n]);
+                        s.copy_from(&buf[..len as usize]);
                     }
                     self.write_header(pkt, key, OP_RW, 0, len);
-                    return Some(PKT_HEADER_SIZE as u32 + len);
+                    return Some(HEADER_LEN + len);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => conn.readable = false,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.drop_conn(poller, key);
                     self.write_header(pkt, key, OP_RST, 0, 0);
-                    return Some(PKT_HEADER_SIZE as u32);
+                    return Some(HEADER_LEN);
                 }
             }
         }
@@ -391,7 +388,7 @@ mod tests {
     #[test]
     fn stray_packets_without_rx_buffers_do_not_queue_unbounded_replies() {
         let mut r = rig_with(0);
-        for port in 0..MAX_PENDING_CTRL as u32 {
+        for port in 0..u32::try_from(MAX_PENDING_CTRL).unwrap() {
             r.send(&gp(port, 20, OP_RW));
         }
         // Our reply queue is full: the next packet waits in the guest's tx queue.

@@ -128,10 +128,10 @@ impl Backend {
         rx_evt: EventFd,
         tx_evt: EventFd,
         ev_evt: EventFd,
-        stop: EventFd,
+        stop: &EventFd,
     ) -> io::Result<()> {
         let mut poller = Poller::new()?;
-        poller.add(&stop, STOP_TOKEN, EventSet::IN)?;
+        poller.add(stop, STOP_TOKEN, EventSet::IN)?;
         poller.add(&rx_evt, RX_TOKEN, EventSet::IN)?;
         poller.add(&tx_evt, TX_TOKEN, EventSet::IN)?;
         poller.add(&ev_evt, EV_TOKEN, EventSet::IN)?;

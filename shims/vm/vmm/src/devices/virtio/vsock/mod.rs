@@ -29,12 +29,39 @@ mod sys;
 mod testing;
 mod unix;
 
+/// Handles what the guest posted on `txq` and fills its `rxq` buffers, `rounds` times (as the
+/// worker does on notifications), with no worker thread: for the fuzz targets. Guest
+/// connections dial `<uds_path>_<port>`; host clients arrive on `listener`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn serve_queues(
+    mem: crate::GuestMemory,
+    rxq: virtio_queue::Queue,
+    txq: virtio_queue::Queue,
+    listener: UnixListener,
+    uds_path: PathBuf,
+    guest_cid: u64,
+    rounds: usize,
+) -> io::Result<()> {
+    let irq = std::sync::Arc::new(super::InterruptStatus::new(
+        crate::irq::CountingInterrupt::new(),
+    ));
+    let mut backend =
+        event_handler::Backend::new(mem, rxq, txq, irq, listener, uds_path, guest_cid);
+    let poller = super::worker::Poller::new()?;
+    for _ in 0..rounds {
+        backend.process_tx(&poller);
+        backend.fill_rx(&poller);
+    }
+    Ok(())
+}
+
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::worker::Worker;
+use super::worker::{Worker, WorkerError};
+use crate::seccomp::{Seccomp, ThreadKind};
 
 pub const QUEUE_SIZE: u16 = 256;
 pub const HOST_CID: u64 = 2;
@@ -70,6 +97,8 @@ pub enum VsockError {
     },
     #[error("guest CID {0} is reserved")]
     Cid(u64),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 pub struct Vsock {
@@ -77,12 +106,15 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: UnixListener,
     queue_sizes: [u16; 3],
-    worker: Option<Worker>,
+    /// Made with the device, so activation (on a vCPU thread) needs no new thread.
+    worker: Worker,
+    active: bool,
 }
 
 impl Vsock {
-    /// Listen on `uds_path` for host clients (the path must not exist).
-    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+    /// Listen on `uds_path` for host clients (the path must not exist); the worker thread runs
+    /// under the vsock worker's filter per `seccomp`.
+    pub fn new(guest_cid: u64, uds_path: PathBuf, seccomp: Seccomp) -> Result<Vsock, VsockError> {
         if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::Cid(guest_cid));
         }
@@ -90,6 +122,7 @@ impl Vsock {
             path: uds_path.display().to_string(),
             source,
         };
+        let worker = Worker::new("virtio-vsock", ThreadKind::VsockWorker, seccomp)?;
         let listener = UnixListener::bind(&uds_path).map_err(bind)?;
         listener.set_nonblocking(true).map_err(bind)?;
         Ok(Vsock {
@@ -97,7 +130,8 @@ impl Vsock {
             uds_path,
             listener,
             queue_sizes: [QUEUE_SIZE; 3],
-            worker: None,
+            worker,
+            active: false,
         })
     }
 
@@ -125,14 +159,14 @@ mod tests {
         let uds = dir.path().join("v.sock");
         for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
             assert!(matches!(
-                Vsock::new(cid, uds.clone()),
+                Vsock::new(cid, uds.clone(), Seccomp::Off),
                 Err(VsockError::Cid(c)) if c == cid
             ));
         }
-        let v = Vsock::new(3, uds.clone()).unwrap();
+        let v = Vsock::new(3, uds.clone(), Seccomp::Enforce).unwrap();
         assert_eq!(v.uds_path(), uds);
         assert!(matches!(
-            Vsock::new(4, uds.clone()),
+            Vsock::new(4, uds.clone(), Seccomp::Enforce),
             Err(VsockError::Bind { .. })
         ));
         drop(v);

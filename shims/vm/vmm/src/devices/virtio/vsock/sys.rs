@@ -44,7 +44,8 @@ pub(super) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 
 fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     let mut addr = libc::sockaddr_un {
-        sun_family: libc::AF_UNIX as libc::sa_family_t,
+        sun_family: libc::sa_family_t::try_from(libc::AF_UNIX)
+            .map_err(|_| io::Error::from(io::ErrorKind::Unsupported))?,
         sun_path: [0; 108],
     };
     let bytes = path.as_os_str().as_bytes();
@@ -56,7 +57,7 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
         ));
     }
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        *dst = src.cast_signed();
     }
     let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
     let len = libc::socklen_t::try_from(len)

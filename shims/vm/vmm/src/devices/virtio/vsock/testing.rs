@@ -54,7 +54,7 @@ pub fn rig() -> Rig {
 pub fn rig_with(rx_buffers: usize) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let uds = dir.path().join("v.sock");
-    let dev = Vsock::new(CID, uds.clone()).unwrap();
+    let dev = Vsock::new(CID, uds.clone(), crate::seccomp::Seccomp::Enforce).unwrap();
     let mem = memory();
     let mut t = MmioTransport::new(mem.clone(), Box::new(dev), CountingInterrupt::new()).unwrap();
     negotiate(&mut t);
@@ -90,7 +90,11 @@ impl Rig {
         let idx = u64::from(self.rx.peek_next_desc());
         self.rx.add(
             &self.mem,
-            &[(RXBUF + idx * 0x2000, PKT_HEADER_SIZE as u32 + RX_DATA, true)],
+            &[(
+                RXBUF + idx * 0x2000,
+                u32::try_from(PKT_HEADER_SIZE).unwrap() + RX_DATA,
+                true,
+            )],
         );
     }
 
@@ -152,7 +156,7 @@ impl Rig {
         h[8..16].copy_from_slice(&p.dst_cid.to_le_bytes());
         h[16..20].copy_from_slice(&p.src_port.to_le_bytes());
         h[20..24].copy_from_slice(&p.dst_port.to_le_bytes());
-        h[24..28].copy_from_slice(&(p.data.len() as u32).to_le_bytes());
+        h[24..28].copy_from_slice(&u32::try_from(p.data.len()).unwrap().to_le_bytes());
         h[28..30].copy_from_slice(&p.type_.to_le_bytes());
         h[30..32].copy_from_slice(&p.op.to_le_bytes());
         h[32..36].copy_from_slice(&p.flags.to_le_bytes());
@@ -162,9 +166,9 @@ impl Rig {
         self.mem
             .write_slice(&p.data, GuestAddress(addr + 0x100))
             .unwrap();
-        let mut chain = vec![(addr, PKT_HEADER_SIZE as u32, false)];
+        let mut chain = vec![(addr, u32::try_from(PKT_HEADER_SIZE).unwrap(), false)];
         if !p.data.is_empty() {
-            chain.push((addr + 0x100, p.data.len() as u32, false));
+            chain.push((addr + 0x100, u32::try_from(p.data.len()).unwrap(), false));
         }
         let head = self.tx.add(&self.mem, &chain);
         notify(&mut self.t, 1);
