@@ -187,10 +187,10 @@ impl WasmEngine {
                         .await
                         .ok()
                         .and_then(|r| r.ok());
-                    match c {
-                        Some(Ok(c)) if c.options() == options => return Ok(Arc::new(c)),
-                        Some(Err(e)) if options == &Options::default() => return Err(e),
-                        _ => {}
+                    if let Some(Ok(c)) = c
+                        && c.options() == options
+                    {
+                        return Ok(Arc::new(c));
                     }
                 }
                 let options = options.clone();

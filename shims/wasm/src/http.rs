@@ -139,6 +139,7 @@ async fn call(
     // The guest may go on writing the body after it has set the response, so it runs in its
     // own task; it ends when it returns, traps, is interrupted by a kill, or runs out of time
     // (the epoch deadline stops a computing guest; the wall-clock bound one waiting in I/O).
+    let began = std::time::Instant::now();
     let task = tokio::spawn(async move {
         let run = async {
             let proxy = pre.instantiate_async(&mut store).await?;
@@ -163,6 +164,11 @@ async fn call(
         Ok(Err(code)) => Err(format!("the handler answered with an error: {code:?}")),
         Err(_) => match task.await {
             Ok(Ok(())) => Err("the handler never set a response".into()),
+            // Stopped by the epoch deadline (computing) or the wall clock (waiting).
+            Ok(Err(_)) if timeout.is_some_and(|t| began.elapsed() >= t) => Err(format!(
+                "the request ran past its timeout of {} ms",
+                timeout.map(|t| t.as_millis()).unwrap_or_default()
+            )),
             Ok(Err(e)) => Err(format!("{e:?}")),
             Err(e) => Err(e.to_string()),
         },

@@ -167,7 +167,7 @@ pub fn filters(pid: i32) -> Result<[BpfProgram; 2], SandboxError> {
         libc::SYS_socketpair,
         vec![one(vec![eq(0, Len::Dword, libc::AF_UNIX as u64)?])?],
     );
-    // Signals and scheduling only on this process.
+    // Signals and resource limits only on this process.
     rules.insert(libc::SYS_tgkill, vec![one(vec![eq(0, Len::Dword, pid)?])?]);
     rules.insert(
         libc::SYS_prlimit64,
@@ -258,6 +258,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_gettid,
     libc::SYS_getpid,
     libc::SYS_sched_yield,
+    // a read of a CPU mask (threads ask with their own id)
+    libc::SYS_sched_getaffinity,
     libc::SYS_clock_gettime,
     libc::SYS_clock_getres,
     libc::SYS_clock_nanosleep,
