@@ -133,6 +133,11 @@ pub trait Engine: Send + Sync + 'static {
         let _ = mounts;
         false
     }
+    /// The rootfs mounts as the kit mounts them on the host (the wasm engine adds
+    /// `nodev,nosuid`). Asked once per Create that the engine did not take over.
+    fn rootfs_mounts(&self, mounts: Vec<Mount>) -> Vec<Mount> {
+        mounts
+    }
     /// `<shim> delete`: clean up a container whose shim is gone (kill, remove state). The kit
     /// unmounts the bundle's rootfs afterwards.
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &std::path::Path) -> Result<()>;

@@ -367,7 +367,8 @@ impl<E: Engine> TaskService<E> {
             if !req.rootfs.is_empty() && self.engine.hands_over_rootfs(&req.rootfs) {
                 (crate::Rootfs::Mounts(req.rootfs.clone()), RootfsMount(None))
             } else {
-                let mount = RootfsMount(bundle::mount_rootfs(&req.bundle, &req.rootfs)?);
+                let mounts = self.engine.rootfs_mounts(req.rootfs.clone());
+                let mount = RootfsMount(bundle::mount_rootfs(&req.bundle, &mounts)?);
                 let root = spec.root().as_ref().map(|r| r.path().as_path());
                 let dir = bundle::rootfs_dir(&req.bundle, root)?;
                 (crate::Rootfs::Dir(dir), mount)

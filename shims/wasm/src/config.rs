@@ -1,39 +1,52 @@
 //! The Wasm runtime's options: shim-wide settings from the runtime's options (switchyardd's
 //! `[runtimes.wasm.options]`, or CRI's `ConfigPath`), and per-task settings from the bundle's
-//! annotations, which win.
+//! annotations, which win. Nothing here is read from the image (its environment included): an
+//! image author chooses neither limits nor the address a task listens on.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::{Error, Result};
 
 /// Annotation prefix for per-task settings (`io.switchyard.wasm.timeout-ms` and so on).
 pub const ANNOTATION_PREFIX: &str = "io.switchyard.wasm.";
-/// Environment variable (in the spec's `process.env`) that can carry the HTTP listen address,
-/// for clients that cannot set annotations (containerd 1.6's `ctr run`).
-pub const LISTEN_ENV: &str = "SWITCHYARD_HTTP_LISTEN";
 
 /// Shim-wide options. The engine is built from the options of the first task a shim process
 /// creates; tasks grouped into one shim come from the same runtime, so they agree.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Options {
-    /// Where compiled artifacts are cached (created if missing).
+    /// Where compiled artifacts are cached (created if missing; must be root's alone).
     pub cache_dir: PathBuf,
     /// Instance slots in the pooling allocator: the most tasks (plus in-flight HTTP requests)
     /// one shim process runs at once. 0 turns pooling off (on-demand allocation).
     pub max_instances: u32,
     /// Largest linear memory one instance may have, in MiB (a pool slot's size).
     pub max_memory_mib: u64,
-    /// Default wall-clock limit for a task's run (or one HTTP request), in ms. 0: none.
+    /// Wall-clock limit of a task's run, in ms. 0: none.
     pub timeout_ms: u64,
+    /// Wall-clock limit of one HTTP request (the handler's instance, response body included),
+    /// in ms. 0: none.
+    pub request_timeout_ms: u64,
+    /// How long an HTTP client may take to send a request's headers, in ms. 0: none.
+    pub header_timeout_ms: u64,
+    /// Open HTTP connections per task; a connection beyond it is answered 503 and closed.
+    pub max_connections: u32,
+    /// Largest module or component accepted, in MiB.
+    pub max_module_mib: u64,
     /// Fuel given to each task (or HTTP request); 0 turns fuel metering off.
     pub fuel: u64,
-    /// Default listen address for HTTP components.
+    /// Default listen address (`IP:PORT`) for HTTP components.
     pub http_listen: String,
+    /// Let HTTP components listen on ports below 1024.
+    pub allow_privileged_ports: bool,
+    /// Spec settings the Wasm runtime cannot enforce that Create accepts anyway, by field
+    /// (`process.user`, `linux.seccomp`, `linux.resources.blockIO`, ...); `*` accepts all.
+    pub allow_unenforced: Vec<String>,
     /// Put every task of this runtime in one shim per namespace (read by `start` from the
     /// bundle's `options.json`; the group annotations win).
     pub group: String,
@@ -45,9 +58,15 @@ impl Default for Options {
             cache_dir: PathBuf::from("/var/cache/switchyard/wasm"),
             max_instances: 1000,
             max_memory_mib: 256,
-            timeout_ms: 0,
+            timeout_ms: 3_600_000,
+            request_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            max_connections: 512,
+            max_module_mib: 64,
             fuel: 0,
             http_listen: "127.0.0.1:8080".into(),
+            allow_privileged_ports: false,
+            allow_unenforced: Vec::new(),
             group: String::new(),
         }
     }
@@ -73,25 +92,59 @@ impl Options {
                 "options: max_memory_mib must be at least 1".into(),
             ));
         }
+        if self.max_module_mib == 0 {
+            return Err(Error::InvalidArgument(
+                "options: max_module_mib must be at least 1".into(),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::InvalidArgument(
+                "options: max_connections must be at least 1".into(),
+            ));
+        }
+        listen_addr(&self.http_listen, "options: http_listen", self)?;
         Ok(())
+    }
+
+    /// Largest module in bytes.
+    pub fn max_module_bytes(&self) -> u64 {
+        self.max_module_mib.saturating_mul(1 << 20)
+    }
+
+    /// Whether `field` (`process.user`, `linux.seccomp`, ...) may be set without enforcement.
+    pub fn allows_unenforced(&self, field: &str) -> bool {
+        self.allow_unenforced.iter().any(|a| {
+            a == "*"
+                || a == field
+                || field
+                    .strip_prefix(a.as_str())
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        })
     }
 }
 
 /// Per-task settings: the options' defaults, then annotations, then the spec's memory limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Sent to the worker with the task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSettings {
+    /// Wall-clock limit of the run (commands).
     pub timeout: Option<Duration>,
+    /// Wall-clock limit of one HTTP request.
+    pub request_timeout: Option<Duration>,
+    /// Time an HTTP client has to send a request's headers.
+    pub header_timeout: Option<Duration>,
+    /// Open HTTP connections at once.
+    pub max_connections: u32,
     pub fuel: Option<u64>,
     /// Linear memory limit in bytes (the spec's `linux.resources.memory.limit`).
     pub memory_limit: Option<u64>,
-    pub http_listen: String,
+    pub http_listen: SocketAddr,
 }
 
 impl TaskSettings {
     pub fn new(
         options: &Options,
         annotations: &HashMap<String, String>,
-        env: &[(String, String)],
         memory_limit: Option<i64>,
     ) -> Result<TaskSettings> {
         let num = |key: &str, default: u64| -> Result<u64> {
@@ -105,7 +158,20 @@ impl TaskSettings {
                 }),
             }
         };
-        let timeout_ms = num("timeout-ms", options.timeout_ms)?;
+        let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+        let timeout = ms(num("timeout-ms", options.timeout_ms)?);
+        let request_timeout = ms(num("request-timeout-ms", options.request_timeout_ms)?);
+        let header_timeout = ms(num("header-timeout-ms", options.header_timeout_ms)?);
+        let max_connections = num("max-connections", options.max_connections.into())?;
+        let max_connections = u32::try_from(max_connections)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "annotations.{ANNOTATION_PREFIX}max-connections: must be 1 to {}",
+                    u32::MAX
+                ))
+            })?;
         let fuel = num("fuel", options.fuel)?;
         if fuel > 0 && options.fuel == 0 {
             return Err(Error::InvalidArgument(format!(
@@ -123,17 +189,16 @@ impl TaskSettings {
             }
             Some(l) => Some(l.unsigned_abs()),
         };
-        let http_listen = annotations
-            .get(&format!("{ANNOTATION_PREFIX}http-listen"))
-            .cloned()
-            .or_else(|| {
-                env.iter()
-                    .find(|(k, _)| k == LISTEN_ENV)
-                    .map(|(_, v)| v.clone())
-            })
-            .unwrap_or_else(|| options.http_listen.clone());
+        let key = format!("{ANNOTATION_PREFIX}http-listen");
+        let http_listen = match annotations.get(&key) {
+            Some(v) => listen_addr(v, &format!("annotations.{key}"), options)?,
+            None => listen_addr(&options.http_listen, "options: http_listen", options)?,
+        };
         Ok(TaskSettings {
-            timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
+            timeout,
+            request_timeout,
+            header_timeout,
+            max_connections,
             fuel: (fuel > 0).then_some(fuel),
             memory_limit,
             http_listen,
@@ -141,9 +206,31 @@ impl TaskSettings {
     }
 }
 
+/// An HTTP listen address: a literal `IP:PORT` (no name lookups in the shim), below 1024 only
+/// when the runtime allows privileged ports. `what` names the setting in errors.
+fn listen_addr(value: &str, what: &str, options: &Options) -> Result<SocketAddr> {
+    let addr: SocketAddr = value.trim().parse().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{what}: {value:?} is not an IP:PORT address (like 127.0.0.1:8080)"
+        ))
+    })?;
+    if addr.port() != 0 && addr.port() < 1024 && !options.allow_privileged_ports {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: port {} is privileged (below 1024); the runtime option \
+             allow_privileged_ports permits it",
+            addr.port()
+        )));
+    }
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn err(r: Result<TaskSettings>) -> String {
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
 
     #[test]
     fn defaults_and_toml() {
@@ -165,6 +252,36 @@ mod tests {
             e.as_deref().is_some_and(|m| m.starts_with("options: ")),
             "{e:?}"
         );
+        for (toml, want) in [
+            ("max_module_mib = 0", "max_module_mib"),
+            ("max_connections = 0", "max_connections"),
+            ("http_listen = \"localhost:80\"", "not an IP:PORT"),
+            ("http_listen = \"127.0.0.1:80\"", "privileged"),
+        ] {
+            let e = Options::from_toml(toml).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|m| m.contains(want)),
+                "{toml}: {e:?}"
+            );
+        }
+        assert!(
+            Options::from_toml("http_listen = \"127.0.0.1:80\"\nallow_privileged_ports = true")
+                .is_ok()
+        );
+    }
+
+    /// Every limit has a default: a run, a request, a client's headers, connections, modules.
+    #[test]
+    fn defaults_bound_every_task() {
+        let o = Options::default();
+        let t = TaskSettings::new(&o, &HashMap::new(), None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(t.request_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(t.header_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(t.max_connections, 512);
+        assert_eq!(o.max_module_bytes(), 64 << 20);
+        assert_eq!(t.http_listen.to_string(), "127.0.0.1:8080");
+        assert!(!o.allow_privileged_ports);
     }
 
     #[test]
@@ -172,21 +289,93 @@ mod tests {
         let o = Options::default();
         let mut ann = HashMap::new();
         ann.insert("io.switchyard.wasm.timeout-ms".to_owned(), "250".to_owned());
-        let env = vec![(LISTEN_ENV.to_owned(), "127.0.0.1:9000".to_owned())];
-        let t = TaskSettings::new(&o, &ann, &env, Some(64 << 20)).unwrap_or_else(|e| panic!("{e}"));
+        ann.insert(
+            "io.switchyard.wasm.request-timeout-ms".to_owned(),
+            "0".to_owned(),
+        );
+        ann.insert(
+            "io.switchyard.wasm.http-listen".to_owned(),
+            "127.0.0.1:9000".to_owned(),
+        );
+        ann.insert(
+            "io.switchyard.wasm.max-connections".to_owned(),
+            "3".to_owned(),
+        );
+        let t = TaskSettings::new(&o, &ann, Some(64 << 20)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(t.request_timeout, None);
+        assert_eq!(t.max_connections, 3);
         assert_eq!(t.memory_limit, Some(64 << 20));
-        assert_eq!(t.http_listen, "127.0.0.1:9000");
+        assert_eq!(t.http_listen.to_string(), "127.0.0.1:9000");
         ann.insert(
             "io.switchyard.wasm.timeout-ms".to_owned(),
             "soon".to_owned(),
         );
-        let e = TaskSettings::new(&o, &ann, &[], None)
-            .err()
-            .map(|e| e.to_string());
-        assert!(e.is_some_and(|m| m.contains("annotations.io.switchyard.wasm.timeout-ms")));
+        let e = err(TaskSettings::new(&o, &ann, None));
+        assert!(
+            e.contains("annotations.io.switchyard.wasm.timeout-ms"),
+            "{e}"
+        );
         ann.clear();
         ann.insert("io.switchyard.wasm.fuel".to_owned(), "10".to_owned());
-        assert!(TaskSettings::new(&o, &ann, &[], None).is_err());
+        assert!(TaskSettings::new(&o, &ann, None).is_err());
+        ann.clear();
+        ann.insert(
+            "io.switchyard.wasm.max-connections".to_owned(),
+            "0".to_owned(),
+        );
+        let e = err(TaskSettings::new(&o, &ann, None));
+        assert!(e.contains("max-connections"), "{e}");
+    }
+
+    #[test]
+    fn listen_address_from_options_or_annotations_only() {
+        let o = Options::default();
+        let mut ann = HashMap::new();
+        ann.insert(
+            "io.switchyard.wasm.http-listen".to_owned(),
+            "0.0.0.0:443".to_owned(),
+        );
+        let e = err(TaskSettings::new(&o, &ann, None));
+        assert!(
+            e.starts_with("annotations.io.switchyard.wasm.http-listen: port 443 is privileged"),
+            "{e}"
+        );
+        let allowed = Options {
+            allow_privileged_ports: true,
+            ..Options::default()
+        };
+        let t = TaskSettings::new(&allowed, &ann, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.http_listen.port(), 443);
+        // Port 0 (any free port) is not privileged.
+        ann.insert(
+            "io.switchyard.wasm.http-listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        );
+        assert!(TaskSettings::new(&o, &ann, None).is_ok());
+        ann.insert(
+            "io.switchyard.wasm.http-listen".to_owned(),
+            "example.invalid:8080".to_owned(),
+        );
+        let e = err(TaskSettings::new(&o, &ann, None));
+        assert!(e.contains("not an IP:PORT"), "{e}");
+    }
+
+    #[test]
+    fn unenforced_allow_list() {
+        let o = Options {
+            allow_unenforced: vec!["process.user".into(), "linux.resources.blockIO".into()],
+            ..Options::default()
+        };
+        assert!(o.allows_unenforced("process.user"));
+        assert!(o.allows_unenforced("process.user.uid"));
+        assert!(o.allows_unenforced("linux.resources.blockIO.weight"));
+        assert!(!o.allows_unenforced("process.username"));
+        assert!(!o.allows_unenforced("linux.seccomp"));
+        let all = Options {
+            allow_unenforced: vec!["*".into()],
+            ..Options::default()
+        };
+        assert!(all.allows_unenforced("linux.seccomp"));
     }
 }

@@ -1,52 +1,110 @@
-//! The kit's engine for Wasm: reads the bundle, finds the `.wasm` named by `process.args[0]`
-//! inside the rootfs, compiles (or loads) it, and wires its stdio.
+//! The kit's engine for Wasm, in the shim (the privileged parent): reads the bundle, checks
+//! what the spec asks against what the runtime can enforce, compiles (or takes from the cache)
+//! the `.wasm` named by `process.args[0]` inside the rootfs, opens the task's stdio and hands
+//! the task to the worker, the unprivileged process that runs guests (`remote.rs`,
+//! `worker.rs`).
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use async_trait::async_trait;
 use oci_spec::runtime::Spec;
 use tokio::sync::OnceCell;
 use yard_shim_kit::bundle::unmount_rootfs;
+use yard_shim_kit::protos::types::mount::Mount;
 use yard_shim_kit::stdio::{self, ConsoleCopy, StdinCloser};
 use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result, Rootfs};
 
+use crate::compile::{Compiler, Kind};
 use crate::config::{Options, TaskSettings};
-use crate::runtime::Runtime;
-use crate::task::{Control, Guest, TaskParts, WasmContainer, WasmProcess};
+use crate::ipc::{GuestSpec, Loaded, ToWorker};
+use crate::remote::{RemoteContainer, RemoteParts, RemoteTask, Worker};
 
 #[derive(Default)]
 pub struct WasmEngine {
-    runtime: OnceCell<Arc<Runtime>>,
-    /// The engine being built ahead of the first Create (serve mode), with the options found
-    /// in the bundle.
-    prewarm: std::sync::Mutex<Option<std::thread::JoinHandle<Result<Runtime>>>>,
+    /// The shim's identity, for the worker's command line, and its log filter.
+    namespace: String,
+    id: String,
+    log_filter: String,
+    compiler: OnceCell<Arc<Compiler>>,
+    worker: tokio::sync::Mutex<Option<Arc<Worker>>>,
+    /// The worker and compiler being made ahead of the first Create (serve mode), with the
+    /// options found in the bundle.
+    prewarm: std::sync::Mutex<Option<Prewarm>>,
+}
+
+struct Prewarm {
+    worker: Option<Worker>,
+    compiler: std::thread::JoinHandle<Result<Compiler>>,
 }
 
 impl WasmEngine {
-    /// For the shim server: start building the wasmtime engine (pooling allocator, linkers,
-    /// guest runtime) right away, so it overlaps with containerd connecting and sending
-    /// Create. The options come from the bundle's `options.json` (switchyardd writes it; the
-    /// server runs in the bundle directory), else the defaults; Create checks they match.
-    pub fn prewarmed() -> WasmEngine {
+    /// For the shim server: start the worker (which builds its engine) and the compiler right
+    /// away, so both overlap with containerd connecting and sending Create. The options come
+    /// from the bundle's `options.json` (switchyardd writes it; the server runs in the bundle
+    /// directory), else the defaults; Create checks they match.
+    pub fn prewarmed(flags: &containerd_shim::Flags) -> WasmEngine {
         let options = std::fs::read("options.json")
             .ok()
             .and_then(|b| serde_json::from_slice::<Options>(&b).ok())
             .unwrap_or_default();
-        let handle = std::thread::Builder::new()
+        let mut engine = WasmEngine::for_shim(flags);
+        let worker = Worker::spawn(
+            options.clone(),
+            &engine.log_filter,
+            &flags.namespace,
+            &flags.id,
+        )
+        .map_err(|e| tracing::warn!(error = %e, "prewarm the wasm worker"))
+        .ok();
+        let compiler = std::thread::Builder::new()
             .name("wasm-prewarm".into())
-            .spawn(move || Runtime::new(options))
+            .spawn(move || Compiler::new(options))
             .ok();
+        if let Some(compiler) = compiler {
+            engine.prewarm = std::sync::Mutex::new(Some(Prewarm { worker, compiler }));
+        }
+        engine
+    }
+
+    /// Without a prewarm (`start` and `delete`).
+    pub fn for_shim(flags: &containerd_shim::Flags) -> WasmEngine {
         WasmEngine {
-            runtime: OnceCell::new(),
-            prewarm: std::sync::Mutex::new(handle),
+            namespace: flags.namespace.clone(),
+            id: flags.id.clone(),
+            log_filter: if flags.debug {
+                "debug,cranelift_codegen=info,cranelift_frontend=info,wasmtime_cranelift=info,\
+                 regalloc2=info"
+                    .into()
+            } else {
+                "info".into()
+            },
+            ..WasmEngine::default()
         }
     }
+}
+
+/// containerd's rootfs mount, made `nodev,nosuid` whatever it asked for: a Wasm task's root is
+/// never a place for device nodes or setuid files (its worker sees a further-hardened copy).
+fn hardened(mounts: &[Mount]) -> Vec<Mount> {
+    mounts
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            m.options.retain(|o| !matches!(o.as_str(), "dev" | "suid"));
+            for o in ["nodev", "nosuid"] {
+                if !m.options.iter().any(|x| x == o) {
+                    m.options.push(o.to_owned());
+                }
+            }
+            m
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -55,46 +113,114 @@ impl Engine for WasmEngine {
         "containerd-shim-yard-wasm-v1"
     }
 
+    fn rootfs_mounts(&self, mounts: Vec<Mount>) -> Vec<Mount> {
+        hardened(&mounts)
+    }
+
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
         // The kit has read the spec and mounted the rootfs (and unmounts it).
         self.create_task(&req, &req.spec, false).await
     }
 
-    async fn cleanup(&self, _namespace: &str, _id: &str, bundle: &Path) -> Result<()> {
-        // Nothing of a Wasm task outlives its shim but a rootfs mount.
+    async fn cleanup(&self, _namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        // What outlives a shim: a rootfs mount, and the cgroup its worker was in (the worker
+        // died with the shim).
         unmount_rootfs(bundle);
+        let spec = std::fs::read(bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok());
+        let cgroup = spec
+            .as_ref()
+            .and_then(|s| s.linux().as_ref())
+            .and_then(|l| crate::cgroup::usable(l.cgroups_path().as_deref()));
+        if let Some(path) = cgroup {
+            crate::cgroup::remove(&path, id);
+        }
         Ok(())
+    }
+
+    async fn shutdown(&self) {
+        let worker = self.worker.lock().await.take();
+        if let Some(w) = worker {
+            w.close();
+            let gone = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                yard_shim_kit::reaper::global().wait(w.pid),
+            )
+            .await;
+            if gone.is_err() {
+                w.kill("it did not end within 5 s of the shim's shutdown");
+            }
+            w.placement
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
     }
 }
 
 impl WasmEngine {
-    async fn runtime(&self, req: &CreateRequest) -> Result<Arc<Runtime>> {
-        self.runtime
+    fn take_prewarm(&self) -> Option<Prewarm> {
+        self.prewarm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    async fn compiler(&self, options: &Options) -> Result<Arc<Compiler>> {
+        self.compiler
             .get_or_try_init(|| async {
-                let options = Options::from_any(req.options.as_ref())?;
-                let prewarm = self
-                    .prewarm
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-                if let Some(h) = prewarm {
-                    let want = options.clone();
-                    // A runtime built with other options is dropped here, off the async
-                    // threads (dropping a tokio runtime there panics).
-                    let rt = tokio::task::spawn_blocking(move || match h.join() {
-                        Ok(Ok(rt)) if rt.options == want => Some(rt),
-                        _ => None,
-                    })
-                    .await;
-                    if let Ok(Some(rt)) = rt {
-                        return Ok(Arc::new(rt));
+                let prewarm = self.take_prewarm();
+                if let Some(p) = prewarm {
+                    // Hand the prewarmed worker over, if it was made with these options.
+                    if let Some(w) = p.worker
+                        && w.options == *options
+                    {
+                        *self.worker.lock().await = Some(Arc::new(w));
+                    }
+                    let c = tokio::task::spawn_blocking(move || p.compiler.join())
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok());
+                    if let Some(Ok(c)) = c
+                        && c.options() == options
+                    {
+                        return Ok(Arc::new(c));
                     }
                 }
-                tracing::info!(?options, "starting the wasmtime engine");
-                Runtime::new(options).map(Arc::new)
+                let options = options.clone();
+                tokio::task::spawn_blocking(move || Compiler::new(options))
+                    .await
+                    .map_err(|e| Error::Internal(format!("compiler: {e}")))?
+                    .map(Arc::new)
             })
             .await
             .cloned()
+    }
+
+    /// The shim's worker, started (again) if there is none or it has ended.
+    async fn worker(&self, options: &Options) -> Result<Arc<Worker>> {
+        let mut w = self.worker.lock().await;
+        if let Some(cur) = &*w
+            && cur.alive()
+        {
+            if cur.options != *options {
+                return Err(Error::FailedPrecondition(
+                    "options: this shim's wasm worker runs with other runtime options".into(),
+                ));
+            }
+            cur.watch();
+            return Ok(cur.clone());
+        }
+        let fresh = Arc::new(Worker::spawn(
+            options.clone(),
+            &self.log_filter,
+            &self.namespace,
+            &self.id,
+        )?);
+        fresh.watch();
+        *w = Some(fresh.clone());
+        Ok(fresh)
     }
 
     async fn create_task(
@@ -118,6 +244,11 @@ impl WasmEngine {
                 "rootfs: mounts handed over unmounted".into(),
             ));
         };
+        let readonly = spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false);
         let cwd = process.cwd().to_string_lossy().into_owned();
         let module = module_path(&rootfs, &cwd, arg0)?;
         let env: Vec<(String, String)> = process
@@ -131,22 +262,52 @@ impl WasmEngine {
             })
             .collect();
         let annotations: HashMap<String, String> = spec.annotations().clone().unwrap_or_default();
-        let memory_limit = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.resources().as_ref())
+        let linux = spec.linux().as_ref();
+        let resources = linux.and_then(|l| l.resources().as_ref());
+        let memory_limit = resources
             .and_then(|r| r.memory().as_ref())
             .and_then(|m| m.limit());
-        let runtime = self.runtime(req).await?;
-        let settings = TaskSettings::new(&runtime.options, &annotations, &env, memory_limit)?;
-        let prepared = runtime
-            .prepare(&module, format!("process.args[0] {arg0}"))
-            .await?;
-        tracing::debug!(id = %req.id, kind = prepared.kind(), "prepared");
+        let cgroup = linux.and_then(|l| l.cgroups_path().clone());
+        let cpu = resources.and_then(|r| r.cpu().clone());
+        let options = Options::from_any(req.options.as_ref())?;
+        let settings = TaskSettings::new(&options, &annotations, memory_limit)?;
+        let compiler = self.compiler(&options).await?;
+        let worker = self.worker(&options).await?;
 
+        let what = format!("process.args[0] {arg0}");
+        let src = {
+            let (c, m, w) = (compiler.clone(), module.clone(), what.clone());
+            tokio::task::spawn_blocking(move || c.read(&m, &w))
+                .await
+                .map_err(|e| Error::Internal(format!("read task: {e}")))??
+        };
+        let digest = src.digest.clone();
+        let loaded = match worker.loaded(&digest) {
+            Some(l) => l,
+            None => self.load(&compiler, &worker, src, &what).await?,
+        };
+        tracing::debug!(id = %req.id, kind = ?loaded, "prepared");
+        let home = worker
+            .placement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .home(cgroup.as_deref());
+        crate::policy::check(spec, &options, home, loaded == Loaded::Http)?;
+
+        let root = crate::sys::detached_tree(&rootfs, readonly).map_err(|e| {
+            Error::Internal(format!(
+                "root.path {}: cannot make the task's root: {e}",
+                rootfs.display()
+            ))
+        })?;
         let (stdin, stdout, stderr, stdin_closer, console) = if req.stdio.terminal {
             let (master, slave) = open_pty()?;
-            let console = ConsoleCopy::start(master, &req.stdio, &req.namespace, &req.id)?;
+            let console = yard_shim_kit::stdio::ConsoleCopy::start(
+                master,
+                &req.stdio,
+                &req.namespace,
+                &req.id,
+            )?;
             let dup = |f: &File| f.try_clone().map_err(Error::io("dup pty"));
             (
                 dup(&slave)?,
@@ -159,40 +320,87 @@ impl WasmEngine {
             let o = stdio::open(&req.stdio, &req.namespace, &req.id)?;
             (o.stdin, o.stdout, o.stderr, o.stdin_closer, None)
         };
-        let guest = Guest {
-            id: req.id.clone(),
-            args,
-            env,
-            rootfs,
-            readonly: spec
-                .root()
-                .as_ref()
-                .and_then(|r| r.readonly())
-                .unwrap_or(false),
-            cwd,
-            memory_limit: Arc::new(AtomicU64::new(settings.memory_limit.unwrap_or(0))),
-            memory_used: Arc::new(AtomicU64::new(0)),
-            settings,
-            control: Arc::new(Control::default()),
-            stderr: Default::default(),
-            stdout: Default::default(),
+        let task = RemoteTask::new(
+            RemoteParts {
+                id: req.id.clone(),
+                worker: worker.clone(),
+                loaded,
+                listen: settings.http_listen,
+                bundle: req.bundle.clone(),
+                mounted,
+                stdin_closer,
+                console,
+            },
+            req.events.clone(),
+        );
+        let msg = ToWorker::Create {
+            task: req.id.clone(),
+            digest,
+            guest: GuestSpec {
+                args,
+                env,
+                cwd,
+                readonly,
+                settings,
+            },
         };
-        let init = WasmProcess::new(TaskParts {
-            runtime,
-            prepared,
-            guest,
-            stdin,
-            stdout,
-            stderr,
-            stdin_closer,
-            console,
-            events: req.events.clone(),
-        })?;
-        Ok(Arc::new(WasmContainer {
-            init,
-            bundle: req.bundle.clone(),
-            mounted,
-        }))
+        let created = worker
+            .call(
+                msg,
+                &[root.as_fd(), stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
+            )
+            .await;
+        // The worker holds its own copies now (or failed): the parent's go, so the client sees
+        // EOF when the guest's end.
+        drop((root, stdin, stdout, stderr));
+        if let Err(e) = created {
+            task.abandon();
+            return Err(e);
+        }
+        let placed = {
+            let mut p = worker.placement.lock().unwrap_or_else(|p| p.into_inner());
+            p.add(&req.id, cgroup.as_deref(), cpu);
+            p.place(worker.pid)
+        };
+        let container = Arc::new(RemoteContainer { task });
+        if let Err(e) = placed {
+            let _ = container.delete(true).await;
+            return Err(e);
+        }
+        Ok(container)
+    }
+
+    /// Compile (or take from the cache) and hand to the worker; an artifact the worker cannot
+    /// load (a cache entry from another engine) is dropped and compiled afresh once.
+    async fn load(
+        &self,
+        compiler: &Arc<Compiler>,
+        worker: &Worker,
+        src: crate::compile::Source,
+        what: &str,
+    ) -> Result<Loaded> {
+        let src = Arc::new(src);
+        for attempt in 0..2 {
+            let artifact = {
+                let (c, s, w) = (compiler.clone(), src.clone(), what.to_owned());
+                tokio::task::spawn_blocking(move || c.artifact(&s, &w))
+                    .await
+                    .map_err(|e| Error::Internal(format!("compile task: {e}")))??
+            };
+            match worker
+                .load(&src.digest, src.kind == Kind::Component, &artifact, what)
+                .await
+            {
+                Err(Error::Internal(e)) if attempt == 0 => {
+                    tracing::warn!(error = %e, "stale cache entry");
+                    compiler.discard(&src);
+                }
+                r => return r,
+            }
+        }
+        Err(Error::Internal(format!(
+            "{what}: cannot load the compiled code"
+        )))
     }
 }
 

@@ -1,5 +1,9 @@
-//! Edge functions: a component exporting `wasi:http/incoming-handler` is served on the task's
-//! listen address, one fresh instance per request from the pre-instantiated template.
+//! Edge functions: a component exporting `wasi:http/incoming-handler` is served on the socket
+//! the parent bound for the task, one fresh instance per request from the pre-instantiated
+//! template. Clients are untrusted: a client has `header_timeout` to send a request's headers
+//! (an idle keep-alive connection too), a task holds at most `max_connections` connections (one
+//! more is answered 503 and closed), and a request's instance lives at most `request_timeout`,
+//! its response body included.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,7 +11,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use wasmtime::Store;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -41,10 +47,15 @@ impl WasiHttpHooks for Hooks {
     }
 }
 
+/// What a connection over the cap is told before it is closed.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+content-length: 43\r\nconnection: close\r\n\r\ntoo many connections to this task; try later\n";
+
 /// Accept connections until the task is killed (the caller drops this future); every
 /// connection and in-flight request is owned by `conns` and ends with it.
 pub async fn serve(listener: TcpListener, pre: ProxyPre<P2State>, guest: Arc<Guest>) -> u32 {
     let mut conns = tokio::task::JoinSet::new();
+    let slots = Arc::new(Semaphore::new(guest.settings.max_connections as usize));
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -55,15 +66,27 @@ pub async fn serve(listener: TcpListener, pre: ProxyPre<P2State>, guest: Arc<Gue
             }
         };
         while conns.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, id = %guest.id, "http connection over the cap refused");
+            // Told if the socket takes it at once (a fresh one does), then closed: nothing is
+            // spent waiting on a client over the cap.
+            let _ = sock.try_write(BUSY);
+            drop(sock);
+            continue;
+        };
         let pre = pre.clone();
         let guest = guest.clone();
         conns.spawn(async move {
+            let _slot = slot;
+            let header_timeout = guest.settings.header_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let pre = pre.clone();
                 let guest = guest.clone();
                 async move { Ok::<_, Infallible>(handle(pre, guest, req).await) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(sock), service)
                 .await
@@ -100,7 +123,8 @@ async fn call(
 ) -> Result<hyper::Response<HyperOutgoingBody>, String> {
     let state = guest.p2_state().map_err(|e| e.to_string())?;
     let mut store = Store::new(pre.engine(), state);
-    guest.configure(&mut store, |s| &mut s.limits);
+    let timeout = guest.settings.request_timeout;
+    guest.configure(&mut store, timeout, |s| &mut s.limits);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let req = store
         .data_mut()
@@ -113,19 +137,38 @@ async fn call(
         .new_response_outparam(tx)
         .map_err(|e| e.to_string())?;
     // The guest may go on writing the body after it has set the response, so it runs in its
-    // own task; it ends when it returns, traps, or is interrupted by a kill.
+    // own task; it ends when it returns, traps, is interrupted by a kill, or runs out of time
+    // (the epoch deadline stops a computing guest; the wall-clock bound one waiting in I/O).
+    let began = std::time::Instant::now();
     let task = tokio::spawn(async move {
-        let proxy = pre.instantiate_async(&mut store).await?;
-        proxy
-            .wasi_http_incoming_handler()
-            .call_handle(&mut store, req, out)
-            .await
+        let run = async {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
+        };
+        match timeout {
+            Some(t) => match tokio::time::timeout(t, run).await {
+                Ok(r) => r,
+                Err(_) => Err(wasmtime::Error::msg(format!(
+                    "the request ran past its timeout of {} ms",
+                    t.as_millis()
+                ))),
+            },
+            None => run.await,
+        }
     });
     match rx.await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(code)) => Err(format!("the handler answered with an error: {code:?}")),
         Err(_) => match task.await {
             Ok(Ok(())) => Err("the handler never set a response".into()),
+            // Stopped by the epoch deadline (computing) or the wall clock (waiting).
+            Ok(Err(_)) if timeout.is_some_and(|t| began.elapsed() >= t) => Err(format!(
+                "the request ran past its timeout of {} ms",
+                timeout.map(|t| t.as_millis()).unwrap_or_default()
+            )),
             Ok(Err(e)) => Err(format!("{e:?}")),
             Err(e) => Err(e.to_string()),
         },

@@ -1,17 +1,16 @@
-//! The wasmtime side, shared by every task of a shim process: one `Engine` (with a pooling
-//! allocator sized from the options), the WASI linkers, the compiled-module caches (in memory
-//! and on disk), the epoch ticker that interrupts running guests, and the multi-threaded tokio
-//! runtime guests run on (the shim's own ttrpc runtime stays single-threaded and never runs
-//! guest code).
+//! The worker's wasmtime side, shared by every task of a shim: one `Engine` (with a pooling
+//! allocator sized from the options), the WASI linkers (with the open guard of `fsguard.rs`),
+//! the loaded templates by module digest, the epoch ticker that interrupts running guests, and
+//! the multi-threaded tokio runtime guests run on. Compiling happens in the parent
+//! (`compile.rs`); the worker only loads what the parent hands it.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Config, Engine, InstancePre, Linker, Module, PoolingAllocationConfig};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Config, Engine, InstancePre, Linker, PoolingAllocationConfig};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -19,8 +18,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use yard_shim_kit::{Error, Result};
 
-use crate::cache;
 use crate::config::Options;
+use crate::ipc::Loaded;
 
 /// How often running guests reach an interruption point (kill, pause, timeout, fair sharing).
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -131,18 +130,17 @@ pub enum Prepared {
 }
 
 impl Prepared {
-    pub fn kind(&self) -> &'static str {
+    pub fn loaded(&self) -> Loaded {
         match self {
-            Prepared::Module(_) => "module",
-            Prepared::Command(_) => "component (wasi:cli/command)",
-            Prepared::Http(_) => "component (wasi:http/proxy)",
+            Prepared::Module(_) => Loaded::Module,
+            Prepared::Command(_) => Loaded::Command,
+            Prepared::Http(_) => Loaded::Http,
         }
     }
 }
 
 pub struct Runtime {
     pub engine: Engine,
-    pub options: Options,
     modules: Linker<P1State>,
     components: wasmtime::component::Linker<P2State>,
     prepared: Mutex<HashMap<String, Prepared>>,
@@ -164,8 +162,8 @@ impl Drop for RunningGuard {
 }
 
 impl Runtime {
-    pub fn new(options: Options) -> Result<Runtime> {
-        let engine = Engine::new(&engine_config(&options))
+    pub fn new(options: Options, workers: usize) -> Result<Runtime> {
+        let engine = Engine::new(&engine_config(&options, true))
             .map_err(|e| Error::Internal(format!("wasmtime engine: {e}")))?;
         let mut modules = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut modules, |s: &mut P1State| &mut s.wasi)
@@ -175,11 +173,10 @@ impl Runtime {
             .map_err(|e| Error::Internal(format!("link WASI 0.2: {e}")))?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut components)
             .map_err(|e| Error::Internal(format!("link wasi:http: {e}")))?;
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
+        crate::fsguard::add_to_linkers(&mut modules, &mut components)
+            .map_err(|e| Error::Internal(format!("link the WASI open guard: {e}")))?;
         let guests = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
+            .worker_threads(workers.max(1))
             .thread_name("wasm-guest")
             .enable_all()
             .build()
@@ -206,7 +203,6 @@ impl Runtime {
         };
         Ok(Runtime {
             engine,
-            options,
             modules,
             components,
             prepared: Mutex::new(HashMap::new()),
@@ -224,139 +220,71 @@ impl Runtime {
         }
     }
 
-    /// Compile (or load from the caches) and link the Wasm binary at `path`. `what` names it in
-    /// errors (`process.args[0] /app.wasm`). Runs on the guest runtime's blocking pool: compiling
-    /// is CPU work the shim's own runtime must not wait on.
-    pub async fn prepare(self: &Arc<Self>, path: &Path, what: String) -> Result<Prepared> {
-        let me = self.clone();
-        let path = path.to_owned();
-        self.guests
-            .spawn_blocking(move || me.prepare_blocking(&path, &what))
-            .await
-            .map_err(|e| Error::Internal(format!("compile task: {e}")))?
+    /// A loaded template, by module digest.
+    pub fn prepared(&self, digest: &str) -> Option<Prepared> {
+        self.lock().get(digest).cloned()
     }
 
-    fn prepare_blocking(&self, path: &Path, what: &str) -> Result<Prepared> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| Error::InvalidArgument(format!("{what}: cannot read it: {e}")))?;
-        let kind = Kind::detect(&bytes).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "{what}: not a WebAssembly binary (no \\0asm header or unknown version)"
-            ))
-        })?;
-        let digest = cache::digest(&bytes);
-        if let Some(p) = self.lock().get(&digest) {
-            return Ok(p.clone());
+    /// Load the artifact the parent compiled (or took from its cache) and link it; `what` names
+    /// the module in errors (`process.args[0] /app.wasm`). CPU work, for a blocking thread.
+    pub fn load(
+        &self,
+        digest: &str,
+        component: bool,
+        artifact: &[u8],
+        what: &str,
+    ) -> Result<Loaded> {
+        if let Some(p) = self.prepared(digest) {
+            return Ok(p.loaded());
         }
-        let prepared = match kind {
-            Kind::Module => {
-                let module = self.load_module(&bytes, &digest, what)?;
-                if module.get_export("_start").is_none() {
-                    return Err(Error::InvalidArgument(format!(
-                        "{what}: the module exports no _start function (not a WASI command)"
-                    )));
-                }
-                let pre = self.modules.instantiate_pre(&module).map_err(|e| {
-                    Error::InvalidArgument(format!("{what}: cannot link the module: {e}"))
+        let prepared = if component {
+            let component =
+                crate::sys::deserialize_component(&self.engine, artifact).map_err(|e| {
+                    Error::Internal(format!("{what}: load the compiled component: {e}"))
                 })?;
-                Prepared::Module(pre)
+            let pre = self.components.instantiate_pre(&component).map_err(|e| {
+                Error::InvalidArgument(format!("{what}: cannot link the component: {e}"))
+            })?;
+            match ProxyPre::new(pre.clone()) {
+                Ok(p) => Prepared::Http(p),
+                Err(_) => Prepared::Command(CommandPre::new(pre).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "{what}: the component exports neither wasi:cli/run nor \
+                         wasi:http/incoming-handler: {e}"
+                    ))
+                })?),
             }
-            Kind::Component => {
-                let component = self.load_component(&bytes, &digest, what)?;
-                let pre = self.components.instantiate_pre(&component).map_err(|e| {
-                    Error::InvalidArgument(format!("{what}: cannot link the component: {e}"))
-                })?;
-                match ProxyPre::new(pre.clone()) {
-                    Ok(p) => Prepared::Http(p),
-                    Err(_) => Prepared::Command(CommandPre::new(pre).map_err(|e| {
-                        Error::InvalidArgument(format!(
-                            "{what}: the component exports neither wasi:cli/run nor \
-                             wasi:http/incoming-handler: {e}"
-                        ))
-                    })?),
-                }
+        } else {
+            let module = crate::sys::deserialize_module(&self.engine, artifact)
+                .map_err(|e| Error::Internal(format!("{what}: load the compiled module: {e}")))?;
+            if module.get_export("_start").is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "{what}: the module exports no _start function (not a WASI command)"
+                )));
             }
+            let pre = self.modules.instantiate_pre(&module).map_err(|e| {
+                Error::InvalidArgument(format!("{what}: cannot link the module: {e}"))
+            })?;
+            Prepared::Module(pre)
         };
-        self.lock().insert(digest, prepared.clone());
-        Ok(prepared)
+        let loaded = prepared.loaded();
+        self.lock().insert(digest.to_owned(), prepared);
+        Ok(loaded)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Prepared>> {
         self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn load_module(&self, bytes: &[u8], digest: &str, what: &str) -> Result<Module> {
-        self.load(
-            Artifact {
-                kind: "module",
-                deserialize: crate::sys::deserialize_module,
-                compile: |e, b| Module::new(e, b),
-                serialize: Module::serialize,
-            },
-            bytes,
-            digest,
-            what,
-        )
-    }
-
-    fn load_component(&self, bytes: &[u8], digest: &str, what: &str) -> Result<Component> {
-        self.load(
-            Artifact {
-                kind: "component",
-                deserialize: crate::sys::deserialize_component,
-                compile: |e, b| Component::new(e, b),
-                serialize: Component::serialize,
-            },
-            bytes,
-            digest,
-            what,
-        )
-    }
-
-    /// The cached artifact if it loads, else a fresh compile (cached for next time).
-    fn load<T>(&self, a: Artifact<T>, bytes: &[u8], digest: &str, what: &str) -> Result<T> {
-        let entry = cache::entry(&self.options.cache_dir, digest, &self.engine, a.kind);
-        if let Some(artifact) = cache::load(&entry) {
-            match (a.deserialize)(&self.engine, &artifact) {
-                Ok(m) => {
-                    tracing::debug!(path = %entry.path.display(), kind = a.kind, "loaded from cache");
-                    return Ok(m);
-                }
-                Err(e) => {
-                    tracing::warn!(path = %entry.path.display(), error = %e, "stale cache entry");
-                    cache::discard(&entry);
-                }
-            }
-        }
-        let t = std::time::Instant::now();
-        let compiled = (a.compile)(&self.engine, bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{what}: invalid {}: {e:#}", a.kind)))?;
-        tracing::info!(
-            what,
-            kind = a.kind,
-            ms = t.elapsed().as_millis() as u64,
-            "compiled"
-        );
-        if let Ok(artifact) = (a.serialize)(&compiled) {
-            cache::store(&entry, &artifact);
-        }
-        Ok(compiled)
-    }
 }
 
-/// How to compile, store and reload one kind of Wasm binary.
-struct Artifact<T> {
-    kind: &'static str,
-    deserialize: fn(&Engine, &[u8]) -> wasmtime::Result<T>,
-    compile: fn(&Engine, &[u8]) -> wasmtime::Result<T>,
-    serialize: fn(&T) -> wasmtime::Result<Vec<u8>>,
-}
-
-fn engine_config(o: &Options) -> Config {
+/// The engine configuration from the options. The parent compiles with `pooling` off (it runs
+/// nothing); the artifact is the same, since the allocation strategy is not part of what
+/// wasmtime checks when loading one (a test below holds that true).
+pub fn engine_config(o: &Options, pooling: bool) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
     c.consume_fuel(o.fuel > 0);
-    if o.max_instances > 0 {
+    if pooling && o.max_instances > 0 {
         let n = o.max_instances;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(n)
@@ -373,34 +301,9 @@ fn engine_config(o: &Options) -> Config {
     c
 }
 
-/// What the binary's header says it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Module,
-    Component,
-}
-
-impl Kind {
-    pub fn detect(bytes: &[u8]) -> Option<Kind> {
-        match bytes.get(..8)? {
-            [0, b'a', b's', b'm', 1, 0, 0, 0] => Some(Kind::Module),
-            [0, b'a', b's', b'm', _, _, 1, 0] => Some(Kind::Component),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn detects_modules_and_components() {
-        assert_eq!(Kind::detect(b"\0asm\x01\0\0\0rest"), Some(Kind::Module));
-        assert_eq!(Kind::detect(b"\0asm\x0d\0\x01\0"), Some(Kind::Component));
-        assert_eq!(Kind::detect(b"\x7fELF\x02\x01\x01\0"), None);
-        assert_eq!(Kind::detect(b"\0asm"), None);
-    }
 
     #[test]
     fn limiter_refuses_past_the_limit() {

@@ -1,21 +1,138 @@
-//! The one unsafe operation of the Wasm shim: turning a cached artifact back into executable
-//! code.
+//! The Wasm shim's unsafe operations, each wrapped once: turning a compiled artifact back into
+//! executable code (in the worker), hardening a detached mount tree (no wrapper exists for
+//! `mount_setattr`), and taking over the channel descriptor the parent placed in the worker.
 
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use rustix::mount::OpenTreeFlags;
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 /// Load a precompiled core module.
 pub fn deserialize_module(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Module> {
     // SAFETY: wasmtime requires the bytes to come from `Module::serialize` of a compatible engine
-    // and not to have been tampered with. The artifact was produced by this shim, and
-    // `cache::load` verified its SHA-256 checksum before handing it over; wasmtime itself checks
-    // the version and configuration header and refuses a mismatch.
+    // and not to have been tampered with. The artifact comes from the parent, which compiled it
+    // or read it from its root-only cache after checking its SHA-256 checksum; wasmtime itself
+    // checks the version and configuration header and refuses a mismatch.
     unsafe { Module::deserialize(engine, artifact) }
 }
 
 /// Load a precompiled component.
 pub fn deserialize_component(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<Component> {
-    // SAFETY: as for `deserialize_module`: our own artifact, checksum verified by `cache::load`,
-    // version and configuration checked by wasmtime.
+    // SAFETY: as for `deserialize_module`: from the parent, compiled there or checksum-checked
+    // from its root-only cache; version and configuration checked by wasmtime.
     unsafe { Component::deserialize(engine, artifact) }
+}
+
+/// A detached copy of the mount tree at `path` (with what is mounted below it), made `nodev`,
+/// `nosuid`, `noexec` and, when asked, read-only, all the way down: what the worker gets as a
+/// task's root. It is attached nowhere, so `..` stops at its root, and it goes away with the
+/// last descriptor.
+pub fn detached_tree(path: &Path, readonly: bool) -> io::Result<OwnedFd> {
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE,
+    )?;
+    let mut set = libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NOEXEC;
+    if readonly {
+        set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    let mut attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint;
+    // SAFETY: `tree` is an open mount tree descriptor, the path is a valid empty C string (with
+    // AT_EMPTY_PATH the descriptor itself is the target), and `attr` is a live, initialized
+    // `mount_attr` whose exact size is passed; the kernel only reads it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_fd().as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &raw mut attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tree)
+}
+
+/// The descriptor the worker talks to its parent on.
+pub const CHANNEL_FD: i32 = 3;
+
+/// Take over the channel the parent placed at [`CHANNEL_FD`]. Call once, in the worker.
+pub fn channel() -> io::Result<OwnedFd> {
+    // Refuse to own a descriptor that is not an open socket.
+    // SAFETY: fd 3 is borrowed only for the duration of this check, while no other code in
+    // this single-threaded process can close it.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(CHANNEL_FD) };
+    let st = rustix::fs::fstat(borrowed)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+        return Err(io::Error::other("fd 3 is not the parent's socket"));
+    }
+    // SAFETY: the parent put the channel at fd 3 for this process (command-fds mapping), nothing
+    // else in the worker owns it, and this is called once, so the OwnedFd is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requires root (CAP_SYS_ADMIN); skipped otherwise.
+    #[test]
+    fn detached_trees_refuse_devices_and_writes_when_read_only() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let node = dir.path().join("zero");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 5),
+        )
+        .unwrap_or_else(|e| panic!("mknod: {e}"));
+        // The node opens on the host's mount...
+        assert!(std::fs::File::open(&node).is_ok());
+        for readonly in [false, true] {
+            let tree = detached_tree(dir.path(), readonly).unwrap_or_else(|e| panic!("{e}"));
+            let open = |name: &str, flags| {
+                rustix::fs::openat(&tree, name, flags, rustix::fs::Mode::from_raw_mode(0o644))
+            };
+            // ...but not through the detached tree.
+            assert_eq!(
+                open("zero", rustix::fs::OFlags::RDONLY).err(),
+                Some(rustix::io::Errno::ACCESS)
+            );
+            let created = open(
+                "new",
+                rustix::fs::OFlags::CREATE | rustix::fs::OFlags::WRONLY,
+            );
+            assert_eq!(created.is_ok(), !readonly, "readonly {readonly}");
+            // `..` stops at the tree's root.
+            let up = rustix::fs::openat(
+                &tree,
+                "../../..",
+                rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert!(rustix::fs::statat(&up, "zero", rustix::fs::AtFlags::empty()).is_ok());
+        }
+    }
 }

@@ -1,33 +1,36 @@
-//! One Wasm task: a container whose init "process" is an instance in this shim process.
+//! One Wasm task in the worker: its "process" is an instance in the worker process.
 //!
 //! Start instantiates from the prepared template and runs the guest as a tokio task on the
 //! guest runtime; Kill and Pause act on that task (a killed guest's future is dropped, which
 //! unwinds the instance; a compute loop reaches an await point at every epoch tick), so one
-//! task never disturbs the others in the shim.
+//! task never disturbs the others in the shim. What the parent must know (the exit, an OOM)
+//! goes out through a [`Notify`].
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use tokio::sync::{oneshot, watch};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::cli::{AsyncStdinStream, OutputFile};
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
-use yard_shim_kit::protos::protobuf::Message as _;
-use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
-use yard_shim_kit::stdio::{ConsoleCopy, StdinCloser};
-use yard_shim_kit::{Container, Error, ExecRequest, Exit, Process, ProcessInfo, Publisher, Result};
+use yard_shim_kit::{Error, Result};
 
 use crate::config::TaskSettings;
 use crate::runtime::{Limits, P1State, P2State, Prepared, Runtime};
+
+/// Where a task reports its exit and OOM stops (to the parent).
+pub trait Notify: Send + Sync {
+    fn exited(&self, task: &str, status: u32);
+    fn oom(&self, task: &str);
+}
 
 /// Exit status of a trap (as `wasmtime run` reports one: 128 + SIGABRT).
 pub const EXIT_TRAP: u32 = 134;
@@ -115,7 +118,8 @@ pub struct Guest {
     pub id: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    pub rootfs: PathBuf,
+    /// The task's root: a detached `nodev,nosuid,noexec` mount tree from the parent.
+    pub root: OwnedFd,
     pub readonly: bool,
     pub cwd: String,
     pub settings: TaskSettings,
@@ -128,21 +132,32 @@ pub struct Guest {
 }
 
 impl Guest {
+    /// A WASI context whose outputs may be gone (an HTTP request after the task ended).
+    fn builder_outputs(
+        &self,
+        stdout: Option<File>,
+        stderr: Option<File>,
+    ) -> Result<WasiCtxBuilder> {
+        match (stdout, stderr) {
+            (Some(o), Some(e)) => self.builder(None, o, e),
+            (o, e) => {
+                let mut b = self.base()?;
+                match o {
+                    Some(o) => b.stdout(OutputFile::new(o)),
+                    None => b.stdout(tokio::io::empty()),
+                };
+                match e {
+                    Some(e) => b.stderr(OutputFile::new(e)),
+                    None => b.stderr(tokio::io::empty()),
+                };
+                Ok(b)
+            }
+        }
+    }
+
     /// A WASI context: args, env, the rootfs preopened as `/`, and the given stdio.
     fn builder(&self, stdin: Option<File>, stdout: File, stderr: File) -> Result<WasiCtxBuilder> {
-        let mut b = WasiCtxBuilder::new();
-        b.args(&self.args).envs(&self.env);
-        let perms = if self.readonly {
-            FsPerms::ReadOnly
-        } else {
-            FsPerms::ReadWrite
-        };
-        b.preopened_dir(&self.rootfs, "/", perms).map_err(|e| {
-            Error::InvalidArgument(format!("root.path {}: {e}", self.rootfs.display()))
-        })?;
-        if !self.cwd.is_empty() && self.cwd != "/" {
-            b.env("PWD", &self.cwd);
-        }
+        let mut b = self.base()?;
         if let Some(stdin) = stdin {
             b.stdin(stdin_stream(stdin));
         }
@@ -151,14 +166,35 @@ impl Guest {
         Ok(b)
     }
 
-    fn files(&self) -> Result<(File, File)> {
-        let dup = |f: &Mutex<Option<File>>, what: &str| -> Result<File> {
+    /// Args, env, the root preopened as `/`, no network.
+    fn base(&self) -> Result<WasiCtxBuilder> {
+        let mut b = WasiCtxBuilder::new();
+        b.args(&self.args).envs(&self.env);
+        let perms = if self.readonly {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        preopen_root(&mut b, &self.root, perms)?;
+        // A guest reaches no network: no sockets (the worker may not create them anyway).
+        b.allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        if !self.cwd.is_empty() && self.cwd != "/" {
+            b.env("PWD", &self.cwd);
+        }
+        Ok(b)
+    }
+
+    /// Copies of the task's output files for one more instance (none once the task has ended).
+    fn files(&self) -> Result<(Option<File>, Option<File>)> {
+        let dup = |f: &Mutex<Option<File>>, what: &str| -> Result<Option<File>> {
             match &*f.lock().unwrap_or_else(|p| p.into_inner()) {
-                Some(f) => f.try_clone().map_err(Error::io(format!("dup {what}"))),
-                None => File::options()
-                    .write(true)
-                    .open("/dev/null")
-                    .map_err(Error::io("open /dev/null")),
+                Some(f) => f
+                    .try_clone()
+                    .map(Some)
+                    .map_err(Error::io(format!("dup {what}"))),
+                None => Ok(None),
             }
         };
         Ok((dup(&self.stdout, "stdout")?, dup(&self.stderr, "stderr")?))
@@ -167,8 +203,9 @@ impl Guest {
     /// Store data for one HTTP request's instance.
     pub fn p2_state(&self) -> Result<P2State> {
         let (out, err) = self.files()?;
+        let mut b = self.builder_outputs(out, err)?;
         Ok(P2State {
-            wasi: self.builder(None, out, err)?.build(),
+            wasi: b.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             hooks: crate::http::Hooks,
@@ -176,10 +213,12 @@ impl Guest {
         })
     }
 
-    /// Limits, fuel and interruption for a store of this task.
+    /// Limits, fuel and interruption for a store of this task; `timeout` bounds its run (the
+    /// task's, or one HTTP request's).
     pub fn configure<T: 'static>(
         &self,
         store: &mut Store<T>,
+        timeout: Option<Duration>,
         limits: impl Fn(&mut T) -> &mut Limits + Send + Sync + 'static,
     ) {
         store.limiter(move |s| limits(s) as &mut dyn wasmtime::ResourceLimiter);
@@ -187,7 +226,7 @@ impl Guest {
             let _ = store.set_fuel(fuel);
         }
         let control = self.control.clone();
-        let deadline = self.settings.timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.map(|t| Instant::now() + t);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if control.killed().is_some() {
@@ -227,17 +266,33 @@ fn stdin_stream(f: File) -> AsyncStdinStream {
     AsyncStdinStream::new(tokio::fs::File::from_std(f))
 }
 
+/// Preopen the task's root as `/`. wasmtime-wasi opens a preopen by path, and the worker has
+/// no path to the root (its own root is empty), so the root descriptor becomes the working
+/// directory for the moment of the open: `.` is the root of the task's detached tree.
+fn preopen_root(b: &mut WasiCtxBuilder, root: &OwnedFd, perms: FsPerms) -> Result<()> {
+    static CWD: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = CWD.lock().unwrap_or_else(|p| p.into_inner());
+    rustix::process::fchdir(root).map_err(|e| Error::io("enter the task's root")(e.into()))?;
+    let r = b
+        .preopened_dir(".", "/", perms)
+        .map(drop)
+        .map_err(|e| Error::Internal(format!("preopen the task's root: {e}")));
+    let back = rustix::process::chdir("/");
+    r?;
+    back.map_err(|e| Error::io("leave the task's root")(e.into()))
+}
+
 pub struct WasmProcess {
     me: std::sync::Weak<WasmProcess>,
     runtime: Arc<Runtime>,
     prepared: Prepared,
     guest: Arc<Guest>,
     stdio: Mutex<Option<Stdio>>,
-    stdin_closer: StdinCloser,
-    console: Mutex<Option<ConsoleCopy>>,
-    exit: watch::Sender<Option<Exit>>,
+    /// The listener an HTTP component serves on, given at Start.
+    listener: Mutex<Option<OwnedFd>>,
+    exit: watch::Sender<Option<u32>>,
     started: AtomicBool,
-    events: Publisher,
+    notify: Arc<dyn Notify>,
 }
 
 pub struct TaskParts {
@@ -247,9 +302,7 @@ pub struct TaskParts {
     pub stdin: File,
     pub stdout: File,
     pub stderr: File,
-    pub stdin_closer: StdinCloser,
-    pub console: Option<ConsoleCopy>,
-    pub events: Publisher,
+    pub notify: Arc<dyn Notify>,
 }
 
 impl WasmProcess {
@@ -269,11 +322,10 @@ impl WasmProcess {
                 stdout: p.stdout,
                 stderr: p.stderr,
             })),
-            stdin_closer: p.stdin_closer,
-            console: Mutex::new(p.console),
+            listener: Mutex::new(None),
             exit: watch::channel(None).0,
             started: AtomicBool::new(false),
-            events: p.events,
+            notify: p.notify,
         }))
     }
 
@@ -295,24 +347,17 @@ impl WasmProcess {
             s = run => s,
         };
         let Some(status) = status else { return };
-        self.finish(status).await;
+        self.finish(status);
     }
 
-    async fn finish(&self, status: u32) {
-        // The guest's files are closed by now (its store is gone), so readers see EOF; with a
-        // terminal, let the copy drain first.
+    fn finish(&self, status: u32) {
+        // The guest's files are closed by now (its store is gone), and so are these copies,
+        // so readers see EOF before the parent hears of the exit.
         *self.guest.stderr.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.guest.stdout.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let console = self
-            .console
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(c) = console {
-            c.drain(Duration::from_secs(2)).await;
+        if self.exit.send_replace(Some(status)).is_none() {
+            self.notify.exited(&self.guest.id, status);
         }
-        self.stdin_closer.close_now();
-        self.exit.send_replace(Some(Exit::now(status)));
     }
 
     /// Instantiate and run; `None` when it never started (the error went to `ready`).
@@ -333,7 +378,9 @@ impl WasmProcess {
                 let limits = Limits::new(g.memory_limit.clone(), g.memory_used.clone());
                 let refused = limits.refused.clone();
                 let mut store = Store::new(&engine, P1State { wasi, limits });
-                g.configure(&mut store, |s: &mut P1State| &mut s.limits);
+                g.configure(&mut store, g.settings.timeout, |s: &mut P1State| {
+                    &mut s.limits
+                });
                 let instance = match pre.instantiate_async(&mut store).await {
                     Ok(i) => i,
                     Err(e) => return fail(ready, instantiate_error(e)),
@@ -361,7 +408,9 @@ impl WasmProcess {
                     limits,
                 };
                 let mut store = Store::new(&engine, state);
-                g.configure(&mut store, |s: &mut P2State| &mut s.limits);
+                g.configure(&mut store, g.settings.timeout, |s: &mut P2State| {
+                    &mut s.limits
+                });
                 let command = match pre.instantiate_async(&mut store).await {
                     Ok(c) => c,
                     Err(e) => return fail(ready, instantiate_error(e)),
@@ -372,15 +421,18 @@ impl WasmProcess {
             }
             Prepared::Http(pre) => {
                 drop((stdin, stdout, stderr));
-                let listener = match tokio::net::TcpListener::bind(&g.settings.http_listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
+                let fd = self
+                    .listener
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                let listener = match fd.map(listener) {
+                    Some(Ok(l)) => l,
+                    Some(Err(e)) => return fail(ready, e),
+                    None => {
                         return fail(
                             ready,
-                            Error::FailedPrecondition(format!(
-                                "http listen address {}: {e}",
-                                g.settings.http_listen
-                            )),
+                            Error::Internal("no listening socket for a wasi:http task".into()),
                         );
                     }
                 };
@@ -421,7 +473,7 @@ impl WasmProcess {
                 "wasm: out of memory: the memory limit is {limit} bytes and the module asked \
                  for {refused} bytes of linear memory; it then stopped with: {e}"
             ));
-            self.events.oom(&g.id).await;
+            self.notify.oom(&g.id);
             return EXIT_OOM;
         }
         if matches!(
@@ -434,6 +486,14 @@ impl WasmProcess {
         g.report(&format!("wasm trap: {e:?}"));
         EXIT_TRAP
     }
+}
+
+/// The listening socket from the parent, for tokio.
+fn listener(fd: OwnedFd) -> Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(true)
+        .map_err(Error::io("make the listener non-blocking"))?;
+    tokio::net::TcpListener::from_std(l).map_err(Error::io("register the listener"))
 }
 
 fn fail(ready: oneshot::Sender<Result<()>>, e: Error) -> Option<u32> {
@@ -452,17 +512,9 @@ fn instantiate_error(e: wasmtime::Error) -> Error {
     }
 }
 
-#[async_trait]
-impl Process for WasmProcess {
-    fn pid(&self) -> u32 {
-        if self.started.load(Ordering::SeqCst) {
-            std::process::id()
-        } else {
-            0
-        }
-    }
-
-    async fn start(&self) -> Result<u32> {
+impl WasmProcess {
+    /// Run the guest; an HTTP component serves on `listener`. Returns once it got going.
+    pub async fn start(&self, listener: Option<OwnedFd>) -> Result<()> {
         if let Some(sig) = self.guest.control.killed() {
             return Err(Error::FailedPrecondition(format!(
                 "task was killed (signal {sig}) before it started"
@@ -474,6 +526,7 @@ impl Process for WasmProcess {
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| Error::FailedPrecondition("task already started".into()))?;
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = listener;
         let me = self
             .me
             .upgrade()
@@ -484,22 +537,13 @@ impl Process for WasmProcess {
             // Killed before it got going: it has started and ended.
             Ok(Ok(())) | Err(_) => {
                 self.started.store(true, Ordering::SeqCst);
-                Ok(std::process::id())
+                Ok(())
             }
             Ok(Err(e)) => Err(e),
         }
     }
 
-    async fn wait(&self) -> Exit {
-        let mut rx = self.exit.subscribe();
-        let v = rx.wait_for(Option::is_some).await.map(|v| *v);
-        match v {
-            Ok(v) => v.unwrap_or_else(|| Exit::now(255)),
-            Err(_) => std::future::pending().await,
-        }
-    }
-
-    async fn kill(&self, signal: u32) -> Result<()> {
+    pub fn kill(&self, signal: u32) -> Result<()> {
         if self.exited() {
             return Err(Error::NotFound("process already finished".into()));
         }
@@ -518,141 +562,43 @@ impl Process for WasmProcess {
         if first && !self.started.load(Ordering::SeqCst) {
             let stdio = self.stdio.lock().unwrap_or_else(|p| p.into_inner()).take();
             drop(stdio);
-            self.finish(128 + signal).await;
+            self.finish(128 + signal);
         }
         Ok(())
     }
 
-    async fn resize_pty(&self, width: u32, height: u32) -> Result<()> {
-        match &*self.console.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(c) => c.resize(width, height),
-            None => Ok(()),
-        }
+    pub fn pause(&self, paused: bool) {
+        self.guest.control.set_paused(paused);
     }
 
-    async fn close_stdin(&self) -> Result<()> {
-        self.stdin_closer.close();
-        if let Some(c) = &*self.console.lock().unwrap_or_else(|p| p.into_inner()) {
-            c.close_stdin();
-        }
-        Ok(())
-    }
-}
-
-pub struct WasmContainer {
-    pub init: Arc<WasmProcess>,
-    pub bundle: PathBuf,
-    pub mounted: bool,
-}
-
-#[async_trait]
-impl Container for WasmContainer {
-    fn init(&self) -> Arc<dyn Process> {
-        self.init.clone()
+    /// A new linear memory limit in bytes (0: none).
+    pub fn update(&self, limit: u64) {
+        self.guest.memory_limit.store(limit, Ordering::Relaxed);
     }
 
-    async fn exec(&self, _req: ExecRequest) -> Result<Arc<dyn Process>> {
-        Err(Error::Unimplemented(
-            "Exec is not supported by the Wasm runtime: a Wasm task is one instance with no \
-             process to join; start another task instead"
-                .into(),
-        ))
-    }
-
-    async fn kill_all(&self, signal: u32) -> Result<()> {
-        match self.init.kill(signal).await {
-            Err(Error::NotFound(_)) => Ok(()),
-            r => r,
-        }
-    }
-
-    async fn pids(&self) -> Result<Vec<ProcessInfo>> {
-        Ok(
-            if self.init.started.load(Ordering::SeqCst) && !self.init.exited() {
-                vec![ProcessInfo {
-                    pid: std::process::id(),
-                }]
-            } else {
-                Vec::new()
-            },
+    /// Linear memory in use and the limit (0: none).
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.guest.memory_used.load(Ordering::Relaxed),
+            self.guest.memory_limit.load(Ordering::Relaxed),
         )
     }
 
-    async fn pause(&self) -> Result<()> {
-        self.init.guest.control.set_paused(true);
-        Ok(())
-    }
-
-    async fn resume(&self) -> Result<()> {
-        self.init.guest.control.set_paused(false);
-        Ok(())
-    }
-
-    async fn update(&self, resources: &Any) -> Result<()> {
-        let r: oci_spec::runtime::LinuxResources =
-            yard_shim_kit::bundle::parse_json(&resources.value, "resources")?;
-        if let Some(limit) = r.memory().as_ref().and_then(|m| m.limit()) {
-            let bytes = if limit < 0 { 0 } else { limit.unsigned_abs() };
-            self.init.guest.memory_limit.store(bytes, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    async fn stats(&self) -> Result<Any> {
-        use yard_shim_kit::protos::cgroups::metrics as v1;
-        use yard_shim_kit::protos::protobuf::MessageField;
-        let used = self.init.guest.memory_used.load(Ordering::Relaxed);
-        let limit = match self.init.guest.memory_limit.load(Ordering::Relaxed) {
-            0 => u64::MAX,
-            l => l,
-        };
-        let m = v1::Metrics {
-            memory: MessageField::some(v1::MemoryStat {
-                usage: MessageField::some(v1::MemoryEntry {
-                    usage: used,
-                    limit,
-                    ..Default::default()
-                }),
-                rss: used,
-                ..Default::default()
-            }),
-            pids: MessageField::some(v1::PidsStat {
-                current: u64::from(!self.init.exited() && self.init.started.load(Ordering::SeqCst)),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        Ok(Any {
-            type_url: "io.containerd.cgroups.v1.Metrics".to_owned(),
-            value: m
-                .write_to_bytes()
-                .map_err(|e| Error::Internal(format!("encode metrics: {e}")))?,
-            ..Default::default()
-        })
-    }
-
-    async fn delete(&self, force: bool) -> Result<()> {
-        if self.init.started.load(Ordering::SeqCst) && !self.init.exited() {
-            if !force {
-                return Err(Error::FailedPrecondition(
-                    "task is running: kill it first".into(),
-                ));
-            }
-            let _ = self.init.kill(9).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.init.wait()).await;
+    /// Stop what still runs (a guest that outlived its Delete is killed) and drop the files.
+    pub async fn delete(&self) {
+        if self.started.load(Ordering::SeqCst) && !self.exited() {
+            let _ = self.kill(9);
+            let mut rx = self.exit.subscribe();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some)).await;
         }
         // Never started: drop its files so the client's fifos see EOF.
+        drop(self.stdio.lock().unwrap_or_else(|p| p.into_inner()).take());
         drop(
-            self.init
-                .stdio
+            self.listener
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .take(),
         );
-        self.init.stdin_closer.close_now();
-        if self.mounted {
-            yard_shim_kit::bundle::unmount_rootfs(&self.bundle);
-        }
-        Ok(())
     }
 }

@@ -6,6 +6,9 @@
 //! runs the options it was given, in order:
 //!
 //! - `--read PATH`: prints `read PATH: <contents>` (failure: stderr, exit 2)
+//! - `--open PATH`: opens PATH for reading and reads at most 16 bytes, printing
+//!   `opened PATH: N bytes` (failure: `open PATH failed: ...` on stderr, exit 2); for device
+//!   nodes, FIFOs and the like, where `--read` would never end
 //! - `--write PATH TEXT`: writes TEXT to PATH and prints `wrote PATH` (failure: stderr, exit 2)
 //! - `--stderr TEXT`: prints TEXT to stderr
 //! - `--stdin`: copies stdin to stdout until EOF
@@ -73,6 +76,14 @@ fn main() {
                         }
                     }
                     Err(e) => fail(&format!("read {path} failed: {e}")),
+                }
+            }
+            "--open" => {
+                let path = value("PATH");
+                let mut buf = [0u8; 16];
+                match std::fs::File::open(&path).and_then(|mut f| f.read(&mut buf)) {
+                    Ok(n) => println!("opened {path}: {n} bytes"),
+                    Err(e) => fail(&format!("open {path} failed: {e}")),
                 }
             }
             "--write" => {

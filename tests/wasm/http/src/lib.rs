@@ -3,7 +3,8 @@
 //!
 //! Every request gets a 200 `text/plain` response: `hello from wasm http: <METHOD> <PATH>\n`
 //! (the path with its query), except path `/env`, which answers the environment variables,
-//! sorted, one `KEY=VALUE` per line.
+//! sorted, one `KEY=VALUE` per line, and path `/spin`, which computes forever without
+//! answering (for the request timeout).
 
 // A test component: a host that breaks the wasi:http contract fails the test that runs it.
 #![allow(clippy::expect_used)]
@@ -21,6 +22,12 @@ struct Hello;
 impl wasi::exports::http::incoming_handler::Guest for Hello {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let path = request.path_with_query().unwrap_or_else(|| "/".to_owned());
+        if path == "/spin" {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
         let body = if path.split('?').next() == Some("/env") {
             let mut vars: Vec<(String, String)> = std::env::vars().collect();
             vars.sort();
