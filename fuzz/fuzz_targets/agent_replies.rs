@@ -2,7 +2,7 @@
 //! the reply message inside it (the first byte picks which type).
 #![no_main]
 
-use protobuf::Message;
+use yard_agent_protocol::protobuf::Message;
 use yard_agent_protocol::agent;
 use yard_agent_protocol::ttrpc;
 

@@ -815,11 +815,13 @@ impl Bundles {
             bundle: bundle.clone(),
             spec: Box::new(spec),
             config,
-            rootfs: yard_shim_kit::Rootfs::Mounts(vec![yard_shim_kit::protos::types::mount::Mount {
-                type_: "erofs".into(),
-                source: image.display().to_string(),
-                ..Default::default()
-            }]),
+            rootfs: yard_shim_kit::Rootfs::Mounts(vec![
+                yard_shim_kit::protos::types::mount::Mount {
+                    type_: "erofs".into(),
+                    source: image.display().to_string(),
+                    ..Default::default()
+                },
+            ]),
             stdio: yard_shim_kit::stdio::StdioSpec {
                 stdin: String::new(),
                 stdout: format!("file://{}", bundle.join("stdout").display()),
@@ -892,9 +894,11 @@ impl EventsServer {
 
     /// A publisher to it, as the kit connects one.
     pub async fn publisher(&self) -> yard_shim_kit::Publisher {
-        yard_shim_kit::Publisher::connect(&self.address.display().to_string(), "test")
-            .await
-            .expect("connect the publisher")
+        let sink =
+            yard_shim_kit::events::RemoteSink::connect(&self.address.display().to_string(), "test")
+                .await
+                .expect("connect the publisher");
+        yard_shim_kit::Publisher::new(sink)
     }
 
     /// The container ids of the OOM events received so far.

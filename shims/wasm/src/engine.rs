@@ -17,7 +17,7 @@ use oci_spec::runtime::Spec;
 use tokio::sync::OnceCell;
 use yard_shim_kit::bundle::unmount_rootfs;
 use yard_shim_kit::protos::types::mount::Mount;
-use yard_shim_kit::stdio::{self, ConsoleCopy, StdinCloser};
+use yard_shim_kit::stdio::{self, StdinCloser};
 use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result, Rootfs};
 
 use crate::compile::{Compiler, Kind};
@@ -145,7 +145,7 @@ impl Engine for WasmEngine {
             w.close();
             let gone = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                yard_shim_kit::reaper::global().wait(w.pid),
+                yard_shim_kit::reaper::global().wait(w.pid, w.mark),
             )
             .await;
             if gone.is_err() {

@@ -75,6 +75,9 @@ impl Shared {
 /// A running worker.
 pub struct Worker {
     pub pid: u32,
+    /// The kit reaper's history before the worker started (its exit and pidfd are asked for
+    /// since then, never a reused pid's).
+    pub mark: yard_shim_kit::reaper::Mark,
     pub options: Options,
     chan: Mutex<OwnedFd>,
     pidfd: Option<OwnedFd>,
@@ -107,13 +110,12 @@ impl Worker {
         }])
         .map_err(|e| Error::Internal(format!("wasm worker channel: {e}")))?;
         // The kit's reaper collects the worker; its exit is asked for in `watch`.
+        let mark = yard_shim_kit::reaper::global().mark();
         #[allow(clippy::zombie_processes)]
         let spawned = cmd.spawn().map_err(Error::io("start the wasm worker"))?;
         drop(cmd);
         let pid = spawned.id();
-        let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
-            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-        });
+        let pidfd = yard_shim_kit::reaper::global().pidfd(pid, mark);
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
@@ -148,6 +150,7 @@ impl Worker {
         tracing::debug!(pid, "wasm worker started");
         Ok(Worker {
             pid,
+            mark,
             options,
             chan: Mutex::new(parent),
             pidfd,
@@ -166,9 +169,9 @@ impl Worker {
         }
         let me = Arc::downgrade(self);
         let shared = self.shared.clone();
-        let pid = self.pid;
+        let (pid, mark) = (self.pid, self.mark);
         tokio::spawn(async move {
-            let exit = yard_shim_kit::reaper::global().wait(pid).await;
+            let exit = yard_shim_kit::reaper::global().wait(pid, mark).await;
             shared.gone(&format!("pid {pid} exited with status {}", exit.status));
             if let Some(w) = me.upgrade() {
                 w.placement

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use oci_spec::runtime::Spec;
 use yard_agent_protocol as proto;
-use yard_shim_kit::bundle::{parse_json, rootfs_dir, unmount_rootfs};
+use yard_shim_kit::bundle::{rootfs_dir, unmount_rootfs};
 use yard_shim_kit::protos::protobuf::MessageField;
 use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result, Rootfs};
 

@@ -41,7 +41,7 @@ impl World {
     }
 
     async fn create(&self, id: &str, spec: &str) -> yard_shim_kit::Result<Arc<dyn Container>> {
-        let req = self.bundles.request(id, spec, Publisher::none("test"));
+        let req = self.bundles.request(id, spec, Publisher::none());
         self.engine.create(req).await
     }
 
