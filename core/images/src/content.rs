@@ -131,7 +131,8 @@ impl ContentStore {
                 limit,
             });
         }
-        let mut buf = Vec::with_capacity(size as usize);
+        // A hint only: `size` is at most `limit`.
+        let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         let path = self.path(digest)?;
         f.take(limit)
             .read_to_end(&mut buf)

@@ -9,6 +9,15 @@
 //!
 //! The daemon owns one [`store::ImageStore`]; its metadata lives in the daemon's database.
 
+// Sizes, offsets and modes here come from registries and image authors: a silent truncation or
+// sign change would be a bug, so every cast is proven lossless (`From`/`try_from`) or says why
+// it cannot lose anything. Per-crate lint levels cannot go in the root manifest.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod content;
 mod fsutil;
 mod import;

@@ -364,7 +364,9 @@ async fn status_error(url: &str, mut response: Response) -> RegistryError {
     let status = response.status().as_u16();
     let mut body = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
-        let room = MAX_ERROR_BODY as usize - body.len();
+        let room = usize::try_from(MAX_ERROR_BODY)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(body.len());
         body.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if body.len() as u64 >= MAX_ERROR_BODY {
             break;

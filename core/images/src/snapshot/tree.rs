@@ -136,11 +136,12 @@ fn set_meta(src: &Path, dst: &Path, st: &rfs::Stat, file_type: FileType) -> Resu
     let times = Timestamps {
         last_access: Timespec {
             tv_sec: st.st_atime as _,
-            tv_nsec: st.st_atime_nsec as _,
+            // Nanoseconds: below 10^9, they fit.
+            tv_nsec: st.st_atime_nsec.cast_signed(),
         },
         last_modification: Timespec {
             tv_sec: st.st_mtime as _,
-            tv_nsec: st.st_mtime_nsec as _,
+            tv_nsec: st.st_mtime_nsec.cast_signed(),
         },
     };
     rfs::utimensat(CWD, dst, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(at("set times", dst))
@@ -204,7 +205,7 @@ pub(super) fn disk_usage(path: &Path) -> Result<u64, TreeError> {
         {
             return Ok(0);
         }
-        let mut total = st.st_blocks as u64 * 512;
+        let mut total = u64::try_from(st.st_blocks).unwrap_or(0) * 512;
         if file_type == FileType::Directory {
             for entry in fs::read_dir(path).map_err(at("read directory", path))? {
                 let entry = entry.map_err(at("read directory", path))?;

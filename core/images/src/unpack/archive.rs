@@ -291,7 +291,8 @@ impl<R: Read> Archive<R> {
 
     /// Reads a special entry's `size` bytes (at most [`MAX_SPECIAL`]) and its padding.
     fn special(&mut self, size: u64, name: &str) -> Result<Vec<u8>, UnpackError> {
-        let mut data = Vec::with_capacity(size as usize);
+        // A hint only: the caller has checked `size` against MAX_SPECIAL.
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         (&mut self.inner)
             .take(size)
             .read_to_end(&mut data)

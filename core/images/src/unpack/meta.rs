@@ -57,8 +57,8 @@ pub(super) fn parse_pax_time(value: &str) -> Option<Timespec> {
     }
     let secs: i64 = secs.parse().ok()?;
     let mut nanos: i64 = 0;
-    for (i, digit) in frac.bytes().take(9).enumerate() {
-        nanos += i64::from(digit - b'0') * 10i64.pow(8 - i as u32);
+    for (digit, scale) in frac.bytes().zip((0..9u32).rev()) {
+        nanos += i64::from(digit - b'0') * 10i64.pow(scale);
     }
     Some(if !negative {
         Timespec {
