@@ -28,15 +28,6 @@ const SETTLE: Duration = Duration::from_secs(10);
 const SHIM: &str = "containerd-shim-yard-wasm-v1";
 const RUNTIME_TYPE: &str = "io.containerd.yard-wasm.v1";
 
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
 /// switchyardd with the wasm runtime, its cache in a fresh temp dir, and more
 /// `[runtimes.wasm.options]` TOML. `None`: skip.
 fn daemon(programs: &[&str], options: &str) -> Option<Daemon> {
@@ -94,10 +85,6 @@ impl Drop for Rootfs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
 }
 
 /// `yard run --runtime wasm --rootfs ROOT EXTRA -- CMD`.
@@ -209,10 +196,7 @@ fn import_image(d: &Daemon, name: &str, device: bool, config: serde_json::Value)
     let img = image(vec![layer], config, "amd64");
     let archive = std::env::temp_dir().join(unique_id("issue16-image"));
     std::fs::write(&archive, oci_layout_tar(&[("1", &img)])).unwrap();
-    let out = yard(
-        d,
-        &["image", "import", "--name", name, archive.to_str().unwrap()],
-    );
+    let out = d.run_yard(&["image", "import", "--name", name, archive.to_str().unwrap()]);
     let _ = std::fs::remove_file(&archive);
     out
 }
@@ -239,10 +223,7 @@ fn issue16_wasm_image_with_a_device_node() {
         assert!(refused(&import), "import: {}", show(&import));
         return;
     }
-    let out = yard(
-        &d,
-        &["run", "--rm", "--runtime", "wasm", "issue16/devnode:1"],
-    );
+    let out = d.run_yard(&["run", "--rm", "--runtime", "wasm", "issue16/devnode:1"]);
     assert!(
         !text(&out.stdout).contains("opened /dev/zero"),
         "the module read the device: {}",
@@ -530,7 +511,7 @@ fn issue16_wasm_http_limits() {
     );
     // The task still serves.
     assert_eq!(get(port, "/after").unwrap().0, 200);
-    let out = yard(&d, &["rm", "--force", &id]);
+    let out = d.run_yard(&["rm", "--force", &id]);
     assert!(out.status.success(), "{}", show(&out));
 
     // Two connections at most; a request that computes forever gets 500 after 300 ms.
@@ -578,7 +559,7 @@ fn issue16_wasm_http_limits() {
         eventually(SETTLE, || get(port, "/again").is_ok_and(|(c, _)| c == 200)),
         "no connection accepted after the held ones closed"
     );
-    let out = yard(&d, &["rm", "--force", &id]);
+    let out = d.run_yard(&["rm", "--force", &id]);
     assert!(out.status.success(), "{}", show(&out));
 
     // A privileged port needs the runtime's permission.
@@ -620,7 +601,7 @@ fn issue16_wasm_http_limits() {
         TcpStream::connect(("127.0.0.1", env_port)).is_err(),
         "listening on the port from the environment"
     );
-    let out = yard(&d, &["rm", "--force", &id]);
+    let out = d.run_yard(&["rm", "--force", &id]);
     assert!(out.status.success(), "{}", show(&out));
 }
 
@@ -646,7 +627,7 @@ fn issue16_wasm_unenforceable_settings_fail_create() {
             json!({"Entrypoint": ["/app.wasm"], "Cmd": ["ran"], "User": "1000"}),
         );
         assert!(out.status.success(), "import: {}", show(&out));
-        yard(d, &["run", "--rm", "--runtime", "wasm", "issue16/user:1"])
+        d.run_yard(&["run", "--rm", "--runtime", "wasm", "issue16/user:1"])
     };
     {
         let Some(d) = daemon(&[], "") else {
@@ -713,4 +694,29 @@ fn issue16_wasm_cache_dir_must_be_roots_alone() {
     std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let out = run(&d, &root, &["--rm"], &["/app/hello.wasm"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}
+
+/// Item 1 when the client, not the image, picks Wasm: an image that is not for Wasm may carry a
+/// device node (it imports), but a root made from it for the wasm runtime is refused when it
+/// is unpacked, naming the entry.
+#[test]
+fn issue16_device_node_refused_when_wasm_is_forced() {
+    let Some(d) = daemon(&[], "") else {
+        return;
+    };
+    let import = import_image(
+        &d,
+        "issue16/linuxdev",
+        true,
+        json!({"Entrypoint": ["/app"], "Cmd": ["--open", "/dev/zero"]}),
+    );
+    assert!(import.status.success(), "import: {}", show(&import));
+    let out = d.run_yard(&["run", "--rm", "--runtime", "wasm", "issue16/linuxdev:1"]);
+    let e = text(&out.stderr).to_lowercase();
+    assert!(
+        !out.status.success() && e.contains("dev/zero") && e.contains("device"),
+        "{}",
+        show(&out)
+    );
+    assert!(d.ps().is_empty(), "nothing is left: {:?}", d.ps());
 }

@@ -23,6 +23,9 @@ pub struct ImagesService(pub Arc<Shared>);
 const VM_RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
 /// The runtime name a Wasm image runs on when the client names none (the default config's).
 const WASM_RUNTIME: &str = "wasm";
+/// The wasm shim's runtime type: a root handed to it holds no device node or fifo, whatever
+/// the image says (see `ImageStore::prepare_for`).
+const WASM_RUNTIME_TYPE: &str = "io.containerd.yard-wasm.v1";
 
 impl Classify for ImageError {
     fn kind(&self) -> Kind {
@@ -338,10 +341,16 @@ impl api::images_server::Images for ImagesService {
         } else {
             chosen.clone()
         };
+        let runtime_type = self
+            .0
+            .tasks
+            .runtimes()
+            .resolve(&runtime)
+            .map(|rt| rt.runtime_type.clone());
+        let for_wasm = runtime_type.as_deref().is_ok_and(|t| t == WASM_RUNTIME_TYPE);
         let kind = match r.rootfs.as_str() {
             "" => {
-                let rt = self.0.tasks.runtimes().resolve(&runtime).map_err(status)?;
-                if rt.runtime_type == VM_RUNTIME_TYPE {
+                if runtime_type.map_err(status)? == VM_RUNTIME_TYPE {
                     RootfsKind::Erofs
                 } else {
                     RootfsKind::Mounts
@@ -359,7 +368,7 @@ impl api::images_server::Images for ImagesService {
         let images = self.0.images.clone();
         blocking(move || {
             let p = images
-                .prepare(&ns, &r.image, &r.key, kind)
+                .prepare_for(&ns, &r.image, &r.key, kind, for_wasm)
                 .map_err(status)?;
             Ok(api::PrepareResponse {
                 image: p.name,
