@@ -239,7 +239,8 @@ mod tests {
     /// waited forever for the spinning worker. Every input in `fuzz/regressions` must finish.
     #[test]
     fn issue16_fuzz_regressions_finish() {
-        let targets: [(&str, fn(&[u8])); 3] = [
+        type Harness = fn(&[u8]);
+        let targets: [(&str, Harness); 3] = [
             ("vmm_virtio_blk", virtio_blk),
             ("vmm_virtio_vsock", virtio_vsock),
             ("vmm_mmio", mmio),
