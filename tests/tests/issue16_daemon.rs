@@ -43,25 +43,6 @@ const PROBE_ENV: &str = "SWITCHYARD_ISSUE16_PROBE";
 const PROBE_TEST: &str = "issue16_unprivileged_probe_tells_open_from_closed";
 const FAILPOINTS: &str = "SWITCHYARD_FAILPOINTS";
 
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
-}
-
-fn yard_ok(d: &Daemon, args: &[&str]) -> String {
-    let out = yard(d, args);
-    assert!(out.status.success(), "yard {args:?}: {}", show(&out));
-    text(&out.stdout)
-}
-
 /// `yard` with `input` on its stdin.
 fn yard_stdin(d: &Daemon, args: &[&str], input: &str) -> Output {
     let mut child = d
@@ -282,12 +263,6 @@ fn issue16_unprivileged_probe_tells_open_from_closed() {
 // ---------------------------------------------------------------------------------------------
 // Item 4: the daemon's files and sockets
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("SWITCHYARD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/switchyard/guest"))
-}
-
 fn vm_ready() -> bool {
     let g = guest_dir();
     require(
@@ -384,14 +359,11 @@ fn issue16_nothing_of_the_daemon_is_open_to_other_users() {
         switchyard_tests::images::oci_layout_tar(&[("perm:1", &busybox_image(vec![], json!({})))]),
     )
     .unwrap();
-    yard_ok(&d, &["image", "import", "-q", archive.to_str().unwrap()]);
+    d.yard_ok(&["image", "import", "-q", archive.to_str().unwrap()]);
     let native = unique_id("perm-native");
-    yard_ok(
-        &d,
-        &[
-            "run", "-d", "--name", &native, "perm:1", "--", "sleep", "600",
-        ],
-    );
+    d.yard_ok(&[
+        "run", "-d", "--name", &native, "perm:1", "--", "sleep", "600",
+    ]);
     let wasm = unique_id("perm-wasm");
     let mut c = d.yard();
     c.args([
@@ -409,21 +381,18 @@ fn issue16_nothing_of_the_daemon_is_open_to_other_users() {
     assert!(out.status.success(), "wasm task: {}", show(&out));
     let vm_id = unique_id("perm-vm");
     if vm {
-        yard_ok(
-            &d,
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                "vm",
-                "--name",
-                &vm_id,
-                "perm:1",
-                "--",
-                "sleep",
-                "600",
-            ],
-        );
+        d.yard_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            "vm",
+            "--name",
+            &vm_id,
+            "perm:1",
+            "--",
+            "sleep",
+            "600",
+        ]);
     }
     let mut ids = vec![native.clone(), wasm.clone()];
     if vm {
@@ -431,11 +400,12 @@ fn issue16_nothing_of_the_daemon_is_open_to_other_users() {
     }
     for id in &ids {
         assert!(
-            eventually(T, || yard_ok(&d, &["ps"])
+            eventually(T, || d
+                .yard_ok(&["ps"])
                 .lines()
                 .any(|l| l.starts_with(id.as_str()) && l.contains("running"))),
             "{id} is not running: {}",
-            yard_ok(&d, &["ps"])
+            d.yard_ok(&["ps"])
         );
     }
 
@@ -502,7 +472,7 @@ fn issue16_nothing_of_the_daemon_is_open_to_other_users() {
     );
 
     for id in &ids {
-        yard_ok(&d, &["rm", "-f", id]);
+        d.yard_ok(&["rm", "-f", id]);
     }
     drop(d);
     let _ = std::fs::remove_dir_all(&wasm_cache);
@@ -583,11 +553,6 @@ fn ctr_tasks(d: &Daemon) -> Vec<(String, u32, String)> {
         .collect()
 }
 
-fn ps_row(d: &Daemon, id: &str) -> Option<Value> {
-    let rows: Value = serde_json::from_str(&yard_ok(d, &["ps", "--json"])).unwrap();
-    rows.as_array()?.iter().find(|r| r["id"] == id).cloned()
-}
-
 /// The shim servers (and `<shim> start|delete` runs) working for this daemon: (pid, `-id`).
 fn shims(d: &Daemon) -> Vec<(u32, String)> {
     let sock = d.socket.display().to_string();
@@ -610,7 +575,9 @@ fn shims(d: &Daemon) -> Vec<(u32, String)> {
 /// directory and shim; or it has none of them. Returns the task's status.
 fn whole_or_gone(d: &Daemon, id: &str) -> Option<String> {
     let listed = ctr_tasks(d).into_iter().find(|(t, _, _)| t == id);
-    let ps = ps_row(d, id).map(|r| r["status"].as_str().unwrap_or_default().to_owned());
+    let ps = d
+        .ps_row(id)
+        .map(|r| r["status"].as_str().unwrap_or_default().to_owned());
     let bundle = d.state_dir().join("tasks/default").join(id);
     let work = d.dir.path().join("root/tasks/default").join(id);
     let shim_alive = shims(d).iter().any(|(_, s)| s == id);
@@ -758,22 +725,22 @@ fn crash_task_at(
     let args = run_args(runtime, &id, rootfs);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     if let TaskOp::Remove = op {
-        yard_ok(d, &args);
-        yard_ok(d, &["kill", "-s", "KILL", &id]);
+        d.yard_ok(&args);
+        d.yard_ok(&["kill", "-s", "KILL", &id]);
         // Both views settle (they are read one after the other, so compare only then).
         let stopped = || {
             ctr_tasks(d)
                 .iter()
                 .any(|(t, _, s)| *t == id && s == "stopped")
-                && ps_row(d, &id).is_some_and(|r| r["status"] == "stopped")
+                && d.ps_row(&id).is_some_and(|r| r["status"] == "stopped")
         };
         assert!(eventually(T, stopped), "{id} did not stop");
         assert_eq!(whole_or_gone(d, &id).as_deref(), Some("stopped"));
     }
     let mut crashing = armed(d, point);
     let out = match op {
-        TaskOp::Run => yard(d, &args),
-        TaskOp::Remove => yard(d, &["rm", &id]),
+        TaskOp::Run => d.run_yard(&args),
+        TaskOp::Remove => d.run_yard(&["rm", &id]),
     };
     assert!(
         !out.status.success(),
@@ -789,10 +756,10 @@ fn crash_task_at(
     };
     assert_eq!(found, want, "{runtime} {point}: after a restart");
     // The container record is the client's and stays; the task, if any, goes with it.
-    let out = yard(d, &["rm", "-f", &id]);
+    let out = d.run_yard(&["rm", "-f", &id]);
     assert!(out.status.success(), "{runtime} {point}: {}", show(&out));
     assert_eq!(whole_or_gone(d, &id), None);
-    assert!(ps_row(d, &id).is_none());
+    assert!(d.ps_row(&id).is_none());
     nothing_left(d, &[&id]);
 }
 
@@ -863,7 +830,7 @@ const IMAGE_STEPS: &[(&str, ImageOp)] = &[
 ];
 
 fn image_list(d: &Daemon) -> Value {
-    serde_json::from_str(&yard_ok(d, &["images", "--json"])).unwrap()
+    serde_json::from_str(&d.yard_ok(&["images", "--json"])).unwrap()
 }
 
 /// The store holds no image and, collected, nothing at all; no scratch is left, and only
@@ -872,7 +839,7 @@ fn image_list(d: &Daemon) -> Value {
 fn store_is_empty(d: &Daemon, dead_pid: u32) {
     let list = image_list(d);
     assert_eq!(list["images"], json!([]), "{list}");
-    yard_ok(d, &["image", "prune"]);
+    d.yard_ok(&["image", "prune"]);
     let usage = &image_list(d)["usage"];
     assert_eq!(
         (usage["blobs"].as_u64(), usage["snapshots"].as_u64()),
@@ -927,20 +894,20 @@ fn issue16_a_crash_at_any_step_of_an_image_operation_leaves_no_half_image() {
         };
         let mut crashing = armed(&mut d, point);
         let dead_pid = crashing.0.id();
-        let out = yard(&d, &args);
+        let out = d.run_yard(&args);
         assert!(!out.status.success(), "{point}: {}", show(&out));
         aborted(&d, &mut crashing, point);
         d.restart();
         store_is_empty(&d, dead_pid);
         // The operation works again, and its image is whole.
-        yard_ok(&d, &args);
+        d.yard_ok(&args);
         let list = image_list(&d);
         let images = list["images"].as_array().unwrap();
         assert_eq!(images.len(), 1, "{list}");
         assert!(images[0]["problem"].is_null(), "{list}");
-        let out = yard_ok(&d, &["run", "--rm", name]);
+        let out = d.yard_ok(&["run", "--rm", name]);
         assert_eq!(out, "whole\n");
-        yard_ok(&d, &["rmi", name]);
+        d.yard_ok(&["rmi", name]);
         store_is_empty(&d, dead_pid);
     }
 }
@@ -968,7 +935,7 @@ fn issue16_pull_takes_the_password_from_stdin() {
     assert!(out.status.success(), "{}", show(&out));
     assert!(text(&out.stdout).contains(&reference), "{}", show(&out));
     assert!(!text(&out.stderr).contains("warning"), "{}", show(&out));
-    yard_ok(&d, &["rmi", &reference]);
+    d.yard_ok(&["rmi", &reference]);
 
     // A wrong password from stdin is refused by the registry.
     let out = yard_stdin(
@@ -979,10 +946,7 @@ fn issue16_pull_takes_the_password_from_stdin() {
     assert!(!out.status.success(), "{}", show(&out));
 
     // In argv it still works, with a warning on stderr.
-    let out = yard(
-        &d,
-        &["pull", "-q", "-u", &format!("{user}:{pass}"), &reference],
-    );
+    let out = d.run_yard(&["pull", "-q", "-u", &format!("{user}:{pass}"), &reference]);
     assert!(out.status.success(), "{}", show(&out));
     let stderr = text(&out.stderr);
     assert!(

@@ -29,15 +29,6 @@ const NATIVE: &str = "io.containerd.yard-native.v1";
 const RUNC: &str = "io.containerd.runc.v2";
 const SHIM: &str = "containerd-shim-yard-native-v1";
 
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
 fn ok(what: &str, out: Output) -> Output {
     assert!(out.status.success(), "{what}: {}", show(&out));
     out
@@ -304,13 +295,6 @@ fn read_pid(path: &Path) -> u32 {
         .trim()
         .parse()
         .unwrap()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
-        .unwrap_or(false)
 }
 
 #[test]

@@ -17,27 +17,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use switchyard_tests::images::{gzip, image, oci_layout_tar};
 use switchyard_tests::*;
-
-const T: Duration = Duration::from_secs(120);
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-fn yard(d: &Daemon, args: &[&str]) -> Output {
-    run_timeout(d.yard().args(args), T)
-}
 
 fn daemon() -> Option<Daemon> {
     if !require_root_and(&["mkfs.erofs"]) {
@@ -74,7 +58,7 @@ fn layer(node: bool) -> Vec<u8> {
 }
 
 fn listing(d: &Daemon) -> Value {
-    let out = yard(d, &["images", "--json"]);
+    let out = d.run_yard(&["images", "--json"]);
     assert!(out.status.success(), "{}", show(&out));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -92,7 +76,7 @@ fn issue16_wasm_images_with_device_nodes_are_refused() {
     let layer_digest = wasm.layers[0].digest.clone();
     let archive = dir.path().join("wasm.tar");
     std::fs::write(&archive, oci_layout_tar(&[("wasm-dev:1", &wasm)])).unwrap();
-    let out = yard(&d, &["image", "import", "-q", archive.to_str().unwrap()]);
+    let out = d.run_yard(&["image", "import", "-q", archive.to_str().unwrap()]);
     assert!(!out.status.success(), "imported: {}", show(&out));
     let stderr = text(&out.stderr);
     assert!(
@@ -108,7 +92,7 @@ fn issue16_wasm_images_with_device_nodes_are_refused() {
     let native = image(vec![with_node], json!({"Entrypoint": ["/bin/sh"]}), "amd64");
     let archive = dir.path().join("native.tar");
     std::fs::write(&archive, oci_layout_tar(&[("native-dev:1", &native)])).unwrap();
-    let out = yard(&d, &["image", "import", "-q", archive.to_str().unwrap()]);
+    let out = d.run_yard(&["image", "import", "-q", archive.to_str().unwrap()]);
     assert!(out.status.success(), "{}", show(&out));
 }
 
@@ -159,7 +143,7 @@ fn issue16_an_endless_manifest_does_not_grow_the_daemon() {
     let before = peak_rss_kib(pid);
     let start = Instant::now();
     let reference = format!("127.0.0.1:{port}/endless:latest");
-    let out = yard(&d, &["pull", "-q", &reference]);
+    let out = d.run_yard(&["pull", "-q", &reference]);
     let took = start.elapsed();
     let grew = peak_rss_kib(pid).saturating_sub(before);
     eprintln!("pull took {took:?}; the daemon's peak RSS grew {grew} KiB");
