@@ -68,13 +68,8 @@ pub(super) fn process_queue(
         if used_any && queue.needs_notification(mem).unwrap_or(true) {
             irq.signal_used();
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => return,
-            Err(e) => {
-                guest_warn!("virtio-blk: queue: {e}");
-                return;
-            }
+        if !super::super::more_after_enable(queue, mem, "virtio-blk") {
+            return;
         }
     }
 }

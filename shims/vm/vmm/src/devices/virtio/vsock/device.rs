@@ -158,9 +158,8 @@ impl Backend {
                     self.guest_packet(poller, pkt);
                 }
             }
-            match self.txq.enable_notification(&mem) {
-                Ok(true) => continue,
-                _ => break,
+            if !super::super::more_after_enable(&mut self.txq, &mem, "virtio-vsock tx") {
+                break;
             }
         }
         if used && self.txq.needs_notification(&mem).unwrap_or(true) {
@@ -238,7 +237,7 @@ impl Backend {
         while self.has_rx_work() {
             let Some(mut chain) = self.rxq.pop_descriptor_chain(&mem) else {
                 // Out of buffers: the guest notifies the rx queue when it adds some.
-                if let Ok(true) = self.rxq.enable_notification(&mem) {
+                if super::super::more_after_enable(&mut self.rxq, &mem, "virtio-vsock rx") {
                     continue;
                 }
                 break;
