@@ -132,7 +132,8 @@ pub struct Sandbox {
 
 fn boot_error(e: BootVmError) -> Error {
     use BootVmError as B;
-    let msg = e.to_string();
+    // The whole chain: "start the built-in VMM: <why>".
+    let msg = yard_shim_kit::error::chain(&e);
     match e {
         B::KernelMissing { .. } | B::InitrdMissing { .. } | B::QemuMissing { .. } => {
             Error::FailedPrecondition(msg)
