@@ -347,7 +347,9 @@ impl api::images_server::Images for ImagesService {
             .runtimes()
             .resolve(&runtime)
             .map(|rt| rt.runtime_type.clone());
-        let for_wasm = runtime_type.as_deref().is_ok_and(|t| t == WASM_RUNTIME_TYPE);
+        let for_wasm = runtime_type
+            .as_deref()
+            .is_ok_and(|t| t == WASM_RUNTIME_TYPE);
         let kind = match r.rootfs.as_str() {
             "" => {
                 if runtime_type.map_err(status)? == VM_RUNTIME_TYPE {
