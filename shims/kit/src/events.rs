@@ -3,8 +3,9 @@
 //! The task state machine and the engines publish through a [`Publisher`], a handle on an
 //! [`EventSink`]. In a shim server the sink is [`RemoteSink`]: the daemon that started the shim
 //! (`TTRPC_ADDRESS`, the `containerd.services.events.ttrpc.v1.Events/Forward` endpoint that
-//! containerd and switchyardd both serve), queued and retried by `containerd-shim`'s
-//! `RemotePublisher`. Tests use [`channel`].
+//! containerd and switchyardd both serve), forwarded in order by one task that reconnects when
+//! the daemon restarted (as containerd's Go publisher does) and tries the same event again, so
+//! none is overtaken or lost with the old connection. Tests use [`channel`].
 //!
 //! Publishing never waits: a sink only queues, in order. That lets the state machine record a
 //! change and queue its event in one step, so no client can see the event before the state
@@ -13,15 +14,18 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim_protos::protobuf::MessageDyn;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::shim::event::Envelope;
+use containerd_shim_protos::shim::events::ForwardRequest;
+use containerd_shim_protos::shim_async::{Client, EventsClient};
 use containerd_shim_protos::topics;
-use containerd_shim_protos::ttrpc::context::Context;
+use containerd_shim_protos::ttrpc;
+use containerd_shim_protos::ttrpc::context::with_timeout;
 use tokio::sync::{mpsc, watch};
 
 /// One containerd task event.
@@ -165,10 +169,82 @@ pub struct RemoteSink {
     pending: watch::Sender<usize>,
 }
 
+/// How many times one event is tried (reconnecting in between) before it is dropped, the
+/// first pause between tries (doubling), and how long one forward may take.
+const ATTEMPTS: u32 = 6;
+const RETRY: Duration = Duration::from_millis(100);
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn events_client(address: &str) -> ttrpc::Result<EventsClient> {
+    let address = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("unix://{address}")
+    };
+    Ok(EventsClient::new(Client::connect(&address).await?))
+}
+
+fn forward_request(namespace: &str, event: Event) -> crate::Result<ForwardRequest> {
+    let topic = event.topic();
+    let any = containerd_shim::util::convert_to_any(event.into_message())
+        .map_err(|e| crate::Error::Internal(format!("encode {topic} event: {e}")))?;
+    let mut envelope = Envelope::new();
+    envelope.set_timestamp(timestamp(SystemTime::now()));
+    envelope.set_namespace(namespace.to_owned());
+    envelope.set_topic(topic.to_owned());
+    envelope.set_event(any);
+    let mut req = ForwardRequest::new();
+    req.set_envelope(envelope);
+    Ok(req)
+}
+
+/// Forwards one event. A closed connection (the daemon restarted) is replaced and the same
+/// event sent again; an unreachable daemon is retried a few times; an error the daemon answered
+/// drops the event.
+async fn forward(
+    address: &str,
+    client: &mut Option<EventsClient>,
+    topic: &str,
+    req: &ForwardRequest,
+) {
+    let mut pause = RETRY;
+    for attempt in 1..=ATTEMPTS {
+        if client.is_none() {
+            match events_client(address).await {
+                Ok(c) => *client = Some(c),
+                Err(e) => {
+                    tracing::debug!(topic, attempt, error = %e, "connect to the event address")
+                }
+            }
+        }
+        if let Some(c) = client.as_ref() {
+            let timeout = i64::try_from(FORWARD_TIMEOUT.as_nanos()).unwrap_or(i64::MAX);
+            match c.forward(with_timeout(timeout), req).await {
+                Ok(_) => return,
+                Err(ttrpc::Error::RpcStatus(status)) => {
+                    tracing::warn!(topic, status = ?status, "the daemon refused an event");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(topic, attempt, error = %e, "forward event; reconnecting");
+                    *client = None;
+                    // A connection the daemon closed is replaced at once: it is back.
+                    if matches!(e, ttrpc::Error::RemoteClosed | ttrpc::Error::LocalClosed) {
+                        continue;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    tracing::warn!(topic, address, "event dropped: the daemon is unreachable");
+}
+
 impl RemoteSink {
     /// Connect to `address` and start forwarding events of `namespace` there.
     pub async fn connect(address: &str, namespace: &str) -> crate::Result<Arc<RemoteSink>> {
-        let remote = RemotePublisher::new(address).await.map_err(|e| {
+        let first = events_client(address).await.map_err(|e| {
             crate::Error::Internal(format!("connect to event address {address}: {e}"))
         })?;
         let (queue, mut rx) = mpsc::channel::<Event>(QUEUE);
@@ -178,14 +254,14 @@ impl RemoteSink {
             pending: pending.clone(),
         });
         let namespace = namespace.to_owned();
+        let address = address.to_owned();
         tokio::spawn(async move {
+            let mut client = Some(first);
             while let Some(event) = rx.recv().await {
                 let topic = event.topic();
-                if let Err(e) = remote
-                    .publish(Context::default(), topic, &namespace, event.into_message())
-                    .await
-                {
-                    tracing::warn!(topic, error = %e, "publish event");
+                match forward_request(&namespace, event) {
+                    Ok(req) => forward(&address, &mut client, topic, &req).await,
+                    Err(e) => tracing::warn!(topic, error = %e, "publish event"),
                 }
                 pending.send_modify(|n| *n = n.saturating_sub(1));
             }
@@ -193,8 +269,8 @@ impl RemoteSink {
         Ok(sink)
     }
 
-    /// Wait (up to `timeout`) until every queued event has been handed on: before the server
-    /// exits, so the last `/tasks/delete` is not lost with the process.
+    /// Wait (up to `timeout`) until every queued event has been forwarded (or dropped): before
+    /// the server exits, so the last `/tasks/delete` is not lost with the process.
     pub async fn flush(&self, timeout: Duration) {
         let mut rx = self.pending.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0)).await;

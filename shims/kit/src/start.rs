@@ -138,6 +138,7 @@ pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
     let bundle = bundle_dir(flags)?;
     let cleaned = engine.cleanup(&flags.namespace, &flags.id, &bundle).await;
     crate::bundle::unmount_rootfs(&bundle);
+    remove_dead_socket(engine, flags, &bundle);
     cleaned?;
     let resp = DeleteResponse {
         pid: 0,
@@ -147,6 +148,24 @@ pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
     };
     resp.write_to_bytes()
         .map_err(|e| Error::Internal(format!("encode DeleteResponse: {e}")))
+}
+
+/// A server killed with -9 leaves its socket behind: remove it, unless a server (a new one of
+/// the same group) listens there again. The file is removed only if it is still the one found
+/// dead, so a server that has just replaced it keeps its socket.
+fn remove_dead_socket<E: Engine>(engine: &E, flags: &Flags, bundle: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let group = engine.group(bundle).unwrap_or_else(|| flags.id.clone());
+    let path = socket_path(&containerd_shim::socket_address(
+        &flags.address,
+        &flags.namespace,
+        &group,
+    ));
+    let inode = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| m.ino());
+    let found = inode(&path);
+    if found.is_some() && !connectable(&path) && inode(&path) == found {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// The server: listen, signal readiness by closing stdout, serve until `Shutdown`.
@@ -195,14 +214,16 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     tracing::info!(socket = %path.display(), "serving");
     release_stdout();
     tasks.stopped().await;
-    // Let the Shutdown reply reach the caller before the socket goes away.
+    // The socket's name goes first: a shim killed while it exits leaves none behind, and a
+    // `start` for this group from now on starts a new server rather than joining this one.
+    // The connections made stay; the Shutdown reply reaches the caller.
+    let _ = std::fs::remove_file(&path);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let _ = server.shutdown().await;
     engine.shutdown().await;
     if let Some(sink) = remote {
         sink.flush(Duration::from_secs(2)).await;
     }
-    let _ = std::fs::remove_file(&path);
     tracing::info!("shim exiting");
     Ok(())
 }
