@@ -21,6 +21,7 @@
 
 use std::path::PathBuf;
 
+pub mod accounting;
 pub mod cri;
 pub mod daemon;
 pub mod events;
