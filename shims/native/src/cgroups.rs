@@ -83,6 +83,13 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Remove the (empty) cgroup from every hierarchy.
+    pub fn remove(&self) -> Result<(), Error> {
+        self.manager()?
+            .remove()
+            .map_err(|e| err("remove")(e.to_string()))
+    }
+
     pub fn freeze(&self, frozen: bool) -> Result<(), Error> {
         let state = if frozen {
             FreezerState::Frozen

@@ -311,7 +311,54 @@ impl Engine for NativeEngine {
         }
         let r = oci.delete(id, true, &log).await;
         let _ = std::fs::remove_dir_all(&work);
+        if !oci.external {
+            // A shim killed in the middle of `runtime create` leaves a container its runtime
+            // cannot delete (no state yet, or "creating" with no pid, which it takes for
+            // stopped): whatever is in the container's cgroup goes, then the cgroup and state.
+            let bundle = bundle.to_owned();
+            let state = oci.root.join(id);
+            let (namespace, id) = (namespace.to_owned(), id.to_owned());
+            let swept = tokio::task::spawn_blocking(move || {
+                sweep_half_created(&bundle, &namespace, &id, &state)
+            })
+            .await;
+            if r.is_err() && matches!(swept, Ok(true)) {
+                return Ok(());
+            }
+        }
         r
+    }
+}
+
+/// What `cleanup` does after the runtime's delete: kill what is left in the container's cgroup
+/// (read from the bundle's `config.json`), wait up to 5 s for it to empty, remove it, and remove
+/// the runtime's state directory. True when nothing of the container is left.
+fn sweep_half_created(bundle: &Path, namespace: &str, id: &str, state: &Path) -> bool {
+    let Ok((spec, _)) = yard_shim_kit::bundle::read_spec(bundle) else {
+        return false;
+    };
+    let cgroup = Cgroup::new(spec::cgroup_path(&spec, namespace, id), id);
+    if let Ok(pids) = cgroup.pids() {
+        if !pids.is_empty() {
+            tracing::info!(id, ?pids, "killing what a half-created container left");
+            let _ = cgroup.kill_all(9); // SIGKILL
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cgroup.pids().is_ok_and(|p| !p.is_empty()) {
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(id, "the container's cgroup did not empty within 5 s");
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if let Err(e) = cgroup.remove() {
+            tracing::warn!(id, "remove the container's cgroup: {e}");
+            return false;
+        }
+    }
+    match std::fs::remove_dir_all(state) {
+        Ok(()) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 
