@@ -575,6 +575,14 @@ fn shims(d: &Daemon) -> Vec<(u32, String)> {
 /// directory and shim; or it has none of them. Returns the task's status.
 fn whole_or_gone(d: &Daemon, id: &str) -> Option<String> {
     let listed = ctr_tasks(d).into_iter().find(|(t, _, _)| t == id);
+    if listed.is_none() {
+        // A shim the restored daemon stopped (it knew no task of it) may still be exiting: it
+        // forwards its last events first (the kit's flush, at most 2 s). Gone means gone once
+        // that is over.
+        eventually(Duration::from_secs(10), || {
+            !shims(d).iter().any(|(_, s)| s == id)
+        });
+    }
     let ps = d
         .ps_row(id)
         .map(|r| r["status"].as_str().unwrap_or_default().to_owned());
