@@ -7,7 +7,7 @@
 //! finding, with the input saved).
 #![no_main]
 
-use switchyard_images::unpack::{Whiteouts, apply_layer};
+use switchyard_images::unpack::{Options, Whiteouts, apply_layer};
 
 /// Largest file an input may make.
 const FILE_SIZE_CAP: libc::rlim_t = 64 << 20;
@@ -33,5 +33,8 @@ libfuzzer_sys::fuzz_target!(init: confine(), |data: &[u8]| {
     let Ok(dir) = tempfile::tempdir() else {
         return;
     };
-    let _ = apply_layer(data, dir.path(), Whiteouts::Remove);
+    // As the store unpacks: whiteouts applied, and a bound on what one layer may expand to.
+    let mut opts = Options::new(Whiteouts::Remove);
+    opts.max_tar_bytes = 256 << 20;
+    let _ = apply_layer(data, dir.path(), &opts);
 });
