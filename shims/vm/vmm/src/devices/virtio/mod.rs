@@ -20,23 +20,49 @@ use crate::GuestMemory;
 use crate::guest_warn;
 use crate::irq::Interrupt;
 
+/// Chains a device loop serves per wakeup before it looks at its stop eventfd again: a guest
+/// that keeps a queue full never holds a reset (which waits for the worker) for longer.
+pub(crate) const CHAINS_PER_WAKE: usize = 1024;
+
 /// Re-enables `queue`'s notifications and says whether the guest added more buffers
-/// meanwhile, so a device loop goes round again. A guest whose available index runs more than
-/// a queue's size ahead of the device has broken the ring: virtio-queue's pops find nothing in
-/// it, so that is no more work, not more (a device loop spun on it forever: found by the fuzz
-/// targets, `fuzz/regressions`). The queue is left until the driver resets the device.
-pub(crate) fn more_after_enable(queue: &mut Queue, mem: &GuestMemory, device: &str) -> bool {
+/// meanwhile, so a device loop goes round again. `popped` says whether the round just ended
+/// took a chain; `rechecked` is the loop's own flag, false when it starts.
+///
+/// The guest can break the ring in two ways that make "more" true forever with nothing to pop
+/// (device loops spun on both: found by the fuzz targets, `fuzz/regressions`): an available
+/// index more than a queue's size ahead of the device, and an entry of the ring or a head
+/// descriptor in memory that cannot be read. The first is seen at once; the second when a
+/// round that popped nothing is followed by a recheck that pops nothing either (one recheck,
+/// as the guest may have published a buffer just after the round's last pop). Either way the
+/// queue is left until the driver resets the device.
+pub(crate) fn more_after_enable(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    device: &str,
+    popped: bool,
+    rechecked: &mut bool,
+) -> bool {
     match queue.enable_notification(mem) {
         Ok(true) => {
             let ahead = queue
                 .avail_idx(mem, Ordering::Acquire)
                 .map(|idx| idx.0.wrapping_sub(queue.next_avail()));
             match ahead {
-                Ok(n) if n <= queue.size() => true,
-                Ok(n) => {
+                Ok(n) if n > queue.size() => {
                     guest_warn!(
                         "{device}: available index {n} ahead of a queue of {}: ring ignored",
                         queue.size()
+                    );
+                    false
+                }
+                Ok(_) if popped || !*rechecked => {
+                    *rechecked = !popped;
+                    true
+                }
+                Ok(_) => {
+                    guest_warn!(
+                        "{device}: available entry {} cannot be popped: ring ignored",
+                        queue.next_avail()
                     );
                     false
                 }

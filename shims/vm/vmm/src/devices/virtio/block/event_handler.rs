@@ -9,8 +9,8 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::InterruptStatus;
 use super::super::worker::{Poller, STOP_TOKEN};
+use super::super::{CHAINS_PER_WAKE, InterruptStatus, more_after_enable};
 use super::{Backend, lock, request};
 use crate::GuestMemory;
 use crate::guest_warn;
@@ -34,8 +34,9 @@ pub(super) fn run(
                 STOP_TOKEN => return Ok(()),
                 QUEUE_TOKEN => {
                     let _ = evt.read();
-                    if queue.ready() {
-                        process_queue(&backend, &mem, &mut queue, &irq);
+                    if queue.ready() && process_queue(&backend, &mem, &mut queue, &irq) {
+                        // Served a wakeup's worth: come back after a look at `stop`.
+                        evt.write(1)?;
                     }
                 }
                 _ => {}
@@ -44,32 +45,43 @@ pub(super) fn run(
     }
 }
 
+/// Serves what the guest posted; `true` if it stopped after [`CHAINS_PER_WAKE`] chains with
+/// more waiting.
 pub(super) fn process_queue(
     backend: &Backend,
     mem: &GuestMemory,
     queue: &mut Queue,
     irq: &InterruptStatus,
-) {
+) -> bool {
+    let mut served = 0;
+    let mut rechecked = false;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             guest_warn!("virtio-blk: queue: {e}");
-            return;
+            return false;
         }
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let mut popped = false;
+        while served < CHAINS_PER_WAKE {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let len = request::handle(lock(backend).as_ref(), mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {
                 guest_warn!("virtio-blk: used ring: {e}");
-                return;
+                return false;
             }
-            used_any = true;
+            popped = true;
+            served += 1;
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+        if popped && queue.needs_notification(mem).unwrap_or(true) {
             irq.signal_used();
         }
-        if !super::super::more_after_enable(queue, mem, "virtio-blk") {
-            return;
+        if served >= CHAINS_PER_WAKE {
+            return true;
+        }
+        if !more_after_enable(queue, mem, "virtio-blk", popped, &mut rechecked) {
+            return false;
         }
     }
 }

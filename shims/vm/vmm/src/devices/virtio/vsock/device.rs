@@ -9,7 +9,9 @@ use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::worker::Poller;
-use super::super::{ActivateError, InterruptStatus, TYPE_VSOCK, VirtioDevice, read_config_bytes};
+use super::super::{
+    ActivateError, InterruptStatus, TYPE_VSOCK, VirtioDevice, more_after_enable, read_config_bytes,
+};
 use super::connection::{ConnKey, State};
 use super::event_handler::Backend;
 use super::{
@@ -120,27 +122,42 @@ fn copy_packet(pkt: &VsockPacket<'_, ()>) -> GuestPkt {
     }
 }
 
+/// Why [`Backend::process_tx`] stopped reading the guest's tx queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TxEnd {
+    /// Nothing more to read (or the ring is broken and left until a reset).
+    Drained,
+    /// Too many replies wait for rx buffers: read on once the guest takes some.
+    Throttled,
+    /// The wakeup's budget ran out with packets left: come back after a look at `stop`.
+    Yielded,
+}
+
 impl Backend {
-    /// Handle the guest's packets. `true` if we stopped early because too many replies are
-    /// waiting for rx buffers (the rest stay in the queue until the guest takes some).
-    pub(super) fn process_tx(&mut self, poller: &Poller) -> bool {
+    /// Handle the guest's packets, at most `budget` chains of them (counted down).
+    pub(super) fn process_tx(&mut self, poller: &Poller, budget: &mut usize) -> TxEnd {
         if !self.txq.ready() {
-            return false;
+            return TxEnd::Drained;
         }
         let mem = self.mem.clone();
         let mut used = false;
-        let mut throttled = false;
-        'outer: loop {
+        let mut rechecked = false;
+        let end = 'outer: loop {
             let _ = self.txq.disable_notification(&mem);
+            let mut popped = false;
             loop {
                 if self.ctrl.is_full() {
                     // Notifications stay off: the run loop comes back once rx drains.
-                    throttled = true;
-                    break 'outer;
+                    break 'outer TxEnd::Throttled;
+                }
+                if *budget == 0 {
+                    break 'outer TxEnd::Yielded;
                 }
                 let Some(mut chain) = self.txq.pop_descriptor_chain(&mem) else {
                     break;
                 };
+                *budget -= 1;
+                popped = true;
                 let head = chain.head_index();
                 let pkt = match VsockPacket::from_tx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA) {
                     Ok(pkt) => Some(copy_packet(&pkt)),
@@ -151,21 +168,27 @@ impl Backend {
                 };
                 if let Err(e) = self.txq.add_used(&mem, head, 0) {
                     guest_warn!("virtio-vsock: tx used ring: {e}");
-                    break 'outer;
+                    break 'outer TxEnd::Drained;
                 }
                 used = true;
                 if let Some(pkt) = pkt {
                     self.guest_packet(poller, pkt);
                 }
             }
-            if !super::super::more_after_enable(&mut self.txq, &mem, "virtio-vsock tx") {
-                break;
+            if !more_after_enable(
+                &mut self.txq,
+                &mem,
+                "virtio-vsock tx",
+                popped,
+                &mut rechecked,
+            ) {
+                break TxEnd::Drained;
             }
-        }
+        };
         if used && self.txq.needs_notification(&mem).unwrap_or(true) {
             self.irq.signal_used();
         }
-        throttled
+        end
     }
 
     fn guest_packet(&mut self, poller: &Poller, pkt: GuestPkt) {
@@ -228,20 +251,39 @@ impl Backend {
         !self.ctrl.is_empty() || self.conns.values().any(|c| c.can_send_data())
     }
 
-    pub(super) fn fill_rx(&mut self, poller: &Poller) {
+    /// Fill the guest's rx buffers with what we owe it, at most `budget` of them (counted
+    /// down); `true` if the budget ran out with work left.
+    pub(super) fn fill_rx(&mut self, poller: &Poller, budget: &mut usize) -> bool {
         if !self.rxq.ready() {
-            return;
+            return false;
         }
         let mem = self.mem.clone();
         let mut used = false;
+        let mut popped = false;
+        let mut rechecked = false;
+        let mut yielded = false;
         while self.has_rx_work() {
+            if *budget == 0 {
+                yielded = true;
+                break;
+            }
             let Some(mut chain) = self.rxq.pop_descriptor_chain(&mem) else {
                 // Out of buffers: the guest notifies the rx queue when it adds some.
-                if super::super::more_after_enable(&mut self.rxq, &mem, "virtio-vsock rx") {
+                let more = more_after_enable(
+                    &mut self.rxq,
+                    &mem,
+                    "virtio-vsock rx",
+                    popped,
+                    &mut rechecked,
+                );
+                popped = false;
+                if more {
                     continue;
                 }
                 break;
             };
+            *budget -= 1;
+            popped = true;
             let head = chain.head_index();
             let len = match VsockPacket::from_rx_virtq_chain(&mem, &mut chain, MAX_PKT_DATA) {
                 Ok(mut pkt) => match self.next_rx_packet(poller, &mut pkt) {
@@ -258,13 +300,14 @@ impl Backend {
             };
             if let Err(e) = self.rxq.add_used(&mem, head, len) {
                 guest_warn!("virtio-vsock: rx used ring: {e}");
-                return;
+                return false;
             }
             used = true;
         }
         if used && self.rxq.needs_notification(&mem).unwrap_or(true) {
             self.irq.signal_used();
         }
+        yielded
     }
 
     /// Fill `pkt` with the next control packet or data; its used length, or `None` if there

@@ -12,9 +12,10 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::InterruptStatus;
 use super::super::worker::{Poller, STOP_TOKEN};
+use super::super::{CHAINS_PER_WAKE, InterruptStatus};
 use super::connection::{Conn, ConnKey, Flushed, State};
+use super::device::TxEnd;
 use super::unix::PendingClient;
 use super::{OP_CREDIT_UPDATE, OP_RST};
 use crate::GuestMemory;
@@ -159,14 +160,28 @@ impl Backend {
                 }
             }
             self.expire(&poller);
+            // A wakeup serves at most CHAINS_PER_WAKE chains before `stop` is looked at again.
+            let mut budget = CHAINS_PER_WAKE;
             loop {
                 // Guest packets first: they may add credit and control replies.
-                let throttled = self.process_tx(&poller);
-                self.fill_rx(&poller);
-                // The tx queue was left unread for want of room for our replies: read on if
-                // the guest took some, else wait for it to post rx buffers.
-                if !throttled || self.ctrl.is_full() {
-                    break;
+                let tx = self.process_tx(&poller, &mut budget);
+                if self.fill_rx(&poller, &mut budget) {
+                    rx_evt.write(1)?;
+                }
+                match tx {
+                    TxEnd::Drained => break,
+                    TxEnd::Yielded => {
+                        tx_evt.write(1)?;
+                        break;
+                    }
+                    // The tx queue was left unread for want of room for our replies: read on
+                    // if the guest took some, else wait for it to post rx buffers.
+                    TxEnd::Throttled if self.ctrl.is_full() => break,
+                    TxEnd::Throttled if budget == 0 => {
+                        tx_evt.write(1)?;
+                        break;
+                    }
+                    TxEnd::Throttled => {}
                 }
             }
         }

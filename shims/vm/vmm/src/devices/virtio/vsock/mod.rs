@@ -49,8 +49,9 @@ pub(crate) fn serve_queues(
         event_handler::Backend::new(mem, rxq, txq, irq, listener, uds_path, guest_cid);
     let poller = super::worker::Poller::new()?;
     for _ in 0..rounds {
-        backend.process_tx(&poller);
-        backend.fill_rx(&poller);
+        let mut budget = super::CHAINS_PER_WAKE;
+        backend.process_tx(&poller, &mut budget);
+        backend.fill_rx(&poller, &mut budget);
     }
     Ok(())
 }
