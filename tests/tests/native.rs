@@ -764,9 +764,13 @@ fn native_start_prints_only_the_address() {
     let one = eventually(SETTLE, || guard.servers().len() == 1);
     assert!(one, "servers for {id}: {:#?}", guard.servers());
 
+    // Nobody sent Create: the server ends on its own (`UNCLAIMED_EXIT`, 10 s) and takes its
+    // socket with it. A caller killed mid-start left such servers behind (the chaos test).
     let server = guard.servers()[0].0;
-    sigkill(server);
-    assert!(eventually(SETTLE, || !alive(server)));
+    assert!(
+        eventually(Duration::from_secs(30), || !alive(server)),
+        "a shim server no Create reached is still there"
+    );
+    assert!(!socket.exists(), "{} left", socket.display());
     drop(guard);
-    assert!(!socket.exists());
 }

@@ -168,6 +168,10 @@ fn remove_dead_socket<E: Engine>(engine: &E, flags: &Flags, bundle: &Path) {
     }
 }
 
+/// How long a new server waits for its first Create before it exits: `start` returned its
+/// address to a caller that sends Create at once, unless it died meanwhile.
+pub const UNCLAIMED_EXIT: Duration = Duration::from_secs(10);
+
 /// The server: listen, signal readiness by closing stdout, serve until `Shutdown`.
 pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     let path = socket_path(&flags.socket);
@@ -213,7 +217,15 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
         .map_err(|e| Error::Internal(format!("start ttrpc server: {e}")))?;
     tracing::info!(socket = %path.display(), "serving");
     release_stdout();
-    tasks.stopped().await;
+    tokio::select! {
+        () = tasks.stopped() => {}
+        () = tasks.unclaimed_for(UNCLAIMED_EXIT) => {
+            tracing::warn!(
+                after = ?UNCLAIMED_EXIT,
+                "no Create reached this shim: its caller is gone; exiting"
+            );
+        }
+    }
     // The socket's name goes first: a shim killed while it exits leaves none behind, and a
     // `start` for this group from now on starts a new server rather than joining this one.
     // The connections made stay; the Shutdown reply reaches the caller.

@@ -324,6 +324,8 @@ pub struct TaskService<E: Engine> {
     events: Publisher,
     tasks: Mutex<Tasks>,
     shutdown: watch::Sender<bool>,
+    /// Whether a Create has reached this server (see [`TaskService::unclaimed_for`]).
+    claimed: AtomicBool,
 }
 
 impl<E: Engine> TaskService<E> {
@@ -334,6 +336,7 @@ impl<E: Engine> TaskService<E> {
             events,
             tasks: Mutex::new(Tasks::default()),
             shutdown: watch::channel(false).0,
+            claimed: AtomicBool::new(false),
         }
     }
 
@@ -350,6 +353,7 @@ impl<E: Engine> TaskService<E> {
     }
 
     fn reserve<'a>(&'a self, id: &'a str) -> Result<Reservation<'a, E>> {
+        self.claimed.store(true, Ordering::Release);
         let mut tasks = self.tasks();
         if tasks.live.contains_key(id) || !tasks.creating.insert(id.to_owned()) {
             return Err(Error::AlreadyExists(format!("task {id:?} already exists")));
@@ -738,6 +742,17 @@ impl<E: Engine> TaskService<E> {
     /// Whether Shutdown has asked the server to stop.
     pub fn stopping(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    /// Resolves after `wait` if no Create has reached this server by then, else never. A server
+    /// that `start` spawned for a caller that died before its Create (a daemon killed
+    /// mid-start: found by the chaos test) is known to nobody, and nobody would ever send it
+    /// Shutdown.
+    pub async fn unclaimed_for(&self, wait: Duration) {
+        tokio::time::sleep(wait).await;
+        if self.claimed.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Resolves once Shutdown has asked the server to stop.

@@ -1142,6 +1142,24 @@ async fn shutdown_waits_for_the_last_task_unless_now() {
 }
 
 #[tokio::test]
+async fn a_server_no_create_reached_is_unclaimed_and_one_a_create_reached_is_not() {
+    let h = Harness::new();
+    within("unclaimed", h.svc.unclaimed_for(Duration::from_millis(10))).await;
+
+    // Any Create counts, even one that fails: its caller knows the server and shuts it down.
+    let h = Harness::new();
+    let mut req = h.request("bad");
+    req.bundle = h.bundle("bad", "not json");
+    h.refused(req).await;
+    let waited = tokio::time::timeout(
+        Duration::from_millis(200),
+        h.svc.unclaimed_for(Duration::ZERO),
+    )
+    .await;
+    assert!(waited.is_err(), "a claimed server was called unclaimed");
+}
+
+#[tokio::test]
 async fn two_tasks_of_one_group_are_independent() {
     let mut h = Harness::new();
     let a = h.running("a").await;
