@@ -112,6 +112,32 @@ fn under_containerd(binary: &Path) {
         show(&out)
     );
     c.ctr_kill_and_remove(&id, SETTLE);
+
+    // The runtime's `group` option given the containerd way (`ctr --runtime-config-path`, as
+    // CRI's ConfigPath sets it): `start` is handed it on stdin, and the tasks share one shim.
+    let config = c.dir.path().join("wasm-options.toml");
+    std::fs::write(&config, "group = \"fns\"\n").unwrap();
+    let config = config.display().to_string();
+    let ids: Vec<String> = (0..3).map(|_| unique_id("ctd-g")).collect();
+    for id in &ids {
+        let out = c.ctr_run(
+            RUNTIME_TYPE,
+            wasm_rootfs(),
+            &["-d", "--runtime-config-path", &config],
+            id,
+            &[HELLO, "--sleep", "60000"],
+        );
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    let servers = c.shim_servers(SHIM);
+    assert_eq!(
+        servers.len(),
+        1,
+        "tasks of the group option in several shims: {servers:#?}"
+    );
+    for id in &ids {
+        c.ctr_kill_and_remove(id, SETTLE);
+    }
     assert!(
         eventually(SETTLE, || c.shim_processes(SHIM).is_empty()),
         "shims left: {:?}\n{}",

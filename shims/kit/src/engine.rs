@@ -143,9 +143,14 @@ pub trait Engine: Send + Sync + 'static {
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &std::path::Path) -> Result<()>;
     /// Tasks with the same group share one shim process. `None`: one shim per task.
     /// The default groups by the `io.kubernetes.cri.sandbox-id` or `io.switchyard.group`
-    /// annotation of the bundle's `config.json`, as containerd's runc shim groups pods.
-    fn group(&self, bundle: &std::path::Path) -> Option<String> {
-        crate::start::group_from_bundle(bundle)
+    /// annotation of the bundle's `config.json`, as containerd's runc shim groups pods, else by
+    /// the runtime's `group` option (`options` is what `start` was handed on stdin).
+    fn group(
+        &self,
+        bundle: &std::path::Path,
+        options: Option<&crate::bundle::RuntimeOptions>,
+    ) -> Option<String> {
+        crate::start::group_from_bundle(bundle, options)
     }
     /// The server is about to exit (`Shutdown` after the last task): release what the engine
     /// holds for the whole process (the vm shim's VM).

@@ -15,10 +15,12 @@ use std::time::Duration;
 
 use containerd_shim::Flags;
 use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::ttrpc::r#async::Server;
 use containerd_shim_protos::ttrpc::r#async::transport::Listener;
 
+use crate::bundle::RuntimeOptions;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::events::{Publisher, RemoteSink, timestamp};
@@ -28,7 +30,10 @@ use crate::task::TaskService;
 /// Annotations that group tasks into one shim: the CRI sandbox, or our own.
 pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.switchyard.group"];
 
-pub fn group_from_bundle(bundle: &Path) -> Option<String> {
+/// The group a task's shim serves: a grouping annotation of the spec, else the runtime's
+/// `group` option (from the `options.json` switchyardd writes into the bundle, or from the
+/// runtime options `start` is handed on stdin, as containerd does).
+pub fn group_from_bundle(bundle: &Path, options: Option<&RuntimeOptions>) -> Option<String> {
     let text = std::fs::read(bundle.join("config.json")).ok()?;
     let spec: serde_json::Value = serde_json::from_slice(&text).ok()?;
     let annotated = spec.get("annotations").and_then(|ann| {
@@ -39,6 +44,7 @@ pub fn group_from_bundle(bundle: &Path) -> Option<String> {
     annotated
         .map(str::to_owned)
         .or_else(|| group_option(bundle))
+        .or_else(|| options.and_then(group_in_options))
         .filter(|g| !g.is_empty())
 }
 
@@ -48,6 +54,45 @@ fn group_option(bundle: &Path) -> Option<String> {
     let text = std::fs::read(bundle.join("options.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
     v.get("group")?.as_str().map(str::to_owned)
+}
+
+/// The `group` key of TOML runtime options. Options that do not parse name no group here;
+/// Create refuses them with the error that names the key.
+fn group_in_options(options: &RuntimeOptions) -> Option<String> {
+    let table: toml::Table = toml::from_str(&options.toml_text().ok()?).ok()?;
+    table.get("group")?.as_str().map(str::to_owned)
+}
+
+/// Most runtime options `start` reads from stdin.
+const MAX_STDIN_OPTIONS: u64 = 1 << 20;
+
+/// The runtime options `start` is handed on stdin: containerd (1.6 on) and switchyardd write
+/// the `Any` of the runtime's options there, or give it /dev/null. `None` without options, or
+/// when stdin is a terminal (a person running `start` by hand).
+fn stdin_options() -> Result<Option<RuntimeOptions>> {
+    use std::io::IsTerminal as _;
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .lock()
+        .take(MAX_STDIN_OPTIONS + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Error::io("read the runtime options on stdin"))?;
+    if bytes.len() as u64 > MAX_STDIN_OPTIONS {
+        return Err(Error::InvalidArgument(format!(
+            "runtime options on stdin: over {MAX_STDIN_OPTIONS} bytes"
+        )));
+    }
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let any = Any::parse_from_bytes(&bytes).map_err(|e| {
+        Error::InvalidArgument(format!("runtime options on stdin: not a protobuf Any: {e}"))
+    })?;
+    RuntimeOptions::from_any(Some(&any))
 }
 
 fn socket_path(address: &str) -> PathBuf {
@@ -61,7 +106,10 @@ fn connectable(path: &Path) -> bool {
 /// `start`: runs in the bundle directory; prints the address on stdout.
 pub fn start<E: Engine>(engine: &E, flags: &Flags) -> Result<String> {
     let bundle = bundle_dir(flags)?;
-    let group = engine.group(&bundle).unwrap_or_else(|| flags.id.clone());
+    let options = stdin_options()?;
+    let group = engine
+        .group(&bundle, options.as_ref())
+        .unwrap_or_else(|| flags.id.clone());
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
     let path = socket_path(&address);
     if !(group != flags.id && connectable(&path)) {
@@ -155,12 +203,15 @@ pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
 /// dead, so a server that has just replaced it keeps its socket.
 fn remove_dead_socket<E: Engine>(engine: &E, flags: &Flags, bundle: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let group = engine.group(bundle).unwrap_or_else(|| flags.id.clone());
-    let path = socket_path(&containerd_shim::socket_address(
-        &flags.address,
-        &flags.namespace,
-        &group,
-    ));
+    // `start` wrote the address it served into the bundle (its group may have come from
+    // options only `start` was handed).
+    let address = std::fs::read_to_string(bundle.join("address")).unwrap_or_else(|_| {
+        let group = engine
+            .group(bundle, None)
+            .unwrap_or_else(|| flags.id.clone());
+        containerd_shim::socket_address(&flags.address, &flags.namespace, &group)
+    });
+    let path = socket_path(address.trim());
     let inode = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| m.ino());
     let found = inode(&path);
     if found.is_some() && !connectable(&path) && inode(&path) == found {
@@ -260,20 +311,44 @@ mod tests {
             std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{e}"))
         };
         write("config.json", r#"{"annotations":{}}"#);
-        assert_eq!(group_from_bundle(&dir), None);
+        assert_eq!(group_from_bundle(&dir, None), None);
         write("options.json", r#"{"group":"edge","cache_dir":"/x"}"#);
-        assert_eq!(group_from_bundle(&dir).as_deref(), Some("edge"));
+        assert_eq!(group_from_bundle(&dir, None).as_deref(), Some("edge"));
         write(
             "config.json",
             r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}"#,
         );
-        assert_eq!(group_from_bundle(&dir).as_deref(), Some("pod1"));
+        assert_eq!(group_from_bundle(&dir, None).as_deref(), Some("pod1"));
         write("options.json", r#"{"binary_name":"runc"}"#);
         write(
             "config.json",
             r#"{"annotations":{"io.switchyard.group":""}}"#,
         );
-        assert_eq!(group_from_bundle(&dir), None);
+        assert_eq!(group_from_bundle(&dir, None), None);
+
+        // Runtime options handed to `start` (containerd's runtimeoptions.v1.Options): after
+        // the annotations and options.json.
+        write("config.json", r#"{"annotations":{}}"#);
+        std::fs::remove_file(dir.join("options.json")).unwrap_or_else(|e| panic!("{e}"));
+        let handed = RuntimeOptions {
+            type_url: "runtimeoptions.v1.Options".into(),
+            config_body: b"group = \"fns\"\nmax_memory = 1".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(
+            group_from_bundle(&dir, Some(&handed)).as_deref(),
+            Some("fns")
+        );
+        let broken = RuntimeOptions {
+            config_body: b"group = ".to_vec(),
+            ..handed.clone()
+        };
+        assert_eq!(group_from_bundle(&dir, Some(&broken)), None);
+        write("options.json", r#"{"group":"edge"}"#);
+        assert_eq!(
+            group_from_bundle(&dir, Some(&handed)).as_deref(),
+            Some("edge")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
