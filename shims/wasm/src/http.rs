@@ -6,14 +6,17 @@
 //! its response body included.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::Store;
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -77,7 +80,10 @@ pub async fn serve(listener: TcpListener, pre: ProxyPre<P2State>, guest: Arc<Gue
         let pre = pre.clone();
         let guest = guest.clone();
         conns.spawn(async move {
-            let _slot = slot;
+            let sock = Slotted {
+                io: sock,
+                slot: Some(slot),
+            };
             let header_timeout = guest.settings.header_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let pre = pre.clone();
@@ -94,6 +100,44 @@ pub async fn serve(listener: TcpListener, pre: ProxyPre<P2State>, guest: Arc<Gue
                 tracing::debug!(%peer, error = %e, "http connection");
             }
         });
+    }
+}
+
+/// A connection holding one of the task's connection slots until its write side is shut down:
+/// the last thing a client sees of it is the shutdown, so a client that saw the connection end
+/// finds the slot free (with the slot dropped only when the connection's task ended, a client's
+/// next connection could still be over the cap).
+struct Slotted {
+    io: TcpStream,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl AsyncRead for Slotted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Slotted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.slot = None;
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
