@@ -10,7 +10,6 @@
 //! bridge, so pods reach each other and the host, never anything else. Everything (bridge, rule,
 //! IPAM state) goes with the node.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -214,6 +213,21 @@ pub struct CriNode {
 }
 
 impl CriNode {
+    /// The node a test runs on, or `None` (the reason printed) where this machine lacks root,
+    /// `iptables`, `ip` or the peer containerd.
+    pub fn require(peer: Peer) -> Option<CriNode> {
+        if !crate::require_root_and(&["iptables", "ip"]) {
+            return None;
+        }
+        if !crate::require(
+            peer.binary().is_some(),
+            &format!("{} is not installed (scripts/peers)", peer.name()),
+        ) {
+            return None;
+        }
+        Some(CriNode::start(peer))
+    }
+
     /// Starts `peer`'s containerd and imports the pause and busybox images.
     pub fn start(peer: Peer) -> CriNode {
         let binary = peer
@@ -818,24 +832,11 @@ fn exit_code_of_status(status: &[u8]) -> i32 {
         .unwrap_or(-1)
 }
 
-/// The lines of a CRI log file (`<time> <stream> <P|F> <text>`), as (stream, text) with partial
-/// lines joined.
+/// The lines of a CRI log file, as (stream, text) with partial lines joined.
 pub fn read_cri_log(path: &Path) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut pending: HashMap<String, String> = HashMap::new();
-    for line in text.lines() {
-        let mut parts = line.splitn(4, ' ');
-        let (Some(_time), Some(stream), Some(tag), rest) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let buf = pending.entry(stream.to_owned()).or_default();
-        buf.push_str(rest.unwrap_or(""));
-        if tag == "F" {
-            out.push((stream.to_owned(), std::mem::take(buf)));
-        }
-    }
-    out
+    switchyard_api::cri_log::parse(&text)
+        .into_iter()
+        .map(|l| (l.stream, l.text))
+        .collect()
 }

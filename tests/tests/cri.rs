@@ -14,16 +14,7 @@ use switchyard_tests::cri::{
 };
 
 fn node(peer: Peer) -> Option<CriNode> {
-    if !switchyard_tests::require_root_and(&["iptables", "ip"]) {
-        return None;
-    }
-    if !switchyard_tests::require(
-        peer.binary().is_some(),
-        &format!("{} is not installed (scripts/peers)", peer.name()),
-    ) {
-        return None;
-    }
-    Some(CriNode::start(peer))
+    CriNode::require(peer)
 }
 
 /// RunPodSandbox → a busybox container created, started, listed, inspected, logging, ExecSync,

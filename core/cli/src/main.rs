@@ -2,6 +2,7 @@
 //! is a thin client of switchyardd's gRPC API (`client`).
 
 mod client;
+mod cri;
 mod events;
 mod exec;
 mod images;
@@ -89,6 +90,9 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(images::ImageCommand),
+    /// Talk CRI (Kubernetes' runtime API) to the endpoint at --address, as crictl does.
+    #[command(subcommand)]
+    Cri(cri::CriCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -101,6 +105,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Cri(cmd) = cli.command {
+        return cri::run(&cli.address, cmd).await;
+    }
     let client = Client::connect(&cli.address, &cli.namespace).await?;
     let done = |()| 0;
     match cli.command {
@@ -115,5 +122,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Images { json, quiet } => images::list(&client, json, quiet).await.map(done),
         Command::Rmi { names } => images::remove(&client, names).await.map(done),
         Command::Image(cmd) => cmd.run(&client).await.map(done),
+        Command::Cri(_) => Ok(0), // handled above, before connecting as a containerd client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_tree_is_consistent() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
     }
 }
