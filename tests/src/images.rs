@@ -266,7 +266,7 @@ pub fn tar_paths(layer: &[u8]) -> Vec<String> {
 /// The busybox applets [`busybox_base_layer`] links in `/bin`.
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "echo", "cat", "ls", "id", "env", "pwd", "sleep", "true", "false", "hostname", "wc",
-    "head",
+    "head", "wget",
 ];
 
 /// The host's busybox-static.

@@ -950,19 +950,7 @@ mod vm {
 mod wasm {
     use super::*;
     // The pod's containers here are busybox: Linux containers in a Wasm pod (sidecars).
-    per_peer!(
-        pod_lifecycle,
-        "wasm",
-        pending = "issue 18: the wasm runtime refuses the pod's Linux sandbox container"
-    );
-    per_peer!(
-        wasm_pod_http_and_sidecar,
-        "wasm",
-        pending = "issue 18: the wasm runtime refuses the pod's Linux sandbox container"
-    );
-    per_peer!(
-        bad_input_wasm,
-        "wasm",
-        pending = "issue 18: the wasm runtime refuses the pod's Linux sandbox container"
-    );
+    per_peer!(pod_lifecycle, "wasm");
+    per_peer!(wasm_pod_http_and_sidecar, "wasm");
+    per_peer!(bad_input_wasm, "wasm");
 }

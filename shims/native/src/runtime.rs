@@ -3,12 +3,12 @@
 //! mode itself lives in `yard-oci-runtime`, shared with the guest agent; this names what is the
 //! native shim's own.
 
-pub use yard_oci_runtime::{EXIT_INVALID, MODE, last_error};
+pub use yard_oci_runtime::MODE;
 
-/// The shim always passes `--root` (`STATE_ROOT/<namespace>` in `engine.rs`); this is runc's
-/// layout for a caller that does not.
+/// The shim always passes `--root` (`<state_root>/<namespace>`, `yard_oci_runtime::engine`);
+/// this is runc's layout for a caller that does not.
 const OPTIONS: yard_oci_runtime::Options = yard_oci_runtime::Options {
-    default_root: "/run/yard-native",
+    default_root: yard_oci_runtime::engine::NATIVE.state_root,
     after_create: None,
 };
 

@@ -21,6 +21,8 @@
 //! the process less confined (a seccomp filter in a build without libseccomp, an exec into a
 //! container with a user namespace).
 
+#[cfg(feature = "engine")]
+pub mod engine;
 mod flags;
 mod log;
 pub mod spec;

@@ -206,6 +206,21 @@ impl TaskSettings {
     }
 }
 
+impl TaskSettings {
+    /// A task in a pod (its spec names the pod's network namespace) listens on every address
+    /// of the pod, as a container's port does, at the port of the runtime's `http_listen`
+    /// (8080 by default), unless its annotation gives the address.
+    pub fn in_pod(mut self, annotations: &HashMap<String, String>) -> TaskSettings {
+        if !annotations.contains_key(&format!("{ANNOTATION_PREFIX}http-listen")) {
+            self.http_listen = SocketAddr::new(
+                std::net::Ipv4Addr::UNSPECIFIED.into(),
+                self.http_listen.port(),
+            );
+        }
+        self
+    }
+}
+
 /// An HTTP listen address: a literal `IP:PORT` (no name lookups in the shim), below 1024 only
 /// when the runtime allows privileged ports. `what` names the setting in errors.
 fn listen_addr(value: &str, what: &str, options: &Options) -> Result<SocketAddr> {
@@ -359,6 +374,22 @@ mod tests {
         );
         let e = err(TaskSettings::new(&o, &ann, None));
         assert!(e.contains("not an IP:PORT"), "{e}");
+    }
+
+    #[test]
+    fn issue18_in_a_pod_the_listener_is_on_every_address_unless_annotated() {
+        let o = Options::default();
+        let none = HashMap::new();
+        let t = TaskSettings::new(&o, &none, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.http_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(t.in_pod(&none).http_listen.to_string(), "0.0.0.0:8080");
+        let mut ann = HashMap::new();
+        ann.insert(
+            "io.switchyard.wasm.http-listen".to_owned(),
+            "127.0.0.1:9000".to_owned(),
+        );
+        let t = TaskSettings::new(&o, &ann, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.in_pod(&ann).http_listen.to_string(), "127.0.0.1:9000");
     }
 
     #[test]

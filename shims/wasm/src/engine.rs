@@ -2,7 +2,8 @@
 //! what the spec asks against what the runtime can enforce, compiles (or takes from the cache)
 //! the `.wasm` named by `process.args[0]` inside the rootfs, opens the task's stdio and hands
 //! the task to the worker, the unprivileged process that runs guests (`remote.rs`,
-//! `worker.rs`).
+//! `worker.rs`). A container whose entrypoint is not Wasm (a pod's sandbox, a sidecar) goes to
+//! [`LINUX`], the native shim's engine (`yard_oci_runtime::engine`), in this same shim.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,10 +21,27 @@ use yard_shim_kit::protos::types::mount::Mount;
 use yard_shim_kit::stdio::{self, StdinCloser};
 use yard_shim_kit::{Container, CreateRequest, Engine, Error, Result, Rootfs};
 
+use yard_oci_runtime::engine::{Config as LinuxConfig, LinuxEngine};
+
 use crate::compile::{Compiler, Kind};
 use crate::config::{Options, TaskSettings};
+use crate::entrypoint::Entrypoint;
 use crate::ipc::{GuestSpec, Loaded, ToWorker};
 use crate::remote::{RemoteContainer, RemoteParts, RemoteTask, Worker};
+
+/// The Linux containers of a Wasm pod: libcontainer, with this shim's own state directory. The
+/// wasm runtime's options are its own, never containerd's runc options.
+const LINUX: LinuxEngine = LinuxEngine::new(LinuxConfig {
+    name: "containerd-shim-yard-wasm-v1",
+    state_root: "/run/yard-wasm",
+    runc_options: false,
+});
+
+/// Runtime mode (`containerd-shim-yard-wasm-v1 runtime ...`), which [`LINUX`] runs.
+pub const RUNTIME_OPTIONS: yard_oci_runtime::Options = yard_oci_runtime::Options {
+    default_root: "/run/yard-wasm",
+    after_create: None,
+};
 
 #[derive(Default)]
 pub struct WasmEngine {
@@ -119,10 +137,40 @@ impl Engine for WasmEngine {
 
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
         // The kit has read the spec and mounted the rootfs (and unmounts it).
-        self.create_task(&req, &req.spec, false).await
+        let Rootfs::Dir(rootfs) = &req.rootfs else {
+            return Err(Error::Internal(
+                "rootfs: mounts handed over unmounted".into(),
+            ));
+        };
+        let process = req
+            .spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("config.json: process: missing".into()))?;
+        let kind = {
+            let (rootfs, process) = (rootfs.clone(), process.clone());
+            tokio::task::spawn_blocking(move || crate::entrypoint::classify(&rootfs, &process))
+                .await
+                .map_err(|e| Error::Internal(format!("classify the entrypoint: {e}")))??
+        };
+        match kind {
+            Entrypoint::Wasm => self.create_task(&req, &req.spec, false).await,
+            Entrypoint::Linux => {
+                tracing::info!(id = %req.id, "not Wasm: a Linux container");
+                LINUX
+                    .create(CreateRequest {
+                        options: None,
+                        ..req
+                    })
+                    .await
+            }
+        }
     }
 
-    async fn cleanup(&self, _namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+    async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
+        if LINUX.knows(namespace, id) {
+            return LINUX.cleanup(namespace, id, bundle).await;
+        }
         // What outlives a shim: a rootfs mount, and the cgroup its worker was in (the worker
         // died with the shim).
         unmount_rootfs(bundle);
@@ -271,6 +319,19 @@ impl WasmEngine {
         let cpu = resources.and_then(|r| r.cpu().clone());
         let options = Options::from_any(req.options.as_ref())?;
         let settings = TaskSettings::new(&options, &annotations, memory_limit)?;
+        // In a pod (CRI names the sandbox's network namespace), the listener is the pod's.
+        let netns = linux
+            .and_then(|l| l.namespaces().as_ref())
+            .and_then(|ns| {
+                ns.iter()
+                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+            })
+            .and_then(|n| n.path().clone());
+        let settings = if netns.is_some() {
+            settings.in_pod(&annotations)
+        } else {
+            settings
+        };
         let compiler = self.compiler(&options).await?;
         let worker = self.worker(&options).await?;
 
@@ -292,7 +353,7 @@ impl WasmEngine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .home(cgroup.as_deref());
-        crate::policy::check(spec, &options, home, loaded == Loaded::Http)?;
+        crate::policy::check(spec, &options, home)?;
 
         let root = crate::sys::detached_tree(&rootfs, readonly).map_err(|e| {
             Error::Internal(format!(
@@ -326,6 +387,7 @@ impl WasmEngine {
                 worker: worker.clone(),
                 loaded,
                 listen: settings.http_listen,
+                netns,
                 bundle: req.bundle.clone(),
                 mounted,
                 stdin_closer,

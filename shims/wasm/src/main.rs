@@ -1,12 +1,15 @@
 //! `containerd-shim-yard-wasm-v1`: Switchyard's Wasm shim. WASI preview 1 modules and WASI 0.2
 //! components (commands and `wasi:http` edge functions) run on wasmtime, many tasks per shim,
-//! each an instance rather than a process, in one unprivileged worker process per shim.
+//! each an instance rather than a process, in one unprivileged worker process per shim. The
+//! Linux containers of a Wasm pod (its sandbox, sidecars) run beside them through libcontainer,
+//! as the native shim runs containers (`entrypoint.rs` decides which is which).
 
 mod cache;
 mod cgroup;
 mod compile;
 mod config;
 mod engine;
+mod entrypoint;
 mod fsguard;
 mod http;
 mod ipc;
@@ -26,6 +29,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("worker") {
         worker::main(&args[2..]);
+    }
+    // So must runtime mode (libcontainer, for the Linux containers of a Wasm pod).
+    if args.get(1).map(String::as_str) == Some(yard_oci_runtime::MODE) {
+        std::process::exit(yard_oci_runtime::main(&args[2..], &engine::RUNTIME_OPTIONS));
     }
     yard_shim_kit::run(env!("CARGO_PKG_VERSION"), |flags| {
         if flags.socket.is_empty() {

@@ -6,7 +6,7 @@
 //! Create refuses those, naming the field, unless the runtime option `allow_unenforced` lists
 //! it. The table is in docs/security.md.
 
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Spec};
+use oci_spec::runtime::{LinuxResources, Spec};
 use yard_shim_kit::{Error, Result};
 
 use crate::config::Options;
@@ -22,9 +22,10 @@ pub enum CpuHome {
     NoCgroup,
 }
 
-/// Refuse what would silently not be enforced. `http` says the module serves `wasi:http` (it
-/// listens on the host), `cpu_home` where its CPU would be accounted.
-pub fn check(spec: &Spec, options: &Options, cpu_home: CpuHome, http: bool) -> Result<()> {
+/// Refuse what would silently not be enforced. `cpu_home` says where its CPU would be
+/// accounted. A network namespace `path` (a pod's) is honoured: a `wasi:http` component's
+/// listener is bound in it (`sys::listen_in`).
+pub fn check(spec: &Spec, options: &Options, cpu_home: CpuHome) -> Result<()> {
     let mut refused = Vec::new();
     let mut refuse = |field: String, why: &str| {
         if !options.allows_unenforced(&field) {
@@ -125,14 +126,6 @@ pub fn check(spec: &Spec, options: &Options, cpu_home: CpuHome, http: bool) -> R
             }
         }
     }
-    for (i, ns) in linux.namespaces().iter().flatten().enumerate() {
-        if http && ns.typ() == LinuxNamespaceType::Network && ns.path().is_some() {
-            refuse(
-                format!("linux.namespaces[{i}].path"),
-                "a wasi:http component listens in the shim's network namespace, not in this one",
-            );
-        }
-    }
     if let Some(r) = linux.resources() {
         resources(r, cpu_home, &mut refuse);
     }
@@ -220,13 +213,13 @@ mod tests {
         })
     }
 
-    fn check_json(v: &Value, o: &Options, home: CpuHome, http: bool) -> Result<()> {
+    fn check_json(v: &Value, o: &Options, home: CpuHome) -> Result<()> {
         let spec: Spec = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}"));
-        check(&spec, o, home, http)
+        check(&spec, o, home)
     }
 
     fn refused(v: &Value, home: CpuHome) -> String {
-        check_json(v, &Options::default(), home, false)
+        check_json(v, &Options::default(), home)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
@@ -236,16 +229,16 @@ mod tests {
     fn defaults_of_ctr_yard_and_cri_pass() {
         let o = Options::default();
         let mut v = ctr_spec();
-        assert!(check_json(&v, &o, CpuHome::Owner, true).is_ok());
+        assert!(check_json(&v, &o, CpuHome::Owner).is_ok());
         // yard run: a memory and pids limit, its own cgroup.
         v["linux"]["resources"]["memory"] = json!({"limit": 33554432});
         v["linux"]["resources"]["pids"] = json!({"limit": 10});
-        assert!(check_json(&v, &o, CpuHome::Owner, false).is_ok());
+        assert!(check_json(&v, &o, CpuHome::Owner).is_ok());
         // CRI: CPU shares and quota in the task's own cgroup, OOM score, joined namespaces.
         v["linux"]["resources"]["cpu"] = json!({"shares": 2, "quota": 50000, "period": 100000});
         v["process"]["oomScoreAdj"] = json!(1000);
         v["linux"]["namespaces"][4] = json!({"type": "network", "path": "/var/run/netns/x"});
-        assert!(check_json(&v, &o, CpuHome::Owner, false).is_ok());
+        assert!(check_json(&v, &o, CpuHome::Owner).is_ok());
     }
 
     #[test]
@@ -337,16 +330,11 @@ mod tests {
     }
 
     #[test]
-    fn http_components_refuse_a_foreign_network_namespace() {
+    fn issue18_a_pods_network_namespace_is_accepted() {
+        // The HTTP listener is bound in it (a pod's IP reaches the component).
         let mut v = ctr_spec();
         v["linux"]["namespaces"][4] = json!({"type": "network", "path": "/var/run/netns/pod"});
-        let o = Options::default();
-        let e = check_json(&v, &o, CpuHome::Owner, true)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(e.starts_with("linux.namespaces[4].path: "), "{e}");
-        assert!(check_json(&v, &o, CpuHome::Owner, false).is_ok());
+        assert!(check_json(&v, &Options::default(), CpuHome::Owner).is_ok());
     }
 
     #[test]
@@ -358,7 +346,7 @@ mod tests {
             allow_unenforced: vec!["process.user".into()],
             ..Options::default()
         };
-        let e = check_json(&v, &some, CpuHome::Owner, false)
+        let e = check_json(&v, &some, CpuHome::Owner)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -368,6 +356,6 @@ mod tests {
             allow_unenforced: vec!["process.user".into(), "linux.seccomp".into()],
             ..Options::default()
         };
-        assert!(check_json(&v, &both, CpuHome::Owner, false).is_ok());
+        assert!(check_json(&v, &both, CpuHome::Owner).is_ok());
     }
 }

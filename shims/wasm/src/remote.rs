@@ -399,6 +399,8 @@ pub struct RemoteParts {
     pub worker: Arc<Worker>,
     pub loaded: Loaded,
     pub listen: SocketAddr,
+    /// The pod's network namespace, where the listener is bound (`None`: the shim's).
+    pub netns: Option<PathBuf>,
     pub bundle: PathBuf,
     pub mounted: bool,
     pub stdin_closer: StdinCloser,
@@ -411,6 +413,7 @@ pub struct RemoteTask {
     pub worker: Arc<Worker>,
     pub loaded: Loaded,
     pub listen: SocketAddr,
+    pub netns: Option<PathBuf>,
     pub bundle: PathBuf,
     pub mounted: bool,
     pub stdin_closer: StdinCloser,
@@ -429,6 +432,7 @@ impl RemoteTask {
             worker: p.worker,
             loaded: p.loaded,
             listen: p.listen,
+            netns: p.netns,
             bundle: p.bundle,
             mounted: p.mounted,
             stdin_closer: p.stdin_closer,
@@ -508,8 +512,15 @@ impl Process for RemoteTask {
         // sockets.
         let listener = match self.loaded {
             Loaded::Http => Some(OwnedFd::from(
-                std::net::TcpListener::bind(self.listen).map_err(|e| {
-                    Error::FailedPrecondition(format!("http listen address {}: {e}", self.listen))
+                crate::sys::listen_in(self.netns.as_deref(), self.listen).map_err(|e| {
+                    let netns = match &self.netns {
+                        Some(p) => format!(" in the network namespace {}", p.display()),
+                        None => String::new(),
+                    };
+                    Error::FailedPrecondition(format!(
+                        "http listen address {}{netns}: {e}",
+                        self.listen
+                    ))
                 })?,
             )),
             _ => None,

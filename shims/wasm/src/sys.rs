@@ -1,6 +1,7 @@
 //! The Wasm shim's unsafe operations, each wrapped once: turning a compiled artifact back into
 //! executable code (in the worker), hardening a detached mount tree (no wrapper exists for
-//! `mount_setattr`), and taking over the channel descriptor the parent placed in the worker.
+//! `mount_setattr`), and taking over the channel descriptor the parent placed in the worker;
+//! and binding a task's HTTP listener inside a pod's network namespace.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -84,6 +85,31 @@ pub fn channel() -> io::Result<OwnedFd> {
     // SAFETY: the parent put the channel at fd 3 for this process (command-fds mapping), nothing
     // else in the worker owns it, and this is called once, so the OwnedFd is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) })
+}
+
+/// A TCP listener bound to `addr` inside the network namespace at `netns` (a pod's, as
+/// containerd's CRI names it in `linux.namespaces`), or in the shim's own when there is none.
+/// The bind happens on a short-lived thread that alone enters the namespace (`setns` moves only
+/// the calling thread); the socket stays in that namespace for its whole life.
+pub fn listen_in(
+    netns: Option<&Path>,
+    addr: std::net::SocketAddr,
+) -> io::Result<std::net::TcpListener> {
+    let Some(netns) = netns else {
+        return std::net::TcpListener::bind(addr);
+    };
+    let ns = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::thread::move_into_link_name_space(
+                ns.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            std::net::TcpListener::bind(addr)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the bind thread panicked")))
+    })
 }
 
 #[cfg(test)]

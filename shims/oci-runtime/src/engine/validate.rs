@@ -64,7 +64,7 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<(), Error> {
     let Some(linux) = spec.linux() else {
         return Err(invalid("config.json: linux: missing"));
     };
-    yard_oci_runtime::spec::rootfs_propagation(linux.rootfs_propagation().as_deref())
+    crate::spec::rootfs_propagation(linux.rootfs_propagation().as_deref())
         .map_err(|e| invalid(e.to_string()))?;
     let known = filesystems();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {

@@ -1,8 +1,16 @@
-//! The native engine: containers through an OCI runtime command line. By default that command is
-//! this shim's own binary in runtime mode (libcontainer, see `runtime.rs`); with containerd's runc
-//! option `BinaryName` it is that binary (e.g. `runc`), which is also the oracle the conformance
-//! suite compares against. Everything that needs no fork (signals, freeze, update, stats, OOM) is
-//! done here through the container's cgroup.
+//! The Linux container engine (feature `engine`): containers through an OCI runtime command
+//! line. By default that command is the shim's own binary in runtime mode (libcontainer, this
+//! crate's [`crate::main`]); with containerd's runc option `BinaryName` it is that binary (e.g.
+//! `runc`), which is also the oracle the conformance suite compares against. Everything that
+//! needs no fork (signals, freeze, update, stats, OOM) is done here through the container's
+//! cgroup.
+//!
+//! Two shims use it: the native shim for every container, and the wasm shim for the Linux
+//! containers of a Wasm pod (its sandbox and sidecars). The guest agent builds this crate
+//! without the feature.
+
+mod cgroups;
+mod validate;
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -23,15 +31,52 @@ use yard_shim_kit::{
     Rootfs,
 };
 
-use crate::cgroups::{self, Cgroup};
-use crate::spec;
+use self::cgroups::Cgroup;
+use self::validate as spec;
 
-/// Where libcontainer keeps container state (like runc's `/run/containerd/runc`).
-const STATE_ROOT: &str = "/run/yard-native";
 /// How long a runtime invocation may take before it is killed.
 const RUNTIME_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub struct NativeEngine;
+/// What differs between the shims that run Linux containers.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// The shim binary's name for logs.
+    pub name: &'static str,
+    /// Where libcontainer keeps container state, per namespace (like runc's
+    /// `/run/containerd/runc`); also the runtime mode's default `--root`.
+    pub state_root: &'static str,
+    /// Whether containerd's runc options (`BinaryName`, `Root`) are honoured. A shim with
+    /// options of its own takes none of runc's.
+    pub runc_options: bool,
+}
+
+/// The native shim's configuration.
+pub const NATIVE: Config = Config {
+    name: "containerd-shim-yard-native-v1",
+    state_root: "/run/yard-native",
+    runc_options: true,
+};
+
+/// Linux containers through libcontainer (or runc), as the kit's [`Engine`].
+#[derive(Debug, Clone, Copy)]
+pub struct LinuxEngine {
+    config: Config,
+}
+
+impl LinuxEngine {
+    pub const fn new(config: Config) -> LinuxEngine {
+        LinuxEngine { config }
+    }
+
+    /// Whether this engine has (or had, before its shim died) a container `id`: its runtime
+    /// state or the shim's work directory for it exists.
+    pub fn knows(&self, namespace: &str, id: &str) -> bool {
+        match Oci::new(&self.config, namespace, None) {
+            Ok(oci) => oci.root.join(id).exists() || work_dir(&oci, id).exists(),
+            Err(_) => false,
+        }
+    }
+}
 
 /// An OCI runtime command line: ourselves in runtime mode, or an external binary such as runc.
 #[derive(Debug, Clone)]
@@ -43,9 +88,11 @@ struct Oci {
 }
 
 impl Oci {
-    fn new(namespace: &str, options: Option<&Any>) -> Result<Oci> {
+    fn new(config: &Config, namespace: &str, options: Option<&Any>) -> Result<Oci> {
         let opts = match options {
-            Some(any) if any.type_url.ends_with("containerd.runc.v1.Options") => {
+            Some(any)
+                if config.runc_options && any.type_url.ends_with("containerd.runc.v1.Options") =>
+            {
                 Some(RuncOptions::parse_from_bytes(&any.value).map_err(|e| {
                     Error::InvalidArgument(format!("options: not a runc Options message: {e}"))
                 })?)
@@ -64,8 +111,9 @@ impl Oci {
             let exe = std::env::current_exe().map_err(Error::io("find the shim's own binary"))?;
             Ok(Oci {
                 binary: exe,
-                prefix: vec![crate::runtime::MODE.to_owned()],
-                root: PathBuf::from(root.unwrap_or_else(|| STATE_ROOT.to_owned())).join(namespace),
+                prefix: vec![crate::MODE.to_owned()],
+                root: PathBuf::from(root.unwrap_or_else(|| config.state_root.to_owned()))
+                    .join(namespace),
                 external: false,
             })
         } else {
@@ -77,7 +125,7 @@ impl Oci {
             Ok(Oci {
                 binary,
                 prefix: Vec::new(),
-                root: PathBuf::from(root.unwrap_or_else(|| format!("{STATE_ROOT}/runc")))
+                root: PathBuf::from(root.unwrap_or_else(|| format!("{}/runc", config.state_root)))
                     .join(namespace),
                 external: true,
             })
@@ -192,10 +240,10 @@ impl Oci {
             return Ok(());
         }
         // Our runtime mode's log and runc's (`--log-format json`) end with the same record.
-        let message = crate::runtime::last_error(log)
-            .unwrap_or_else(|| format!("exit status {}", exit.status));
+        let message =
+            crate::last_error(log).unwrap_or_else(|| format!("exit status {}", exit.status));
         let what = format!("{} {}", self.name(), args.first().copied().unwrap_or(""));
-        if !self.external && exit.status == crate::runtime::EXIT_INVALID as u32 {
+        if !self.external && exit.status == crate::EXIT_INVALID as u32 {
             Err(Error::InvalidArgument(format!("{what}: {message}")))
         } else {
             Err(Error::Internal(format!("{what}: {message}")))
@@ -290,19 +338,24 @@ async fn run_with_console(
 }
 
 #[async_trait]
-impl Engine for NativeEngine {
+impl Engine for LinuxEngine {
     fn name(&self) -> &'static str {
-        "containerd-shim-yard-native-v1"
+        self.config.name
     }
 
     async fn create(&self, req: CreateRequest) -> Result<Arc<dyn Container>> {
-        let oci = Arc::new(Oci::new(&req.namespace, req.options.as_ref())?);
+        let oci = Arc::new(Oci::new(
+            &self.config,
+            &req.namespace,
+            req.options.as_ref(),
+        )?);
         create_container(&oci, &req).await
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
         let options = read_bundle_options(bundle);
-        let oci = Oci::new(namespace, options.as_ref()).or_else(|_| Oci::new(namespace, None))?;
+        let oci = Oci::new(&self.config, namespace, options.as_ref())
+            .or_else(|_| Oci::new(&self.config, namespace, None))?;
         // libcontainer's delete --force kills what is left, removes the cgroup and the state.
         let work = work_dir(&oci, id);
         let log = work.join("delete.log");
@@ -449,7 +502,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
             None
         }
     };
-    let init = Arc::new(NativeProcess {
+    let init = Arc::new(LinuxProcess {
         container_id: req.id.clone(),
         exec_id: None,
         oci: oci.clone(),
@@ -462,7 +515,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
         stdin_closer: Mutex::new(stdin_closer),
         spec: Vec::new(),
     });
-    Ok(Arc::new(NativeContainer {
+    Ok(Arc::new(LinuxContainer {
         id: req.id.clone(),
         oci: oci.clone(),
         work,
@@ -483,17 +536,17 @@ fn ensure_cgroup_path(bundle: &Path, config: &[u8], namespace: &str, id: &str) -
     std::fs::write(&path, out).map_err(Error::io(format!("write {}", path.display())))
 }
 
-struct NativeContainer {
+struct LinuxContainer {
     id: String,
     oci: Arc<Oci>,
     work: PathBuf,
     cgroup: Cgroup,
-    init: Arc<NativeProcess>,
+    init: Arc<LinuxProcess>,
     oom: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[async_trait]
-impl Container for NativeContainer {
+impl Container for LinuxContainer {
     fn init(&self) -> Arc<dyn Process> {
         self.init.clone()
     }
@@ -511,7 +564,7 @@ impl Container for NativeContainer {
                 "exec: terminal in the request and in the process spec disagree".into(),
             ));
         }
-        Ok(Arc::new(NativeProcess {
+        Ok(Arc::new(LinuxProcess {
             container_id: self.id.clone(),
             exec_id: Some(req.exec_id.clone()),
             oci: self.oci.clone(),
@@ -578,7 +631,7 @@ struct Started {
     pidfd: Option<OwnedFd>,
 }
 
-struct NativeProcess {
+struct LinuxProcess {
     container_id: String,
     exec_id: Option<String>,
     oci: Arc<Oci>,
@@ -594,7 +647,7 @@ struct NativeProcess {
 }
 
 #[async_trait]
-impl Process for NativeProcess {
+impl Process for LinuxProcess {
     fn pid(&self) -> u32 {
         self.pid.load(Ordering::SeqCst)
     }
@@ -738,7 +791,7 @@ mod tests {
         let oci = Oci {
             binary: PathBuf::from("/bin/true"),
             prefix: Vec::new(),
-            root: PathBuf::from(STATE_ROOT).join(&namespace),
+            root: PathBuf::from(NATIVE.state_root).join(&namespace),
             external: false,
         };
         let old = work_dir(&oci, &id).join("pty-123456-123456789/pty.sock");

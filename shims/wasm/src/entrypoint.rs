@@ -1,0 +1,335 @@
+//! Which engine runs a container: the entrypoint file's header decides, per container, not the
+//! runtime class. A Wasm pod under containerd's CRI has a sandbox (pause) container and may
+//! have Linux sidecars; they reach this shim like its Wasm tasks do.
+//!
+//! The file is `process.args[0]`, found as `execvp` would find it (a name without `/` on the
+//! process's `PATH`, else relative to its `cwd`), inside the rootfs only: it is opened with
+//! `openat2(RESOLVE_IN_ROOT)`, so `..` and symlinks, absolute ones included, stop at the root.
+//! Only its first [`PEEK`] bytes are read (the kernel's own `#!` buffer).
+//!
+//! - `\0asm`: Wasm (a module or a component; `compile.rs` checks the rest).
+//! - ELF, or a `#!` script whose interpreter is in the rootfs: a Linux container.
+//! - Anything else, or a script whose interpreter is missing: Create fails, naming the file.
+//!
+//! The OCI Wasm artifact media types are not seen here: containerd's CRI passes the shim no
+//! image manifest. switchyardd routes by them (`core/images`, `oci::is_for_wasm`), and an
+//! artifact's layers are Wasm modules, which this header check then finds.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::Process;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use yard_shim_kit::{Error, Result};
+
+/// Bytes read from the entrypoint: the kernel's `BINPRM_BUF_SIZE`, the longest `#!` line it
+/// honours.
+pub const PEEK: usize = 256;
+/// At most this many `PATH` entries are searched (the environment is the image's).
+const MAX_PATH_DIRS: usize = 64;
+/// `PATH` when the process sets none (runc's and libcontainer's default).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entrypoint {
+    Wasm,
+    Linux,
+}
+
+/// Which engine runs a container whose root is `rootfs`.
+pub fn classify(rootfs: &Path, process: &Process) -> Result<Entrypoint> {
+    let Some(arg0) = process.args().as_ref().and_then(|a| a.first()) else {
+        return Err(Error::InvalidArgument(
+            "config.json: process.args: empty (args[0] names a .wasm file or a Linux program)"
+                .into(),
+        ));
+    };
+    let what = format!("process.args[0] {arg0}");
+    let root = rustix::fs::open(
+        rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(format!("open the rootfs {}", rootfs.display()))(e.into()))?;
+    let cwd = process.cwd();
+    let path_var = process
+        .env()
+        .iter()
+        .flatten()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    let file = find(&root, arg0, cwd, path_var, &what)?;
+    let head = peek(file, &what)?;
+    match kind(&head) {
+        Header::Wasm => Ok(Entrypoint::Wasm),
+        Header::Elf => Ok(Entrypoint::Linux),
+        Header::Script(interp) => {
+            // A relative interpreter is the kernel's to resolve (against the cwd at exec).
+            if interp.starts_with('/') {
+                match open_in(&root, Path::new(&interp)) {
+                    Ok(Some(f)) if f.metadata().is_ok_and(|m| m.is_file()) => {}
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "{what}: a #! script whose interpreter {interp} is not a file in the \
+                             rootfs (and not a WebAssembly binary)"
+                        )));
+                    }
+                }
+            }
+            Ok(Entrypoint::Linux)
+        }
+        Header::BadScript => Err(Error::InvalidArgument(format!(
+            "{what}: a #! line that names no interpreter"
+        ))),
+        Header::Unknown => Err(Error::InvalidArgument(format!(
+            "{what}: not a WebAssembly binary (no \\0asm header), nor an ELF executable or a #! \
+             script"
+        ))),
+    }
+}
+
+/// The entrypoint as `execvp` would pick it, opened in the root.
+fn find(root: &OwnedFd, arg0: &str, cwd: &Path, path_var: &str, what: &str) -> Result<File> {
+    let cwd = if cwd.as_os_str().is_empty() {
+        Path::new("/")
+    } else {
+        cwd
+    };
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if !arg0.contains('/') {
+        candidates.extend(
+            path_var
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .take(MAX_PATH_DIRS)
+                .map(|d| Path::new(d).join(arg0)),
+        );
+    }
+    candidates.push(cwd.join(arg0));
+    let mut saw_other = false;
+    for c in candidates {
+        let c = clean(&c, cwd);
+        let Some(f) = open_in(root, &c).map_err(|e| {
+            Error::InvalidArgument(format!("{what}: cannot open it in the rootfs ({e})"))
+        })?
+        else {
+            continue;
+        };
+        let meta = f
+            .metadata()
+            .map_err(|e| Error::InvalidArgument(format!("{what}: cannot stat it ({e})")))?;
+        if meta.is_file() {
+            return Ok(f);
+        }
+        saw_other = true;
+    }
+    Err(Error::InvalidArgument(if saw_other {
+        format!("{what}: not a file")
+    } else {
+        format!("{what}: not found in the rootfs")
+    }))
+}
+
+/// `path` as an absolute path inside the root, `..` stopping at `/` (relative to `cwd`).
+fn clean(path: &Path, cwd: &Path) -> PathBuf {
+    let full = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        cwd.join(path)
+    };
+    let mut out = PathBuf::from("/");
+    for c in full.components() {
+        match c {
+            Component::Normal(x) => out.push(x),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Open `path` inside `root` for reading, never leaving it and never blocking (a fifo); `None`
+/// when it does not exist.
+fn open_in(root: &OwnedFd, path: &Path) -> std::io::Result<Option<File>> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    match rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn peek(file: File, what: &str) -> Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(PEEK);
+    file.take(PEEK as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::InvalidArgument(format!("{what}: cannot read it ({e})")))?;
+    Ok(head)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Header {
+    Wasm,
+    Elf,
+    /// `#!` and the interpreter's path.
+    Script(String),
+    BadScript,
+    Unknown,
+}
+
+fn kind(head: &[u8]) -> Header {
+    if head.starts_with(b"\0asm") {
+        return Header::Wasm;
+    }
+    if head.starts_with(b"\x7fELF") {
+        return Header::Elf;
+    }
+    let Some(rest) = head.strip_prefix(b"#!") else {
+        return Header::Unknown;
+    };
+    let line = rest.split(|b| *b == b'\n').next().unwrap_or_default();
+    let interp: Vec<u8> = line
+        .iter()
+        .copied()
+        .skip_while(|b| *b == b' ' || *b == b'\t')
+        .take_while(|b| !matches!(b, b' ' | b'\t' | b'\r' | 0))
+        .collect();
+    match String::from_utf8(interp) {
+        Ok(s) if !s.is_empty() => Header::Script(s),
+        _ => Header::BadScript,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(args: &[&str], cwd: &str, path: Option<&str>) -> Process {
+        let mut env = Vec::new();
+        if let Some(p) = path {
+            env.push(format!("PATH={p}"));
+        }
+        let v = serde_json::json!({
+            "args": args, "cwd": cwd, "env": env, "user": {"uid": 0, "gid": 0}
+        });
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn rootfs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = dir.path();
+        let w = |p: &str, b: &[u8]| {
+            let p = r.join(p);
+            std::fs::create_dir_all(p.parent().unwrap_or(r)).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(p, b).unwrap_or_else(|e| panic!("{e}"));
+        };
+        w("app/hello.wasm", b"\0asm\x01\0\0\0");
+        w("bin/busybox", b"\x7fELF\x02\x01\x01");
+        w("pause", b"\x7fELF\x02\x01\x01");
+        w("run.sh", b"#!/bin/sh\necho hi\n");
+        w("orphan.sh", b"#! /no/such/sh -e\necho hi\n");
+        w("blank.sh", b"#!   \n");
+        w("app.wasm", b"#!/bin/sh\necho not wasm\n");
+        w("hello.txt", b"file contents\n");
+        std::os::unix::fs::symlink("/bin/busybox", r.join("bin/sh"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Absolute: resolved in the root, never on the host.
+        std::os::unix::fs::symlink("/etc/passwd", r.join("escape"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    fn classify_in(
+        root: &Path,
+        args: &[&str],
+        cwd: &str,
+    ) -> std::result::Result<Entrypoint, String> {
+        classify(root, &process(args, cwd, None)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn issue18_the_header_decides() {
+        let dir = rootfs();
+        let r = dir.path();
+        assert_eq!(
+            classify_in(r, &["/app/hello.wasm"], "/"),
+            Ok(Entrypoint::Wasm)
+        );
+        assert_eq!(
+            classify_in(r, &["hello.wasm"], "/app"),
+            Ok(Entrypoint::Wasm)
+        );
+        assert_eq!(classify_in(r, &["/pause"], "/"), Ok(Entrypoint::Linux));
+        // On PATH, through an absolute symlink that stays in the root.
+        assert_eq!(
+            classify_in(r, &["sh", "-c", "x"], "/"),
+            Ok(Entrypoint::Linux)
+        );
+        assert_eq!(classify_in(r, &["/run.sh"], "/"), Ok(Entrypoint::Linux));
+        let p = process(&["busybox"], "/", Some("/nowhere:/bin"));
+        assert_eq!(classify(r, &p).ok(), Some(Entrypoint::Linux));
+    }
+
+    #[test]
+    fn issue18_neither_wasm_nor_linux_names_the_file() {
+        let dir = rootfs();
+        let r = dir.path();
+        // With /bin/sh it is a Linux script; alone in its image (as in the CRI test) it fails.
+        assert_eq!(classify_in(r, &["/app.wasm"], "/"), Ok(Entrypoint::Linux));
+        let alone = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(alone.path().join("app.wasm"), b"#!/bin/sh\necho not wasm\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = classify_in(alone.path(), &["/app.wasm"], "/")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("process.args[0] /app.wasm: a #! script whose interpreter /bin/sh"),
+            "{e}"
+        );
+        let e = classify_in(r, &["/hello.txt"], "/")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("process.args[0] /hello.txt: not a WebAssembly binary"),
+            "{e}"
+        );
+        let e = classify_in(r, &["/orphan.sh"], "/")
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("interpreter /no/such/sh"), "{e}");
+        let e = classify_in(r, &["/blank.sh"], "/")
+            .err()
+            .unwrap_or_default();
+        assert!(e.ends_with("names no interpreter"), "{e}");
+        let e = classify_in(r, &["/missing.wasm"], "/")
+            .err()
+            .unwrap_or_default();
+        assert_eq!(e, "process.args[0] /missing.wasm: not found in the rootfs");
+        let e = classify_in(r, &["/app"], "/").err().unwrap_or_default();
+        assert_eq!(e, "process.args[0] /app: not a file");
+        // The host's /etc/passwd is not reached.
+        let e = classify_in(r, &["/escape"], "/").err().unwrap_or_default();
+        assert!(e.ends_with("not found in the rootfs"), "{e}");
+        let e = classify_in(r, &["/../../etc/passwd"], "/")
+            .err()
+            .unwrap_or_default();
+        assert!(e.ends_with("not found in the rootfs"), "{e}");
+        let e = classify_in(r, &[], "/").err().unwrap_or_default();
+        assert!(e.starts_with("config.json: process.args: empty"), "{e}");
+    }
+}
