@@ -114,6 +114,7 @@ fn main() {
         boot_timeout: BOOT_TIMEOUT,
         root_disk: None,
         share_dir: None,
+        volume_dir: None,
     };
 
     // Warm-up: the kernel and initrd into the page cache. QEMU, so that no built-in VMM code

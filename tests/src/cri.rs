@@ -45,6 +45,22 @@ pub const HANDLERS: &[(&str, &str)] = &[
     ("wasm", "io.containerd.yard-wasm.v1"),
 ];
 
+/// The vm handler's options file in a node's directory ([`vm_options`]).
+const VM_OPTIONS: &str = "vm-options.toml";
+
+/// The vm handler's options: the guest from [`crate::guest_dir`] (`SWITCHYARD_GUEST_DIR`), QEMU,
+/// and the image cache and shares under the node's directory (so what a test leaves is the
+/// node's).
+fn vm_options(dir: &Path) -> String {
+    let g = crate::guest_dir();
+    format!(
+        "backend = \"qemu\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncache_dir = \"{}\"\n",
+        g.join("vmlinux").display(),
+        g.join("initrd.img").display(),
+        dir.join("vm-cache").display()
+    )
+}
+
 /// A containerd line with a CRI plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -82,7 +98,16 @@ impl Peer {
             HANDLERS
                 .iter()
                 .map(|(name, ty)| {
-                    format!("[{prefix}.containerd.runtimes.{name}]\nruntime_type = \"{ty}\"\n")
+                    let mut r =
+                        format!("[{prefix}.containerd.runtimes.{name}]\nruntime_type = \"{ty}\"\n");
+                    if *name == "vm" {
+                        // CRI hands a runtime that is not runc its options as `ConfigPath`.
+                        r.push_str(&format!(
+                            "[{prefix}.containerd.runtimes.{name}.options]\nConfigPath = \"{}\"\n",
+                            dir.join(VM_OPTIONS).display()
+                        ));
+                    }
+                    r
                 })
                 .collect()
         };
@@ -241,6 +266,7 @@ impl CriNode {
         let net = TestNet::new(dir.path());
         let config = dir.path().join("config.toml");
         crate::write(&config, &peer.config(dir.path(), &socket, &net.conf_dir));
+        crate::write(&dir.path().join(VM_OPTIONS), &vm_options(dir.path()));
         let log = dir.path().join("containerd.log");
         let logf = std::fs::File::create(&log).expect("log");
         // Shims are found on containerd's PATH: ours (the build's bin dir) first.

@@ -925,26 +925,10 @@ mod native {
 
 mod vm {
     use super::*;
-    per_peer!(
-        pod_lifecycle,
-        "vm",
-        pending = "issue 18: the vm runtime refuses CRI's host bind mounts"
-    );
-    per_peer!(
-        exec_streaming,
-        "vm",
-        pending = "issue 18: the vm runtime refuses CRI's host bind mounts"
-    );
-    per_peer!(
-        vm_pod_volumes,
-        "vm",
-        pending = "issue 18: the vm runtime refuses CRI's host bind mounts"
-    );
-    per_peer!(
-        bad_input_vm,
-        "vm",
-        pending = "issue 18: the vm runtime refuses CRI's host bind mounts"
-    );
+    per_peer!(pod_lifecycle, "vm");
+    per_peer!(exec_streaming, "vm");
+    per_peer!(vm_pod_volumes, "vm");
+    per_peer!(bad_input_vm, "vm");
 }
 
 mod wasm {

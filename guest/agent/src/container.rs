@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::reaper::{self, Reaper, Status};
 use crate::stdio::{self, ChildPipes, Fd, Io, Slot};
 use crate::storage::{self, Image, Mounter, Rootfs};
-use crate::{runtime, spec};
+use crate::{runtime, spec, volumes};
 
 /// How long one runtime helper (create, exec) may take.
 const RUNTIME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -45,6 +45,10 @@ pub struct Agent {
     /// Ids being created or removed (not in `containers` yet, or anymore).
     busy: Mutex<HashSet<String>>,
     share_mounted: tokio::sync::Mutex<bool>,
+    volumes_mounted: tokio::sync::Mutex<bool>,
+    pod_shm_mounted: tokio::sync::Mutex<bool>,
+    /// Names console sockets (their paths must fit `sun_path` whatever the ids' length).
+    consoles: AtomicU64,
     oom_poll: tokio::sync::Mutex<()>,
 }
 
@@ -213,6 +217,23 @@ fn delete_state(id: &str) {
     }
 }
 
+/// Mounts something once per guest, under `flag`.
+async fn ensure(
+    flag: &tokio::sync::Mutex<bool>,
+    m: Arc<dyn Mounter>,
+    mount: fn(&dyn Mounter) -> Result<()>,
+) -> Result<()> {
+    let mut mounted = flag.lock().await;
+    if !*mounted {
+        blocking(move || mount(m.as_ref())).await?;
+        *mounted = true;
+    }
+    Ok(())
+}
+
+/// Console sockets' directory.
+const CONSOLES: &str = "/run/yard/pty";
+
 /// Where the pty master of a terminal process arrives.
 struct ConsoleSocket {
     path: PathBuf,
@@ -230,7 +251,6 @@ impl ConsoleSocket {
     /// Accepts the runtime's connection and takes the pty master it sends.
     async fn receive(self) -> std::io::Result<std::os::fd::OwnedFd> {
         let (stream, _) = self.listener.accept().await?;
-        let _ = std::fs::remove_file(&self.path);
         loop {
             stream.readable().await?;
             match stream.try_io(tokio::io::Interest::READABLE, || recv_fd(&stream)) {
@@ -239,6 +259,12 @@ impl ConsoleSocket {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -278,6 +304,9 @@ impl Agent {
             containers: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             share_mounted: tokio::sync::Mutex::new(false),
+            volumes_mounted: tokio::sync::Mutex::new(false),
+            pod_shm_mounted: tokio::sync::Mutex::new(false),
+            consoles: AtomicU64::new(0),
             oom_poll: tokio::sync::Mutex::new(()),
         }
     }
@@ -309,24 +338,55 @@ impl Agent {
     }
 
     async fn ensure_share(&self) -> Result<()> {
-        let mut mounted = self.share_mounted.lock().await;
-        if !*mounted {
-            let m = self.mounter.clone();
-            blocking(move || storage::mount_share(m.as_ref())).await?;
-            *mounted = true;
+        ensure(
+            &self.share_mounted,
+            self.mounter.clone(),
+            storage::mount_share,
+        )
+        .await
+    }
+
+    /// Mounts what the container's volumes need (each once per guest).
+    async fn ensure_volumes(&self, needs: volumes::Needs) -> Result<()> {
+        if needs.share {
+            ensure(
+                &self.volumes_mounted,
+                self.mounter.clone(),
+                storage::mount_volumes,
+            )
+            .await?;
+        }
+        if needs.pod_shm {
+            ensure(
+                &self.pod_shm_mounted,
+                self.mounter.clone(),
+                storage::mount_pod_shm,
+            )
+            .await?;
         }
         Ok(())
+    }
+
+    /// A console socket at a short path: ids are up to 76 bytes each, and
+    /// `/run/yard/c/<id>/exec-<exec id>.sock` would not fit a socket address.
+    fn console_socket(&self) -> Result<ConsoleSocket> {
+        let dir = Path::new(CONSOLES);
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("create {CONSOLES}")))?;
+        let n = self.consoles.fetch_add(1, Ordering::SeqCst);
+        ConsoleSocket::bind(dir.join(format!("{n}.sock")))
     }
 
     pub async fn create(&self, req: CreateContainerRequest) -> Result<()> {
         let id = req.container_id.clone();
         check_id("container_id", &id)?;
         let image = Image::from_request(req.storage.as_ref())?;
-        let parsed = spec::parse(&req.spec)?;
+        let mut parsed = spec::parse(&req.spec)?;
+        let needs = volumes::apply(&mut parsed, &req.volumes)?;
         let _reservation = self.reserve(&id)?;
         if matches!(image.source, storage::Source::SharedFile(_)) {
             self.ensure_share().await?;
         }
+        self.ensure_volumes(needs).await?;
         let rootfs = {
             let (m, id, image) = (self.mounter.clone(), id.clone(), image.clone());
             blocking(move || storage::prepare(m.as_ref(), &id, &image)).await?
@@ -354,7 +414,7 @@ impl Agent {
         ];
         let init = Arc::new(Process::new("", guest.terminal, Vec::new()));
         if guest.terminal {
-            let console = ConsoleSocket::bind(rootfs.dir.join("init.sock"))?;
+            let console = self.console_socket()?;
             args.extend([
                 "--console-socket".to_owned(),
                 console.path.display().to_string(),
@@ -542,7 +602,7 @@ impl Agent {
             pid_file.display().to_string(),
         ];
         let result = if p.terminal {
-            let console = ConsoleSocket::bind(base.with_extension("sock"))?;
+            let console = self.console_socket()?;
             args.extend([
                 "--console-socket".to_owned(),
                 console.path.display().to_string(),

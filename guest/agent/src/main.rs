@@ -17,6 +17,7 @@ mod spec;
 mod stdio;
 mod storage;
 mod sys;
+mod volumes;
 
 use std::io::Write;
 use std::sync::Arc;

@@ -14,7 +14,9 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags};
-use yard_agent_protocol::{SHARE_MOUNT, SHARE_TAG, Storage};
+use yard_agent_protocol::{
+    POD_SHM, POD_SHM_SIZE, SHARE_MOUNT, SHARE_TAG, Storage, VOLUME_MOUNT, VOLUME_TAG,
+};
 
 use crate::error::{Error, Result};
 
@@ -209,6 +211,45 @@ pub fn mount_share(m: &dyn Mounter) -> Result<()> {
             Error::io(format!("mount the 9p share {SHARE_TAG} at {SHARE_MOUNT}"))(e)
         }
     })
+}
+
+/// Mounts the read-write volume share (once per guest). `cache=none`: every read goes to the
+/// host, so a file changed there (a configmap) reads changed here.
+pub fn mount_volumes(m: &dyn Mounter) -> Result<()> {
+    let target = Path::new(VOLUME_MOUNT);
+    m.mkdir(target)
+        .map_err(Error::io(format!("create {VOLUME_MOUNT}")))?;
+    m.mount(
+        VOLUME_TAG,
+        target,
+        "9p",
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some("trans=virtio,version=9p2000.L,msize=262144,cache=none"),
+    )
+    .map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENODEV) {
+            Error::FailedPrecondition(format!(
+                "volumes: the VM has no 9p share tagged {VOLUME_TAG:?} ({e})"
+            ))
+        } else {
+            Error::io(format!("mount the 9p share {VOLUME_TAG} at {VOLUME_MOUNT}"))(e)
+        }
+    })
+}
+
+/// Mounts the pod's `/dev/shm` (once per guest).
+pub fn mount_pod_shm(m: &dyn Mounter) -> Result<()> {
+    let target = Path::new(POD_SHM);
+    m.mkdir(target)
+        .map_err(Error::io(format!("create {POD_SHM}")))?;
+    m.mount(
+        "shm",
+        target,
+        "tmpfs",
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(&format!("mode=1777,size={POD_SHM_SIZE}")),
+    )
+    .map_err(Error::io(format!("mount the pod's shm at {POD_SHM}")))
 }
 
 /// Mounts `image` and the overlay for container `id`. On error, what was mounted is undone.
@@ -503,6 +544,18 @@ mod tests {
         assert_eq!(
             m.calls()[1],
             "mount yardshare /run/yard/share 9p ro trans=virtio,version=9p2000.L,msize=262144"
+        );
+        let m = Recorder::default();
+        mount_volumes(&m).unwrap();
+        mount_pod_shm(&m).unwrap();
+        assert_eq!(
+            m.calls(),
+            [
+                "mkdir /run/yard/vol",
+                "mount yardvol /run/yard/vol 9p trans=virtio,version=9p2000.L,msize=262144,cache=none",
+                "mkdir /run/yard/shm",
+                "mount shm /run/yard/shm tmpfs mode=1777,size=64m",
+            ]
         );
     }
 

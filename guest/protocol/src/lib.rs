@@ -51,6 +51,23 @@ pub const SHARE_TAG: &str = "yardshare";
 /// Where the agent mounts that share in the guest.
 pub const SHARE_MOUNT: &str = "/run/yard/share";
 
+/// The 9p mount tag of the sandbox's read-write volume share: host files and directories
+/// (volumes, `/etc/resolv.conf`, ...) the host binds into it, one entry per bind mount of a
+/// container ([`Volume::shared`]).
+pub const VOLUME_TAG: &str = "yardvol";
+
+/// Where the agent mounts the volume share in the guest.
+pub const VOLUME_MOUNT: &str = "/run/yard/vol";
+
+/// The pod's `/dev/shm` in the guest ([`Volume::pod_shm`]): one tmpfs, mounted on first use.
+pub const POD_SHM: &str = "/run/yard/shm";
+
+/// The size of the pod's `/dev/shm`, as containerd's CRI sizes the host's.
+pub const POD_SHM_SIZE: &str = "64m";
+
+/// The longest [`Volume::shared`] name the agent takes.
+pub const MAX_VOLUME_NAME: usize = 64;
+
 /// The kernel command-line key that turns on the agent's debug logs (`yard.debug=1`).
 pub const CMDLINE_DEBUG: &str = "yard.debug";
 

@@ -67,6 +67,10 @@ pub struct VmConfig {
     /// [shares files](Hypervisor::shares_files). `None`: the VM gets no 9p device at all (the
     /// engine asks for one only when later containers may need it).
     pub share_dir: Option<PathBuf>,
+    /// A host directory exported read-write over virtio-9p with mount tag
+    /// [`VOLUME_TAG`](yard_agent_protocol::VOLUME_TAG): the containers' host mounts
+    /// ([`crate::engine::volumes`]). `None`: no such device.
+    pub volume_dir: Option<PathBuf>,
 }
 
 /// How the VMM process ended.

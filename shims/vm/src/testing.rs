@@ -339,6 +339,8 @@ struct FakeProcess {
 #[derive(Debug, Default)]
 struct FakeContainer {
     storage: proto::Storage,
+    volumes: Vec<proto::Volume>,
+    spec: serde_json::Value,
     processes: HashMap<String, FakeProcess>,
     oom_kills: u64,
 }
@@ -426,6 +428,16 @@ impl FakeAgent {
             .map(|c| c.storage.clone())
     }
 
+    /// The volumes and the spec container `id` was created with.
+    pub fn created(&self, id: &str) -> Option<(Vec<proto::Volume>, serde_json::Value)> {
+        self.guest
+            .lock()
+            .unwrap()
+            .containers
+            .get(id)
+            .map(|c| (c.volumes.clone(), c.spec.clone()))
+    }
+
     pub fn removed(&self) -> Vec<String> {
         self.guest.lock().unwrap().removed.clone()
     }
@@ -489,6 +501,8 @@ impl proto::Agent for FakeAgent {
                 req.container_id.clone(),
                 FakeContainer {
                     storage: req.storage.clone().unwrap_or_default(),
+                    volumes: req.volumes.clone(),
+                    spec,
                     processes: HashMap::from([(String::new(), init)]),
                     oom_kills: 0,
                 },
@@ -910,5 +924,48 @@ impl EventsServer {
             .filter(|(t, _)| t == yard_shim_kit::protos::topics::TASK_OOM_EVENT_TOPIC)
             .map(|(_, id)| id.clone())
             .collect()
+    }
+}
+
+/// Records the volume share's host mounts instead of making them; a source that does not
+/// exist fails as `mount(2)` would.
+#[derive(Default)]
+pub struct RecordingBinder {
+    calls: Mutex<Vec<String>>,
+}
+
+impl RecordingBinder {
+    pub fn new() -> Arc<RecordingBinder> {
+        Arc::new(RecordingBinder::default())
+    }
+
+    /// `bind SOURCE TARGET [ro]` and `unbind TARGET`, in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl crate::engine::volumes::Binder for RecordingBinder {
+    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> std::io::Result<()> {
+        std::fs::metadata(source)?;
+        let ro = if readonly { " ro" } else { "" };
+        self.calls.lock().unwrap().push(format!(
+            "bind {} {}{ro}",
+            source.display(),
+            target.display()
+        ));
+        Ok(())
+    }
+
+    fn unbind(&self, target: &Path) -> std::io::Result<()> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("unbind {}", target.display()));
+        Ok(())
+    }
+
+    fn mounted_under(&self, _dir: &Path) -> Vec<PathBuf> {
+        Vec::new()
     }
 }

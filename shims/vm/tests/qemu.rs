@@ -166,6 +166,7 @@ fn config(g: &Guest, state: &Path, id: &str, mode: &str) -> VmConfig {
         boot_timeout: Duration::from_secs(20),
         root_disk: None,
         share_dir: None,
+        volume_dir: None,
     }
 }
 
@@ -411,6 +412,7 @@ async fn missing_files_are_named_before_anything_starts() {
         boot_timeout: Duration::from_secs(1),
         root_disk: None,
         share_dir: None,
+        volume_dir: None,
     };
     let err = Qemu::default().boot(cfg.clone()).await.err().unwrap();
     assert!(matches!(err, BootVmError::KernelMissing { .. }), "{err}");

@@ -133,6 +133,7 @@ impl Container for VmContainer {
             let _ = self.sandbox.agent.signal(&self.id, "", 9, true).await;
         }
         let removed = self.sandbox.agent.remove(&self.id).await;
+        self.sandbox.take_back_volumes(&self.id).await;
         if let Some(attached) = self.sandbox.attached(&self.id) {
             self.sandbox
                 .detach(&self.id, &attached, removed.is_ok())

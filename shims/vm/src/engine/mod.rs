@@ -18,13 +18,15 @@
 //! | [`container`] | the task calls of one container |
 //! | [`process`] | one process and its stdio pumps |
 //! | [`oom`] | OOM reports from the guest, checked and paced |
-//! | [`spec`] | what the vm runtime refuses in a spec |
+//! | [`spec`] | what the vm runtime refuses in a spec, bind mounts, the guest's namespaces |
+//! | [`volumes`] | host files and directories shared with the guest (the volume share) |
 
 pub mod container;
 pub mod oom;
 pub mod process;
 pub mod sandbox;
 pub mod spec;
+pub mod volumes;
 
 #[cfg(test)]
 mod tests;
@@ -45,6 +47,7 @@ use crate::image::{Image, ImageFormat};
 use container::VmContainer;
 use process::VmProcess;
 use sandbox::{Attached, Boot, Dirs, SANDBOX_FILE, Sandbox, Slot, release};
+use volumes::{Binder, HostBinder};
 
 pub use sandbox::STATE_ROOT;
 
@@ -52,6 +55,7 @@ pub struct VmEngine {
     sandbox: Arc<Slot>,
     backends: Arc<dyn Backends>,
     dirs: Dirs,
+    binder: Arc<dyn Binder>,
 }
 
 impl Default for VmEngine {
@@ -76,7 +80,14 @@ impl VmEngine {
             dirs: Dirs {
                 state_root: state_root.into(),
             },
+            binder: Arc::new(HostBinder),
         }
+    }
+
+    /// Host mounts of the volume share through `binder` (tests record them instead).
+    pub fn with_binder(mut self, binder: Arc<dyn Binder>) -> VmEngine {
+        self.binder = binder;
+        self
     }
 }
 
@@ -100,13 +111,12 @@ impl Engine for VmEngine {
                 "config.json: process: missing".into(),
             ));
         }
-        spec::host_binds(spec)?;
+        spec::binds(spec)?;
         let prebuilt = match &req.rootfs {
             Rootfs::Mounts(mounts) => prebuilt_image(mounts)?,
             Rootfs::Dir(_) => None,
         };
-        self.create_container(&req, spec, req.config.clone(), prebuilt)
-            .await
+        self.create_container(&req, spec, prebuilt).await
     }
 
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
@@ -129,6 +139,7 @@ impl Engine for VmEngine {
             sandbox = key,
             "removing a dead shim's sandbox files"
         );
+        volumes::sweep(self.binder.as_ref(), &self.dirs.volume_dir(namespace, key));
         let _ = std::fs::remove_dir_all(self.dirs.state_dir(namespace, key));
         let _ = std::fs::remove_dir_all(sandbox::share_dir(&options, namespace, key));
         Ok(())
@@ -146,9 +157,13 @@ impl VmEngine {
         &self,
         req: &CreateRequest,
         spec: &Spec,
-        spec_bytes: Vec<u8>,
         prebuilt: Option<Image>,
     ) -> Result<Arc<dyn Container>> {
+        let binds = spec::binds(spec)?;
+        let mut guest_spec = spec.clone();
+        spec::guest_namespaces(&mut guest_spec);
+        let spec_bytes = serde_json::to_vec(&guest_spec)
+            .map_err(|e| Error::Internal(format!("encode config.json for the guest: {e}")))?;
         let rootfs = match prebuilt {
             Some(_) => None,
             None => Some(rootfs_dir(
@@ -196,6 +211,10 @@ impl VmEngine {
             }
             None => {
                 let grouped = spec::grouped(spec, &options);
+                let host_bind = binds
+                    .iter()
+                    .find(|b| matches!(b.source, spec::BindSource::Host { .. }))
+                    .map(spec::Bind::describe);
                 let sb = Sandbox::boot(
                     self.backends.as_ref(),
                     Boot {
@@ -206,6 +225,8 @@ impl VmEngine {
                         events: req.events.clone(),
                         grouped,
                         dirs: &self.dirs,
+                        host_bind,
+                        binder: self.binder.clone(),
                     },
                 )
                 .await?;
@@ -223,20 +244,27 @@ impl VmEngine {
         sandbox::write_sandbox_key(&req.bundle, &sandbox.key);
         drop(slot);
 
-        let created = sandbox
-            .agent
-            .create_container(proto::CreateContainerRequest {
-                container_id: req.id.clone(),
-                spec: spec_bytes,
-                storage: MessageField::some(storage),
-                stdin: !req.stdio.stdin.is_empty(),
-                ..Default::default()
-            })
-            .await;
+        let volumes = sandbox.give_volumes(&req.id, &binds).await;
+        let created = match volumes {
+            Ok(volumes) => sandbox
+                .agent
+                .create_container(proto::CreateContainerRequest {
+                    container_id: req.id.clone(),
+                    spec: spec_bytes,
+                    storage: MessageField::some(storage),
+                    stdin: !req.stdio.stdin.is_empty(),
+                    volumes,
+                    ..Default::default()
+                })
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
         if let Err(e) = created {
+            sandbox.take_back_volumes(&req.id).await;
             sandbox.detach(&req.id, &attached, true).await;
             release(&self.sandbox, &sandbox, &req.id).await;
-            return Err(e.into());
+            return Err(e);
         }
         let init = init.bind(sandbox.agent.clone(), sandbox.ooms.clone());
         Ok(Arc::new(VmContainer {

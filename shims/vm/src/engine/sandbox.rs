@@ -15,6 +15,7 @@ use yard_agent_protocol as proto;
 use yard_shim_kit::{Error, Publisher, Result};
 
 use super::oom::OomReporter;
+use super::volumes::{Binder, Volumes};
 use crate::agent::{Agent, bounded};
 use crate::config::Options;
 use crate::hypervisor::{Backends, BootVmError, Vm, VmConfig, VmError};
@@ -41,6 +42,12 @@ impl Dirs {
     pub fn state_dir(&self, namespace: &str, key: &str) -> PathBuf {
         self.state_root.join(namespace).join(key)
     }
+
+    /// The volume share ([`super::volumes`]): beside the state directory, not in it, so the
+    /// state's recursive removal can never reach a bound volume.
+    pub fn volume_dir(&self, namespace: &str, key: &str) -> PathBuf {
+        self.state_root.join(namespace).join(format!("{key}.vol"))
+    }
 }
 
 /// The 9p share of a sandbox: beside the image cache, so images are hard-linked in rather than
@@ -63,7 +70,7 @@ pub fn write_sandbox_key(bundle: &Path, key: &str) {
     }
 }
 
-/// Whether the shim that owns sandbox `key` (`<id>-<pid>`) still runs.
+/// Whether the shim that owns sandbox `key` (`<id>-<pid>`, [`sandbox_key`]) still runs.
 pub fn owner_alive(key: &str) -> bool {
     let Some(pid) = key.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
         return false;
@@ -108,6 +115,10 @@ pub struct Boot<'a> {
     /// Other containers may join (a group or pod).
     pub grouped: bool,
     pub dirs: &'a Dirs,
+    /// The first container's first bind mount of a host path, described: the VM needs a
+    /// volume share (and a backend that has one).
+    pub host_bind: Option<String>,
+    pub binder: Arc<dyn Binder>,
 }
 
 /// One VM and what runs in it.
@@ -120,6 +131,8 @@ pub struct Sandbox {
     /// The hypervisor backend's name.
     pub backend: &'static str,
     pub later: Later,
+    /// The volume share, where the backend shares files and the sandbox may need it.
+    pub volumes: Option<Volumes>,
     vm: Arc<dyn Vm>,
     pub agent: Agent,
     state_dir: PathBuf,
@@ -142,6 +155,26 @@ fn boot_error(e: BootVmError) -> Error {
     }
 }
 
+/// How much of the first container's id names the sandbox's directories: the rest of a
+/// 64-character CRI id would push the built-in VMM's vsock socket
+/// (`<state root>/<namespace>/<key>/vsock.sock`) past the 108 bytes of `sun_path`.
+const KEY_ID_CHARS: usize = 24;
+
+/// `<id, cut to KEY_ID_CHARS>-<shim pid>`: unique while the shim lives, since a shim runs one
+/// sandbox at a time and removes its directories before it boots another.
+fn sandbox_key(id: &str, pid: u32) -> String {
+    let short: String = id.chars().take(KEY_ID_CHARS).collect();
+    format!("{short}-{pid}")
+}
+
+/// A host path for a backend without a shared filesystem.
+fn no_shared_fs(what: &str, backend: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "config.json: {what}: the {backend} backend has no shared filesystem yet, so host paths \
+         cannot reach the guest (use backend = \"qemu\")"
+    ))
+}
+
 /// Removes `dirs` off the async threads (a share may hold copied images).
 async fn remove_dirs(dirs: Vec<PathBuf>) {
     let _ = tokio::task::spawn_blocking(move || {
@@ -159,7 +192,10 @@ impl Sandbox {
             .await
             .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
         let hypervisor = chosen.hypervisor;
-        let key = format!("{}-{}", b.id, std::process::id());
+        if let Some(what) = b.host_bind.as_ref().filter(|_| !hypervisor.shares_files()) {
+            return Err(no_shared_fs(what, hypervisor.name()));
+        }
+        let key = sandbox_key(b.id, std::process::id());
         let state_dir = b.dirs.state_dir(b.namespace, &key);
         let later = if !hypervisor.shares_files() {
             Later::Disks
@@ -176,6 +212,22 @@ impl Sandbox {
             let _ = std::fs::remove_dir_all(d);
             std::fs::create_dir_all(d).map_err(Error::io(format!("create {}", d.display())))?;
         }
+        let volumes = (hypervisor.shares_files() && (b.grouped || b.host_bind.is_some()))
+            .then(|| Volumes::new(b.dirs.volume_dir(b.namespace, &key), b.binder.clone()));
+        if let Some(v) = &volumes {
+            super::volumes::sweep(b.binder.as_ref(), &v.dir);
+            if let Err(e) = std::fs::create_dir_all(&v.dir) {
+                remove_dirs(dirs).await;
+                return Err(Error::io(format!("create {}", v.dir.display()))(e));
+            }
+        }
+        // Every way out below that fails removes the directories made above.
+        let fail = |volumes: Option<Volumes>, dirs: Vec<PathBuf>| async move {
+            if let Some(v) = volumes {
+                v.remove().await;
+            }
+            remove_dirs(dirs).await;
+        };
         let mut kernel_args = b.options.kernel_args.clone();
         if b.options.debug {
             kernel_args.push(format!("{}=1", proto::CMDLINE_DEBUG));
@@ -195,17 +247,18 @@ impl Sandbox {
                 Later::Share(dir) => Some(dir.clone()),
                 Later::Disks | Later::Nothing => None,
             },
+            volume_dir: volumes.as_ref().map(|v| v.dir.clone()),
         };
         let mut vm = match hypervisor.boot(cfg).await {
             Ok(vm) => vm,
             Err(e) => {
-                remove_dirs(dirs).await;
+                fail(volumes, dirs).await;
                 return Err(boot_error(e));
             }
         };
         let Some(stream) = vm.take_agent_stream() else {
             vm.stop(STOP_GRACE).await;
-            remove_dirs(dirs).await;
+            fail(volumes, dirs).await;
             return Err(Error::Internal("VM booted without an agent stream".into()));
         };
         let vm: Arc<dyn Vm> = Arc::from(vm);
@@ -223,7 +276,7 @@ impl Sandbox {
             ),
             Err(e) => {
                 vm.stop(STOP_GRACE).await;
-                remove_dirs(dirs).await;
+                fail(volumes, dirs).await;
                 return Err(e.into());
             }
         }
@@ -250,6 +303,7 @@ impl Sandbox {
             options: b.options,
             backend: hypervisor.name(),
             later,
+            volumes,
             vm,
             agent,
             state_dir,
@@ -361,6 +415,45 @@ impl Sandbox {
         Ok((storage, Attached::Disk(device)))
     }
 
+    /// Binds container `id`'s host sources into the volume share: the agent's volume list.
+    pub async fn give_volumes(
+        &self,
+        id: &str,
+        binds: &[super::spec::Bind],
+    ) -> Result<Vec<proto::Volume>> {
+        let host = binds
+            .iter()
+            .find(|b| matches!(b.source, super::spec::BindSource::Host { .. }));
+        match (&self.volumes, host) {
+            (Some(v), _) => v.give(id, binds).await,
+            (None, None) => Ok(binds
+                .iter()
+                .map(|b| proto::Volume {
+                    mount: b.index as u32,
+                    pod_shm: true,
+                    ..Default::default()
+                })
+                .collect()),
+            (None, Some(b)) if self.later == Later::Disks => {
+                Err(no_shared_fs(&b.describe(), self.backend))
+            }
+            (None, Some(b)) => Err(Error::FailedPrecondition(format!(
+                "config.json: {}: sandbox {} was booted without a volume share (its first \
+                 container had no host mounts and no group): give the tasks a group \
+                 (annotation io.switchyard.group)",
+                b.describe(),
+                self.id
+            ))),
+        }
+    }
+
+    /// Unbinds container `id`'s volumes.
+    pub async fn take_back_volumes(&self, id: &str) {
+        if let Some(v) = &self.volumes {
+            v.take_back(id).await;
+        }
+    }
+
     /// Undoes how a container's image reached the VM. A disk is detached only once the agent
     /// removed the container (`removed`): until then its filesystem may still be mounted.
     pub async fn detach(&self, id: &str, attached: &Attached, removed: bool) {
@@ -398,6 +491,9 @@ impl Sandbox {
             tracing::warn!(sandbox = %self.id, "agent did not take Shutdown; stopping the VM");
         }
         self.vm.stop(STOP_GRACE).await;
+        if let Some(v) = &self.volumes {
+            v.remove().await;
+        }
         let mut dirs = vec![self.state_dir.clone()];
         if let Later::Share(dir) = &self.later {
             dirs.push(dir.clone());
@@ -421,5 +517,25 @@ pub async fn release(slot: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
         slot.take();
         drop(slot);
         sandbox.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18: whatever the ids' length, the built-in VMM's vsock socket under the default
+    /// state root fits a socket address (namespaces up to 40 bytes, as CRI's `k8s.io`).
+    #[test]
+    fn issue18_socket_paths_fit_whatever_the_ids_length() {
+        let dirs = Dirs {
+            state_root: STATE_ROOT.into(),
+        };
+        let id = "f".repeat(76);
+        let key = sandbox_key(&id, 4_194_304);
+        let sock = dirs.state_dir(&"n".repeat(40), &key).join("vsock.sock");
+        assert!(sock.as_os_str().len() <= 107, "{}", sock.display());
+        assert!(owner_alive(&key) || key.ends_with("-4194304"));
+        assert_eq!(sandbox_key("c1", 7), "c1-7");
     }
 }

@@ -2,34 +2,116 @@
 //! honour are refused here, naming the field, rather than failing (or silently not applying)
 //! inside the guest.
 
-use oci_spec::runtime::{Process, Spec};
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 use yard_shim_kit::start::GROUP_ANNOTATIONS;
 use yard_shim_kit::{Error, Result};
 
 use crate::config::Options;
 
-/// Bind mounts name host paths, which the guest cannot see: refused, naming the mount. (Sharing
-/// them into the guest over 9p is future work.)
-pub fn host_binds(spec: &Spec) -> Result<()> {
+/// Where the source of a bind mount comes from in the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindSource {
+    /// `/dev/shm`: the pod's shm, a tmpfs in the guest (CRI binds the host's sandbox shm).
+    PodShm,
+    /// A host file or directory, shared into the guest through the volume share.
+    Host { path: PathBuf, readonly: bool },
+}
+
+/// One bind mount of the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    /// Index in the spec's `mounts`.
+    pub index: usize,
+    pub destination: PathBuf,
+    pub source: BindSource,
+}
+
+impl Bind {
+    /// `mounts[2] (/srv/data into /data)`, for errors.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            BindSource::PodShm => {
+                format!("mounts[{}] ({})", self.index, self.destination.display())
+            }
+            BindSource::Host { path, .. } => format!(
+                "mounts[{}] (host path {} into {})",
+                self.index,
+                path.display(),
+                self.destination.display()
+            ),
+        }
+    }
+}
+
+/// Propagation options a bind mount into a VM cannot honour: nothing mounted in the guest ever
+/// appears on the host.
+const SHARED_PROPAGATION: &[&str] = &["shared", "rshared"];
+
+/// The spec's bind mounts and where the guest gets each; mounts the guest cannot honour are
+/// refused, naming them.
+pub fn binds(spec: &Spec) -> Result<Vec<Bind>> {
+    let mut out = Vec::new();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let options = m.options().clone().unwrap_or_default();
         let bind = m.typ().as_deref() == Some("bind")
-            || m.options()
-                .iter()
-                .flatten()
-                .any(|o| o == "bind" || o == "rbind");
-        if bind {
+            || options.iter().any(|o| o == "bind" || o == "rbind");
+        if !bind {
+            continue;
+        }
+        let source = m.source().clone().unwrap_or_default();
+        if let Some(p) = options
+            .iter()
+            .find(|o| SHARED_PROPAGATION.contains(&o.as_str()))
+        {
             return Err(Error::InvalidArgument(format!(
-                "config.json: mounts[{i}]: bind mount of host path {} into {}: the vm runtime \
-                 cannot share host paths with the guest yet",
-                m.source()
-                    .as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
+                "config.json: mounts[{i}]: bind mount of host path {} into {}: {p} \
+                 propagation cannot be honoured: mounts made inside the VM never reach the host",
+                source.display(),
                 m.destination().display()
             )));
         }
+        let source = if m.destination() == Path::new("/dev/shm") {
+            BindSource::PodShm
+        } else if source.is_absolute() {
+            BindSource::Host {
+                path: source,
+                readonly: options.iter().any(|o| o == "ro"),
+            }
+        } else {
+            return Err(Error::InvalidArgument(format!(
+                "config.json: mounts[{i}]: bind mount source {:?} is not an absolute path",
+                source
+            )));
+        };
+        out.push(Bind {
+            index: i,
+            destination: m.destination().clone(),
+            source,
+        });
     }
-    Ok(())
+    Ok(out)
+}
+
+/// A network namespace the host made for the pod (CRI's `/var/run/netns/cni-...`) cannot be
+/// joined in the guest: the container gets a namespace of its own there, with loopback only
+/// (the guest has no other network yet). A path under `/proc` names a guest process's namespace
+/// (pids are the guest's, so CRI's `/proc/<sandbox pid>/ns/net` is the pod's) and is kept.
+pub fn guest_namespaces(spec: &mut Spec) {
+    let Some(linux) = spec.linux_mut() else {
+        return;
+    };
+    let Some(namespaces) = linux.namespaces_mut() else {
+        return;
+    };
+    for ns in namespaces.iter_mut() {
+        let host_path = ns.path().as_ref().is_some_and(|p| !p.starts_with("/proc"));
+        if ns.typ() == LinuxNamespaceType::Network && host_path {
+            tracing::debug!(path = ?ns.path(), "a host network namespace: the guest makes its own");
+            ns.set_path(None);
+        }
+    }
 }
 
 /// Security settings of a process that the guest cannot enforce: it has no LSM.
@@ -148,6 +230,70 @@ mod tests {
         );
         options.allow_unenforced_security = true;
         assert!(check_enforceable(&found, &options, "config.json", "c1").is_ok());
+    }
+
+    #[test]
+    fn binds_are_planned_and_shared_propagation_is_refused() {
+        let s = spec(&format!(
+            r#"{{"ociVersion":"1.0.2",{PROCESS},"mounts":[
+                {{"destination":"/proc","type":"proc","source":"proc"}},
+                {{"destination":"/dev/shm","type":"bind","source":"/run/c/shm","options":["rbind","ro"]}},
+                {{"destination":"/etc/hosts","type":"bind","source":"/var/c/hosts","options":["rbind","rprivate","ro"]}},
+                {{"destination":"/data","source":"/srv","options":["rbind","rslave","rw"]}}]}}"#
+        ));
+        let b = binds(&s).unwrap();
+        assert_eq!(
+            b.iter()
+                .map(|b| (b.index, b.source.clone()))
+                .collect::<Vec<_>>(),
+            [
+                (1, BindSource::PodShm),
+                (
+                    2,
+                    BindSource::Host {
+                        path: "/var/c/hosts".into(),
+                        readonly: true
+                    }
+                ),
+                (
+                    3,
+                    BindSource::Host {
+                        path: "/srv".into(),
+                        readonly: false
+                    }
+                ),
+            ]
+        );
+        let s = spec(&format!(
+            r#"{{"ociVersion":"1.0.2",{PROCESS},"mounts":[
+                {{"destination":"/mnt","type":"bind","source":"/srv/bidi","options":["rbind","rshared","rw"]}}]}}"#
+        ));
+        let e = binds(&s).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.starts_with("config.json: mounts[0]: bind mount of host path /srv/bidi into /mnt: rshared propagation"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_host_network_namespace_is_left_to_the_guest() {
+        let mut s = spec(&format!(
+            r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[
+                {{"type":"network","path":"/var/run/netns/cni-1"}},
+                {{"type":"ipc","path":"/proc/42/ns/ipc"}},
+                {{"type":"uts"}}]}}}}"#
+        ));
+        guest_namespaces(&mut s);
+        let ns = s.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        assert_eq!(ns[0].path(), &None);
+        assert_eq!(ns[1].path().as_deref(), Some(Path::new("/proc/42/ns/ipc")));
+        let mut s = spec(&format!(
+            r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[
+                {{"type":"network","path":"/proc/42/ns/net"}}]}}}}"#
+        ));
+        guest_namespaces(&mut s);
+        let ns = s.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        assert_eq!(ns[0].path().as_deref(), Some(Path::new("/proc/42/ns/net")));
     }
 
     #[test]

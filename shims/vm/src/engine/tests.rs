@@ -11,7 +11,9 @@ use std::time::Duration;
 use yard_shim_kit::{Container, Engine, ExecRequest, Publisher};
 
 use super::VmEngine;
-use crate::testing::{Bundles, EventsServer, FakeAgent, FakeBackends, GuestAgent, spec_json};
+use crate::testing::{
+    Bundles, EventsServer, FakeAgent, FakeBackends, GuestAgent, RecordingBinder, spec_json,
+};
 
 const GROUP: (&str, &str) = ("io.switchyard.group", "pod");
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -22,6 +24,7 @@ struct World {
     backends: FakeBackends,
     engine: VmEngine,
     bundles: Bundles,
+    binder: Arc<RecordingBinder>,
 }
 
 impl World {
@@ -29,7 +32,9 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let agent = FakeAgent::new();
         let backends = backends(agent.clone());
-        let engine = VmEngine::with_backends(Arc::new(backends.clone()), dir.path().join("state"));
+        let binder = RecordingBinder::new();
+        let engine = VmEngine::with_backends(Arc::new(backends.clone()), dir.path().join("state"))
+            .with_binder(binder.clone());
         let bundles = Bundles::new(dir.path());
         World {
             dir,
@@ -37,6 +42,7 @@ impl World {
             backends,
             engine,
             bundles,
+            binder,
         }
     }
 
@@ -265,17 +271,105 @@ async fn unenforceable_security_is_refused_unless_the_options_allow_it() {
     );
 }
 
+/// Issue 18: a CRI pod's bind mounts: `/dev/shm` is the pod's guest tmpfs, host files and
+/// directories are bound into the volume share (read-only where asked) and taken back with
+/// their container; the host's network namespace is left to the guest.
 #[tokio::test]
-async fn host_binds_and_missing_processes_are_refused_before_a_vm_boots() {
+async fn issue18_host_mounts_reach_the_guest_through_the_volume_share() {
     let w = World::new(FakeBackends::sharing);
-    let bind = spec_json(
+    let hosts = w.dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let data = w.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mounts = format!(
+        r#""mounts": [
+            {{"destination": "/proc", "type": "proc", "source": "proc"}},
+            {{"destination": "/dev/shm", "type": "bind", "source": "/run/c/shm", "options": ["rbind", "ro"]}},
+            {{"destination": "/etc/hosts", "type": "bind", "source": "{}", "options": ["rbind", "rprivate", "ro"]}},
+            {{"destination": "/data", "type": "bind", "source": "{}", "options": ["rbind", "rprivate", "rw"]}}],
+           "linux": {{"namespaces": [{{"type": "network", "path": "/var/run/netns/cni-1"}}]}}"#,
+        hosts.display(),
+        data.display()
+    );
+    let c1 = w
+        .create("c1", &spec_json(&["/pause"], &[GROUP], &mounts))
+        .await
+        .unwrap();
+    let vm = w.backends.vms()[0].clone();
+    let vol = vm.config.volume_dir.clone().expect("a volume share");
+    assert!(vol.is_dir());
+    let (volumes, spec) = w.agent.created("c1").unwrap();
+    let v: Vec<_> = volumes
+        .iter()
+        .map(|v| (v.mount, v.shared.as_str(), v.pod_shm))
+        .collect();
+    assert_eq!(v, [(1, "", true), (2, "0", false), (3, "1", false)]);
+    assert_eq!(
+        spec["linux"]["namespaces"][0],
+        serde_json::json!({"type": "network"}),
+        "the host's netns path is not sent to the guest"
+    );
+    assert_eq!(
+        w.binder.calls(),
+        [
+            format!("bind {} {} ro", hosts.display(), vol.join("0").display()),
+            format!("bind {} {}", data.display(), vol.join("1").display()),
+        ]
+    );
+
+    let c2 = w
+        .create("c2", &spec_json(&["/bin/sleep", "1"], &[GROUP], &mounts))
+        .await
+        .unwrap();
+    let (volumes, _) = w.agent.created("c2").unwrap();
+    assert_eq!(volumes[1].shared, "2");
+    c2.delete(true).await.unwrap();
+    let calls = w.binder.calls();
+    assert_eq!(
+        &calls[calls.len() - 2..],
+        [
+            format!("unbind {}", vol.join("3").display()),
+            format!("unbind {}", vol.join("2").display()),
+        ]
+    );
+
+    // A source that does not exist fails the create, naming the mount, and leaves nothing.
+    let missing = mounts.replace(&data.display().to_string(), "/does/not/exist");
+    let (debug, text) = message(
+        w.create("c3", &spec_json(&["/bin/true"], &[GROUP], &missing))
+            .await,
+    );
+    assert!(debug.starts_with("InvalidArgument"), "{debug}");
+    assert!(
+        text.starts_with("config.json: mounts[3] (host path /does/not/exist into /data)"),
+        "{text}"
+    );
+    let calls = w.binder.calls();
+    assert_eq!(
+        calls.last().unwrap(),
+        &format!("unbind {}", vol.join("4").display())
+    );
+    assert_eq!(w.agent.containers(), ["c1"]);
+
+    c1.delete(true).await.unwrap();
+    assert!(vm.ended());
+    assert!(!vol.exists());
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+}
+
+#[tokio::test]
+async fn host_mounts_the_guest_cannot_honour_are_refused_before_a_vm_boots() {
+    let w = World::new(FakeBackends::sharing);
+    let bidi = spec_json(
         &["/bin/true"],
         &[],
-        r#""mounts": [{"destination": "/data", "type": "bind", "source": "/etc"}]"#,
+        r#""mounts": [{"destination": "/mnt", "type": "bind", "source": "/srv", "options": ["rbind", "rshared"]}]"#,
     );
-    let (_, text) = message(w.create("c1", &bind).await);
+    let (_, text) = message(w.create("c1", &bidi).await);
     assert!(
-        text.starts_with("config.json: mounts[0]: bind mount of host path /etc"),
+        text.starts_with(
+            "config.json: mounts[0]: bind mount of host path /srv into /mnt: rshared propagation"
+        ),
         "{text}"
     );
     let (_, text) = message(
@@ -287,6 +381,32 @@ async fn host_binds_and_missing_processes_are_refused_before_a_vm_boots() {
     );
     assert_eq!(text, "config.json: process: missing");
     assert!(w.backends.vms().is_empty());
+
+    // No shared filesystem on the built-in VMM yet: a host path is refused naming it, the
+    // pod's shm is not.
+    let w = World::new(|a| FakeBackends::with_disks(a, 1));
+    let bind = spec_json(
+        &["/bin/true"],
+        &[GROUP],
+        r#""mounts": [{"destination": "/data", "type": "bind", "source": "/etc"}]"#,
+    );
+    let (debug, text) = message(w.create("c1", &bind).await);
+    assert!(debug.starts_with("FailedPrecondition"), "{debug}");
+    assert!(
+        text.starts_with("config.json: mounts[0] (host path /etc into /data): the fake-builtin backend has no shared filesystem"),
+        "{text}"
+    );
+    assert!(w.backends.vms().is_empty());
+    let shm = spec_json(
+        &["/bin/true"],
+        &[GROUP],
+        r#""mounts": [{"destination": "/dev/shm", "type": "bind", "source": "/run/c/shm"}]"#,
+    );
+    let c1 = w.create("c1", &shm).await.unwrap();
+    assert!(w.agent.created("c1").unwrap().0[0].pod_shm);
+    let (_, text) = message(w.create("c2", &bind).await);
+    assert!(text.contains("no shared filesystem"), "{text}");
+    c1.delete(true).await.unwrap();
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::RawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
-use yard_agent_protocol::{PORT_NAME, SHARE_TAG};
+use yard_agent_protocol::{PORT_NAME, SHARE_TAG, VOLUME_TAG};
 
 use crate::hypervisor::{Accel, VmConfig};
 
@@ -162,6 +162,18 @@ pub fn args(cfg: &VmConfig, fds: ChildFds, tuning: Tuning) -> Vec<OsString> {
         a.push("-device".into());
         a.push(format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}").into());
     }
+    if let Some(dir) = &cfg.volume_dir {
+        // Read-write; its entries are mount points of host volumes, so inode numbers of
+        // several devices meet: `multidevs=remap` keeps them apart in the guest.
+        a.push("-fsdev".into());
+        a.push(opt(
+            "local,id=vol,path=",
+            dir.as_os_str(),
+            ",security_model=none,multidevs=remap",
+        ));
+        a.push("-device".into());
+        a.push(format!("virtio-9p-device,fsdev=vol,mount_tag={VOLUME_TAG}").into());
+    }
 
     a.push("-kernel".into());
     a.push(cfg.kernel.clone().into_os_string());
@@ -192,6 +204,7 @@ mod tests {
             boot_timeout: Duration::from_secs(5),
             root_disk: None,
             share_dir: None,
+            volume_dir: None,
         }
     }
 
@@ -288,6 +301,7 @@ mod tests {
         let mut c = cfg(Accel::Tcg);
         c.root_disk = Some(PathBuf::from("/cache/ab,c.erofs"));
         c.share_dir = Some(PathBuf::from("/run/share"));
+        c.volume_dir = Some(PathBuf::from("/run/vol"));
         c.id = "a,b".into();
         let a = strings(&args(&c, FDS, TUNING));
         assert_eq!(
@@ -296,11 +310,15 @@ mod tests {
         );
         assert_eq!(
             values(&a, "-fsdev"),
-            ["local,id=share,path=/run/share,security_model=none,readonly=on"]
+            [
+                "local,id=share,path=/run/share,security_model=none,readonly=on",
+                "local,id=vol,path=/run/vol,security_model=none,multidevs=remap"
+            ]
         );
         let devices = values(&a, "-device");
         assert!(devices.contains(&"virtio-blk-device,drive=root".to_owned()));
         assert!(devices.contains(&"virtio-9p-device,fsdev=share,mount_tag=yardshare".to_owned()));
+        assert!(devices.contains(&"virtio-9p-device,fsdev=vol,mount_tag=yardvol".to_owned()));
         assert_eq!(values(&a, "-name"), ["a,,b"]);
     }
 }

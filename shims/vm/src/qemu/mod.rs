@@ -161,6 +161,9 @@ impl Qemu {
         if let Some(dir) = cfg.share_dir.as_ref().filter(|d| !d.is_dir()) {
             return Err(BootVmError::ShareDirMissing { path: dir.clone() });
         }
+        if let Some(dir) = cfg.volume_dir.as_ref().filter(|d| !d.is_dir()) {
+            return Err(BootVmError::ShareDirMissing { path: dir.clone() });
+        }
         let binary = find_binary(&self.binary).ok_or_else(|| BootVmError::QemuMissing {
             path: self.binary.clone(),
         })?;
