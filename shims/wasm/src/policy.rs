@@ -6,7 +6,7 @@
 //! Create refuses those, naming the field, unless the runtime option `allow_unenforced` lists
 //! it. The table is in docs/security.md.
 
-use oci_spec::runtime::{LinuxResources, Spec};
+use oci_spec::runtime::{LinuxCpu, LinuxResources, Spec};
 use yard_shim_kit::{Error, Result};
 
 use crate::config::Options;
@@ -132,8 +132,18 @@ pub fn check(spec: &Spec, options: &Options, cpu_home: CpuHome) -> Result<()> {
     finish(refused)
 }
 
+/// Whether a spec's CPU settings ask for anything: a weight of 1024 (`shares`, what `ctr` and
+/// containerd's default spec write) is the kernel's default, no limit.
+fn asks_for_cpu(cpu: &LinuxCpu) -> bool {
+    let mut cpu = cpu.clone();
+    if cpu.shares() == Some(1024) {
+        cpu.set_shares(None);
+    }
+    cpu != LinuxCpu::default()
+}
+
 fn resources(r: &LinuxResources, cpu_home: CpuHome, refuse: &mut impl FnMut(String, &str)) {
-    if r.cpu().as_ref().is_some_and(|c| *c != Default::default()) {
+    if r.cpu().as_ref().is_some_and(asks_for_cpu) {
         match cpu_home {
             CpuHome::Owner => {}
             CpuHome::Joiner => refuse(
@@ -324,9 +334,15 @@ mod tests {
         assert!(e.starts_with("linux.resources.cpu: this task joins"), "{e}");
         let e = refused(&v, CpuHome::NoCgroup);
         assert!(e.starts_with("linux.resources.cpu: CPU limits need"), "{e}");
-        // An empty cpu object asks for nothing.
+        // An empty cpu object asks for nothing, nor does the default weight that ctr and
+        // containerd's default spec write; another weight is a setting.
         v["linux"]["resources"]["cpu"] = json!({});
         assert!(refused(&v, CpuHome::Joiner).is_empty());
+        v["linux"]["resources"]["cpu"] = json!({"shares": 1024});
+        assert!(refused(&v, CpuHome::Joiner).is_empty());
+        v["linux"]["resources"]["cpu"] = json!({"shares": 2});
+        let e = refused(&v, CpuHome::Joiner);
+        assert!(e.starts_with("linux.resources.cpu: this task joins"), "{e}");
     }
 
     #[test]
