@@ -61,7 +61,7 @@ pub fn classify(rootfs: &Path, process: &Process) -> Result<Entrypoint> {
         .find_map(|kv| kv.strip_prefix("PATH="))
         .unwrap_or(DEFAULT_PATH);
     let file = find(&root, arg0, cwd, path_var, &what)?;
-    let head = peek(file, &what)?;
+    let head = peek(&file, &what)?;
     match kind(&head) {
         Header::Wasm => Ok(Entrypoint::Wasm),
         Header::Elf => Ok(Entrypoint::Linux),
@@ -69,7 +69,7 @@ pub fn classify(rootfs: &Path, process: &Process) -> Result<Entrypoint> {
             // A relative interpreter is the kernel's to resolve (against the cwd at exec).
             if interp.starts_with('/') {
                 match open_in(&root, Path::new(&interp)) {
-                    Ok(Some(f)) if f.metadata().is_ok_and(|m| m.is_file()) => {}
+                    Ok(Some(f)) if is_file(&f) => {}
                     _ => {
                         return Err(Error::InvalidArgument(format!(
                             "{what}: a #! script whose interpreter {interp} is not a file in the \
@@ -90,8 +90,9 @@ pub fn classify(rootfs: &Path, process: &Process) -> Result<Entrypoint> {
     }
 }
 
-/// The entrypoint as `execvp` would pick it, opened in the root.
-fn find(root: &OwnedFd, arg0: &str, cwd: &Path, path_var: &str, what: &str) -> Result<File> {
+/// The entrypoint as `execvp` would pick it: a regular file in the root, as an `O_PATH`
+/// descriptor.
+fn find(root: &OwnedFd, arg0: &str, cwd: &Path, path_var: &str, what: &str) -> Result<OwnedFd> {
     let cwd = if cwd.as_os_str().is_empty() {
         Path::new("/")
     } else {
@@ -117,10 +118,7 @@ fn find(root: &OwnedFd, arg0: &str, cwd: &Path, path_var: &str, what: &str) -> R
         else {
             continue;
         };
-        let meta = f
-            .metadata()
-            .map_err(|e| Error::InvalidArgument(format!("{what}: cannot stat it ({e})")))?;
-        if meta.is_file() {
+        if is_file(&f) {
             return Ok(f);
         }
         saw_other = true;
@@ -152,9 +150,10 @@ fn clean(path: &Path, cwd: &Path) -> PathBuf {
     out
 }
 
-/// Open `path` inside `root` for reading, never leaving it and never blocking (a fifo); `None`
-/// when it does not exist.
-fn open_in(root: &OwnedFd, path: &Path) -> std::io::Result<Option<File>> {
+/// `path` inside `root`, never leaving it, as an `O_PATH` descriptor: nothing is opened for
+/// I/O yet, so a device node or fifo an image put there is looked at, never opened (opening
+/// some devices acts: a watchdog arms on open). `None` when it does not exist.
+fn open_in(root: &OwnedFd, path: &Path) -> std::io::Result<Option<OwnedFd>> {
     let rel = path.strip_prefix("/").unwrap_or(path);
     let rel = if rel.as_os_str().is_empty() {
         Path::new(".")
@@ -164,17 +163,34 @@ fn open_in(root: &OwnedFd, path: &Path) -> std::io::Result<Option<File>> {
     match rustix::fs::openat2(
         root,
         rel,
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        OFlags::PATH | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     ) {
-        Ok(fd) => Ok(Some(File::from(fd))),
+        Ok(fd) => Ok(Some(fd)),
         Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-fn peek(file: File, what: &str) -> Result<Vec<u8>> {
+/// Whether an `O_PATH` descriptor names a regular file.
+fn is_file(fd: &OwnedFd) -> bool {
+    rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    })
+}
+
+/// The first [`PEEK`] bytes of a regular file found by [`find`], read through a descriptor
+/// reopened from its `O_PATH` one (the same inode, whatever the path names meanwhile).
+fn peek(fd: &OwnedFd, what: &str) -> Result<Vec<u8>> {
+    use std::os::fd::AsRawFd as _;
+    let file = rustix::fs::open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(|e| Error::InvalidArgument(format!("{what}: cannot open it ({e})")))?;
     let mut head = Vec::with_capacity(PEEK);
     file.take(PEEK as u64)
         .read_to_end(&mut head)
@@ -322,6 +338,20 @@ mod tests {
         assert_eq!(e, "process.args[0] /missing.wasm: not found in the rootfs");
         let e = classify_in(r, &["/app"], "/").err().unwrap_or_default();
         assert_eq!(e, "process.args[0] /app: not a file");
+        // A fifo is looked at, never opened: an open for reading would wait for a writer
+        // (and a device's open may act).
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            r.join("pipe.wasm"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let e = classify_in(r, &["/pipe.wasm"], "/")
+            .err()
+            .unwrap_or_default();
+        assert_eq!(e, "process.args[0] /pipe.wasm: not a file");
         // The host's /etc/passwd is not reached.
         let e = classify_in(r, &["/escape"], "/").err().unwrap_or_default();
         assert!(e.ends_with("not found in the rootfs"), "{e}");
