@@ -468,35 +468,19 @@ pub fn pause_binary() -> PathBuf {
     .clone()
 }
 
-/// A pod config as crictl's defaults make one: metadata, a log directory under the node, the
-/// pod's own network, IPC and (container-private) PID namespaces, a hostname.
+/// A pod config as crictl's defaults make one (`cri_defaults::pod_config`), with a log
+/// directory under the node.
 pub fn pod_config(node: &CriNode, name: &str) -> cri::PodSandboxConfig {
     let uid = crate::unique_id("uid");
     let log_dir = node.pod_log_dir(&uid);
     std::fs::create_dir_all(&log_dir).expect("pod log dir");
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.to_owned(),
-            uid,
-            namespace: "default".to_owned(),
-            attempt: 0,
-        }),
-        hostname: name.to_owned(),
-        log_directory: log_dir.display().to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let metadata = cri::PodSandboxMetadata {
+        name: name.to_owned(),
+        uid,
+        namespace: "default".to_owned(),
+        attempt: 0,
+    };
+    switchyard_api::cri_defaults::pod_config(metadata, name, &log_dir.display().to_string())
 }
 
 /// A container of `image` running `command`, logging to `<name>.log` in the pod's directory.

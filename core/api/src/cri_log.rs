@@ -13,39 +13,123 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// Most of one record (physical line) of a log file that is looked at; the rest of a longer
+/// record is skipped. containerd and switchyardd split lines at 16 KiB.
+pub const MAX_RECORD: usize = 64 << 10;
+/// Most of one whole line that partial chunks are joined into; a longer line is handed out in
+/// pieces of at most this size, as if it had ended there (the rest of the chunk that crosses
+/// the limit is dropped).
+pub const MAX_LINE: usize = 1 << 20;
+
 /// The whole lines of a CRI log, partial chunks joined per stream. Lines not in the format are
 /// skipped; a partial line the log ends in is left out (it has not ended yet).
 pub fn parse(text: &str) -> Vec<LogLine> {
-    let mut out = Vec::new();
-    let mut pending: Vec<(String, String)> = Vec::new();
-    for line in text.lines() {
-        let mut parts = line.splitn(4, ' ');
+    Reader::new(text.as_bytes())
+        .collect::<std::io::Result<_>>()
+        .unwrap_or_default()
+}
+
+/// Reads the whole lines of a CRI log from `inner` one at a time, with the memory of one line
+/// (at most [`MAX_RECORD`] per record and [`MAX_LINE`] per joined line), whatever the log's
+/// size. Text that is not UTF-8 is replaced, not refused: a container's output is bytes.
+pub struct Reader<R> {
+    inner: R,
+    /// The partial line of each stream seen so far.
+    pending: Vec<(String, String)>,
+    record: Vec<u8>,
+}
+
+impl<R: std::io::BufRead> Reader<R> {
+    pub fn new(inner: R) -> Self {
+        Reader {
+            inner,
+            pending: Vec::new(),
+            record: Vec::new(),
+        }
+    }
+
+    /// The next record, without its newline; `None` at the end.
+    fn next_record(&mut self) -> std::io::Result<Option<()>> {
+        use std::io::{BufRead as _, Read as _};
+        self.record.clear();
+        let n = (&mut self.inner)
+            .take(MAX_RECORD as u64)
+            .read_until(b'\n', &mut self.record)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.record.last() == Some(&b'\n') {
+            self.record.pop();
+        } else if n == MAX_RECORD {
+            // Skip the rest of an overlong record.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                let m = (&mut self.inner)
+                    .take(MAX_RECORD as u64)
+                    .read_until(b'\n', &mut rest)?;
+                if m == 0 || rest.last() == Some(&b'\n') {
+                    break;
+                }
+            }
+        }
+        Ok(Some(()))
+    }
+
+    /// Adds one record; a line when it completes one.
+    fn take_record(&mut self) -> Option<LogLine> {
+        let record = String::from_utf8_lossy(&self.record);
+        let mut parts = record.splitn(4, ' ');
         let (Some(time), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next())
         else {
-            continue;
+            return None;
         };
         if !matches!(tag, "P" | "F") {
-            continue;
+            return None;
         }
         let chunk = parts.next().unwrap_or("");
-        let i = match pending.iter().position(|(s, _)| s == stream) {
+        let i = match self.pending.iter().position(|(s, _)| s == stream) {
             Some(i) => i,
             None => {
-                pending.push((stream.to_owned(), String::new()));
-                pending.len() - 1
+                self.pending.push((stream.to_owned(), String::new()));
+                self.pending.len() - 1
             }
         };
-        pending[i].1.push_str(chunk);
-        if tag == "F" {
-            let (stream, text) = pending.swap_remove(i);
-            out.push(LogLine {
+        let text = &mut self.pending[i].1;
+        let room = MAX_LINE.saturating_sub(text.len());
+        let mut cut = chunk.len().min(room);
+        while !chunk.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.push_str(&chunk[..cut]);
+        if tag == "F" || text.len() >= MAX_LINE || cut < chunk.len() {
+            let (stream, text) = self.pending.swap_remove(i);
+            return Some(LogLine {
                 time: time.to_owned(),
                 stream,
                 text,
             });
         }
+        None
     }
-    out
+}
+
+impl<R: std::io::BufRead> Iterator for Reader<R> {
+    type Item = std::io::Result<LogLine>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.next_record() {
+                Err(e) => return Some(Err(e)),
+                Ok(None) => return None,
+                Ok(Some(())) => {
+                    if let Some(line) = self.take_record() {
+                        return Some(Ok(line));
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -72,5 +156,38 @@ not a log line
             [("stderr", "oops"), ("stdout", "hello"), ("stdout", "")]
         );
         assert_eq!(got[1].time, "2026-12-04T10:00:00.3Z");
+    }
+
+    #[test]
+    fn reads_bytes_that_are_not_utf8_and_bounds_long_lines() {
+        let mut log = b"2026-12-04T10:00:00.1Z stdout F a\xffb\n".to_vec();
+        let chunk = "x".repeat(16 << 10);
+        for _ in 0..(MAX_LINE / chunk.len() + 2) {
+            log.extend_from_slice(format!("2026-12-04T10:00:00.2Z stderr P {chunk}\n").as_bytes());
+        }
+        log.extend_from_slice(b"2026-12-04T10:00:00.3Z stderr F end\n");
+        let mut huge = b"2026-12-04T10:00:00.4Z stdout F ".to_vec();
+        huge.resize(huge.len() + 3 * MAX_RECORD, b'y');
+        huge.push(b'\n');
+        log.extend_from_slice(&huge);
+        log.extend_from_slice(b"2026-12-04T10:00:00.5Z stdout F after\n");
+        let got: Vec<LogLine> = Reader::new(&log[..]).map(Result::unwrap).collect();
+        assert_eq!(got[0].text, "a\u{fffd}b");
+        assert_eq!(got[1].stream, "stderr");
+        assert_eq!(
+            got[1].text.len(),
+            MAX_LINE,
+            "a long line is cut at MAX_LINE"
+        );
+        assert_eq!(
+            got[2].text,
+            "x".repeat(2 * chunk.len() - (MAX_LINE % chunk.len())) + "end"
+        );
+        assert!(got[3].text.len() < MAX_RECORD, "an overlong record is cut");
+        assert_eq!(
+            got[4].text, "after",
+            "the rest of an overlong record is skipped"
+        );
+        assert_eq!(got.len(), 5);
     }
 }

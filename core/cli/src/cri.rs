@@ -593,9 +593,11 @@ impl Cri {
         if s.log_path.is_empty() {
             anyhow::bail!("container {id} has no log file");
         }
-        let text = std::fs::read_to_string(&s.log_path)
-            .with_context(|| format!("read the log file {}", s.log_path))?;
-        for line in switchyard_api::cri_log::parse(&text) {
+        let file = std::fs::File::open(&s.log_path)
+            .with_context(|| format!("open the log file {}", s.log_path))?;
+        let lines = switchyard_api::cri_log::Reader::new(std::io::BufReader::new(file));
+        for line in lines {
+            let line = line.with_context(|| format!("read the log file {}", s.log_path))?;
             if line.stream == "stderr" {
                 writeln!(std::io::stderr(), "{}", line.text)?;
             } else {
@@ -711,36 +713,20 @@ fn image_spec(image: &str) -> cri::ImageSpec {
     }
 }
 
-/// A pod config as crictl's defaults make one: the pod's own network and IPC namespaces,
-/// each container's own PID namespace.
+/// A pod config as crictl's defaults make one.
 fn pod_config(pod: &PodArgs) -> cri::PodSandboxConfig {
     let uid = pod
         .uid
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: pod.name.clone(),
-            uid,
-            namespace: pod.namespace.clone(),
-            attempt: 0,
-        }),
-        hostname: pod.hostname.clone().unwrap_or_else(|| pod.name.clone()),
-        log_directory: pod.log_dir.display().to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod as i32,
-                    pid: cri::NamespaceMode::Container as i32,
-                    ipc: cri::NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    let metadata = cri::PodSandboxMetadata {
+        name: pod.name.clone(),
+        uid,
+        namespace: pod.namespace.clone(),
+        attempt: 0,
+    };
+    let hostname = pod.hostname.as_deref().unwrap_or(&pod.name);
+    switchyard_api::cri_defaults::pod_config(metadata, hostname, &pod.log_dir.display().to_string())
 }
 
 fn container_config(c: &ContainerArgs) -> anyhow::Result<cri::ContainerConfig> {

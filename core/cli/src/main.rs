@@ -47,6 +47,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Client(ClientCommand),
+    /// Talk CRI (Kubernetes' runtime API) to the endpoint at --address, as crictl does.
+    #[command(subcommand)]
+    Cri(cri::CriCommand),
+}
+
+/// The commands that speak containerd's client API to switchyardd.
+#[derive(Subcommand)]
+enum ClientCommand {
     /// Run a command in a new task.
     Run(run::RunArgs),
     /// List containers and their tasks.
@@ -90,9 +100,6 @@ enum Command {
     /// Manage images.
     #[command(subcommand)]
     Image(images::ImageCommand),
-    /// Talk CRI (Kubernetes' runtime API) to the endpoint at --address, as crictl does.
-    #[command(subcommand)]
-    Cri(cri::CriCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -105,24 +112,26 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
-    if let Command::Cri(cmd) = cli.command {
-        return cri::run(&cli.address, cmd).await;
-    }
+    let command = match cli.command {
+        Command::Cri(cmd) => return cri::run(&cli.address, cmd).await,
+        Command::Client(command) => command,
+    };
     let client = Client::connect(&cli.address, &cli.namespace).await?;
     let done = |()| 0;
-    match cli.command {
-        Command::Run(args) => run::run(&client, args).await,
-        Command::Ps { json } => tasks::ps(&client, json).await.map(done),
-        Command::Kill(args) => tasks::kill(&client, args).await.map(done),
-        Command::Rm(args) => Ok(tasks::rm(&client, args).await),
-        Command::Exec(args) => exec::exec(&client, args).await,
-        Command::Events { json, filters } => events::watch(&client, json, filters).await.map(done),
-        Command::Info { json } => info::info(&client, &cli.address, json).await.map(done),
-        Command::Pull(args) => images::pull(&client, args).await.map(done),
-        Command::Images { json, quiet } => images::list(&client, json, quiet).await.map(done),
-        Command::Rmi { names } => images::remove(&client, names).await.map(done),
-        Command::Image(cmd) => cmd.run(&client).await.map(done),
-        Command::Cri(_) => Ok(0), // handled above, before connecting as a containerd client
+    match command {
+        ClientCommand::Run(args) => run::run(&client, args).await,
+        ClientCommand::Ps { json } => tasks::ps(&client, json).await.map(done),
+        ClientCommand::Kill(args) => tasks::kill(&client, args).await.map(done),
+        ClientCommand::Rm(args) => Ok(tasks::rm(&client, args).await),
+        ClientCommand::Exec(args) => exec::exec(&client, args).await,
+        ClientCommand::Events { json, filters } => {
+            events::watch(&client, json, filters).await.map(done)
+        }
+        ClientCommand::Info { json } => info::info(&client, &cli.address, json).await.map(done),
+        ClientCommand::Pull(args) => images::pull(&client, args).await.map(done),
+        ClientCommand::Images { json, quiet } => images::list(&client, json, quiet).await.map(done),
+        ClientCommand::Rmi { names } => images::remove(&client, names).await.map(done),
+        ClientCommand::Image(cmd) => cmd.run(&client).await.map(done),
     }
 }
 
