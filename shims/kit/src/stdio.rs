@@ -555,6 +555,49 @@ impl ConsoleCopy {
     }
 }
 
+/// How long a process's exit waits for what it wrote to reach its console's output.
+pub const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+
+/// The console of a process from its start until its exit drains it: what an engine's process
+/// keeps for `resize_pty`, `close_stdin` and `wait`.
+#[derive(Default)]
+pub struct ConsoleSlot(std::sync::Mutex<Option<ConsoleCopy>>);
+
+impl ConsoleSlot {
+    pub fn new(console: Option<ConsoleCopy>) -> Self {
+        ConsoleSlot(std::sync::Mutex::new(console))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<ConsoleCopy>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set(&self, console: Option<ConsoleCopy>) {
+        *self.lock() = console;
+    }
+
+    /// Resizes the terminal; `None` when the process has none (or it has been drained).
+    pub fn resize(&self, width: u32, height: u32) -> Option<Result<()>> {
+        self.lock().as_ref().map(|c| c.resize(width, height))
+    }
+
+    /// End-of-file to the terminal, if the process has one.
+    pub fn close_stdin(&self) {
+        if let Some(c) = self.lock().as_ref() {
+            c.close_stdin();
+        }
+    }
+
+    /// Delivers what the process wrote (for up to [`CONSOLE_DRAIN`]) before its exit is
+    /// reported. Only the first call waits; the console is gone afterwards.
+    pub async fn drain_at_exit(&self) {
+        let console = self.lock().take();
+        if let Some(c) = console {
+            c.drain(CONSOLE_DRAIN).await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use tokio::sync::{mpsc, oneshot, watch};
 use yard_shim_kit::protos::protobuf::Message as _;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
-use yard_shim_kit::stdio::{ConsoleCopy, StdinCloser};
+use yard_shim_kit::stdio::{ConsoleCopy, ConsoleSlot, StdinCloser};
 use yard_shim_kit::{Container, Error, ExecRequest, Exit, Process, ProcessInfo, Publisher, Result};
 
 use crate::cgroup::Placement;
@@ -417,7 +417,7 @@ pub struct RemoteTask {
     pub bundle: PathBuf,
     pub mounted: bool,
     pub stdin_closer: StdinCloser,
-    pub console: Mutex<Option<ConsoleCopy>>,
+    pub console: ConsoleSlot,
     exit: watch::Sender<Option<Exit>>,
     started: AtomicBool,
 }
@@ -436,7 +436,7 @@ impl RemoteTask {
             bundle: p.bundle,
             mounted: p.mounted,
             stdin_closer: p.stdin_closer,
-            console: Mutex::new(p.console),
+            console: ConsoleSlot::new(p.console),
             exit: watch::channel(None).0,
             started: AtomicBool::new(false),
         });
@@ -464,14 +464,7 @@ impl RemoteTask {
     /// The guest's output is closed (the worker closed its copies before telling); with a
     /// terminal, let the copy drain, then the exit stands.
     async fn finish(&self, status: u32) {
-        let console = self
-            .console
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(c) = console {
-            c.drain(Duration::from_secs(2)).await;
-        }
+        self.console.drain_at_exit().await;
         self.stdin_closer.close_now();
         self.exit.send_if_modified(|e| {
             if e.is_none() {
@@ -560,17 +553,12 @@ impl Process for RemoteTask {
     }
 
     async fn resize_pty(&self, width: u32, height: u32) -> Result<()> {
-        match &*self.console.lock().unwrap_or_else(|p| p.into_inner()) {
-            Some(c) => c.resize(width, height),
-            None => Ok(()),
-        }
+        self.console.resize(width, height).unwrap_or(Ok(()))
     }
 
     async fn close_stdin(&self) -> Result<()> {
         self.stdin_closer.close();
-        if let Some(c) = &*self.console.lock().unwrap_or_else(|p| p.into_inner()) {
-            c.close_stdin();
-        }
+        self.console.close_stdin();
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ use yard_shim_kit::protos::protobuf::Message;
 use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::protos::shim::oci::Options as RuncOptions;
 use yard_shim_kit::reaper::{self, Mark};
-use yard_shim_kit::stdio::{self, ConsoleCopy, ConsoleSocket, StdinCloser, StdioSpec};
+use yard_shim_kit::stdio::{self, ConsoleCopy, ConsoleSlot, ConsoleSocket, StdinCloser, StdioSpec};
 use yard_shim_kit::{
     Container, CreateRequest, Engine, Error, ExecRequest, Exit, Process, ProcessInfo, Result,
     Rootfs,
@@ -511,7 +511,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
         pid: AtomicU32::new(pid),
         started: Mutex::new(Started { since, pidfd }),
         stdio: req.stdio.clone(),
-        console: Mutex::new(console),
+        console: ConsoleSlot::new(console),
         stdin_closer: Mutex::new(stdin_closer),
         spec: Vec::new(),
     });
@@ -573,7 +573,7 @@ impl Container for LinuxContainer {
             pid: AtomicU32::new(0),
             started: Mutex::new(Started::default()),
             stdio: req.stdio.clone(),
-            console: Mutex::new(None),
+            console: ConsoleSlot::default(),
             stdin_closer: Mutex::new(StdinCloser::default()),
             spec: req.spec.clone(),
         }))
@@ -640,7 +640,7 @@ struct LinuxProcess {
     pid: AtomicU32,
     started: Mutex<Started>,
     stdio: StdioSpec,
-    console: Mutex<Option<ConsoleCopy>>,
+    console: ConsoleSlot,
     stdin_closer: Mutex<StdinCloser>,
     /// The process spec JSON of an exec.
     spec: Vec<u8>,
@@ -695,7 +695,7 @@ impl Process for LinuxProcess {
                 return Err(e);
             }
         };
-        *self.console.lock().unwrap_or_else(|p| p.into_inner()) = console;
+        self.console.set(console);
         let pid = read_pid(&pid_file)?;
         let _ = std::fs::remove_file(&pid_file);
         let _ = std::fs::remove_file(&log);
@@ -710,15 +710,7 @@ impl Process for LinuxProcess {
     async fn wait(&self) -> Exit {
         let since = self.started.lock().unwrap_or_else(|p| p.into_inner()).since;
         let exit = reaper::global().wait(self.pid(), since).await;
-        let console = self
-            .console
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(c) = console {
-            // Deliver what the process wrote before saying it exited.
-            c.drain(Duration::from_secs(2)).await;
-        }
+        self.console.drain_at_exit().await;
         exit
     }
 
@@ -742,15 +734,9 @@ impl Process for LinuxProcess {
     }
 
     async fn resize_pty(&self, width: u32, height: u32) -> Result<()> {
-        match self
-            .console
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            Some(c) => c.resize(width, height),
-            None => Err(Error::FailedPrecondition("process has no terminal".into())),
-        }
+        self.console
+            .resize(width, height)
+            .unwrap_or_else(|| Err(Error::FailedPrecondition("process has no terminal".into())))
     }
 
     async fn close_stdin(&self) -> Result<()> {
@@ -758,14 +744,7 @@ impl Process for LinuxProcess {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .close();
-        if let Some(c) = self
-            .console
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            c.close_stdin();
-        }
+        self.console.close_stdin();
         Ok(())
     }
 }
