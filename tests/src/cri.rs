@@ -234,6 +234,10 @@ pub struct CriNode {
     pub log: PathBuf,
     pub ctr_bin: PathBuf,
     pub net: TestNet,
+    /// The cgroup parent of every pod of this node (cgroupfs driver), as kubelet gives one: a
+    /// pod's usage (PodSandboxStats) is read from it, and what a failed test leaves in it is
+    /// killed when the node is dropped.
+    pub cgroup_parent: String,
     child: Option<Child>,
 }
 
@@ -297,6 +301,7 @@ impl CriNode {
             log,
             ctr_bin,
             net,
+            cgroup_parent: format!("/{}", crate::unique_id("yardcri")),
             child: Some(child),
         };
         node.import(test_images());
@@ -361,6 +366,8 @@ impl Drop for CriNode {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        // Whatever a failed test left running in the node's pods, then their cgroups.
+        crate::kill_cgroup_tree(self.cgroup_parent.trim_start_matches('/'));
         // Whatever a failed test left mounted under the node's directories.
         for m in crate::mounts_matching(&self.dir.path().display().to_string()) {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
@@ -480,7 +487,16 @@ pub fn pod_config(node: &CriNode, name: &str) -> cri::PodSandboxConfig {
         namespace: "default".to_owned(),
         attempt: 0,
     };
-    switchyard_api::cri_defaults::pod_config(metadata, name, &log_dir.display().to_string())
+    let mut cfg =
+        switchyard_api::cri_defaults::pod_config(metadata, name, &log_dir.display().to_string());
+    if let Some(linux) = cfg.linux.as_mut() {
+        linux.cgroup_parent = format!(
+            "{}/pod{}",
+            node.cgroup_parent,
+            cfg.metadata.as_ref().map_or("", |m| m.uid.as_str())
+        );
+    }
+    cfg
 }
 
 /// A container of `image` running `command`, logging to `<name>.log` in the pod's directory.

@@ -121,6 +121,35 @@ pub fn cgroups_matching(relative: &str) -> Vec<PathBuf> {
     found
 }
 
+/// Kills every process in the cgroup `relative` and its descendants, in every hierarchy, and
+/// removes the cgroups (deepest first). For a test's clean-up: what a failed test left.
+pub fn kill_cgroup_tree(relative: &str) {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&e.path(), out);
+            }
+        }
+        out.push(dir.to_owned());
+    }
+    let mut dirs = Vec::new();
+    for top in cgroups_matching(relative) {
+        walk(&top, &mut dirs);
+    }
+    for d in &dirs {
+        let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            sigkill(pid);
+        }
+    }
+    for d in &dirs {
+        // A cgroup can be removed once its killed processes are gone.
+        crate::eventually(std::time::Duration::from_secs(10), || {
+            std::fs::remove_dir(d).is_ok() || !d.exists()
+        });
+    }
+}
+
 /// cgroups under `switchyard/default/` (in every hierarchy) whose name starts with `prefix`.
 pub fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");

@@ -42,8 +42,9 @@ pub use gate::{
     require, require_guest, require_root_and, which,
 };
 pub use host::{
-    alive, cgroups_matching, cgroups_with_prefix, cmdline, entries, files_under, mounts_matching,
-    open_fds, ppid, processes_matching, reaped, sigkill, sockets_under, zombie_children,
+    alive, cgroups_matching, cgroups_with_prefix, cmdline, entries, files_under, kill_cgroup_tree,
+    mounts_matching, open_fds, ppid, processes_matching, reaped, sigkill, sockets_under,
+    zombie_children,
 };
 pub use process::{
     KillOnDrop, eventually, run_piped, run_timeout, run_with_stdin, show, text, try_run, wait_child,

@@ -113,6 +113,21 @@ fn pod_lifecycle(peer: Peer, handler: &str) {
         .map(|v| v.value)
         .unwrap_or(0);
     assert!(mem > 0, "no memory working set: {stats:?}");
+    // The pod's usage, as kubelet's summary API asks for it (read from the pod's cgroup parent).
+    let pod_stats = c.pod_stats(&pod).expect("PodSandboxStats");
+    let linux = pod_stats.linux.as_ref();
+    let pod_mem = linux
+        .and_then(|l| l.memory.as_ref())
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map_or(0, |v| v.value);
+    let pod_cpu = linux
+        .and_then(|l| l.cpu.as_ref())
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    assert!(
+        pod_mem > 0 && pod_cpu > 0,
+        "no pod memory or CPU: {pod_stats:?}"
+    );
 
     c.stop_container(&id, 5).expect("StopContainer");
     let st = c.container_status(&id).expect("ContainerStatus");

@@ -8,6 +8,7 @@
 //! before any thread exists), then calls [`run`].
 
 pub mod bundle;
+pub mod cgroup;
 pub mod engine;
 pub mod error;
 pub mod events;

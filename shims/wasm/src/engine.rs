@@ -180,9 +180,9 @@ impl Engine for WasmEngine {
         let cgroup = spec
             .as_ref()
             .and_then(|s| s.linux().as_ref())
-            .and_then(|l| crate::cgroup::usable(l.cgroups_path().as_deref()));
+            .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref()));
         if let Some(path) = cgroup {
-            crate::cgroup::remove(&path, id);
+            yard_shim_kit::cgroup::remove(&path, id);
         }
         Ok(())
     }

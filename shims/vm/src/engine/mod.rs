@@ -140,6 +140,20 @@ impl Engine for VmEngine {
             "removing a dead shim's sandbox files"
         );
         volumes::sweep(self.binder.as_ref(), &self.dirs.volume_dir(namespace, key));
+        // The VMM joined the cgroup of the container that booted the sandbox (the key starts
+        // with its id).
+        if sandbox::booted_by(key, id) {
+            let spec = std::fs::read(bundle.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Spec>(&b).ok());
+            let cgroup = spec
+                .as_ref()
+                .and_then(|s| s.linux().as_ref())
+                .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref()));
+            if let Some(path) = cgroup {
+                yard_shim_kit::cgroup::remove(&path, id);
+            }
+        }
         let _ = std::fs::remove_dir_all(self.dirs.state_dir(namespace, key));
         let _ = std::fs::remove_dir_all(sandbox::share_dir(&options, namespace, key));
         Ok(())
@@ -227,6 +241,9 @@ impl VmEngine {
                         dirs: &self.dirs,
                         host_bind,
                         binder: self.binder.clone(),
+                        cgroup: spec.linux().as_ref().and_then(|l| {
+                            yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref())
+                        }),
                     },
                 )
                 .await?;

@@ -119,6 +119,10 @@ pub struct Boot<'a> {
     /// volume share (and a backend that has one).
     pub host_bind: Option<String>,
     pub binder: Arc<dyn Binder>,
+    /// The first container's `linux.cgroupsPath` (a usable cgroupfs path): the VMM process
+    /// joins it, so the VM's host usage is accounted to the sandbox (CRI's PodSandboxStats
+    /// reads the pod's cgroup parent).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// One VM and what runs in it.
@@ -141,6 +145,8 @@ pub struct Sandbox {
     /// The OOM watch and the teardown watchdog.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     pub ooms: Arc<OomReporter>,
+    /// The host cgroup the VMM process was moved into, removed when the VM stops.
+    host_cgroup: Option<PathBuf>,
 }
 
 fn boot_error(e: BootVmError) -> Error {
@@ -165,6 +171,12 @@ const KEY_ID_CHARS: usize = 24;
 fn sandbox_key(id: &str, pid: u32) -> String {
     let short: String = id.chars().take(KEY_ID_CHARS).collect();
     format!("{short}-{pid}")
+}
+
+/// Whether the sandbox named `key` was booted by container `id`.
+pub fn booted_by(key: &str, id: &str) -> bool {
+    key.rsplit_once('-')
+        .is_some_and(|(short, _)| short == id.chars().take(KEY_ID_CHARS).collect::<String>())
 }
 
 /// A host path for a backend without a shared filesystem.
@@ -261,6 +273,27 @@ impl Sandbox {
             fail(volumes, dirs).await;
             return Err(Error::Internal("VM booted without an agent stream".into()));
         };
+        let host_cgroup = match (b.cgroup, vm.pid()) {
+            (Some(path), Some(pid)) => {
+                match yard_shim_kit::cgroup::join(&path, b.id, pid, "the VMM") {
+                    Ok(_) => Some(path),
+                    Err(e) => {
+                        vm.stop(STOP_GRACE).await;
+                        yard_shim_kit::cgroup::remove(&path, b.id);
+                        fail(volumes, dirs).await;
+                        return Err(e);
+                    }
+                }
+            }
+            (Some(path), None) => {
+                tracing::debug!(
+                    cgroup = %path.display(),
+                    "the built-in VMM runs in the shim: the shim's cgroup accounts it"
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let vm: Arc<dyn Vm> = Arc::from(vm);
         let agent = Agent::new(stream);
         match agent.hello().await {
@@ -276,6 +309,9 @@ impl Sandbox {
             ),
             Err(e) => {
                 vm.stop(STOP_GRACE).await;
+                if let Some(path) = &host_cgroup {
+                    yard_shim_kit::cgroup::remove(path, b.id);
+                }
                 fail(volumes, dirs).await;
                 return Err(e.into());
             }
@@ -310,6 +346,7 @@ impl Sandbox {
             containers: std::sync::Mutex::new(HashMap::new()),
             tasks: std::sync::Mutex::new(vec![watch, watchdog]),
             ooms,
+            host_cgroup,
         }))
     }
 
@@ -491,6 +528,9 @@ impl Sandbox {
             tracing::warn!(sandbox = %self.id, "agent did not take Shutdown; stopping the VM");
         }
         self.vm.stop(STOP_GRACE).await;
+        if let Some(path) = &self.host_cgroup {
+            yard_shim_kit::cgroup::remove(path, &self.id);
+        }
         if let Some(v) = &self.volumes {
             v.remove().await;
         }
