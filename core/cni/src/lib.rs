@@ -8,6 +8,7 @@
 //! - [`exec`]: one plugin call, with a deadline and capped output;
 //! - [`cache`]: the ADD result on disk, for DEL and CHECK after a restart;
 //! - [`result`]: the results and error results plugins print;
+//! - [`netns`]: persistent network namespaces under a directory the caller chooses.
 //!
 //! Everything blocks; an async caller runs it on a blocking thread. `docs/networking.md` has
 //! the defaults, limits and what is left out.
@@ -16,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod exec;
 pub mod invoke;
+pub mod netns;
 pub mod result;
 
 pub use cache::{CacheError, ResultCache};
@@ -25,4 +27,5 @@ pub use invoke::{
     Attachment, Cni, CniError, Command, DEFAULT_BIN_DIR, PluginError, PortMapping, Protocol,
     RuntimeConfig,
 };
+pub use netns::{Netns, NetnsError};
 pub use result::{CniResult, Dns, Interface, IpConfig, IpPrefix, Route};
