@@ -124,10 +124,15 @@ impl ResultCache {
             .mode(0o600)
             .open(&tmp)
             .map_err(io_err("creating", &tmp))?;
-        file.write_all(&bytes)
+        let written = file
+            .write_all(&bytes)
             .and_then(|()| file.sync_all())
-            .map_err(io_err("writing", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("renaming to", &path))?;
+            .map_err(io_err("writing", &tmp))
+            .and_then(|()| fs::rename(&tmp, &path).map_err(io_err("renaming to", &path)));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err("syncing", &self.dir))
