@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::config::{valid_if_name, valid_name};
+
 /// A cache file larger than this is refused unread.
 pub const MAX_CACHE_BYTES: u64 = 1024 * 1024;
 
@@ -19,6 +21,11 @@ const KIND: &str = "switchyard-cni-result-v1";
 /// Error while reading or writing a cache entry.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    #[error("no cache entry can be named for container {container_id:?}, interface {if_name:?}")]
+    InvalidKey {
+        container_id: String,
+        if_name: String,
+    },
     #[error("{op} {}", path.display())]
     Io {
         op: &'static str,
@@ -92,10 +99,17 @@ impl ResultCache {
         &self.dir
     }
 
-    /// `<dir>/<container id>:<ifname>.json`. Neither a container id nor an interface name can
-    /// hold `:` or `/` (both are checked before anything gets here), so the name is unambiguous.
-    pub fn path(&self, container_id: &str, if_name: &str) -> PathBuf {
-        self.dir.join(format!("{container_id}:{if_name}.json"))
+    /// `<dir>/<container id>:<ifname>.json`. Neither a valid container id nor an interface
+    /// name can hold `:` or `/`, so the name is unambiguous and stays in the directory; others
+    /// are refused.
+    pub fn path(&self, container_id: &str, if_name: &str) -> Result<PathBuf, CacheError> {
+        if !valid_name(container_id) || !valid_if_name(if_name) {
+            return Err(CacheError::InvalidKey {
+                container_id: container_id.to_owned(),
+                if_name: if_name.to_owned(),
+            });
+        }
+        Ok(self.dir.join(format!("{container_id}:{if_name}.json")))
     }
 
     pub fn write(&self, entry: &CacheEntry) -> Result<(), CacheError> {
@@ -108,7 +122,7 @@ impl ResultCache {
             .mode(0o700)
             .create(&self.dir)
             .map_err(io_err("creating", &self.dir))?;
-        let path = self.path(&entry.container_id, &entry.if_name);
+        let path = self.path(&entry.container_id, &entry.if_name)?;
         // A leading dot: no container id starts with one, so no entry is ever named like this.
         let tmp = self
             .dir
@@ -144,7 +158,7 @@ impl ResultCache {
         container_id: &str,
         if_name: &str,
     ) -> Result<Option<CacheEntry>, CacheError> {
-        let path = self.path(container_id, if_name);
+        let path = self.path(container_id, if_name)?;
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -186,7 +200,7 @@ impl ResultCache {
 
     /// Removes the entry; no error if there is none.
     pub fn remove(&self, container_id: &str, if_name: &str) -> Result<(), CacheError> {
-        let path = self.path(container_id, if_name);
+        let path = self.path(container_id, if_name)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -223,7 +237,7 @@ mod tests {
         cache.write(&entry()).unwrap();
         assert_eq!(cache.read("abc", "eth0").unwrap(), Some(entry()));
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&cache.path("abc", "eth0")), 0o600);
+        assert_eq!(mode(&cache.path("abc", "eth0").unwrap()), 0o600);
         assert_eq!(mode(cache.dir()), 0o700);
         // Only the entry is left, no temporary file.
         assert_eq!(fs::read_dir(cache.dir()).unwrap().count(), 1);
@@ -233,23 +247,47 @@ mod tests {
     }
 
     #[test]
+    fn keys_that_would_leave_the_directory_are_refused() {
+        let cache = ResultCache::new(PathBuf::from("/c"));
+        for (id, ifname) in [
+            ("../x", "eth0"),
+            ("a", "../../x"),
+            ("a/b", "eth0"),
+            ("a", ""),
+        ] {
+            assert!(matches!(
+                cache.path(id, ifname),
+                Err(CacheError::InvalidKey { .. })
+            ));
+            assert!(matches!(
+                cache.read(id, ifname),
+                Err(CacheError::InvalidKey { .. })
+            ));
+            assert!(matches!(
+                cache.remove(id, ifname),
+                Err(CacheError::InvalidKey { .. })
+            ));
+        }
+    }
+
+    #[test]
     fn bad_entries_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ResultCache::new(dir.path().to_owned());
-        fs::write(cache.path("a", "eth0"), "{").unwrap();
+        fs::write(cache.path("a", "eth0").unwrap(), "{").unwrap();
         assert!(matches!(
             cache.read("a", "eth0"),
             Err(CacheError::Format { .. })
         ));
         let mut other = serde_json::to_value(entry()).unwrap();
         other["kind"] = "cniCacheV1".into();
-        fs::write(cache.path("a", "eth0"), other.to_string()).unwrap();
+        fs::write(cache.path("a", "eth0").unwrap(), other.to_string()).unwrap();
         assert!(matches!(
             cache.read("a", "eth0"),
             Err(CacheError::Format { .. })
         ));
         fs::write(
-            cache.path("a", "eth0"),
+            cache.path("a", "eth0").unwrap(),
             vec![b' '; MAX_CACHE_BYTES as usize + 1],
         )
         .unwrap();

@@ -277,6 +277,15 @@ pub(crate) fn valid_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// The kernel's rule for interface names (`dev_valid_name`), `IFNAMSIZ` included.
+pub(crate) fn valid_if_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+}
+
 /// A plugin type names a file in the plugin directories, never a path.
 pub(crate) fn valid_plugin_type(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\0'])

@@ -209,7 +209,8 @@ impl ProcessInvoker {
                 match rustix::io::write(p, &input[written..]) {
                     Ok(n) => written += n,
                     Err(Errno::AGAIN | Errno::INTR) => {}
-                    // The plugin closed its stdin without reading it all: its business.
+                    // The plugin closed its stdin without reading it all: its business. (EPIPE,
+                    // not SIGPIPE: Rust programs ignore SIGPIPE from their start.)
                     Err(Errno::PIPE) => written = input.len(),
                     Err(e) => return Err(io_err(e)),
                 }

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 
 use crate::cache::{CacheEntry, CacheError, ResultCache};
-use crate::config::{NetworkList, PluginConf, valid_name};
+use crate::config::{
+    NetworkList, PluginConf, SUPPORTED_VERSIONS, valid_if_name, valid_name, valid_plugin_type,
+};
 use crate::exec::{ExecError, Exit, Invoker, PluginCall, PluginOutput, ProcessInvoker};
 use crate::result::{CniResult, ErrorResult, ResultError};
 
@@ -241,17 +243,10 @@ impl Attachment {
                 "letters, digits, `_`, `.`, `-`, starting with a letter or digit",
             ));
         }
-        // The kernel's rule (dev_valid_name), IFNAMSIZ included.
-        let ifname = &self.if_name;
-        if ifname.is_empty()
-            || ifname.len() > 15
-            || ifname == "."
-            || ifname == ".."
-            || ifname.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
-        {
+        if !valid_if_name(&self.if_name) {
             return Err(bad(
                 "interface name",
-                ifname,
+                &self.if_name,
                 "1 to 15 bytes, not `.` or `..`, without `/`, `:` or spaces",
             ));
         }
@@ -274,6 +269,35 @@ impl Attachment {
         let pairs: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
         pairs.join(";")
     }
+}
+
+/// A list built by hand rather than parsed (its fields are public) gets the parser's checks
+/// that matter here: a plugin type is a file name, and there is a plugin.
+fn validate_list(net: &NetworkList) -> Result<(), CniError> {
+    let bad = |what, value: &str, reason| CniError::InvalidArgument {
+        what,
+        value: value.to_owned(),
+        reason,
+    };
+    if !valid_name(&net.name) {
+        return Err(bad(
+            "network name",
+            &net.name,
+            "letters, digits, `_`, `.`, `-`",
+        ));
+    }
+    if !SUPPORTED_VERSIONS.contains(&net.cni_version.as_str()) {
+        return Err(bad("cniVersion", &net.cni_version, "not supported"));
+    }
+    if net.plugins.is_empty() {
+        return Err(bad("network", &net.name, "has no plugins"));
+    }
+    for p in &net.plugins {
+        if !valid_plugin_type(&p.plugin_type) {
+            return Err(bad("plugin type", &p.plugin_type, "must be a file name"));
+        }
+    }
+    Ok(())
 }
 
 /// The CNI runtime side: where the plugins are, where results are cached, how plugins run.
@@ -332,7 +356,7 @@ impl Cni {
         let Some(entry) = self.cache.read(container_id, if_name)? else {
             return Ok(None);
         };
-        let path = self.cache.path(container_id, if_name);
+        let path = self.cache.path(container_id, if_name)?;
         CniResult::from_value(entry.result)
             .map(Some)
             .map_err(|source| CacheError::BadResult { path, source })
@@ -341,6 +365,7 @@ impl Cni {
     /// ADD: attaches the container to the network and returns the last plugin's result.
     pub fn add(&self, net: &NetworkList, att: &Attachment) -> Result<CniResult, CniError> {
         att.validate()?;
+        validate_list(net)?;
         // Every binary first: a missing one fails before anything is set up.
         let binaries = net
             .plugins
@@ -408,18 +433,20 @@ impl Cni {
     /// DEL: detaches the container. Idempotent; the netns may already be gone.
     pub fn del(&self, net: &NetworkList, att: &Attachment) -> Result<(), CniError> {
         att.validate()?;
-        let prev = self.prev_for_del(net, att);
-        let first_err = self.del_plugins(net, &net.plugins, att, prev.as_ref(), None);
-        if let Some(err) = first_err {
+        validate_list(net)?;
+        let (prev, ours) = self.cached_for_del(net, att);
+        if let Some(err) = self.del_plugins(net, &net.plugins, att, prev.as_ref(), None) {
             return Err(err);
         }
-        self.cache
-            .remove(&att.container_id, &att.if_name)
-            .map_err(|source| CniError::Cache {
-                command: Command::Del,
-                network: net.name.clone(),
-                source,
-            })?;
+        if ours {
+            self.cache
+                .remove(&att.container_id, &att.if_name)
+                .map_err(|source| CniError::Cache {
+                    command: Command::Del,
+                    network: net.name.clone(),
+                    source,
+                })?;
+        }
         tracing::info!(network = %net.name, container_id = %att.container_id,
             if_name = %att.if_name, "CNI DEL done");
         Ok(())
@@ -428,6 +455,7 @@ impl Cni {
     /// CHECK: asks each plugin whether the attachment is still as ADD made it.
     pub fn check(&self, net: &NetworkList, att: &Attachment) -> Result<(), CniError> {
         att.validate()?;
+        validate_list(net)?;
         if version_cmp(&net.cni_version, "0.4.0") == Ordering::Less {
             return Err(CniError::CheckUnsupported {
                 network: net.name.clone(),
@@ -471,25 +499,26 @@ impl Cni {
         Ok(())
     }
 
-    /// The `prevResult` DEL hands every plugin: the cached ADD result, from 0.4.0 on. A cache
-    /// entry that cannot be read does not stop a DEL (the plugins cope without it).
-    fn prev_for_del(&self, net: &NetworkList, att: &Attachment) -> Option<Value> {
-        if version_cmp(&net.cni_version, "0.4.0") == Ordering::Less {
-            return None;
-        }
-        match self.cache.read(&att.container_id, &att.if_name) {
-            Ok(Some(entry)) if entry.network_name == net.name => Some(entry.result),
+    /// The `prevResult` DEL hands every plugin (the cached ADD result, from 0.4.0 on), and
+    /// whether the cache entry is this network's to remove after the DEL. An entry that cannot
+    /// be read does not stop a DEL (the plugins cope without `prevResult`) and goes with it; an
+    /// entry of another network on the same interface stays.
+    fn cached_for_del(&self, net: &NetworkList, att: &Attachment) -> (Option<Value>, bool) {
+        let (result, ours) = match self.cache.read(&att.container_id, &att.if_name) {
+            Ok(Some(entry)) if entry.network_name == net.name => (Some(entry.result), true),
             Ok(Some(entry)) => {
                 tracing::warn!(network = %net.name, cached = %entry.network_name,
                     container_id = %att.container_id, "cached result is of another network");
-                None
+                (None, false)
             }
-            Ok(None) => None,
+            Ok(None) => (None, false),
             Err(e) => {
                 tracing::warn!(error = %switchyard_base::chain(&e), "DEL without prevResult");
-                None
+                (None, true)
             }
-        }
+        };
+        let result = result.filter(|_| version_cmp(&net.cni_version, "0.4.0") != Ordering::Less);
+        (result, ours)
     }
 
     /// DEL of `plugins` in reverse; every one runs, the first error is returned. `binaries`

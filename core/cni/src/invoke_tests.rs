@@ -270,7 +270,7 @@ fn del_runs_in_reverse_with_the_cached_result_and_removes_it() {
         assert_eq!(c.env["CNI_COMMAND"], "DEL");
         assert_eq!(c.stdin["prevResult"], result_of("portmap"));
     }
-    assert!(!s.cni.cache().path("c0ffee", "eth0").exists());
+    assert!(!s.cni.cache().path("c0ffee", "eth0").unwrap().exists());
 
     // Again, with nothing cached: still every plugin, without prevResult.
     s.cni.del(&net, &attachment()).unwrap();
@@ -316,7 +316,7 @@ fn a_failed_del_runs_the_rest_and_keeps_the_cache() {
         order(&s.fake.calls()),
         ["DEL portmap", "DEL bridge", "DEL loopback"]
     );
-    assert!(s.cni.cache().path("c0ffee", "eth0").exists());
+    assert!(s.cni.cache().path("c0ffee", "eth0").unwrap().exists());
 }
 
 #[test]
@@ -364,7 +364,7 @@ fn a_failed_add_is_rolled_back_and_not_cached() {
     for c in &calls[3..] {
         assert_eq!(c.stdin["prevResult"], result_of("bridge"));
     }
-    assert!(!s.cni.cache().path("c0ffee", "eth0").exists());
+    assert!(!s.cni.cache().path("c0ffee", "eth0").unwrap().exists());
 }
 
 #[test]
@@ -561,4 +561,72 @@ fn versions_order() {
     assert_eq!(version_cmp("0.3.1", "0.4.0"), Ordering::Less);
     assert_eq!(version_cmp("1.0.0", "0.4.0"), Ordering::Greater);
     assert_eq!(version_cmp("0.4.0", "0.4.0"), Ordering::Equal);
+}
+
+#[test]
+fn del_leaves_another_networks_entry_and_takes_an_unreadable_one() {
+    let s = setup(&["loopback", "bridge", "portmap"]);
+    let net = three("1.0.0");
+    s.cni.add(&net, &attachment()).unwrap();
+    let path = s.cni.cache().path("c0ffee", "eth0").unwrap();
+
+    // A DEL of another network on the same interface neither uses nor removes the entry.
+    let other = NetworkList {
+        name: "othernet".into(),
+        ..three("1.0.0")
+    };
+    s.fake.calls();
+    s.cni.del(&other, &attachment()).unwrap();
+    assert!(
+        s.fake
+            .calls()
+            .iter()
+            .all(|c| c.stdin.get("prevResult").is_none())
+    );
+    assert!(path.exists());
+
+    // An entry that cannot be read does not stop the DEL, and goes with it.
+    std::fs::write(&path, "{").unwrap();
+    s.cni.del(&net, &attachment()).unwrap();
+    assert_eq!(s.fake.calls().len(), 3);
+    assert!(!path.exists());
+    // And CHECK says what is wrong with it.
+    std::fs::write(&path, "{").unwrap();
+    let e = s.cni.check(&net, &attachment()).unwrap_err();
+    assert!(matches!(e, CniError::Cache { .. }), "{e:?}");
+}
+
+#[test]
+fn a_hand_built_list_gets_the_parsers_checks() {
+    let s = setup(&["loopback", "bridge", "portmap"]);
+    let mut net = three("1.0.0");
+    net.plugins[1].plugin_type = "../../bin/sh".into();
+    let e = s.cni.add(&net, &attachment()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CniError::InvalidArgument {
+                what: "plugin type",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let empty = NetworkList {
+        plugins: Vec::new(),
+        ..three("1.0.0")
+    };
+    assert!(matches!(
+        s.cni.del(&empty, &attachment()),
+        Err(CniError::InvalidArgument { .. })
+    ));
+    let old = NetworkList {
+        cni_version: "0.2.0".into(),
+        ..three("1.0.0")
+    };
+    assert!(matches!(
+        s.cni.check(&old, &attachment()),
+        Err(CniError::InvalidArgument { .. })
+    ));
+    assert!(s.fake.calls().is_empty());
 }

@@ -274,7 +274,7 @@ fn two_pods_on_a_bridge_reach_each_other_and_del_cleans_up() {
     want.sort();
     assert_eq!(leases, want);
     assert_eq!(lab.bridge_ports().len(), 2, "{:?}", lab.bridge_ports());
-    assert!(lab.cni.cache().path("pod-a-id", "eth0").is_file());
+    assert!(lab.cni.cache().path("pod-a-id", "eth0").unwrap().is_file());
 
     // Inside: the address on eth0, loopback up.
     for (ns, ip) in [(&ns_a, ip_a), (&ns_b, ip_b)] {
@@ -332,8 +332,8 @@ fn two_pods_on_a_bridge_reach_each_other_and_del_cleans_up() {
     }
     let (_, nat) = common::run(&["iptables-save", "-t", "nat"]);
     assert!(!nat.contains("pod-a-id"), "{nat}");
-    assert!(!lab.cni.cache().path("pod-a-id", "eth0").exists());
-    assert!(!lab.cni.cache().path("pod-b-id", "eth0").exists());
+    assert!(!lab.cni.cache().path("pod-a-id", "eth0").unwrap().exists());
+    assert!(!lab.cni.cache().path("pod-b-id", "eth0").unwrap().exists());
     let e = lab.cni.check(&net, &att_a).unwrap_err();
     assert!(matches!(e, CniError::NoCachedResult { .. }), "{e:?}");
 
@@ -373,7 +373,7 @@ fn a_040_network_survives_del_after_its_netns_is_gone() {
     ns.remove().unwrap();
     lab.cni.del(&net, &att).unwrap();
     assert!(lab.leases().is_empty(), "{:?}", lab.leases());
-    assert!(!lab.cni.cache().path("pod-040", "eth0").exists());
+    assert!(!lab.cni.cache().path("pod-040", "eth0").unwrap().exists());
     assert!(
         common::wait_for(DEADLINE, || lab.bridge_ports().is_empty()),
         "{:?}",
@@ -470,5 +470,5 @@ fn assert_nothing_left(lab: &Lab, ns: &Netns, container_id: &str) {
     let (ok, out) = in_netns(ns, &["ip", "link", "show", "eth0"]);
     assert!(!ok, "eth0 left in the netns: {out}");
     assert!(lab.leases().is_empty(), "{:?}", lab.leases());
-    assert!(!lab.cni.cache().path(container_id, "eth0").exists());
+    assert!(!lab.cni.cache().path(container_id, "eth0").unwrap().exists());
 }
