@@ -399,6 +399,7 @@ fn an_invalid_ipam_range_fails_naming_the_plugin_and_leaves_nothing() {
     let att = Attachment::new("pod-badrange", ns.path(), "eth0");
     let e = lab.add(&net, &att).unwrap_err();
     let msg = chain(&e);
+    eprintln!("error: {msg}");
     assert!(
         matches!(&e, CniError::Plugin { plugin, .. } if plugin == "bridge"),
         "{msg}"
@@ -429,6 +430,7 @@ fn a_plugin_failing_after_others_succeeded_is_rolled_back() {
     let att = Attachment::new("pod-rollback", ns.path(), "eth0");
     let e = lab.add(&net, &att).unwrap_err();
     let msg = chain(&e);
+    eprintln!("error: {msg}");
     assert!(
         matches!(&e, CniError::Plugin { plugin, .. } if plugin == "tuning"),
         "{msg}"
