@@ -400,7 +400,7 @@ impl Cni {
             }
         }
         let (Some(value), Some(result)) = (prev, result) else {
-            // A list has at least one plugin (config.rs), so a result.
+            // validate_list made sure there is a plugin, so a result.
             return Err(CniError::Plugin {
                 command: Command::Add,
                 network: net.name.clone(),

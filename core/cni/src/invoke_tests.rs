@@ -630,3 +630,41 @@ fn a_hand_built_list_gets_the_parsers_checks() {
     ));
     assert!(s.fake.calls().is_empty());
 }
+
+#[test]
+fn an_add_whose_result_cannot_be_cached_is_undone() {
+    let s = setup(&["loopback", "bridge", "portmap"]);
+    // A cache directory that cannot be made: a path under a regular file.
+    let file = s.bin.join("loopback");
+    let cni = Cni::new(vec![s.bin.clone()], file.join("cache"))
+        .unwrap()
+        .with_invoker(s.fake.clone());
+    let e = cni.add(&three("1.0.0"), &attachment()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CniError::Cache {
+                command: Command::Add,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let calls = s.fake.calls();
+    assert_eq!(
+        order(&calls),
+        [
+            "ADD loopback",
+            "ADD bridge",
+            "ADD portmap",
+            "DEL portmap",
+            "DEL bridge",
+            "DEL loopback"
+        ]
+    );
+    assert!(
+        calls[3..]
+            .iter()
+            .all(|c| c.stdin["prevResult"] == result_of("portmap"))
+    );
+}
