@@ -296,13 +296,35 @@ mod tests {
         path
     }
 
-    fn invoker(timeout_ms: u64, cap: usize) -> ProcessInvoker {
-        ProcessInvoker {
+    fn invoker(timeout_ms: u64, cap: usize) -> Retrying {
+        Retrying(ProcessInvoker {
             limits: Limits {
                 timeout: Duration::from_millis(timeout_ms),
                 max_stdout: cap,
                 max_stderr: cap,
             },
+        })
+    }
+
+    /// A script just written may be briefly "busy" (ETXTBSY) while a child another test thread
+    /// forked still holds the writing descriptor before its exec closes it: start again then.
+    struct Retrying(ProcessInvoker);
+
+    impl Retrying {
+        fn invoke(&self, call: &PluginCall<'_>) -> Result<PluginOutput, ExecError> {
+            let mut tries = 0;
+            loop {
+                match self.0.invoke(call) {
+                    Err(ExecError::Spawn { source, .. })
+                        if source.raw_os_error() == Some(Errno::TXTBSY.raw_os_error())
+                            && tries < 50 =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    other => return other,
+                }
+            }
         }
     }
 
