@@ -29,6 +29,16 @@ pub struct Config {
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     /// `[images] snapshotter`: `None` picks overlayfs where it works, copies elsewhere.
     pub snapshotter: Option<switchyard_images::snapshot::Driver>,
+    pub cri: CriConfig,
+}
+
+/// `[cri]`: Kubernetes' CRI on the daemon's socket (docs/cri.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CriConfig {
+    /// Where CNI network configs are read (the first by name is the pod network).
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugin binaries are looked up, in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +73,15 @@ struct ConfigFile {
     shim: Option<ShimFile>,
     log: Option<LogFile>,
     images: Option<ImagesFile>,
+    cri: Option<CriFile>,
     runtimes: Option<BTreeMap<String, RuntimeConfig>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CriFile {
+    cni_conf_dir: Option<PathBuf>,
+    cni_bin_dirs: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +201,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
     let over_log = over.log.unwrap_or_default();
     let base_images = base.images.unwrap_or_default();
     let over_images = over.images.unwrap_or_default();
+    let base_cri = base.cri.unwrap_or_default();
+    let over_cri = over.cri.unwrap_or_default();
     let mut runtimes = base.runtimes.unwrap_or_default();
     runtimes.extend(over.runtimes.unwrap_or_default());
     ConfigFile {
@@ -207,6 +227,10 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
         }),
         images: Some(ImagesFile {
             snapshotter: pick(over_images.snapshotter, base_images.snapshotter),
+        }),
+        cri: Some(CriFile {
+            cni_conf_dir: pick(over_cri.cni_conf_dir, base_cri.cni_conf_dir),
+            cni_bin_dirs: pick(over_cri.cni_bin_dirs, base_cri.cni_bin_dirs),
         }),
         runtimes: Some(runtimes),
     }
@@ -323,6 +347,18 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
             ));
         }
     };
+    let cri = file.cri.unwrap_or_default();
+    let cri = CriConfig {
+        cni_conf_dir: v.absolute(
+            "cri.cni_conf_dir",
+            v.required("cri.cni_conf_dir", cri.cni_conf_dir)?,
+        )?,
+        cni_bin_dirs: v
+            .required("cri.cni_bin_dirs", cri.cni_bin_dirs)?
+            .into_iter()
+            .map(|d| v.absolute("cri.cni_bin_dirs", d))
+            .collect::<Result<_, _>>()?,
+    };
     let runtimes = file.runtimes.unwrap_or_default();
     for (name, rt) in &runtimes {
         let key = |k: &str| format!("runtimes.{name}.{k}");
@@ -366,6 +402,7 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
         log_level,
         runtimes,
         snapshotter,
+        cri,
     })
 }
 

@@ -179,7 +179,8 @@ pub async fn run(
         uuid,
         images: std::sync::Arc::new(images),
     };
-    let served = crate::server::serve(&config.grpc_address, shared, shutdown).await;
+    let served =
+        crate::server::serve(&config.grpc_address, shared, config.cri.clone(), shutdown).await;
     let _ = std::fs::remove_file(&config.grpc_address);
     let _ = std::fs::remove_file(&config.ttrpc_address);
     served.map_err(|source| DaemonError::Grpc {

@@ -4,6 +4,7 @@
 //! See `docs/architecture.md` for the map.
 
 pub mod config;
+pub mod cri;
 pub mod daemon;
 pub mod error;
 pub mod events;

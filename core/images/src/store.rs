@@ -91,6 +91,10 @@ pub struct ImageSummary {
     pub record: ImageRecord,
     /// The platform manifest's digest (the record's target where it is not an index).
     pub manifest: String,
+    /// The image config's digest: the image's id, as containerd's CRI names images.
+    pub config: String,
+    /// The config's `User`, unresolved.
+    pub user: String,
     /// Bytes of the image's content: index, manifest, config and layers as stored.
     pub size: u64,
     /// Bytes of its unpacked snapshots (shared layers counted in each image).
@@ -673,6 +677,8 @@ impl ImageStore {
             let s = match self.resolve(&record.target, platform.as_ref()) {
                 Ok(r) => ImageSummary {
                     manifest: r.manifest_digest.clone(),
+                    config: r.manifest.config().digest().to_string(),
+                    user: r.run.user.clone(),
                     size: r.blobs.iter().fold(0u64, |a, (_, s)| a.saturating_add(*s)),
                     unpacked: r.chains.iter().fold(0u64, |a, c| {
                         a.saturating_add(snap_bytes.get(c).copied().unwrap_or(0))
@@ -689,6 +695,8 @@ impl ImageStore {
                 },
                 Err(e) => ImageSummary {
                     manifest: String::new(),
+                    config: String::new(),
+                    user: String::new(),
                     size: 0,
                     unpacked: 0,
                     layers: Vec::new(),

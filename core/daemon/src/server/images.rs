@@ -116,7 +116,7 @@ fn container_exists(shared: &Shared, ns: &str, id: &str) -> bool {
 }
 
 /// Collects what nothing references (after a removal).
-pub(super) fn collect(shared: &Shared) -> Result<api::PruneResponse, Status> {
+pub(crate) fn collect(shared: &Shared) -> Result<api::PruneResponse, Status> {
     let r = shared
         .images
         .gc(&|ns, id| container_exists(shared, ns, id))

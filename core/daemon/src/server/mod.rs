@@ -10,6 +10,8 @@ mod leases;
 mod namespaces;
 mod tasks;
 
+pub(crate) use images::collect;
+
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
@@ -82,15 +84,18 @@ const SERVED: &[&str] = &[
     "/containerd.services.introspection.v1.Introspection/",
     "/switchyard.images.v1.Images/",
     "/containerd.services.images.v1.Images/",
+    "/runtime.v1.RuntimeService/",
+    "/runtime.v1.ImageService/",
 ];
 
 /// Default gRPC message limit, as containerd's.
 const MAX_MESSAGE: usize = 16 << 20;
 
-/// Serves the API on `path` (mode 0600) until `shutdown` resolves.
+/// Serves the API and CRI on `path` (mode 0600) until `shutdown` resolves.
 pub async fn serve(
     path: &Path,
     shared: Shared,
+    cri: crate::config::CriConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let listener = crate::sock::bind_unix(path)?;
@@ -103,6 +108,8 @@ pub async fn serve(
         };
     }
     let s = Arc::new(shared);
+    let cri = crate::cri::Cri::new(s.clone(), cri);
+    use switchyard_api::cri::v1 as cri_v1;
     tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(|inner| Unsupported { inner }))
         .add_service(svc!(
@@ -141,9 +148,36 @@ pub async fn serve(
             switchyard_api::switchyard::images::v1::images_server::ImagesServer<_>,
             images::ImagesService(s.clone())
         ))
+        .add_service(svc!(
+            cri_v1::runtime_service_server::RuntimeServiceServer<_>,
+            crate::cri::RuntimeService(cri.clone())
+        ))
+        .add_service(svc!(
+            cri_v1::image_service_server::ImageServiceServer<_>,
+            crate::cri::ImageService(cri)
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| std::io::Error::other(format!("serve {}: {e}", path.display())))
+}
+
+/// tonic's answer for a method of a served service that has no implementation says only "Not
+/// yet implemented": say which method, and that switchyardd does not serve it yet.
+fn name_unimplemented(path: &str, headers: &mut http::HeaderMap) {
+    let unimplemented = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"12");
+    let default_message = headers.get("grpc-message").is_some_and(|v| {
+        v.as_bytes().starts_with(b"Not%20yet%20implemented")
+            || v.as_bytes().starts_with(b"Not yet implemented")
+    });
+    if unimplemented && default_message {
+        let msg = format!("{path}: not implemented by switchyardd yet");
+        tracing::debug!(%path, "unimplemented RPC");
+        if let Ok(v) = http::HeaderValue::from_str(&msg) {
+            headers.insert("grpc-message", v);
+        }
+    }
 }
 
 /// Answers requests for services switchyardd does not serve.
@@ -168,9 +202,14 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let path = req.uri().path();
+        let path = req.uri().path().to_owned();
         if SERVED.iter().any(|p| path.starts_with(p)) {
-            Box::pin(self.inner.call(req))
+            let served = self.inner.call(req);
+            Box::pin(async move {
+                let mut response = served.await?;
+                name_unimplemented(&path, response.headers_mut());
+                Ok(response)
+            })
         } else {
             let msg = format!(
                 "{path}: not implemented by switchyardd (served: version, namespaces, leases, containers, tasks, events, introspection, images (Get, List, Delete), switchyard.images.v1)"

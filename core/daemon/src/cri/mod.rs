@@ -1,0 +1,83 @@
+//! Kubernetes' CRI (`runtime.v1.RuntimeService`, `runtime.v1.ImageService`) on the daemon's
+//! socket, beside containerd's API, as containerd serves both on one socket.
+//!
+//! Served so far: `Version`, `Status`, `RuntimeConfig`, `UpdateRuntimeConfig` and the whole
+//! image service. Every other RPC answers UNIMPLEMENTED naming the method (the server's
+//! `Unsupported` layer rewrites tonic's default message), never hangs. Pods and containers
+//! come next (docs/cri.md).
+//!
+//! CRI's objects live in containerd's CRI namespace, `k8s.io`: images pulled through CRI are
+//! the images `yard -n k8s.io images` lists.
+
+mod images;
+mod runtime;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub use images::ImageService;
+pub use runtime::RuntimeService;
+
+use crate::server::Shared;
+
+/// The containerd namespace CRI's images, pods and containers live in (containerd's).
+pub const NAMESPACE: &str = "k8s.io";
+/// The runtime name `Version` reports.
+pub const RUNTIME_NAME: &str = "switchyard";
+/// The CRI API version served.
+pub const API_VERSION: &str = "v1";
+
+/// What the CRI services share beyond the daemon's [`Shared`].
+pub struct Cri {
+    pub shared: Arc<Shared>,
+    pub config: crate::config::CriConfig,
+    /// The pod CIDR kubelet last gave (`UpdateRuntimeConfig`), for CNI's `ipRanges`.
+    pub pod_cidr: Mutex<String>,
+}
+
+impl Cri {
+    pub fn new(shared: Arc<Shared>, config: crate::config::CriConfig) -> Arc<Cri> {
+        Arc::new(Cri {
+            shared,
+            config,
+            pod_cidr: Mutex::new(String::new()),
+        })
+    }
+
+    /// Whether pod networking can be set up: a CNI network config loads from the conf dir
+    /// and its plugins are in the bin dirs. `Err` says why not.
+    pub fn network_ready(&self) -> Result<(), String> {
+        let list = switchyard_cni::load_dir(&self.config.cni_conf_dir)
+            .map_err(|e| switchyard_base::chain(&e))?;
+        for plugin in &list.plugins {
+            let found = self
+                .config
+                .cni_bin_dirs
+                .iter()
+                .any(|d| d.join(&plugin.plugin_type).is_file());
+            if !found {
+                return Err(format!(
+                    "network {:?}: plugin {:?} is in none of {}",
+                    list.name,
+                    plugin.plugin_type,
+                    join_paths(&self.config.cni_bin_dirs)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn join_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}

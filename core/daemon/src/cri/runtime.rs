@@ -1,0 +1,199 @@
+//! `runtime.v1.RuntimeService`: the runtime's name and state. Pod and container RPCs are not
+//! served yet and answer UNIMPLEMENTED (tonic's default, named by the server's layer).
+
+use std::sync::Arc;
+
+use switchyard_api::cri::v1 as cri;
+use tonic::{Request, Response, Status};
+
+use super::Cri;
+
+#[derive(Clone)]
+pub struct RuntimeService(pub Arc<Cri>);
+
+/// The runtime types whose shims are ours: they take pods without a pause image and honour
+/// recursive read-only mounts (`rro`, through `mount_setattr`).
+fn is_ours(runtime_type: &str) -> bool {
+    runtime_type.starts_with("io.containerd.yard-")
+}
+
+impl RuntimeService {
+    /// One `RuntimeHandler` per configured runtime, the default one also as the empty name
+    /// (kubelet's handler for a pod without a RuntimeClass).
+    fn handlers(&self) -> Vec<cri::RuntimeHandler> {
+        let runtimes = self.0.shared.tasks.runtimes();
+        let mut out = Vec::new();
+        for s in runtimes.status() {
+            let features = cri::RuntimeHandlerFeatures {
+                // runc honours `rro` too (1.1 and later), with a kernel that has mount_setattr.
+                recursive_read_only_mounts: is_ours(&s.runtime_type)
+                    || s.runtime_type == "io.containerd.runc.v2",
+                user_namespaces: false,
+            };
+            if s.is_default {
+                out.push(cri::RuntimeHandler {
+                    name: String::new(),
+                    features: Some(features),
+                });
+            }
+            out.push(cri::RuntimeHandler {
+                name: s.name,
+                features: Some(features),
+            });
+        }
+        out
+    }
+}
+
+fn condition(kind: &str, result: Result<(), String>, reason: &str) -> cri::RuntimeCondition {
+    match result {
+        Ok(()) => cri::RuntimeCondition {
+            r#type: kind.to_owned(),
+            status: true,
+            reason: String::new(),
+            message: String::new(),
+        },
+        Err(message) => cri::RuntimeCondition {
+            r#type: kind.to_owned(),
+            status: false,
+            reason: reason.to_owned(),
+            message,
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl cri::runtime_service_server::RuntimeService for RuntimeService {
+    async fn version(
+        &self,
+        _req: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: "0.1.0".to_owned(),
+            runtime_name: super::RUNTIME_NAME.to_owned(),
+            runtime_version: env!("CARGO_PKG_VERSION").to_owned(),
+            runtime_api_version: super::API_VERSION.to_owned(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let verbose = req.into_inner().verbose;
+        let cri = self.0.clone();
+        let network = tokio::task::spawn_blocking(move || cri.network_ready())
+            .await
+            .unwrap_or_else(|e| Err(format!("check the CNI config: {e}")));
+        // The runtime is ready when at least one runtime's shim can be started.
+        let runtimes = self.0.shared.tasks.runtimes().status();
+        let runtime = if runtimes.iter().any(|s| s.binary.is_ok()) {
+            Ok(())
+        } else {
+            Err(runtimes
+                .iter()
+                .filter_map(|s| s.binary.as_ref().err().cloned())
+                .collect::<Vec<_>>()
+                .join("; "))
+        };
+        let mut info = std::collections::HashMap::new();
+        if verbose {
+            let config = serde_json::json!({
+                "cniConfDir": self.0.config.cni_conf_dir,
+                "cniBinDirs": self.0.config.cni_bin_dirs,
+                "podCIDR": *self.0.pod_cidr.lock().unwrap_or_else(|p| p.into_inner()),
+                "runtimes": runtimes.iter().map(|s| serde_json::json!({
+                    "name": s.name,
+                    "runtimeType": s.runtime_type,
+                    "default": s.is_default,
+                    "binary": match &s.binary {
+                        Ok(p) => p.display().to_string(),
+                        Err(e) => format!("missing: {e}"),
+                    },
+                })).collect::<Vec<_>>(),
+            });
+            info.insert("config".to_owned(), config.to_string());
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![
+                    condition("RuntimeReady", runtime, "NoRuntimeShim"),
+                    condition("NetworkReady", network, "NetworkPluginNotReady"),
+                ],
+            }),
+            info,
+            runtime_handlers: self.handlers(),
+            features: Some(cri::RuntimeFeatures::default()),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        // Shims are given cgroupfs paths (`linux.cgroupsPath` = /parent/id).
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        if !cidr.is_empty() {
+            for part in cidr.split(',') {
+                if !is_cidr(part.trim()) {
+                    return Err(Status::invalid_argument(format!(
+                        "runtime_config.network_config.pod_cidr {part:?}: not a CIDR"
+                    )));
+                }
+            }
+            tracing::info!(pod_cidr = %cidr, "pod CIDR from kubelet");
+            *self.0.pod_cidr.lock().unwrap_or_else(|p| p.into_inner()) = cidr;
+        }
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+}
+
+/// `ADDRESS/PREFIX`, IPv4 or IPv6.
+fn is_cidr(s: &str) -> bool {
+    let Some((addr, prefix)) = s.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pod_cidrs() {
+        for ok in ["10.88.0.0/16", "fd00::/64", "0.0.0.0/0"] {
+            assert!(super::is_cidr(ok), "{ok}");
+        }
+        for bad in [
+            "10.88.0.0",
+            "10.88.0.0/33",
+            "fd00::/129",
+            "x/8",
+            "10.0.0.0/-1",
+        ] {
+            assert!(!super::is_cidr(bad), "{bad}");
+        }
+    }
+}
