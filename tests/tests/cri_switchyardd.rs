@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use switchyard_api::cri::v1 as cri;
-use switchyard_tests::cri::Cri;
+use switchyard_tests::cri::{Cri, TestNet};
 use switchyard_tests::images::{Registry, busybox_image};
 use switchyard_tests::*;
 
@@ -147,13 +147,13 @@ fn issue19_unserved_rpcs_name_the_method() {
     let e = c
         .call(
             c.runtime()
-                .run_pod_sandbox(cri::RunPodSandboxRequest::default()),
+                .create_container(cri::CreateContainerRequest::default()),
         )
-        .expect_err("RunPodSandbox is not served yet");
+        .expect_err("CreateContainer is not served yet");
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     assert!(
         e.message()
-            .contains("/runtime.v1.RuntimeService/RunPodSandbox"),
+            .contains("/runtime.v1.RuntimeService/CreateContainer"),
         "{e:?}"
     );
     let e = c
@@ -266,4 +266,291 @@ fn issue19_images_through_cri() {
     yard_cri(&["rmi", &reference]);
     let out = yard_cri(&["images"]);
     assert!(!out.contains(reference.trim_end_matches(":1")), "{out}");
+}
+
+/// switchyardd with a CNI bridge network of the test's own ([`TestNet`]: no masquerade, no
+/// forwarding off the bridge).
+fn pod_daemon(net_dir: &Path) -> Option<(Daemon, TestNet)> {
+    if !require_root_and(&["iptables", "ip", "nsenter"])
+        || !require(
+            Path::new("/usr/lib/cni/bridge").is_file(),
+            "needs Debian's containernetworking-plugins (/usr/lib/cni)",
+        )
+    {
+        return None;
+    }
+    let net = TestNet::new(net_dir);
+    let conf = net.conf_dir.clone();
+    let d = Daemon::start_in(|_| {
+        format!(
+            "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n",
+            conf.display()
+        )
+    });
+    Some((d, net))
+}
+
+/// The pod's network namespace, from PodSandboxStatus' verbose info.
+fn pod_netns(c: &Cri, pod: &str) -> Option<String> {
+    let st = c
+        .call(
+            c.runtime()
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.to_owned(),
+                    verbose: true,
+                }),
+        )
+        .expect("PodSandboxStatus");
+    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).expect("info json");
+    info["netns"].as_str().map(str::to_owned)
+}
+
+/// `cmd` run in network namespace `netns`.
+fn in_netns(netns: &str, cmd: &[&str]) -> std::process::Output {
+    run_timeout(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .args(cmd),
+        std::time::Duration::from_secs(20),
+    )
+}
+
+fn run_pod(c: &Cri, node: &Path, name: &str, handler: &str) -> Result<String, tonic::Status> {
+    let mut cfg = switchyard_api::cri_defaults::pod_config(
+        cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: unique_id("uid"),
+            namespace: "default".to_owned(),
+            attempt: 0,
+        },
+        name,
+        &node.join("pods").display().to_string(),
+    );
+    cfg.labels.insert("app".to_owned(), name.to_owned());
+    c.call(c.runtime().run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(cfg),
+        runtime_handler: handler.to_owned(),
+    }))
+    .map(|r| r.pod_sandbox_id)
+}
+
+/// Entries of the daemon's pod network namespace directory.
+fn netns_entries(d: &Daemon) -> Vec<String> {
+    entries(&d.state_dir().join("netns"))
+}
+
+/// RunPodSandbox gives each pod its own network namespace on the CNI bridge with an IP from
+/// the network's range; two pods reach each other by pod IP; ListPodSandbox filters by label
+/// and state; the pods survive a kill -9 and restart of switchyardd; StopPodSandbox runs CNI
+/// DEL (the veth and the IP lease go) and removes the namespace; RemovePodSandbox forgets the
+/// pod, and again succeeds.
+#[test]
+fn issue19_pod_sandboxes_on_the_cni_bridge() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, net)) = pod_daemon(net_dir.path()) else {
+        return;
+    };
+    let c = Cri::connect(&d.socket);
+    let a = run_pod(&c, net_dir.path(), "pod-a", "native").expect("RunPodSandbox a");
+    let b = run_pod(&c, net_dir.path(), "pod-b", "").expect("RunPodSandbox b (default handler)");
+    let status = |c: &Cri, id: &str| {
+        c.call(
+            c.runtime()
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.to_owned(),
+                    verbose: false,
+                }),
+        )
+        .map(|r| r.status.expect("status"))
+    };
+    let sa = status(&c, &a).expect("status a");
+    let sb = status(&c, &b).expect("status b");
+    assert_eq!(
+        sa.state,
+        cri::PodSandboxState::SandboxReady as i32,
+        "{sa:?}"
+    );
+    assert_eq!(sa.runtime_handler, "native");
+    let ip =
+        |s: &cri::PodSandboxStatus| s.network.as_ref().map(|n| n.ip.clone()).unwrap_or_default();
+    let (ip_a, ip_b) = (ip(&sa), ip(&sb));
+    assert!(
+        net.contains(&ip_a) && net.contains(&ip_b) && ip_a != ip_b,
+        "{ip_a} {ip_b} in {}",
+        net.subnet
+    );
+
+    // Inside the pod's namespace: eth0 holds the pod IP, and the other pod answers.
+    let ns_a = pod_netns(&c, &a).expect("pod a's netns");
+    assert_eq!(
+        netns_entries(&d).len(),
+        2,
+        "{ns_a}: {:?}",
+        netns_entries(&d)
+    );
+    let out = in_netns(&ns_a, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+    assert!(
+        text(&out.stdout).contains(&format!("{ip_a}/")),
+        "{}",
+        show(&out)
+    );
+    let busybox = switchyard_tests::images::host_busybox();
+    let busybox = busybox.to_str().expect("path");
+    let out = in_netns(&ns_a, &[busybox, "ping", "-c", "1", "-W", "5", &ip_b]);
+    assert!(out.status.success(), "pod a pings pod b: {}", show(&out));
+
+    // Filters.
+    let list = |c: &Cri, filter: cri::PodSandboxFilter| {
+        c.call(c.runtime().list_pod_sandbox(cri::ListPodSandboxRequest {
+            filter: Some(filter),
+        }))
+        .expect("ListPodSandbox")
+        .items
+        .into_iter()
+        .map(|p| p.id)
+        .collect::<Vec<_>>()
+    };
+    let by_label = cri::PodSandboxFilter {
+        label_selector: [("app".to_owned(), "pod-b".to_owned())].into(),
+        ..Default::default()
+    };
+    assert_eq!(list(&c, by_label.clone()), std::slice::from_ref(&b));
+    assert_eq!(
+        list(
+            &c,
+            cri::PodSandboxFilter {
+                id: a[..12].to_owned(),
+                ..Default::default()
+            }
+        ),
+        std::slice::from_ref(&a)
+    );
+
+    // kill -9 and restart: the same pods, still ready, their namespaces intact.
+    d.restart();
+    let c = Cri::connect(&d.socket);
+    let sa = status(&c, &a).expect("pod a after the restart");
+    assert_eq!(
+        sa.state,
+        cri::PodSandboxState::SandboxReady as i32,
+        "{sa:?}"
+    );
+    assert_eq!(ip(&sa), ip_a);
+    let out = in_netns(&ns_a, &[busybox, "ping", "-c", "1", "-W", "5", &ip_b]);
+    assert!(out.status.success(), "after the restart: {}", show(&out));
+
+    // Stop: CNI DEL and the namespace removed; the pod is listed as not ready.
+    c.call(c.runtime().stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: a.clone(),
+    }))
+    .expect("StopPodSandbox");
+    c.call(c.runtime().stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: a.clone(),
+    }))
+    .expect("StopPodSandbox again");
+    let sa = status(&c, &a).expect("stopped pod a");
+    assert_eq!(
+        sa.state,
+        cri::PodSandboxState::SandboxNotready as i32,
+        "{sa:?}"
+    );
+    assert!(!Path::new(&ns_a).exists(), "netns {ns_a} left after stop");
+    let not_ready = cri::PodSandboxFilter {
+        state: Some(cri::PodSandboxStateValue {
+            state: cri::PodSandboxState::SandboxNotready as i32,
+        }),
+        ..Default::default()
+    };
+    assert_eq!(list(&c, not_ready), std::slice::from_ref(&a));
+    let leases = net_dir.path().join("ipam");
+    let leased = |ip: &str| files_under(&leases).iter().any(|p| p.ends_with(ip));
+    assert!(
+        !leased(&ip_a) && leased(&ip_b),
+        "pod a's lease released, b's kept: {:?}",
+        files_under(&leases)
+    );
+
+    for id in [&a, &b, &a] {
+        c.call(
+            c.runtime()
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                }),
+        )
+        .expect("RemovePodSandbox");
+    }
+    assert!(list(&c, cri::PodSandboxFilter::default()).is_empty());
+    assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
+    assert!(!leased(&ip_b), "{:?}", files_under(&leases));
+    let e = status(&c, &a).expect_err("a removed pod");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+}
+
+/// Bad input: an unknown handler, a missing metadata name and a CNI config whose plugin fails
+/// are CRI errors naming the cause, and leave no namespace, record, veth or lease behind.
+#[test]
+fn issue19_bad_pod_sandboxes_leave_nothing() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let Some((d, net)) = pod_daemon(net_dir.path()) else {
+        return;
+    };
+    let c = Cri::connect(&d.socket);
+    let e = run_pod(&c, net_dir.path(), "bad", "kata-nope").expect_err("unknown handler");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("kata-nope") && e.message().contains("native"),
+        "{e:?}"
+    );
+
+    let e = c
+        .call(c.runtime().run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    uid: "u".into(),
+                    namespace: "n".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        }))
+        .expect_err("no name");
+    assert!(e.message().contains("config.metadata.name"), "{e:?}");
+
+    // A network whose IPAM range is outside its subnet: the bridge plugin fails after
+    // creating the bridge side; everything it made is undone.
+    let conf = net.conf_dir.join("10-yardtest.conflist");
+    let good = std::fs::read_to_string(&conf).expect("conf");
+    let mut bad: serde_json::Value = serde_json::from_str(&good).expect("json");
+    bad["plugins"][0]["ipam"]["ranges"][0][0]["rangeStart"] = "10.250.250.10".into();
+    write(&conf, &bad.to_string());
+    let e = run_pod(&c, net_dir.path(), "badnet", "native").expect_err("a failing plugin");
+    assert!(
+        e.message().contains("bridge") && e.message().contains("RangeStart"),
+        "{e:?}"
+    );
+
+    assert!(
+        c.call(
+            c.runtime()
+                .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        )
+        .expect("ListPodSandbox")
+        .items
+        .is_empty()
+    );
+    assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
+    assert!(files_under(&d.dir.path().join("root/cri/sandboxes")).is_empty());
+    let veths = text(
+        &run_timeout(
+            std::process::Command::new("ip").args(["-o", "link", "show", "master", &net.bridge]),
+            std::time::Duration::from_secs(10),
+        )
+        .stdout,
+    );
+    assert!(
+        veths.trim().is_empty(),
+        "veths left on {}: {veths}",
+        net.bridge
+    );
 }

@@ -63,6 +63,8 @@ pub enum DaemonError {
     },
     #[error("find switchyardd's own path (for -publish-binary)")]
     SelfExe(#[source] std::io::Error),
+    #[error("open the CRI pod store")]
+    Cri(#[source] crate::cri::sandbox::SandboxError),
 }
 
 impl Classify for DaemonError {
@@ -172,15 +174,15 @@ pub async fn run(
                 source,
             })?;
     tracing::info!(snapshotter = ?images.snapshots().driver(), "image store open");
-    let shared = Shared {
+    let shared = std::sync::Arc::new(Shared {
         store,
         tasks,
         exchange,
         uuid,
         images: std::sync::Arc::new(images),
-    };
-    let served =
-        crate::server::serve(&config.grpc_address, shared, config.cri.clone(), shutdown).await;
+    });
+    let cri = crate::cri::Cri::new(shared.clone(), &config).map_err(DaemonError::Cri)?;
+    let served = crate::server::serve(&config.grpc_address, shared, cri, shutdown).await;
     let _ = std::fs::remove_file(&config.grpc_address);
     let _ = std::fs::remove_file(&config.ttrpc_address);
     served.map_err(|source| DaemonError::Grpc {

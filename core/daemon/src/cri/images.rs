@@ -11,18 +11,10 @@ use tonic::{Request, Response, Status};
 
 use super::{Cri, NAMESPACE};
 use crate::error::status;
+use crate::server::blocking;
 
 #[derive(Clone)]
 pub struct ImageService(pub Arc<Cri>);
-
-/// Runs blocking store work off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker: {e}")))?
-}
 
 /// `repo` of `repo:tag` or `repo@digest` (a port's colon is not a tag's).
 fn repository(name: &str) -> &str {

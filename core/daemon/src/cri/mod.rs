@@ -11,6 +11,7 @@
 
 mod images;
 mod runtime;
+pub mod sandbox;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -33,15 +34,22 @@ pub struct Cri {
     pub config: crate::config::CriConfig,
     /// The pod CIDR kubelet last gave (`UpdateRuntimeConfig`), for CNI's `ipRanges`.
     pub pod_cidr: Mutex<String>,
+    pub sandboxes: sandbox::Sandboxes,
 }
 
 impl Cri {
-    pub fn new(shared: Arc<Shared>, config: crate::config::CriConfig) -> Arc<Cri> {
-        Arc::new(Cri {
+    /// The CRI services' state, with the pods a previous daemon left (`<root>/cri`).
+    pub fn new(
+        shared: Arc<Shared>,
+        config: &crate::config::Config,
+    ) -> Result<Arc<Cri>, sandbox::SandboxError> {
+        let sandboxes = sandbox::Sandboxes::open(&config.root, &config.state, &config.cri)?;
+        Ok(Arc::new(Cri {
             shared,
-            config,
+            config: config.cri.clone(),
             pod_cidr: Mutex::new(String::new()),
-        })
+            sandboxes,
+        }))
     }
 
     /// Whether pod networking can be set up: a CNI network config loads from the conf dir

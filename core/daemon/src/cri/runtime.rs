@@ -7,6 +7,9 @@ use switchyard_api::cri::v1 as cri;
 use tonic::{Request, Response, Status};
 
 use super::Cri;
+use super::sandbox::{Record, State};
+use crate::error::status;
+use crate::server::blocking;
 
 #[derive(Clone)]
 pub struct RuntimeService(pub Arc<Cri>);
@@ -62,8 +65,166 @@ fn condition(kind: &str, result: Result<(), String>, reason: &str) -> cri::Runti
     }
 }
 
+/// CRI's view of a pod record.
+fn pod_status(r: &Record) -> cri::PodSandboxStatus {
+    let config = r.pod_config();
+    cri::PodSandboxStatus {
+        id: r.id.clone(),
+        metadata: config.metadata.clone(),
+        state: pod_state(r.state),
+        created_at: r.created_ns,
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip: r.ip.clone(),
+            additional_ips: r
+                .additional_ips
+                .iter()
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: config
+                    .linux
+                    .as_ref()
+                    .and_then(|l| l.security_context.as_ref())
+                    .and_then(|s| s.namespace_options.clone()),
+            }),
+        }),
+        labels: r.labels.clone().into_iter().collect(),
+        annotations: r.annotations.clone().into_iter().collect(),
+        runtime_handler: r.handler.clone(),
+    }
+}
+
+fn pod_state(s: State) -> i32 {
+    match s {
+        State::Ready => cri::PodSandboxState::SandboxReady as i32,
+        State::NotReady => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+fn matches_labels(
+    labels: &std::collections::BTreeMap<String, String>,
+    selector: &std::collections::HashMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 #[tonic::async_trait]
 impl cri::runtime_service_server::RuntimeService for RuntimeService {
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let r = req.into_inner();
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: missing"))?;
+        let handlers = self.0.shared.tasks.runtimes().status();
+        if !r.runtime_handler.is_empty() && !handlers.iter().any(|h| h.name == r.runtime_handler) {
+            return Err(status(super::sandbox::SandboxError::UnknownHandler {
+                handler: r.runtime_handler,
+                known: handlers
+                    .iter()
+                    .map(|h| h.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }));
+        }
+        let cri = self.0.clone();
+        let handler = r.runtime_handler;
+        let record = blocking(move || {
+            cri.sandboxes.run(&config, &handler).map_err(|e| {
+                tracing::warn!(error = %crate::error::chain(&e), "RunPodSandbox failed");
+                status(e)
+            })
+        })
+        .await?;
+        tracing::info!(pod = %record.id, name = %record.name, ip = %record.ip, "pod sandbox ready");
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: record.id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = req.into_inner().pod_sandbox_id;
+        let cri = self.0.clone();
+        blocking(move || cri.sandboxes.stop(&id).map(drop).map_err(status)).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = req.into_inner().pod_sandbox_id;
+        let cri = self.0.clone();
+        blocking(move || cri.sandboxes.remove(&id).map_err(status)).await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let r = req.into_inner();
+        let record = self.0.sandboxes.get(&r.pod_sandbox_id).map_err(status)?;
+        let mut info = std::collections::HashMap::new();
+        if r.verbose {
+            let v = serde_json::json!({
+                "id": record.id,
+                "handler": record.handler,
+                "netns": record.netns,
+                "network": record.network.as_ref().map(|n| &n.origin),
+                "ip": record.ip,
+            });
+            info.insert("info".to_owned(), v.to_string());
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(pod_status(&record)),
+            info,
+            containers_statuses: Vec::new(),
+            timestamp: super::now_nanos(),
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let items = self
+            .0
+            .sandboxes
+            .list()
+            .into_iter()
+            .filter(|r| filter.id.is_empty() || r.id.starts_with(&filter.id))
+            .filter(|r| {
+                filter
+                    .state
+                    .as_ref()
+                    .is_none_or(|s| s.state == pod_state(r.state))
+            })
+            .filter(|r| matches_labels(&r.labels, &filter.label_selector))
+            .map(|r| {
+                let st = pod_status(&r);
+                cri::PodSandbox {
+                    id: st.id,
+                    metadata: st.metadata,
+                    state: st.state,
+                    created_at: st.created_at,
+                    labels: st.labels,
+                    annotations: st.annotations,
+                    runtime_handler: st.runtime_handler,
+                }
+            })
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
     async fn version(
         &self,
         _req: Request<cri::VersionRequest>,

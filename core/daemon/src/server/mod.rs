@@ -56,7 +56,7 @@ fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
 }
 
 /// Runs blocking store work off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
@@ -94,8 +94,8 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// Serves the API and CRI on `path` (mode 0600) until `shutdown` resolves.
 pub async fn serve(
     path: &Path,
-    shared: Shared,
-    cri: crate::config::CriConfig,
+    shared: Arc<Shared>,
+    cri: Arc<crate::cri::Cri>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let listener = crate::sock::bind_unix(path)?;
@@ -107,8 +107,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE)
         };
     }
-    let s = Arc::new(shared);
-    let cri = crate::cri::Cri::new(s.clone(), cri);
+    let s = shared;
     use switchyard_api::cri::v1 as cri_v1;
     tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(|inner| Unsupported { inner }))

@@ -1,0 +1,412 @@
+//! Pod sandboxes: what the daemon holds for a pod before any container runs in it. A pod gets
+//! its own network namespace (unless it asks for the node's), made and held by the daemon
+//! (bind-mounted under `<state>/netns`), and CNI ADD puts it on the pod network; StopPodSandbox
+//! runs CNI DEL and removes the namespace, RemovePodSandbox forgets the pod. Each pod is a JSON
+//! record under `<root>/cri/sandboxes`, written atomically, so a restarted daemon lists the same
+//! pods and can still tear their networks down (the CNI result cache is under `<root>/cri`).
+//!
+//! The pod's process (a pause container for a foreign runtime, the shim itself for ours) comes
+//! with containers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use switchyard_api::cri::v1 as cri;
+use switchyard_cni::{Attachment, Cni, Netns, NetworkList, PortMapping, Protocol};
+
+/// The interface a pod's network is on, as in every CRI runtime.
+pub const POD_INTERFACE: &str = "eth0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("pod sandbox {id} not found")]
+    NotFound { id: String },
+    #[error("runtime handler {handler:?}: no such runtime under [runtimes] (configured: {known})")]
+    UnknownHandler { handler: String, known: String },
+    #[error("pod network: {reason}")]
+    NetworkNotReady { reason: String },
+    #[error("pod network namespace")]
+    Netns(#[source] switchyard_cni::NetnsError),
+    #[error("pod network")]
+    Cni(#[source] switchyard_cni::CniError),
+    #[error("pod sandbox record {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl crate::error::Classify for SandboxError {
+    fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match self {
+            SandboxError::Invalid { .. } | SandboxError::UnknownHandler { .. } => {
+                Kind::InvalidArgument
+            }
+            SandboxError::NotFound { .. } => Kind::NotFound,
+            SandboxError::NetworkNotReady { .. } => Kind::FailedPrecondition,
+            SandboxError::Netns(_) | SandboxError::Cni(_) | SandboxError::Record { .. } => {
+                Kind::Internal
+            }
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SandboxError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    Ready,
+    NotReady,
+}
+
+/// What the daemon keeps of one pod.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub name: String,
+    pub uid: String,
+    pub namespace: String,
+    pub attempt: u32,
+    /// The handler kubelet asked for ("" for the default runtime).
+    pub handler: String,
+    pub state: State,
+    pub created_ns: i64,
+    /// The pod's own network namespace; `None` for a pod on the node's network.
+    pub netns: Option<PathBuf>,
+    pub ip: String,
+    pub additional_ips: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// The CNI network list the pod was added to, as read (for DEL after the file changed).
+    pub network: Option<SavedNetwork>,
+    /// The pod's config as CRI sent it (protobuf), for status and containers.
+    #[serde(with = "b64")]
+    pub config: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedNetwork {
+    pub origin: PathBuf,
+    pub text: String,
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Record {
+    pub fn pod_config(&self) -> cri::PodSandboxConfig {
+        prost::Message::decode(self.config.as_slice()).unwrap_or_default()
+    }
+}
+
+/// Where pods live: records, network namespaces, CNI.
+pub struct Sandboxes {
+    records_dir: PathBuf,
+    netns_dir: PathBuf,
+    conf_dir: PathBuf,
+    cni: Cni,
+    pods: Mutex<HashMap<String, Record>>,
+}
+
+/// Largest record file read back (a pod's config is kubelet's, typically a few KiB).
+const MAX_RECORD_BYTES: u64 = 4 << 20;
+
+impl Sandboxes {
+    /// Opens the pod store under `root` and `state`, reading the records a previous daemon
+    /// left (an unreadable one is logged and skipped, not fatal).
+    pub fn open(root: &Path, state: &Path, config: &crate::config::CriConfig) -> Result<Sandboxes> {
+        let records_dir = root.join("cri").join("sandboxes");
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SandboxError::Record { path, source }
+        };
+        std::fs::create_dir_all(&records_dir).map_err(io(&records_dir))?;
+        let cni = Cni::new(config.cni_bin_dirs.clone(), root.join("cri").join("cni"))
+            .map_err(SandboxError::Cni)?;
+        let mut pods = HashMap::new();
+        for entry in std::fs::read_dir(&records_dir).map_err(io(&records_dir))? {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match read_record(&path) {
+                Ok(r) => {
+                    pods.insert(r.id.clone(), r);
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "pod record skipped"),
+            }
+        }
+        if !pods.is_empty() {
+            tracing::info!(pods = pods.len(), "pod sandboxes restored");
+        }
+        Ok(Sandboxes {
+            records_dir,
+            netns_dir: state.join("netns"),
+            conf_dir: config.cni_conf_dir.clone(),
+            cni,
+            pods: Mutex::new(pods),
+        })
+    }
+
+    fn pods(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, r: &Record) -> Result<()> {
+        let path = self.records_dir.join(format!("{}.json", r.id));
+        let bytes = serde_json::to_vec(r).map_err(|e| SandboxError::Record {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        crate::runtime::bundle::write_atomic(&path, &bytes)
+            .map_err(|source| SandboxError::Record { path, source })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Record> {
+        self.find(id)
+    }
+
+    /// The pod `id` names: its full id or an unambiguous prefix (as crictl accepts).
+    fn find(&self, id: &str) -> Result<Record> {
+        let pods = self.pods();
+        if let Some(r) = pods.get(id) {
+            return Ok(r.clone());
+        }
+        let mut matching = pods
+            .values()
+            .filter(|r| !id.is_empty() && r.id.starts_with(id));
+        match (matching.next(), matching.next()) {
+            (Some(r), None) => Ok(r.clone()),
+            _ => Err(SandboxError::NotFound { id: id.to_owned() }),
+        }
+    }
+
+    pub fn list(&self) -> Vec<Record> {
+        let mut all: Vec<Record> = self.pods().values().cloned().collect();
+        all.sort_by_key(|r| r.created_ns);
+        all
+    }
+
+    /// RunPodSandbox's network part and record: a network namespace, CNI ADD, the record.
+    /// Whatever fails undoes what came before it. Blocking (plugins run as processes).
+    pub fn run(&self, config: &cri::PodSandboxConfig, handler: &str) -> Result<Record> {
+        let meta = config.metadata.as_ref().ok_or(SandboxError::Invalid {
+            field: "config.metadata",
+            reason: "missing".into(),
+        })?;
+        for (field, value) in [
+            ("config.metadata.name", &meta.name),
+            ("config.metadata.uid", &meta.uid),
+            ("config.metadata.namespace", &meta.namespace),
+        ] {
+            if value.is_empty() {
+                return Err(SandboxError::Invalid {
+                    field,
+                    reason: "empty".into(),
+                });
+            }
+        }
+        let host_network = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.network == cri::NamespaceMode::Node as i32);
+        let id = new_id();
+        let mut record = Record {
+            id: id.clone(),
+            name: meta.name.clone(),
+            uid: meta.uid.clone(),
+            namespace: meta.namespace.clone(),
+            attempt: meta.attempt,
+            handler: handler.to_owned(),
+            state: State::Ready,
+            created_ns: super::now_nanos(),
+            netns: None,
+            ip: String::new(),
+            additional_ips: Vec::new(),
+            labels: config.labels.clone().into_iter().collect(),
+            annotations: config.annotations.clone().into_iter().collect(),
+            network: None,
+            config: prost::Message::encode_to_vec(config),
+        };
+        if !host_network {
+            let network = switchyard_cni::load_dir(&self.conf_dir).map_err(|e| {
+                SandboxError::NetworkNotReady {
+                    reason: switchyard_base::chain(&e),
+                }
+            })?;
+            let text = std::fs::read_to_string(&network.origin).map_err(|source| {
+                SandboxError::Record {
+                    path: network.origin.clone(),
+                    source,
+                }
+            })?;
+            let ports = port_mappings(config)?;
+            let netns = Netns::create(&self.netns_dir, &id).map_err(SandboxError::Netns)?;
+            let att = Attachment::new(&id, netns.path(), POD_INTERFACE)
+                .with_pod(&meta.namespace, &meta.name, Some(&meta.uid))
+                .with_port_mappings(ports);
+            let result = match self.cni.add(&network, &att) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = netns.remove();
+                    return Err(SandboxError::Cni(e));
+                }
+            };
+            let mut ips = result
+                .sandbox_ips(POD_INTERFACE)
+                .into_iter()
+                .map(|ip| ip.address.addr.to_string());
+            record.ip = ips.next().unwrap_or_default();
+            record.additional_ips = ips.collect();
+            record.netns = Some(netns.path().to_owned());
+            record.network = Some(SavedNetwork {
+                origin: network.origin.clone(),
+                text,
+            });
+            if let Err(e) = self.save(&record) {
+                let _ = self.cni.del(&network, &att);
+                let _ = netns.remove();
+                return Err(e);
+            }
+        } else {
+            self.save(&record)?;
+        }
+        self.pods().insert(id, record.clone());
+        Ok(record)
+    }
+
+    /// StopPodSandbox's network part: CNI DEL and the namespace removed; idempotent.
+    pub fn stop(&self, id: &str) -> Result<Record> {
+        let mut record = self.find(id)?;
+        if let (Some(netns), Some(saved)) = (&record.netns, &record.network) {
+            let kind = switchyard_cni::config::ConfKind::from_path(&saved.origin)
+                .unwrap_or(switchyard_cni::config::ConfKind::List);
+            match NetworkList::parse(saved.text.as_bytes(), kind, &saved.origin) {
+                Ok(network) => {
+                    let att = Attachment::new(&record.id, netns, POD_INTERFACE).with_pod(
+                        &record.namespace,
+                        &record.name,
+                        Some(&record.uid),
+                    );
+                    self.cni.del(&network, &att).map_err(SandboxError::Cni)?;
+                }
+                Err(e) => tracing::warn!(
+                    pod = %record.id,
+                    error = %switchyard_base::chain(&e),
+                    "the pod's saved network config no longer parses; CNI DEL skipped"
+                ),
+            }
+            Netns::at(&self.netns_dir, &record.id)
+                .and_then(|n| n.remove())
+                .map_err(SandboxError::Netns)?;
+        }
+        if record.state != State::NotReady {
+            record.state = State::NotReady;
+            self.save(&record)?;
+            self.pods().insert(record.id.clone(), record.clone());
+        }
+        Ok(record)
+    }
+
+    /// RemovePodSandbox: stopped first where it was not; an unknown pod is already removed.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let record = match self.find(id) {
+            Ok(r) => r,
+            Err(SandboxError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.stop(&record.id)?;
+        let path = self.records_dir.join(format!("{}.json", record.id));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(SandboxError::Record { path, source }),
+        }
+        self.pods().remove(&record.id);
+        Ok(())
+    }
+}
+
+fn read_record(path: &Path) -> std::io::Result<Record> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_RECORD_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err(std::io::Error::other("larger than 4 MiB"));
+    }
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+/// A pod id as containerd makes them: 64 hex characters.
+fn new_id() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The pod's port mappings for CNI's `portMappings` capability.
+fn port_mappings(config: &cri::PodSandboxConfig) -> Result<Vec<PortMapping>> {
+    config
+        .port_mappings
+        .iter()
+        .map(|p| {
+            let port = |field: &'static str, v: i32| {
+                u16::try_from(v).map_err(|_| SandboxError::Invalid {
+                    field,
+                    reason: format!("{v} is not a port"),
+                })
+            };
+            let protocol = match cri::Protocol::try_from(p.protocol) {
+                Ok(cri::Protocol::Tcp) => Protocol::Tcp,
+                Ok(cri::Protocol::Udp) => Protocol::Udp,
+                Ok(cri::Protocol::Sctp) => Protocol::Sctp,
+                Err(_) => {
+                    return Err(SandboxError::Invalid {
+                        field: "config.port_mappings.protocol",
+                        reason: format!("{} is not a protocol", p.protocol),
+                    });
+                }
+            };
+            let host_ip = if p.host_ip.is_empty() {
+                None
+            } else {
+                Some(p.host_ip.parse().map_err(|_| SandboxError::Invalid {
+                    field: "config.port_mappings.host_ip",
+                    reason: format!("{:?} is not an IP address", p.host_ip),
+                })?)
+            };
+            Ok(PortMapping {
+                host_port: port("config.port_mappings.host_port", p.host_port)?,
+                container_port: port("config.port_mappings.container_port", p.container_port)?,
+                protocol,
+                host_ip,
+            })
+        })
+        .collect()
+}
