@@ -137,6 +137,22 @@ fn issue19_network_not_ready_without_a_cni_config() {
     assert!(!network.status, "{network:?}");
     assert_eq!(network.reason, "NetworkPluginNotReady");
     assert!(network.message.contains("net.d"), "{network:?}");
+    // yard info shows the endpoint, the handlers and the CNI state.
+    let out = d.yard_ok(&["info"]);
+    assert!(out.contains("CRI: unix://"), "{out}");
+    assert!(
+        out.contains("NetworkReady: no (NetworkPluginNotReady"),
+        "{out}"
+    );
+    assert!(out.contains("RuntimeReady: yes"), "{out}");
+    let info: serde_json::Value = serde_json::from_str(&d.yard_ok(&["info", "--json"])).unwrap();
+    let handlers = info["cri"]["handlers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for h in ["", "native", "vm", "wasm", "runc"] {
+        assert!(handlers.iter().any(|v| v == h), "{h:?} in {handlers:?}");
+    }
 }
 
 /// What is not served yet answers UNIMPLEMENTED naming the method, at once.

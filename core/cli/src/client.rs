@@ -56,6 +56,15 @@ impl Client {
         )
     }
 
+    /// CRI's runtime service on the same socket (no namespace: CRI has its own).
+    pub fn cri_runtime(
+        &self,
+    ) -> switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient<Channel> {
+        switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient::new(
+            self.channel.clone(),
+        )
+    }
+
     pub fn version(&self) -> svc::version::v1::version_client::VersionClient<Svc> {
         svc::version::v1::version_client::VersionClient::with_interceptor(
             self.channel.clone(),

@@ -41,6 +41,7 @@ pub async fn info(client: &Client, address: &std::path::Path, json: bool) -> any
             })
         })
         .collect();
+    let cri = cri_status(client).await;
     let mut out = std::io::stdout().lock();
     if json {
         let v = serde_json::json!({
@@ -50,6 +51,7 @@ pub async fn info(client: &Client, address: &std::path::Path, json: bool) -> any
             "uuid": server.uuid,
             "pid": server.pid,
             "runtimes": runtimes,
+            "cri": cri,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
@@ -86,6 +88,45 @@ pub async fn info(client: &Client, address: &std::path::Path, json: bool) -> any
             },
             shim
         )?;
+    }
+    writeln!(out)?;
+    match cri.get("error") {
+        Some(e) => writeln!(
+            out,
+            "CRI: not served here: {}",
+            e.as_str().unwrap_or_default()
+        )?,
+        None => {
+            writeln!(
+                out,
+                "CRI: unix://{} (kubelet --container-runtime-endpoint)",
+                address.display()
+            )?;
+            let handlers: Vec<&str> = cri["handlers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h.as_str())
+                .map(|h| if h.is_empty() { "(default)" } else { h })
+                .collect();
+            writeln!(out, "  handlers: {}", handlers.join(", "))?;
+            for c in cri["conditions"].as_array().into_iter().flatten() {
+                let ok = c["status"].as_bool().unwrap_or(false);
+                let mut line = format!(
+                    "  {}: {}",
+                    c["type"].as_str().unwrap_or_default(),
+                    if ok { "yes" } else { "no" }
+                );
+                if !ok {
+                    line.push_str(&format!(
+                        " ({}: {})",
+                        c["reason"].as_str().unwrap_or_default(),
+                        c["message"].as_str().unwrap_or_default()
+                    ));
+                }
+                writeln!(out, "{line}")?;
+            }
+        }
     }
     let runtimes_with_vm = plugins
         .iter()
@@ -124,4 +165,31 @@ fn vm_fields(exports: &std::collections::HashMap<String, String>) -> serde_json:
             })
             .collect(),
     )
+}
+
+/// CRI's status on the same socket: the handlers and the runtime and network conditions (CNI
+/// state), or why it cannot be asked.
+async fn cri_status(client: &Client) -> serde_json::Value {
+    use switchyard_api::cri::v1 as cri;
+    match client
+        .cri_runtime()
+        .status(cri::StatusRequest { verbose: false })
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            serde_json::json!({
+                "handlers": r.runtime_handlers.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
+                "conditions": r.status.map(|s| s.conditions).unwrap_or_default().iter().map(|c| {
+                    serde_json::json!({
+                        "type": c.r#type,
+                        "status": c.status,
+                        "reason": c.reason,
+                        "message": c.message,
+                    })
+                }).collect::<Vec<_>>(),
+            })
+        }
+        Err(e) => serde_json::json!({ "error": e.message() }),
+    }
 }
