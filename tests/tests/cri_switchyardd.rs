@@ -500,6 +500,33 @@ fn issue19_pod_sandboxes_on_the_cni_bridge() {
     assert!(!leased(&ip_b), "{:?}", files_under(&leases));
     let e = status(&c, &a).expect_err("a removed pod");
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    // yard cri, as crictl: runp, pods, inspectp, stopp, rmp.
+    let logs = net_dir.path().join("yard-pods");
+    let pod = d.yard_ok(&[
+        "cri",
+        "runp",
+        "--pod-name",
+        "yardpod",
+        "-r",
+        "native",
+        "--log-dir",
+        logs.to_str().unwrap(),
+    ]);
+    let pod = pod.trim().to_owned();
+    assert_eq!(pod.len(), 64, "{pod}");
+    let pods = d.yard_ok(&["cri", "pods", "-q"]);
+    assert_eq!(pods.trim(), pod);
+    let inspect = d.yard_ok(&["cri", "inspectp", &pod]);
+    assert!(
+        inspect.contains("yardpod")
+            && inspect.contains(&net.subnet.trim_end_matches("0/24").to_owned()),
+        "{inspect}"
+    );
+    d.yard_ok(&["cri", "stopp", &pod]);
+    d.yard_ok(&["cri", "rmp", &pod]);
+    assert!(d.yard_ok(&["cri", "pods", "-q"]).trim().is_empty());
+    assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
 }
 
 /// Bad input: an unknown handler, a missing metadata name and a CNI config whose plugin fails
