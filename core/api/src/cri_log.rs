@@ -1,7 +1,7 @@
 //! The CRI container log format that kubelet reads and containerd's CRI writes (and
-//! switchyardd's will): one line per chunk, `<RFC 3339 time> <stdout|stderr> <P|F> <text>`,
-//! where `P` marks a partial line continued by the next chunk of the same stream and `F` ends
-//! a line.
+//! switchyardd's does, with [`Splitter`]): one line per chunk,
+//! `<RFC 3339 time> <stdout|stderr> <P|F> <text>`, where `P` marks a partial line continued by
+//! the next chunk of the same stream and `F` ends a line.
 
 /// One whole line of a container's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +11,91 @@ pub struct LogLine {
     /// `stdout` or `stderr`.
     pub stream: String,
     pub text: String,
+}
+
+/// Longest chunk of a line in one record, as containerd splits them: a longer line becomes
+/// `P` records of this size and a last `F` one.
+pub const MAX_CHUNK: usize = 16 << 10;
+
+/// One output stream of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Turns one stream's bytes into CRI log records: whole lines as `F`, lines longer than
+/// [`MAX_CHUNK`] cut into `P` records, a line the stream ends without a newline written as
+/// `F` at [`Splitter::finish`]. Holds at most [`MAX_CHUNK`] bytes between calls.
+pub struct Splitter {
+    stream: Stream,
+    pending: Vec<u8>,
+}
+
+impl Splitter {
+    pub fn new(stream: Stream) -> Self {
+        Splitter {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Adds `bytes` read from the stream; writes the records they complete to `out`, each
+    /// stamped with the time now.
+    pub fn push(&mut self, bytes: &[u8], out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let room = MAX_CHUNK - self.pending.len();
+            let window = &rest[..rest.len().min(room)];
+            match window.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.pending.extend_from_slice(&window[..i]);
+                    self.emit(b'F', out)?;
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    self.pending.extend_from_slice(window);
+                    rest = &rest[window.len()..];
+                    if self.pending.len() == MAX_CHUNK {
+                        self.emit(b'P', out)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream ended: a line it left unfinished is written as a whole one.
+    pub fn finish(&mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.emit(b'F', out)
+    }
+
+    fn emit(&mut self, tag: u8, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let mut record = Vec::with_capacity(self.pending.len() + 48);
+        record.extend_from_slice(time.as_bytes());
+        record.push(b' ');
+        record.extend_from_slice(self.stream.as_str().as_bytes());
+        record.push(b' ');
+        record.push(tag);
+        record.push(b' ');
+        record.append(&mut self.pending);
+        record.push(b'\n');
+        // One write per record, so records of two streams sharing a file never interleave.
+        out.write_all(&record)
+    }
 }
 
 /// Most of one record (physical line) of a log file that is looked at; the rest of a longer
@@ -189,5 +274,61 @@ not a log line
             "the rest of an overlong record is skipped"
         );
         assert_eq!(got.len(), 5);
+    }
+
+    #[test]
+    fn splitter_writes_what_reader_reads_back() {
+        let mut out = Vec::new();
+        let mut o = Splitter::new(Stream::Stdout);
+        let mut e = Splitter::new(Stream::Stderr);
+        o.push(b"hel", &mut out).unwrap();
+        e.push(b"oops\n", &mut out).unwrap();
+        o.push(b"lo\n\nnext", &mut out).unwrap();
+        let long = vec![b'z'; MAX_CHUNK * 2 + 5];
+        e.push(&long, &mut out).unwrap();
+        e.push(b"\n", &mut out).unwrap();
+        o.finish(&mut out).unwrap();
+        e.finish(&mut out).unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        let tags: Vec<(&str, &str)> = text
+            .lines()
+            .map(|l| {
+                let mut p = l.splitn(4, ' ');
+                let _time = p.next();
+                (p.next().unwrap(), p.next().unwrap())
+            })
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                ("stderr", "F"),
+                ("stdout", "F"),
+                ("stdout", "F"),
+                ("stderr", "P"),
+                ("stderr", "P"),
+                ("stderr", "F"),
+                ("stdout", "F"),
+            ]
+        );
+        let time = text.split(' ').next().unwrap();
+        assert!(
+            time.ends_with('Z') && time.len() == "2026-12-04T10:00:00.123456789Z".len(),
+            "{time}"
+        );
+        let lines: Vec<(String, String)> = Reader::new(&out[..])
+            .map(|l| l.map(|l| (l.stream, l.text)))
+            .collect::<std::io::Result<_>>()
+            .unwrap();
+        let z = String::from_utf8(long).unwrap();
+        assert_eq!(
+            lines,
+            [
+                ("stderr".to_owned(), "oops".to_owned()),
+                ("stdout".to_owned(), "hello".to_owned()),
+                ("stdout".to_owned(), String::new()),
+                ("stderr".to_owned(), z),
+                ("stdout".to_owned(), "next".to_owned()),
+            ]
+        );
     }
 }
