@@ -455,6 +455,27 @@ fn issue19_pod_sandboxes_on_the_cni_bridge() {
     let out = in_netns(&ns_a, &[busybox, "ping", "-c", "1", "-W", "5", &ip_b]);
     assert!(out.status.success(), "after the restart: {}", show(&out));
 
+    // As after a reboot, pod b's namespace is gone while the daemon is down: b comes back not
+    // ready (a is still ready), and Stop and Remove still clean up after it (below).
+    let ns_b = pod_netns(&c, &b).expect("pod b's netns");
+    d.kill9();
+    nix::mount::umount2(ns_b.as_str(), nix::mount::MntFlags::MNT_DETACH).expect("umount b's netns");
+    std::fs::remove_file(&ns_b).expect("remove b's netns");
+    d.restart();
+    let c = Cri::connect(&d.socket);
+    let sb = status(&c, &b).expect("pod b after the reboot-like restart");
+    assert_eq!(
+        sb.state,
+        cri::PodSandboxState::SandboxNotready as i32,
+        "{sb:?}"
+    );
+    let sa = status(&c, &a).expect("pod a after the second restart");
+    assert_eq!(
+        sa.state,
+        cri::PodSandboxState::SandboxReady as i32,
+        "{sa:?}"
+    );
+
     // Stop: CNI DEL and the namespace removed; the pod is listed as not ready.
     c.call(c.runtime().stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: a.clone(),
@@ -477,7 +498,11 @@ fn issue19_pod_sandboxes_on_the_cni_bridge() {
         }),
         ..Default::default()
     };
-    assert_eq!(list(&c, not_ready), std::slice::from_ref(&a));
+    let mut stopped = list(&c, not_ready);
+    stopped.sort();
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(stopped, want);
     let leases = net_dir.path().join("ipam");
     let leased = |ip: &str| files_under(&leases).iter().any(|p| p.ends_with(ip));
     assert!(

@@ -150,7 +150,18 @@ impl Sandboxes {
                 continue;
             }
             match read_record(&path) {
-                Ok(r) => {
+                Ok(mut r) => {
+                    // A pod whose namespace is gone (a reboot cleared the state dir) is not
+                    // ready; Stop and Remove still clean up after it.
+                    let netns_gone = r.netns.as_ref().is_some_and(|p| {
+                        !p.parent()
+                            .and_then(|dir| Netns::at(dir, &r.id).ok())
+                            .is_some_and(|n| n.exists())
+                    });
+                    if netns_gone && r.state == State::Ready {
+                        tracing::warn!(pod = %r.id, "the pod's network namespace is gone: not ready");
+                        r.state = State::NotReady;
+                    }
                     pods.insert(r.id.clone(), r);
                 }
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "pod record skipped"),
