@@ -212,7 +212,7 @@ fn serve(listener: TcpListener, count: usize) -> std::thread::JoinHandle<Vec<IpA
 /// returns the server's answer.
 fn ping(to: SocketAddr) -> Result<String, String> {
     let mut last = String::new();
-    let ok = common::wait_for(DEADLINE, || {
+    let ok = switchyard_tests::eventually(DEADLINE, || {
         match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
             Ok(mut s) => {
                 s.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -375,7 +375,7 @@ fn a_040_network_survives_del_after_its_netns_is_gone() {
     assert!(lab.leases().is_empty(), "{:?}", lab.leases());
     assert!(!lab.cni.cache().path("pod-040", "eth0").unwrap().exists());
     assert!(
-        common::wait_for(DEADLINE, || lab.bridge_ports().is_empty()),
+        switchyard_tests::eventually(DEADLINE, || lab.bridge_ports().is_empty()),
         "{:?}",
         lab.bridge_ports()
     );

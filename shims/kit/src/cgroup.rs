@@ -52,6 +52,19 @@ pub fn remove(path: &Path, name: &str) {
     }
 }
 
+/// After a dead shim: removes the cgroup its process joined for the container of `bundle`
+/// (`linux.cgroupsPath` of its `config.json`), if the spec names a usable one.
+pub fn remove_for_bundle(bundle: &Path, name: &str) {
+    let cgroup = crate::bundle::read_spec(bundle).ok().and_then(|(spec, _)| {
+        spec.linux()
+            .as_ref()
+            .and_then(|l| usable(l.cgroups_path().as_deref()))
+    });
+    if let Some(path) = cgroup {
+        remove(&path, name);
+    }
+}
+
 /// Put `pid` back into this process's own cgroups (every hierarchy of `/proc/self/cgroup`).
 pub fn join_own(pid: u32) -> Result<()> {
     let own = std::fs::read_to_string("/proc/self/cgroup")

@@ -174,16 +174,7 @@ impl Engine for WasmEngine {
         // What outlives a shim: a rootfs mount, and the cgroup its worker was in (the worker
         // died with the shim).
         unmount_rootfs(bundle);
-        let spec = std::fs::read(bundle.join("config.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Spec>(&b).ok());
-        let cgroup = spec
-            .as_ref()
-            .and_then(|s| s.linux().as_ref())
-            .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref()));
-        if let Some(path) = cgroup {
-            yard_shim_kit::cgroup::remove(&path, id);
-        }
+        yard_shim_kit::cgroup::remove_for_bundle(bundle, id);
         Ok(())
     }
 

@@ -143,16 +143,7 @@ impl Engine for VmEngine {
         // The VMM joined the cgroup of the container that booted the sandbox (the key starts
         // with its id).
         if sandbox::booted_by(key, id) {
-            let spec = std::fs::read(bundle.join("config.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Spec>(&b).ok());
-            let cgroup = spec
-                .as_ref()
-                .and_then(|s| s.linux().as_ref())
-                .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref()));
-            if let Some(path) = cgroup {
-                yard_shim_kit::cgroup::remove(&path, id);
-            }
+            yard_shim_kit::cgroup::remove_for_bundle(bundle, id);
         }
         let _ = std::fs::remove_dir_all(self.dirs.state_dir(namespace, key));
         let _ = std::fs::remove_dir_all(sandbox::share_dir(&options, namespace, key));
