@@ -10,6 +10,7 @@
 //! the images `yard -n k8s.io images` lists.
 
 mod images;
+pub mod logs;
 mod runtime;
 pub mod sandbox;
 
