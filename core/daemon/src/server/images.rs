@@ -80,6 +80,11 @@ fn progress(p: Progress) -> api::Progress {
             out.current = layers;
             out.total = bytes;
         }
+        Progress::Source { name, url } => {
+            out.phase = "source".into();
+            out.name = name;
+            out.digest = url;
+        }
         Progress::Fetch {
             digest,
             current,
