@@ -171,13 +171,17 @@ pub async fn run(
                 path: images_root.clone(),
                 source,
             })?;
-    tracing::info!(snapshotter = ?images.snapshots().driver(), "image store open");
+    tracing::info!(snapshotter = ?images.snapshots().driver(), registry_config_path = ?config.registry_config_path, "image store open");
     let shared = Shared {
         store,
         tasks,
         exchange,
         uuid,
         images: std::sync::Arc::new(images),
+        registry_hosts: config
+            .registry_config_path
+            .clone()
+            .map(switchyard_images::RegistryHosts::new),
     };
     let served = crate::server::serve(&config.grpc_address, shared, shutdown).await;
     let _ = std::fs::remove_file(&config.grpc_address);

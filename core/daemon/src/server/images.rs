@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use switchyard_api::containerd::types::Mount;
 use switchyard_api::switchyard::images::v1 as api;
+use switchyard_images::registry::RegistryError;
 use switchyard_images::{ImageError, ImageStore, Platform, Progress, PullOptions, RootfsKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -42,7 +43,13 @@ impl Classify for ImageError {
             ImageError::Registry { source, .. } if source.is_unauthorized() => {
                 Kind::FailedPrecondition
             }
+            ImageError::Registry { source, .. }
+                if matches!(**source, RegistryError::NoEndpoint { .. }) =>
+            {
+                Kind::FailedPrecondition
+            }
             ImageError::Registry { .. } => Kind::Unavailable,
+            ImageError::Hosts(_) => Kind::FailedPrecondition,
             ImageError::Content(
                 C::DigestMismatch { .. }
                 | C::SizeMismatch { .. }
@@ -180,6 +187,7 @@ impl api::images_server::Images for ImagesService {
             auth: (!r.username.is_empty()).then(|| (r.username.clone(), r.password.clone())),
             plain_http: r.plain_http,
             concurrency: 0,
+            hosts: self.0.registry_hosts.clone(),
         };
         let shared = self.0.clone();
         let n = ns.clone();
