@@ -569,3 +569,134 @@ async fn status_error(url: &str, mut response: Response) -> RegistryError {
         message: message.chars().take(512).collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::{Capabilities, Endpoint};
+
+    fn endpoints(list: &[(&str, Capabilities)]) -> Endpoints {
+        let regs = list
+            .iter()
+            .map(|(host, caps)| {
+                let mut e = Endpoint::default_for("registry.example", false);
+                e.host = (*host).to_owned();
+                e.capabilities = *caps;
+                Registry::new(&e, Vec::new(), "registry.example", "app", None).unwrap()
+            })
+            .collect();
+        Endpoints::new("registry.example", regs)
+    }
+
+    fn status(url: &str, status: u16) -> RegistryError {
+        RegistryError::Status {
+            url: url.to_owned(),
+            status,
+            codes: Vec::new(),
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn hosts_are_tried_in_order_with_the_capability_asked_for() {
+        let e = endpoints(&[
+            ("pull-only", Capabilities::PULL),
+            ("down", Capabilities::ALL),
+            ("server", Capabilities::ALL),
+        ]);
+        let tried = Mutex::new(Vec::new());
+        let (v, r) = e
+            .each(Capabilities::RESOLVE, "resolve a tag", |r| {
+                let url = r.url().to_owned();
+                tried.lock().unwrap().push(url.clone());
+                async move {
+                    if url.contains("down") {
+                        Err(status(&url, 503))
+                    } else {
+                        Ok(1)
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(v, 1);
+        assert_eq!(r.url(), "https://server/v2");
+        assert_eq!(
+            *tried.lock().unwrap(),
+            ["https://down/v2", "https://server/v2"]
+        );
+        // Content by digest: the pull-only mirror first.
+        let (_, r) = e
+            .each(Capabilities::PULL, "pull", |_| async { Ok(()) })
+            .await
+            .unwrap();
+        assert_eq!(r.url(), "https://pull-only/v2");
+    }
+
+    #[tokio::test]
+    async fn the_most_telling_failure_is_reported() {
+        let e = endpoints(&[
+            ("a", Capabilities::ALL),
+            ("b", Capabilities::ALL),
+            ("c", Capabilities::ALL),
+        ]);
+        let err = e
+            .each(Capabilities::PULL, "pull", |r| {
+                let url = r.url().to_owned();
+                async move {
+                    Err::<(), _>(match url.as_str() {
+                        "https://a/v2" => RegistryError::Url { url },
+                        "https://b/v2" => status(&url, 404),
+                        _ => status(&url, 500),
+                    })
+                }
+            })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("https://c/v2: HTTP 500"), "{err}");
+        // Not found beats no answer.
+        let e2 = endpoints(&[("a", Capabilities::ALL), ("b", Capabilities::ALL)]);
+        let err = e2
+            .each(Capabilities::PULL, "pull", |r| {
+                let url = r.url().to_owned();
+                async move {
+                    Err::<(), _>(if url.contains("//a") {
+                        status(&url, 404)
+                    } else {
+                        RegistryError::Url { url }
+                    })
+                }
+            })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.is_not_found(), "{err}");
+        // Nothing may resolve: say so.
+        let e3 = endpoints(&[("a", Capabilities::PULL)]);
+        let err = e3
+            .each(Capabilities::RESOLVE, "resolve a tag", |_| async { Ok(()) })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "no configured host of registry.example may resolve a tag"
+        );
+    }
+
+    #[test]
+    fn a_mirror_gets_the_ns_parameter_and_no_credentials() {
+        let creds = Some(("u".to_owned(), "p".to_owned()));
+        let mut m = Endpoint::default_for("registry.k8s.io", false);
+        m.host = "mirror.example".into();
+        let r = Registry::new(&m, Vec::new(), "registry.k8s.io", "pause", creds.clone()).unwrap();
+        assert_eq!(r.query, "?ns=registry.k8s.io");
+        assert!(r.credentials.is_none());
+        let own = Endpoint::default_for("docker.io", false);
+        let r = Registry::new(&own, Vec::new(), "docker.io", "library/busybox", creds).unwrap();
+        assert_eq!(r.query, "");
+        assert!(r.credentials.is_some());
+        assert_eq!(r.base, "https://registry-1.docker.io/v2/library/busybox");
+    }
+}
