@@ -887,6 +887,82 @@ fn http(
     Ok((status, location, body))
 }
 
+/// A second `docker-registry` serving a [`Registry`]'s storage over HTTPS (what was pushed to
+/// the plain one is pulled here). Killed and reaped on drop.
+pub struct TlsRegistry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRegistry {
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Serves this registry's storage over HTTPS with `cert` and `key` (PEM files), on a port
+    /// of its own: up once it accepts connections.
+    pub fn serve_tls(&self, cert: &Path, key: &Path) -> TlsRegistry {
+        let binary = crate::which("docker-registry").expect("docker-registry on PATH");
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-registry-tls-")
+            .tempdir()
+            .unwrap();
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = dead_port();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\n\
+                     log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
+                    self.storage_dir().display(),
+                    cert.display(),
+                    key.display(),
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let mut child = Command::new(&binary)
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+            let up = crate::eventually(Duration::from_secs(20), || {
+                child.try_wait().ok().flatten().is_some()
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up && child.try_wait().ok().flatten().is_none() {
+                return TlsRegistry {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last_log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+        }
+        panic!("docker-registry (TLS) did not come up; its log:\n{last_log}");
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -240,3 +240,111 @@ fn issue19_a_bad_hosts_toml_is_an_error_naming_the_file() {
         "{stdout}"
     );
 }
+
+/// A CA and a certificate it signed for 127.0.0.1, in `dir`: (ca.pem, server.pem, server.key).
+fn certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", show(&out));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+        &["-days", "2", "-subj", "/CN=switchyard test CA"],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &["-keyout", "server.key", "-out", "server.csr"],
+        &["-subj", "/CN=127.0.0.1"],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+#[test]
+fn issue19_tls_endpoints_trust_the_configured_ca_or_skip_verification() {
+    if !require_root_and(&["docker-registry", "openssl"]) {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(certs.path());
+    let reg = Registry::start();
+    reg.push("app", "1", &small_image());
+    let tls = reg.serve_tls(&cert, &key);
+    let hosts = tempfile::tempdir().unwrap();
+    let ns_dir = hosts.path().join("tls-test.invalid");
+    std::fs::create_dir_all(&ns_dir).unwrap();
+    std::fs::copy(&ca, ns_dir.join("mirror-ca.pem")).unwrap();
+    let d = daemon(hosts.path());
+    let name = "tls-test.invalid/app:1";
+
+    // Not trusted: the system roots do not know the test CA.
+    write_hosts(
+        hosts.path(),
+        "tls-test.invalid",
+        &format!("server = \"https://{}\"\n", tls.host()),
+    );
+    let e = d.yard_fails(&["pull", "-q", name]);
+    assert!(e.contains(&tls.host()), "{e}");
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+    // The CA, relative to the hosts.toml.
+    write_hosts(
+        hosts.path(),
+        "tls-test.invalid",
+        &format!(
+            "server = \"https://{}\"\nca = \"mirror-ca.pem\"\n",
+            tls.host()
+        ),
+    );
+    d.yard_ok(&["pull", "-q", name]);
+    d.yard_ok(&["rmi", name]);
+
+    // Or no verification at all.
+    write_hosts(
+        hosts.path(),
+        "tls-test.invalid",
+        &format!("server = \"https://{}\"\nskip_verify = true\n", tls.host()),
+    );
+    d.yard_ok(&["pull", "-q", name]);
+}
