@@ -526,6 +526,20 @@ mod tests {
                 ImageError::Import("truncated".into()),
                 Kind::InvalidArgument,
             ),
+            // The hosts configuration is the node's, not the request's.
+            (
+                registry(RegistryError::NoEndpoint {
+                    namespace: "registry.k8s.io".into(),
+                    what: "resolve a tag",
+                }),
+                Kind::FailedPrecondition,
+            ),
+            (
+                ImageError::Hosts(switchyard_images::HostsError::Namespace {
+                    namespace: "..".into(),
+                }),
+                Kind::FailedPrecondition,
+            ),
         ];
         for (e, want) in cases {
             assert_eq!(e.kind(), want, "{e}");
