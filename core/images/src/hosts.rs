@@ -167,7 +167,12 @@ impl Endpoint {
 
     /// Whether this endpoint stands in for `namespace` (a mirror) rather than being it.
     pub fn is_mirror_of(&self, namespace: &str) -> bool {
-        self.host != namespace && !(namespace == "docker.io" && self.host == "registry-1.docker.io")
+        self.host != namespace
+            && !(namespace == "docker.io"
+                && matches!(
+                    self.host.as_str(),
+                    "registry-1.docker.io" | "index.docker.io"
+                ))
     }
 
     /// The CA files' certificates, each file read up to [`MAX_CA_BYTES`].
@@ -816,6 +821,11 @@ server = "https://registry-1.docker.io"
         );
         assert!(e[0].is_mirror_of("docker.io"));
         assert!(!e[3].is_mirror_of("docker.io"));
+        // Where pulls without a hosts directory reach docker.io: not a mirror either (no `ns`,
+        // and the pull's credentials go there).
+        let mut hub = e[3].clone();
+        hub.host = "index.docker.io".into();
+        assert!(!hub.is_mirror_of("docker.io"));
     }
 
     #[test]

@@ -368,6 +368,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_a_hosts_directory_a_pull_reaches_the_named_registry_only() {
+        let r: Reference = "busybox:1".parse().unwrap();
+        let e = endpoints(&r, &PullOptions::default()).unwrap();
+        assert_eq!(e.urls(), ["https://index.docker.io/v2"]);
+        let r: Reference = "127.0.0.1:5000/app:1".parse().unwrap();
+        let e = endpoints(&r, &PullOptions::default()).unwrap();
+        assert_eq!(e.urls(), ["http://127.0.0.1:5000/v2"]);
+        let r: Reference = "registry.k8s.io/pause:3.10".parse().unwrap();
+        let plain = PullOptions {
+            plain_http: true,
+            ..PullOptions::default()
+        };
+        assert_eq!(
+            endpoints(&r, &plain).unwrap().urls(),
+            ["http://registry.k8s.io/v2"]
+        );
+    }
+
+    #[test]
     fn loopback_registries() {
         assert!(is_loopback("127.0.0.1:5000"));
         assert!(is_loopback("localhost:5000"));

@@ -425,6 +425,12 @@ impl Endpoints {
         }
     }
 
+    /// The endpoints' API roots, in order.
+    #[cfg(test)]
+    pub(crate) fn urls(&self) -> Vec<&str> {
+        self.list.iter().map(Registry::url).collect()
+    }
+
     /// Tries `f` on each endpoint with `need`, in order: the first success and the endpoint
     /// that gave it, or the most telling failure (an error status over a "not found" over
     /// no answer, as containerd ranks them).
