@@ -167,23 +167,37 @@ fn issue19_with_every_mirror_down_and_no_server_the_pull_falls_back_and_fails() 
     }
     let hosts = tempfile::tempdir().unwrap();
     let down = dead_port();
-    // No `server`: as containerd, the registry itself comes after the mirrors. Its name is
-    // under .invalid, so that fallback cannot reach anything.
+    // The registry itself: a loopback listener that only counts connections and closes them,
+    // so the fallback reaches nothing (and needs no name lookup).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let registry = listener.local_addr().unwrap().port();
+    let dialed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = dialed.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    // No `server`: as containerd, the registry itself comes after the mirrors.
     write_hosts(
         hosts.path(),
-        "fallback.invalid",
+        &format!("127.0.0.1_{registry}_"),
         &format!("[host.\"http://127.0.0.1:{down}\"]\n"),
     );
     let d = daemon(hosts.path());
-    let e = d.yard_fails(&["pull", "-q", "fallback.invalid/busybox:1"]);
-    // Both failed to connect; the first such error is the one reported (as containerd).
-    assert!(e.contains(&format!("127.0.0.1:{down}")), "{e}");
-    // The mirror was not the last host: the registry itself was tried after it.
+    let e = d.yard_fails(&["pull", "-q", &format!("127.0.0.1:{registry}/busybox:1")]);
+    // The mirror was tried first and moved on from; then the registry itself was dialed.
+    assert!(e.contains("busybox"), "{e}");
     let log = d.log_text();
     assert!(
         log.contains(&format!("http://127.0.0.1:{down}/v2"))
             && log.contains("trying the next host"),
         "{log}"
+    );
+    assert!(
+        dialed.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the registry itself was not tried after the mirror: {e}"
     );
 }
 
