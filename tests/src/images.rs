@@ -1,6 +1,7 @@
 //! Image fixtures: layers, OCI images and artifacts, image indexes, the archive formats
 //! (`oci-layout` directory and tar, classic `docker save`), and a real registry
-//! (distribution's `docker-registry`) on a private port to push them to.
+//! (distribution's `docker-registry`) on a private port to push them to, with a forwarder that
+//! records which requests reached it ([`RecordingProxy`]).
 //!
 //! Everything is built in memory and deterministic (fixed mtimes, seeded data), so a digest
 //! computed in a test is the same on every run. Paths inside layers are relative (`bin/sh`);
@@ -886,11 +887,193 @@ fn http(
     Ok((status, location, body))
 }
 
+/// A second `docker-registry` serving a [`Registry`]'s storage over HTTPS (what was pushed to
+/// the plain one is pulled here). Killed and reaped on drop.
+pub struct TlsRegistry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsRegistry {
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Serves this registry's storage over HTTPS with `cert` and `key` (PEM files), on a port
+    /// of its own: up once it accepts connections.
+    pub fn serve_tls(&self, cert: &Path, key: &Path) -> TlsRegistry {
+        let binary = crate::which("docker-registry").expect("docker-registry on PATH");
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-registry-tls-")
+            .tempdir()
+            .unwrap();
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let port = dead_port();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\n\
+                     log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                     storage:\n  filesystem:\n    rootdirectory: {}\n  maintenance:\n    uploadpurging:\n      enabled: false\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
+                    self.storage_dir().display(),
+                    cert.display(),
+                    key.display(),
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let mut child = Command::new(&binary)
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+            let up = crate::eventually(Duration::from_secs(20), || {
+                child.try_wait().ok().flatten().is_some()
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up && child.try_wait().ok().flatten().is_none() {
+                return TlsRegistry {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last_log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
+        }
+        panic!("docker-registry (TLS) did not come up; its log:\n{last_log}");
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A recording forwarder
+
+/// A loopback HTTP/1.1 forwarder to `upstream` (a [`Registry`]'s `host()`) that records the
+/// request line of everything it forwards, so a test sees which endpoint a client talked to
+/// and for what. One request per connection: it asks upstream to close after the answer and
+/// copies the answer back until then. Requests with a body are not supported (pulls send
+/// none). Stops on drop.
+pub struct RecordingProxy {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RecordingProxy {
+    pub fn start(upstream: &str) -> RecordingProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (rq, st, up) = (requests.clone(), stop.clone(), upstream.to_owned());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (rq, up) = (rq.clone(), up.clone());
+                std::thread::spawn(move || forward(conn, &up, &rq));
+            }
+        });
+        RecordingProxy {
+            port,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The request lines forwarded so far (`GET /v2/app/manifests/1?ns=... HTTP/1.1`).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Forwards one request on `client` to `upstream` and the answer back.
+fn forward(mut client: std::net::TcpStream, upstream: &str, log: &std::sync::Mutex<Vec<String>>) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) if head.len() < 64 << 10 => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n").filter(|l| !l.is_empty());
+    let Some(request_line) = lines.next() else {
+        return;
+    };
+    log.lock().unwrap().push(request_line.to_owned());
+    let mut out = format!("{request_line}\r\n");
+    for l in lines {
+        if !l.to_ascii_lowercase().starts_with("connection:") {
+            out.push_str(l);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    let Ok(mut up) = std::net::TcpStream::connect(upstream) else {
+        return;
+    };
+    if up.write_all(out.as_bytes()).is_err() {
+        return;
+    }
+    let _ = std::io::copy(&mut up, &mut client);
+}
+
+impl Drop for RecordingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A loopback port nothing listens on (bound, then released): connections are refused.
+pub fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn text(b: &[u8]) -> String {

@@ -154,6 +154,10 @@ impl Bars {
                 let b = self.bar(&p.digest, 0);
                 b.set_message("unpacking");
             }
+            // Which endpoint (the registry or a mirror of its hosts.toml) resolved the name.
+            "source" if !self.quiet => {
+                let _ = self.multi.println(format!("{}: from {}", p.name, p.digest));
+            }
             "resolved" if !self.quiet => {
                 let _ = self.multi.println(format!(
                     "{}: {} layers, {}",

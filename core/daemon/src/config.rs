@@ -29,6 +29,9 @@ pub struct Config {
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     /// `[images] snapshotter`: `None` picks overlayfs where it works, copies elsewhere.
     pub snapshotter: Option<switchyard_images::snapshot::Driver>,
+    /// `[images] registry_config_path`: registry hosts in containerd's `hosts.toml` layout;
+    /// `None` pulls from the registry a reference names and nothing else.
+    pub registry_config_path: Option<PathBuf>,
     pub cri: CriConfig,
 }
 
@@ -88,6 +91,7 @@ struct CriFile {
 #[serde(deny_unknown_fields)]
 struct ImagesFile {
     snapshotter: Option<String>,
+    registry_config_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -227,6 +231,10 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
         }),
         images: Some(ImagesFile {
             snapshotter: pick(over_images.snapshotter, base_images.snapshotter),
+            registry_config_path: pick(
+                over_images.registry_config_path,
+                base_images.registry_config_path,
+            ),
         }),
         cri: Some(CriFile {
             cni_conf_dir: pick(over_cri.cni_conf_dir, base_cri.cni_conf_dir),
@@ -335,7 +343,13 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
         ));
     }
     use switchyard_images::snapshot::Driver;
-    let snapshotter = match file.images.unwrap_or_default().snapshotter.as_deref() {
+    let images = file.images.unwrap_or_default();
+    let registry_config_path = match images.registry_config_path {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(v.absolute("images.registry_config_path", p)?),
+        None => None,
+    };
+    let snapshotter = match images.snapshotter.as_deref() {
         None | Some("auto") => None,
         Some("overlayfs") => Some(Driver::Overlay),
         Some("copy") => Some(Driver::Copy),
@@ -402,6 +416,7 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
         log_level,
         runtimes,
         snapshotter,
+        registry_config_path,
         cri,
     })
 }
@@ -461,6 +476,25 @@ mod tests {
             Some(switchyard_images::snapshot::Driver::Copy)
         );
         assert_eq!(Config::parse("", "x.toml").unwrap().snapshotter, None);
+    }
+
+    #[test]
+    fn registry_config_path_is_optional_and_absolute() {
+        assert_eq!(Config::default_config().unwrap().registry_config_path, None);
+        let c = Config::parse(
+            "[images]\nregistry_config_path = \"/etc/containerd/certs.d\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.registry_config_path.as_deref(),
+            Some(Path::new("/etc/containerd/certs.d"))
+        );
+        let e = err("[images]\nregistry_config_path = \"certs.d\"\n");
+        assert!(
+            e.contains("images.registry_config_path = \"certs.d\"") && e.contains("absolute"),
+            "{e}"
+        );
     }
 
     #[test]

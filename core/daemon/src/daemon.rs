@@ -173,13 +173,17 @@ pub async fn run(
                 path: images_root.clone(),
                 source,
             })?;
-    tracing::info!(snapshotter = ?images.snapshots().driver(), "image store open");
+    tracing::info!(snapshotter = ?images.snapshots().driver(), registry_config_path = ?config.registry_config_path, "image store open");
     let shared = std::sync::Arc::new(Shared {
         store,
         tasks,
         exchange,
         uuid,
         images: std::sync::Arc::new(images),
+        registry_hosts: config
+            .registry_config_path
+            .clone()
+            .map(switchyard_images::RegistryHosts::new),
     });
     let cri = crate::cri::Cri::new(shared.clone(), &config).map_err(DaemonError::Cri)?;
     let served = crate::server::serve(&config.grpc_address, shared, cri, shutdown).await;

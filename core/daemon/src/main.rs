@@ -155,6 +155,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 writeln!(out, "runtime {name}: {}{default}", r.runtime_type)?;
             }
+            if let Some(dir) = &c.registry_config_path {
+                if dir.exists() {
+                    let hosts = switchyard_images::RegistryHosts::new(dir);
+                    let names = hosts.check().with_context(|| {
+                        format!("images.registry_config_path {}", dir.display())
+                    })?;
+                    writeln!(
+                        out,
+                        "registry hosts {}: {}",
+                        dir.display(),
+                        if names.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            names.join(" ")
+                        }
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "registry hosts {}: no such directory (pulls go to the registry each image names)",
+                        dir.display()
+                    )?;
+                }
+            }
             Ok(())
         }
         Some(Command::Publish { topic, namespace }) => {

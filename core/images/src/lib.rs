@@ -4,6 +4,8 @@
 //!   ingest files that are verified (size and digest) before they are renamed into place.
 //! - [`unpack`]: applies one layer tarball (plain, gzip or zstd) onto a directory, with
 //!   whiteouts and every entry's path checked.
+//! - [`hosts`]: registry mirrors and per-registry settings in containerd's `hosts.toml`
+//!   layout.
 //! - [`snapshot`]: committed snapshots, one per layer chain (overlayfs lower directories, or full
 //!   copies where overlayfs is missing), and active snapshots for containers.
 //!
@@ -20,6 +22,7 @@
 
 pub mod content;
 mod fsutil;
+pub mod hosts;
 mod import;
 pub mod oci;
 mod pull;
@@ -29,6 +32,7 @@ mod snapshot_read;
 pub mod store;
 pub mod unpack;
 
+pub use hosts::{Endpoint, HostsError, RegistryHosts};
 pub use oci::{Platform, RunConfig};
 pub use pull::{PullOptions, is_loopback};
 pub use store::{

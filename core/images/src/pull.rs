@@ -11,8 +11,9 @@ use oci_client::Reference;
 use oci_spec::image::{Descriptor, ImageConfiguration};
 
 use crate::content::{ContentError, sha256_digest};
+use crate::hosts::{Endpoint, RegistryHosts};
 use crate::oci::{self, INDEX_TYPES, MANIFEST_TYPES, Parsed, Platform};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Endpoints, Registry, RegistryError};
 use crate::store::{ImageError, ImageRecord, ImageStore, Lease, Progress, Report, Result, Target};
 
 /// How to pull.
@@ -26,6 +27,9 @@ pub struct PullOptions {
     pub plain_http: bool,
     /// Layers fetched at once (default 3, as containerd).
     pub concurrency: usize,
+    /// Mirrors and per-registry settings in containerd's `hosts.toml` layout; `None` talks to
+    /// the registry the reference names and nothing else.
+    pub hosts: Option<RegistryHosts>,
 }
 
 /// Whether `host[:port]` names this machine (such registries are reached over plain HTTP, as
@@ -39,6 +43,30 @@ pub fn is_loopback(host: &str) -> bool {
     h == "localhost"
         || h.parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The endpoints a pull of `r` talks to: those of its registry's `hosts.toml` when a hosts
+/// directory is configured, else the registry itself (HTTPS; plain HTTP when asked or on
+/// loopback).
+fn endpoints(r: &Reference, opts: &PullOptions) -> std::result::Result<Endpoints, ImageError> {
+    let namespace = r.registry();
+    let list = match &opts.hosts {
+        Some(hosts) => hosts.endpoints(namespace, opts.plain_http)?,
+        None => {
+            // Exactly what pulls did before hosts directories: docker.io at index.docker.io.
+            let mut e = Endpoint::default_for(namespace, opts.plain_http);
+            e.host = r.resolve_registry().to_owned();
+            vec![e]
+        }
+    };
+    let mut clients = Vec::with_capacity(list.len());
+    for e in &list {
+        let ca = e.load_ca()?;
+        let client = Registry::new(e, ca, namespace, r.repository(), opts.auth.clone())
+            .map_err(registry_err(r))?;
+        clients.push(client);
+    }
+    Ok(Endpoints::new(namespace, clients))
 }
 
 fn registry_err(reference: &Reference) -> impl Fn(RegistryError) -> ImageError + '_ {
@@ -99,15 +127,8 @@ impl ImageStore {
         lease: &Lease<'_>,
         report: Report<'_>,
     ) -> Result<ImageRecord> {
-        let plain = opts.plain_http || is_loopback(r.resolve_registry());
         let err = registry_err(r);
-        let client = Registry::new(
-            r.resolve_registry(),
-            r.repository(),
-            plain,
-            opts.auth.clone(),
-        )
-        .map_err(&err)?;
+        let client = endpoints(r, opts)?;
         let accept: Vec<&str> = INDEX_TYPES.iter().chain(&MANIFEST_TYPES).copied().collect();
         let wanted = opts
             .platform
@@ -115,8 +136,15 @@ impl ImageStore {
             .unwrap_or_else(|| self.platform().clone());
 
         // The top manifest (or index), verified against a digest reference.
-        let top_ref = r.digest().or(r.tag()).unwrap_or("latest").to_owned();
-        let bytes = client.manifest(&top_ref, &accept).await.map_err(&err)?;
+        let (bytes, source) = match r.digest() {
+            Some(d) => client.manifest(d, &accept).await,
+            None => client.resolve(r.tag().unwrap_or("latest"), &accept).await,
+        }
+        .map_err(&err)?;
+        report(Progress::Source {
+            name: r.whole(),
+            url: source.to_owned(),
+        });
         let top_digest = sha256_digest(&bytes);
         if let Some(want) = r.digest()
             && want != top_digest
@@ -138,7 +166,7 @@ impl ImageStore {
             Parsed::Index(index) => {
                 let d = oci::select_platform(&top_digest, &index, &wanted)?;
                 let digest = d.digest().to_string();
-                let b = client.manifest(&digest, &accept).await.map_err(&err)?;
+                let (b, _) = client.manifest(&digest, &accept).await.map_err(&err)?;
                 let actual = sha256_digest(&b);
                 if actual != digest {
                     return Err(ContentError::DigestMismatch {
@@ -229,7 +257,7 @@ impl ImageStore {
     /// Fetches a small blob (a config) into memory and the store.
     async fn fetch_small(
         &self,
-        client: &Registry,
+        client: &Endpoints,
         r: &Reference,
         d: &Descriptor,
         lease: &Lease<'_>,
@@ -258,7 +286,7 @@ impl ImageStore {
     /// Fetches one layer into the content store, resuming an earlier partial download.
     async fn fetch_layer(
         &self,
-        client: &Registry,
+        client: &Endpoints,
         r: &Reference,
         l: &Descriptor,
         lease: &Lease<'_>,
@@ -338,6 +366,25 @@ impl ImageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_hosts_directory_a_pull_reaches_the_named_registry_only() {
+        let r: Reference = "busybox:1".parse().unwrap();
+        let e = endpoints(&r, &PullOptions::default()).unwrap();
+        assert_eq!(e.urls(), ["https://index.docker.io/v2"]);
+        let r: Reference = "127.0.0.1:5000/app:1".parse().unwrap();
+        let e = endpoints(&r, &PullOptions::default()).unwrap();
+        assert_eq!(e.urls(), ["http://127.0.0.1:5000/v2"]);
+        let r: Reference = "registry.k8s.io/pause:3.10".parse().unwrap();
+        let plain = PullOptions {
+            plain_http: true,
+            ..PullOptions::default()
+        };
+        assert_eq!(
+            endpoints(&r, &plain).unwrap().urls(),
+            ["http://registry.k8s.io/v2"]
+        );
+    }
 
     #[test]
     fn loopback_registries() {

@@ -40,6 +40,9 @@ pub enum ImageError {
         #[source]
         source: Box<crate::registry::RegistryError>,
     },
+    /// The registry hosts directory could not be used.
+    #[error("registry hosts")]
+    Hosts(#[from] crate::hosts::HostsError),
     #[error("import: {0}")]
     Import(String),
     #[error("image config User {user:?}: {reason}")]
@@ -132,6 +135,8 @@ pub enum Progress {
         layers: u64,
         bytes: u64,
     },
+    /// The endpoint that resolved the image's tag (or served its manifest by digest).
+    Source { name: String, url: String },
     /// Bytes of a blob fetched so far (`current` of `total`).
     Fetch {
         digest: String,

@@ -189,6 +189,7 @@ impl cri::image_service_server::ImageService for ImageService {
             auth: credentials(r.auth)?,
             plain_http: false,
             concurrency: 0,
+            hosts: self.0.shared.registry_hosts.clone(),
         };
         let shared = self.0.shared.clone();
         shared

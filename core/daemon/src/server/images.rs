@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use switchyard_api::containerd::types::Mount;
 use switchyard_api::switchyard::images::v1 as api;
+use switchyard_images::registry::RegistryError;
 use switchyard_images::{ImageError, ImageStore, Platform, Progress, PullOptions, RootfsKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -42,7 +43,13 @@ impl Classify for ImageError {
             ImageError::Registry { source, .. } if source.is_unauthorized() => {
                 Kind::FailedPrecondition
             }
+            ImageError::Registry { source, .. }
+                if matches!(**source, RegistryError::NoEndpoint { .. }) =>
+            {
+                Kind::FailedPrecondition
+            }
             ImageError::Registry { .. } => Kind::Unavailable,
+            ImageError::Hosts(_) => Kind::FailedPrecondition,
             ImageError::Content(
                 C::DigestMismatch { .. }
                 | C::SizeMismatch { .. }
@@ -79,6 +86,11 @@ fn progress(p: Progress) -> api::Progress {
             out.digest = digest;
             out.current = layers;
             out.total = bytes;
+        }
+        Progress::Source { name, url } => {
+            out.phase = "source".into();
+            out.name = name;
+            out.digest = url;
         }
         Progress::Fetch {
             digest,
@@ -175,6 +187,7 @@ impl api::images_server::Images for ImagesService {
             auth: (!r.username.is_empty()).then(|| (r.username.clone(), r.password.clone())),
             plain_http: r.plain_http,
             concurrency: 0,
+            hosts: self.0.registry_hosts.clone(),
         };
         let shared = self.0.clone();
         let n = ns.clone();
@@ -512,6 +525,20 @@ mod tests {
             (
                 ImageError::Import("truncated".into()),
                 Kind::InvalidArgument,
+            ),
+            // The hosts configuration is the node's, not the request's.
+            (
+                registry(RegistryError::NoEndpoint {
+                    namespace: "registry.k8s.io".into(),
+                    what: "resolve a tag",
+                }),
+                Kind::FailedPrecondition,
+            ),
+            (
+                ImageError::Hosts(switchyard_images::HostsError::Namespace {
+                    namespace: "..".into(),
+                }),
+                Kind::FailedPrecondition,
             ),
         ];
         for (e, want) in cases {

@@ -35,6 +35,8 @@ pub struct Shared {
     pub exchange: Exchange,
     pub uuid: String,
     pub images: Arc<switchyard_images::ImageStore>,
+    /// `[images] registry_config_path`, read afresh by every pull.
+    pub registry_hosts: Option<switchyard_images::RegistryHosts>,
 }
 
 /// The namespace a request acts in, from the `containerd-namespace` header.
