@@ -115,6 +115,29 @@ fn issue19_an_air_gapped_pull_is_served_by_mirrors_and_never_the_real_host() {
         log.contains(&format!("127.0.0.1:{down}")) && log.contains("trying the next host"),
         "the down mirror is logged as skipped:\n{log}"
     );
+
+    // CRI's PullImage goes through the same hosts: kubelet's pause image comes from the
+    // mirrors too (into the k8s.io namespace).
+    let cri = switchyard_tests::cri::Cri::connect(&d.socket);
+    let pulled = cri
+        .call(
+            cri.images()
+                .pull_image(switchyard_api::cri::v1::PullImageRequest {
+                    image: Some(switchyard_api::cri::v1::ImageSpec {
+                        image: "registry.k8s.io/pause:3.10".to_owned(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+        )
+        .expect("CRI PullImage through the mirrors");
+    assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
+    let resolved = |r: &[String]| count(r, "/v2/pause/manifests/3.10?ns=registry.k8s.io");
+    assert!(
+        resolved(&server.requests()) > resolved(&at_server),
+        "the CRI pull resolved the tag at the configured server: {:?}",
+        server.requests()
+    );
 }
 
 #[test]
