@@ -12,6 +12,7 @@
 mod images;
 mod runtime;
 pub mod sandbox;
+pub mod spec;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
