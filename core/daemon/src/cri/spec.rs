@@ -955,10 +955,10 @@ fn check_path(field: &str, path: &str, container_side: bool) -> Result<()> {
     Ok(())
 }
 
-/// containerd's mounts: its default spec's (less `/run`), `/sys/fs/cgroup` read-only, the
-/// pod's files and the request's bind mounts sorted by depth; a default mount whose
-/// destination a requested one takes is dropped, and every default under `/dev` when `/dev`
-/// itself is requested. Returns the mounts and the rootfs propagation they need.
+/// containerd's mounts (`WithMounts`): its default spec's less `/run`, plus `/sys/fs/cgroup`
+/// read-only, then the request's bind mounts and the pod's files sorted by depth. A default
+/// whose destination a bind mount takes is dropped, and every default under `/dev` when `/dev`
+/// itself is bound. Returns the mounts and the rootfs propagation they need.
 fn mounts(
     input: &SpecInput<'_>,
     sc: &cri::LinuxContainerSecurityContext,
@@ -1032,9 +1032,9 @@ fn mounts(
             propagation: cri::MountPropagation::PropagationPrivate as i32,
         });
     }
-    pod_binds.extend(binds);
-    let mut binds = pod_binds;
-    // containerd sorts by the number of path components, so a parent is mounted first.
+    // The request's first, then the pod's, sorted by the number of path components so a
+    // parent is mounted before what is under it (containerd sorts the same list).
+    binds.extend(pod_binds);
     binds.sort_by_key(|b| clean(&b.container_path).split('/').count());
 
     let taken: Vec<String> = binds.iter().map(|b| clean(&b.container_path)).collect();
@@ -1074,6 +1074,12 @@ fn mounts(
             &["nosuid", "noexec", "nodev"],
         ),
         Mount::new("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", ro]),
+        Mount::new(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", ro],
+        ),
     ];
     let mut out: Vec<Mount> = defaults
         .into_iter()
@@ -1081,12 +1087,6 @@ fn mounts(
             !taken.contains(&m.destination) && (!dev_taken || !m.destination.starts_with("/dev/"))
         })
         .collect();
-    out.push(Mount::new(
-        "/sys/fs/cgroup",
-        "cgroup",
-        "cgroup",
-        &["nosuid", "noexec", "nodev", "relatime", ro],
-    ));
     let mut rootfs_propagation: Option<&'static str> = None;
     for b in binds {
         let mut options = vec!["rbind".to_owned()];
@@ -2008,7 +2008,7 @@ mod tests {
             .count();
         assert_eq!(hosts, 1);
         assert_eq!(spec["linux"]["rootfsPropagation"], "rslave");
-        // Depth order: /data before /etc/hosts before /etc/app/conf.
+        // The request's mounts, then the pod's, in depth order (a stable sort here).
         let binds: Vec<&str> = spec["mounts"]
             .as_array()
             .unwrap()
@@ -2020,10 +2020,10 @@ mod tests {
             binds,
             [
                 "/data",
+                "/etc/hosts",
                 "/etc/hostname",
                 "/etc/resolv.conf",
                 "/dev/shm",
-                "/etc/hosts",
                 "/etc/app/conf"
             ]
         );
@@ -2036,6 +2036,12 @@ mod tests {
         let spec = c.build();
         assert_eq!(mount(&spec, "/shared").unwrap()["options"][1], "rshared");
         assert_eq!(spec["linux"]["rootfsPropagation"], "rshared");
+
+        // A requested /sys/fs/cgroup replaces containerd's read-only cgroup mount.
+        let mut c = Case::new();
+        c.config.mounts = vec![m("/sys/fs/cgroup", "/sys/fs/cgroup")];
+        let spec = c.build();
+        assert_eq!(mount(&spec, "/sys/fs/cgroup").unwrap()["type"], "bind");
 
         // /dev requested: every default under /dev goes.
         let mut c = Case::new();
