@@ -780,8 +780,11 @@ fn user(
 }
 
 /// containerd's `WithCapabilities`: `ALL` in add gives every capability and in drop none, then
-/// the named ones are added and dropped; names are upper-cased and get a `CAP_` prefix when
-/// they have none. A privileged container has them all.
+/// the named ones are added and dropped, upper-cased with a `CAP_` prefix. containerd prefixes
+/// every name, so its `CAP_CHOWN` becomes `CAP_CAP_CHOWN`, which the runtime later refuses;
+/// here a name that has the prefix keeps it, and a name that is no capability is refused at
+/// once. A privileged container has them all. No inheritable or ambient set (containerd's
+/// `WithoutAmbientCaps`).
 fn capabilities(sc: &cri::LinuxContainerSecurityContext, privileged: bool) -> Result<Vec<String>> {
     let all = || ALL_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
     if privileged {
