@@ -2672,6 +2672,72 @@ mod tests {
         assert_eq!(c.build()["annotations"][annotations::IMAGE_NAME], "busybox");
     }
 
+    // What containerd takes and a runtime would choke on is refused here, naming the field.
+    #[test]
+    fn hostile_values_are_refused_naming_the_field() {
+        let mut c = Case::new();
+        c.config.args = vec!["ok".into(), "a\0b".into()];
+        assert_eq!(c.error(), "config.command/args[2]: contains a NUL byte");
+        let mut c = Case::new();
+        c.config.envs = vec![cri::KeyValue {
+            key: "K".into(),
+            value: vec![0xff, 0xfe],
+        }];
+        assert_eq!(c.error(), "config.envs[0].value: not UTF-8");
+        let mut c = Case::new();
+        c.config.metadata = None;
+        assert_eq!(c.error(), "config.metadata.name: empty");
+        let mut c = Case::new();
+        c.config.cdi_devices = vec![cri::CdiDevice {
+            name: "example/gpu=0".into(),
+        }];
+        assert_eq!(
+            c.error(),
+            "config.CDI_devices: CDI is not supported by switchyardd"
+        );
+        let mut c = Case::new();
+        c.sc().capabilities = Some(cri::Capability {
+            add_ambient_capabilities: vec!["NET_BIND_SERVICE".into()],
+            ..Default::default()
+        });
+        assert!(c.error().contains("ambient capabilities is not supported"));
+        let mut c = Case::new();
+        c.ns().ipc = 7;
+        assert_eq!(
+            c.error(),
+            "config.linux.security_context.namespace_options.ipc: 7 is not a namespace mode"
+        );
+        let mut c = Case::new();
+        c.config.devices = vec![cri::Device {
+            container_path: "dev/fuse".into(),
+            host_path: "/dev/fuse".into(),
+            permissions: "rw".into(),
+        }];
+        assert_eq!(
+            c.error(),
+            "config.devices[0].container_path: \"dev/fuse\" must be absolute"
+        );
+    }
+
+    // The request's errors are InvalidArgument at the gRPC edge; only a bug is Internal.
+    #[test]
+    fn errors_classify_as_invalid_argument() {
+        use crate::error::{Classify as _, Kind};
+        let mut c = Case::new();
+        c.config.working_dir = "x".into();
+        let e = c.try_build().unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgument);
+        let bug = SpecError::Assemble(serde_json::from_str::<Value>("{").unwrap_err());
+        assert_eq!(bug.kind(), Kind::Internal);
+    }
+
+    #[test]
+    fn host_facts_read_this_host() {
+        let facts = HostFacts::read();
+        assert!((-1000..=1000).contains(&facts.oom_score_adj));
+        assert!(!facts.hostname.is_empty());
+    }
+
     #[test]
     fn etc_accounts_parse_like_libcontainer_user() {
         let a = accounts();
