@@ -13,6 +13,7 @@ mod images;
 pub mod logs;
 mod runtime;
 pub mod sandbox;
+pub mod spec;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
