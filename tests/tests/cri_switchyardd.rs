@@ -622,3 +622,181 @@ fn issue19_bad_pod_sandboxes_leave_nothing() {
         net.bridge
     );
 }
+
+/// A busybox container through switchyardd's CRI on the native handler: pulled with
+/// PullImage from the loopback registry, created in a pod, started, listed, inspected, its
+/// output in the CRI log at kubelet's path, ExecSync (output, exit code, the pod's hostname
+/// and network), visible as a containerd task in `k8s.io`, stopped (SIGTERM) and removed;
+/// RemovePodSandbox removes what is left, and nothing stays: task, container record,
+/// fifos, netns.
+#[test]
+fn issue19_a_native_container_through_switchyardd() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let Some((d, net)) = pod_daemon(net_dir.path()) else {
+        return;
+    };
+    if !require_root_and(&["docker-registry"]) {
+        return;
+    }
+    let reg = Registry::start();
+    reg.push(
+        "busybox",
+        "1",
+        &busybox_image(Vec::new(), serde_json::json!({})),
+    );
+    let reference = reg.reference("busybox", "1");
+    let c = Cri::connect(&d.socket);
+    c.call(c.images().pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: reference.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }))
+    .expect("PullImage");
+
+    let pod = run_pod(&c, net_dir.path(), "web", "native").expect("RunPodSandbox");
+    let pod_cfg = c
+        .call(
+            c.runtime()
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: false,
+                }),
+        )
+        .expect("status")
+        .status
+        .expect("status");
+    let pod_ip = pod_cfg.network.map(|n| n.ip).unwrap_or_default();
+    let log_dir = net_dir.path().join("pods");
+    let mut sandbox_config = switchyard_api::cri_defaults::pod_config(
+        pod_cfg.metadata.clone().expect("metadata"),
+        "web",
+        &log_dir.display().to_string(),
+    );
+    sandbox_config
+        .labels
+        .insert("app".to_owned(), "web".to_owned());
+    let config = switchyard_tests::cri::container_config(
+        "main",
+        &reference,
+        &[
+            "sh",
+            "-c",
+            "echo hello from the pod; echo to stderr >&2; trap 'exit 7' TERM; while :; do sleep 1; done",
+        ],
+    );
+    let id = c
+        .call(c.runtime().create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(config),
+            sandbox_config: Some(sandbox_config),
+        }))
+        .expect("CreateContainer")
+        .container_id;
+    let st = c.container_status(&id).expect("ContainerStatus");
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerCreated as i32,
+        "{st:?}"
+    );
+    c.start_container(&id).expect("StartContainer");
+    let st = c.wait_container_state(
+        &id,
+        cri::ContainerState::ContainerRunning,
+        std::time::Duration::from_secs(30),
+    );
+    assert!(st.started_at > 0, "{st:?}");
+    let listed = c.list_containers(Some(&pod));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    let log = log_dir.join("main.log");
+    assert!(
+        eventually(
+            std::time::Duration::from_secs(20),
+            || switchyard_tests::cri::read_cri_log(&log).len() >= 2
+        ),
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    let lines = switchyard_tests::cri::read_cri_log(&log);
+    assert!(
+        lines.contains(&("stdout".into(), "hello from the pod".into())),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("stderr".into(), "to stderr".into())),
+        "{lines:?}"
+    );
+
+    let out = c
+        .exec_sync(&id, &["sh", "-c", "echo exec $((6*7)); exit 3"], 30)
+        .expect("ExecSync");
+    assert_eq!(
+        (out.stdout.as_str(), out.exit_code),
+        ("exec 42\n", 3),
+        "{out:?}"
+    );
+    let out = c.exec_sync(&id, &["hostname"], 30).expect("ExecSync");
+    assert_eq!(out.stdout.trim(), "web", "{out:?}");
+    let out = c
+        .exec_sync(
+            &id,
+            &["/bin/busybox", "ip", "-4", "-o", "addr", "show", "eth0"],
+            30,
+        )
+        .expect("ExecSync");
+    assert!(
+        out.stdout.contains(&format!("{pod_ip}/")),
+        "the pod's network: {out:?}"
+    );
+    let ps = d.yard_ok(&["-n", "k8s.io", "ps"]);
+    assert!(ps.contains(&id[..12]), "{ps}");
+
+    c.stop_container(&id, 10).expect("StopContainer");
+    let st = c.container_status(&id).expect("ContainerStatus");
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{st:?}"
+    );
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (7, "Error"),
+        "the TERM trap ran: {st:?}"
+    );
+    c.remove_container(&id).expect("RemoveContainer");
+    assert!(c.container_status(&id).is_err(), "the container is gone");
+    c.remove_container(&id).expect("RemoveContainer again");
+    let ps = d.yard_ok(&["-n", "k8s.io", "ps"]);
+    assert!(!ps.contains(&id[..12]), "{ps}");
+
+    // A second container, left for RemovePodSandbox to remove.
+    let config = switchyard_tests::cri::container_config("sleeper", &reference, &["sleep", "3600"]);
+    let id2 = c
+        .call(c.runtime().create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(config),
+            sandbox_config: None,
+        }))
+        .expect("CreateContainer")
+        .container_id;
+    c.start_container(&id2).expect("StartContainer");
+    c.stop_pod(&pod).expect("StopPodSandbox");
+    let st = c.container_status(&id2).expect("ContainerStatus");
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{st:?}"
+    );
+    c.remove_pod(&pod).expect("RemovePodSandbox");
+    assert!(c.list_containers(None).is_empty());
+    let ps = d.yard_ok(&["-n", "k8s.io", "ps"]);
+    assert!(!ps.contains(&id2[..12]), "{ps}");
+    assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
+    assert!(
+        entries(&d.state_dir().join("cri/io")).is_empty(),
+        "fifos left"
+    );
+    let _ = net;
+}

@@ -607,6 +607,19 @@ impl ImageStore {
         Ok(self.resolve(&rec.target, platform.as_ref())?.wasm)
     }
 
+    /// A regular file of image `name`'s root as its layers make it (at most 1 MiB, no link
+    /// followed): `None` where the image has none. For the image's `/etc/passwd` and
+    /// `/etc/group`.
+    pub fn image_file(&self, ns: &str, name: &str, rel: &Path) -> Result<Option<Vec<u8>>> {
+        let rec = self.find(ns, name)?;
+        let platform = Platform::parse(&rec.platform).ok();
+        let r = self.resolve(&rec.target, platform.as_ref())?;
+        let Some(top) = r.chains.last() else {
+            return Ok(None);
+        };
+        Ok(self.snapshots.read_file(top, rel)?)
+    }
+
     /// Removes a container's active snapshot (a missing one is fine).
     pub fn remove_rootfs(&self, ns: &str, key: &str) -> Result<()> {
         Ok(self.snapshots.remove_active(&format!("{ns}/{key}"))?)

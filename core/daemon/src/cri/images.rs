@@ -28,7 +28,7 @@ fn repository(name: &str) -> &str {
 }
 
 /// The CRI images of `ns`: the store's records grouped by image id.
-fn images(list: Vec<ImageSummary>) -> Vec<cri::Image> {
+pub(super) fn images(list: Vec<ImageSummary>) -> Vec<cri::Image> {
     let mut out: Vec<cri::Image> = Vec::new();
     for s in list.into_iter().filter(|s| !s.config.is_empty()) {
         let digest = format!("{}@{}", repository(&s.record.name), s.record.target.digest);
@@ -68,7 +68,7 @@ fn images(list: Vec<ImageSummary>) -> Vec<cri::Image> {
 
 /// The image `reference` names: a name (normalized as `yard pull` does), an id, or an id's
 /// unambiguous hex prefix.
-fn find(all: Vec<cri::Image>, reference: &str) -> Option<cri::Image> {
+pub(super) fn find(all: Vec<cri::Image>, reference: &str) -> Option<cri::Image> {
     let name = normalize(reference).ok();
     let by_name = all.iter().position(|i| {
         name.as_ref()

@@ -9,6 +9,7 @@
 //! CRI's objects live in containerd's CRI namespace, `k8s.io`: images pulled through CRI are
 //! the images `yard -n k8s.io images` lists.
 
+pub mod containers;
 mod images;
 pub mod logs;
 mod runtime;
@@ -37,6 +38,7 @@ pub struct Cri {
     /// The pod CIDR kubelet last gave (`UpdateRuntimeConfig`), for CNI's `ipRanges`.
     pub pod_cidr: Mutex<String>,
     pub sandboxes: sandbox::Sandboxes,
+    pub containers: containers::Containers,
 }
 
 impl Cri {
@@ -46,11 +48,19 @@ impl Cri {
         config: &crate::config::Config,
     ) -> Result<Arc<Cri>, sandbox::SandboxError> {
         let sandboxes = sandbox::Sandboxes::open(&config.root, &config.state, &config.cri)?;
+        let containers =
+            containers::Containers::open(&config.root, &config.state).map_err(|source| {
+                sandbox::SandboxError::Record {
+                    path: config.root.join("cri").join("containers"),
+                    source,
+                }
+            })?;
         Ok(Arc::new(Cri {
             shared,
             config: config.cri.clone(),
             pod_cidr: Mutex::new(String::new()),
             sandboxes,
+            containers,
         }))
     }
 

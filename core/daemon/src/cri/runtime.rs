@@ -112,6 +112,122 @@ fn matches_labels(
 
 #[tonic::async_trait]
 impl cri::runtime_service_server::RuntimeService for RuntimeService {
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let container_id = self.0.create_container(req.into_inner()).await?;
+        Ok(Response::new(cri::CreateContainerResponse { container_id }))
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        self.0
+            .start_container(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let r = req.into_inner();
+        self.0.stop_container(&r.container_id, r.timeout).await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        self.0
+            .remove_container(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let r = req.into_inner();
+        let status = self.0.container_status(&r.container_id).await?;
+        let mut info = std::collections::HashMap::new();
+        if r.verbose {
+            let rec = self.0.containers.find(&r.container_id)?;
+            let v = serde_json::json!({
+                "id": rec.id,
+                "sandboxID": rec.pod_id,
+                "imageRef": rec.image_ref,
+                "logPath": rec.log_path,
+            });
+            info.insert("info".to_owned(), v.to_string());
+        }
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(status),
+            info,
+        }))
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let mut containers = Vec::new();
+        for r in self.0.containers.list() {
+            if (!filter.id.is_empty() && !r.id.starts_with(&filter.id))
+                || (!filter.pod_sandbox_id.is_empty()
+                    && !r.pod_id.starts_with(&filter.pod_sandbox_id))
+                || !matches_labels(&r.labels, &filter.label_selector)
+            {
+                continue;
+            }
+            let Ok(st) = self.0.container_status(&r.id).await else {
+                continue;
+            };
+            if filter.state.as_ref().is_some_and(|s| s.state != st.state) {
+                continue;
+            }
+            containers.push(cri::Container {
+                id: st.id,
+                pod_sandbox_id: r.pod_id.clone(),
+                metadata: st.metadata,
+                image: st.image,
+                image_ref: st.image_ref,
+                state: st.state,
+                created_at: st.created_at,
+                labels: st.labels,
+                annotations: st.annotations,
+                ..Default::default()
+            });
+        }
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn exec_sync(
+        &self,
+        req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.0.exec_sync(&r.container_id, r.cmd, r.timeout).await?,
+        ))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        self.0
+            .containers
+            .reopen_log(&req.into_inner().container_id)?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
     async fn run_pod_sandbox(
         &self,
         req: Request<cri::RunPodSandboxRequest>,
@@ -151,6 +267,10 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         req: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
+        let pod = self.0.sandboxes.get(&id).map_err(status)?;
+        for c in self.0.containers.of_pod(&pod.id) {
+            self.0.stop_container(&c.id, 0).await?;
+        }
         let cri = self.0.clone();
         blocking(move || cri.sandboxes.stop(&id).map(drop).map_err(status)).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
@@ -161,6 +281,12 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         req: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
         let id = req.into_inner().pod_sandbox_id;
+        if let Ok(pod) = self.0.sandboxes.get(&id) {
+            for c in self.0.containers.of_pod(&pod.id) {
+                self.0.remove_container(&c.id).await?;
+            }
+            self.0.containers.remove_pod_files(&pod.id);
+        }
         let cri = self.0.clone();
         blocking(move || cri.sandboxes.remove(&id).map_err(status)).await?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))

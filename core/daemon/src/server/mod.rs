@@ -1,14 +1,14 @@
 //! The containerd client API over gRPC: thin adapters from tonic requests to the metadata
 //! store, the task manager and the event exchange. Everything is served on one Unix socket.
 
-mod containers;
+pub(crate) mod containers;
 mod ctr_images;
 mod events;
-mod images;
+pub(crate) mod images;
 mod introspection;
 mod leases;
 mod namespaces;
-mod tasks;
+pub(crate) mod tasks;
 
 pub(crate) use images::collect;
 

@@ -1,0 +1,899 @@
+//! CRI containers: made through the daemon's own containerd services, in-process (the image
+//! service's Prepare, Containers.Create, Tasks.Create/Start/Kill/Wait/Delete/Exec), so a CRI
+//! container is an ordinary containerd container and task in the `k8s.io` namespace (`yard -n
+//! k8s.io ps` lists it) and every runtime routes as it does for `yard run`. What CRI adds is
+//! kept here: the spec built by [`super::spec`], the container's CRI log (its output fifos
+//! copied by [`super::logs`]), and a JSON record per container under `<root>/cri/containers`
+//! (name, pod, image, times, log path), read back after a restart.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchyard_api::client::NAMESPACE_HEADER;
+use switchyard_api::containerd::services::containers::v1 as containers_api;
+use switchyard_api::containerd::services::containers::v1::containers_server::Containers as _;
+use switchyard_api::containerd::services::tasks::v1 as tasks_api;
+use switchyard_api::containerd::services::tasks::v1::tasks_server::Tasks as _;
+use switchyard_api::containerd::v1::types::Status as TaskStatus;
+use switchyard_api::cri::v1 as cri;
+use switchyard_api::cri_log::Stream;
+use switchyard_api::switchyard::images::v1 as images_api;
+use switchyard_api::switchyard::images::v1::images_server::Images as _;
+use tonic::{Request, Status};
+
+use super::logs::ContainerLog;
+use super::sandbox::{self, State};
+use super::spec::{self, EtcAccounts, HostFacts, PodFiles, PodNamespaces, SysDevices};
+use super::{Cri, NAMESPACE};
+use crate::server::{containers::ContainersService, images::ImagesService, tasks::TasksService};
+
+/// How long a stopped container's output may take to reach its log.
+const LOG_DRAIN: Duration = Duration::from_secs(2);
+/// Most of an ExecSync's stdout and of its stderr kept (kubelet's limit is 16 MiB in all).
+const MAX_EXEC_OUTPUT: usize = 8 << 20;
+
+/// What the daemon keeps of a CRI container beyond its containerd container and task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub pod_id: String,
+    pub name: String,
+    pub attempt: u32,
+    /// The image as the request named it, and the id it resolved to.
+    pub image: String,
+    pub image_ref: String,
+    pub created_ns: i64,
+    pub started_ns: i64,
+    /// Where the CRI log goes (`<pod log_directory>/<log_path>`); `None` without one.
+    pub log_path: Option<PathBuf>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub tty: bool,
+    pub stdin: bool,
+}
+
+/// The containers CRI made, and their logs.
+pub struct Containers {
+    records_dir: PathBuf,
+    io_dir: PathBuf,
+    pods_dir: PathBuf,
+    records: Mutex<HashMap<String, Record>>,
+    logs: Mutex<HashMap<String, ContainerLog>>,
+    host: HostFacts,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Status + '_ {
+    move |e| Status::internal(format!("{}: {e}", path.display()))
+}
+
+/// A request to the daemon's own containerd services, in CRI's namespace.
+fn in_ns<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        NAMESPACE_HEADER,
+        tonic::metadata::MetadataValue::from_static(NAMESPACE),
+    );
+    r
+}
+
+impl Containers {
+    pub fn open(root: &Path, state: &Path) -> std::io::Result<Containers> {
+        let records_dir = root.join("cri").join("containers");
+        std::fs::create_dir_all(&records_dir)?;
+        let io_dir = state.join("cri").join("io");
+        let mut records = HashMap::new();
+        let mut logs = HashMap::new();
+        for entry in std::fs::read_dir(&records_dir)?.flatten() {
+            let path = entry.path();
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            match serde_json::from_slice::<Record>(&bytes) {
+                Ok(r) => {
+                    // The shim still holds the fifos' write ends: keep copying them.
+                    if let Some(log) = &r.log_path {
+                        let streams = output_fifos(&io_dir.join(&r.id), r.tty);
+                        if streams.iter().all(|(_, p)| p.exists()) {
+                            match ContainerLog::start(log, &streams) {
+                                Ok(l) => {
+                                    logs.insert(r.id.clone(), l);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(container = %r.id, error = %e, "container log not resumed")
+                                }
+                            }
+                        }
+                    }
+                    records.insert(r.id.clone(), r);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "container record skipped");
+                }
+            }
+        }
+        Ok(Containers {
+            records_dir,
+            io_dir,
+            pods_dir: state.join("cri").join("pods"),
+            records: Mutex::new(records),
+            logs: Mutex::new(logs),
+            host: HostFacts::read(),
+        })
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, r: &Record) -> Result<(), Status> {
+        let path = self.records_dir.join(format!("{}.json", r.id));
+        let bytes = serde_json::to_vec(r).map_err(|e| Status::internal(e.to_string()))?;
+        crate::runtime::bundle::write_atomic(&path, &bytes).map_err(io(&path))
+    }
+
+    /// The container `id` names: its id or an unambiguous prefix.
+    pub fn find(&self, id: &str) -> Result<Record, Status> {
+        let records = self.records();
+        if let Some(r) = records.get(id) {
+            return Ok(r.clone());
+        }
+        let mut m = records
+            .values()
+            .filter(|r| !id.is_empty() && r.id.starts_with(id));
+        match (m.next(), m.next()) {
+            (Some(r), None) => Ok(r.clone()),
+            _ => Err(Status::not_found(format!("container {id} not found"))),
+        }
+    }
+
+    pub fn list(&self) -> Vec<Record> {
+        let mut all: Vec<Record> = self.records().values().cloned().collect();
+        all.sort_by_key(|r| r.created_ns);
+        all
+    }
+
+    pub fn of_pod(&self, pod: &str) -> Vec<Record> {
+        self.list()
+            .into_iter()
+            .filter(|r| r.pod_id == pod)
+            .collect()
+    }
+
+    fn take_log(&self, id: &str) -> Option<ContainerLog> {
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
+    pub fn reopen_log(&self, id: &str) -> Result<(), Status> {
+        let r = self.find(id)?;
+        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let log = logs.get(&r.id).ok_or_else(|| {
+            Status::failed_precondition(format!("container {} has no running log", r.id))
+        })?;
+        log.reopen()
+            .map_err(|e| Status::internal(format!("reopen the log: {e}")))
+    }
+
+    /// The pod's `/etc/hosts`, `/etc/resolv.conf` and `/etc/hostname`, written once per pod
+    /// under `<state>/cri/pods/<pod>` (containerd's sandbox files).
+    fn pod_files(
+        &self,
+        pod: &sandbox::Record,
+        config: &cri::PodSandboxConfig,
+    ) -> Result<PathBuf, Status> {
+        let dir = self.pods_dir.join(&pod.id);
+        if dir.join("hostname").exists() {
+            return Ok(dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let hostname = if config.hostname.is_empty() {
+            self.host.hostname.clone()
+        } else {
+            config.hostname.clone()
+        };
+        let mut hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| {
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_owned()
+        });
+        if !pod.ip.is_empty() {
+            hosts.push_str(&format!("{}\t{hostname}\n", pod.ip));
+        }
+        let resolv = match &config.dns_config {
+            Some(d) if !d.servers.is_empty() || !d.searches.is_empty() || !d.options.is_empty() => {
+                let mut s = String::new();
+                if !d.searches.is_empty() {
+                    s.push_str(&format!("search {}\n", d.searches.join(" ")));
+                }
+                for server in &d.servers {
+                    s.push_str(&format!("nameserver {server}\n"));
+                }
+                if !d.options.is_empty() {
+                    s.push_str(&format!("options {}\n", d.options.join(" ")));
+                }
+                s
+            }
+            _ => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        };
+        for (name, text) in [
+            ("hosts", hosts),
+            ("resolv.conf", resolv),
+            ("hostname", format!("{hostname}\n")),
+        ] {
+            let path = dir.join(name);
+            crate::runtime::bundle::write_atomic(&path, text.as_bytes()).map_err(io(&path))?;
+            // Containers read these as whatever user they run as.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .map_err(io(&path))?;
+        }
+        Ok(dir)
+    }
+
+    /// Removes the pod's files (RemovePodSandbox).
+    pub fn remove_pod_files(&self, pod: &str) {
+        let _ = std::fs::remove_dir_all(self.pods_dir.join(pod));
+    }
+}
+
+/// The output fifos of a container (`stdout`, and `stderr` unless it has a terminal).
+fn output_fifos(dir: &Path, tty: bool) -> Vec<(Stream, PathBuf)> {
+    let mut v = vec![(Stream::Stdout, dir.join("stdout"))];
+    if !tty {
+        v.push((Stream::Stderr, dir.join("stderr")));
+    }
+    v
+}
+
+fn mkfifo(path: &Path) -> Result<(), Status> {
+    nix::unistd::mkfifo(
+        path,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .map_err(|e| Status::internal(format!("create fifo {}: {e}", path.display())))
+}
+
+fn new_id() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// What CreateContainer made so far, undone on failure.
+#[derive(Default)]
+struct Undo {
+    io_dir: Option<PathBuf>,
+    prepared: bool,
+    container: bool,
+    task: bool,
+}
+
+impl Cri {
+    pub async fn create_container(
+        self: &Arc<Self>,
+        r: cri::CreateContainerRequest,
+    ) -> Result<String, Status> {
+        let pod = self
+            .sandboxes
+            .get(&r.pod_sandbox_id)
+            .map_err(crate::error::status)?;
+        if pod.state != State::Ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                pod.id
+            )));
+        }
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("config: missing"))?;
+        let meta = config
+            .metadata
+            .clone()
+            .filter(|m| !m.name.is_empty())
+            .ok_or_else(|| Status::invalid_argument("config.metadata.name: empty"))?;
+        let image_spec = config.image.clone().unwrap_or_default().image;
+        if image_spec.is_empty() {
+            return Err(Status::invalid_argument("config.image.image: empty"));
+        }
+        let sandbox_config = r.sandbox_config.clone().unwrap_or_else(|| pod.pod_config());
+        // The image, by name or id, in CRI's namespace.
+        let images = self.images_list().await?;
+        let image = super::images::find(images.clone(), &image_spec).ok_or_else(|| {
+            Status::not_found(format!(
+                "config.image.image {image_spec:?}: no such image (pull it first)"
+            ))
+        })?;
+        let image_name = image
+            .repo_tags
+            .first()
+            .cloned()
+            .or_else(|| image.repo_digests.first().cloned())
+            .unwrap_or_default();
+        let runtime = if pod.handler.is_empty() {
+            self.shared.tasks.runtimes().default_name().to_owned()
+        } else {
+            pod.handler.clone()
+        };
+        let id = new_id();
+        let mut undo = Undo::default();
+        let result = self
+            .create_steps(
+                &id,
+                &pod,
+                &config,
+                &sandbox_config,
+                &meta,
+                &image,
+                &image_name,
+                &runtime,
+                &mut undo,
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(container = %id, pod = %pod.id, name = %meta.name, "CRI container created");
+                Ok(id)
+            }
+            Err(e) => {
+                self.undo_create(&id, undo).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn images_list(&self) -> Result<Vec<cri::Image>, Status> {
+        let store = self.shared.images.clone();
+        crate::server::blocking(move || {
+            store
+                .list(NAMESPACE)
+                .map(super::images::images)
+                .map_err(crate::error::status)
+        })
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_steps(
+        self: &Arc<Self>,
+        id: &str,
+        pod: &sandbox::Record,
+        config: &cri::ContainerConfig,
+        sandbox_config: &cri::PodSandboxConfig,
+        meta: &cri::ContainerMetadata,
+        image: &cri::Image,
+        image_name: &str,
+        runtime: &str,
+        undo: &mut Undo,
+    ) -> Result<Record, Status> {
+        // The root, as `yard run` makes it: the image service's Prepare.
+        let prepared = ImagesService(self.shared.clone())
+            .prepare(in_ns(images_api::PrepareRequest {
+                image: image_name.to_owned(),
+                key: id.to_owned(),
+                rootfs: String::new(),
+                runtime: runtime.to_owned(),
+            }))
+            .await?
+            .into_inner();
+        undo.prepared = true;
+        let run = switchyard_images::RunConfig {
+            entrypoint: prepared.entrypoint.clone(),
+            cmd: prepared.cmd.clone(),
+            env: prepared.env.clone(),
+            working_dir: prepared.working_dir.clone(),
+            user: format!("{}:{}", prepared.uid, prepared.gid),
+            wasm: prepared.wasm,
+        };
+        let accounts = {
+            let (store, name) = (self.shared.images.clone(), image_name.to_owned());
+            crate::server::blocking(move || {
+                let read = |p: &str| {
+                    store
+                        .image_file(NAMESPACE, &name, Path::new(p))
+                        .map(|b| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned())
+                        .map_err(crate::error::status)
+                };
+                Ok(EtcAccounts::parse(
+                    &read("etc/passwd")?,
+                    &read("etc/group")?,
+                ))
+            })
+            .await?
+        };
+        let files = self.containers.pod_files(pod, sandbox_config)?;
+        let (hosts, resolv, hostname) = (
+            files.join("hosts"),
+            files.join("resolv.conf"),
+            files.join("hostname"),
+        );
+        let spec = spec::container_spec(&spec::SpecInput {
+            id,
+            config,
+            sandbox_id: &pod.id,
+            sandbox: sandbox_config,
+            image_name,
+            image: &run,
+            accounts: &accounts,
+            devices: &SysDevices,
+            namespaces: PodNamespaces {
+                network: pod.netns.as_deref(),
+                ..Default::default()
+            },
+            pod_files: PodFiles {
+                hosts: Some(&hosts),
+                resolv_conf: Some(&resolv),
+                hostname: Some(&hostname),
+                shm: None,
+            },
+            seccomp_profile_root: Path::new("/"),
+            host: &self.containers.host,
+        })
+        .map_err(crate::error::status)?;
+        let spec_json = serde_json::to_vec(&spec)
+            .map_err(|e| Status::internal(format!("encode the spec: {e}")))?;
+
+        // The containerd container.
+        let mut labels: HashMap<String, String> = config.labels.clone();
+        labels.insert("io.cri-containerd.kind".into(), "container".into());
+        labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.id.clone());
+        ContainersService(self.shared.clone())
+            .create(in_ns(containers_api::CreateContainerRequest {
+                container: Some(containers_api::Container {
+                    id: id.to_owned(),
+                    labels,
+                    image: image_name.to_owned(),
+                    runtime: Some(containers_api::container::Runtime {
+                        name: runtime.to_owned(),
+                        options: None,
+                    }),
+                    spec: Some(switchyard_api::typeurl::json_any(
+                        switchyard_api::typeurl::OCI_SPEC,
+                        spec_json,
+                    )),
+                    snapshotter: prepared.snapshotter.clone(),
+                    snapshot_key: if prepared.snapshotter.is_empty() {
+                        String::new()
+                    } else {
+                        id.to_owned()
+                    },
+                    ..Default::default()
+                }),
+            }))
+            .await?;
+        undo.container = true;
+
+        // Stdio: fifos the shim writes and the log copier reads.
+        let io_dir = self.containers.io_dir.join(id);
+        std::fs::create_dir_all(&io_dir).map_err(io(&io_dir))?;
+        undo.io_dir = Some(io_dir.clone());
+        let streams = output_fifos(&io_dir, config.tty);
+        for (_, p) in &streams {
+            mkfifo(p)?;
+        }
+        let stdin = if config.stdin {
+            let p = io_dir.join("stdin");
+            mkfifo(&p)?;
+            p.display().to_string()
+        } else {
+            String::new()
+        };
+        let log_path = (!sandbox_config.log_directory.is_empty() && !config.log_path.is_empty())
+            .then(|| Path::new(&sandbox_config.log_directory).join(&config.log_path));
+        let log = match &log_path {
+            Some(p) => ContainerLog::start(p, &streams).map_err(io(p))?,
+            // No log file: the output is still read (and dropped) so the process never blocks.
+            None => {
+                ContainerLog::start(&io_dir.join("discarded.log"), &streams).map_err(io(&io_dir))?
+            }
+        };
+        self.containers
+            .logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), log);
+        let stderr = streams
+            .get(1)
+            .map(|(_, p)| p.display().to_string())
+            .unwrap_or_default();
+        TasksService(self.shared.clone())
+            .create(in_ns(tasks_api::CreateTaskRequest {
+                container_id: id.to_owned(),
+                rootfs: prepared.mounts.clone(),
+                stdin,
+                stdout: streams[0].1.display().to_string(),
+                stderr,
+                terminal: config.tty,
+                ..Default::default()
+            }))
+            .await?;
+        undo.task = true;
+        let record = Record {
+            id: id.to_owned(),
+            pod_id: pod.id.clone(),
+            name: meta.name.clone(),
+            attempt: meta.attempt,
+            image: config.image.clone().unwrap_or_default().image,
+            image_ref: image.id.clone(),
+            created_ns: super::now_nanos(),
+            started_ns: 0,
+            log_path,
+            labels: config.labels.clone().into_iter().collect(),
+            annotations: config.annotations.clone().into_iter().collect(),
+            tty: config.tty,
+            stdin: config.stdin,
+        };
+        self.containers.save(&record)?;
+        self.containers
+            .records()
+            .insert(id.to_owned(), record.clone());
+        Ok(record)
+    }
+
+    async fn undo_create(&self, id: &str, undo: Undo) {
+        if undo.task {
+            let _ = TasksService(self.shared.clone())
+                .delete(in_ns(tasks_api::DeleteTaskRequest {
+                    container_id: id.to_owned(),
+                }))
+                .await;
+        }
+        if let Some(log) = self.containers.take_log(id) {
+            log.stop(Duration::ZERO);
+        }
+        if let Some(dir) = undo.io_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if undo.container {
+            // Deletes the root the image service made too.
+            let _ = ContainersService(self.shared.clone())
+                .delete(in_ns(containers_api::DeleteContainerRequest {
+                    id: id.to_owned(),
+                }))
+                .await;
+        } else if undo.prepared {
+            let _ = ImagesService(self.shared.clone())
+                .release(in_ns(images_api::ReleaseRequest { key: id.to_owned() }))
+                .await;
+        }
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), Status> {
+        let mut r = self.containers.find(id)?;
+        TasksService(self.shared.clone())
+            .start(in_ns(tasks_api::StartRequest {
+                container_id: r.id.clone(),
+                exec_id: String::new(),
+            }))
+            .await?;
+        r.started_ns = super::now_nanos();
+        self.containers.save(&r)?;
+        self.containers.records().insert(r.id.clone(), r);
+        Ok(())
+    }
+
+    /// The task's process as containerd reports it; `None` when it has no task.
+    async fn process(&self, id: &str) -> Option<switchyard_api::containerd::v1::types::Process> {
+        TasksService(self.shared.clone())
+            .get(in_ns(tasks_api::GetRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+            }))
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().process)
+    }
+
+    pub async fn container_status(&self, id: &str) -> Result<cri::ContainerStatus, Status> {
+        let r = self.containers.find(id)?;
+        let p = self.process(&r.id).await;
+        let status = p
+            .as_ref()
+            .and_then(|p| TaskStatus::try_from(p.status).ok())
+            .unwrap_or(TaskStatus::Unknown);
+        let state = match status {
+            TaskStatus::Created => cri::ContainerState::ContainerCreated,
+            TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing => {
+                cri::ContainerState::ContainerRunning
+            }
+            TaskStatus::Stopped => cri::ContainerState::ContainerExited,
+            TaskStatus::Unknown => cri::ContainerState::ContainerUnknown,
+        };
+        let (exit_code, finished_at) = match (&p, state) {
+            (Some(p), cri::ContainerState::ContainerExited) => (
+                i32::try_from(p.exit_status).unwrap_or(i32::MAX),
+                p.exited_at.as_ref().map_or(0, |t| {
+                    t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos)
+                }),
+            ),
+            _ => (0, 0),
+        };
+        let reason = match state {
+            cri::ContainerState::ContainerExited if exit_code == 0 => "Completed",
+            cri::ContainerState::ContainerExited => "Error",
+            _ => "",
+        };
+        Ok(cri::ContainerStatus {
+            id: r.id.clone(),
+            metadata: Some(cri::ContainerMetadata {
+                name: r.name.clone(),
+                attempt: r.attempt,
+            }),
+            state: state as i32,
+            created_at: r.created_ns,
+            started_at: r.started_ns,
+            finished_at,
+            exit_code,
+            image: Some(cri::ImageSpec {
+                image: r.image.clone(),
+                ..Default::default()
+            }),
+            image_ref: r.image_ref.clone(),
+            reason: reason.to_owned(),
+            labels: r.labels.clone().into_iter().collect(),
+            annotations: r.annotations.clone().into_iter().collect(),
+            log_path: r
+                .log_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+    }
+
+    /// SIGTERM, then SIGKILL after `timeout` seconds (0: at once); a container that is not
+    /// running is already stopped (a created one's process goes with its task at removal).
+    pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Status> {
+        let r = self.containers.find(id)?;
+        let running = matches!(
+            self.process(&r.id)
+                .await
+                .and_then(|p| TaskStatus::try_from(p.status).ok()),
+            Some(TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing)
+        );
+        if !running {
+            return Ok(());
+        }
+        let tasks = TasksService(self.shared.clone());
+        let kill = |signal: u32| {
+            tasks.kill(in_ns(tasks_api::KillRequest {
+                container_id: r.id.clone(),
+                exec_id: String::new(),
+                signal,
+                all: false,
+            }))
+        };
+        let wait = || {
+            tasks.wait(in_ns(tasks_api::WaitRequest {
+                container_id: r.id.clone(),
+                exec_id: String::new(),
+            }))
+        };
+        if timeout > 0 {
+            let _ = kill(nix::sys::signal::Signal::SIGTERM as u32).await;
+            let grace = Duration::from_secs(u64::try_from(timeout).unwrap_or(0));
+            if tokio::time::timeout(grace, wait()).await.is_ok() {
+                return Ok(());
+            }
+        }
+        let _ = kill(nix::sys::signal::Signal::SIGKILL as u32).await;
+        tokio::time::timeout(Duration::from_secs(30), wait())
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("container {} did not stop", r.id)))?
+            .map(drop)
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<(), Status> {
+        let r = match self.containers.find(id) {
+            Ok(r) => r,
+            Err(_) => return Ok(()),
+        };
+        self.stop_container(&r.id, 0).await?;
+        let tasks = TasksService(self.shared.clone());
+        match tasks
+            .delete(in_ns(tasks_api::DeleteTaskRequest {
+                container_id: r.id.clone(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(log) = self.containers.take_log(&r.id) {
+            tokio::task::spawn_blocking(move || log.stop(LOG_DRAIN))
+                .await
+                .ok();
+        }
+        match ContainersService(self.shared.clone())
+            .delete(in_ns(containers_api::DeleteContainerRequest {
+                id: r.id.clone(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let _ = std::fs::remove_dir_all(self.containers.io_dir.join(&r.id));
+        let path = self.containers.records_dir.join(format!("{}.json", r.id));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        self.containers.records().remove(&r.id);
+        Ok(())
+    }
+
+    /// Runs `cmd` in the container, waits up to `timeout` seconds (0: no limit) and returns
+    /// its output (each stream capped) and exit code.
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: i64,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        let r = self.containers.find(id)?;
+        if cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd: empty"));
+        }
+        let exec_id = format!("sync-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let dir = self.containers.io_dir.join(format!("{}-{exec_id}", r.id));
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let result = self.exec_sync_in(&r, &exec_id, &dir, cmd, timeout).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    async fn exec_sync_in(
+        &self,
+        r: &Record,
+        exec_id: &str,
+        dir: &Path,
+        cmd: Vec<String>,
+        timeout: i64,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+        mkfifo(&out)?;
+        mkfifo(&err)?;
+        let readers = [out.clone(), err.clone()].map(|p| {
+            std::thread::spawn(move || -> Vec<u8> {
+                use std::io::Read as _;
+                let mut buf = Vec::new();
+                if let Ok(f) = std::fs::File::open(&p) {
+                    let _ = f.take(MAX_EXEC_OUTPUT as u64).read_to_end(&mut buf);
+                }
+                buf
+            })
+        });
+        // The process: the container's, with the command.
+        let c = self
+            .shared
+            .store
+            .run({
+                let id = r.id.clone();
+                move |s| s.get_container(NAMESPACE, &id)
+            })
+            .await
+            .map_err(crate::error::status)?;
+        let spec: serde_json::Value = c
+            .spec
+            .as_ref()
+            .and_then(|a| serde_json::from_slice(&a.value).ok())
+            .ok_or_else(|| Status::internal("the container's spec"))?;
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(cmd);
+        process["terminal"] = false.into();
+        let tasks = TasksService(self.shared.clone());
+        let unblock = || {
+            // Readers waiting on fifos nobody opened.
+            for p in [&out, &err] {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags_nonblock()
+                    .open(p);
+            }
+        };
+        if let Err(e) = tasks
+            .exec(in_ns(tasks_api::ExecProcessRequest {
+                container_id: r.id.clone(),
+                exec_id: exec_id.to_owned(),
+                stdout: out.display().to_string(),
+                stderr: err.display().to_string(),
+                spec: Some(switchyard_api::typeurl::json_any(
+                    switchyard_api::typeurl::OCI_PROCESS,
+                    serde_json::to_vec(&process).unwrap_or_default(),
+                )),
+                ..Default::default()
+            }))
+            .await
+        {
+            unblock();
+            return Err(e);
+        }
+        let waited = async {
+            tasks
+                .start(in_ns(tasks_api::StartRequest {
+                    container_id: r.id.clone(),
+                    exec_id: exec_id.to_owned(),
+                }))
+                .await?;
+            tasks
+                .wait(in_ns(tasks_api::WaitRequest {
+                    container_id: r.id.clone(),
+                    exec_id: exec_id.to_owned(),
+                }))
+                .await
+        };
+        let limit = u64::try_from(timeout)
+            .ok()
+            .filter(|t| *t > 0)
+            .map(Duration::from_secs);
+        let exit = match limit {
+            Some(l) => match tokio::time::timeout(l, waited).await {
+                Ok(w) => w,
+                Err(_) => {
+                    let _ = tasks
+                        .kill(in_ns(tasks_api::KillRequest {
+                            container_id: r.id.clone(),
+                            exec_id: exec_id.to_owned(),
+                            signal: nix::sys::signal::Signal::SIGKILL as u32,
+                            all: false,
+                        }))
+                        .await;
+                    let _ = tasks
+                        .delete_process(in_ns(tasks_api::DeleteProcessRequest {
+                            container_id: r.id.clone(),
+                            exec_id: exec_id.to_owned(),
+                        }))
+                        .await;
+                    return Err(Status::deadline_exceeded(format!(
+                        "command {cmd:?} timed out after {timeout}s"
+                    )));
+                }
+            },
+            None => waited.await,
+        };
+        let exit = match exit {
+            Ok(w) => w.into_inner(),
+            Err(e) => {
+                unblock();
+                return Err(e);
+            }
+        };
+        let _ = tasks
+            .delete_process(in_ns(tasks_api::DeleteProcessRequest {
+                container_id: r.id.clone(),
+                exec_id: exec_id.to_owned(),
+            }))
+            .await;
+        let [o, e] = readers;
+        let (stdout, stderr) = tokio::task::spawn_blocking(move || {
+            (o.join().unwrap_or_default(), e.join().unwrap_or_default())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("exec output: {e}")))?;
+        Ok(cri::ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code: i32::try_from(exit.exit_status).unwrap_or(i32::MAX),
+        })
+    }
+}
+
+/// Opening a fifo's write end without blocking.
+trait NonblockOpen {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonblockOpen for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        self.custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+    }
+}
