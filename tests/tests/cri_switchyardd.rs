@@ -161,15 +161,12 @@ fn issue19_unserved_rpcs_name_the_method() {
     let Some(d) = daemon(true) else { return };
     let c = Cri::connect(&d.socket);
     let e = c
-        .call(
-            c.runtime()
-                .create_container(cri::CreateContainerRequest::default()),
-        )
-        .expect_err("CreateContainer is not served yet");
+        .container_stats("abc")
+        .expect_err("ContainerStats is not served yet");
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     assert!(
         e.message()
-            .contains("/runtime.v1.RuntimeService/CreateContainer"),
+            .contains("/runtime.v1.RuntimeService/ContainerStats"),
         "{e:?}"
     );
     let e = c
