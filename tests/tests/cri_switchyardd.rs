@@ -749,6 +749,16 @@ fn issue19_a_native_container_through_switchyardd() {
     );
     let ps = d.yard_ok(&["-n", "k8s.io", "ps"]);
     assert!(ps.contains(&id[..12]), "{ps}");
+    // A command that cannot run is an error or a failed exit, and the container still takes
+    // the next one.
+    match c.exec_sync(&id, &["/no/such/program"], 30) {
+        Ok(out) => assert_ne!(out.exit_code, 0, "{out:?}"),
+        Err(e) => assert!(e.message().contains("no/such/program"), "{e:?}"),
+    }
+    let out = c
+        .exec_sync(&id, &["echo", "still here"], 30)
+        .expect("ExecSync after a failed one");
+    assert_eq!(out.stdout, "still here\n", "{out:?}");
 
     c.stop_container(&id, 10).expect("StopContainer");
     let st = c.container_status(&id).expect("ContainerStatus");
@@ -795,5 +805,9 @@ fn issue19_a_native_container_through_switchyardd() {
         entries(&d.state_dir().join("cri/io")).is_empty(),
         "fifos left"
     );
+    for c in [&id, &id2] {
+        let left = cgroups_matching(&format!("k8s.io/{c}"));
+        assert!(left.is_empty(), "cgroups left: {left:?}");
+    }
     let _ = net;
 }

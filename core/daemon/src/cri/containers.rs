@@ -859,19 +859,20 @@ impl Cri {
             },
             None => waited.await,
         };
+        // The exec'd process is the shim's to forget whether it ran or not.
+        let delete = tasks.delete_process(in_ns(tasks_api::DeleteProcessRequest {
+            container_id: r.id.clone(),
+            exec_id: exec_id.to_owned(),
+        }));
         let exit = match exit {
             Ok(w) => w.into_inner(),
             Err(e) => {
+                let _ = delete.await;
                 unblock();
                 return Err(e);
             }
         };
-        let _ = tasks
-            .delete_process(in_ns(tasks_api::DeleteProcessRequest {
-                container_id: r.id.clone(),
-                exec_id: exec_id.to_owned(),
-            }))
-            .await;
+        let _ = delete.await;
         let [o, e] = readers;
         let (stdout, stderr) = tokio::task::spawn_blocking(move || {
             (o.join().unwrap_or_default(), e.join().unwrap_or_default())
