@@ -7,6 +7,7 @@
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
 
 pub mod ident;
+pub mod oci_defaults;
 
 use std::error::Error;
 use std::io::Write;

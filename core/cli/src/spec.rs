@@ -5,25 +5,10 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-/// The `PATH` containerd gives processes that set none.
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-const CAPS: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+pub use switchyard_base::oci_defaults::DEFAULT_PATH;
+use switchyard_base::oci_defaults::{
+    DEFAULT_CAPABILITIES as CAPS, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS,
+};
 
 /// What a `yard run` asks for.
 #[derive(Debug, Clone)]
@@ -127,14 +112,8 @@ pub fn spec(o: &SpecOptions<'_>) -> Value {
             "resources": resources,
             "cgroupsPath": format!("/switchyard/{}/{}", o.namespace, o.id),
             "namespaces": namespaces,
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
-                "/sys/devices/virtual/powercap", "/proc/scsi"
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
-            ]
+            "maskedPaths": DEFAULT_MASKED_PATHS,
+            "readonlyPaths": DEFAULT_READONLY_PATHS
         }
     })
 }

@@ -88,10 +88,7 @@ impl Containers {
         let mut logs = HashMap::new();
         for entry in std::fs::read_dir(&records_dir)?.flatten() {
             let path = entry.path();
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            match serde_json::from_slice::<Record>(&bytes) {
+            match super::read_record::<Record>(&path) {
                 Ok(r) => {
                     // The shim still holds the fifos' write ends: keep copying them.
                     if let Some(log) = &r.log_path {
@@ -136,17 +133,8 @@ impl Containers {
 
     /// The container `id` names: its id or an unambiguous prefix.
     pub fn find(&self, id: &str) -> Result<Record, Status> {
-        let records = self.records();
-        if let Some(r) = records.get(id) {
-            return Ok(r.clone());
-        }
-        let mut m = records
-            .values()
-            .filter(|r| !id.is_empty() && r.id.starts_with(id));
-        match (m.next(), m.next()) {
-            (Some(r), None) => Ok(r.clone()),
-            _ => Err(Status::not_found(format!("container {id} not found"))),
-        }
+        super::by_id_or_prefix(&self.records(), id)
+            .ok_or_else(|| Status::not_found(format!("container {id} not found")))
     }
 
     pub fn list(&self) -> Vec<Record> {
@@ -256,14 +244,6 @@ fn mkfifo(path: &Path) -> Result<(), Status> {
     .map_err(|e| Status::internal(format!("create fifo {}: {e}", path.display())))
 }
 
-fn new_id() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
-}
-
 /// What CreateContainer made so far, undone on failure.
 #[derive(Default)]
 struct Undo {
@@ -319,7 +299,7 @@ impl Cri {
         } else {
             pod.handler.clone()
         };
-        let id = new_id();
+        let id = super::new_id();
         let mut undo = Undo::default();
         let result = self
             .create_steps(
@@ -792,10 +772,11 @@ impl Cri {
         let tasks = TasksService(self.shared.clone());
         let unblock = || {
             // Readers waiting on fifos nobody opened.
+            use std::os::unix::fs::OpenOptionsExt as _;
             for p in [&out, &err] {
                 let _ = std::fs::OpenOptions::new()
                     .write(true)
-                    .custom_flags_nonblock()
+                    .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
                     .open(p);
             }
         };
@@ -884,17 +865,5 @@ impl Cri {
             stderr,
             exit_code: i32::try_from(exit.exit_status).unwrap_or(i32::MAX),
         })
-    }
-}
-
-/// Opening a fifo's write end without blocking.
-trait NonblockOpen {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonblockOpen for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        self.custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
     }
 }

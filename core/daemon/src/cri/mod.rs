@@ -96,6 +96,49 @@ fn join_paths(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// A pod or container id as containerd makes them: 64 hex characters.
+fn new_id() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The record `id` names: its full id, or an unambiguous prefix of one (as crictl accepts).
+fn by_id_or_prefix<T: Clone>(
+    records: &std::collections::HashMap<String, T>,
+    id: &str,
+) -> Option<T> {
+    if let Some(r) = records.get(id) {
+        return Some(r.clone());
+    }
+    let mut matching = records
+        .iter()
+        .filter(|(k, _)| !id.is_empty() && k.starts_with(id));
+    match (matching.next(), matching.next()) {
+        (Some((_, r)), None) => Some(r.clone()),
+        _ => None,
+    }
+}
+
+/// Largest record file (`<root>/cri/...`) read back: a pod's or container's config is
+/// kubelet's, typically a few KiB.
+const MAX_RECORD_BYTES: u64 = 4 << 20;
+
+/// A JSON record file the daemon wrote, read back with a size cap.
+fn read_record<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> std::io::Result<T> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_RECORD_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err(std::io::Error::other("larger than 4 MiB"));
+    }
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
 fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

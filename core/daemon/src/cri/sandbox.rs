@@ -127,9 +127,6 @@ pub struct Sandboxes {
     pods: Mutex<HashMap<String, Record>>,
 }
 
-/// Largest record file read back (a pod's config is kubelet's, typically a few KiB).
-const MAX_RECORD_BYTES: u64 = 4 << 20;
-
 impl Sandboxes {
     /// Opens the pod store under `root` and `state`, reading the records a previous daemon
     /// left (an unreadable one is logged and skipped, not fatal).
@@ -149,7 +146,7 @@ impl Sandboxes {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            match read_record(&path) {
+            match super::read_record::<Record>(&path) {
                 Ok(mut r) => {
                     // A pod whose namespace is gone (a reboot cleared the state dir) is not
                     // ready; Stop and Remove still clean up after it.
@@ -199,17 +196,8 @@ impl Sandboxes {
 
     /// The pod `id` names: its full id or an unambiguous prefix (as crictl accepts).
     fn find(&self, id: &str) -> Result<Record> {
-        let pods = self.pods();
-        if let Some(r) = pods.get(id) {
-            return Ok(r.clone());
-        }
-        let mut matching = pods
-            .values()
-            .filter(|r| !id.is_empty() && r.id.starts_with(id));
-        match (matching.next(), matching.next()) {
-            (Some(r), None) => Ok(r.clone()),
-            _ => Err(SandboxError::NotFound { id: id.to_owned() }),
-        }
+        super::by_id_or_prefix(&self.pods(), id)
+            .ok_or_else(|| SandboxError::NotFound { id: id.to_owned() })
     }
 
     pub fn list(&self) -> Vec<Record> {
@@ -243,7 +231,7 @@ impl Sandboxes {
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.as_ref())
             .is_some_and(|n| n.network == cri::NamespaceMode::Node as i32);
-        let id = new_id();
+        let id = super::new_id();
         let mut record = Record {
             id: id.clone(),
             name: meta.name.clone(),
@@ -358,27 +346,6 @@ impl Sandboxes {
         self.pods().remove(&record.id);
         Ok(())
     }
-}
-
-fn read_record(path: &Path) -> std::io::Result<Record> {
-    use std::io::Read as _;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(MAX_RECORD_BYTES + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_RECORD_BYTES {
-        return Err(std::io::Error::other("larger than 4 MiB"));
-    }
-    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
-}
-
-/// A pod id as containerd makes them: 64 hex characters.
-fn new_id() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
 }
 
 /// The pod's port mappings for CNI's `portMappings` capability.

@@ -39,26 +39,9 @@ use switchyard_images::RunConfig;
 
 pub use seccomp::default_profile as default_seccomp_profile;
 
-/// The `PATH` a process gets before the image's and the request's env (containerd's).
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// The capabilities of an unprivileged container (containerd's and Docker's defaults).
-pub const DEFAULT_CAPABILITIES: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_FSETID",
-    "CAP_FOWNER",
-    "CAP_MKNOD",
-    "CAP_NET_RAW",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETFCAP",
-    "CAP_SETPCAP",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
-    "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-];
+pub use switchyard_base::oci_defaults::{
+    DEFAULT_CAPABILITIES, DEFAULT_MASKED_PATHS, DEFAULT_PATH, DEFAULT_READONLY_PATHS,
+};
 
 /// Every capability Linux defines (up to `CAP_CHECKPOINT_RESTORE`, 5.9): what `ALL` and a
 /// privileged container get (containerd takes its own process's set).
@@ -104,31 +87,6 @@ pub const ALL_CAPABILITIES: &[&str] = &[
     "CAP_PERFMON",
     "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
-];
-
-/// Masked paths of an unprivileged container when the request names none (containerd's and
-/// kubelet's defaults).
-pub const DEFAULT_MASKED_PATHS: &[&str] = &[
-    "/proc/acpi",
-    "/proc/asound",
-    "/proc/kcore",
-    "/proc/keys",
-    "/proc/latency_stats",
-    "/proc/timer_list",
-    "/proc/timer_stats",
-    "/proc/sched_debug",
-    "/sys/firmware",
-    "/sys/devices/virtual/powercap",
-    "/proc/scsi",
-];
-
-/// Read-only paths of an unprivileged container when the request names none.
-pub const DEFAULT_READONLY_PATHS: &[&str] = &[
-    "/proc/bus",
-    "/proc/fs",
-    "/proc/irq",
-    "/proc/sys",
-    "/proc/sysrq-trigger",
 ];
 
 /// containerd's annotation keys (`internal/cri/annotations`).
