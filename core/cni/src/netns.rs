@@ -1,11 +1,14 @@
-//! Persistent network namespaces, one per pod: a new netns bind-mounted at `<dir>/<name>` (what
-//! `ip netns add` and containerd's `pkg/netns` do, under a directory the caller chooses), so it
-//! outlives every process in it and the CNI plugins and the pod's containers can join it by path.
+//! Persistent namespaces, one of each kind per pod: a new network namespace bind-mounted at
+//! `<dir>/<name>` (what `ip netns add` and containerd's `pkg/netns` do, under a directory the
+//! caller chooses), so it outlives every process in it and the CNI plugins and the pod's
+//! containers can join it by path. A pod's IPC and UTS namespaces (the latter with the pod's
+//! hostname set) are held the same way ([`Kind`]), which is what lets switchyardd run pods
+//! without a pause process.
 //!
-//! The `unshare(CLONE_NEWNET)` happens in a thread made for it, which ends right after the bind
-//! mount: the caller's threads never change namespace. Joining one (`setns`) likewise happens
-//! only in a fresh thread ([`Netns::run_in`]). Everything here goes through `nix`'s safe
-//! wrappers; there is no `unsafe` in this crate.
+//! The `unshare` happens in a thread made for it, which ends right after the bind mount: the
+//! caller's threads never change namespace. Joining one (`setns`) likewise happens only in a
+//! fresh thread ([`Netns::run_in`]). Everything here goes through `nix`'s safe wrappers; there
+//! is no `unsafe` in this crate.
 //!
 //! Unlike `ip netns`, the directory is not made a shared mount point: the namespaces are only
 //! ever joined by path from the daemon's own mount namespace (containerd makes the same choice).
@@ -25,9 +28,11 @@ use nix::sys::statfs::NSFS_MAGIC;
 pub enum NetnsError {
     #[error("invalid netns name {0:?}: a file name, not `.` or `..`, without `/`")]
     InvalidName(String),
+    #[error("invalid hostname {0:?}: 1 to 64 bytes, without NUL")]
+    InvalidHostname(String),
     #[error("{} already exists", path.display())]
     Exists { path: PathBuf },
-    #[error("{} is not a network namespace", path.display())]
+    #[error("{} is not a namespace", path.display())]
     NotNetns { path: PathBuf },
     #[error("{op} {}", path.display())]
     Io {
@@ -47,8 +52,38 @@ pub enum NetnsError {
     ThreadPanicked { path: PathBuf },
 }
 
-/// A network namespace held by a bind mount at [`Netns::path`]. The handle is only a path:
-/// dropping it leaves the namespace; [`Netns::remove`] ends it.
+/// The kind of namespace [`Netns::create_kind`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    Net,
+    Ipc,
+    /// A UTS namespace whose hostname is set to this (checked: 1 to 64 bytes, no NUL).
+    Uts {
+        hostname: &'a str,
+    },
+}
+
+impl Kind<'_> {
+    fn flag(self) -> CloneFlags {
+        match self {
+            Kind::Net => CloneFlags::CLONE_NEWNET,
+            Kind::Ipc => CloneFlags::CLONE_NEWIPC,
+            Kind::Uts { .. } => CloneFlags::CLONE_NEWUTS,
+        }
+    }
+
+    fn proc_name(self) -> &'static str {
+        match self {
+            Kind::Net => "net",
+            Kind::Ipc => "ipc",
+            Kind::Uts { .. } => "uts",
+        }
+    }
+}
+
+/// A namespace held by a bind mount at [`Netns::path`]: a network namespace unless made with
+/// [`Netns::create_kind`]. The handle is only a path: dropping it leaves the namespace;
+/// [`Netns::remove`] ends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Netns {
     path: PathBuf,
@@ -68,7 +103,17 @@ impl Netns {
     /// Creates a new network namespace at `<dir>/<name>` (`dir` is created 0700 if missing).
     /// Fails with [`NetnsError::Exists`] if the path is taken.
     pub fn create(dir: &Path, name: &str) -> Result<Netns, NetnsError> {
+        Netns::create_kind(dir, name, Kind::Net)
+    }
+
+    /// Creates a new namespace of `kind` at `<dir>/<name>`, as [`Netns::create`] does.
+    pub fn create_kind(dir: &Path, name: &str, kind: Kind<'_>) -> Result<Netns, NetnsError> {
         let ns = Netns::at(dir, name)?;
+        if let Kind::Uts { hostname } = kind
+            && (hostname.is_empty() || hostname.len() > 64 || hostname.contains('\0'))
+        {
+            return Err(NetnsError::InvalidHostname(hostname.to_owned()));
+        }
         let path = ns.path.clone();
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -100,9 +145,14 @@ impl Netns {
                 })?;
         }
         let target = path.clone();
+        let hostname = match kind {
+            Kind::Uts { hostname } => Some(hostname.to_owned()),
+            Kind::Net | Kind::Ipc => None,
+        };
+        let (flag, proc_name) = (kind.flag(), kind.proc_name());
         let made = std::thread::Builder::new()
             .name("yard-netns".into())
-            .spawn(move || bind_new_netns(&target))
+            .spawn(move || bind_new_ns(&target, flag, proc_name, hostname.as_deref()))
             .map_err(|source| NetnsError::Io {
                 op: "starting the thread",
                 path: path.clone(),
@@ -114,7 +164,7 @@ impl Netns {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
-        tracing::debug!(path = %path.display(), "netns created");
+        tracing::debug!(path = %path.display(), kind = proc_name, "namespace created");
         Ok(ns)
     }
 
@@ -211,8 +261,14 @@ impl Netns {
     }
 }
 
-/// In a thread of its own: a new netns for this thread only, bind-mounted at `target`.
-fn bind_new_netns(target: &Path) -> Result<(), NetnsError> {
+/// In a thread of its own: a new namespace (`flag`) for this thread only, its hostname set for
+/// a UTS namespace, bind-mounted at `target`.
+fn bind_new_ns(
+    target: &Path,
+    flag: CloneFlags,
+    proc_name: &str,
+    hostname: Option<&str>,
+) -> Result<(), NetnsError> {
     let sys = |op| {
         move |source| NetnsError::Sys {
             op,
@@ -220,9 +276,12 @@ fn bind_new_netns(target: &Path) -> Result<(), NetnsError> {
             source,
         }
     };
-    nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(sys("unshare(CLONE_NEWNET)"))?;
+    nix::sched::unshare(flag).map_err(sys("unshare"))?;
+    if let Some(name) = hostname {
+        nix::unistd::sethostname(name).map_err(sys("sethostname"))?;
+    }
     let tid = nix::unistd::gettid();
-    let source = PathBuf::from(format!("/proc/self/task/{tid}/ns/net"));
+    let source = PathBuf::from(format!("/proc/self/task/{tid}/ns/{proc_name}"));
     nix::mount::mount(
         Some(&source),
         target,

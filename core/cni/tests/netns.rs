@@ -6,6 +6,7 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
+use switchyard_cni::netns::Kind;
 use switchyard_cni::{Netns, NetnsError};
 
 #[test]
@@ -59,6 +60,57 @@ fn create_join_and_remove_a_netns() {
     assert!(matches!(ns.open(), Err(NetnsError::Io { .. })));
     assert!(matches!(ns.run_in(|| ()), Err(NetnsError::Io { .. })));
     drop(guard);
+}
+
+/// A pod's IPC and UTS namespaces held the same way: new ones (not the host's), the UTS one
+/// with the pod's hostname, while the host's hostname is untouched; a bad hostname is refused
+/// before anything is made.
+#[test]
+fn ipc_and_uts_namespaces_with_a_hostname() {
+    if !common::require_root_and(&["nsenter", "hostname"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let ipc = Netns::create_kind(&dir.path().join("ipc"), "pod-a", Kind::Ipc).unwrap();
+    let _ipc_guard = Guard(ipc.clone());
+    let uts = Netns::create_kind(
+        &dir.path().join("uts"),
+        "pod-a",
+        Kind::Uts {
+            hostname: "pod-a-host",
+        },
+    )
+    .unwrap();
+    let _uts_guard = Guard(uts.clone());
+    for (ns, kind) in [(&ipc, "ipc"), (&uts, "uts")] {
+        assert!(ns.exists(), "{kind}");
+        let host = std::fs::metadata(format!("/proc/thread-self/ns/{kind}"))
+            .unwrap()
+            .ino();
+        assert_ne!(std::fs::metadata(ns.path()).unwrap().ino(), host, "{kind}");
+    }
+    let (ok, out) = common::run(&[
+        "nsenter",
+        &format!("--uts={}", uts.path().display()),
+        "hostname",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "pod-a-host");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_name
+    );
+
+    let long = "h".repeat(65);
+    for bad in ["", long.as_str()] {
+        let e = Netns::create_kind(&dir.path().join("uts"), "bad", Kind::Uts { hostname: bad });
+        assert!(matches!(e, Err(NetnsError::InvalidHostname(_))), "{e:?}");
+    }
+    assert!(!dir.path().join("uts/bad").exists());
+    ipc.remove().unwrap();
+    uts.remove().unwrap();
+    assert!(!ipc.path().exists() && !uts.path().exists());
 }
 
 /// Removes the namespace even when an assertion failed.

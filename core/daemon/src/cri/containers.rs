@@ -402,13 +402,15 @@ impl Cri {
             devices: &SysDevices,
             namespaces: PodNamespaces {
                 network: pod.netns.as_deref(),
+                ipc: pod.ipc.as_deref(),
+                uts: pod.uts.as_deref(),
                 ..Default::default()
             },
             pod_files: PodFiles {
                 hosts: Some(&hosts),
                 resolv_conf: Some(&resolv),
                 hostname: Some(&hostname),
-                shm: None,
+                shm: pod.shm.as_deref(),
             },
             seccomp_profile_root: Path::new("/"),
             host: &self.containers.host,

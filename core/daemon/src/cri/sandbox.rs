@@ -1,12 +1,13 @@
 //! Pod sandboxes: what the daemon holds for a pod before any container runs in it. A pod gets
 //! its own network namespace (unless it asks for the node's), made and held by the daemon
-//! (bind-mounted under `<state>/netns`), and CNI ADD puts it on the pod network; StopPodSandbox
-//! runs CNI DEL and removes the namespace, RemovePodSandbox forgets the pod. Each pod is a JSON
+//! (bind-mounted under `<state>/netns`), and CNI ADD puts it on the pod network; likewise its
+//! IPC namespace with a `/dev/shm` tmpfs (unless it asks for the node's IPC) and its UTS
+//! namespace with the pod's hostname (unless on the node's network), under `<state>/ipcns`,
+//! `<state>/utsns` and `<state>/cri/shm`. The pod's containers join these by path, so no process
+//! holds the pod (containerd's pause container does that job). StopPodSandbox runs CNI DEL and
+//! removes the namespaces and the tmpfs, RemovePodSandbox forgets the pod. Each pod is a JSON
 //! record under `<root>/cri/sandboxes`, written atomically, so a restarted daemon lists the same
 //! pods and can still tear their networks down (the CNI result cache is under `<root>/cri`).
-//!
-//! The pod's process (a pause container for a foreign runtime, the shim itself for ours) comes
-//! with containers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,10 +15,13 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use switchyard_api::cri::v1 as cri;
+use switchyard_cni::netns::Kind;
 use switchyard_cni::{Attachment, Cni, Netns, NetworkList, PortMapping, Protocol};
 
 /// The interface a pod's network is on, as in every CRI runtime.
 pub const POD_INTERFACE: &str = "eth0";
+/// The pod's `/dev/shm` tmpfs (containerd's default `shm_size`).
+const SHM_OPTIONS: &str = "mode=1777,size=65536k";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -31,6 +35,18 @@ pub enum SandboxError {
     NetworkNotReady { reason: String },
     #[error("pod network namespace")]
     Netns(#[source] switchyard_cni::NetnsError),
+    #[error("the pod's {kind} namespace")]
+    Namespace {
+        kind: &'static str,
+        #[source]
+        source: switchyard_cni::NetnsError,
+    },
+    #[error("the pod's /dev/shm at {}", path.display())]
+    Shm {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pod network")]
     Cni(#[source] switchyard_cni::CniError),
     #[error("pod sandbox record {}", path.display())]
@@ -50,9 +66,11 @@ impl crate::error::Classify for SandboxError {
             }
             SandboxError::NotFound { .. } => Kind::NotFound,
             SandboxError::NetworkNotReady { .. } => Kind::FailedPrecondition,
-            SandboxError::Netns(_) | SandboxError::Cni(_) | SandboxError::Record { .. } => {
-                Kind::Internal
-            }
+            SandboxError::Netns(_)
+            | SandboxError::Namespace { .. }
+            | SandboxError::Shm { .. }
+            | SandboxError::Cni(_)
+            | SandboxError::Record { .. } => Kind::Internal,
         }
     }
 }
@@ -85,6 +103,15 @@ pub struct Record {
     pub annotations: BTreeMap<String, String>,
     /// The CNI network list the pod was added to, as read (for DEL after the file changed).
     pub network: Option<SavedNetwork>,
+    /// The pod's IPC namespace, `None` for a pod on the node's IPC.
+    #[serde(default)]
+    pub ipc: Option<PathBuf>,
+    /// The pod's UTS namespace (its hostname), `None` for a pod on the node's network.
+    #[serde(default)]
+    pub uts: Option<PathBuf>,
+    /// The pod's `/dev/shm` (a tmpfs), with its IPC namespace.
+    #[serde(default)]
+    pub shm: Option<PathBuf>,
     /// The pod's config as CRI sent it (protobuf), for status and containers.
     #[serde(with = "b64")]
     pub config: Vec<u8>,
@@ -122,6 +149,9 @@ impl Record {
 pub struct Sandboxes {
     records_dir: PathBuf,
     netns_dir: PathBuf,
+    ipc_dir: PathBuf,
+    uts_dir: PathBuf,
+    shm_dir: PathBuf,
     conf_dir: PathBuf,
     cni: Cni,
     pods: Mutex<HashMap<String, Record>>,
@@ -170,6 +200,9 @@ impl Sandboxes {
         Ok(Sandboxes {
             records_dir,
             netns_dir: state.join("netns"),
+            ipc_dir: state.join("ipcns"),
+            uts_dir: state.join("utsns"),
+            shm_dir: state.join("cri").join("shm"),
             conf_dir: config.cni_conf_dir.clone(),
             cni,
             pods: Mutex::new(pods),
@@ -242,6 +275,9 @@ impl Sandboxes {
             state: State::Ready,
             created_ns: super::now_nanos(),
             netns: None,
+            ipc: None,
+            uts: None,
+            shm: None,
             ip: String::new(),
             additional_ips: Vec::new(),
             labels: config.labels.clone().into_iter().collect(),
@@ -249,56 +285,164 @@ impl Sandboxes {
             network: None,
             config: prost::Message::encode_to_vec(config),
         };
-        if !host_network {
-            let network = switchyard_cni::load_dir(&self.conf_dir).map_err(|e| {
-                SandboxError::NetworkNotReady {
-                    reason: switchyard_base::chain(&e),
-                }
-            })?;
-            let text = std::fs::read_to_string(&network.origin).map_err(|source| {
-                SandboxError::Record {
-                    path: network.origin.clone(),
-                    source,
-                }
-            })?;
-            let ports = port_mappings(config)?;
-            let netns = Netns::create(&self.netns_dir, &id).map_err(SandboxError::Netns)?;
-            let att = Attachment::new(&id, netns.path(), POD_INTERFACE)
-                .with_pod(&meta.namespace, &meta.name, Some(&meta.uid))
-                .with_port_mappings(ports);
-            let result = match self.cni.add(&network, &att) {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = netns.remove();
-                    return Err(SandboxError::Cni(e));
-                }
-            };
-            let mut ips = result
-                .sandbox_ips(POD_INTERFACE)
-                .into_iter()
-                .map(|ip| ip.address.addr.to_string());
-            record.ip = ips.next().unwrap_or_default();
-            record.additional_ips = ips.collect();
-            record.netns = Some(netns.path().to_owned());
-            record.network = Some(SavedNetwork {
-                origin: network.origin.clone(),
-                text,
-            });
-            if let Err(e) = self.save(&record) {
-                let _ = self.cni.del(&network, &att);
-                let _ = netns.remove();
-                return Err(e);
+        if let Err(e) = self.hold_namespaces(&mut record, config, host_network) {
+            self.release_namespaces(&record);
+            return Err(e);
+        }
+        if !host_network && let Err(e) = self.attach_network(&mut record, config) {
+            self.release_namespaces(&record);
+            return Err(e);
+        }
+        if let Err(e) = self.save(&record) {
+            if let Err(undo) = self.detach_network(&record) {
+                tracing::warn!(pod = %id, error = %switchyard_base::chain(&undo), "undoing the pod network");
             }
-        } else {
-            self.save(&record)?;
+            self.release_namespaces(&record);
+            return Err(e);
         }
         self.pods().insert(id, record.clone());
         Ok(record)
     }
 
-    /// StopPodSandbox's network part: CNI DEL and the namespace removed; idempotent.
-    pub fn stop(&self, id: &str) -> Result<Record> {
-        let mut record = self.find(id)?;
+    /// The pod's IPC namespace and `/dev/shm` (unless on the node's IPC) and its UTS namespace
+    /// with its hostname (unless on the node's network, as containerd does), into `record`.
+    /// On error, what was made is in `record` for [`Sandboxes::release_namespaces`].
+    fn hold_namespaces(
+        &self,
+        record: &mut Record,
+        config: &cri::PodSandboxConfig,
+        host_network: bool,
+    ) -> Result<()> {
+        let host_ipc = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.ipc == cri::NamespaceMode::Node as i32);
+        if !host_ipc {
+            let ipc =
+                Netns::create_kind(&self.ipc_dir, &record.id, Kind::Ipc).map_err(|source| {
+                    SandboxError::Namespace {
+                        kind: "IPC",
+                        source,
+                    }
+                })?;
+            record.ipc = Some(ipc.path().to_owned());
+            let shm = self.shm_dir.join(&record.id);
+            let shm_err = |source| SandboxError::Shm {
+                path: shm.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&shm).map_err(shm_err)?;
+            record.shm = Some(shm.clone());
+            use nix::mount::MsFlags;
+            nix::mount::mount(
+                Some("shm"),
+                &shm,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(SHM_OPTIONS),
+            )
+            .map_err(|e| shm_err(e.into()))?;
+        }
+        if !host_network {
+            let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let hostname = if config.hostname.is_empty() {
+                node.trim()
+            } else {
+                config.hostname.as_str()
+            };
+            let uts = Netns::create_kind(&self.uts_dir, &record.id, Kind::Uts { hostname })
+                .map_err(|source| {
+                    let source = match source {
+                        switchyard_cni::NetnsError::InvalidHostname(h) => {
+                            return SandboxError::Invalid {
+                                field: "config.hostname",
+                                reason: format!("{h:?}: 1 to 64 bytes"),
+                            };
+                        }
+                        other => other,
+                    };
+                    SandboxError::Namespace {
+                        kind: "UTS",
+                        source,
+                    }
+                })?;
+            record.uts = Some(uts.path().to_owned());
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Sandboxes::hold_namespaces`]: best effort, each failure logged; idempotent.
+    fn release_namespaces(&self, record: &Record) {
+        for (kind, dir, held) in [
+            ("IPC", &self.ipc_dir, &record.ipc),
+            ("UTS", &self.uts_dir, &record.uts),
+        ] {
+            if held.is_none() {
+                continue;
+            }
+            if let Err(e) = Netns::at(dir, &record.id).and_then(|n| n.remove()) {
+                tracing::warn!(pod = %record.id, kind, error = %switchyard_base::chain(&e), "namespace not removed");
+            }
+        }
+        if let Some(shm) = &record.shm {
+            match nix::mount::umount2(shm, nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+                Err(e) => {
+                    tracing::warn!(pod = %record.id, path = %shm.display(), error = %e, "/dev/shm not unmounted");
+                }
+            }
+            match std::fs::remove_dir(shm) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(pod = %record.id, path = %shm.display(), error = %e, "/dev/shm not removed");
+                }
+            }
+        }
+    }
+
+    /// The pod's network namespace and CNI ADD, into `record`; undone on error.
+    fn attach_network(&self, record: &mut Record, config: &cri::PodSandboxConfig) -> Result<()> {
+        let network = switchyard_cni::load_dir(&self.conf_dir).map_err(|e| {
+            SandboxError::NetworkNotReady {
+                reason: switchyard_base::chain(&e),
+            }
+        })?;
+        let text =
+            std::fs::read_to_string(&network.origin).map_err(|source| SandboxError::Record {
+                path: network.origin.clone(),
+                source,
+            })?;
+        let ports = port_mappings(config)?;
+        let netns = Netns::create(&self.netns_dir, &record.id).map_err(SandboxError::Netns)?;
+        let att = Attachment::new(&record.id, netns.path(), POD_INTERFACE)
+            .with_pod(&record.namespace, &record.name, Some(&record.uid))
+            .with_port_mappings(ports);
+        let result = match self.cni.add(&network, &att) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = netns.remove();
+                return Err(SandboxError::Cni(e));
+            }
+        };
+        let mut ips = result
+            .sandbox_ips(POD_INTERFACE)
+            .into_iter()
+            .map(|ip| ip.address.addr.to_string());
+        record.ip = ips.next().unwrap_or_default();
+        record.additional_ips = ips.collect();
+        record.netns = Some(netns.path().to_owned());
+        record.network = Some(SavedNetwork {
+            origin: network.origin.clone(),
+            text,
+        });
+        Ok(())
+    }
+
+    /// CNI DEL and the network namespace removed; nothing for a pod on the node's network.
+    fn detach_network(&self, record: &Record) -> Result<()> {
         if let (Some(netns), Some(saved)) = (&record.netns, &record.network) {
             let kind = switchyard_cni::config::ConfKind::from_path(&saved.origin)
                 .unwrap_or(switchyard_cni::config::ConfKind::List);
@@ -321,6 +465,15 @@ impl Sandboxes {
                 .and_then(|n| n.remove())
                 .map_err(SandboxError::Netns)?;
         }
+        Ok(())
+    }
+
+    /// StopPodSandbox's part (after the pod's containers stopped): CNI DEL, the namespaces and
+    /// `/dev/shm` removed; idempotent.
+    pub fn stop(&self, id: &str) -> Result<Record> {
+        let mut record = self.find(id)?;
+        self.detach_network(&record)?;
+        self.release_namespaces(&record);
         if record.state != State::NotReady {
             record.state = State::NotReady;
             self.save(&record)?;
