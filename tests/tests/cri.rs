@@ -577,6 +577,170 @@ fn readonly_and_masked(peer: Peer, handler: &str) {
     teardown(&c, &pod);
 }
 
+/// A pod's two containers share its network, IPC (with `/dev/shm`) and UTS namespaces and see
+/// its hostname; `security_context` takes effect, checked from inside: `run_as_user` and a
+/// read-only rootfs in one container, dropped capabilities (gone from the bounding set, and
+/// `chown` refused to root) in the other.
+fn shared_namespaces_and_security(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let pod_cfg = pod_config(&node, "sharedns");
+    let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
+    let mut first = container_config("first", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    first.linux = security(|sc| {
+        sc.capabilities = Some(cri::Capability {
+            drop_capabilities: vec!["CHOWN".into(), "NET_RAW".into()],
+            ..Default::default()
+        });
+    });
+    let mut second = container_config("second", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    second.linux = security(|sc| {
+        sc.run_as_user = Some(cri::Int64Value { value: 1000 });
+        sc.readonly_rootfs = true;
+    });
+    let mut ids = Vec::new();
+    for cfg in [&first, &second] {
+        let id = c
+            .create_container(&pod, cfg, &pod_cfg)
+            .expect("CreateContainer");
+        c.start_container(&id).expect("StartContainer");
+        c.wait_container_state(
+            &id,
+            cri::ContainerState::ContainerRunning,
+            Duration::from_secs(30),
+        );
+        ids.push(id);
+    }
+    let namespaces = "readlink /proc/self/ns/net /proc/self/ns/ipc /proc/self/ns/uts; hostname";
+    let (a, b) = (
+        exec_ok(&c, &ids[0], namespaces),
+        exec_ok(&c, &ids[1], namespaces),
+    );
+    assert_eq!(a, b, "the containers' namespaces and hostname");
+    assert_eq!(a.lines().last(), Some("sharedns"), "{a}");
+    let host = std::fs::read_link("/proc/self/ns/ipc").unwrap();
+    assert!(
+        !a.contains(&host.display().to_string()),
+        "a pod IPC namespace, not the host's ({}): {a}",
+        host.display()
+    );
+    exec_ok(&c, &ids[0], "echo shared > /dev/shm/marker");
+    assert_eq!(exec_ok(&c, &ids[1], "cat /dev/shm/marker"), "shared\n");
+
+    // run_as_user and the read-only root, in the second.
+    assert_eq!(exec_ok(&c, &ids[1], "id -u").trim(), "1000");
+    let root = exec_ok(&c, &ids[1], "grep -m1 ' / ' /proc/self/mounts");
+    assert!(
+        root.split_whitespace()
+            .nth(3)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "a read-only root: {root}"
+    );
+    // Dropped capabilities, in the first (root): CHOWN is bit 0, NET_RAW bit 13, KILL (5)
+    // stays, as in the default set.
+    let bounding = exec_ok(
+        &c,
+        &ids[0],
+        "sed -n 's/^CapBnd:[[:space:]]*//p' /proc/self/status",
+    );
+    let bits = u64::from_str_radix(bounding.trim(), 16).expect("CapBnd");
+    assert_eq!(
+        bits & (1 << 0 | 1 << 13),
+        0,
+        "CHOWN and NET_RAW dropped: {bounding}"
+    );
+    assert_ne!(bits & (1 << 5), 0, "KILL kept: {bounding}");
+    let out = c
+        .exec_sync(&ids[0], &["sh", "-c", "touch /owned && chown 1 /owned"], 30)
+        .expect("ExecSync");
+    assert_ne!(out.exit_code, 0, "chown without CAP_CHOWN: {out:?}");
+    teardown(&c, &pod);
+}
+
+/// Two pods on the CNI bridge: one serves HTTP (busybox `httpd`), the other reaches it by pod
+/// IP; the server's `portmap` host port on 127.0.0.1 reaches it from the host.
+fn pod_network(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let port = switchyard_tests::images::dead_port();
+    let mut server_cfg = pod_config(&node, "server");
+    server_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: i32::from(port),
+        host_ip: "127.0.0.1".into(),
+    }];
+    let server = c
+        .run_pod(&server_cfg, handler)
+        .expect("RunPodSandbox server");
+    let httpd = container_config(
+        "httpd",
+        BUSYBOX_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/www && echo hello from $(hostname) > /tmp/www/index.html && \
+             exec httpd -f -p 8080 -h /tmp/www",
+        ],
+    );
+    let id = c
+        .create_container(&server, &httpd, &server_cfg)
+        .expect("CreateContainer httpd");
+    c.start_container(&id).expect("StartContainer httpd");
+    let ip = c
+        .pod_status(&server)
+        .expect("PodSandboxStatus")
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(node.net.contains(&ip), "{ip} in {}", node.net.subnet);
+
+    let client_cfg = pod_config(&node, "client");
+    let client = c
+        .run_pod(&client_cfg, handler)
+        .expect("RunPodSandbox client");
+    let sleeper = container_config("client", BUSYBOX_IMAGE, &["sleep", "3600"]);
+    let cid = c
+        .create_container(&client, &sleeper, &client_cfg)
+        .expect("CreateContainer client");
+    c.start_container(&cid).expect("StartContainer client");
+    c.wait_container_state(
+        &cid,
+        cri::ContainerState::ContainerRunning,
+        Duration::from_secs(30),
+    );
+    let url = format!("http://{ip}:8080/");
+    let mut last = None;
+    let served = switchyard_tests::eventually(Duration::from_secs(30), || {
+        let out = c.exec_sync(&cid, &["wget", "-qO-", &url], 10);
+        let ok = matches!(&out, Ok(o) if o.stdout == "hello from server\n");
+        last = Some(out);
+        ok
+    });
+    assert!(served, "pod to pod by IP: {last:?}");
+
+    let mut response = String::new();
+    let from_host = switchyard_tests::eventually(Duration::from_secs(30), || {
+        response = http_get_loopback(port).unwrap_or_else(|e| e.to_string());
+        response.contains("hello from server")
+    });
+    assert!(from_host, "host port {port} to the pod: {response}");
+    teardown(&c, &client);
+    teardown(&c, &server);
+}
+
+/// `GET /` from `127.0.0.1:port`, the whole response (the server closes the connection).
+fn http_get_loopback(port: u16) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.take(64 << 10).read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// A container over its memory limit is killed, and ContainerStatus says OOMKilled.
 fn oom_killed(peer: Peer, handler: &str) {
     let Some(node) = node(peer) else { return };
@@ -922,6 +1086,8 @@ mod runc {
     per_peer!(seccomp, "runc");
     per_peer!(tty, "runc");
     per_peer!(readonly_and_masked, "runc");
+    per_peer!(shared_namespaces_and_security, "runc");
+    per_peer!(pod_network, "runc");
     per_peer!(oom_killed, "runc");
     per_peer!(bad_handler, "runc");
     per_peer!(exec_streaming, "runc");
@@ -934,6 +1100,8 @@ mod native {
     per_peer!(seccomp, "native");
     per_peer!(tty, "native");
     per_peer!(readonly_and_masked, "native");
+    per_peer!(shared_namespaces_and_security, "native");
+    per_peer!(pod_network, "native");
     per_peer!(oom_killed, "native");
     per_peer!(exec_streaming, "native");
 }
