@@ -811,3 +811,200 @@ fn issue19_a_native_container_through_switchyardd() {
     }
     let _ = net;
 }
+
+/// A pulled busybox in a daemon with a pod network: (daemon, net, registry, image reference).
+fn pod_daemon_with_busybox(net_dir: &Path) -> Option<(Daemon, TestNet, Registry, String)> {
+    let (d, net) = pod_daemon(net_dir)?;
+    if !require_root_and(&["docker-registry"]) {
+        return None;
+    }
+    let reg = Registry::start();
+    reg.push(
+        "busybox",
+        "1",
+        &busybox_image(Vec::new(), serde_json::json!({})),
+    );
+    let reference = reg.reference("busybox", "1");
+    let c = Cri::connect(&d.socket);
+    c.call(c.images().pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: reference.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }))
+    .expect("PullImage");
+    Some((d, net, reg, reference))
+}
+
+/// The CRI pod config `run_pod` gives pod `name`.
+fn pod_config_of(c: &Cri, pod: &str, node: &Path, name: &str) -> cri::PodSandboxConfig {
+    let st = c.pod_status(pod).expect("PodSandboxStatus");
+    switchyard_api::cri_defaults::pod_config(
+        st.metadata.expect("metadata"),
+        name,
+        &node.join("pods").display().to_string(),
+    )
+}
+
+/// Restart: a running container survives kill -9 of switchyardd: listed with the same state,
+/// its output still reaching the CRI log, ExecSync into it; then it stops and is removed with
+/// its pod, leaving no task, shim, fifo, namespace or cgroup.
+#[test]
+fn issue19_running_containers_survive_a_daemon_restart() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, _net, _reg, reference)) = pod_daemon_with_busybox(net_dir.path()) else {
+        return;
+    };
+    let c = Cri::connect(&d.socket);
+    let pod = run_pod(&c, net_dir.path(), "survivor", "native").expect("RunPodSandbox");
+    let pod_cfg = pod_config_of(&c, &pod, net_dir.path(), "survivor");
+    let config = switchyard_tests::cri::container_config(
+        "ticker",
+        &reference,
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.2; done",
+        ],
+    );
+    let id = c
+        .create_container(&pod, &config, &pod_cfg)
+        .expect("CreateContainer");
+    c.start_container(&id).expect("StartContainer");
+    c.wait_container_state(
+        &id,
+        cri::ContainerState::ContainerRunning,
+        std::time::Duration::from_secs(30),
+    );
+    let log = net_dir.path().join("pods").join("ticker.log");
+    let ticks = || switchyard_tests::cri::read_cri_log(&log).len();
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || ticks() >= 2),
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    let before = c.container_status(&id).expect("ContainerStatus");
+
+    d.restart();
+    let c = Cri::connect(&d.socket);
+    let after = c
+        .container_status(&id)
+        .expect("ContainerStatus after the restart");
+    assert_eq!(
+        (after.state, after.started_at, after.log_path.as_str()),
+        (before.state, before.started_at, before.log_path.as_str()),
+        "{after:?}"
+    );
+    assert_eq!(
+        c.list_containers(Some(&pod))
+            .iter()
+            .map(|x| x.id.as_str())
+            .collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    let seen = ticks();
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || ticks() > seen + 2),
+        "the log goes on after the restart: {seen} lines"
+    );
+    let out = c.exec_sync(&id, &["hostname"], 30).expect("ExecSync");
+    assert_eq!(out.stdout.trim(), "survivor", "{out:?}");
+
+    c.stop_pod(&pod).expect("StopPodSandbox");
+    let st = c.container_status(&id).expect("ContainerStatus");
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerExited as i32,
+        "{st:?}"
+    );
+    c.remove_pod(&pod).expect("RemovePodSandbox");
+    assert!(c.list_containers(None).is_empty());
+    assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
+    assert!(
+        entries(&d.state_dir().join("cri/io")).is_empty(),
+        "fifos left"
+    );
+    let shims = processes_matching(&[
+        "containerd-shim-yard-native",
+        &d.state_dir().display().to_string(),
+    ]);
+    assert!(shims.is_empty(), "shims left: {shims:?}");
+    let left = cgroups_matching(&format!("k8s.io/{id}"));
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+}
+
+/// Bad containers: a missing image and a mount with a relative path are CRI errors naming the
+/// cause, and leave no container, task, root mount, fifo, shim or cgroup; the pod stays usable.
+#[test]
+fn issue19_bad_containers_leave_nothing() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let Some((d, _net, _reg, reference)) = pod_daemon_with_busybox(net_dir.path()) else {
+        return;
+    };
+    let c = Cri::connect(&d.socket);
+    let pod = run_pod(&c, net_dir.path(), "bad", "native").expect("RunPodSandbox");
+    let pod_cfg = pod_config_of(&c, &pod, net_dir.path(), "bad");
+    let missing = switchyard_tests::cri::container_config(
+        "missing",
+        "switchyard.local/no-such-image:1",
+        &["true"],
+    );
+    let e = c
+        .create_container(&pod, &missing, &pod_cfg)
+        .expect_err("a missing image");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("no-such-image"), "{e:?}");
+
+    let mut relative =
+        switchyard_tests::cri::container_config("relative", &reference, &["sleep", "60"]);
+    relative.mounts = vec![cri::Mount {
+        container_path: "data".into(),
+        host_path: net_dir.path().display().to_string(),
+        ..Default::default()
+    }];
+    let e = c
+        .create_container(&pod, &relative, &pod_cfg)
+        .expect_err("a relative container path");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("config.mounts[0].container_path"),
+        "{e:?}"
+    );
+
+    assert!(c.list_containers(None).is_empty());
+    let ps = d.yard_ok(&["-n", "k8s.io", "ps"]);
+    assert_eq!(ps.lines().count(), 1, "only the header: {ps}");
+    let containers = run_timeout(
+        d.ctr().args(["-n", "k8s.io", "containers", "ls", "-q"]),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(
+        containers.status.success() && containers.stdout.is_empty(),
+        "no containerd container: {}",
+        show(&containers)
+    );
+    assert!(
+        entries(&d.state_dir().join("cri/io")).is_empty(),
+        "fifos left"
+    );
+    let mounts = mounts_matching(&d.dir.path().display().to_string());
+    assert!(
+        mounts
+            .iter()
+            .all(|m| m.contains("ns/") || m.contains("/shm/")),
+        "only the pod's namespaces and /dev/shm are mounted: {mounts:?}"
+    );
+    let shims = processes_matching(&["containerd-shim-yard", &d.state_dir().display().to_string()]);
+    assert!(shims.is_empty(), "shims left: {shims:?}");
+
+    // The pod still takes a good container.
+    let good = switchyard_tests::cri::container_config("good", &reference, &["sleep", "60"]);
+    let id = c
+        .create_container(&pod, &good, &pod_cfg)
+        .expect("CreateContainer after the bad ones");
+    c.remove_container(&id).expect("RemoveContainer");
+    c.stop_pod(&pod).expect("StopPodSandbox");
+    c.remove_pod(&pod).expect("RemovePodSandbox");
+    assert!(mounts_matching(&d.dir.path().display().to_string()).is_empty());
+}
