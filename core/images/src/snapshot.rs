@@ -175,11 +175,15 @@ fn read_line(path: &Path) -> Result<Option<String>, SnapshotError> {
     }
 }
 
+/// Creates a directory with exactly `mode`, whatever the umask (the daemon's is 077): a
+/// layer's root that its tar does not list is 0755, as in containerd, or a non-root process
+/// could not reach its own image's files.
 fn create_dir(path: &Path, mode: u32) -> Result<(), SnapshotError> {
     fs::DirBuilder::new()
         .mode(mode)
         .create(path)
-        .map_err(io_err("create directory", path))
+        .map_err(io_err("create directory", path))?;
+    rfs::chmod(path, rfs::Mode::from_raw_mode(mode)).map_err(io_err("set mode", path))
 }
 
 /// Renames a directory into place unless something is already there (`Ok(false)`), durably:
