@@ -657,6 +657,67 @@ fn shared_namespaces_and_security(peer: Peer, handler: &str) {
     teardown(&c, &pod);
 }
 
+/// `shareProcessNamespace`: a pod-wide PID namespace whose init is the pause process; one
+/// container sees the other's processes.
+fn shared_pid_namespace(peer: Peer, handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let mut pod_cfg = pod_config(&node, "sharedpid");
+    if let Some(ns) = pod_cfg
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.pid = cri::NamespaceMode::Pod as i32;
+    }
+    let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
+    let pod_pid = |mut cfg: cri::ContainerConfig| {
+        cfg.linux = security(|sc| {
+            sc.namespace_options = Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Pod as i32,
+                ..Default::default()
+            });
+        });
+        cfg
+    };
+    let mut ids = Vec::new();
+    for (name, cmd) in [("first", "sleep 3601"), ("second", "sleep 3602")] {
+        let cfg = pod_pid(container_config(
+            name,
+            BUSYBOX_IMAGE,
+            &["sh", "-c", &format!("exec {cmd}")],
+        ));
+        let id = c
+            .create_container(&pod, &cfg, &pod_cfg)
+            .expect("CreateContainer");
+        c.start_container(&id).expect("StartContainer");
+        c.wait_container_state(
+            &id,
+            cri::ContainerState::ContainerRunning,
+            Duration::from_secs(30),
+        );
+        ids.push(id);
+    }
+    assert_eq!(
+        exec_ok(&c, &ids[1], "tr '\\0' ' ' < /proc/1/cmdline").trim(),
+        "/pause",
+        "the pod's init"
+    );
+    let seen = exec_ok(&c, &ids[1], "cat /proc/[0-9]*/cmdline | tr '\\0' ' '");
+    assert!(
+        seen.contains("sleep 3601"),
+        "the first container's process, seen from the second: {seen}"
+    );
+    c.list_containers(Some(&pod)).iter().for_each(|x| {
+        assert!(
+            ids.contains(&x.id),
+            "only the pod's containers are listed: {x:?}"
+        )
+    });
+    teardown(&c, &pod);
+}
+
 /// Two pods on the CNI bridge: one serves HTTP (busybox `httpd`), the other reaches it by pod
 /// IP; the server's `portmap` host port on 127.0.0.1 reaches it from the host.
 fn pod_network(peer: Peer, handler: &str) {
@@ -1088,6 +1149,7 @@ mod runc {
     per_peer!(readonly_and_masked, "runc");
     per_peer!(shared_namespaces_and_security, "runc");
     per_peer!(pod_network, "runc");
+    per_peer!(shared_pid_namespace, "runc");
     per_peer!(oom_killed, "runc");
     per_peer!(bad_handler, "runc");
     per_peer!(exec_streaming, "runc");
@@ -1102,6 +1164,7 @@ mod native {
     per_peer!(readonly_and_masked, "native");
     per_peer!(shared_namespaces_and_security, "native");
     per_peer!(pod_network, "native");
+    per_peer!(shared_pid_namespace, "native");
     per_peer!(oom_killed, "native");
     per_peer!(exec_streaming, "native");
 }

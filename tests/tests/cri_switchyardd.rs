@@ -296,8 +296,10 @@ fn pod_daemon(net_dir: &Path) -> Option<(Daemon, TestNet)> {
     let conf = net.conf_dir.clone();
     let d = Daemon::start_in(|_| {
         format!(
-            "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n",
-            conf.display()
+            "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
+             sandbox_image = \"{}\"\n",
+            conf.display(),
+            switchyard_tests::cri::PAUSE_IMAGE
         )
     });
     Some((d, net))
@@ -1007,4 +1009,86 @@ fn issue19_bad_containers_leave_nothing() {
     c.stop_pod(&pod).expect("StopPodSandbox");
     c.remove_pod(&pod).expect("RemovePodSandbox");
     assert!(mounts_matching(&d.dir.path().display().to_string()).is_empty());
+}
+
+/// A foreign runtime (runc) gets a pause container from `[cri] sandbox_image` (the tests'
+/// one-file image, imported): a containerd container and task with the pod's id, labelled a
+/// sandbox, not listed by ListContainers; StopPodSandbox stops it, RemovePodSandbox removes it.
+/// A pod of our own runtime has none. A sandbox image that is not there fails RunPodSandbox
+/// naming the setting, and leaves nothing.
+#[test]
+fn issue19_pause_container_for_a_foreign_runtime() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let Some((d, _net)) = pod_daemon(net_dir.path()) else {
+        return;
+    };
+    if !require_root_and(&["runc", "containerd-shim-runc-v2"]) {
+        return;
+    }
+    let c = Cri::connect(&d.socket);
+    let tasks = || {
+        let out = run_timeout(
+            d.ctr().args(["-n", "k8s.io", "tasks", "ls"]),
+            std::time::Duration::from_secs(20),
+        );
+        assert!(out.status.success(), "{}", show(&out));
+        text(&out.stdout)
+    };
+    // Without the image: an error naming the setting, nothing left.
+    let e = run_pod(&c, net_dir.path(), "nopause", "runc").expect_err("no sandbox image");
+    assert!(e.message().contains("sandbox_image"), "{e:?}");
+    assert!(c.list_pods().is_empty());
+    assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
+
+    let archive = switchyard_tests::cri::test_images().display().to_string();
+    d.yard_ok(&["-n", "k8s.io", "image", "import", &archive]);
+    let pod = run_pod(&c, net_dir.path(), "withpause", "runc").expect("RunPodSandbox");
+    let line = tasks()
+        .lines()
+        .find(|l| l.starts_with(&pod))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no pause task {pod}: {}", tasks()));
+    assert!(line.contains("RUNNING"), "{line}");
+    let info = run_timeout(
+        d.ctr().args(["-n", "k8s.io", "containers", "info", &pod]),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(
+        text(&info.stdout).contains("\"io.cri-containerd.kind\": \"sandbox\""),
+        "{}",
+        show(&info)
+    );
+    let pod_cfg = pod_config_of(&c, &pod, net_dir.path(), "withpause");
+    let cfg = switchyard_tests::cri::container_config(
+        "main",
+        switchyard_tests::cri::BUSYBOX_IMAGE,
+        &["sleep", "3600"],
+    );
+    let id = c
+        .create_container(&pod, &cfg, &pod_cfg)
+        .expect("CreateContainer");
+    c.start_container(&id).expect("StartContainer");
+    let listed: Vec<String> = c.list_containers(None).into_iter().map(|x| x.id).collect();
+    assert_eq!(listed, std::slice::from_ref(&id));
+    c.stop_pod(&pod).expect("StopPodSandbox");
+    assert!(
+        tasks()
+            .lines()
+            .all(|l| !l.starts_with(&pod) || l.contains("STOPPED")),
+        "{}",
+        tasks()
+    );
+    c.remove_pod(&pod).expect("RemovePodSandbox");
+    let left = run_timeout(
+        d.ctr().args(["-n", "k8s.io", "containers", "ls", "-q"]),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(text(&left.stdout).trim().is_empty(), "{}", show(&left));
+    let left = cgroups_matching(&format!("k8s.io/{pod}"));
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+
+    // Our own runtime: no pause container.
+    let pod = run_pod(&c, net_dir.path(), "ours", "native").expect("RunPodSandbox");
+    assert!(!tasks().contains(&pod), "{}", tasks());
+    c.remove_pod(&pod).expect("RemovePodSandbox");
 }

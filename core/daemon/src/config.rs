@@ -42,6 +42,9 @@ pub struct CriConfig {
     pub cni_conf_dir: PathBuf,
     /// Where CNI plugin binaries are looked up, in order.
     pub cni_bin_dirs: Vec<PathBuf>,
+    /// The image of the pause container a pod gets on a runtime that needs one (a foreign
+    /// runtime; ours hold a pod without a process).
+    pub sandbox_image: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +88,7 @@ struct ConfigFile {
 struct CriFile {
     cni_conf_dir: Option<PathBuf>,
     cni_bin_dirs: Option<Vec<PathBuf>>,
+    sandbox_image: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,6 +243,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
         cri: Some(CriFile {
             cni_conf_dir: pick(over_cri.cni_conf_dir, base_cri.cni_conf_dir),
             cni_bin_dirs: pick(over_cri.cni_bin_dirs, base_cri.cni_bin_dirs),
+            sandbox_image: pick(over_cri.sandbox_image, base_cri.sandbox_image),
         }),
         runtimes: Some(runtimes),
     }
@@ -372,6 +377,17 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
             .into_iter()
             .map(|d| v.absolute("cri.cni_bin_dirs", d))
             .collect::<Result<_, _>>()?,
+        sandbox_image: {
+            let image = v.required("cri.sandbox_image", cri.sandbox_image)?;
+            if image.is_empty() || image.len() > 255 || image.chars().any(char::is_whitespace) {
+                return Err(v.invalid(
+                    "cri.sandbox_image",
+                    format!("{image:?}"),
+                    "an image reference (at most 255 characters, no spaces)",
+                ));
+            }
+            image
+        },
     };
     let runtimes = file.runtimes.unwrap_or_default();
     for (name, rt) in &runtimes {
@@ -476,6 +492,20 @@ mod tests {
             Some(switchyard_images::snapshot::Driver::Copy)
         );
         assert_eq!(Config::parse("", "x.toml").unwrap().snapshotter, None);
+    }
+
+    #[test]
+    fn sandbox_image_has_a_default_and_is_checked() {
+        assert_eq!(
+            Config::default_config().unwrap().cri.sandbox_image,
+            "switchyard.local/pause:3.10"
+        );
+        let c = Config::parse("[cri]\nsandbox_image = \"example/pause:1\"\n", "x.toml").unwrap();
+        assert_eq!(c.cri.sandbox_image, "example/pause:1");
+        for bad in ["", "a b"] {
+            let e = err(&format!("[cri]\nsandbox_image = \"{bad}\"\n"));
+            assert!(e.contains("cri.sandbox_image"), "{e}");
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ use super::sandbox::{self, State};
 use super::spec::{self, EtcAccounts, HostFacts, PodFiles, PodNamespaces, SysDevices};
 use super::{Cri, NAMESPACE};
 use crate::server::{containers::ContainersService, images::ImagesService, tasks::TasksService};
+use switchyard_api::cri::v1::image_service_server::ImageService as _;
 
 /// How long a stopped container's output may take to reach its log.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
@@ -245,6 +246,40 @@ fn mkfifo(path: &Path) -> Result<(), Status> {
 }
 
 /// What CreateContainer made so far, undone on failure.
+/// The pause container's CRI config: the image's `/pause`, read-only root, no capabilities, no
+/// new privileges, the pod's network and IPC, a PID namespace of its own.
+fn pause_config(image: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "POD".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                readonly_rootfs: true,
+                no_new_privs: true,
+                capabilities: Some(cri::Capability {
+                    drop_capabilities: vec!["ALL".into()],
+                    ..Default::default()
+                }),
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Pod as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 #[derive(Default)]
 struct Undo {
     io_dir: Option<PathBuf>,
@@ -311,6 +346,7 @@ impl Cri {
                 &image,
                 &image_name,
                 &runtime,
+                false,
                 &mut undo,
             )
             .await;
@@ -348,6 +384,7 @@ impl Cri {
         image: &cri::Image,
         image_name: &str,
         runtime: &str,
+        pause: bool,
         undo: &mut Undo,
     ) -> Result<Record, Status> {
         // The root, as `yard run` makes it: the image service's Prepare.
@@ -386,6 +423,14 @@ impl Cri {
             .await?
         };
         let files = self.containers.pod_files(pod, sandbox_config)?;
+        // A pod-wide PID namespace is the pause container's, where the pod has one.
+        let pod_pid = if pause {
+            None
+        } else {
+            self.pause_pid(&pod.id)
+                .await
+                .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/pid")))
+        };
         let (hosts, resolv, hostname) = (
             files.join("hosts"),
             files.join("resolv.conf"),
@@ -404,7 +449,8 @@ impl Cri {
                 network: pod.netns.as_deref(),
                 ipc: pod.ipc.as_deref(),
                 uts: pod.uts.as_deref(),
-                ..Default::default()
+                pid: pod_pid.as_deref(),
+                target_pid: None,
             },
             pod_files: PodFiles {
                 hosts: Some(&hosts),
@@ -414,6 +460,7 @@ impl Cri {
             },
             seccomp_profile_root: Path::new("/"),
             host: &self.containers.host,
+            pause,
         })
         .map_err(crate::error::status)?;
         let spec_json = serde_json::to_vec(&spec)
@@ -421,7 +468,8 @@ impl Cri {
 
         // The containerd container.
         let mut labels: HashMap<String, String> = config.labels.clone();
-        labels.insert("io.cri-containerd.kind".into(), "container".into());
+        let kind = if pause { "sandbox" } else { "container" };
+        labels.insert("io.cri-containerd.kind".into(), kind.into());
         labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.id.clone());
         ContainersService(self.shared.clone())
             .create(in_ns(containers_api::CreateContainerRequest {
@@ -449,6 +497,32 @@ impl Cri {
             .await?;
         undo.container = true;
 
+        if pause {
+            // The pause process prints nothing and reads nothing: no stdio, log or record.
+            TasksService(self.shared.clone())
+                .create(in_ns(tasks_api::CreateTaskRequest {
+                    container_id: id.to_owned(),
+                    rootfs: prepared.mounts.clone(),
+                    ..Default::default()
+                }))
+                .await?;
+            undo.task = true;
+            return Ok(Record {
+                id: id.to_owned(),
+                pod_id: pod.id.clone(),
+                name: meta.name.clone(),
+                attempt: 0,
+                image: image_name.to_owned(),
+                image_ref: image.id.clone(),
+                created_ns: super::now_nanos(),
+                started_ns: 0,
+                log_path: None,
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+                tty: false,
+                stdin: false,
+            });
+        }
         // Stdio: fifos the shim writes and the log copier reads.
         let io_dir = self.containers.io_dir.join(id);
         std::fs::create_dir_all(&io_dir).map_err(io(&io_dir))?;
@@ -631,8 +705,13 @@ impl Cri {
     /// running is already stopped (a created one's process goes with its task at removal).
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Status> {
         let r = self.containers.find(id)?;
+        self.stop_task(&r.id, timeout).await
+    }
+
+    /// [`Cri::stop_container`] of a task by its full id (a CRI container's or a pause's).
+    async fn stop_task(&self, id: &str, timeout: i64) -> Result<(), Status> {
         let running = matches!(
-            self.process(&r.id)
+            self.process(id)
                 .await
                 .and_then(|p| TaskStatus::try_from(p.status).ok()),
             Some(TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing)
@@ -643,7 +722,7 @@ impl Cri {
         let tasks = TasksService(self.shared.clone());
         let kill = |signal: u32| {
             tasks.kill(in_ns(tasks_api::KillRequest {
-                container_id: r.id.clone(),
+                container_id: id.to_owned(),
                 exec_id: String::new(),
                 signal,
                 all: false,
@@ -651,7 +730,7 @@ impl Cri {
         };
         let wait = || {
             tasks.wait(in_ns(tasks_api::WaitRequest {
-                container_id: r.id.clone(),
+                container_id: id.to_owned(),
                 exec_id: String::new(),
             }))
         };
@@ -665,7 +744,7 @@ impl Cri {
         let _ = kill(nix::sys::signal::Signal::SIGKILL as u32).await;
         tokio::time::timeout(Duration::from_secs(30), wait())
             .await
-            .map_err(|_| Status::deadline_exceeded(format!("container {} did not stop", r.id)))?
+            .map_err(|_| Status::deadline_exceeded(format!("container {id} did not stop")))?
             .map(drop)
     }
 
@@ -674,33 +753,14 @@ impl Cri {
             Ok(r) => r,
             Err(_) => return Ok(()),
         };
-        self.stop_container(&r.id, 0).await?;
-        let tasks = TasksService(self.shared.clone());
-        match tasks
-            .delete(in_ns(tasks_api::DeleteTaskRequest {
-                container_id: r.id.clone(),
-            }))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        self.stop_task(&r.id, 0).await?;
+        self.delete_task(&r.id).await?;
         if let Some(log) = self.containers.take_log(&r.id) {
             tokio::task::spawn_blocking(move || log.stop(LOG_DRAIN))
                 .await
                 .ok();
         }
-        match ContainersService(self.shared.clone())
-            .delete(in_ns(containers_api::DeleteContainerRequest {
-                id: r.id.clone(),
-            }))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if e.code() == tonic::Code::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        self.delete_container(&r.id).await?;
         let _ = std::fs::remove_dir_all(self.containers.io_dir.join(&r.id));
         let path = self.containers.records_dir.join(format!("{}.json", r.id));
         match std::fs::remove_file(&path) {
@@ -710,6 +770,128 @@ impl Cri {
         }
         self.containers.records().remove(&r.id);
         Ok(())
+    }
+
+    /// Deletes the task `id`; one that is not there is already deleted.
+    async fn delete_task(&self, id: &str) -> Result<(), Status> {
+        match TasksService(self.shared.clone())
+            .delete(in_ns(tasks_api::DeleteTaskRequest {
+                container_id: id.to_owned(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the containerd container `id` and the root the image service made for it.
+    async fn delete_container(&self, id: &str) -> Result<(), Status> {
+        match ContainersService(self.shared.clone())
+            .delete(in_ns(containers_api::DeleteContainerRequest {
+                id: id.to_owned(),
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The pid of the pod's pause process, where it has a running one.
+    pub async fn pause_pid(&self, pod: &str) -> Option<u32> {
+        self.process(pod)
+            .await
+            .filter(|p| p.status == TaskStatus::Running as i32 && p.pid > 0)
+            .map(|p| p.pid)
+    }
+
+    /// Starts the pod's pause container (its id is the pod's, as in containerd) from
+    /// `[cri] sandbox_image`, pulled first when the store lacks it. It joins the pod's
+    /// namespaces and is the init of a new PID namespace, which containers of a pod-wide PID
+    /// namespace join. Whatever fails undoes what came before it.
+    pub async fn run_pause(
+        self: &Arc<Self>,
+        pod: &sandbox::Record,
+        runtime: &str,
+    ) -> Result<(), Status> {
+        let image_spec = self.config.sandbox_image.clone();
+        let image = match super::images::find(self.images_list().await?, &image_spec) {
+            Some(i) => i,
+            None => {
+                super::ImageService(self.clone())
+                    .pull_image(Request::new(cri::PullImageRequest {
+                        image: Some(cri::ImageSpec {
+                            image: image_spec.clone(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }))
+                    .await
+                    .map_err(|e| {
+                        Status::new(
+                            e.code(),
+                            format!("[cri] sandbox_image {image_spec:?}: {}", e.message()),
+                        )
+                    })?;
+                super::images::find(self.images_list().await?, &image_spec).ok_or_else(|| {
+                    Status::not_found(format!("[cri] sandbox_image {image_spec:?}: not found"))
+                })?
+            }
+        };
+        let image_name = image
+            .repo_tags
+            .first()
+            .cloned()
+            .or_else(|| image.repo_digests.first().cloned())
+            .unwrap_or_default();
+        let sandbox_config = pod.pod_config();
+        let config = pause_config(&image_spec);
+        let meta = config.metadata.clone().unwrap_or_default();
+        let mut undo = Undo::default();
+        let made = self
+            .create_steps(
+                &pod.id,
+                pod,
+                &config,
+                &sandbox_config,
+                &meta,
+                &image,
+                &image_name,
+                runtime,
+                true,
+                &mut undo,
+            )
+            .await;
+        let started = match made {
+            Ok(_) => {
+                TasksService(self.shared.clone())
+                    .start(in_ns(tasks_api::StartRequest {
+                        container_id: pod.id.clone(),
+                        exec_id: String::new(),
+                    }))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            self.undo_create(&pod.id, undo).await;
+            return Err(e);
+        }
+        tracing::info!(pod = %pod.id, image = %image_name, "pause container started");
+        Ok(())
+    }
+
+    /// Stops and removes the pod's pause container, if it has one; idempotent.
+    pub async fn remove_pause(&self, pod: &str, stop_only: bool) -> Result<(), Status> {
+        self.stop_task(pod, 0).await?;
+        if stop_only {
+            return Ok(());
+        }
+        self.delete_task(pod).await?;
+        self.delete_container(pod).await
     }
 
     /// Runs `cmd` in the container, waits up to `timeout` seconds (0: no limit) and returns

@@ -247,6 +247,21 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
                     .join(", "),
             }));
         }
+        let runtime = if r.runtime_handler.is_empty() {
+            self.0.shared.tasks.runtimes().default_name().to_owned()
+        } else {
+            r.runtime_handler.clone()
+        };
+        let foreign = handlers
+            .iter()
+            .find(|h| h.name == runtime)
+            .is_some_and(|h| !is_ours(&h.runtime_type));
+        let pod_pid = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .is_some_and(|n| n.pid == cri::NamespaceMode::Pod as i32);
         let cri = self.0.clone();
         let handler = r.runtime_handler;
         let record = blocking(move || {
@@ -256,6 +271,19 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
             })
         })
         .await?;
+        // A foreign runtime gets the pause container it expects (a real Kata boots its VM for
+        // it); so does a pod-wide PID namespace, which needs a process as its init.
+        if (foreign || pod_pid)
+            && let Err(e) = self.0.run_pause(&record, &runtime).await
+        {
+            tracing::warn!(pod = %record.id, error = %e.message(), "RunPodSandbox: pause container failed");
+            let _ = self.0.remove_pause(&record.id, false).await;
+            self.0.containers.remove_pod_files(&record.id);
+            let cri = self.0.clone();
+            let id = record.id.clone();
+            let _ = blocking(move || cri.sandboxes.remove(&id).map_err(status)).await;
+            return Err(e);
+        }
         tracing::info!(pod = %record.id, name = %record.name, ip = %record.ip, "pod sandbox ready");
         Ok(Response::new(cri::RunPodSandboxResponse {
             pod_sandbox_id: record.id,
@@ -271,6 +299,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         for c in self.0.containers.of_pod(&pod.id) {
             self.0.stop_container(&c.id, 0).await?;
         }
+        self.0.remove_pause(&pod.id, true).await?;
         let cri = self.0.clone();
         blocking(move || cri.sandboxes.stop(&id).map(drop).map_err(status)).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
@@ -285,6 +314,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
             for c in self.0.containers.of_pod(&pod.id) {
                 self.0.remove_container(&c.id).await?;
             }
+            self.0.remove_pause(&pod.id, false).await?;
             self.0.containers.remove_pod_files(&pod.id);
         }
         let cri = self.0.clone();

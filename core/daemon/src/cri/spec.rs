@@ -93,6 +93,7 @@ pub const ALL_CAPABILITIES: &[&str] = &[
 pub mod annotations {
     pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
     pub const CONTAINER_TYPE_CONTAINER: &str = "container";
+    pub const CONTAINER_TYPE_SANDBOX: &str = "sandbox";
     pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
     pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
     pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
@@ -386,6 +387,9 @@ pub struct SpecInput<'a> {
     /// to its working directory; kubelet sends absolute paths).
     pub seccomp_profile_root: &'a Path,
     pub host: &'a HostFacts,
+    /// The pod's pause container (annotated `container-type: sandbox`, as containerd's), not
+    /// one of its containers.
+    pub pause: bool,
 }
 
 const SC: &str = "config.linux.security_context";
@@ -1451,7 +1455,14 @@ fn annotations(input: &SpecInput<'_>, name: &str) -> BTreeMap<String, String> {
         (SANDBOX_NAME, meta.name.as_str()),
         (CONTAINER_NAME, name),
         (IMAGE_NAME, image),
-        (CONTAINER_TYPE, CONTAINER_TYPE_CONTAINER),
+        (
+            CONTAINER_TYPE,
+            if input.pause {
+                CONTAINER_TYPE_SANDBOX
+            } else {
+                CONTAINER_TYPE_CONTAINER
+            },
+        ),
     ] {
         out.insert(k.to_owned(), v.to_owned());
     }
@@ -1628,6 +1639,7 @@ mod tests {
                 pod_files: self.pod_files,
                 seccomp_profile_root: &self.seccomp_root,
                 host: &self.host,
+                pause: false,
             })?;
             Ok(serde_json::to_value(&spec).unwrap())
         }
