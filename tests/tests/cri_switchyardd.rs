@@ -644,15 +644,18 @@ fn issue19_bad_pod_sandboxes_leave_nothing() {
 /// fifos, netns.
 #[test]
 fn issue19_a_native_container_through_switchyardd() {
-    let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((d, net)) = pod_daemon(net_dir.path()) else {
+    let Some(node) = BusyboxNode::start() else {
         return;
     };
-    if !require_root_and(&["docker-registry"]) {
-        return;
-    }
-    let c = Cri::connect(&d.socket);
-    let (_reg, reference) = pull_busybox(&c);
+    // Dropped in reverse: the client, the registry, the network, the daemon, the directory.
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: d,
+        net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
 
     let pod = run_pod(&c, net_dir.path(), "web", "native").expect("RunPodSandbox");
     let pod_cfg = c
@@ -814,6 +817,37 @@ fn issue19_a_native_container_through_switchyardd() {
     let _ = net;
 }
 
+/// switchyardd on a CNI bridge of the test's own, with busybox pulled through CRI PullImage
+/// from a loopback registry (fields drop in order: the client, the daemon, the network).
+struct BusyboxNode {
+    cri: Cri,
+    reference: String,
+    _registry: Registry,
+    daemon: Daemon,
+    net: TestNet,
+    dir: tempfile::TempDir,
+}
+
+impl BusyboxNode {
+    fn start() -> Option<BusyboxNode> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (daemon, net) = pod_daemon(dir.path())?;
+        if !require_root_and(&["docker-registry"]) {
+            return None;
+        }
+        let cri = Cri::connect(&daemon.socket);
+        let (registry, reference) = pull_busybox(&cri);
+        Some(BusyboxNode {
+            cri,
+            reference,
+            _registry: registry,
+            daemon,
+            net,
+            dir,
+        })
+    }
+}
+
 /// A loopback registry serving busybox, pulled through CRI PullImage; its reference.
 fn pull_busybox(c: &Cri) -> (Registry, String) {
     let reg = Registry::start();
@@ -860,15 +894,18 @@ fn value(v: &Option<cri::UInt64Value>) -> u64 {
 /// names and ListPodSandboxMetrics values of the same.
 #[test]
 fn issue19_stats_and_metrics_through_switchyardd() {
-    let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((d, net)) = pod_daemon(net_dir.path()) else {
+    let Some(node) = BusyboxNode::start() else {
         return;
     };
-    if !require_root_and(&["docker-registry"]) {
-        return;
-    }
-    let c = Cri::connect(&d.socket);
-    let (_reg, reference) = pull_busybox(&c);
+    // Dropped in reverse: the client, the registry, the network, the daemon, the directory.
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: _d,
+        net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
     let parent = CgroupParent::new();
     let mut cfg = pod_config(net_dir.path(), "stats");
     cfg.linux.get_or_insert_with(Default::default).cgroup_parent = format!("{}/pod", parent.0);
@@ -897,8 +934,8 @@ fn issue19_stats_and_metrics_through_switchyardd() {
     let mut last = cri::ContainerStats::default();
     let ok = eventually(std::time::Duration::from_secs(30), || {
         last = c.container_stats(&id).expect("ContainerStats");
-        let cpu = last.cpu.clone().unwrap_or_default();
-        let mem = last.memory.clone().unwrap_or_default();
+        let cpu = last.cpu.unwrap_or_default();
+        let mem = last.memory.unwrap_or_default();
         value(&cpu.usage_core_nano_seconds) > 0
             && value(&cpu.usage_nano_cores) > 0
             && value(&mem.working_set_bytes) > 8_000_000
@@ -968,7 +1005,11 @@ fn issue19_stats_and_metrics_through_switchyardd() {
     // Traffic on eth0: a ping from the pod to the bridge's gateway (the test network's .1).
     let gateway = net.subnet.replace("0/24", "1");
     let out = c
-        .exec_sync(&id, &["/bin/busybox", "ping", "-c", "2", "-W", "2", &gateway], 30)
+        .exec_sync(
+            &id,
+            &["/bin/busybox", "ping", "-c", "2", "-W", "2", &gateway],
+            30,
+        )
         .expect("ExecSync ping");
     assert_eq!(out.exit_code, 0, "ping {gateway}: {out:?}");
 
@@ -1112,15 +1153,18 @@ fn memory_limit(id: &str) -> Option<String> {
 /// value is refused naming the field.
 #[test]
 fn issue19_container_events_and_update_resources() {
-    let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((d, _net)) = pod_daemon(net_dir.path()) else {
+    let Some(node) = BusyboxNode::start() else {
         return;
     };
-    if !require_root_and(&["docker-registry"]) {
-        return;
-    }
-    let c = Cri::connect(&d.socket);
-    let (_reg, reference) = pull_busybox(&c);
+    // Dropped in reverse: the client, the registry, the network, the daemon, the directory.
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: _d,
+        net: _net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
     let pod = run_pod(&c, net_dir.path(), "events", "native").expect("RunPodSandbox");
     let events = c.container_events();
     let create = |name: &str, cmd: &[&str]| {
