@@ -530,6 +530,7 @@ pub struct Cri {
     rt: tokio::runtime::Runtime,
     rs: RuntimeServiceClient<Channel>,
     is: ImageServiceClient<Channel>,
+    socket: PathBuf,
     /// The deadline of each call.
     pub timeout: Duration,
 }
@@ -547,6 +548,7 @@ impl Cri {
             rt,
             rs: RuntimeServiceClient::new(channel.clone()),
             is: ImageServiceClient::new(channel),
+            socket: socket.to_owned(),
             timeout: Duration::from_secs(120),
         }
     }
@@ -723,6 +725,50 @@ impl Cri {
             pod_sandbox_id: id.to_owned(),
         }))
         .map(|r| r.stats.unwrap_or_default())
+    }
+
+    /// GetContainerEvents, subscribed when this returns: the events as they come, read on a
+    /// thread of its own (with its own connection) until the stream or the receiver ends.
+    pub fn container_events(&self) -> std::sync::mpsc::Receiver<cri::ContainerEventResponse> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let socket = self.socket.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let stream = async {
+                    let channel = switchyard_api::client::connect(&socket)
+                        .await
+                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    RuntimeServiceClient::new(channel)
+                        .get_container_events(cri::GetEventsRequest {})
+                        .await
+                };
+                let mut stream = match stream.await {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s.into_inner()
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(Some(e)) = stream.message().await {
+                    if tx.send(e).is_err() {
+                        return;
+                    }
+                }
+            });
+        });
+        ready
+            .recv_timeout(self.timeout)
+            .expect("GetContainerEvents: no answer")
+            .expect("GetContainerEvents");
+        rx
     }
 
     /// Waits until the container is in `state` (a [`cri::ContainerState`]).

@@ -161,12 +161,15 @@ fn issue19_unserved_rpcs_name_the_method() {
     let Some(d) = daemon(true) else { return };
     let c = Cri::connect(&d.socket);
     let e = c
-        .container_stats("abc")
-        .expect_err("ContainerStats is not served yet");
+        .call(
+            c.runtime()
+                .checkpoint_container(cri::CheckpointContainerRequest::default()),
+        )
+        .expect_err("CheckpointContainer is not served yet");
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
     assert!(
         e.message()
-            .contains("/runtime.v1.RuntimeService/ContainerStats"),
+            .contains("/runtime.v1.RuntimeService/CheckpointContainer"),
         "{e:?}"
     );
     let e = c
@@ -331,6 +334,11 @@ fn in_netns(netns: &str, cmd: &[&str]) -> std::process::Output {
 }
 
 fn run_pod(c: &Cri, node: &Path, name: &str, handler: &str) -> Result<String, tonic::Status> {
+    run_pod_config(c, pod_config(node, name), handler)
+}
+
+/// A pod `name` with its logs under `<node>/pods` and an `app=<name>` label.
+fn pod_config(node: &Path, name: &str) -> cri::PodSandboxConfig {
     let mut cfg = switchyard_api::cri_defaults::pod_config(
         cri::PodSandboxMetadata {
             name: name.to_owned(),
@@ -342,6 +350,14 @@ fn run_pod(c: &Cri, node: &Path, name: &str, handler: &str) -> Result<String, to
         &node.join("pods").display().to_string(),
     );
     cfg.labels.insert("app".to_owned(), name.to_owned());
+    cfg
+}
+
+fn run_pod_config(
+    c: &Cri,
+    cfg: cri::PodSandboxConfig,
+    handler: &str,
+) -> Result<String, tonic::Status> {
     c.call(c.runtime().run_pod_sandbox(cri::RunPodSandboxRequest {
         config: Some(cfg),
         runtime_handler: handler.to_owned(),
@@ -630,29 +646,18 @@ fn issue19_bad_pod_sandboxes_leave_nothing() {
 /// fifos, netns.
 #[test]
 fn issue19_a_native_container_through_switchyardd() {
-    let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((d, net)) = pod_daemon(net_dir.path()) else {
+    let Some(node) = BusyboxNode::start() else {
         return;
     };
-    if !require_root_and(&["docker-registry"]) {
-        return;
-    }
-    let reg = Registry::start();
-    reg.push(
-        "busybox",
-        "1",
-        &busybox_image(Vec::new(), serde_json::json!({})),
-    );
-    let reference = reg.reference("busybox", "1");
-    let c = Cri::connect(&d.socket);
-    c.call(c.images().pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: reference.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }))
-    .expect("PullImage");
+    // Dropped in reverse: the client, the registry, the network, the daemon, the directory.
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: d,
+        net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
 
     let pod = run_pod(&c, net_dir.path(), "web", "native").expect("RunPodSandbox");
     let pod_cfg = c
@@ -814,12 +819,39 @@ fn issue19_a_native_container_through_switchyardd() {
     let _ = net;
 }
 
-/// A pulled busybox in a daemon with a pod network: (daemon, net, registry, image reference).
-fn pod_daemon_with_busybox(net_dir: &Path) -> Option<(Daemon, TestNet, Registry, String)> {
-    let (d, net) = pod_daemon(net_dir)?;
-    if !require_root_and(&["docker-registry"]) {
-        return None;
+/// switchyardd on a CNI bridge of the test's own, with busybox pulled through CRI PullImage
+/// from a loopback registry (fields drop in order: the client, the daemon, the network).
+struct BusyboxNode {
+    cri: Cri,
+    reference: String,
+    _registry: Registry,
+    daemon: Daemon,
+    net: TestNet,
+    dir: tempfile::TempDir,
+}
+
+impl BusyboxNode {
+    fn start() -> Option<BusyboxNode> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (daemon, net) = pod_daemon(dir.path())?;
+        if !require_root_and(&["docker-registry"]) {
+            return None;
+        }
+        let cri = Cri::connect(&daemon.socket);
+        let (registry, reference) = pull_busybox(&cri);
+        Some(BusyboxNode {
+            cri,
+            reference,
+            _registry: registry,
+            daemon,
+            net,
+            dir,
+        })
     }
+}
+
+/// A loopback registry serving busybox, pulled through CRI PullImage; its reference.
+fn pull_busybox(c: &Cri) -> (Registry, String) {
     let reg = Registry::start();
     reg.push(
         "busybox",
@@ -827,7 +859,6 @@ fn pod_daemon_with_busybox(net_dir: &Path) -> Option<(Daemon, TestNet, Registry,
         &busybox_image(Vec::new(), serde_json::json!({})),
     );
     let reference = reg.reference("busybox", "1");
-    let c = Cri::connect(&d.socket);
     c.call(c.images().pull_image(cri::PullImageRequest {
         image: Some(cri::ImageSpec {
             image: reference.clone(),
@@ -836,17 +867,430 @@ fn pod_daemon_with_busybox(net_dir: &Path) -> Option<(Daemon, TestNet, Registry,
         ..Default::default()
     }))
     .expect("PullImage");
-    Some((d, net, reg, reference))
+    (reg, reference)
 }
 
-/// The CRI pod config `run_pod` gives pod `name`.
-fn pod_config_of(c: &Cri, pod: &str, node: &Path, name: &str) -> cri::PodSandboxConfig {
-    let st = c.pod_status(pod).expect("PodSandboxStatus");
-    switchyard_api::cri_defaults::pod_config(
-        st.metadata.expect("metadata"),
-        name,
-        &node.join("pods").display().to_string(),
-    )
+/// A cgroup parent of the test's own, its whole tree killed and removed when dropped.
+struct CgroupParent(String);
+
+impl CgroupParent {
+    fn new() -> CgroupParent {
+        CgroupParent(format!("/{}", unique_id("yardstats")))
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        kill_cgroup_tree(self.0.trim_start_matches('/'));
+    }
+}
+
+fn value(v: &Option<cri::UInt64Value>) -> u64 {
+    v.as_ref().map_or(0, |v| v.value)
+}
+
+/// ContainerStats of a busybox container that holds ~8 MB and burns CPU: nonzero CPU time, a
+/// CPU rate from the second sample, its working set and writable layer; ListContainerStats
+/// filters; PodSandboxStats from the pod's cgroup parent with the container in it and eth0's
+/// traffic after a ping to the bridge's gateway; ListPodSandboxStats; ListMetricDescriptors
+/// names and ListPodSandboxMetrics values of the same.
+#[test]
+fn issue19_stats_and_metrics_through_switchyardd() {
+    let Some(node) = BusyboxNode::start() else {
+        return;
+    };
+    // Dropped in reverse: the client, the registry, the network, the daemon, the directory.
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: _d,
+        net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
+    let parent = CgroupParent::new();
+    let mut cfg = pod_config(net_dir.path(), "stats");
+    cfg.linux.get_or_insert_with(Default::default).cgroup_parent = format!("{}/pod", parent.0);
+    let pod = run_pod_config(&c, cfg, "native").expect("RunPodSandbox");
+    let mut config = switchyard_tests::cri::container_config(
+        "burner",
+        &reference,
+        &[
+            "sh",
+            "-c",
+            "echo written > /layer.txt; x=$(head -c 8000000 /dev/zero | tr '\\0' a); while :; do :; done",
+        ],
+    );
+    config.labels.insert("role".to_owned(), "burner".to_owned());
+    let id = c
+        .call(c.runtime().create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(config),
+            sandbox_config: None,
+        }))
+        .expect("CreateContainer")
+        .container_id;
+    c.start_container(&id).expect("StartContainer");
+
+    // CPU time, then a rate from the second sample on; the ~8 MB string in the working set.
+    let mut last = cri::ContainerStats::default();
+    let ok = eventually(std::time::Duration::from_secs(30), || {
+        last = c.container_stats(&id).expect("ContainerStats");
+        let cpu = last.cpu.unwrap_or_default();
+        let mem = last.memory.unwrap_or_default();
+        value(&cpu.usage_core_nano_seconds) > 0
+            && value(&cpu.usage_nano_cores) > 0
+            && value(&mem.working_set_bytes) > 8_000_000
+            && value(&mem.usage_bytes) >= value(&mem.working_set_bytes)
+    });
+    assert!(ok, "container stats: {last:?}");
+    let attrs = last.attributes.clone().expect("attributes");
+    assert_eq!(
+        (attrs.id.as_str(), attrs.metadata.map(|m| m.name)),
+        (id.as_str(), Some("burner".to_owned()))
+    );
+    let layer = last.writable_layer.clone().expect("writable layer");
+    assert!(value(&layer.inodes_used) >= 2, "{layer:?}");
+    assert!(value(&layer.used_bytes) > 0, "{layer:?}");
+
+    let list = |filter: cri::ContainerStatsFilter| {
+        c.call(
+            c.runtime()
+                .list_container_stats(cri::ListContainerStatsRequest {
+                    filter: Some(filter),
+                }),
+        )
+        .expect("ListContainerStats")
+        .stats
+        .into_iter()
+        .filter_map(|s| s.attributes.map(|a| a.id))
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(list(Default::default()), vec![id.clone()]);
+    assert_eq!(
+        list(cri::ContainerStatsFilter {
+            id: id[..12].to_owned(),
+            ..Default::default()
+        }),
+        vec![id.clone()]
+    );
+    assert_eq!(
+        list(cri::ContainerStatsFilter {
+            pod_sandbox_id: pod.clone(),
+            ..Default::default()
+        }),
+        vec![id.clone()]
+    );
+    let selector = |v: &str| [("role".to_owned(), v.to_owned())].into_iter().collect();
+    assert_eq!(
+        list(cri::ContainerStatsFilter {
+            label_selector: selector("burner"),
+            ..Default::default()
+        }),
+        vec![id.clone()]
+    );
+    assert!(
+        list(cri::ContainerStatsFilter {
+            label_selector: selector("other"),
+            ..Default::default()
+        })
+        .is_empty()
+    );
+    assert!(
+        list(cri::ContainerStatsFilter {
+            pod_sandbox_id: "0000".to_owned(),
+            ..Default::default()
+        })
+        .is_empty()
+    );
+
+    // Traffic on eth0: a ping from the pod to the bridge's gateway (the test network's .1).
+    let gateway = net.subnet.replace("0/24", "1");
+    let out = c
+        .exec_sync(
+            &id,
+            &["/bin/busybox", "ping", "-c", "2", "-W", "2", &gateway],
+            30,
+        )
+        .expect("ExecSync ping");
+    assert_eq!(out.exit_code, 0, "ping {gateway}: {out:?}");
+
+    let mut st = cri::PodSandboxStats::default();
+    let ok = eventually(std::time::Duration::from_secs(30), || {
+        st = c.pod_stats(&pod).expect("PodSandboxStats");
+        let linux = st.linux.clone().unwrap_or_default();
+        let cpu = linux.cpu.unwrap_or_default();
+        let mem = linux.memory.unwrap_or_default();
+        let eth0 = linux
+            .network
+            .and_then(|n| n.default_interface)
+            .unwrap_or_default();
+        value(&cpu.usage_core_nano_seconds) > 0
+            && value(&cpu.usage_nano_cores) > 0
+            && value(&mem.working_set_bytes) > 8_000_000
+            && linux.process.is_some_and(|p| value(&p.process_count) >= 1)
+            && eth0.name == "eth0"
+            && value(&eth0.rx_bytes) > 0
+            && value(&eth0.tx_bytes) > 0
+    });
+    assert!(ok, "pod stats: {st:?}");
+    assert_eq!(
+        st.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(pod.as_str())
+    );
+    let in_pod: Vec<String> = st
+        .linux
+        .as_ref()
+        .map(|l| {
+            l.containers
+                .iter()
+                .filter_map(|s| s.attributes.as_ref().map(|a| a.id.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(in_pod, vec![id.clone()]);
+    let pods = c
+        .call(
+            c.runtime()
+                .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest {
+                    filter: Some(cri::PodSandboxStatsFilter {
+                        id: pod.clone(),
+                        ..Default::default()
+                    }),
+                }),
+        )
+        .expect("ListPodSandboxStats")
+        .stats;
+    assert_eq!(pods.len(), 1, "{pods:?}");
+
+    let descriptors = c
+        .call(
+            c.runtime()
+                .list_metric_descriptors(cri::ListMetricDescriptorsRequest {}),
+        )
+        .expect("ListMetricDescriptors")
+        .descriptors;
+    for name in [
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "container_memory_usage_bytes",
+        "container_memory_rss",
+        "container_network_receive_bytes_total",
+        "container_network_transmit_bytes_total",
+    ] {
+        let desc = descriptors
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap_or_else(|| panic!("no {name}: {descriptors:?}"));
+        assert!(!desc.help.is_empty() && desc.label_keys.contains(&"pod".to_owned()));
+    }
+    let metrics = c
+        .call(
+            c.runtime()
+                .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {}),
+        )
+        .expect("ListPodSandboxMetrics")
+        .pod_metrics;
+    let pm = metrics
+        .iter()
+        .find(|m| m.pod_sandbox_id == pod)
+        .unwrap_or_else(|| panic!("no metrics of the pod: {metrics:?}"));
+    let find = |ms: &[cri::Metric], name: &str| {
+        ms.iter()
+            .find(|m| m.name == name)
+            .map(|m| value(&m.value))
+            .unwrap_or_else(|| panic!("no {name}: {ms:?}"))
+    };
+    assert!(find(&pm.metrics, "container_network_receive_bytes_total") > 0);
+    assert!(find(&pm.metrics, "container_network_transmit_bytes_total") > 0);
+    let cm = pm
+        .container_metrics
+        .iter()
+        .find(|m| m.container_id == id)
+        .expect("the container's metrics");
+    assert!(find(&cm.metrics, "container_cpu_usage_seconds_total") > 0);
+    assert!(find(&cm.metrics, "container_memory_working_set_bytes") > 8_000_000);
+
+    c.stop_pod(&pod).expect("StopPodSandbox");
+    c.remove_pod(&pod).expect("RemovePodSandbox");
+    assert!(
+        cgroups_matching(&format!("{}/pod/{id}", parent.0.trim_start_matches('/'))).is_empty(),
+        "the container's cgroup is gone"
+    );
+}
+
+/// The next event of container `id` (others skipped), within 30 s.
+fn next_event(
+    rx: &std::sync::mpsc::Receiver<cri::ContainerEventResponse>,
+    id: &str,
+) -> cri::ContainerEventResponse {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let e = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no event of {id}: {e}"));
+        if e.container_id == id {
+            return e;
+        }
+    }
+}
+
+/// The memory limit of container `id`'s cgroup, read from the host (v1 or v2).
+fn memory_limit(id: &str) -> Option<String> {
+    cgroups_matching(&format!("k8s.io/{id}"))
+        .into_iter()
+        .find_map(|dir| {
+            std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(dir.join("memory.max")))
+                .ok()
+        })
+        .map(|s| s.trim().to_owned())
+}
+
+/// GetContainerEvents, subscribed first: create, start, stop and remove give created, started,
+/// stopped and deleted in that order with the container's id, its pod's status and the pod's
+/// containers; a container that exits by itself gives stopped. UpdateContainerResources sets a
+/// memory limit seen in the container's cgroup and in ContainerStatus.resources; a negative
+/// value is refused naming the field.
+#[test]
+fn issue19_container_events_and_update_resources() {
+    let Some(node) = BusyboxNode::start() else {
+        return;
+    };
+    // Dropped in reverse: the client, the registry, the network, the daemon, the directory.
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: _d,
+        net: _net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
+    let pod = run_pod(&c, net_dir.path(), "events", "native").expect("RunPodSandbox");
+    let events = c.container_events();
+    let create = |name: &str, cmd: &[&str]| {
+        c.call(c.runtime().create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(switchyard_tests::cri::container_config(
+                name, &reference, cmd,
+            )),
+            sandbox_config: None,
+        }))
+        .expect("CreateContainer")
+        .container_id
+    };
+    use cri::ContainerEventType as E;
+    let id = create(
+        "main",
+        &["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"],
+    );
+    let e = next_event(&events, &id);
+    assert_eq!(
+        e.container_event_type,
+        E::ContainerCreatedEvent as i32,
+        "{e:?}"
+    );
+    assert!(e.created_at > 0, "{e:?}");
+    assert_eq!(
+        e.pod_sandbox_status.as_ref().map(|p| p.id.as_str()),
+        Some(pod.as_str()),
+        "{e:?}"
+    );
+    assert!(e.containers_statuses.iter().any(|s| s.id == id), "{e:?}");
+    c.start_container(&id).expect("StartContainer");
+    let e = next_event(&events, &id);
+    assert_eq!(
+        e.container_event_type,
+        E::ContainerStartedEvent as i32,
+        "{e:?}"
+    );
+
+    // A memory limit, in the cgroup and in the status.
+    let update = |linux: cri::LinuxContainerResources| {
+        c.call(
+            c.runtime()
+                .update_container_resources(cri::UpdateContainerResourcesRequest {
+                    container_id: id.clone(),
+                    linux: Some(linux),
+                    ..Default::default()
+                }),
+        )
+    };
+    update(cri::LinuxContainerResources {
+        memory_limit_in_bytes: 64 << 20,
+        ..Default::default()
+    })
+    .expect("UpdateContainerResources");
+    assert_eq!(memory_limit(&id).as_deref(), Some("67108864"));
+    let st = c.container_status(&id).expect("ContainerStatus");
+    assert_eq!(
+        st.resources
+            .and_then(|r| r.linux)
+            .map(|l| l.memory_limit_in_bytes),
+        Some(64 << 20)
+    );
+    for (field, linux) in [
+        (
+            "linux.memory_limit_in_bytes",
+            cri::LinuxContainerResources {
+                memory_limit_in_bytes: -5,
+                ..Default::default()
+            },
+        ),
+        (
+            "linux.cpu_shares",
+            cri::LinuxContainerResources {
+                cpu_shares: -1,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = update(linux).expect_err("a negative value");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{field}: {e:?}");
+    }
+    assert_eq!(memory_limit(&id).as_deref(), Some("67108864"), "unchanged");
+
+    c.stop_container(&id, 10).expect("StopContainer");
+    let e = next_event(&events, &id);
+    assert_eq!(
+        e.container_event_type,
+        E::ContainerStoppedEvent as i32,
+        "{e:?}"
+    );
+    c.remove_container(&id).expect("RemoveContainer");
+    let e = next_event(&events, &id);
+    assert_eq!(
+        e.container_event_type,
+        E::ContainerDeletedEvent as i32,
+        "{e:?}"
+    );
+    assert!(e.containers_statuses.iter().all(|s| s.id != id), "{e:?}");
+
+    // One that exits by itself.
+    let id2 = create("short", &["sh", "-c", "exit 3"]);
+    assert_eq!(
+        next_event(&events, &id2).container_event_type,
+        E::ContainerCreatedEvent as i32
+    );
+    c.start_container(&id2).expect("StartContainer");
+    let mut kinds = vec![next_event(&events, &id2).container_event_type];
+    kinds.push(next_event(&events, &id2).container_event_type);
+    assert_eq!(
+        kinds,
+        vec![
+            E::ContainerStartedEvent as i32,
+            E::ContainerStoppedEvent as i32
+        ]
+    );
+    let st = c.container_status(&id2).expect("ContainerStatus");
+    assert_eq!(st.exit_code, 3, "{st:?}");
+    c.remove_pod(&pod).expect("RemovePodSandbox");
+    assert_eq!(
+        next_event(&events, &id2).container_event_type,
+        E::ContainerDeletedEvent as i32
+    );
 }
 
 /// Restart: a running container survives kill -9 of switchyardd: listed with the same state,
@@ -854,13 +1298,19 @@ fn pod_config_of(c: &Cri, pod: &str, node: &Path, name: &str) -> cri::PodSandbox
 /// its pod, leaving no task, shim, fifo, namespace or cgroup.
 #[test]
 fn issue19_running_containers_survive_a_daemon_restart() {
-    let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((mut d, _net, _reg, reference)) = pod_daemon_with_busybox(net_dir.path()) else {
+    let Some(node) = BusyboxNode::start() else {
         return;
     };
-    let c = Cri::connect(&d.socket);
-    let pod = run_pod(&c, net_dir.path(), "survivor", "native").expect("RunPodSandbox");
-    let pod_cfg = pod_config_of(&c, &pod, net_dir.path(), "survivor");
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: mut d,
+        net: _net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
+    let pod_cfg = pod_config(net_dir.path(), "survivor");
+    let pod = run_pod_config(&c, pod_cfg.clone(), "native").expect("RunPodSandbox");
     let config = switchyard_tests::cri::container_config(
         "ticker",
         &reference,
@@ -888,6 +1338,7 @@ fn issue19_running_containers_survive_a_daemon_restart() {
     );
     let before = c.container_status(&id).expect("ContainerStatus");
 
+    drop(c);
     d.restart();
     let c = Cri::connect(&d.socket);
     let after = c
@@ -940,13 +1391,19 @@ fn issue19_running_containers_survive_a_daemon_restart() {
 /// cause, and leave no container, task, root mount, fifo, shim or cgroup; the pod stays usable.
 #[test]
 fn issue19_bad_containers_leave_nothing() {
-    let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((d, _net, _reg, reference)) = pod_daemon_with_busybox(net_dir.path()) else {
+    let Some(node) = BusyboxNode::start() else {
         return;
     };
-    let c = Cri::connect(&d.socket);
-    let pod = run_pod(&c, net_dir.path(), "bad", "native").expect("RunPodSandbox");
-    let pod_cfg = pod_config_of(&c, &pod, net_dir.path(), "bad");
+    let BusyboxNode {
+        dir: net_dir,
+        daemon: d,
+        net: _net,
+        _registry,
+        reference,
+        cri: c,
+    } = node;
+    let pod_cfg = pod_config(net_dir.path(), "bad");
+    let pod = run_pod_config(&c, pod_cfg.clone(), "native").expect("RunPodSandbox");
     let missing = switchyard_tests::cri::container_config(
         "missing",
         "switchyard.local/no-such-image:1",
@@ -1042,7 +1499,8 @@ fn issue19_pause_container_for_a_foreign_runtime() {
 
     let archive = switchyard_tests::cri::test_images().display().to_string();
     d.yard_ok(&["-n", "k8s.io", "image", "import", &archive]);
-    let pod = run_pod(&c, net_dir.path(), "withpause", "runc").expect("RunPodSandbox");
+    let pod_cfg = pod_config(net_dir.path(), "withpause");
+    let pod = run_pod_config(&c, pod_cfg.clone(), "runc").expect("RunPodSandbox");
     let line = tasks()
         .lines()
         .find(|l| l.starts_with(&pod))
@@ -1058,7 +1516,6 @@ fn issue19_pause_container_for_a_foreign_runtime() {
         "{}",
         show(&info)
     );
-    let pod_cfg = pod_config_of(&c, &pod, net_dir.path(), "withpause");
     let cfg = switchyard_tests::cri::container_config(
         "main",
         switchyard_tests::cri::BUSYBOX_IMAGE,

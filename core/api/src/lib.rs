@@ -9,6 +9,7 @@
 //!
 //! The `.proto` files are vendored from containerd under `proto/`.
 
+pub mod cgroups;
 pub mod cri_defaults;
 pub mod cri_log;
 pub mod typeurl;

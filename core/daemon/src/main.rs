@@ -62,7 +62,8 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!(
-            "{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info"
+            // libcgroups logs each controller it finds missing, at every read of a pod's cgroup.
+            "{level},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info,libcgroups=error"
         ))
     });
     tracing_subscriber::fmt()

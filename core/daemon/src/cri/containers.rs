@@ -71,7 +71,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Status + '_ {
 }
 
 /// A request to the daemon's own containerd services, in CRI's namespace.
-fn in_ns<T>(msg: T) -> Request<T> {
+pub(super) fn in_ns<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut().insert(
         NAMESPACE_HEADER,
@@ -353,6 +353,8 @@ impl Cri {
         match result {
             Ok(_) => {
                 tracing::info!(container = %id, pod = %pod.id, name = %meta.name, "CRI container created");
+                self.container_event(super::events::Kind::ContainerCreatedEvent, &id, &pod.id)
+                    .await;
                 Ok(id)
             }
             Err(e) => {
@@ -620,6 +622,7 @@ impl Cri {
 
     pub async fn start_container(&self, id: &str) -> Result<(), Status> {
         let mut r = self.containers.find(id)?;
+        let _events = self.events.hold(&r.id).await;
         TasksService(self.shared.clone())
             .start(in_ns(tasks_api::StartRequest {
                 container_id: r.id.clone(),
@@ -628,7 +631,10 @@ impl Cri {
             .await?;
         r.started_ns = super::now_nanos();
         self.containers.save(&r)?;
+        let (id, pod) = (r.id.clone(), r.pod_id.clone());
         self.containers.records().insert(r.id.clone(), r);
+        self.container_event(super::events::Kind::ContainerStartedEvent, &id, &pod)
+            .await;
         Ok(())
     }
 
@@ -769,6 +775,8 @@ impl Cri {
             Err(e) => return Err(io(&path)(e)),
         }
         self.containers.records().remove(&r.id);
+        self.container_event(super::events::Kind::ContainerDeletedEvent, &r.id, &r.pod_id)
+            .await;
         Ok(())
     }
 

@@ -1,20 +1,21 @@
 //! Kubernetes' CRI (`runtime.v1.RuntimeService`, `runtime.v1.ImageService`) on the daemon's
 //! socket, beside containerd's API, as containerd serves both on one socket.
 //!
-//! Served so far: `Version`, `Status`, `RuntimeConfig`, `UpdateRuntimeConfig` and the whole
-//! image service. Every other RPC answers UNIMPLEMENTED naming the method (the server's
-//! `Unsupported` layer rewrites tonic's default message), never hangs. Pods and containers
-//! come next (docs/cri.md).
+//! What is served is listed in docs/cri.md. Every other RPC answers UNIMPLEMENTED naming the
+//! method (the server's `Unsupported` layer rewrites tonic's default message), never hangs.
 //!
 //! CRI's objects live in containerd's CRI namespace, `k8s.io`: images pulled through CRI are
 //! the images `yard -n k8s.io images` lists.
 
 pub mod containers;
+pub mod events;
 mod images;
 pub mod logs;
+mod resources;
 mod runtime;
 pub mod sandbox;
 pub mod spec;
+pub mod stats;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -39,6 +40,10 @@ pub struct Cri {
     pub pod_cidr: Mutex<String>,
     pub sandboxes: sandbox::Sandboxes,
     pub containers: containers::Containers,
+    /// `GetContainerEvents` subscribers.
+    pub events: events::ContainerEvents,
+    /// The previous CPU sample of each container and pod (`usage_nano_cores`).
+    pub stats: stats::Samples,
 }
 
 impl Cri {
@@ -55,13 +60,17 @@ impl Cri {
                     source,
                 }
             })?;
-        Ok(Arc::new(Cri {
+        let cri = Arc::new(Cri {
             shared,
             config: config.cri.clone(),
             pod_cidr: Mutex::new(String::new()),
             sandboxes,
             containers,
-        }))
+            events: events::ContainerEvents::default(),
+            stats: stats::Samples::default(),
+        });
+        Cri::watch_exits(&cri);
+        Ok(cri)
     }
 
     /// Whether pod networking can be set up: a CNI network config loads from the conf dir

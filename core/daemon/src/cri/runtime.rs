@@ -1,9 +1,11 @@
-//! `runtime.v1.RuntimeService`: the runtime's name and state. Pod and container RPCs are not
-//! served yet and answer UNIMPLEMENTED (tonic's default, named by the server's layer).
+//! `runtime.v1.RuntimeService`: thin adapters over the pod, container, stats and event code
+//! of the sibling modules. What is not served answers UNIMPLEMENTED (tonic's default, named by
+//! the server's layer).
 
 use std::sync::Arc;
 
 use switchyard_api::cri::v1 as cri;
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::Cri;
@@ -66,7 +68,7 @@ fn condition(kind: &str, result: Result<(), String>, reason: &str) -> cri::Runti
 }
 
 /// CRI's view of a pod record.
-fn pod_status(r: &Record) -> cri::PodSandboxStatus {
+pub(super) fn pod_status(r: &Record) -> cri::PodSandboxStatus {
     let config = r.pod_config();
     cri::PodSandboxStatus {
         id: r.id.clone(),
@@ -154,7 +156,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         req: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
         let r = req.into_inner();
-        let status = self.0.container_status(&r.container_id).await?;
+        let mut status = self.0.container_status(&r.container_id).await?;
+        status.resources = self.0.container_resources(&status.id).await;
         let mut info = std::collections::HashMap::new();
         if r.verbose {
             let rec = self.0.containers.find(&r.container_id)?;
@@ -226,6 +229,82 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
             .containers
             .reopen_log(&req.into_inner().container_id)?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        self.0.update_container_resources(req.into_inner()).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let stats = self
+            .0
+            .container_stats(&req.into_inner().container_id)
+            .await?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        Ok(Response::new(cri::ListContainerStatsResponse {
+            stats: self.0.list_container_stats(filter).await?,
+        }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        let stats = self.0.pod_stats(&req.into_inner().pod_sandbox_id).await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(stats),
+        }))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        let filter = req.into_inner().filter.unwrap_or_default();
+        Ok(Response::new(cri::ListPodSandboxStatsResponse {
+            stats: self.0.list_pod_stats(filter).await?,
+        }))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: super::stats::descriptors(),
+        }))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: self.0.pod_metrics().await?,
+        }))
+    }
+
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<BoxStream<cri::ContainerEventResponse>>, Status> {
+        Ok(Response::new(self.0.events.subscribe()))
     }
 
     async fn run_pod_sandbox(
@@ -318,7 +397,9 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
             self.0.containers.remove_pod_files(&pod.id);
         }
         let cri = self.0.clone();
+        let pod = id.clone();
         blocking(move || cri.sandboxes.remove(&id).map_err(status)).await?;
+        self.0.stats.forget(&super::stats::pod_key(&pod));
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 

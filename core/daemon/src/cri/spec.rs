@@ -1295,7 +1295,18 @@ fn resources_into(
     host: &HostFacts,
     out: &mut Value,
 ) -> Result<()> {
-    let f = |name: &str| format!("config.linux.resources.{name}");
+    resources_at("config.linux.resources", r, host, out)
+}
+
+/// [`resources_into`] with errors naming the fields under `prefix` (UpdateContainerResources'
+/// `linux`).
+pub(super) fn resources_at(
+    prefix: &str,
+    r: &cri::LinuxContainerResources,
+    host: &HostFacts,
+    out: &mut Value,
+) -> Result<()> {
+    let f = |name: &str| format!("{prefix}.{name}");
     let mut cpu = serde_json::Map::new();
     if r.cpu_period != 0 {
         cpu.insert(

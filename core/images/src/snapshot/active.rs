@@ -134,6 +134,21 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Bytes and inodes of active snapshot `key`'s writable part (the overlay upper
+    /// directory, or the whole copy); `None` when there is no such snapshot.
+    pub fn active_usage(&self, key: &str) -> Result<Option<(u64, u64)>, SnapshotError> {
+        let (namespace, id) = parse_key(key)?;
+        let dir = self.root.join(ACTIVE).join(namespace).join(id);
+        let writable = match self.driver {
+            Driver::Overlay => dir.join("upper"),
+            Driver::Copy => dir.join("fs"),
+        };
+        if fs::symlink_metadata(&writable).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(tree::usage(&writable)?))
+    }
+
     /// Active snapshots: `(key, parent chain)`.
     pub fn active(&self) -> Result<Vec<(String, String)>, SnapshotError> {
         let mut out = Vec::new();

@@ -196,7 +196,16 @@ fn read_sized(
 
 /// Bytes `path` uses on disk (`du`): allocated blocks, each multiply-linked inode once.
 pub(super) fn disk_usage(path: &Path) -> Result<u64, TreeError> {
-    fn walk(path: &Path, seen: &mut HashSet<(u64, u64)>) -> Result<u64, TreeError> {
+    usage(path).map(|(bytes, _)| bytes)
+}
+
+/// Bytes `path` uses on disk (as [`disk_usage`]) and the inodes under it, `path` included.
+pub(super) fn usage(path: &Path) -> Result<(u64, u64), TreeError> {
+    fn walk(
+        path: &Path,
+        seen: &mut HashSet<(u64, u64)>,
+        inodes: &mut u64,
+    ) -> Result<u64, TreeError> {
         let st = rfs::lstat(path).map_err(at("stat", path))?;
         let file_type = FileType::from_raw_mode(st.st_mode);
         if file_type != FileType::Directory
@@ -205,16 +214,19 @@ pub(super) fn disk_usage(path: &Path) -> Result<u64, TreeError> {
         {
             return Ok(0);
         }
+        *inodes += 1;
         let mut total = u64::try_from(st.st_blocks).unwrap_or(0) * 512;
         if file_type == FileType::Directory {
             for entry in fs::read_dir(path).map_err(at("read directory", path))? {
                 let entry = entry.map_err(at("read directory", path))?;
-                total += walk(&entry.path(), seen)?;
+                total += walk(&entry.path(), seen, inodes)?;
             }
         }
         Ok(total)
     }
-    walk(path, &mut HashSet::new())
+    let mut inodes = 0;
+    let bytes = walk(path, &mut HashSet::new(), &mut inodes)?;
+    Ok((bytes, inodes))
 }
 
 /// The first device node, fifo or socket under `dir` (in directory order), with what it is;
