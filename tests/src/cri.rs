@@ -1,6 +1,7 @@
-//! Kubernetes' CRI against real runtimes: containerd (1.6, 1.7, 2.1) with its CRI plugin on
-//! private sockets and directories, a CNI bridge of the test's own, locally built pause and
-//! busybox images, and a CRI client over the vendored `runtime.v1` proto.
+//! Kubernetes' CRI against real runtimes: containerd (1.6, 1.7, 2.1) with its CRI plugin, or
+//! switchyardd serving CRI itself, on private sockets and directories, a CNI bridge of the
+//! test's own, locally built pause and busybox images, and a CRI client over the vendored
+//! `runtime.v1` proto. One scenario list runs against every [`Peer`] (`tests/tests/cri.rs`).
 //!
 //! crictl cannot be built on these machines (no Go module proxy), so [`Cri`] is the client:
 //! typed calls, each with a deadline, on a private tokio runtime so tests stay synchronous.
@@ -22,6 +23,7 @@ use switchyard_api::cri::v1::image_service_client::ImageServiceClient;
 use switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
+use crate::daemon::Daemon;
 use crate::images::{TarEntry, busybox_base_layer, docker_save_tar, gzip, image, layer_tar};
 
 /// containerd's CRI namespace.
@@ -61,7 +63,8 @@ fn vm_options(dir: &Path) -> String {
     )
 }
 
-/// A containerd line with a CRI plugin.
+/// A CRI runtime the scenarios run against: a containerd line with its CRI plugin, or
+/// switchyardd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
     /// Debian 12's containerd 1.6 (from apt).
@@ -70,9 +73,12 @@ pub enum Peer {
     V1_7,
     /// containerd 2.1 (Debian sid, `scripts/peers`).
     V2_1,
+    /// switchyardd from this build, serving CRI on its own socket.
+    Switchyardd,
 }
 
 impl Peer {
+    /// The containerd lines.
     pub const ALL: [Peer; 3] = [Peer::V1_6, Peer::V1_7, Peer::V2_1];
 
     pub fn name(self) -> &'static str {
@@ -80,19 +86,24 @@ impl Peer {
             Peer::V1_6 => "containerd-1.6",
             Peer::V1_7 => "containerd-1.7",
             Peer::V2_1 => "containerd-2.1",
+            Peer::Switchyardd => "switchyardd",
         }
     }
 
-    /// The containerd binary, if it is installed.
+    /// The daemon's binary, if it is installed (switchyardd: built).
     pub fn binary(self) -> Option<PathBuf> {
         match self {
             Peer::V1_6 => crate::which("containerd"),
             Peer::V1_7 => crate::daemon::peer_containerd("containerd-1.7"),
             Peer::V2_1 => crate::daemon::peer_containerd("containerd-2.1"),
+            Peer::Switchyardd => Some(crate::bin_dir().join("switchyardd")).filter(|p| p.is_file()),
         }
     }
 
-    /// The config file: CRI on, our handlers, the test's CNI, a private stream port.
+    /// The config file: CRI on, our handlers, the test's CNI, a private stream port. For
+    /// switchyardd, what [`Daemon::start_in`] adds to its own (root, state and socket are its):
+    /// the CNI settings and the vm handler's options (its built-in `[runtimes]` are the
+    /// handlers, by the same names).
     fn config(self, dir: &Path, socket: &Path, cni_conf: &Path) -> String {
         let runtimes = |prefix: &str| -> String {
             HANDLERS
@@ -118,6 +129,18 @@ impl Peer {
             socket.display()
         );
         match self {
+            Peer::Switchyardd => {
+                let vm = HANDLERS
+                    .iter()
+                    .find(|(name, _)| *name == "vm")
+                    .map_or("", |(_, ty)| ty);
+                format!(
+                    "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
+                     [runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}",
+                    cni_conf.display(),
+                    vm_options(dir)
+                )
+            }
             Peer::V1_6 | Peer::V1_7 => {
                 let p = "[plugins.\"io.containerd.grpc.v1.cri\"]";
                 let pre = "plugins.\"io.containerd.grpc.v1.cri\"";
@@ -226,7 +249,7 @@ impl Drop for TestNet {
     }
 }
 
-/// containerd with its CRI plugin, on private directories, with [`TestNet`] and the test images.
+/// A CRI runtime ([`Peer`]) on private directories, with [`TestNet`] and the test images.
 pub struct CriNode {
     pub peer: Peer,
     pub dir: tempfile::TempDir,
@@ -238,7 +261,10 @@ pub struct CriNode {
     /// pod's usage (PodSandboxStats) is read from it, and what a failed test leaves in it is
     /// killed when the node is dropped.
     pub cgroup_parent: String,
+    /// containerd's process.
     child: Option<Child>,
+    /// switchyardd (its own directories and log).
+    daemon: Option<Daemon>,
 }
 
 impl CriNode {
@@ -257,8 +283,11 @@ impl CriNode {
         Some(CriNode::start(peer))
     }
 
-    /// Starts `peer`'s containerd and imports the pause and busybox images.
+    /// Starts `peer` and imports the pause and busybox images.
     pub fn start(peer: Peer) -> CriNode {
+        if peer == Peer::Switchyardd {
+            return CriNode::start_switchyardd();
+        }
         let binary = peer
             .binary()
             .unwrap_or_else(|| panic!("{} is not installed", peer.name()));
@@ -303,6 +332,32 @@ impl CriNode {
             net,
             cgroup_parent: format!("/{}", crate::unique_id("yardcri")),
             child: Some(child),
+            daemon: None,
+        };
+        node.import(test_images());
+        node
+    }
+
+    /// switchyardd on its own directories ([`Daemon`]), configured by [`Peer::config`].
+    fn start_switchyardd() -> CriNode {
+        let dir = tempfile::Builder::new()
+            .prefix("cri-")
+            .tempdir()
+            .expect("tempdir");
+        let net = TestNet::new(dir.path());
+        crate::write(&dir.path().join(VM_OPTIONS), &vm_options(dir.path()));
+        let config = Peer::Switchyardd.config(dir.path(), Path::new(""), &net.conf_dir);
+        let daemon = Daemon::start_in(|_| config);
+        let node = CriNode {
+            peer: Peer::Switchyardd,
+            socket: daemon.socket.clone(),
+            log: daemon.log.clone(),
+            ctr_bin: PathBuf::from("ctr"),
+            dir,
+            net,
+            cgroup_parent: format!("/{}", crate::unique_id("yardcri")),
+            child: None,
+            daemon: Some(daemon),
         };
         node.import(test_images());
         node
@@ -317,15 +372,26 @@ impl CriNode {
         c
     }
 
-    /// Imports an image archive (docker save or OCI layout tar) into the CRI namespace.
+    /// Imports an image archive (docker save or OCI layout tar) into the CRI namespace:
+    /// `ctr images import` for containerd, `yard image import` for switchyardd (which serves no
+    /// content store for `ctr` to write to).
     pub fn import(&self, archive: &Path) {
-        let out = crate::run_timeout(
-            self.ctr().args(["images", "import"]).arg(archive),
-            Duration::from_secs(120),
-        );
+        let mut cmd = match &self.daemon {
+            Some(d) => {
+                let mut c = d.yard();
+                c.args(["-n", K8S_NAMESPACE, "image", "import", "-q"]);
+                c
+            }
+            None => {
+                let mut c = self.ctr();
+                c.args(["images", "import"]);
+                c
+            }
+        };
+        let out = crate::run_timeout(cmd.arg(archive), Duration::from_secs(120));
         assert!(
             out.status.success(),
-            "ctr images import {}: {}\n{}",
+            "import {}: {}\n{}",
             archive.display(),
             crate::text(&out.stderr),
             self.log_text()
@@ -348,7 +414,8 @@ impl CriNode {
 
 impl Drop for CriNode {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // switchyardd's own Drop prints its log.
+        if std::thread::panicking() && self.daemon.is_none() {
             eprintln!(
                 "--- {} log (last 60 lines) ---\n{}",
                 self.peer.name(),
@@ -359,6 +426,9 @@ impl Drop for CriNode {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(d) = self.daemon.as_mut() {
+            d.stop();
+        }
         let sock = self.socket.display().to_string();
         for (pid, _) in crate::processes_matching(&["-address", &sock]) {
             let _ = nix::sys::signal::kill(
@@ -368,10 +438,16 @@ impl Drop for CriNode {
         }
         // Whatever a failed test left running in the node's pods, then their cgroups.
         crate::kill_cgroup_tree(self.cgroup_parent.trim_start_matches('/'));
-        // Whatever a failed test left mounted under the node's directories.
-        for m in crate::mounts_matching(&self.dir.path().display().to_string()) {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        // Whatever a failed test left mounted under the node's directories (switchyardd's:
+        // pod network namespaces, container roots), before they are removed.
+        let dirs =
+            std::iter::once(self.dir.path()).chain(self.daemon.as_ref().map(|d| d.dir.path()));
+        for dir in dirs {
+            for m in crate::mount_points_under(dir) {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
         }
+        self.daemon = None;
     }
 }
 

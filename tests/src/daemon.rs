@@ -248,6 +248,14 @@ impl Daemon {
         }
     }
 
+    /// Stops the daemon as its service manager would (SIGTERM, SIGKILL after 5 s), leaving
+    /// its directories for the caller to inspect or clean up before they go with it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop(&mut c, Duration::from_secs(5));
+        }
+    }
+
     /// Starts the daemon again on the same directories and config.
     pub fn restart(&mut self) {
         self.kill9();

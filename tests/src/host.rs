@@ -101,6 +101,20 @@ pub fn mounts_matching(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// The mount points (mountinfo's fifth field) at or under `dir`, deepest first, so they can be
+/// unmounted in that order.
+pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
 /// cgroup directories (v1 controllers or the v2 tree) for `relative` (like
 /// `switchyard/default/ID`) that exist.
 pub fn cgroups_matching(relative: &str) -> Vec<PathBuf> {

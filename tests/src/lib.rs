@@ -43,8 +43,8 @@ pub use gate::{
 };
 pub use host::{
     alive, cgroups_matching, cgroups_with_prefix, cmdline, entries, files_under, kill_cgroup_tree,
-    mounts_matching, open_fds, ppid, processes_matching, reaped, sigkill, sockets_under,
-    zombie_children,
+    mount_points_under, mounts_matching, open_fds, ppid, processes_matching, reaped, sigkill,
+    sockets_under, zombie_children,
 };
 pub use process::{
     KillOnDrop, eventually, run_piped, run_timeout, run_with_stdin, show, text, try_run, wait_child,

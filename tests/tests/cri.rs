@@ -1,7 +1,8 @@
-//! Pods through containerd's CRI (issue 18): real containerd 1.6, 1.7 and 2.1 with the CRI
-//! plugin, a CNI bridge of the test's own, driven with the CRI client of `switchyard_tests::cri`.
-//! Every scenario runs first with the `runc` handler (containerd + runc is the oracle), then
-//! with Switchyard's shims as handlers.
+//! Pods through CRI (issues 18 and 19): real containerd 1.6, 1.7 and 2.1 with the CRI plugin,
+//! and switchyardd serving CRI itself, each with a CNI bridge of the test's own, driven with the
+//! CRI client of `switchyard_tests::cri`. One scenario list: every scenario runs first with the
+//! `runc` handler on containerd (containerd + runc is the oracle), then with Switchyard's shims
+//! as handlers, and each of them against switchyardd too (`per_peer!`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
@@ -1109,32 +1110,37 @@ fn assert_no_pod_processes(node: &CriNode) {
     assert!(qemu.is_empty(), "VMs left: {qemu:?}");
 }
 
-/// One test per containerd version for a scenario on a handler. A scenario that issue 18 has
-/// not made pass yet is listed with `pending = "why"`: it is compiled and runs with
-/// `cargo test -- --ignored`, and drops the marker the day it passes.
+/// One test per peer for a scenario on a handler: containerd 1.6, 1.7 and 2.1, then
+/// switchyardd. A scenario not made to pass yet is listed with `pending = "why"` (its containerd
+/// tests) and `switchyardd_pending = "why"` (its switchyardd test, which can be pending while
+/// containerd passes): it is compiled and runs with `cargo test -- --ignored`, and drops the
+/// marker the day it passes.
 macro_rules! per_peer {
-    ($scenario:ident, $handler:literal) => {
-        per_peer!(@each $scenario, $handler, []);
-    };
-    ($scenario:ident, $handler:literal, pending = $why:literal) => {
-        per_peer!(@each $scenario, $handler, [#[ignore = $why]]);
-    };
-    (@each $scenario:ident, $handler:literal, [$(#[$attr:meta])*]) => {
+    (
+        $scenario:ident, $handler:literal
+        $(, pending = $why:literal)?
+        $(, switchyardd_pending = $sy_why:literal)? $(,)?
+    ) => {
         mod $scenario {
             #[test]
-            $(#[$attr])*
+            $(#[ignore = $why])?
             fn containerd_1_6() {
                 super::$scenario(switchyard_tests::cri::Peer::V1_6, $handler);
             }
             #[test]
-            $(#[$attr])*
+            $(#[ignore = $why])?
             fn containerd_1_7() {
                 super::$scenario(switchyard_tests::cri::Peer::V1_7, $handler);
             }
             #[test]
-            $(#[$attr])*
+            $(#[ignore = $why])?
             fn containerd_2_1() {
                 super::$scenario(switchyard_tests::cri::Peer::V2_1, $handler);
+            }
+            #[test]
+            $(#[ignore = $sy_why])?
+            fn switchyardd() {
+                super::$scenario(switchyard_tests::cri::Peer::Switchyardd, $handler);
             }
         }
     };
@@ -1142,7 +1148,12 @@ macro_rules! per_peer {
 
 mod runc {
     use super::*;
-    per_peer!(pod_lifecycle, "runc");
+    per_peer!(
+        pod_lifecycle,
+        "runc",
+        switchyardd_pending =
+            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
+    );
     per_peer!(propagation, "runc");
     per_peer!(seccomp, "runc");
     per_peer!(tty, "runc");
@@ -1152,27 +1163,55 @@ mod runc {
     per_peer!(shared_pid_namespace, "runc");
     per_peer!(oom_killed, "runc");
     per_peer!(bad_handler, "runc");
-    per_peer!(exec_streaming, "runc");
+    per_peer!(
+        exec_streaming,
+        "runc",
+        switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
+    );
 }
 
 mod native {
     use super::*;
-    per_peer!(pod_lifecycle, "native");
+    per_peer!(
+        pod_lifecycle,
+        "native",
+        switchyardd_pending =
+            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
+    );
     per_peer!(propagation, "native");
-    per_peer!(seccomp, "native");
+    per_peer!(
+        seccomp,
+        "native",
+        switchyardd_pending = "switchyardd: the native shim (libcontainer) fails to load \
+                               switchyardd's RuntimeDefault profile (seccomp load: ECANCELED); \
+                               runc loads it, and native loads containerd's"
+    );
     per_peer!(tty, "native");
     per_peer!(readonly_and_masked, "native");
     per_peer!(shared_namespaces_and_security, "native");
     per_peer!(pod_network, "native");
     per_peer!(shared_pid_namespace, "native");
     per_peer!(oom_killed, "native");
-    per_peer!(exec_streaming, "native");
+    per_peer!(
+        exec_streaming,
+        "native",
+        switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
+    );
 }
 
 mod vm {
     use super::*;
-    per_peer!(pod_lifecycle, "vm");
-    per_peer!(exec_streaming, "vm");
+    per_peer!(
+        pod_lifecycle,
+        "vm",
+        switchyardd_pending =
+            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
+    );
+    per_peer!(
+        exec_streaming,
+        "vm",
+        switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
+    );
     per_peer!(vm_pod_volumes, "vm");
     per_peer!(bad_input_vm, "vm");
 }
@@ -1180,7 +1219,19 @@ mod vm {
 mod wasm {
     use super::*;
     // The pod's containers here are busybox: Linux containers in a Wasm pod (sidecars).
-    per_peer!(pod_lifecycle, "wasm");
-    per_peer!(wasm_pod_http_and_sidecar, "wasm");
+    per_peer!(
+        pod_lifecycle,
+        "wasm",
+        switchyardd_pending =
+            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
+    );
+    per_peer!(
+        wasm_pod_http_and_sidecar,
+        "wasm",
+        switchyardd_pending = "switchyardd: the wasi:http function listens on 0.0.0.0:8080 in the \
+                               pod's netns, but the sidecar's wget to 127.0.0.1:8080 hangs until \
+                               ExecSync's timeout (switchyardd runs no pause task: the function is \
+                               the group shim's first); not diagnosed yet"
+    );
     per_peer!(bad_input_wasm, "wasm");
 }

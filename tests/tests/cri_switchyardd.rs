@@ -638,12 +638,12 @@ fn issue19_bad_pod_sandboxes_leave_nothing() {
     );
 }
 
-/// A busybox container through switchyardd's CRI on the native handler: pulled with
-/// PullImage from the loopback registry, created in a pod, started, listed, inspected, its
-/// output in the CRI log at kubelet's path, ExecSync (output, exit code, the pod's hostname
-/// and network), visible as a containerd task in `k8s.io`, stopped (SIGTERM) and removed;
-/// RemovePodSandbox removes what is left, and nothing stays: task, container record,
-/// fifos, netns.
+/// What only switchyardd shows of a native container (the lifecycle itself, logs and ExecSync
+/// are `pod_lifecycle` in `cri.rs`, run against switchyardd too): a busybox pulled with
+/// PullImage from the loopback registry, the pod's IP on its eth0, the container as a
+/// containerd task in `k8s.io`, a command that cannot run, StopContainer's SIGTERM (its trap's
+/// exit code), RemoveContainer twice; RemovePodSandbox removes what is left, and nothing
+/// stays: task, container record, fifos, netns, cgroups.
 #[test]
 fn issue19_a_native_container_through_switchyardd() {
     let Some(node) = BusyboxNode::start() else {
@@ -684,11 +684,7 @@ fn issue19_a_native_container_through_switchyardd() {
     let config = switchyard_tests::cri::container_config(
         "main",
         &reference,
-        &[
-            "sh",
-            "-c",
-            "echo hello from the pod; echo to stderr >&2; trap 'exit 7' TERM; while :; do sleep 1; done",
-        ],
+        &["sh", "-c", "trap 'exit 7' TERM; while :; do sleep 1; done"],
     );
     let id = c
         .call(c.runtime().create_container(cri::CreateContainerRequest {
@@ -698,51 +694,12 @@ fn issue19_a_native_container_through_switchyardd() {
         }))
         .expect("CreateContainer")
         .container_id;
-    let st = c.container_status(&id).expect("ContainerStatus");
-    assert_eq!(
-        st.state,
-        cri::ContainerState::ContainerCreated as i32,
-        "{st:?}"
-    );
     c.start_container(&id).expect("StartContainer");
-    let st = c.wait_container_state(
+    c.wait_container_state(
         &id,
         cri::ContainerState::ContainerRunning,
         std::time::Duration::from_secs(30),
     );
-    assert!(st.started_at > 0, "{st:?}");
-    let listed = c.list_containers(Some(&pod));
-    assert_eq!(listed.len(), 1, "{listed:?}");
-
-    let log = log_dir.join("main.log");
-    assert!(
-        eventually(
-            std::time::Duration::from_secs(20),
-            || switchyard_tests::cri::read_cri_log(&log).len() >= 2
-        ),
-        "{:?}",
-        std::fs::read_to_string(&log)
-    );
-    let lines = switchyard_tests::cri::read_cri_log(&log);
-    assert!(
-        lines.contains(&("stdout".into(), "hello from the pod".into())),
-        "{lines:?}"
-    );
-    assert!(
-        lines.contains(&("stderr".into(), "to stderr".into())),
-        "{lines:?}"
-    );
-
-    let out = c
-        .exec_sync(&id, &["sh", "-c", "echo exec $((6*7)); exit 3"], 30)
-        .expect("ExecSync");
-    assert_eq!(
-        (out.stdout.as_str(), out.exit_code),
-        ("exec 42\n", 3),
-        "{out:?}"
-    );
-    let out = c.exec_sync(&id, &["hostname"], 30).expect("ExecSync");
-    assert_eq!(out.stdout.trim(), "web", "{out:?}");
     let out = c
         .exec_sync(
             &id,

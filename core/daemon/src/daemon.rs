@@ -186,6 +186,7 @@ pub async fn run(
             .map(switchyard_images::RegistryHosts::new),
     });
     let cri = crate::cri::Cri::new(shared.clone(), &config).map_err(DaemonError::Cri)?;
+    cri.watch_oom();
     let served = crate::server::serve(&config.grpc_address, shared, cri, shutdown).await;
     let _ = std::fs::remove_file(&config.grpc_address);
     let _ = std::fs::remove_file(&config.ttrpc_address);

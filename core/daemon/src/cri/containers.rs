@@ -54,6 +54,10 @@ pub struct Record {
     pub annotations: BTreeMap<String, String>,
     pub tty: bool,
     pub stdin: bool,
+    /// The kernel's OOM killer killed a process of the container (a `/tasks/oom` event):
+    /// its status' reason is `OOMKilled`, as containerd's.
+    #[serde(default)]
+    pub oom_killed: bool,
 }
 
 /// The containers CRI made, and their logs.
@@ -156,6 +160,18 @@ impl Containers {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
+    }
+
+    /// Marks container `id` as OOM-killed (a `/tasks/oom` event); another id is not CRI's.
+    pub fn mark_oom(&self, id: &str) {
+        let Some(mut r) = self.records().get(id).cloned() else {
+            return;
+        };
+        r.oom_killed = true;
+        if let Err(e) = self.save(&r) {
+            tracing::warn!(container = %id, error = %e.message(), "OOM not recorded");
+        }
+        self.records().insert(r.id.clone(), r);
     }
 
     pub fn reopen_log(&self, id: &str) -> Result<(), Status> {
@@ -523,6 +539,7 @@ impl Cri {
                 annotations: BTreeMap::new(),
                 tty: false,
                 stdin: false,
+                oom_killed: false,
             });
         }
         // Stdio: fifos the shim writes and the log copier reads.
@@ -584,6 +601,7 @@ impl Cri {
             annotations: config.annotations.clone().into_iter().collect(),
             tty: config.tty,
             stdin: config.stdin,
+            oom_killed: false,
         };
         self.containers.save(&record)?;
         self.containers
@@ -674,7 +692,9 @@ impl Cri {
             ),
             _ => (0, 0),
         };
+        // containerd's: an OOM kill is the reason whatever the state.
         let reason = match state {
+            _ if r.oom_killed => "OOMKilled",
             cri::ContainerState::ContainerExited if exit_code == 0 => "Completed",
             cri::ContainerState::ContainerExited => "Error",
             _ => "",

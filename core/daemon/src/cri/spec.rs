@@ -43,8 +43,9 @@ pub use switchyard_base::oci_defaults::{
     DEFAULT_CAPABILITIES, DEFAULT_MASKED_PATHS, DEFAULT_PATH, DEFAULT_READONLY_PATHS,
 };
 
-/// Every capability Linux defines (up to `CAP_CHECKPOINT_RESTORE`, 5.9): what `ALL` and a
-/// privileged container get (containerd takes its own process's set).
+/// Every capability Linux defines (up to `CAP_CHECKPOINT_RESTORE`, 5.9), in bit order: what
+/// `ALL` and a privileged container get when the daemon's own set is not known
+/// ([`HostFacts::capabilities`]).
 pub const ALL_CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -338,6 +339,24 @@ pub struct HostFacts {
     /// switchyardd's own `oom_score_adj`: no container gets a lower one (containerd's
     /// `restrict_oom_score_adj`, always on here).
     pub oom_score_adj: i32,
+    /// switchyardd's own effective capabilities: what `ALL` and a privileged container get, as
+    /// containerd gives its own process's set (a container cannot be given more: where the
+    /// node's bounding set lacks one, asking for it would fail the container's start). Empty:
+    /// not known, [`ALL_CAPABILITIES`].
+    pub capabilities: Vec<String>,
+}
+
+/// The capability names of a `/proc/<pid>/status` capability mask (hex).
+fn capability_names(mask: &str) -> Vec<String> {
+    let Ok(bits) = u64::from_str_radix(mask.trim(), 16) else {
+        return Vec::new();
+    };
+    ALL_CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| bits & (1 << bit) != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect()
 }
 
 impl HostFacts {
@@ -363,6 +382,11 @@ impl HostFacts {
             cgroup_v2,
             swap_controller,
             oom_score_adj: read("/proc/self/oom_score_adj").trim().parse().unwrap_or(0),
+            capabilities: read("/proc/self/status")
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .map(capability_names)
+                .unwrap_or_default(),
         }
     }
 }
@@ -468,7 +492,7 @@ pub fn container_spec(input: &SpecInput<'_>) -> Result<oci_spec::runtime::Spec> 
     let env = environment(input, hostname)?;
     let cwd = working_dir(config, input.image)?;
     let user = user(&sc, input.image, input.accounts)?;
-    let capabilities = capabilities(&sc, privileged)?;
+    let capabilities = capabilities(&sc, privileged, &input.host.capabilities)?;
     let ns = namespaces(&sc, input)?;
     let (mounts, rootfs_propagation) = mounts(input, &sc, &ns, privileged)?;
     let (devices, device_rules) = devices(config, input.devices, privileged)?;
@@ -745,10 +769,20 @@ fn user(
 /// the named ones are added and dropped, upper-cased with a `CAP_` prefix. containerd prefixes
 /// every name, so its `CAP_CHOWN` becomes `CAP_CAP_CHOWN`, which the runtime later refuses;
 /// here a name that has the prefix keeps it, and a name that is no capability is refused at
-/// once. A privileged container has them all. No inheritable or ambient set (containerd's
-/// `WithoutAmbientCaps`).
-fn capabilities(sc: &cri::LinuxContainerSecurityContext, privileged: bool) -> Result<Vec<String>> {
-    let all = || ALL_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect();
+/// once. A privileged container has them all. "All" is the daemon's own set (`own`) when
+/// known. No inheritable or ambient set (containerd's `WithoutAmbientCaps`).
+fn capabilities(
+    sc: &cri::LinuxContainerSecurityContext,
+    privileged: bool,
+    own: &[String],
+) -> Result<Vec<String>> {
+    let all = || {
+        if own.is_empty() {
+            ALL_CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()
+        } else {
+            own.to_vec()
+        }
+    };
     if privileged {
         return Ok(all());
     }
@@ -1535,6 +1569,7 @@ mod tests {
             cgroup_v2: true,
             swap_controller: true,
             oom_score_adj: -999,
+            capabilities: Vec::new(),
         }
     }
 
@@ -2243,6 +2278,36 @@ mod tests {
             json!([{"allow": true, "access": "rwm"}])
         );
         assert!(namespace(&spec, "cgroup").is_none());
+    }
+
+    // As containerd's: "all" is the daemon's own effective set where the node's bounding set
+    // lacks some (here CAP_SYS_RESOURCE, bit 24), for a privileged container and for ALL.
+    #[test]
+    fn all_capabilities_are_the_daemons_own() {
+        let own = capability_names("000001fffeffffff");
+        assert_eq!(own.len(), ALL_CAPABILITIES.len() - 1);
+        assert!(!own.iter().any(|c| c == "CAP_SYS_RESOURCE"), "{own:?}");
+        assert!(capability_names("not hex").is_empty());
+        let mut c = Case::new();
+        c.host.capabilities = own.clone();
+        c.sc().capabilities = Some(cri::Capability {
+            add_capabilities: vec!["ALL".into()],
+            ..Default::default()
+        });
+        let caps =
+            |c: &Case, set: &str| sorted(strings(&c.build()["process"]["capabilities"][set]));
+        assert_eq!(caps(&c, "bounding"), sorted(own.clone()));
+        c.sc().capabilities = None;
+        c.sc().privileged = true;
+        c.sandbox
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .privileged = true;
+        assert_eq!(caps(&c, "effective"), sorted(own));
     }
 
     // containerd's WithCapabilities: ALL in add/drop first, then names (CAP_ added, upper case).
