@@ -136,7 +136,7 @@ impl Peer {
                     .map_or("", |(_, ty)| ty);
                 format!(
                     "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
-                     [runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}",
+                     sandbox_image = \"{PAUSE_IMAGE}\"\n[runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}",
                     cni_conf.display(),
                     vm_options(dir)
                 )

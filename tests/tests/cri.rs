@@ -1148,12 +1148,7 @@ macro_rules! per_peer {
 
 mod runc {
     use super::*;
-    per_peer!(
-        pod_lifecycle,
-        "runc",
-        switchyardd_pending =
-            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
-    );
+    per_peer!(pod_lifecycle, "runc");
     per_peer!(propagation, "runc");
     per_peer!(seccomp, "runc");
     per_peer!(tty, "runc");
@@ -1172,12 +1167,7 @@ mod runc {
 
 mod native {
     use super::*;
-    per_peer!(
-        pod_lifecycle,
-        "native",
-        switchyardd_pending =
-            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
-    );
+    per_peer!(pod_lifecycle, "native");
     per_peer!(propagation, "native");
     per_peer!(
         seccomp,
@@ -1201,12 +1191,7 @@ mod native {
 
 mod vm {
     use super::*;
-    per_peer!(
-        pod_lifecycle,
-        "vm",
-        switchyardd_pending =
-            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
-    );
+    per_peer!(pod_lifecycle, "vm");
     per_peer!(
         exec_streaming,
         "vm",
@@ -1219,12 +1204,7 @@ mod vm {
 mod wasm {
     use super::*;
     // The pod's containers here are busybox: Linux containers in a Wasm pod (sidecars).
-    per_peer!(
-        pod_lifecycle,
-        "wasm",
-        switchyardd_pending =
-            "ContainerStats, PodSandboxStats: UNIMPLEMENTED in switchyardd (issue 19, in progress)"
-    );
+    per_peer!(pod_lifecycle, "wasm");
     per_peer!(
         wasm_pod_http_and_sidecar,
         "wasm",
