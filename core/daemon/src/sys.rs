@@ -37,3 +37,27 @@ pub mod pidfd {
         rustix::io::Errno::SRCH.raw_os_error()
     }
 }
+
+/// Process creation.
+pub mod spawn {
+    use rustix::fs::Mode;
+
+    /// The umask shims start with: what containerd's shims inherit from a containerd that
+    /// systemd started. The daemon's own is 077, and a shim that does not set one for its
+    /// workloads (containerd's runc shim, a real Kata's) passes it on to every container.
+    pub const SHIM_UMASK: u32 = 0o022;
+
+    /// Give the child `cmd` spawns `mask` as its umask instead of the daemon's.
+    pub fn child_umask(cmd: &mut tokio::process::Command, mask: u32) {
+        let mode = Mode::from_raw_mode(mask);
+        // SAFETY: the closure runs in the child between fork and exec. It only makes the
+        // umask(2) system call, which is async-signal-safe, touches no lock and allocates
+        // nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                rustix::process::umask(mode);
+                Ok(())
+            });
+        }
+    }
+}

@@ -194,6 +194,7 @@ impl ShimManager {
             .kill_on_drop(true)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        crate::sys::spawn::child_umask(&mut cmd, crate::sys::spawn::SHIM_UMASK);
         cmd
     }
 
