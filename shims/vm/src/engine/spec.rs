@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{Process, Spec};
 use yard_shim_kit::start::GROUP_ANNOTATIONS;
 use yard_shim_kit::{Error, Result};
 
@@ -94,10 +94,11 @@ pub fn binds(spec: &Spec) -> Result<Vec<Bind>> {
     Ok(out)
 }
 
-/// A network namespace the host made for the pod (CRI's `/var/run/netns/cni-...`) cannot be
-/// joined in the guest: the container gets a namespace of its own there, with loopback only
-/// (the guest has no other network yet). A path under `/proc` names a guest process's namespace
-/// (pids are the guest's, so CRI's `/proc/<sandbox pid>/ns/net` is the pod's) and is kept.
+/// A namespace the host holds for the pod (containerd's `/var/run/netns/cni-...`, switchyardd's
+/// network, IPC and UTS namespaces under its state dir) cannot be joined in the guest: the
+/// container gets a namespace of its own there (a network one with loopback only: the guest has
+/// no other network yet). A path under `/proc` names a guest process's namespace (pids are the
+/// guest's, so CRI's `/proc/<sandbox pid>/ns/net` is the pod's) and is kept.
 pub fn guest_namespaces(spec: &mut Spec) {
     let Some(linux) = spec.linux_mut() else {
         return;
@@ -107,8 +108,8 @@ pub fn guest_namespaces(spec: &mut Spec) {
     };
     for ns in namespaces.iter_mut() {
         let host_path = ns.path().as_ref().is_some_and(|p| !p.starts_with("/proc"));
-        if ns.typ() == LinuxNamespaceType::Network && host_path {
-            tracing::debug!(path = ?ns.path(), "a host network namespace: the guest makes its own");
+        if host_path {
+            tracing::debug!(kind = ?ns.typ(), path = ?ns.path(), "a host namespace: the guest makes its own");
             ns.set_path(None);
         }
     }
@@ -281,12 +282,15 @@ mod tests {
             r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[
                 {{"type":"network","path":"/var/run/netns/cni-1"}},
                 {{"type":"ipc","path":"/proc/42/ns/ipc"}},
-                {{"type":"uts"}}]}}}}"#
+                {{"type":"uts","path":"/run/switchyard/utsns/p1"}},
+                {{"type":"mount"}}]}}}}"#
         ));
         guest_namespaces(&mut s);
         let ns = s.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
         assert_eq!(ns[0].path(), &None);
         assert_eq!(ns[1].path().as_deref(), Some(Path::new("/proc/42/ns/ipc")));
+        assert_eq!(ns[2].path(), &None, "a host-held UTS namespace");
+        assert_eq!(ns[3].path(), &None);
         let mut s = spec(&format!(
             r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[
                 {{"type":"network","path":"/proc/42/ns/net"}}]}}}}"#
