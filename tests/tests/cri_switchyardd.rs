@@ -92,6 +92,17 @@ fn issue19_version_status_and_runtime_config() {
         "{native:?}"
     );
     assert!(st.info["config"].contains("cniConfDir"), "{:?}", st.info);
+    let config: serde_json::Value = serde_json::from_str(&st.info["config"]).expect("json");
+    let pod_network = |name: &str| {
+        config["runtimes"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name))
+            .and_then(|r| r["podNetwork"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(pod_network("vm").starts_with("loopback only"), "{config}");
+    assert_eq!(pod_network("native"), "the pod's network namespace");
 
     let rc = c
         .call(c.runtime().runtime_config(cri::RuntimeConfigRequest {}))
