@@ -848,6 +848,26 @@ impl Cri {
     }
 
     /// Waits until the container is in `state` (a [`cri::ContainerState`]).
+    /// CreateContainer and StartContainer of `cfg` in `pod`, then waits (up to a minute) until
+    /// it runs; its id.
+    pub fn run_container(
+        &self,
+        pod: &str,
+        cfg: &cri::ContainerConfig,
+        pod_cfg: &cri::PodSandboxConfig,
+    ) -> String {
+        let id = self
+            .create_container(pod, cfg, pod_cfg)
+            .expect("CreateContainer");
+        self.start_container(&id).expect("StartContainer");
+        self.wait_container_state(
+            &id,
+            cri::ContainerState::ContainerRunning,
+            Duration::from_secs(60),
+        );
+        id
+    }
+
     pub fn wait_container_state(
         &self,
         id: &str,

@@ -220,15 +220,7 @@ fn running(
 ) -> (cri::PodSandboxConfig, String, String) {
     let pod_cfg = pod_config(node, name);
     let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
-    let id = c
-        .create_container(&pod, &cfg, &pod_cfg)
-        .expect("CreateContainer");
-    c.start_container(&id).expect("StartContainer");
-    c.wait_container_state(
-        &id,
-        cri::ContainerState::ContainerRunning,
-        Duration::from_secs(30),
-    );
+    let id = c.run_container(&pod, &cfg, &pod_cfg);
     (pod_cfg, pod, id)
 }
 
@@ -318,15 +310,7 @@ fn propagation(peer: Peer, handler: &str) {
         p
     };
     let pod = c.run_pod(&pod_cfg, handler).expect("RunPodSandbox");
-    let id = c
-        .create_container(&pod, &cfg, &pod_cfg)
-        .expect("CreateContainer");
-    c.start_container(&id).expect("StartContainer");
-    c.wait_container_state(
-        &id,
-        cri::ContainerState::ContainerRunning,
-        Duration::from_secs(30),
-    );
+    let id = c.run_container(&pod, &cfg, &pod_cfg);
     exec_ok(
         &c,
         &id,
@@ -601,15 +585,7 @@ fn shared_namespaces_and_security(peer: Peer, handler: &str) {
     });
     let mut ids = Vec::new();
     for cfg in [&first, &second] {
-        let id = c
-            .create_container(&pod, cfg, &pod_cfg)
-            .expect("CreateContainer");
-        c.start_container(&id).expect("StartContainer");
-        c.wait_container_state(
-            &id,
-            cri::ContainerState::ContainerRunning,
-            Duration::from_secs(30),
-        );
+        let id = c.run_container(&pod, cfg, &pod_cfg);
         ids.push(id);
     }
     let namespaces = "readlink /proc/self/ns/net /proc/self/ns/ipc /proc/self/ns/uts; hostname";
@@ -689,15 +665,7 @@ fn shared_pid_namespace(peer: Peer, handler: &str) {
             BUSYBOX_IMAGE,
             &["sh", "-c", &format!("exec {cmd}")],
         ));
-        let id = c
-            .create_container(&pod, &cfg, &pod_cfg)
-            .expect("CreateContainer");
-        c.start_container(&id).expect("StartContainer");
-        c.wait_container_state(
-            &id,
-            cri::ContainerState::ContainerRunning,
-            Duration::from_secs(30),
-        );
+        let id = c.run_container(&pod, &cfg, &pod_cfg);
         ids.push(id);
     }
     assert_eq!(
@@ -762,15 +730,7 @@ fn pod_network(peer: Peer, handler: &str) {
         .run_pod(&client_cfg, handler)
         .expect("RunPodSandbox client");
     let sleeper = container_config("client", BUSYBOX_IMAGE, &["sleep", "3600"]);
-    let cid = c
-        .create_container(&client, &sleeper, &client_cfg)
-        .expect("CreateContainer client");
-    c.start_container(&cid).expect("StartContainer client");
-    c.wait_container_state(
-        &cid,
-        cri::ContainerState::ContainerRunning,
-        Duration::from_secs(30),
-    );
+    let cid = c.run_container(&client, &sleeper, &client_cfg);
     let url = format!("http://{ip}:8080/");
     let mut last = None;
     let served = switchyard_tests::eventually(Duration::from_secs(30), || {
@@ -972,15 +932,7 @@ fn vm_pod_volumes(peer: Peer, _handler: &str) {
     side.mounts = vec![mount("/data", &empty, private, false)];
     let mut ids = Vec::new();
     for cfg in [&main, &side] {
-        let id = c
-            .create_container(&pod, cfg, &pod_cfg)
-            .expect("CreateContainer");
-        c.start_container(&id).expect("StartContainer");
-        c.wait_container_state(
-            &id,
-            cri::ContainerState::ContainerRunning,
-            Duration::from_secs(60),
-        );
+        let id = c.run_container(&pod, cfg, &pod_cfg);
         ids.push(id);
     }
     let (m, s) = (&ids[0], &ids[1]);

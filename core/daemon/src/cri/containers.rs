@@ -262,6 +262,15 @@ fn mkfifo(path: &Path) -> Result<(), Status> {
 }
 
 /// What CreateContainer made so far, undone on failure.
+/// `Ok` also for an object that is already gone (deletes are idempotent).
+fn gone_is_ok<T>(r: Result<T, Status>) -> Result<(), Status> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The pause container's CRI config: the image's `/pause`, read-only root, no capabilities, no
 /// new privileges, the pod's network and IPC, a PID namespace of its own.
 fn pause_config(image: &str) -> cri::ContainerConfig {
@@ -802,30 +811,24 @@ impl Cri {
 
     /// Deletes the task `id`; one that is not there is already deleted.
     async fn delete_task(&self, id: &str) -> Result<(), Status> {
-        match TasksService(self.shared.clone())
-            .delete(in_ns(tasks_api::DeleteTaskRequest {
-                container_id: id.to_owned(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
+        gone_is_ok(
+            TasksService(self.shared.clone())
+                .delete(in_ns(tasks_api::DeleteTaskRequest {
+                    container_id: id.to_owned(),
+                }))
+                .await,
+        )
     }
 
     /// Deletes the containerd container `id` and the root the image service made for it.
     async fn delete_container(&self, id: &str) -> Result<(), Status> {
-        match ContainersService(self.shared.clone())
-            .delete(in_ns(containers_api::DeleteContainerRequest {
-                id: id.to_owned(),
-            }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
+        gone_is_ok(
+            ContainersService(self.shared.clone())
+                .delete(in_ns(containers_api::DeleteContainerRequest {
+                    id: id.to_owned(),
+                }))
+                .await,
+        )
     }
 
     /// The pid of the pod's pause process, where it has a running one.
