@@ -493,8 +493,9 @@ fn vm_part(sides: &[Side], work: &Path) -> Option<VmResult> {
         Ok(p) => (sy_vm, "switchyardd's CRI, handler vm".to_owned(), p),
         Err(e) => {
             let path = format!(
-                "{}'s CRI with our vm shim as its handler (switchyardd's vm handler did not run the pod: {e})",
-                ctd_vm.label.trim_end_matches(" + vm")
+                "{}'s CRI with our vm shim as its handler (switchyardd's vm handler did not run the pod: {})",
+                ctd_vm.label.trim_end_matches(" + vm"),
+                e.lines().map(str::trim).collect::<Vec<_>>().join(" | ")
             );
             let p = start_pod(&ctd_vm).unwrap_or_else(|e| panic!("{}: {e}", ctd_vm.label));
             (ctd_vm, path, p)
