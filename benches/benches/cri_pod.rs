@@ -382,52 +382,61 @@ fn main() {
     println!(
         "(same client, same CNI bridge config, same image; interleaved, {runs} runs each after 2 warm-ups)"
     );
-    let s_start: Vec<Stats> = start.iter().map(|v| Stats::of(v)).collect();
-    let s_down: Vec<Stats> = down.iter().map(|v| Stats::of(v)).collect();
-    for (s, st) in sides.iter().zip(&s_start) {
-        row(&s.label, st);
-    }
-    let r = ratio(s_start[1].median, s_start[0].median);
-    println!(
-        "  ratio switchyardd native / containerd runc (median): {r:.2}   target <= 0.50: {}",
-        if r <= 0.5 { "met" } else { "NOT met" }
-    );
-    println!("teardown: StopPodSandbox + RemovePodSandbox (the container with it)");
-    for (s, st) in sides.iter().zip(&s_down) {
-        row(&s.label, st);
-    }
-    let r = ratio(s_down[1].median, s_down[0].median);
-    println!(
-        "  ratio switchyardd native / containerd runc (median): {r:.2}   target <= 0.50: {}",
-        if r <= 0.5 { "met" } else { "NOT met" }
+    let table = |title: &str, samples: &[Vec<Duration>]| {
+        println!("{title}");
+        let stats: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+        for (s, st) in sides.iter().zip(&stats) {
+            row(&s.label, st);
+        }
+        let r = ratio(stats[1].median, stats[0].median);
+        println!(
+            "  ratio switchyardd native / containerd runc (median): {r:.2}   target <= 0.50: {}",
+            if r <= 0.5 { "met" } else { "NOT met" }
+        );
+    };
+    table("pod start:", &start);
+    table(
+        "teardown: StopPodSandbox + RemovePodSandbox (the container with it)",
+        &down,
     );
 
     println!();
     println!(
         "RSS with 0 and {n_pods} idle pods (one busybox sleep each); shims: processes with the daemon's -address"
     );
-    println!(
-        "  {:<30} {:>10} {:>10} {:>9}   {:>10} {:>10} {:>9}   {:>5} {:>10}",
-        "", "daemon", "", "per pod", "daemon +", "shims", "per pod", "shims", "pods'"
-    );
-    println!(
-        "  {:<30} {:>10} {:>10} {:>9}   {:>10} {:>10} {:>9}   {:>5} {:>10}",
-        "", "0 pods", "N pods", "", "0 pods", "N pods", "", "N", "processes"
-    );
-    let per = |a: u64, b: u64| mib(b.saturating_sub(a) / n_pods.max(1) as u64);
-    for (s, (a, b)) in sides.iter().zip(&mems) {
+    let line = |c: [&str; 9]| {
         println!(
             "  {:<30} {:>10} {:>10} {:>9}   {:>10} {:>10} {:>9}   {:>5} {:>10}",
-            s.label,
-            mib(a.daemon),
-            mib(b.daemon),
-            per(a.daemon, b.daemon),
-            mib(a.daemon + a.shims),
-            mib(b.daemon + b.shims),
-            per(a.daemon + a.shims, b.daemon + b.shims),
-            b.shim_count,
-            mib(b.pods)
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
         );
+    };
+    line([
+        "", "daemon", "", "per pod", "daemon +", "shims", "per pod", "shims", "pods'",
+    ]);
+    line([
+        "",
+        "0 pods",
+        "N pods",
+        "",
+        "0 pods",
+        "N pods",
+        "",
+        "N",
+        "processes",
+    ]);
+    let per = |a: u64, b: u64| mib(b.saturating_sub(a) / n_pods.max(1) as u64);
+    for (s, (a, b)) in sides.iter().zip(&mems) {
+        line([
+            &s.label,
+            &mib(a.daemon),
+            &mib(b.daemon),
+            &per(a.daemon, b.daemon),
+            &mib(a.daemon + a.shims),
+            &mib(b.daemon + b.shims),
+            &per(a.daemon + a.shims, b.daemon + b.shims),
+            &b.shim_count.to_string(),
+            &mib(b.pods),
+        ]);
     }
 
     if let Some(vm) = vm {
