@@ -7,28 +7,15 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
-use switchyard_benches::{Stats, containerd_under_test, env_usize, mib, row, time_ctr_run};
+use switchyard_benches::{
+    Stats, containerd_under_test, env_usize, mib, row, time_ctr_run, version,
+};
 use switchyard_tests::daemon::rss_kib;
-use switchyard_tests::{Containerd, Daemon, busybox_rootfs, require_root_and, text};
+use switchyard_tests::{Containerd, Daemon, busybox_rootfs, require_root_and};
 
 const RUNC: &str = "io.containerd.runc.v2";
-
-fn version(bin: &std::path::Path) -> String {
-    Command::new(bin)
-        .arg("--version")
-        .output()
-        .map(|o| {
-            text(&o.stdout)
-                .split_whitespace()
-                .nth(2)
-                .unwrap_or("?")
-                .to_owned()
-        })
-        .unwrap_or_else(|_| "?".to_owned())
-}
 
 fn main() {
     if !require_root_and(&["ctr", "containerd", "runc", "containerd-shim-runc-v2"]) {

@@ -21,91 +21,19 @@
     clippy::expect_used
 )]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use containerd_shim_yard_vm_v1::qemu::cmdline::{BASE_KERNEL_ARGS, MACHINE, TCG_KERNEL_ARGS};
+use switchyard_benches::plain_qemu::{
+    STOCK_KERNEL_ARGS, hardware_virtualization, plain_boot, shim_kernel_args, trivial_initrd,
+};
 use switchyard_benches::{Stats, env_usize, mib, ms, pss_kib, row};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::{
-    Ctr, Daemon, busybox_rootfs, cpu_has_hardware_virtualization, eventually,
-    guest_kernel_and_initrd, is_root, kvm_is_pvm, processes_matching, require, require_guest,
-    run_timeout, text, unique_id,
+    Ctr, Daemon, busybox_rootfs, eventually, guest_kernel_and_initrd, is_root, processes_matching,
+    require, require_guest, run_timeout, text, unique_id,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-const MARKER: &str = "plain-init-ready";
-
-/// KVM can run a full guest here: hardware virtualization, a KVM device, and not PVM.
-fn hardware_virtualization() -> bool {
-    cpu_has_hardware_virtualization() && Path::new("/dev/kvm").exists() && !kvm_is_pvm()
-}
-
-/// A busybox initramfs whose init prints the marker on the console and reboots at once.
-fn trivial_initrd(dir: &Path) -> PathBuf {
-    let root = dir.join("initrd-root");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for d in ["dev", "proc", "sys"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let init = root.join("init");
-    std::fs::write(
-        &init,
-        format!(
-            "#!/bin/busybox sh\n/bin/busybox mount -t devtmpfs dev /dev\n/bin/busybox echo {MARKER} > /dev/console\n/bin/busybox reboot -f\n"
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&init, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = dir.join("trivial.cpio");
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && find . | cpio --quiet -o -H newc -R 0:0 > {}",
-            root.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success(), "cpio");
-    out
-}
-
-/// One plain QEMU run: (spawn → marker on the console, spawn → exit).
-fn plain_boot(kernel: &Path, initrd: &Path, accel: &str, append: &str) -> (Duration, Duration) {
-    let t0 = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", MACHINE, "-accel", accel, "-cpu"])
-        .arg(if accel == "kvm" { "host" } else { "max" })
-        .args(["-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"])
-        .args(["-nographic", "-no-reboot", "-serial", "stdio", "-kernel"])
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64");
-    let stdout = child.stdout.take().unwrap();
-    let mut ready = None;
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        if ready.is_none() && line.contains(MARKER) {
-            ready = Some(t0.elapsed());
-        }
-    }
-    let _ = child.wait();
-    let total = t0.elapsed();
-    (
-        ready.expect("the trivial init never printed its marker"),
-        total,
-    )
-}
 
 /// `boot_ms` of every VM the daemon's shims booted, in order.
 fn boot_times(log: &str) -> Vec<Duration> {
@@ -171,15 +99,8 @@ fn main() {
     yard_true(&unique_id("warm"));
     let khz = tsc_khz(&d.log_text());
     // The shim's own guest command line (see shims/vm/src/qemu/cmdline.rs).
-    let mut ours_append = BASE_KERNEL_ARGS.join(" ");
-    if accel == "tcg" {
-        ours_append.push(' ');
-        ours_append.push_str(&TCG_KERNEL_ARGS.join(" "));
-        if let Some(k) = khz {
-            ours_append.push_str(&format!(" tsc_early_khz={k}"));
-        }
-    }
-    let stock_append = "console=ttyS0 quiet panic=-1 reboot=t";
+    let ours_append = shim_kernel_args(accel, khz);
+    let stock_append = STOCK_KERNEL_ARGS;
 
     // Interleaved, so load on the machine hits every column alike.
     let (mut e2e, mut plain_ready, mut plain_total, mut stock_ready, mut stock_total) =

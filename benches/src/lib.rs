@@ -2,12 +2,14 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod plain_qemu;
+
 use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
 pub use switchyard_tests::env_usize;
-use switchyard_tests::{Ctr, busybox_rootfs, show, unique_id, which};
+use switchyard_tests::{Ctr, busybox_rootfs, show, text, unique_id, which};
 
 /// Summary statistics of a set of timings.
 #[derive(Debug, Clone, Copy)]
@@ -87,4 +89,19 @@ pub fn containerd_under_test() -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| which("containerd"))
         .expect("containerd (apt-get install containerd, or set CONTAINERD)")
+}
+
+/// The version a daemon binary prints (`containerd --version`: its third word), or `?`.
+pub fn version(bin: &std::path::Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            text(&o.stdout)
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .unwrap_or_else(|_| "?".to_owned())
 }
