@@ -162,7 +162,12 @@ pub struct Interface {
     pub tx_errors: u64,
 }
 
-/// `/proc/net/dev`'s interfaces, loopback left out.
+/// Most of a pod's `/proc/net/dev` read, and most interfaces reported: a container with
+/// `CAP_NET_ADMIN` makes as many interfaces in its pod's namespace as it likes.
+const MAX_NET_DEV_BYTES: u64 = 256 << 10;
+const MAX_INTERFACES: usize = 64;
+
+/// `/proc/net/dev`'s interfaces, loopback left out, at most [`MAX_INTERFACES`].
 fn parse_net_dev(text: &str) -> Vec<Interface> {
     text.lines()
         .skip(2)
@@ -181,6 +186,7 @@ fn parse_net_dev(text: &str) -> Vec<Interface> {
                 tx_errors: f[10],
             })
         })
+        .take(MAX_INTERFACES)
         .collect()
 }
 
@@ -188,10 +194,17 @@ fn parse_net_dev(text: &str) -> Vec<Interface> {
 fn interfaces(netns: &Path) -> Option<Vec<Interface>> {
     let ns = switchyard_cni::Netns::at(netns.parent()?, netns.file_name()?.to_str()?).ok()?;
     // `thread-self`: the namespace of the thread that joined it, not the daemon's.
-    ns.run_in(|| std::fs::read_to_string("/proc/thread-self/net/dev"))
-        .ok()?
-        .ok()
-        .map(|t| parse_net_dev(&t))
+    ns.run_in(|| {
+        use std::io::Read as _;
+        let mut text = String::new();
+        std::fs::File::open("/proc/thread-self/net/dev")?
+            .take(MAX_NET_DEV_BYTES)
+            .read_to_string(&mut text)
+            .map(|_| text)
+    })
+    .ok()?
+    .ok()
+    .map(|t| parse_net_dev(&t))
 }
 
 /// The previous CPU sample of each container and pod, for `usage_nano_cores`.
@@ -813,6 +826,17 @@ eth0:    2048      10    1    0    0     0          0         0     4096      20
                 tx_errors: 2,
             }]
         );
+    }
+
+    #[test]
+    fn net_dev_interfaces_are_capped() {
+        let mut text = String::from("h1\nh2\n");
+        for i in 0..1000 {
+            text.push_str(&format!("d{i}: 1 0 0 0 0 0 0 0 1 0 0 0 0 0 0 0\n"));
+        }
+        let got = parse_net_dev(&text);
+        assert_eq!(got.len(), MAX_INTERFACES);
+        assert_eq!(got[0].name, "d0");
     }
 
     #[test]
