@@ -996,6 +996,70 @@ fn vm_pod_volumes(peer: Peer, _handler: &str) {
     assert_no_pod_processes(&node);
 }
 
+/// Issue 19: a vm pod's VM boots at RunPodSandbox, before any container, sized from the pod's
+/// resources (kubelet's sum of its containers' limits) on top of the runtime's base, as Kata
+/// sizes it: one vCPU more for a quota of one CPU, 256 MiB more for a 256 MiB limit. The pod's
+/// container runs in that VM (no second one), and nothing is left after the pod. containerd
+/// boots the VM for the pause container and hands the size in its sandbox annotations;
+/// switchyardd boots it for a sandbox task without a process.
+fn vm_pod_sized_from_its_resources(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let mut pod_cfg = pod_config(&node, "sized");
+    pod_cfg.linux.get_or_insert_with(Default::default).resources =
+        Some(cri::LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 100_000,
+            memory_limit_in_bytes: 256 << 20,
+            ..Default::default()
+        });
+    let vms = || {
+        switchyard_tests::processes_matching(&[
+            "qemu-system",
+            &node.dir.path().display().to_string(),
+        ])
+    };
+    let pod = c.run_pod(&pod_cfg, "vm").expect("RunPodSandbox");
+    let booted = vms();
+    assert_eq!(booted.len(), 1, "one VM once the pod runs: {booted:?}");
+    let cmd = &booted[0].1;
+    // The test's vm options give the default base: 1 vCPU and 256 MiB.
+    assert!(
+        cmd.contains("-smp 2 ") && cmd.contains("-m 512M"),
+        "sized for the pod: {cmd}"
+    );
+    let id = c.run_container(
+        &pod,
+        &container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]),
+        &pod_cfg,
+    );
+    let cpus = exec_ok(&c, &id, "grep -c ^processor /proc/cpuinfo");
+    assert_eq!(cpus.trim(), "2", "the container sees the pod's vCPUs");
+    let mem_kib: u64 = exec_ok(
+        &c,
+        &id,
+        "sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo",
+    )
+    .trim()
+    .parse()
+    .expect("MemTotal");
+    assert!(
+        mem_kib > 256 * 1024,
+        "more than the base 256 MiB: {mem_kib} kB"
+    );
+    let now = vms();
+    assert_eq!(
+        now.iter().map(|v| v.0).collect::<Vec<_>>(),
+        booted.iter().map(|v| v.0).collect::<Vec<_>>(),
+        "the container runs in the pod's VM"
+    );
+    c.stop_container(&id, 0).expect("StopContainer");
+    c.remove_container(&id).expect("RemoveContainer");
+    assert_eq!(vms().len(), 1, "the pod's VM outlives its last container");
+    teardown(&c, &pod);
+    assert_no_pod_processes(&node);
+}
+
 /// Issue 18: bad input on the vm handler fails with an error naming the cause and leaves
 /// nothing: a mount the vm runtime cannot honour (bidirectional propagation into the host).
 fn bad_input_vm(peer: Peer, _handler: &str) {
@@ -1150,6 +1214,7 @@ mod vm {
         switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
     );
     per_peer!(vm_pod_volumes, "vm");
+    per_peer!(vm_pod_sized_from_its_resources, "vm");
     per_peer!(bad_input_vm, "vm");
 }
 

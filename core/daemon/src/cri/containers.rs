@@ -451,7 +451,7 @@ impl Cri {
         };
         let files = self.containers.pod_files(pod, sandbox_config)?;
         // A pod-wide PID namespace is the pause container's, where the pod has one.
-        let pod_pid = if pause {
+        let pod_pid = if pause || pod.task != sandbox::SandboxTask::Pause {
             None
         } else {
             self.pause_pid(&pod.id)
@@ -915,8 +915,72 @@ impl Cri {
         Ok(())
     }
 
-    /// Stops and removes the pod's pause container, if it has one; idempotent.
-    pub async fn remove_pause(&self, pod: &str, stop_only: bool) -> Result<(), Status> {
+    /// Boots a `vm` pod's VM: a task with the pod's id and no process, which the vm shim boots
+    /// the VM for, sized from the pod's resources; the pod's containers then run in it (their
+    /// shim is the pod's). Whatever fails undoes what came before it.
+    pub async fn run_pod_vm(
+        self: &Arc<Self>,
+        pod: &sandbox::Record,
+        runtime: &str,
+    ) -> Result<(), Status> {
+        let spec = spec::pod_vm_spec(
+            &pod.id,
+            &pod.pod_config(),
+            pod.netns.as_deref(),
+            &self.containers.host,
+        )
+        .map_err(crate::error::status)?;
+        let spec_json = serde_json::to_vec(&spec)
+            .map_err(|e| Status::internal(format!("encode the spec: {e}")))?;
+        let mut labels: HashMap<String, String> = HashMap::new();
+        labels.insert("io.cri-containerd.kind".into(), "sandbox".into());
+        labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.id.clone());
+        ContainersService(self.shared.clone())
+            .create(in_ns(containers_api::CreateContainerRequest {
+                container: Some(containers_api::Container {
+                    id: pod.id.clone(),
+                    labels,
+                    runtime: Some(containers_api::container::Runtime {
+                        name: runtime.to_owned(),
+                        options: None,
+                    }),
+                    spec: Some(switchyard_api::typeurl::json_any(
+                        switchyard_api::typeurl::OCI_SPEC,
+                        spec_json,
+                    )),
+                    ..Default::default()
+                }),
+            }))
+            .await?;
+        let tasks = TasksService(self.shared.clone());
+        let started = match tasks
+            .create(in_ns(tasks_api::CreateTaskRequest {
+                container_id: pod.id.clone(),
+                ..Default::default()
+            }))
+            .await
+        {
+            Ok(_) => {
+                tasks
+                    .start(in_ns(tasks_api::StartRequest {
+                        container_id: pod.id.clone(),
+                        exec_id: String::new(),
+                    }))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            let _ = self.remove_pod_task(&pod.id, false).await;
+            return Err(e);
+        }
+        tracing::info!(pod = %pod.id, "pod VM booted");
+        Ok(())
+    }
+
+    /// Stops and removes the pod's sandbox task (its pause container or VM), if it has one;
+    /// idempotent.
+    pub async fn remove_pod_task(&self, pod: &str, stop_only: bool) -> Result<(), Status> {
         self.stop_task(pod, 0).await?;
         if stop_only {
             return Ok(());

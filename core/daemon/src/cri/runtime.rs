@@ -9,7 +9,7 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::Cri;
-use super::sandbox::{Record, State};
+use super::sandbox::{Record, SandboxTask, State};
 use crate::error::status;
 use crate::server::blocking;
 
@@ -21,6 +21,9 @@ pub struct RuntimeService(pub Arc<Cri>);
 fn is_ours(runtime_type: &str) -> bool {
     runtime_type.starts_with("io.containerd.yard-")
 }
+
+/// The vm runtime: a pod's VM is its sandbox task.
+const VM_RUNTIME_TYPE: &str = "io.containerd.yard-vm.v1";
 
 impl RuntimeService {
     /// One `RuntimeHandler` per configured runtime, the default one also as the empty name
@@ -53,7 +56,7 @@ impl RuntimeService {
 /// How a pod of a runtime reaches the pod network, for `Status`'s verbose info: a VM's guest
 /// has no network device yet (the networking issue bridges the pod's eth0 into it).
 fn pod_network(runtime_type: &str) -> &'static str {
-    if runtime_type == "io.containerd.yard-vm.v1" {
+    if runtime_type == VM_RUNTIME_TYPE {
         "loopback only: the guest has no network device yet"
     } else {
         "the pod's network namespace"
@@ -341,32 +344,44 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         } else {
             r.runtime_handler.clone()
         };
-        let foreign = handlers
+        let runtime_type = handlers
             .iter()
             .find(|h| h.name == runtime)
-            .is_some_and(|h| !is_ours(&h.runtime_type));
+            .map(|h| h.runtime_type.clone())
+            .unwrap_or_default();
         let pod_pid = config
             .linux
             .as_ref()
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.as_ref())
             .is_some_and(|n| n.pid == cri::NamespaceMode::Pod as i32);
+        // A foreign runtime gets the pause container it expects (a real Kata boots its VM for
+        // it); so does a pod-wide PID namespace, which needs a process as its init. A `vm` pod's
+        // VM is its sandbox, booted now (its guest has its own PID namespace).
+        let task = if runtime_type == VM_RUNTIME_TYPE {
+            SandboxTask::Vm
+        } else if !is_ours(&runtime_type) || pod_pid {
+            SandboxTask::Pause
+        } else {
+            SandboxTask::None
+        };
         let cri = self.0.clone();
         let handler = r.runtime_handler;
         let record = blocking(move || {
-            cri.sandboxes.run(&config, &handler).map_err(|e| {
+            cri.sandboxes.run(&config, &handler, task).map_err(|e| {
                 tracing::warn!(error = %crate::error::chain(&e), "RunPodSandbox failed");
                 status(e)
             })
         })
         .await?;
-        // A foreign runtime gets the pause container it expects (a real Kata boots its VM for
-        // it); so does a pod-wide PID namespace, which needs a process as its init.
-        if (foreign || pod_pid)
-            && let Err(e) = self.0.run_pause(&record, &runtime).await
-        {
-            tracing::warn!(pod = %record.id, error = %e.message(), "RunPodSandbox: pause container failed");
-            let _ = self.0.remove_pause(&record.id, false).await;
+        let started = match task {
+            SandboxTask::None => Ok(()),
+            SandboxTask::Pause => self.0.run_pause(&record, &runtime).await,
+            SandboxTask::Vm => self.0.run_pod_vm(&record, &runtime).await,
+        };
+        if let Err(e) = started {
+            tracing::warn!(pod = %record.id, error = %e.message(), "RunPodSandbox: the pod's sandbox task failed");
+            let _ = self.0.remove_pod_task(&record.id, false).await;
             self.0.containers.remove_pod_files(&record.id);
             let cri = self.0.clone();
             let id = record.id.clone();
@@ -388,7 +403,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         for c in self.0.containers.of_pod(&pod.id) {
             self.0.stop_container(&c.id, 0).await?;
         }
-        self.0.remove_pause(&pod.id, true).await?;
+        self.0.remove_pod_task(&pod.id, true).await?;
         let cri = self.0.clone();
         blocking(move || cri.sandboxes.stop(&id).map(drop).map_err(status)).await?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
@@ -403,7 +418,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
             for c in self.0.containers.of_pod(&pod.id) {
                 self.0.remove_container(&c.id).await?;
             }
-            self.0.remove_pause(&pod.id, false).await?;
+            self.0.remove_pod_task(&pod.id, false).await?;
             self.0.containers.remove_pod_files(&pod.id);
         }
         let cri = self.0.clone();

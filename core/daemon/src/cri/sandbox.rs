@@ -115,6 +115,23 @@ pub struct Record {
     /// The pod's config as CRI sent it (protobuf), for status and containers.
     #[serde(with = "b64")]
     pub config: Vec<u8>,
+    /// The task that holds the pod besides the namespaces the daemon holds; its id is the pod's.
+    #[serde(default)]
+    pub task: SandboxTask,
+}
+
+/// What runs for a pod before its containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxTask {
+    /// Nothing: the daemon holds the pod's namespaces (`native`, `wasm`).
+    #[default]
+    None,
+    /// A pause container from `[cri] sandbox_image`: a foreign runtime's pod, or a pod-wide PID
+    /// namespace (the pause process is its init).
+    Pause,
+    /// The pod's VM (`vm`): a task with no process that the vm shim boots the VM for.
+    Vm,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,7 +258,12 @@ impl Sandboxes {
 
     /// RunPodSandbox's network part and record: a network namespace, CNI ADD, the record.
     /// Whatever fails undoes what came before it. Blocking (plugins run as processes).
-    pub fn run(&self, config: &cri::PodSandboxConfig, handler: &str) -> Result<Record> {
+    pub fn run(
+        &self,
+        config: &cri::PodSandboxConfig,
+        handler: &str,
+        task: SandboxTask,
+    ) -> Result<Record> {
         let meta = config.metadata.as_ref().ok_or(SandboxError::Invalid {
             field: "config.metadata",
             reason: "missing".into(),
@@ -284,6 +306,7 @@ impl Sandboxes {
             annotations: config.annotations.clone().into_iter().collect(),
             network: None,
             config: prost::Message::encode_to_vec(config),
+            task,
         };
         if let Err(e) = self.hold_namespaces(&mut record, config, host_network) {
             self.release_namespaces(&record);

@@ -101,6 +101,25 @@ pub mod annotations {
     pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
     pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
     pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+    pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+    pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+    pub const SANDBOX_CPU_SHARES: &str = "io.kubernetes.cri.sandbox-cpu-shares";
+    pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+}
+
+/// containerd's sandbox resource annotations, from the pod's `linux.resources` (the sum of its
+/// containers' resources) where kubelet gives them: what a VM runtime sizes the pod's VM from.
+fn sandbox_resources(sandbox: &cri::PodSandboxConfig) -> Vec<(&'static str, String)> {
+    use self::annotations::*;
+    let Some(r) = sandbox.linux.as_ref().and_then(|l| l.resources.as_ref()) else {
+        return Vec::new();
+    };
+    vec![
+        (SANDBOX_CPU_PERIOD, r.cpu_period.to_string()),
+        (SANDBOX_CPU_QUOTA, r.cpu_quota.to_string()),
+        (SANDBOX_CPU_SHARES, r.cpu_shares.to_string()),
+        (SANDBOX_MEMORY, r.memory_limit_in_bytes.to_string()),
+    ]
 }
 
 /// Largest `Localhost` seccomp profile read (Docker's default profile is about 20 KiB).
@@ -1476,6 +1495,60 @@ fn sysctls(pod: &cri::LinuxPodSandboxConfig, ns: &Namespaces) -> Result<BTreeMap
     Ok(out)
 }
 
+/// The spec of a `vm` pod's sandbox task: no process (the vm shim boots the pod's VM for it,
+/// with nothing in it), containerd's sandbox annotations over the pod's, the pod's cgroup, and
+/// the pod's `linux.resources` (the sum of its containers' limits), from which the shim sizes
+/// the VM. The network namespace is the pod's, for the VM's network once it has one.
+pub fn pod_vm_spec(
+    pod_id: &str,
+    sandbox: &cri::PodSandboxConfig,
+    netns: Option<&Path>,
+    host: &HostFacts,
+) -> Result<oci_spec::runtime::Spec> {
+    use self::annotations::*;
+    let pod_linux = sandbox.linux.clone().unwrap_or_default();
+    let mut resources = json!({});
+    if let Some(r) = &pod_linux.resources {
+        resources_at("sandbox_config.linux.resources", r, host, &mut resources)?;
+    }
+    let mut annotations: BTreeMap<String, String> = sandbox
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let meta = sandbox.metadata.clone().unwrap_or_default();
+    for (k, v) in [
+        (SANDBOX_ID, pod_id),
+        (SANDBOX_NAMESPACE, meta.namespace.as_str()),
+        (SANDBOX_UID, meta.uid.as_str()),
+        (SANDBOX_NAME, meta.name.as_str()),
+        (CONTAINER_TYPE, CONTAINER_TYPE_SANDBOX),
+    ] {
+        annotations.insert(k.to_owned(), v.to_owned());
+    }
+    for (k, v) in sandbox_resources(sandbox) {
+        annotations.insert(k.to_owned(), v);
+    }
+    let mut linux = json!({
+        "resources": resources,
+        "cgroupsPath": cgroups_path(&pod_linux, pod_id)?,
+    });
+    if let Some(path) = netns {
+        linux["namespaces"] = json!([{"type": "network", "path": path}]);
+    }
+    let mut spec = json!({
+        "ociVersion": "1.1.0",
+        "root": {"path": "rootfs", "readonly": true},
+        "annotations": annotations,
+        "linux": linux,
+    });
+    if !sandbox.hostname.is_empty() {
+        no_nul(|| "sandbox_config.hostname".into(), &sandbox.hostname)?;
+        spec["hostname"] = json!(sandbox.hostname);
+    }
+    serde_json::from_value(spec).map_err(SpecError::Assemble)
+}
+
 /// The container's annotations under containerd's (`DefaultCRIAnnotations`), which win.
 fn annotations(input: &SpecInput<'_>, name: &str) -> BTreeMap<String, String> {
     use self::annotations::*;
@@ -1510,6 +1583,11 @@ fn annotations(input: &SpecInput<'_>, name: &str) -> BTreeMap<String, String> {
         ),
     ] {
         out.insert(k.to_owned(), v.to_owned());
+    }
+    if input.pause {
+        for (k, v) in sandbox_resources(input.sandbox) {
+            out.insert(k.to_owned(), v);
+        }
     }
     out
 }
@@ -2632,6 +2710,56 @@ mod tests {
     }
 
     // containerd's getCgroupsPath (cgroupfs) and its namespaced default.
+    /// A `vm` pod's sandbox task: no process, the pod's cgroup and limits (the VM's size).
+    #[test]
+    fn pod_vm_spec_has_no_process_and_carries_the_pods_limits() {
+        let c = Case::new();
+        let mut pod = c.sandbox.clone();
+        pod.linux.as_mut().unwrap().resources = Some(cri::LinuxContainerResources {
+            cpu_quota: 150_000,
+            cpu_period: 100_000,
+            memory_limit_in_bytes: 128 << 20,
+            ..Default::default()
+        });
+        let spec = pod_vm_spec("p1", &pod, Some(Path::new("/run/netns/p1")), &c.host).unwrap();
+        let v = serde_json::to_value(&spec).unwrap();
+        assert!(v.get("process").is_none() || v["process"].is_null(), "{v}");
+        assert_eq!(
+            v["annotations"]["io.kubernetes.cri.container-type"],
+            "sandbox"
+        );
+        assert_eq!(v["annotations"]["io.kubernetes.cri.sandbox-id"], "p1");
+        assert_eq!(v["linux"]["resources"]["cpu"]["quota"], 150_000);
+        assert_eq!(
+            v["annotations"]["io.kubernetes.cri.sandbox-cpu-quota"],
+            "150000"
+        );
+        assert_eq!(
+            v["annotations"]["io.kubernetes.cri.sandbox-memory"],
+            "134217728"
+        );
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], 128 << 20);
+        assert_eq!(
+            v["linux"]["cgroupsPath"],
+            "/kubepods/besteffort/poduid-1/p1"
+        );
+        assert_eq!(v["linux"]["namespaces"][0]["path"], "/run/netns/p1");
+        pod.linux
+            .as_mut()
+            .unwrap()
+            .resources
+            .as_mut()
+            .unwrap()
+            .memory_limit_in_bytes = -5;
+        let e = pod_vm_spec("p1", &pod, None, &c.host)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sandbox_config.linux.resources.memory_limit_in_bytes"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn cgroups_path_under_the_pods_parent() {
         let mut c = Case::new();

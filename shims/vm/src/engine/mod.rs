@@ -16,6 +16,7 @@
 //! | here | Create: the spec's checks, the rootfs image, joining or booting the sandbox |
 //! | [`sandbox`] | the VM's lifecycle: boot, later containers' images, teardown, stop |
 //! | [`container`] | the task calls of one container |
+//! | [`pod`] | a CRI pod's VM, booted at RunPodSandbox before its containers |
 //! | [`process`] | one process and its stdio pumps |
 //! | [`oom`] | OOM reports from the guest, checked and paced |
 //! | [`spec`] | what the vm runtime refuses in a spec, bind mounts, the guest's namespaces |
@@ -23,6 +24,7 @@
 
 pub mod container;
 pub mod oom;
+pub mod pod;
 pub mod process;
 pub mod sandbox;
 pub mod spec;
@@ -106,6 +108,9 @@ impl Engine for VmEngine {
         // The kit has read the spec and mounted a rootfs it did not hand over (and unmounts it
         // when this fails).
         let spec = &req.spec;
+        if pod::is_pod_vm(spec) {
+            return self.create_pod_vm(&req).await;
+        }
         if spec.process().is_none() {
             return Err(Error::InvalidArgument(
                 "config.json: process: missing".into(),
@@ -158,6 +163,54 @@ impl Engine for VmEngine {
 }
 
 impl VmEngine {
+    /// Boots a pod's VM with no container in it yet ([`pod`]).
+    async fn create_pod_vm(&self, req: &CreateRequest) -> Result<Arc<dyn Container>> {
+        let spec = &req.spec;
+        let mut slot = self.sandbox.lock().await;
+        if let Some(sb) = slot.as_ref() {
+            if !sb.unusable() {
+                return Err(Error::FailedPrecondition(format!(
+                    "config.json: a pod sandbox: this shim already runs sandbox {} (a pod's \
+                     tasks share its shim: io.kubernetes.cri.sandbox-id)",
+                    sb.id
+                )));
+            }
+            let sb = sb.clone();
+            slot.take();
+            sb.stop().await;
+        }
+        let mut options = Options::from_any(req.options.as_ref())?;
+        (options.vcpus, options.memory_mib) = pod::size(&options, spec)?;
+        let sandbox = Sandbox::boot(
+            self.backends.as_ref(),
+            Boot {
+                namespace: &req.namespace,
+                id: &req.id,
+                options,
+                image: None,
+                events: req.events.clone(),
+                grouped: true,
+                dirs: &self.dirs,
+                host_bind: None,
+                binder: self.binder.clone(),
+                cgroup: spec
+                    .linux()
+                    .as_ref()
+                    .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref())),
+            },
+        )
+        .await?;
+        sandbox.reserve(&req.id, Attached::Nothing);
+        sandbox::write_sandbox_key(&req.bundle, &sandbox.key);
+        *slot = Some(sandbox.clone());
+        Ok(Arc::new(pod::PodVm {
+            id: req.id.clone(),
+            process: pod::VmAsProcess::new(sandbox.clone()),
+            sandbox,
+            slot: self.sandbox.clone(),
+        }))
+    }
+
     async fn create_container(
         &self,
         req: &CreateRequest,
@@ -191,7 +244,15 @@ impl VmEngine {
         }
         let options = match slot.as_ref() {
             Some(sb) => sb.options.clone(),
-            None => Options::from_any(req.options.as_ref())?,
+            None => {
+                let mut options = Options::from_any(req.options.as_ref())?;
+                // A pod's pause container (containerd's CRI) boots the pod's VM: sized for
+                // the pod.
+                if pod::is_sandbox(spec) {
+                    (options.vcpus, options.memory_mib) = pod::size(&options, spec)?;
+                }
+                options
+            }
         };
         spec::check_enforceable(&spec::unenforceable(spec), &options, "config.json", &req.id)?;
         let image = match (prebuilt, rootfs) {
@@ -226,7 +287,7 @@ impl VmEngine {
                         namespace: &req.namespace,
                         id: &req.id,
                         options,
-                        image: &image.path,
+                        image: Some(&image.path),
                         events: req.events.clone(),
                         grouped,
                         dirs: &self.dirs,

@@ -85,6 +85,8 @@ pub fn owner_alive(key: &str) -> bool {
 pub enum Attached {
     /// The disk the VM booted with.
     BootDisk,
+    /// No image: a pod's VM itself ([`super::pod`]).
+    Nothing,
     /// A file in the 9p share.
     Shared(PathBuf),
     /// A disk attached after boot: the guest's device path.
@@ -109,8 +111,9 @@ pub struct Boot<'a> {
     /// The first container's id: names the sandbox.
     pub id: &'a str,
     pub options: Options,
-    /// The first container's image: the VM's boot disk.
-    pub image: &'a Path,
+    /// The first container's image: the VM's boot disk. `None` for a pod's VM booted before
+    /// its containers ([`super::pod`]): they all come as later containers.
+    pub image: Option<&'a Path>,
     pub events: Publisher,
     /// Other containers may join (a group or pod).
     pub grouped: bool,
@@ -254,7 +257,7 @@ impl Sandbox {
             memory_mib: b.options.memory_mib,
             accel: chosen.accel,
             boot_timeout: b.options.boot_timeout(),
-            root_disk: Some(b.image.to_path_buf()),
+            root_disk: b.image.map(Path::to_path_buf),
             share_dir: match &later {
                 Later::Share(dir) => Some(dir.clone()),
                 Later::Disks | Later::Nothing => None,
@@ -348,6 +351,29 @@ impl Sandbox {
             ooms,
             host_cgroup,
         }))
+    }
+
+    /// The VMM process, when the VMM is one (QEMU; the built-in VMM runs in the shim).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vm.pid()
+    }
+
+    /// Resolves when the VM has ended.
+    pub async fn exited(&self) {
+        self.vm.exited().await;
+    }
+
+    /// Asks the guest to power off (the agent kills what runs in it) and stops the VMM if it
+    /// does not go. The sandbox's files stay until [`Sandbox::stop`].
+    pub async fn power_off(&self) {
+        if self.vm.exit_status().is_some() {
+            return;
+        }
+        let asked = tokio::time::timeout(SHUTDOWN_ASK, self.agent.shutdown()).await;
+        if !matches!(asked, Ok(Ok(()))) {
+            tracing::warn!(sandbox = %self.id, "agent did not take Shutdown; stopping the VM");
+        }
+        self.vm.stop(STOP_GRACE).await;
     }
 
     fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attached>> {
@@ -495,7 +521,7 @@ impl Sandbox {
     /// removed the container (`removed`): until then its filesystem may still be mounted.
     pub async fn detach(&self, id: &str, attached: &Attached, removed: bool) {
         match attached {
-            Attached::BootDisk => {}
+            Attached::BootDisk | Attached::Nothing => {}
             Attached::Shared(file) => {
                 let _ = std::fs::remove_file(file);
             }
@@ -523,10 +549,8 @@ impl Sandbox {
         {
             h.abort();
         }
-        let asked = tokio::time::timeout(SHUTDOWN_ASK, self.agent.shutdown()).await;
-        if !matches!(asked, Ok(Ok(()))) {
-            tracing::warn!(sandbox = %self.id, "agent did not take Shutdown; stopping the VM");
-        }
+        self.power_off().await;
+        // Idempotent: after a power-off that the VMM did not finish.
         self.vm.stop(STOP_GRACE).await;
         if let Some(path) = &self.host_cgroup {
             yard_shim_kit::cgroup::remove(path, &self.id);

@@ -165,6 +165,62 @@ async fn a_groups_vm_gets_a_share_and_later_containers_come_and_go_through_it() 
     assert!(!share.exists());
 }
 
+/// Issue 19: a pod's VM (switchyardd's sandbox task: no process) boots without a boot disk,
+/// sized for the pod, before its containers; containers come and go through the share while the
+/// VM stays; killing the task powers the VM off and its delete removes everything.
+#[tokio::test]
+async fn a_pods_vm_boots_before_its_containers_and_outlives_them() {
+    let w = World::new(FakeBackends::sharing);
+    let pod_spec = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+        "annotations": {"io.kubernetes.cri.container-type": "sandbox",
+                        "io.kubernetes.cri.sandbox-id": "pod",
+                        "io.kubernetes.cri.sandbox-cpu-quota": "50000",
+                        "io.kubernetes.cri.sandbox-cpu-period": "100000",
+                        "io.kubernetes.cri.sandbox-memory": "134217728"}}"#;
+    let pod = w.create("pod", pod_spec).await.unwrap();
+    let vms = w.backends.vms();
+    assert_eq!(vms.len(), 1);
+    let cfg = &vms[0].config;
+    assert_eq!(
+        cfg.root_disk, None,
+        "a pod's VM has no container's image to boot"
+    );
+    assert_eq!((cfg.vcpus, cfg.memory_mib), (2, 256 + 128));
+    assert!(cfg.share_dir.is_some(), "later containers need the share");
+    assert!(
+        w.agent.containers().is_empty(),
+        "nothing runs in the guest for the pod"
+    );
+    let pid = pod.init().start().await.unwrap();
+    assert!(pid > 0);
+    let (_, text) = message(
+        pod.exec(ExecRequest {
+            exec_id: "e1".into(),
+            stdio: Default::default(),
+            spec: br#"{"args": ["/bin/true"], "cwd": "/"}"#.to_vec(),
+        })
+        .await,
+    );
+    assert!(text.contains("runs no process"), "{text}");
+
+    let c1 = w.create("c1", &grouped_sleep()).await.unwrap();
+    assert_eq!(
+        w.backends.vms().len(),
+        1,
+        "the container joins the pod's VM"
+    );
+    assert_eq!(w.agent.storage("c1").unwrap().shared_file, "c1.erofs");
+    c1.init().start().await.unwrap();
+    c1.delete(true).await.unwrap();
+    assert!(!vms[0].ended(), "the pod's VM went with its container");
+
+    pod.init().kill(9).await.unwrap();
+    assert_eq!(pod.init().wait().await.status, 128 + 9);
+    assert!(vms[0].ended());
+    pod.delete(false).await.unwrap();
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+}
+
 #[tokio::test]
 async fn without_a_group_a_second_container_is_refused_clearly() {
     let w = World::new(FakeBackends::sharing);
