@@ -900,16 +900,20 @@ fn issue19_stats_and_metrics_through_switchyardd() {
         .container_id;
     c.start_container(&id).expect("StartContainer");
 
-    // CPU time, then a rate from the second sample on; the ~8 MB string in the working set.
+    // CPU time, then a rate from the second sample on; the ~8 MB string in the working set;
+    // the file in the writable layer (measured at most every 10 s, so maybe a sample later).
     let mut last = cri::ContainerStats::default();
-    let ok = eventually(std::time::Duration::from_secs(30), || {
+    let ok = eventually(std::time::Duration::from_secs(40), || {
         last = c.container_stats(&id).expect("ContainerStats");
         let cpu = last.cpu.unwrap_or_default();
         let mem = last.memory.unwrap_or_default();
+        let layer = last.writable_layer.clone().unwrap_or_default();
         value(&cpu.usage_core_nano_seconds) > 0
             && value(&cpu.usage_nano_cores) > 0
             && value(&mem.working_set_bytes) > 8_000_000
             && value(&mem.usage_bytes) >= value(&mem.working_set_bytes)
+            && value(&layer.inodes_used) >= 2
+            && value(&layer.used_bytes) > 0
     });
     assert!(ok, "container stats: {last:?}");
     let attrs = last.attributes.clone().expect("attributes");

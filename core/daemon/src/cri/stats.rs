@@ -207,10 +207,18 @@ fn interfaces(netns: &Path) -> Option<Vec<Interface>> {
     .map(|t| parse_net_dev(&t))
 }
 
-/// The previous CPU sample of each container and pod, for `usage_nano_cores`.
+/// How long a writable layer's measured usage is served before it is walked again: the walk
+/// visits every file a container wrote (which may be millions), so it runs at most this often per
+/// container however often stats are asked for (containerd's CRI likewise walks snapshots on a
+/// 10 s period, `stats_collect_period`).
+pub const LAYER_USAGE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The previous CPU sample of each container and pod, for `usage_nano_cores`, and the last
+/// measured usage of each container's writable layer.
 #[derive(Default)]
 pub struct Samples {
     cpu: Mutex<HashMap<String, (i64, u64)>>,
+    layers: Mutex<HashMap<String, (std::time::Instant, u64, u64)>>,
 }
 
 impl Samples {
@@ -229,9 +237,32 @@ impl Samples {
         u64::try_from(delta * 1_000_000_000 / elapsed).ok()
     }
 
-    /// Forgets a removed container's or pod's sample.
+    /// The writable layer's `(bytes, inodes)` of `key` measured within [`LAYER_USAGE_TTL`].
+    fn layer_usage(&self, key: &str) -> Option<(u64, u64)> {
+        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        layers
+            .get(key)
+            .filter(|(at, _, _)| at.elapsed() < LAYER_USAGE_TTL)
+            .map(|&(_, bytes, inodes)| (bytes, inodes))
+    }
+
+    fn set_layer_usage(&self, key: &str, usage: (u64, u64)) {
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key.to_owned(),
+                (std::time::Instant::now(), usage.0, usage.1),
+            );
+    }
+
+    /// Forgets a removed container's or pod's samples.
     pub fn forget(&self, key: &str) {
         self.cpu
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        self.layers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
@@ -327,17 +358,25 @@ impl Cri {
             .collect())
     }
 
-    /// Bytes and inodes of the container's writable layer (its active snapshot).
+    /// Bytes and inodes of the container's writable layer (its active snapshot), walked at
+    /// most once per [`LAYER_USAGE_TTL`].
     async fn writable_layer(&self, id: &str, at: i64) -> Option<cri::FilesystemUsage> {
-        let store = self.shared.images.clone();
-        let key = format!("{NAMESPACE}/{id}");
-        let (used, root) = tokio::task::spawn_blocking(move || {
-            let s = store.snapshots();
-            (s.active_usage(&key), s.root().to_path_buf())
-        })
-        .await
-        .ok()?;
-        let (bytes, inodes) = used.ok()??;
+        let root = self.shared.images.snapshots().root().to_path_buf();
+        let sample = container_key(id);
+        let (bytes, inodes) = match self.stats.layer_usage(&sample) {
+            Some(u) => u,
+            None => {
+                let store = self.shared.images.clone();
+                let key = format!("{NAMESPACE}/{id}");
+                let used =
+                    tokio::task::spawn_blocking(move || store.snapshots().active_usage(&key))
+                        .await
+                        .ok()?
+                        .ok()??;
+                self.stats.set_layer_usage(&sample, used);
+                used
+            }
+        };
         Some(cri::FilesystemUsage {
             timestamp: at,
             fs_id: Some(cri::FilesystemIdentifier {
@@ -807,6 +846,10 @@ mod tests {
         // A counter that went back (a new cgroup): no rate.
         assert_eq!(s.nano_cores("c/a", 3_000_000_000, 10), None);
         s.forget("c/a");
+        s.set_layer_usage("c/a", (10, 2));
+        assert_eq!(s.layer_usage("c/a"), Some((10, 2)), "served within the TTL");
+        s.forget("c/a");
+        assert_eq!(s.layer_usage("c/a"), None);
         assert_eq!(s.nano_cores("c/a", 4_000_000_000, 20), None);
     }
 
