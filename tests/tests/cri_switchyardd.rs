@@ -1258,6 +1258,24 @@ fn issue19_container_events_and_update_resources() {
     );
     let st = c.container_status(&id2).expect("ContainerStatus");
     assert_eq!(st.exit_code, 3, "{st:?}");
+
+    // A running container removed at once: stopped, then deleted, once each (its exit may
+    // reach the daemon after the removal).
+    let id3 = create("removed", &["sleep", "3600"]);
+    c.start_container(&id3).expect("StartContainer");
+    c.remove_container(&id3).expect("RemoveContainer");
+    let kinds: Vec<i32> = (0..4)
+        .map(|_| next_event(&events, &id3).container_event_type)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            E::ContainerCreatedEvent as i32,
+            E::ContainerStartedEvent as i32,
+            E::ContainerStoppedEvent as i32,
+            E::ContainerDeletedEvent as i32
+        ]
+    );
     c.remove_pod(&pod).expect("RemovePodSandbox");
     assert_eq!(
         next_event(&events, &id2).container_event_type,

@@ -666,7 +666,10 @@ impl Cri {
     }
 
     /// The task's process as containerd reports it; `None` when it has no task.
-    async fn process(&self, id: &str) -> Option<switchyard_api::containerd::v1::types::Process> {
+    pub(super) async fn process(
+        &self,
+        id: &str,
+    ) -> Option<switchyard_api::containerd::v1::types::Process> {
         TasksService(self.shared.clone())
             .get(in_ns(tasks_api::GetRequest {
                 container_id: id.to_owned(),
@@ -740,7 +743,9 @@ impl Cri {
     /// running is already stopped (a created one's process goes with its task at removal).
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Status> {
         let r = self.containers.find(id)?;
-        self.stop_task(&r.id, timeout).await
+        self.stop_task(&r.id, timeout).await?;
+        self.stopped_event(&r.id, &r.pod_id).await;
+        Ok(())
     }
 
     /// [`Cri::stop_container`] of a task by its full id (a CRI container's or a pause's).
@@ -789,6 +794,7 @@ impl Cri {
             Err(_) => return Ok(()),
         };
         self.stop_task(&r.id, 0).await?;
+        self.stopped_event(&r.id, &r.pod_id).await;
         self.delete_task(&r.id).await?;
         if let Some(log) = self.containers.take_log(&r.id) {
             tokio::task::spawn_blocking(move || log.stop(LOG_DRAIN))

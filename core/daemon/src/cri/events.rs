@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use futures::StreamExt as _;
 use switchyard_api::containerd::events::TaskExit;
+use switchyard_api::containerd::v1::types::Status as TaskStatus;
 use switchyard_api::cri::v1 as cri;
 use tokio::sync::broadcast;
 use tonic::codegen::BoxStream;
@@ -33,6 +34,9 @@ pub struct ContainerEvents {
     /// Held by StartContainer until it has sent started, and by the exit watcher while it
     /// sends stopped: a container that exits at once is still started before it is stopped.
     order: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Containers whose stopped event was sent: once each, whether the exit watcher or
+    /// StopContainer/RemoveContainer sends it first.
+    stopped: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for ContainerEvents {
@@ -40,6 +44,7 @@ impl Default for ContainerEvents {
         ContainerEvents {
             tx: broadcast::channel(BACKLOG).0,
             order: Mutex::default(),
+            stopped: Mutex::default(),
         }
     }
 }
@@ -75,13 +80,43 @@ impl ContainerEvents {
 }
 
 impl Cri {
+    /// Sends container `id`'s stopped event now if its task has exited and the exit watcher
+    /// has not sent it yet: StopContainer and RemoveContainer return only after it went out,
+    /// so an exit whose `/tasks/exit` arrives after the container's removal is not lost.
+    pub async fn stopped_event(&self, id: &str, pod_id: &str) {
+        let exited = self
+            .process(id)
+            .await
+            .is_some_and(|p| p.status == TaskStatus::Stopped as i32);
+        if exited {
+            let _order = self.events.hold(id).await;
+            self.container_event(Kind::ContainerStoppedEvent, id, pod_id)
+                .await;
+        }
+    }
+
     /// Sends a container event to `GetContainerEvents` subscribers (none: nothing is built).
     /// A deleted container's stats sample is forgotten too.
     pub async fn container_event(&self, kind: Kind, id: &str, pod_id: &str) {
+        if kind == Kind::ContainerStoppedEvent
+            && !self
+                .events
+                .stopped
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_owned())
+        {
+            return;
+        }
         if kind == Kind::ContainerDeletedEvent {
             self.stats.forget(&super::stats::container_key(id));
             self.events
                 .order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+            self.events
+                .stopped
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(id);
