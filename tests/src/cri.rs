@@ -24,7 +24,7 @@ use switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 use crate::daemon::Daemon;
-use crate::images::{TarEntry, busybox_base_layer, docker_save_tar, gzip, image, layer_tar};
+use crate::images::{Image, TarEntry, busybox_base_layer, docker_save_tar, gzip, image, layer_tar};
 
 /// containerd's CRI namespace.
 pub const K8S_NAMESPACE: &str = "k8s.io";
@@ -134,10 +134,13 @@ impl Peer {
                     .iter()
                     .find(|(name, _)| *name == "vm")
                     .map_or("", |(_, ty)| ty);
+                // The default sandbox image, which switchyardd builds from the static
+                // yard-pause (scripts/setup installs one where the default config looks).
                 format!(
                     "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
-                     sandbox_image = \"{PAUSE_IMAGE}\"\n[runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}",
+                     pause_binary = \"{}\"\n[runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}",
                     cni_conf.display(),
+                    pause_binary().display(),
                     vm_options(dir)
                 )
             }
@@ -283,7 +286,8 @@ impl CriNode {
         Some(CriNode::start(peer))
     }
 
-    /// Starts `peer` and imports the pause and busybox images.
+    /// Starts `peer` and imports the busybox image, and for containerd the pause image
+    /// (switchyardd builds its default one itself).
     pub fn start(peer: Peer) -> CriNode {
         if peer == Peer::Switchyardd {
             return CriNode::start_switchyardd();
@@ -359,7 +363,7 @@ impl CriNode {
             child: None,
             daemon: Some(daemon),
         };
-        node.import(test_images());
+        node.import(busybox_images());
         node
     }
 
@@ -460,27 +464,38 @@ fn tail(s: &str, n: usize) -> String {
 pub fn test_images() -> &'static Path {
     static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
-        let pause_bin = pause_binary();
-        let bytes = std::fs::read(&pause_bin).expect("read yard-pause");
-        let pause_layer = gzip(&layer_tar(&[TarEntry::file("pause", 0o755, bytes)]));
-        let pause = image(
-            vec![pause_layer],
-            json!({"Entrypoint": ["/pause"], "User": "65535:65535"}),
-            "amd64",
-        );
-        let busybox = image(
-            vec![busybox_base_layer()],
-            json!({"Cmd": ["sh"], "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}),
-            "amd64",
-        );
-        let tar = docker_save_tar(&[(PAUSE_IMAGE, &pause), (BUSYBOX_IMAGE, &busybox)]);
-        let path = std::env::temp_dir().join(format!(
-            "switchyard-cri-images-{}.tar",
-            std::process::id()
-        ));
-        std::fs::write(&path, tar).expect("write image archive");
-        path
+        let bytes = std::fs::read(pause_binary()).expect("read yard-pause");
+        // The image switchyardd builds for its default sandbox image, under the tests' name.
+        let pause =
+            switchyard_images::build::pause_image(bytes, &switchyard_images::Platform::host())
+                .expect("pause image");
+        let tar = docker_save_tar(&[(PAUSE_IMAGE, &pause), (BUSYBOX_IMAGE, &busybox())]);
+        write_archive("images", &tar)
     })
+}
+
+/// The busybox image alone as a docker-save archive (for switchyardd, which builds its pause
+/// image itself), built once per test process.
+pub fn busybox_images() -> &'static Path {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    ARCHIVE
+        .get_or_init(|| write_archive("busybox", &docker_save_tar(&[(BUSYBOX_IMAGE, &busybox())])))
+}
+
+fn busybox() -> Image {
+    image(
+        vec![busybox_base_layer()],
+        json!({"Cmd": ["sh"], "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]}),
+        "amd64",
+    )
+}
+
+/// `tar` as this process's `switchyard-cri-<what>-<pid>.tar` in the temp dir.
+fn write_archive(what: &str, tar: &[u8]) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("switchyard-cri-{what}-{}.tar", std::process::id()));
+    std::fs::write(&path, tar).expect("write image archive");
+    path
 }
 
 /// The Wasm test images (their modules in an ordinary tar layer, as runwasi also accepts them),
@@ -510,16 +525,12 @@ pub fn wasm_images() -> &'static Path {
             (WASM_HELLO_IMAGE, &hello),
             (NOT_WASM_IMAGE, &not_wasm),
         ]);
-        let path = std::env::temp_dir().join(format!(
-            "switchyard-cri-wasm-images-{}.tar",
-            std::process::id()
-        ));
-        std::fs::write(&path, tar).expect("write image archive");
-        path
+        write_archive("wasm-images", &tar)
     })
 }
 
-/// `yard-pause` built statically (musl) so it runs in an image with nothing else in it.
+/// `yard-pause` built statically (musl) so it runs in an image with nothing else in it: the
+/// switchyardd peer's `[cri] pause_binary`, and containerd's [`PAUSE_IMAGE`].
 pub fn pause_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

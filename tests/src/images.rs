@@ -4,8 +4,10 @@
 //! records which requests reached it ([`RecordingProxy`]).
 //!
 //! Everything is built in memory and deterministic (fixed mtimes, seeded data), so a digest
-//! computed in a test is the same on every run. Paths inside layers are relative (`bin/sh`);
-//! a leading `/` given to a builder is dropped.
+//! computed in a test is the same on every run. Layers, images and OCI layouts are
+//! `switchyard_images::build`'s (the builder switchyardd makes its sandbox image with), wrapped
+//! here so a fixture is a value, not a `Result`. Paths inside layers are relative (`bin/sh`); a
+//! leading `/` given to a builder is dropped.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -16,213 +18,36 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use switchyard_images::build::{self, oci_layout_files};
+pub use switchyard_images::build::{
+    Blob, CREATED, EntryKind, Image, MTIME, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
+    REF_NAME, TarEntry,
+};
+pub use switchyard_images::content::sha256_digest;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
 pub const WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
-pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const TITLE: &str = "org.opencontainers.image.title";
-
-/// The `created` time written into configs and the mtime of every tar entry.
-const CREATED: &str = "2024-01-01T00:00:00Z";
-const MTIME: u64 = 1_704_067_200;
-
-/// Content plus its media type and digest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Blob {
-    pub media_type: String,
-    /// `sha256:<hex>`
-    pub digest: String,
-    pub bytes: Vec<u8>,
-}
-
-impl Blob {
-    pub fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
-        Blob {
-            media_type: media_type.to_owned(),
-            digest: sha256_digest(&bytes),
-            bytes,
-        }
-    }
-
-    pub fn json(media_type: &str, value: &Value) -> Blob {
-        Blob::new(media_type, serde_json::to_vec(value).unwrap())
-    }
-
-    /// The hex part of the digest.
-    pub fn hex(&self) -> &str {
-        self.digest.trim_start_matches("sha256:")
-    }
-
-    /// An OCI descriptor (mediaType, digest, size).
-    pub fn descriptor(&self) -> Value {
-        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.bytes.len()})
-    }
-}
-
-/// An image (or artifact): config, layers and the manifest that names them.
-#[derive(Clone, Debug)]
-pub struct Image {
-    pub config: Blob,
-    pub layers: Vec<Blob>,
-    /// The OCI image manifest JSON.
-    pub manifest: Blob,
-}
-
-impl Image {
-    /// The manifest digest, which is what a registry or layout calls the image.
-    pub fn digest(&self) -> &str {
-        &self.manifest.digest
-    }
-
-    /// Config and layers (not the manifest).
-    pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
-        std::iter::once(&self.config).chain(&self.layers)
-    }
-}
-
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(bytes)))
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
-// Layers
-
-/// What one tar entry is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EntryKind {
-    File(Vec<u8>),
-    Dir,
-    Symlink(String),
-    /// A hard link to an earlier entry of the same layer (its path).
-    Hardlink(String),
-}
-
-/// One entry of a layer tar. Build with [`TarEntry::file`] and friends; whiteouts are the
-/// empty files OCI layers use (`.wh.<name>`, `.wh..wh..opq`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TarEntry {
-    pub path: String,
-    pub kind: EntryKind,
-    pub mode: u32,
-    pub uid: u64,
-    pub gid: u64,
-}
-
-impl TarEntry {
-    fn new(path: &str, kind: EntryKind, mode: u32) -> TarEntry {
-        TarEntry {
-            path: path.trim_start_matches('/').to_owned(),
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-        }
-    }
-
-    pub fn file(path: &str, mode: u32, data: impl Into<Vec<u8>>) -> TarEntry {
-        TarEntry::new(path, EntryKind::File(data.into()), mode)
-    }
-
-    pub fn dir(path: &str, mode: u32) -> TarEntry {
-        TarEntry::new(path, EntryKind::Dir, mode)
-    }
-
-    pub fn symlink(path: &str, target: &str) -> TarEntry {
-        TarEntry::new(path, EntryKind::Symlink(target.to_owned()), 0o777)
-    }
-
-    /// `path` becomes a hard link to `target` (a path in the same layer, like `bin/busybox`).
-    pub fn hardlink(path: &str, target: &str) -> TarEntry {
-        let target = target.trim_start_matches('/').to_owned();
-        TarEntry::new(path, EntryKind::Hardlink(target), 0o644)
-    }
-
-    /// Deletes `path` from the layers below (`dir/.wh.name`).
-    pub fn whiteout(path: &str) -> TarEntry {
-        let path = path.trim_start_matches('/').trim_end_matches('/');
-        let wh = match path.rsplit_once('/') {
-            Some((dir, name)) => format!("{dir}/.wh.{name}"),
-            None => format!(".wh.{path}"),
-        };
-        TarEntry::file(&wh, 0o644, Vec::new())
-    }
-
-    /// Hides everything the layers below have in `dir` (`dir/.wh..wh..opq`).
-    pub fn opaque_whiteout(dir: &str) -> TarEntry {
-        let dir = dir.trim_start_matches('/').trim_end_matches('/');
-        TarEntry::file(&format!("{dir}/.wh..wh..opq"), 0o644, Vec::new())
-    }
-
-    pub fn owner(mut self, uid: u64, gid: u64) -> TarEntry {
-        self.uid = uid;
-        self.gid = gid;
-        self
-    }
-}
+// Layers: `switchyard_images::build`'s, which fail only on input a fixture never has.
 
 /// A plain (uncompressed) tar of `entries`, in order.
 pub fn layer_tar(entries: &[TarEntry]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    b.mode(tar::HeaderMode::Deterministic);
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(e.mode);
-        h.set_uid(e.uid);
-        h.set_gid(e.gid);
-        h.set_mtime(MTIME);
-        match &e.kind {
-            EntryKind::File(data) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, &e.path, data.as_slice()).unwrap();
-            }
-            EntryKind::Dir => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                b.append_data(&mut h, format!("{}/", e.path), std::io::empty())
-                    .unwrap();
-            }
-            EntryKind::Symlink(target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                b.append_link(&mut h, &e.path, target).unwrap();
-            }
-            EntryKind::Hardlink(target) => {
-                h.set_entry_type(tar::EntryType::Link);
-                h.set_size(0);
-                b.append_link(&mut h, &e.path, target).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
+    build::layer_tar(entries).expect("layer tar")
 }
 
 /// gzip at the default level.
 pub fn gzip(bytes: &[u8]) -> Vec<u8> {
-    gzip_level(bytes, flate2::Compression::default())
-}
-
-fn gzip_level(bytes: &[u8], level: flate2::Compression) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
+    build::gzip(bytes).expect("gzip")
 }
 
 pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .unwrap();
-    out
+    build::gunzip(bytes).expect("gunzip")
 }
 
 /// A tar.gz whose single regular-file entry is named exactly `path` (`../../etc/passwd`,
@@ -336,7 +161,7 @@ pub fn random_layer(seed: u64, files: usize, file_bytes: usize) -> Vec<u8> {
             data,
         ));
     }
-    gzip_level(&layer_tar(&entries), flate2::Compression::fast())
+    build::gzip_level(&layer_tar(&entries), flate2::Compression::fast()).expect("gzip")
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -350,40 +175,15 @@ fn splitmix64(state: &mut u64) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Images, artifacts, indexes
 
-/// An OCI image of gzipped `layers` (bottom first). `config` is the image config's `config`
-/// object (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`, ...); the diff_ids are computed
-/// from the layers, `os` is linux.
+/// An OCI image of gzipped `layers` (bottom first) for linux/`arch`; `config` is the image
+/// config's `config` object (`Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`, ...).
 pub fn image(layers: Vec<Vec<u8>>, config: Value, arch: &str) -> Image {
-    let diff_ids: Vec<String> = layers.iter().map(|l| sha256_digest(&gunzip(l))).collect();
-    let config = Blob::json(
-        OCI_CONFIG,
-        &json!({
-            "created": CREATED,
-            "architecture": arch,
-            "os": "linux",
-            "config": config,
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-            "history": layers.iter().map(|_| json!({"created": CREATED, "created_by": "switchyard-tests"})).collect::<Vec<_>>(),
-        }),
-    );
-    let layers: Vec<Blob> = layers
-        .into_iter()
-        .map(|l| Blob::new(OCI_LAYER_GZIP, l))
-        .collect();
-    let manifest = Blob::json(
-        OCI_MANIFEST,
-        &json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": config.descriptor(),
-            "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
-        }),
-    );
-    Image {
-        config,
-        layers,
-        manifest,
-    }
+    let platform = switchyard_images::Platform {
+        os: "linux".to_owned(),
+        architecture: arch.to_owned(),
+        variant: None,
+    };
+    build::image(layers, config, &platform).expect("image")
 }
 
 /// The common case: [`busybox_base_layer`] plus `extra` layers (gzipped), with `config`.
@@ -410,15 +210,7 @@ pub fn wasm_artifact(module: &[u8], title: &str) -> Image {
     );
     let mut layer_desc = layer.descriptor();
     layer_desc["annotations"] = json!({ TITLE: title });
-    let manifest = Blob::json(
-        OCI_MANIFEST,
-        &json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": config.descriptor(),
-            "layers": [layer_desc],
-        }),
-    );
+    let manifest = build::manifest(&config, vec![layer_desc]);
     Image {
         config,
         layers: vec![layer],
@@ -445,29 +237,6 @@ pub fn index(entries: &[(&Image, &str, &str)]) -> Blob {
 // ---------------------------------------------------------------------------------------------
 // Archives
 
-/// The files of an OCI image layout (relative path, bytes): `oci-layout`, `index.json`
-/// naming each image by `org.opencontainers.image.ref.name` = the given tag, and every blob
-/// once under `blobs/sha256/`.
-fn oci_layout_files(refs: &[(&str, &Image)]) -> BTreeMap<String, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    files.insert(
-        "oci-layout".to_owned(),
-        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-    );
-    let mut manifests = Vec::new();
-    for (tag, img) in refs {
-        let mut d = img.manifest.descriptor();
-        d["annotations"] = json!({ REF_NAME: tag });
-        manifests.push(d);
-        for b in img.blobs().chain([&img.manifest]) {
-            files.insert(format!("blobs/sha256/{}", b.hex()), b.bytes.clone());
-        }
-    }
-    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
-    files.insert("index.json".to_owned(), serde_json::to_vec(&index).unwrap());
-    files
-}
-
 /// Writes an OCI image layout into `dir` (created if missing).
 pub fn write_oci_layout(dir: &Path, refs: &[(&str, &Image)]) {
     for (rel, bytes) in oci_layout_files(refs) {
@@ -480,22 +249,7 @@ pub fn write_oci_layout(dir: &Path, refs: &[(&str, &Image)]) {
 /// The same layout as a tar archive (what `skopeo copy ... oci-archive:` writes; `docker
 /// save` from 25 on writes this plus the classic files).
 pub fn oci_layout_tar(refs: &[(&str, &Image)]) -> Vec<u8> {
-    archive(oci_layout_files(refs))
-}
-
-/// A tar of `files` with their directories, regular files 0644.
-fn archive(files: BTreeMap<String, Vec<u8>>) -> Vec<u8> {
-    let mut dirs = std::collections::BTreeSet::new();
-    for rel in files.keys() {
-        let mut p = rel.as_str();
-        while let Some((parent, _)) = p.rsplit_once('/') {
-            dirs.insert(parent.to_owned());
-            p = parent;
-        }
-    }
-    let mut entries: Vec<TarEntry> = dirs.iter().map(|d| TarEntry::dir(d, 0o755)).collect();
-    entries.extend(files.into_iter().map(|(p, b)| TarEntry::file(&p, 0o644, b)));
-    layer_tar(&entries)
+    build::oci_layout_tar(refs).expect("layout tar")
 }
 
 /// The classic `docker save` archive (docker 24 and older): `manifest.json`, `<hex>.json`
@@ -564,7 +318,7 @@ pub fn docker_save_tar(refs: &[(&str, &Image)]) -> Vec<u8> {
         "repositories".to_owned(),
         serde_json::to_vec(&repositories).unwrap(),
     );
-    archive(files)
+    build::files_tar(files).expect("archive")
 }
 
 /// `repo:tag` → (repo, tag); the tag is after the last `:` that follows the last `/`

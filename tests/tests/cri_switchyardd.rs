@@ -296,8 +296,19 @@ fn issue19_images_through_cri() {
 }
 
 /// switchyardd with a CNI bridge network of the test's own ([`TestNet`]: no masquerade, no
-/// forwarding off the bridge).
+/// forwarding off the bridge), and the tests' pause image as `[cri] sandbox_image`.
 fn pod_daemon(net_dir: &Path) -> Option<(Daemon, TestNet)> {
+    pod_daemon_with(
+        net_dir,
+        &format!(
+            "sandbox_image = \"{}\"\n",
+            switchyard_tests::cri::PAUSE_IMAGE
+        ),
+    )
+}
+
+/// [`pod_daemon`] with `cri` (lines of its `[cri]` table) instead of its sandbox image.
+fn pod_daemon_with(net_dir: &Path, cri: &str) -> Option<(Daemon, TestNet)> {
     if !require_root_and(&["iptables", "ip", "nsenter"])
         || !require(
             Path::new("/usr/lib/cni/bridge").is_file(),
@@ -310,10 +321,8 @@ fn pod_daemon(net_dir: &Path) -> Option<(Daemon, TestNet)> {
     let conf = net.conf_dir.clone();
     let d = Daemon::start_in(|_| {
         format!(
-            "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
-             sandbox_image = \"{}\"\n",
+            "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n{cri}",
             conf.display(),
-            switchyard_tests::cri::PAUSE_IMAGE
         )
     });
     Some((d, net))
@@ -1538,4 +1547,93 @@ fn issue19_pause_container_for_a_foreign_runtime() {
     let pod = run_pod(&c, net_dir.path(), "ours", "native").expect("RunPodSandbox");
     assert!(!tasks().contains(&pod), "{}", tasks());
     c.remove_pod(&pod).expect("RemovePodSandbox");
+}
+
+/// The default `[cri] sandbox_image` is built by switchyardd from `[cri] pause_binary`. A
+/// binary that is missing, or dynamically linked (the workspace build's glibc `yard-pause`,
+/// which cannot run in an image holding nothing else), fails a runc pod's RunPodSandbox with
+/// FAILED_PRECONDITION naming both settings, and leaves no pod, namespace, image, blob, container
+/// or task. Once the file is the static `yard-pause`, the same daemon builds the image (once,
+/// for two pods) and runs the pods' pause containers from it.
+#[test]
+fn issue19_default_sandbox_image_and_a_bad_pause_binary() {
+    let net_dir = tempfile::tempdir().expect("tempdir");
+    let binary = net_dir.path().join("yard-pause");
+    let Some((d, _net)) = pod_daemon_with(
+        net_dir.path(),
+        &format!("pause_binary = \"{}\"\n", binary.display()),
+    ) else {
+        return;
+    };
+    if !require_root_and(&["runc", "containerd-shim-runc-v2"]) {
+        return;
+    }
+    let c = Cri::connect(&d.socket);
+    let blobs = d.dir.path().join("root/images/content/blobs/sha256");
+    let left = |what: &str| {
+        assert!(c.list_pods().is_empty(), "{what}: pods left");
+        assert!(
+            netns_entries(&d).is_empty(),
+            "{what}: {:?}",
+            netns_entries(&d)
+        );
+        assert_eq!(
+            d.yard_ok(&["-n", "k8s.io", "images", "-q"]).trim(),
+            "",
+            "{what}"
+        );
+        assert!(
+            entries(&blobs).is_empty(),
+            "{what}: blobs {:?}",
+            entries(&blobs)
+        );
+        let out = run_timeout(
+            d.ctr().args(["-n", "k8s.io", "containers", "ls", "-q"]),
+            std::time::Duration::from_secs(20),
+        );
+        assert_eq!(text(&out.stdout).trim(), "", "{what}: {}", show(&out));
+    };
+    let refused = |what: &str, reason: &str| {
+        let e = run_pod(&c, net_dir.path(), "bad", "runc").expect_err(what);
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{what}: {e:?}");
+        let m = e.message();
+        assert!(
+            m.contains("[cri] sandbox_image \"switchyard.local/pause:3.10\"")
+                && m.contains(&format!("[cri] pause_binary {}", binary.display()))
+                && m.contains(reason),
+            "{what}: {m}"
+        );
+        left(what);
+    };
+    refused("missing", "missing");
+    std::fs::copy(bin("yard-pause"), &binary).expect("copy the glibc yard-pause");
+    refused("dynamic", "dynamically linked");
+
+    std::fs::copy(switchyard_tests::cri::pause_binary(), &binary).expect("copy yard-pause");
+    let pods: Vec<String> = ["one", "two"]
+        .map(|name| run_pod(&c, net_dir.path(), name, "runc").expect("RunPodSandbox"))
+        .to_vec();
+    let images = d.yard_ok(&["-n", "k8s.io", "images"]);
+    assert!(images.contains("switchyard.local/pause:3.10"), "{images}");
+    assert_eq!(
+        d.log_text()
+            .matches("built the default sandbox image")
+            .count(),
+        1,
+        "built once for two pods"
+    );
+    let tasks = run_timeout(
+        d.ctr().args(["-n", "k8s.io", "tasks", "ls"]),
+        std::time::Duration::from_secs(20),
+    );
+    for pod in &pods {
+        let line = text(&tasks.stdout)
+            .lines()
+            .find(|l| l.starts_with(pod.as_str()))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no pause task {pod}: {}", show(&tasks)));
+        assert!(line.contains("RUNNING"), "{line}");
+        c.remove_pod(pod).expect("RemovePodSandbox");
+    }
+    assert!(c.list_pods().is_empty());
 }

@@ -45,6 +45,9 @@ pub struct CriConfig {
     /// The image of the pause container a pod gets on a runtime that needs one (a foreign
     /// runtime; ours hold a pod without a process).
     pub sandbox_image: String,
+    /// The static `yard-pause` switchyardd builds the default `sandbox_image` from, when that
+    /// is missing from the image store (`cri::pause_image`).
+    pub pause_binary: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +92,7 @@ struct CriFile {
     cni_conf_dir: Option<PathBuf>,
     cni_bin_dirs: Option<Vec<PathBuf>>,
     sandbox_image: Option<String>,
+    pause_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -244,6 +248,7 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             cni_conf_dir: pick(over_cri.cni_conf_dir, base_cri.cni_conf_dir),
             cni_bin_dirs: pick(over_cri.cni_bin_dirs, base_cri.cni_bin_dirs),
             sandbox_image: pick(over_cri.sandbox_image, base_cri.sandbox_image),
+            pause_binary: pick(over_cri.pause_binary, base_cri.pause_binary),
         }),
         runtimes: Some(runtimes),
     }
@@ -388,6 +393,10 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
             }
             image
         },
+        pause_binary: v.absolute(
+            "cri.pause_binary",
+            v.required("cri.pause_binary", cri.pause_binary)?,
+        )?,
     };
     let runtimes = file.runtimes.unwrap_or_default();
     for (name, rt) in &runtimes {
@@ -506,6 +515,22 @@ mod tests {
             let e = err(&format!("[cri]\nsandbox_image = \"{bad}\"\n"));
             assert!(e.contains("cri.sandbox_image"), "{e}");
         }
+    }
+
+    #[test]
+    fn pause_binary_has_a_default_and_is_absolute() {
+        let c = Config::default_config().unwrap();
+        assert_eq!(
+            c.cri.pause_binary,
+            Path::new("/usr/local/lib/switchyard/yard-pause")
+        );
+        let c = Config::parse("[cri]\npause_binary = \"/opt/yard-pause\"\n", "x.toml").unwrap();
+        assert_eq!(c.cri.pause_binary, Path::new("/opt/yard-pause"));
+        let e = err("[cri]\npause_binary = \"yard-pause\"\n");
+        assert!(
+            e.contains("cri.pause_binary = \"yard-pause\"") && e.contains("absolute"),
+            "{e}"
+        );
     }
 
     #[test]

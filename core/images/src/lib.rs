@@ -8,6 +8,8 @@
 //!   layout.
 //! - [`snapshot`]: committed snapshots, one per layer chain (overlayfs lower directories, or full
 //!   copies where overlayfs is missing), and active snapshots for containers.
+//! - [`build`]: images made in memory (layer tars, an OCI image over them, an OCI layout tar to
+//!   import): switchyardd's default sandbox image, and the test kit's fixtures.
 //!
 //! The daemon owns one [`store::ImageStore`]; its metadata lives in the daemon's database.
 
@@ -20,6 +22,7 @@
     clippy::cast_possible_wrap
 )]
 
+pub mod build;
 pub mod content;
 mod fsutil;
 pub mod hosts;

@@ -846,7 +846,8 @@ impl Cri {
     }
 
     /// Starts the pod's pause container (its id is the pod's, as in containerd) from
-    /// `[cri] sandbox_image`, pulled first when the store lacks it. It joins the pod's
+    /// `[cri] sandbox_image`, built (the default: `pause_image.rs`) or pulled first when the
+    /// store lacks it. It joins the pod's
     /// namespaces and is the init of a new PID namespace, which containers of a pod-wide PID
     /// namespace join. Whatever fails undoes what came before it.
     pub async fn run_pause(
@@ -855,6 +856,7 @@ impl Cri {
         runtime: &str,
     ) -> Result<(), Status> {
         let image_spec = self.config.sandbox_image.clone();
+        super::pause_image::ensure(self).await?;
         let image = match super::images::find(self.images_list().await?, &image_spec) {
             Some(i) => i,
             None => {

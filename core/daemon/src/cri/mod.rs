@@ -11,6 +11,7 @@ pub mod containers;
 pub mod events;
 mod images;
 pub mod logs;
+mod pause_image;
 mod resources;
 mod runtime;
 pub mod sandbox;
