@@ -1222,13 +1222,6 @@ mod wasm {
     use super::*;
     // The pod's containers here are busybox: Linux containers in a Wasm pod (sidecars).
     per_peer!(pod_lifecycle, "wasm");
-    per_peer!(
-        wasm_pod_http_and_sidecar,
-        "wasm",
-        switchyardd_pending = "switchyardd: the wasi:http function listens on 0.0.0.0:8080 in the \
-                               pod's netns, but the sidecar's wget to 127.0.0.1:8080 hangs until \
-                               ExecSync's timeout (switchyardd runs no pause task: the function is \
-                               the group shim's first); not diagnosed yet"
-    );
+    per_peer!(wasm_pod_http_and_sidecar, "wasm");
     per_peer!(bad_input_wasm, "wasm");
 }

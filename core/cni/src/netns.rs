@@ -1,7 +1,10 @@
 //! Persistent namespaces, one of each kind per pod: a new network namespace bind-mounted at
 //! `<dir>/<name>` (what `ip netns add` and containerd's `pkg/netns` do, under a directory the
 //! caller chooses), so it outlives every process in it and the CNI plugins and the pod's
-//! containers can join it by path. A pod's IPC and UTS namespaces (the latter with the pod's
+//! containers can join it by path. Its loopback is up, with `127.0.0.1` and `::1`: containerd
+//! brings it up for every pod (the `loopback` CNI plugin, before the pod's network), and the
+//! containers of a pod talk to each other on it. Down, a connection to `127.0.0.1` is not even
+//! refused: with no local address, it follows the default route out of `eth0` and waits. A pod's IPC and UTS namespaces (the latter with the pod's
 //! hostname set) are held the same way ([`Kind`]), which is what lets switchyardd run pods
 //! without a pause process.
 //!
@@ -277,6 +280,13 @@ fn bind_new_ns(
         }
     };
     nix::sched::unshare(flag).map_err(sys("unshare"))?;
+    if flag == CloneFlags::CLONE_NEWNET {
+        loopback_up().map_err(|source| NetnsError::Io {
+            op: "bringing up lo in",
+            path: target.to_owned(),
+            source,
+        })?;
+    }
     if let Some(name) = hostname {
         nix::unistd::sethostname(name).map_err(sys("sethostname"))?;
     }
@@ -290,6 +300,42 @@ fn bind_new_ns(
         None::<&str>,
     )
     .map_err(sys("bind mount"))
+}
+
+/// Sets `lo` up in the calling thread's network namespace (`ip link set lo up`), over
+/// rtnetlink, and waits for the kernel's answer.
+fn loopback_up() -> io::Result<()> {
+    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+
+    let mut link = LinkMessage::default();
+    link.header.flags = LinkFlags::Up;
+    link.header.change_mask = LinkFlags::Up;
+    link.attributes.push(LinkAttribute::IfName("lo".into()));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::SetLink(link));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    sock.send(&buf, 0)?;
+    // The answer to one request with no dump is one message: the ACK or the error.
+    let mut answer = vec![0u8; 4096];
+    let n = sock.recv(&mut &mut answer[..], 0)?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) if e.code.is_none() => Ok(()),
+        NetlinkPayload::Error(e) => Err(e.to_io()),
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("rtnetlink answered {other:?} instead of an ACK"),
+        )),
+    }
 }
 
 #[cfg(test)]

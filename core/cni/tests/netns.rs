@@ -62,6 +62,32 @@ fn create_join_and_remove_a_netns() {
     drop(guard);
 }
 
+/// Issue 19: the containers of a pod talk to each other on `127.0.0.1` (a sidecar to a Wasm
+/// function's listener). With `lo` down, a connection there left by the default route and hung;
+/// a new namespace has it up, as containerd's pods have.
+#[test]
+fn issue19_a_new_netns_has_loopback_up() {
+    if !common::require_root_and(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::create(&dir.path().join("netns"), "pod-lo").unwrap();
+    let _guard = Guard(ns.clone());
+    let echoed = ns
+        .run_in(|| -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Write};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let mut client = std::net::TcpStream::connect(listener.local_addr()?)?;
+            let (mut server, _) = listener.accept()?;
+            client.write_all(b"ping")?;
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got)?;
+            Ok(got.to_vec())
+        })
+        .unwrap();
+    assert_eq!(echoed.unwrap(), b"ping");
+}
+
 /// A pod's IPC and UTS namespaces held the same way: new ones (not the host's), the UTS one
 /// with the pod's hostname, while the host's hostname is untouched; a bad hostname is refused
 /// before anything is made.
