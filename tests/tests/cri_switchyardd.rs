@@ -589,15 +589,45 @@ fn issue19_pod_sandboxes_on_the_cni_bridge() {
     assert!(netns_entries(&d).is_empty(), "{:?}", netns_entries(&d));
 }
 
-/// Bad input: an unknown handler, a missing metadata name and a CNI config whose plugin fails
-/// are CRI errors naming the cause, and leave no namespace, record, veth or lease behind.
+/// Bad input: an unknown handler, a missing metadata name, a `vm` pod whose VM cannot boot (its
+/// kernel is missing: RunPodSandbox boots it) and a CNI config whose plugin fails are CRI errors
+/// naming the cause, and leave no namespace, record, veth, task, shim or lease behind.
 #[test]
 fn issue19_bad_pod_sandboxes_leave_nothing() {
     let net_dir = tempfile::tempdir().expect("tempdir");
-    let Some((d, net)) = pod_daemon(net_dir.path()) else {
+    let missing_kernel = net_dir.path().join("no-such-vmlinux");
+    let Some((d, net)) = pod_daemon_with(
+        net_dir.path(),
+        &format!(
+            "sandbox_image = \"{}\"\n[runtimes.vmbad]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
+             [runtimes.vmbad.options]\nbackend = \"qemu\"\nkernel = \"{}\"\n",
+            switchyard_tests::cri::PAUSE_IMAGE,
+            missing_kernel.display()
+        ),
+    ) else {
         return;
     };
     let c = Cri::connect(&d.socket);
+    let e = run_pod(&c, net_dir.path(), "badvm", "vmbad").expect_err("no kernel");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&missing_kernel.display().to_string()),
+        "{e:?}"
+    );
+    let sock = d.socket.display().to_string();
+    assert!(
+        eventually(std::time::Duration::from_secs(20), || {
+            processes_matching(&["containerd-shim-yard-vm-v1", &sock]).is_empty()
+        }),
+        "vm shims left: {:?}",
+        processes_matching(&["containerd-shim-yard-vm-v1", &sock])
+    );
+    let containers: serde_json::Value =
+        serde_json::from_str(&d.yard_ok(&["-n", "k8s.io", "ps", "--json"])).expect("ps --json");
+    assert!(
+        containers.as_array().is_some_and(Vec::is_empty),
+        "containers left: {containers}"
+    );
     let e = run_pod(&c, net_dir.path(), "bad", "kata-nope").expect_err("unknown handler");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(
