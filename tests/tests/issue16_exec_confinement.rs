@@ -1,7 +1,9 @@
 //! Issue 16 item 9: a process started by exec in a `native` container is confined exactly as the
 //! container's init (seccomp filter, capabilities, no_new_privs, cgroup, namespaces), as runc
 //! does it; and the native shim's runtime mode where issue 18 found it behind runc: rootfs
-//! propagation `rshared`/`rslave`/`rprivate`, and the runtime's real error reported.
+//! propagation `rshared`/`rslave`/`rprivate`, and the runtime's real error reported; and issue
+//! 19's: a seccomp profile applied as runc applies it (`noNewPrivileges: false`, a masked
+//! comparison), and a filter the kernel refuses named with the reason.
 //!
 //! Each scenario runs under real containerd with runc first (the oracle: the assertions are
 //! runc's behaviour) and then with the native shim; the exec scenario also runs through
@@ -453,7 +455,7 @@ fn issue18_the_runtimes_real_error_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     /// What is wrong, how to break a good spec that way, what the error must name.
     type Case = (&'static str, fn(&mut Value), &'static [&'static str]);
-    let cases: [Case; 2] = [
+    let cases: [Case; 3] = [
         (
             "an unknown rootfs propagation",
             |s| s["linux"]["rootfsPropagation"] = json!("sideways"),
@@ -470,6 +472,23 @@ fn issue18_the_runtimes_real_error_is_reported() {
                 }))
             },
             &["/refused", "EINVAL"],
+        ),
+        (
+            // Issue 19: libseccomp reports the kernel's refusal as ECANCELED, without a reason.
+            "a seccomp filter too long for the kernel",
+            |s| {
+                let calls: Vec<Value> = (0..300)
+                    .map(|v| {
+                        let args: Vec<Value> = (0..6)
+                            .map(|i| json!({"index": i, "value": v + i, "op": "SCMP_CMP_EQ"}))
+                            .collect();
+                        json!({"names": ["mmap"], "action": "SCMP_ACT_ERRNO", "args": args})
+                    })
+                    .collect();
+                s["linux"]["seccomp"] =
+                    json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": calls});
+            },
+            &["linux.seccomp", "BPF instructions", "4096"],
         ),
     ];
     for (what, breaker, expect) in cases {
@@ -494,4 +513,85 @@ fn issue18_the_runtimes_real_error_is_reported() {
         }
         let _ = run_timeout(c.ctr().args(["containers", "rm", &id]), T);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19 in the runtime mode.
+
+#[test]
+fn issue19_a_seccomp_profile_applies_as_runc_applies_it() {
+    if !require_root_and(&["ctr", "runc"]) {
+        return;
+    }
+    bin(SHIM);
+    let dir = tempfile::tempdir().unwrap();
+    let id = unique_id("sc19");
+    let script = "echo forked | cat; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status";
+    let mut s = spec(&mut Command::new("ctr"), &id, &["sh", "-c", script]);
+    s["linux"]["cgroupsPath"] = json!(format!("/yard-test/{id}"));
+    // Written out (containerd never hands `false` on; switchyardd's CRI did): runc reads it as
+    // absent, and the container has no CAP_SYS_ADMIN to load the filter with otherwise.
+    s["process"]["noNewPrivileges"] = json!(false);
+    let caps = s["process"]["capabilities"]["bounding"].to_string();
+    assert!(!caps.contains("CAP_SYS_ADMIN"), "{caps}");
+    // `clone` refused when `flags & 0xff == 0` (no exit signal: a thread); a fork sends
+    // SIGCHLD, unless the runtime reads `valueTwo` as the mask.
+    let mut profile = profile();
+    profile["syscalls"].as_array_mut().unwrap().push(json!({
+        "names": ["clone"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+        "args": [{"index": 0, "value": 255, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]
+    }));
+    s["linux"]["seccomp"] = profile;
+    let p = |p: &Path| p.display().to_string();
+
+    let bundle = dir.path().join("runc");
+    write(&bundle.join("config.json"), &s.to_string());
+    let out = run_timeout(
+        Command::new("runc").args([
+            "--root",
+            &p(&dir.path().join("runc-state")),
+            "run",
+            "--bundle",
+            &p(&bundle),
+            &id,
+        ]),
+        T,
+    );
+    let runc = text(&out.stdout);
+    assert!(out.status.success(), "runc: {}", show(&out));
+    assert_eq!(
+        runc.split_whitespace().collect::<Vec<_>>(),
+        ["forked", "NoNewPrivs:", "0", "Seccomp:", "2"],
+        "runc, the oracle"
+    );
+
+    let (root, bundle) = (dir.path().join("state"), dir.path().join("native"));
+    write(&bundle.join("config.json"), &s.to_string());
+    let (log, pid_file) = (dir.path().join("log"), dir.path().join("init.pid"));
+    let stdout = dir.path().join("init.out");
+    let args = [
+        "create",
+        "--bundle",
+        &p(&bundle),
+        "--pid-file",
+        &p(&pid_file),
+        &id,
+    ];
+    let out = runtime(&root, &log, &args, Some(&stdout));
+    assert!(out.status.success(), "create: {}", show(&out));
+    let out = runtime(&root, &log, &["start", &id], None);
+    assert!(out.status.success(), "start: {}", show(&out));
+    let pid = read_pid(&pid_file);
+    assert!(
+        eventually(T, || !alive(pid)),
+        "the container did not finish"
+    );
+    let out = runtime(&root, &log, &["delete", "--force", &id], None);
+    assert!(out.status.success(), "delete: {}", show(&out));
+    assert_eq!(
+        std::fs::read_to_string(&stdout).unwrap(),
+        runc,
+        "native vs runc"
+    );
+    assert!(cgroups_matching(&format!("yard-test/{id}")).is_empty());
 }

@@ -15,7 +15,9 @@
 //! spec the caller must fix, [`EXIT_FAILED`] for everything else.
 //!
 //! Beyond libcontainer 0.7 this mode: maps runc's `rshared`/`rslave`/`rprivate` root
-//! propagation (`spec.rs`); gives an exec'd process its container's seccomp filter and, for what
+//! propagation, and hands libcontainer `noNewPrivileges` and masked seccomp comparisons in the
+//! form it reads as runc reads the original (`spec.rs`); names why the kernel refused a seccomp
+//! filter (`seccomp.rs`); gives an exec'd process its container's seccomp filter and, for what
 //! the process does not set, its capabilities, `no_new_privs`, AppArmor profile, SELinux label
 //! and rlimits, as runc does (`workload.rs`); and refuses what it cannot honour rather than run
 //! the process less confined (a seccomp filter in a build without libseccomp, an exec into a
@@ -25,6 +27,8 @@
 pub mod engine;
 mod flags;
 mod log;
+#[cfg(feature = "seccomp")]
+pub mod seccomp;
 pub mod spec;
 mod workload;
 
@@ -83,12 +87,40 @@ enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// libcontainer's own error says only "failed to load seccomp context".
+    #[cfg(feature = "seccomp")]
+    #[error("{what}: linux.seccomp: the kernel refused the filter: {refusal}")]
+    SeccompRefused {
+        what: String,
+        refusal: seccomp::Refusal,
+    },
 }
 
 impl Error {
     fn libcontainer(what: impl Into<String>) -> impl FnOnce(LibcontainerError) -> Error {
         let what = what.into();
         move |source| Error::Libcontainer { what, source }
+    }
+
+    /// [`Error::libcontainer`] for a create or exec whose process loads `seccomp`: a filter the
+    /// kernel refused is named with the reason.
+    fn loading(
+        what: String,
+        seccomp: Option<&oci_spec::runtime::LinuxSeccomp>,
+        loader: spec::FilterLoader,
+    ) -> impl FnOnce(LibcontainerError) -> Error {
+        move |source| {
+            #[cfg(feature = "seccomp")]
+            if let Some(s) = seccomp
+                && switchyard_base::chain(&source).contains(seccomp::LOAD_FAILED)
+            {
+                let refusal = seccomp::diagnose(s, loader);
+                return Error::SeccompRefused { what, refusal };
+            }
+            #[cfg(not(feature = "seccomp"))]
+            let _ = (seccomp, loader);
+            Error::Libcontainer { what, source }
+        }
     }
 
     fn exit_code(&self) -> i32 {
@@ -104,6 +136,8 @@ impl Error {
                     | LibcontainerError::Spec(_)
             ),
             Error::WriteProcess { .. } => false,
+            #[cfg(feature = "seccomp")]
+            Error::SeccompRefused { refusal, .. } => refusal.is_the_profiles(),
         };
         if invalid { EXIT_INVALID } else { EXIT_FAILED }
     }
@@ -184,8 +218,12 @@ fn builder(
 }
 
 fn create(root: &Path, options: &Options, id: String, bundle: &Path, io: Io) -> Result<(), Error> {
-    spec::prepare_bundle(bundle)?;
-    let what = format!("create container {id}");
+    let spec = spec::prepare_bundle(bundle)?;
+    let failed = Error::loading(
+        format!("create container {id}"),
+        spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()),
+        spec::FilterLoader::init(&spec),
+    );
     let container = builder(root, &id, io, Workload::default())
         .and_then(|b| {
             b.as_init(bundle)
@@ -193,7 +231,7 @@ fn create(root: &Path, options: &Options, id: String, bundle: &Path, io: Io) -> 
                 .with_detach(true)
                 .build()
         })
-        .map_err(Error::libcontainer(what))?;
+        .map_err(failed)?;
     if let (Some(after), Some(pid)) = (options.after_create, container.pid())
         && let Err(e) = after(pid.as_raw())
     {
@@ -213,8 +251,15 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
     let mut process = read_process(process_path)?;
     spec::inherit(&init, &mut process);
     spec::check_exec(&init)?;
-    let seccomp = init.linux().as_ref().and_then(|l| l.seccomp().as_ref());
-    let workload = Workload::for_exec(seccomp, &mut process)?;
+    let mut seccomp = init.linux().as_ref().and_then(|l| l.seccomp().clone());
+    if let Some(s) = &mut seccomp
+        && !spec::prepared(&init)
+    {
+        // A container an older runtime made: its config.json is as the caller wrote it.
+        spec::masked_eq_for_libcontainer(s)?;
+    }
+    let loader = spec::FilterLoader::exec(process.no_new_privileges() == Some(true));
+    let workload = Workload::for_exec(seccomp.as_ref(), &mut process)?;
     // libcontainer reads the process from a file; this one lives with the container's state.
     let resolved = root
         .join(&id)
@@ -234,9 +279,8 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
             .build()
     });
     let _ = std::fs::remove_file(&resolved);
-    result
-        .map(drop)
-        .map_err(Error::libcontainer(format!("exec in container {id}")))
+    let failed = Error::loading(format!("exec in container {id}"), seccomp.as_ref(), loader);
+    result.map(drop).map_err(failed)
 }
 
 fn read_process(path: &Path) -> Result<Process, Error> {

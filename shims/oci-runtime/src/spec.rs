@@ -3,7 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{
+    Capability, LinuxNamespaceType, LinuxSeccomp, LinuxSeccompArgBuilder, LinuxSeccompOperator,
+    Process, Spec,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -32,6 +35,10 @@ pub enum SpecError {
     )]
     SeccompNotifyOnExec,
     #[error(
+        "config.json: linux.seccomp: an SCMP_CMP_MASKED_EQ argument rewritten for libcontainer"
+    )]
+    SeccompArgument(#[source] oci_spec::OciSpecError),
+    #[error(
         "config.json: linux.namespaces: exec into a container with a user namespace is not supported (the process would not join it)"
     )]
     ExecUserNamespace,
@@ -57,9 +64,24 @@ pub fn rootfs_propagation(value: Option<&str>) -> Result<Option<&'static str>, S
     })
 }
 
-/// Checks the bundle's `config.json` and rewrites what libcontainer would read differently
-/// (atomically, only when something changes), before `create` hands the bundle to it.
-pub(crate) fn prepare_bundle(bundle: &Path) -> Result<(), SpecError> {
+/// Set on a `config.json` this runtime rewrote for libcontainer: the rewrite cannot run twice
+/// (a `SCMP_CMP_MASKED_EQ` argument swapped again is back to what libcontainer misreads), so a
+/// second `create` on the same bundle finds the mark and leaves the file as it is.
+pub const PREPARED_ANNOTATION: &str = "io.switchyard.runtime.prepared-for";
+const PREPARED_FOR: &str = "libcontainer-0.7";
+
+/// Checks the bundle's `config.json` and rewrites what libcontainer 0.7 would read differently
+/// from runc (atomically, only when something changes, and once), before `create` hands the
+/// bundle to it; returns the spec as libcontainer gets it:
+/// - `linux.rootfsPropagation`: see [`rootfs_propagation`];
+/// - `process.noNewPrivileges: false` is left out. runc reads `false` and absent alike (Go's
+///   `bool`): no `no_new_privs`, so the seccomp filter goes on while the init still has
+///   `CAP_SYS_ADMIN`. libcontainer loads it that early only when the value is absent; given
+///   `false` it loads it after dropping the capabilities, still without `no_new_privs`, which
+///   the kernel refuses (`EACCES`, reported by libseccomp as `ECANCELED`) for every container
+///   without `CAP_SYS_ADMIN`;
+/// - `linux.seccomp`: see [`masked_eq_for_libcontainer`].
+pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     let mut spec = Spec::load(&path).map_err(|source| SpecError::Load {
         path: path.clone(),
@@ -69,14 +91,32 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<(), SpecError> {
         // libcontainer without libseccomp only warns and runs the container unfiltered.
         return Err(SpecError::SeccompUnsupported);
     }
-    let Some(linux) = spec.linux_mut() else {
-        return Ok(());
-    };
-    let wanted = rootfs_propagation(linux.rootfs_propagation().as_deref())?;
-    if linux.rootfs_propagation().as_deref() == wanted {
-        return Ok(());
+    if prepared(&spec) {
+        return Ok(spec);
     }
-    linux.set_rootfs_propagation(wanted.map(str::to_owned));
+    let mut changed = false;
+    if let Some(linux) = spec.linux_mut() {
+        let wanted = rootfs_propagation(linux.rootfs_propagation().as_deref())?;
+        if linux.rootfs_propagation().as_deref() != wanted {
+            linux.set_rootfs_propagation(wanted.map(str::to_owned));
+            changed = true;
+        }
+        if let Some(seccomp) = linux.seccomp_mut() {
+            changed |= masked_eq_for_libcontainer(seccomp)?;
+        }
+    }
+    if let Some(process) = spec.process_mut()
+        && process.no_new_privileges() == Some(false)
+    {
+        process.set_no_new_privileges(None);
+        changed = true;
+    }
+    if !changed {
+        return Ok(spec);
+    }
+    spec.annotations_mut()
+        .get_or_insert_with(Default::default)
+        .insert(PREPARED_ANNOTATION.into(), PREPARED_FOR.into());
     let tmp = bundle.join(".config.json.yard");
     let save = |source| SpecError::Save {
         path: path.clone(),
@@ -84,22 +124,116 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<(), SpecError> {
     };
     let bytes = serde_json::to_vec(&spec).map_err(|e| save(e.into()))?;
     std::fs::write(&tmp, bytes).map_err(save)?;
-    std::fs::rename(&tmp, &path).map_err(save)
+    std::fs::rename(&tmp, &path).map_err(save)?;
+    Ok(spec)
+}
+
+/// Whether `prepare_bundle` rewrote this spec (a container made by an older runtime was not).
+pub(crate) fn prepared(spec: &Spec) -> bool {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(PREPARED_ANNOTATION))
+        .is_some_and(|v| v == PREPARED_FOR)
+}
+
+/// Rewrites `seccomp`'s `SCMP_CMP_MASKED_EQ` arguments for libcontainer 0.7, which reads them
+/// the other way round; returns whether there were any. The runtime spec and runc take `value`
+/// for the mask and `valueTwo` for the datum (`arg & value == valueTwo`); libcontainer hands
+/// libseccomp `valueTwo` as the mask. Docker's and containerd's default profiles allow `clone`
+/// when `flags & <the namespace flags> == 0`, which libcontainer reads as `flags & 0 == ...`:
+/// every `clone`, new namespaces included. Swapped, libseccomp gets what runc gives it.
+pub(crate) fn masked_eq_for_libcontainer(seccomp: &mut LinuxSeccomp) -> Result<bool, SpecError> {
+    let Some(mut syscalls) = seccomp.syscalls().clone() else {
+        return Ok(false);
+    };
+    let mut changed = false;
+    for call in &mut syscalls {
+        let Some(mut args) = call.args().clone() else {
+            continue;
+        };
+        for arg in args
+            .iter_mut()
+            .filter(|a| a.op() == LinuxSeccompOperator::ScmpCmpMaskedEq)
+        {
+            let (mask, datum) = (arg.value(), arg.value_two().unwrap_or(0));
+            *arg = LinuxSeccompArgBuilder::default()
+                .index(arg.index())
+                .op(arg.op())
+                .value(datum)
+                .value_two(mask)
+                .build()
+                .map_err(SpecError::SeccompArgument)?;
+            changed = true;
+        }
+        call.set_args(Some(args));
+    }
+    if changed {
+        seccomp.set_syscalls(Some(syscalls));
+    }
+    Ok(changed)
 }
 
 /// What of the container's spec an exec cannot honour.
 pub(crate) fn check_exec(container: &Spec) -> Result<(), SpecError> {
-    let user_ns = container
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User));
-    if user_ns {
+    if has_user_namespace(container) {
         // libcontainer's tenant joins every namespace of the init but the user namespace: the
         // process would run as the host's root in the container's other namespaces.
         return Err(SpecError::ExecUserNamespace);
     }
     Ok(())
+}
+
+/// Who loads a seccomp filter, as the kernel's check in `seccomp(2)` sees it: it needs
+/// `no_new_privs` or `CAP_SYS_ADMIN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterLoader {
+    /// A process with `no_new_privs`.
+    NoNewPrivs,
+    /// The process before its capabilities are dropped: it has this runtime's, or all of them
+    /// in the container's own user namespace.
+    Runtime { user_ns: bool },
+    /// The process after its capabilities are dropped to the container's, without
+    /// `no_new_privs`.
+    Container { cap_sys_admin: bool },
+}
+
+impl FilterLoader {
+    /// The container's init under libcontainer 0.7, which loads the filter after dropping the
+    /// capabilities when `noNewPrivileges` is there, true or false (`prepare_bundle` leaves
+    /// `false` out), and before when it is not.
+    pub fn init(spec: &Spec) -> FilterLoader {
+        let process = spec.process().as_ref();
+        match process.and_then(|p| p.no_new_privileges()) {
+            Some(true) => FilterLoader::NoNewPrivs,
+            Some(false) => FilterLoader::Container {
+                cap_sys_admin: process
+                    .and_then(|p| p.capabilities().as_ref())
+                    .and_then(|c| c.effective().as_ref())
+                    .is_some_and(|e| e.contains(&Capability::SysAdmin)),
+            },
+            None => FilterLoader::Runtime {
+                user_ns: has_user_namespace(spec),
+            },
+        }
+    }
+
+    /// A process started by exec (`workload.rs`): the filter goes on after the capabilities are
+    /// dropped with `no_new_privs`, before them without.
+    pub fn exec(no_new_privs: bool) -> FilterLoader {
+        if no_new_privs {
+            FilterLoader::NoNewPrivs
+        } else {
+            FilterLoader::Runtime { user_ns: false }
+        }
+    }
+}
+
+/// Whether the container has a user namespace (its init is root there, with every capability).
+pub(crate) fn has_user_namespace(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| ns.iter().any(|n| n.typ() == LinuxNamespaceType::User))
 }
 
 /// Completes an exec's process from its container's, the way runc does for `runc exec
@@ -193,6 +327,133 @@ mod tests {
         } else {
             assert!(matches!(r, Err(SpecError::SeccompUnsupported)), "{r:?}");
         }
+    }
+
+    // Issue 19: switchyardd's CRI wrote `noNewPrivileges: false`, and libcontainer then loaded
+    // RuntimeDefault's filter after dropping CAP_SYS_ADMIN: the kernel refused it (ECANCELED).
+    #[test]
+    fn issue19_no_new_privileges_false_reaches_libcontainer_as_absent() {
+        for (given, wanted) in [(Some(false), None), (Some(true), Some(true)), (None, None)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut process = serde_json::json!({
+                "args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+            });
+            if let Some(v) = given {
+                process["noNewPrivileges"] = v.into();
+            }
+            let spec = serde_json::json!({
+                "ociVersion": "1.1.0", "root": {"path": "rootfs"}, "process": process,
+            });
+            let path = dir.path().join("config.json");
+            std::fs::write(&path, spec.to_string()).unwrap();
+            let before = std::fs::read(&path).unwrap();
+            prepare_bundle(dir.path()).unwrap();
+            let after = Spec::load(&path).unwrap();
+            let p = after.process().as_ref().unwrap();
+            assert_eq!(p.no_new_privileges(), wanted, "{given:?}");
+            if given == wanted {
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    before,
+                    "rewritten for {given:?}"
+                );
+            }
+        }
+    }
+
+    // Issue 19: containerd's and switchyardd's RuntimeDefault allow `clone` only when
+    // `flags & 0x7E020000 == 0`; libcontainer read that as `flags & 0 == ...`.
+    #[cfg(feature = "seccomp")]
+    #[test]
+    fn issue19_masked_eq_reaches_libcontainer_as_runc_reads_it_and_only_once() {
+        let b = bundle(serde_json::json!({"seccomp": {
+            "defaultAction": "SCMP_ACT_ERRNO",
+            "syscalls": [
+                {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 0x7E02_0000_u64, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]},
+                {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                 "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"},
+                          {"index": 1, "value": 0xff, "op": "SCMP_CMP_MASKED_EQ"}]}
+            ]
+        }}));
+        let args = |spec: &Spec| -> Vec<(u64, Option<u64>)> {
+            let linux = spec.linux().as_ref().unwrap();
+            let calls = linux
+                .seccomp()
+                .as_ref()
+                .unwrap()
+                .syscalls()
+                .clone()
+                .unwrap();
+            calls
+                .iter()
+                .flat_map(|c| c.args().clone().unwrap())
+                .map(|a| (a.value(), a.value_two()))
+                .collect()
+        };
+        let swapped = vec![(0, Some(0x7E02_0000)), (8, None), (0, Some(0xff))];
+        let spec = prepare_bundle(b.path()).unwrap();
+        assert_eq!(args(&spec), swapped);
+        assert!(prepared(&spec));
+        let on_disk = Spec::load(b.path().join("config.json")).unwrap();
+        assert_eq!(on_disk, spec);
+        // A second create on the same bundle must not swap them back.
+        assert_eq!(args(&prepare_bundle(b.path()).unwrap()), swapped);
+    }
+
+    #[test]
+    fn who_loads_the_filter_follows_libcontainers_order() {
+        let spec = |process: serde_json::Value, ns: serde_json::Value| -> Spec {
+            serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.1.0", "process": process, "linux": {"namespaces": ns}
+            }))
+            .unwrap()
+        };
+        let base = serde_json::json!({"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "capabilities": {"effective": ["CAP_KILL"]}});
+        let with = |key: &str, v: serde_json::Value| {
+            let mut p = base.clone();
+            p[key] = v;
+            p
+        };
+        let pid = serde_json::json!([{"type": "pid"}]);
+        let user = serde_json::json!([{"type": "pid"}, {"type": "user"}]);
+        let cases = [
+            (base.clone(), &pid, FilterLoader::Runtime { user_ns: false }),
+            (base.clone(), &user, FilterLoader::Runtime { user_ns: true }),
+            (
+                with("noNewPrivileges", true.into()),
+                &pid,
+                FilterLoader::NoNewPrivs,
+            ),
+            (
+                with("noNewPrivileges", false.into()),
+                &pid,
+                FilterLoader::Container {
+                    cap_sys_admin: false,
+                },
+            ),
+        ];
+        for (process, ns, wanted) in cases {
+            assert_eq!(
+                FilterLoader::init(&spec(process.clone(), ns.clone())),
+                wanted,
+                "{process}"
+            );
+        }
+        let mut admin = with("noNewPrivileges", false.into());
+        admin["capabilities"]["effective"] = serde_json::json!(["CAP_SYS_ADMIN"]);
+        assert_eq!(
+            FilterLoader::init(&spec(admin, pid.clone())),
+            FilterLoader::Container {
+                cap_sys_admin: true
+            }
+        );
+        assert_eq!(FilterLoader::exec(true), FilterLoader::NoNewPrivs);
+        assert_eq!(
+            FilterLoader::exec(false),
+            FilterLoader::Runtime { user_ns: false }
+        );
     }
 
     #[test]

@@ -562,8 +562,13 @@ pub fn container_spec(input: &SpecInput<'_>) -> Result<oci_spec::runtime::Spec> 
             "effective": capabilities,
             "permitted": capabilities,
         },
-        "noNewPrivileges": sc.no_new_privs,
     });
+    // Only when set, as containerd writes it (Go's `omitempty`): runc reads an absent value and
+    // `false` alike, but a runtime may not (libcontainer 0.7 took `false` for "set" and loaded
+    // the seccomp filter after dropping CAP_SYS_ADMIN, which the kernel refuses).
+    if sc.no_new_privs {
+        process["noNewPrivileges"] = json!(true);
+    }
     if let Some(profile) = apparmor(&sc)? {
         process["apparmorProfile"] = json!(profile);
     }
@@ -2550,6 +2555,19 @@ mod tests {
             localhost_ref: String::new(),
         });
         assert!(c.build()["linux"].get("seccomp").is_none());
+    }
+
+    // containerd's WithNoNewPrivileges: `noNewPrivileges` is written only when it is true.
+    #[test]
+    fn issue19_no_new_privileges_is_left_out_unless_set() {
+        let mut c = Case::new();
+        c.sc().seccomp = Some(cri::SecurityProfile::default());
+        assert!(
+            c.build()["process"].get("noNewPrivileges").is_none(),
+            "containerd leaves out false"
+        );
+        c.sc().no_new_privs = true;
+        assert_eq!(c.build()["process"]["noNewPrivileges"], true);
     }
 
     // seccomp.WithProfile: a Localhost profile is the file's OCI seccomp JSON.
