@@ -305,6 +305,19 @@ fn pause_config(image: &str) -> cri::ContainerConfig {
     }
 }
 
+/// containerd's CRI labels on a containerd container over `labels`: its kind (`sandbox` for a
+/// pod's sandbox task, else `container`) and its pod.
+fn cri_labels(
+    mut labels: HashMap<String, String>,
+    sandbox: bool,
+    pod: &str,
+) -> HashMap<String, String> {
+    let kind = if sandbox { "sandbox" } else { "container" };
+    labels.insert("io.cri-containerd.kind".into(), kind.into());
+    labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.to_owned());
+    labels
+}
+
 #[derive(Default)]
 struct Undo {
     io_dir: Option<PathBuf>,
@@ -494,10 +507,7 @@ impl Cri {
             .map_err(|e| Status::internal(format!("encode the spec: {e}")))?;
 
         // The containerd container.
-        let mut labels: HashMap<String, String> = config.labels.clone();
-        let kind = if pause { "sandbox" } else { "container" };
-        labels.insert("io.cri-containerd.kind".into(), kind.into());
-        labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.id.clone());
+        let labels = cri_labels(config.labels.clone(), pause, &pod.id);
         ContainersService(self.shared.clone())
             .create(in_ns(containers_api::CreateContainerRequest {
                 container: Some(containers_api::Container {
@@ -905,14 +915,7 @@ impl Cri {
             )
             .await;
         let started = match made {
-            Ok(_) => {
-                TasksService(self.shared.clone())
-                    .start(in_ns(tasks_api::StartRequest {
-                        container_id: pod.id.clone(),
-                        exec_id: String::new(),
-                    }))
-                    .await
-            }
+            Ok(_) => self.start_task(&pod.id).await,
             Err(e) => Err(e),
         };
         if let Err(e) = started {
@@ -940,9 +943,7 @@ impl Cri {
         .map_err(crate::error::status)?;
         let spec_json = serde_json::to_vec(&spec)
             .map_err(|e| Status::internal(format!("encode the spec: {e}")))?;
-        let mut labels: HashMap<String, String> = HashMap::new();
-        labels.insert("io.cri-containerd.kind".into(), "sandbox".into());
-        labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.id.clone());
+        let labels = cri_labels(HashMap::new(), true, &pod.id);
         ContainersService(self.shared.clone())
             .create(in_ns(containers_api::CreateContainerRequest {
                 container: Some(containers_api::Container {
@@ -960,22 +961,14 @@ impl Cri {
                 }),
             }))
             .await?;
-        let tasks = TasksService(self.shared.clone());
-        let started = match tasks
+        let started = match TasksService(self.shared.clone())
             .create(in_ns(tasks_api::CreateTaskRequest {
                 container_id: pod.id.clone(),
                 ..Default::default()
             }))
             .await
         {
-            Ok(_) => {
-                tasks
-                    .start(in_ns(tasks_api::StartRequest {
-                        container_id: pod.id.clone(),
-                        exec_id: String::new(),
-                    }))
-                    .await
-            }
+            Ok(_) => self.start_task(&pod.id).await,
             Err(e) => Err(e),
         };
         if let Err(e) = started {
@@ -984,6 +977,17 @@ impl Cri {
         }
         tracing::info!(pod = %pod.id, "pod VM booted");
         Ok(())
+    }
+
+    /// Starts task `id`'s init.
+    async fn start_task(&self, id: &str) -> Result<(), Status> {
+        TasksService(self.shared.clone())
+            .start(in_ns(tasks_api::StartRequest {
+                container_id: id.to_owned(),
+                exec_id: String::new(),
+            }))
+            .await
+            .map(drop)
     }
 
     /// Stops and removes the pod's sandbox task (its pause container or VM), if it has one;

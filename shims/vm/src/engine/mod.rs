@@ -167,17 +167,13 @@ impl VmEngine {
     async fn create_pod_vm(&self, req: &CreateRequest) -> Result<Arc<dyn Container>> {
         let spec = &req.spec;
         let mut slot = self.sandbox.lock().await;
+        drop_dead(&mut slot).await;
         if let Some(sb) = slot.as_ref() {
-            if !sb.unusable() {
-                return Err(Error::FailedPrecondition(format!(
-                    "config.json: a pod sandbox: this shim already runs sandbox {} (a pod's \
-                     tasks share its shim: io.kubernetes.cri.sandbox-id)",
-                    sb.id
-                )));
-            }
-            let sb = sb.clone();
-            slot.take();
-            sb.stop().await;
+            return Err(Error::FailedPrecondition(format!(
+                "config.json: a pod sandbox: this shim already runs sandbox {} (a pod's tasks \
+                 share its shim: io.kubernetes.cri.sandbox-id)",
+                sb.id
+            )));
         }
         let mut options = Options::from_any(req.options.as_ref())?;
         (options.vcpus, options.memory_mib) = pod::size(&options, spec)?;
@@ -193,10 +189,7 @@ impl VmEngine {
                 dirs: &self.dirs,
                 host_bind: None,
                 binder: self.binder.clone(),
-                cgroup: spec
-                    .linux()
-                    .as_ref()
-                    .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref())),
+                cgroup: vmm_cgroup(spec),
             },
         )
         .await?;
@@ -236,12 +229,7 @@ impl VmEngine {
             .unwrap_or(false);
 
         let mut slot = self.sandbox.lock().await;
-        if let Some(sb) = slot.as_ref().filter(|sb| sb.unusable()) {
-            tracing::warn!(sandbox = %sb.id, "the sandbox's VM is gone; booting a new one");
-            let sb = sb.clone();
-            slot.take();
-            sb.stop().await;
-        }
+        drop_dead(&mut slot).await;
         let options = match slot.as_ref() {
             Some(sb) => sb.options.clone(),
             None => {
@@ -293,9 +281,7 @@ impl VmEngine {
                         dirs: &self.dirs,
                         host_bind,
                         binder: self.binder.clone(),
-                        cgroup: spec.linux().as_ref().and_then(|l| {
-                            yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref())
-                        }),
+                        cgroup: vmm_cgroup(spec),
                     },
                 )
                 .await?;
@@ -345,6 +331,22 @@ impl VmEngine {
             slot: self.sandbox.clone(),
         }))
     }
+}
+
+/// Takes a sandbox whose VM has ended (or whose agent broke the protocol) out of the slot and
+/// stops it: the next Create boots a new one.
+async fn drop_dead(slot: &mut Option<Arc<Sandbox>>) {
+    if let Some(sb) = slot.take_if(|sb| sb.unusable()) {
+        tracing::warn!(sandbox = %sb.id, "the sandbox's VM is gone; booting a new one");
+        sb.stop().await;
+    }
+}
+
+/// The host cgroup the VMM joins: the booting task's `linux.cgroupsPath`, where usable.
+fn vmm_cgroup(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| yard_shim_kit::cgroup::usable(l.cgroups_path().as_deref()))
 }
 
 /// A rootfs that is already a read-only EROFS image file: one mount of type `erofs` whose
