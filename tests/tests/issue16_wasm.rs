@@ -27,6 +27,9 @@ const T: Duration = Duration::from_secs(60);
 const SETTLE: Duration = Duration::from_secs(10);
 const SHIM: &str = "containerd-shim-yard-wasm-v1";
 const RUNTIME_TYPE: &str = "io.containerd.yard-wasm.v1";
+const WORKER_ID: &str = "2000000000";
+/// The Uid/Gid line of the worker's status: real, effective, saved and filesystem.
+const WORKER_IDS: &str = "2000000000\t2000000000\t2000000000\t2000000000";
 
 /// switchyardd with the wasm runtime, its cache in a fresh temp dir, and more
 /// `[runtimes.wasm.options]` TOML. `None`: skip.
@@ -303,6 +306,11 @@ fn issue16_wasm_worker_has_no_privileges() {
             ("CapAmb", "0000000000000000"),
             ("NoNewPrivs", "1"),
             ("Seccomp", "2"),
+            // Real, effective, saved and filesystem ids: the unprivileged worker ids, no
+            // supplementary groups.
+            ("Uid", WORKER_IDS),
+            ("Gid", WORKER_IDS),
+            ("Groups", ""),
         ] {
             assert_eq!(
                 status_field(pid, t, field).as_deref(),
@@ -311,17 +319,25 @@ fn issue16_wasm_worker_has_no_privileges() {
             );
         }
     }
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok();
-    assert_ne!(
-        ns(&pid.to_string()),
-        ns("self"),
-        "the worker shares the host's mounts"
-    );
-    assert_ne!(
-        ns(&pid.to_string()),
-        ns(&ppid.to_string()),
-        "the worker shares the shim's mounts"
-    );
+    let ns = |p: &str, kind: &str| std::fs::read_link(format!("/proc/{p}/ns/{kind}")).ok();
+    for kind in ["mnt", "user"] {
+        assert_ne!(
+            ns(&pid.to_string(), kind),
+            ns("self", kind),
+            "the worker shares the host's {kind} namespace"
+        );
+        assert_ne!(
+            ns(&pid.to_string(), kind),
+            ns(&ppid.to_string(), kind),
+            "the worker shares the shim's {kind} namespace"
+        );
+    }
+    // Its namespace maps uid and gid 0 to the worker ids, and nothing else.
+    for map in ["uid_map", "gid_map"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{map}")).unwrap();
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(fields, ["0", WORKER_ID, "1"], "{map}: {text:?}");
+    }
     // The worker's root is empty: the host's files are not there.
     let listing: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
@@ -395,6 +411,121 @@ fn issue16_wasm_worker_has_no_privileges() {
         T,
     );
     assert_eq!(out.status.code(), Some(0), "self-test: {}", show(&out));
+}
+
+/// Item 1, least privilege: the worker is not host root. It runs in a user namespace of its own
+/// as the unprivileged worker ids (checked in `issue16_wasm_worker_has_no_privileges`), and the
+/// task's root is idmapped to it: a task still writes into its root-owned root, and what it
+/// writes is root's on disk, as before. A file of another owner stays out of its reach.
+/// `worker_uid = 0` keeps the old worker (host uid 0, no user namespace).
+#[test]
+fn issue16_wasm_worker_is_unprivileged_and_writes_through_an_idmapped_root() {
+    for (options, worker_uid) in [("", WORKER_ID), ("worker_uid = 0\nworker_gid = 0\n", "0")] {
+        let Some(d) = daemon(&[], options) else {
+            return;
+        };
+        let root = Rootfs::new();
+        std::fs::write(root.0.join("private.txt"), "not yours\n").unwrap();
+        std::os::unix::fs::chown(root.0.join("private.txt"), Some(1000), Some(1000)).unwrap();
+        std::fs::set_permissions(
+            root.0.join("private.txt"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let id = unique_id("idmap");
+        let out = run_timeout(
+            d.ctr().args([
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME_TYPE,
+                "--rootfs",
+                root.path(),
+                &id,
+                "/app/hello.wasm",
+                "--write",
+                "/written.txt",
+                "from the guest",
+                "--sleep",
+                "60000",
+            ]),
+            T,
+        );
+        assert!(out.status.success(), "{options:?}: {}", show(&out));
+        let mut pid = None;
+        eventually(SETTLE, || {
+            pid = worker_of(&id);
+            pid.is_some()
+        });
+        let pid =
+            pid.unwrap_or_else(|| panic!("{options:?}: no worker for {id}\n{}", d.log_text()));
+        let uid = status_field(pid, None, "Uid").unwrap_or_default();
+        assert_eq!(
+            uid.split_whitespace().next(),
+            Some(worker_uid),
+            "{options:?}: {uid}"
+        );
+        let written = root.0.join("written.txt");
+        assert!(
+            eventually(SETTLE, || written.exists()),
+            "{options:?}: the task did not write into its root\n{}",
+            d.log_text()
+        );
+        let meta = std::fs::metadata(&written).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (0, 0),
+            "{options:?}: what the task writes is root's on disk"
+        );
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "from the guest");
+        let out = run(
+            &d,
+            &root,
+            &["--rm"],
+            &["/app/hello.wasm", "--read", "/private.txt"],
+        );
+        assert!(
+            !out.status.success() && text(&out.stderr).contains("Permission denied"),
+            "{options:?}: another owner's 0600 file was read: {}",
+            show(&out)
+        );
+        let out = run_timeout(d.ctr().args(["task", "kill", "-s", "SIGKILL", &id]), T);
+        assert!(out.status.success(), "{}", show(&out));
+        assert!(eventually(SETTLE, || {
+            run_timeout(d.ctr().args(["task", "rm", &id]), T)
+                .status
+                .success()
+        }));
+        let out = run_timeout(d.ctr().args(["containers", "rm", &id]), T);
+        assert!(out.status.success(), "{}", show(&out));
+
+        // An image's root is an overlay, which cannot be idmapped itself: it is rebuilt on
+        // idmapped lower layers with the upper directory handed to the worker's ids, and the
+        // task writes into it and reads back what it wrote.
+        let image = format!("issue16/idmap-{worker_uid}");
+        let out = import_image(&d, &image, false, json!({"Entrypoint": ["/app.wasm"]}));
+        assert!(out.status.success(), "import: {}", show(&out));
+        let out = d.run_yard(&[
+            "run",
+            "--rm",
+            "--runtime",
+            "wasm",
+            &format!("{image}:1"),
+            "--",
+            "--write",
+            "/w.txt",
+            "x",
+            "--read",
+            "/w.txt",
+        ]);
+        assert!(
+            out.status.success() && text(&out.stdout).contains("read /w.txt: x"),
+            "{options:?}: {}\n{}",
+            show(&out),
+            d.log_text()
+        );
+    }
 }
 
 /// Item 7: a module over the size cap fails Create with an error naming the file and the

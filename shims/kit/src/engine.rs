@@ -62,6 +62,9 @@ pub struct CreateRequest {
     /// guest) or must rewrite it for an OCI runtime without losing fields oci-spec ignores.
     pub config: Vec<u8>,
     pub rootfs: Rootfs,
+    /// With [`Rootfs::Dir`]: the mounts the kit mounted there (after
+    /// [`Engine::rootfs_mounts`]), for an engine that must rebuild one; empty otherwise.
+    pub mounted: Vec<Mount>,
     pub stdio: StdioSpec,
     /// The runtime options `Any` (containerd's runc `Options` or a shim's own).
     pub options: Option<Any>,

@@ -367,15 +367,19 @@ impl<E: Engine> TaskService<E> {
         crate::ident::check("id", &req.id)?;
         let _reservation = self.reserve(&req.id)?;
         let (spec, config) = bundle::read_spec(&req.bundle)?;
-        let (rootfs, mount) =
+        let (rootfs, mount, mounted) =
             if !req.rootfs.is_empty() && self.engine.hands_over_rootfs(&req.rootfs) {
-                (crate::Rootfs::Mounts(req.rootfs.clone()), RootfsMount(None))
+                (
+                    crate::Rootfs::Mounts(req.rootfs.clone()),
+                    RootfsMount(None),
+                    Vec::new(),
+                )
             } else {
                 let mounts = self.engine.rootfs_mounts(req.rootfs.clone());
                 let mount = RootfsMount(bundle::mount_rootfs(&req.bundle, &mounts)?);
                 let root = spec.root().as_ref().map(|r| r.path().as_path());
                 let dir = bundle::rootfs_dir(&req.bundle, root)?;
-                (crate::Rootfs::Dir(dir), mount)
+                (crate::Rootfs::Dir(dir), mount, mounts)
             };
         let container = self
             .engine
@@ -386,6 +390,7 @@ impl<E: Engine> TaskService<E> {
                 spec: Box::new(spec),
                 config,
                 rootfs,
+                mounted,
                 stdio: req.stdio.clone(),
                 options: req.options.clone(),
                 events: self.events.clone(),

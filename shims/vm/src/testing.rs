@@ -836,6 +836,7 @@ impl Bundles {
                     ..Default::default()
                 },
             ]),
+            mounted: Vec::new(),
             stdio: yard_shim_kit::stdio::StdioSpec {
                 stdin: String::new(),
                 stdout: format!("file://{}", bundle.join("stdout").display()),

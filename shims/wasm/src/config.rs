@@ -50,7 +50,17 @@ pub struct Options {
     /// Put every task of this runtime in one shim per namespace (read by `start` from the
     /// bundle's `options.json`; the group annotations win).
     pub group: String,
+    /// The host uid the worker runs guests as, in a user namespace of its own where it is uid 0
+    /// (each task's root is idmapped to it). 0: no user namespace, the worker stays host uid 0
+    /// without capabilities (for task roots on a filesystem that cannot be idmapped).
+    pub worker_uid: u32,
+    /// The host gid of the worker (0 exactly when `worker_uid` is 0).
+    pub worker_gid: u32,
 }
+
+/// The worker's default host uid and gid: in the range systemd leaves to no account or container
+/// manager (above nspawn's 524288–1879048191, below 2^31, which some tools mishandle).
+pub const WORKER_ID: u32 = 2_000_000_000;
 
 impl Default for Options {
     fn default() -> Self {
@@ -68,6 +78,8 @@ impl Default for Options {
             allow_privileged_ports: false,
             allow_unenforced: Vec::new(),
             group: String::new(),
+            worker_uid: WORKER_ID,
+            worker_gid: WORKER_ID,
         }
     }
 }
@@ -103,7 +115,28 @@ impl Options {
             ));
         }
         listen_addr(&self.http_listen, "options: http_listen", self)?;
+        if (self.worker_uid == 0) != (self.worker_gid == 0) {
+            return Err(Error::InvalidArgument(format!(
+                "options: worker_uid {} and worker_gid {}: both 0 (no user namespace) or neither",
+                self.worker_uid, self.worker_gid
+            )));
+        }
+        for (name, id) in [
+            ("worker_uid", self.worker_uid),
+            ("worker_gid", self.worker_gid),
+        ] {
+            if id == u32::MAX {
+                return Err(Error::InvalidArgument(format!(
+                    "options: {name} {id} is not an id (it means \"none\" to the kernel)"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the worker runs in a user namespace of its own.
+    pub fn user_namespace(&self) -> bool {
+        self.worker_uid != 0
     }
 
     /// Largest module in bytes.
@@ -272,6 +305,12 @@ mod tests {
             ("max_connections = 0", "max_connections"),
             ("http_listen = \"localhost:80\"", "not an IP:PORT"),
             ("http_listen = \"127.0.0.1:80\"", "privileged"),
+            ("worker_uid = 0", "worker_uid 0 and worker_gid 2000000000"),
+            ("worker_gid = 0", "both 0"),
+            (
+                "worker_uid = 4294967295",
+                "worker_uid 4294967295 is not an id",
+            ),
         ] {
             let e = Options::from_toml(toml).err().map(|e| e.to_string());
             assert!(
@@ -283,6 +322,11 @@ mod tests {
             Options::from_toml("http_listen = \"127.0.0.1:80\"\nallow_privileged_ports = true")
                 .is_ok()
         );
+        let d = Options::default();
+        assert!(d.user_namespace() && d.worker_uid == WORKER_ID && d.worker_gid == WORKER_ID);
+        let off =
+            Options::from_toml("worker_uid = 0\nworker_gid = 0").unwrap_or_else(|e| panic!("{e}"));
+        assert!(!off.user_namespace());
     }
 
     /// Every limit has a default: a run, a request, a client's headers, connections, modules.

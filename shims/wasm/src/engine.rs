@@ -262,6 +262,26 @@ impl WasmEngine {
         Ok(fresh)
     }
 
+    /// The detached tree the worker gets as a task's root, idmapped to the worker's user
+    /// namespace if it has one: the tree itself, or, for the overlay the kit mounted (which
+    /// cannot be idmapped), its layers (`idmap.rs`).
+    fn task_root(
+        &self,
+        req: &CreateRequest,
+        rootfs: &Path,
+        readonly: bool,
+        worker: &Worker,
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        match (worker.userns(), req.mounted.as_slice()) {
+            (Some(ns), [m]) if m.type_ == "overlay" && rootfs == req.bundle.join("rootfs") => {
+                let o = &worker.options;
+                crate::idmap::remount_overlay(rootfs, m, ns, (o.worker_uid, o.worker_gid))?;
+                crate::sys::detached_tree(rootfs, readonly, None)
+            }
+            (ns, _) => crate::sys::detached_tree(rootfs, readonly, ns),
+        }
+    }
+
     async fn create_task(
         &self,
         req: &CreateRequest,
@@ -346,12 +366,21 @@ impl WasmEngine {
             .home(cgroup.as_deref());
         crate::policy::check(spec, &options, home)?;
 
-        let root = crate::sys::detached_tree(&rootfs, readonly).map_err(|e| {
-            Error::Internal(format!(
-                "root.path {}: cannot make the task's root: {e}",
-                rootfs.display()
-            ))
-        })?;
+        let root = self
+            .task_root(req, &rootfs, readonly, &worker)
+            .map_err(|e| {
+                let idmap = if worker.userns().is_some() {
+                    " (idmapped to the worker's user namespace: the filesystem may not support \
+                 idmapped mounts; the runtime options worker_uid = 0 and worker_gid = 0 run the \
+                 worker without one)"
+                } else {
+                    ""
+                };
+                Error::Internal(format!(
+                    "root.path {}: cannot make the task's root{idmap}: {e}",
+                    rootfs.display()
+                ))
+            })?;
         let (stdin, stdout, stderr, stdin_closer, console) = if req.stdio.terminal {
             let (master, slave) = open_pty()?;
             let console = yard_shim_kit::stdio::ConsoleCopy::start(

@@ -12,6 +12,7 @@ mod engine;
 mod entrypoint;
 mod fsguard;
 mod http;
+mod idmap;
 mod ipc;
 mod policy;
 mod remote;

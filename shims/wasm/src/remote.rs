@@ -27,7 +27,7 @@ use yard_shim_kit::{Container, Error, ExecRequest, Exit, Process, ProcessInfo, P
 use crate::cgroup::Placement;
 use crate::config::Options;
 use crate::ipc::{self, Answer, FromWorker, Loaded, Request, ToWorker};
-use crate::worker::Init;
+use crate::worker::{Init, USERNS_FLAG, USERNS_READY};
 
 /// Exit status of the tasks of a worker that died (as if killed).
 pub const EXIT_WORKER_GONE: u32 = 137;
@@ -87,6 +87,8 @@ pub struct Worker {
     loaded: Mutex<HashMap<String, Loaded>>,
     pub placement: Mutex<Placement>,
     watched: AtomicBool,
+    /// The worker's user namespace, to idmap task roots to (none with `worker_uid = 0`).
+    userns: Option<OwnedFd>,
 }
 
 impl Worker {
@@ -100,6 +102,7 @@ impl Worker {
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg0(env!("CARGO_PKG_NAME"))
             .args(["worker", "-namespace", namespace, "-id", id])
+            .args(options.user_namespace().then_some(USERNS_FLAG))
             .env("SWITCHYARD_SHIM_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -116,6 +119,20 @@ impl Worker {
         drop(cmd);
         let pid = spawned.id();
         let pidfd = yard_shim_kit::reaper::global().pidfd(pid, mark);
+        let userns = if options.user_namespace() {
+            match map_user_namespace(&parent, pid, pidfd.as_ref(), &options) {
+                Ok(ns) => Some(ns),
+                Err(e) => {
+                    if let Some(fd) = &pidfd {
+                        let _ =
+                            rustix::process::pidfd_send_signal(fd, rustix::process::Signal::KILL);
+                    }
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
@@ -159,7 +176,14 @@ impl Worker {
             loaded: Mutex::new(HashMap::new()),
             placement: Mutex::new(Placement::default()),
             watched: AtomicBool::new(false),
+            userns,
         })
+    }
+
+    /// The worker's user namespace, which a task's root must be idmapped to (`None` when the
+    /// worker runs without one).
+    pub fn userns(&self) -> Option<BorrowedFd<'_>> {
+        self.userns.as_ref().map(AsFd::as_fd)
     }
 
     /// Learn of the worker's end from the kit's reaper (once; needs the async runtime).
@@ -320,6 +344,66 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// Map the user namespace a worker started with [`USERNS_FLAG`] has entered: its uid and gid 0
+/// become the unprivileged `worker_uid`/`worker_gid`. Returns the namespace, to idmap task
+/// roots to. Waits at most [`SEND`] for the worker to say it is in the namespace.
+fn map_user_namespace(
+    chan: &OwnedFd,
+    pid: u32,
+    pidfd: Option<&OwnedFd>,
+    options: &Options,
+) -> Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::net::sockopt::{Timeout, set_socket_timeout};
+    let what = "the wasm worker's user namespace";
+    set_socket_timeout(chan, Timeout::Recv, Some(SEND)).map_err(|e| Error::io(what)(e.into()))?;
+    match ipc::recv(chan.as_fd(), USERNS_READY.len()) {
+        Ok(Some(f)) if f.body == USERNS_READY && f.fds.is_empty() => {}
+        Ok(_) => {
+            return Err(Error::Internal(format!(
+                "{what}: the worker did not enter it"
+            )));
+        }
+        Err(e) => return Err(Error::Internal(format!("{what}: {e}"))),
+    }
+    set_socket_timeout(chan, Timeout::Recv, None).map_err(|e| Error::io(what)(e.into()))?;
+    // Everything through one descriptor of the worker's /proc directory, checked below to be
+    // the worker's (not a reused pid's).
+    let proc = rustix::fs::open(
+        format!("/proc/{pid}"),
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(what)(e.into()))?;
+    for (file, id) in [
+        ("uid_map", options.worker_uid),
+        ("gid_map", options.worker_gid),
+    ] {
+        let map = rustix::fs::openat(&proc, file, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::io(format!("{what}: open {file}"))(e.into()))?;
+        rustix::io::write(&map, format!("0 {id} 1\n").as_bytes())
+            .map_err(|e| Error::io(format!("{what}: write {file} (0 {id} 1)"))(e.into()))?;
+    }
+    let ns = rustix::fs::openat(
+        &proc,
+        "ns/user",
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(format!("{what}: open ns/user"))(e.into()))?;
+    // A pidfd turns readable when its process exits: still alive now, so alive when `proc` was
+    // opened, so `proc` was the worker's.
+    if let Some(fd) = pidfd {
+        let mut poll = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+        let exited = rustix::event::poll(&mut poll, Some(&rustix::event::Timespec::default()))
+            .map_err(|e| Error::io(what)(e.into()))?;
+        if exited > 0 {
+            return Err(Error::Internal(format!("{what}: the worker exited")));
+        }
+    }
+    Ok(ns)
 }
 
 /// The reader thread: answers to their requests, events to their tasks.

@@ -12,9 +12,15 @@
 //!   `execve`, no new processes or namespaces, signals and resource calls only on itself;
 //! - death with the parent.
 //!
-//! The worker keeps uid 0: a task's files belong to root in its image, and without
-//! capabilities, with no path to any host file, root is only the owner of what the task may
-//! write anyway. docs/security.md has the reasoning and what this does not cover.
+//! - a user namespace of its own (unless the runtime's `worker_uid` is 0), in which it is uid
+//!   and gid 0 while on the host it is the unprivileged `worker_uid`/`worker_gid` with no
+//!   supplementary groups; the parent writes the mapping and idmaps each task's root to it, so
+//!   the task's root-owned files are the worker's own and what it writes lands as root's.
+//!
+//! The steps run in this order: [`isolate`] (the namespaces and the empty root, as host root),
+//! then, in a user namespace, [`unshare_user`] and, once the parent has mapped it,
+//! [`become_mapped_root`]; then [`drop_privileges`]. docs/security.md has the reasoning and
+//! what this does not cover.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,11 +54,10 @@ fn step(step: &'static str) -> impl FnOnce(rustix::io::Errno) -> SandboxError {
     }
 }
 
-/// Confine this process. `scratch` is an existing directory the empty root is mounted on (in
-/// the private namespace only).
-pub fn enter(scratch: &Path) -> Result<(), SandboxError> {
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        .map_err(step("die with the parent"))?;
+/// The first step: private mount and IPC namespaces whose root is an empty read-only tmpfs
+/// mounted on `scratch` (an existing directory), with the host's tree detached. Needs host root
+/// (it runs before the user namespace, so the mounts stay out of the worker's reach).
+pub fn isolate(scratch: &Path) -> Result<(), SandboxError> {
     // SAFETY: no other thread exists yet, so no thread can observe the unshared state.
     unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS | UnshareFlags::NEWIPC) }
         .map_err(step("new mount and IPC namespaces"))?;
@@ -74,7 +79,36 @@ pub fn enter(scratch: &Path) -> Result<(), SandboxError> {
     // The old root now sits under the new one at "."; detach it from this namespace.
     rustix::mount::unmount(".", UnmountFlags::DETACH).map_err(step("detach the host tree"))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;
+    Ok(())
+}
 
+/// Enter a new user namespace, still single-threaded. Until the parent writes its mapping this
+/// process has no ids in it; [`become_mapped_root`] takes them.
+pub fn unshare_user() -> Result<(), SandboxError> {
+    // SAFETY: no other thread exists yet, so no thread can observe the unshared state.
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) }
+        .map_err(step("new user namespace"))
+}
+
+/// Once the parent has mapped the user namespace: become its uid and gid 0 (the unprivileged
+/// host ids the parent mapped them to) with no supplementary groups (host root's would stay).
+pub fn become_mapped_root() -> Result<(), SandboxError> {
+    let root_uid = rustix::process::Uid::ROOT;
+    let root_gid = rustix::process::Gid::ROOT;
+    rustix::thread::set_thread_groups(&[]).map_err(step("drop supplementary groups"))?;
+    rustix::thread::set_thread_res_gid(root_gid, root_gid, root_gid)
+        .map_err(step("take the mapped gid"))?;
+    rustix::thread::set_thread_res_uid(root_uid, root_uid, root_uid)
+        .map_err(step("take the mapped uid"))?;
+    Ok(())
+}
+
+/// The last step: death with the parent, no core dumps, not dumpable, no capabilities,
+/// `no_new_privs`, the seccomp filters. After a change of ids (the kernel clears the death
+/// signal and the dumpable flag on one).
+pub fn drop_privileges() -> Result<(), SandboxError> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(step("die with the parent"))?;
     // No core dumps (they would hold guests' memory) and no ptrace from the same uid.
     rustix::process::setrlimit(
         rustix::process::Resource::Core,

@@ -4,7 +4,7 @@
 //! and binding a task's HTTP listener inside a pod's network namespace.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use rustix::mount::OpenTreeFlags;
@@ -30,8 +30,14 @@ pub fn deserialize_component(engine: &Engine, artifact: &[u8]) -> wasmtime::Resu
 /// A detached copy of the mount tree at `path` (with what is mounted below it), made `nodev`,
 /// `nosuid`, `noexec` and, when asked, read-only, all the way down: what the worker gets as a
 /// task's root. It is attached nowhere, so `..` stops at its root, and it goes away with the
-/// last descriptor.
-pub fn detached_tree(path: &Path, readonly: bool) -> io::Result<OwnedFd> {
+/// last descriptor. With `idmap` (a user namespace), the tree is idmapped to it: a file of
+/// uid 0 on disk is the namespace's uid 0 (its owner on the host) through the tree, and what
+/// that owner creates is uid 0's on disk.
+pub fn detached_tree(
+    path: &Path,
+    readonly: bool,
+    idmap: Option<BorrowedFd<'_>>,
+) -> io::Result<OwnedFd> {
     let tree = rustix::mount::open_tree(
         rustix::fs::CWD,
         path,
@@ -43,20 +49,53 @@ pub fn detached_tree(path: &Path, readonly: bool) -> io::Result<OwnedFd> {
     if readonly {
         set |= libc::MOUNT_ATTR_RDONLY;
     }
+    set_attrs(tree.as_fd(), set, idmap, true)?;
+    Ok(tree)
+}
+
+/// A detached copy of the one mount at `path` (nothing below it), idmapped to `userns`: an
+/// overlay layer for [`crate::idmap`], which cannot idmap the overlay itself.
+pub fn idmapped_clone(path: &Path, userns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )?;
+    set_attrs(tree.as_fd(), 0, Some(userns), false)?;
+    Ok(tree)
+}
+
+/// `mount_setattr` on a detached tree: set `set` (and the idmap of `idmap`), down the whole
+/// tree when `recursive`.
+fn set_attrs(
+    tree: BorrowedFd<'_>,
+    mut set: u64,
+    idmap: Option<BorrowedFd<'_>>,
+    recursive: bool,
+) -> io::Result<()> {
+    let mut userns_fd = 0;
+    if let Some(ns) = idmap {
+        set |= libc::MOUNT_ATTR_IDMAP;
+        userns_fd = u64::try_from(ns.as_raw_fd()).map_err(io::Error::other)?;
+    }
     let mut attr = libc::mount_attr {
         attr_set: set,
         attr_clr: 0,
         propagation: 0,
-        userns_fd: 0,
+        userns_fd,
     };
-    let flags = (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint;
+    let mut flags = libc::AT_EMPTY_PATH as libc::c_uint;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
     // SAFETY: `tree` is an open mount tree descriptor, the path is a valid empty C string (with
     // AT_EMPTY_PATH the descriptor itself is the target), and `attr` is a live, initialized
-    // `mount_attr` whose exact size is passed; the kernel only reads it.
+    // `mount_attr` whose exact size is passed; the kernel only reads it (`userns_fd`, when set,
+    // is `idmap`'s descriptor, open for the whole call).
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            tree.as_fd().as_raw_fd(),
+            tree.as_raw_fd(),
             c"".as_ptr(),
             flags,
             &raw mut attr,
@@ -66,7 +105,7 @@ pub fn detached_tree(path: &Path, readonly: bool) -> io::Result<OwnedFd> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(tree)
+    Ok(())
 }
 
 /// The descriptor the worker talks to its parent on.
@@ -136,7 +175,7 @@ mod tests {
         // The node opens on the host's mount...
         assert!(std::fs::File::open(&node).is_ok());
         for readonly in [false, true] {
-            let tree = detached_tree(dir.path(), readonly).unwrap_or_else(|e| panic!("{e}"));
+            let tree = detached_tree(dir.path(), readonly, None).unwrap_or_else(|e| panic!("{e}"));
             let open = |name: &str, flags| {
                 rustix::fs::openat(&tree, name, flags, rustix::fs::Mode::from_raw_mode(0o644))
             };

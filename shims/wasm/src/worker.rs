@@ -26,6 +26,11 @@ pub struct Init {
     pub threads: usize,
 }
 
+/// The worker's argument asking it to run in a user namespace of its own, which the parent maps.
+pub const USERNS_FLAG: &str = "-userns";
+/// The frame a worker asked for [`USERNS_FLAG`] sends once it is in its new user namespace.
+pub const USERNS_READY: &[u8] = b"userns";
+
 /// Exit statuses of a worker that could not start (the parent logs them).
 pub const EXIT_SANDBOX: i32 = 3;
 pub const EXIT_CHANNEL: i32 = 4;
@@ -53,8 +58,18 @@ pub fn main(args: &[String]) -> ! {
             &format!("wasm worker: no channel from the shim: {e}"),
         ),
     };
-    if let Err(e) = crate::sandbox::enter(&scratch) {
+    if let Err(e) = crate::sandbox::isolate(&scratch) {
         exit(EXIT_SANDBOX, &e.to_string());
+    }
+    let userns = args.iter().any(|a| a == USERNS_FLAG);
+    if userns {
+        if let Err(e) = crate::sandbox::unshare_user() {
+            exit(EXIT_SANDBOX, &e.to_string());
+        }
+        // The parent maps the namespace when it reads this, then sends Init.
+        if let Err(e) = ipc::send(chan.as_fd(), USERNS_READY, &[]) {
+            exit(EXIT_CHANNEL, &e.to_string());
+        }
     }
     let init: Init = match ipc::recv(chan.as_fd(), ipc::MAX_REQUEST) {
         Ok(Some(f)) => match serde_json::from_slice(&f.body) {
@@ -64,6 +79,12 @@ pub fn main(args: &[String]) -> ! {
         Ok(None) => std::process::exit(0),
         Err(e) => exit(EXIT_CHANNEL, &e.to_string()),
     };
+    if userns && let Err(e) = crate::sandbox::become_mapped_root() {
+        exit(EXIT_SANDBOX, &e.to_string());
+    }
+    if let Err(e) = crate::sandbox::drop_privileges() {
+        exit(EXIT_SANDBOX, &e.to_string());
+    }
     let rt = match Runtime::new(init.options, init.threads) {
         Ok(rt) => Arc::new(rt),
         Err(e) => exit(EXIT_ENGINE, &format!("wasm worker: {e}")),
@@ -80,7 +101,9 @@ fn exit(code: i32, msg: &str) -> ! {
 /// `worker --self-test` (root): confine this process as a worker is, then report what it can
 /// still do that it should not. Exit 0 when the confinement holds.
 fn self_test(scratch: &std::path::Path) -> ! {
-    if let Err(e) = crate::sandbox::enter(scratch) {
+    if let Err(e) =
+        crate::sandbox::isolate(scratch).and_then(|()| crate::sandbox::drop_privileges())
+    {
         exit(EXIT_SANDBOX, &e.to_string());
     }
     let bad = crate::sandbox::self_test();
