@@ -15,7 +15,7 @@
 //! - a user namespace of its own (unless the runtime's `worker_uid` is 0), in which it is uid
 //!   and gid 0 while on the host it is the unprivileged `worker_uid`/`worker_gid` with no
 //!   supplementary groups; the parent writes the mapping and idmaps each task's root to it, so
-//!   the task's root-owned files are the worker's own and what it writes lands as root's.
+//!   the task's root-owned files are the worker's own (`idmap.rs` for overlay roots).
 //!
 //! The steps run in this order: [`isolate`] (the namespaces and the empty root, as host root),
 //! then, in a user namespace, [`unshare_user`] and, once the parent has mapped it,
