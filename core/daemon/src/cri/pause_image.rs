@@ -17,6 +17,9 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
+use object::Endianness;
+use object::elf;
+use object::read::elf::{Dyn as _, FileHeader as _, ProgramHeader as _};
 use switchyard_images::{ImageError, ImageStore, build, normalize};
 use tonic::Status;
 
@@ -166,53 +169,39 @@ pub enum ElfError {
 /// The ELF `e_machine` of this machine, where known.
 fn host_machine() -> Option<u16> {
     match std::env::consts::ARCH {
-        "x86_64" => Some(62),
-        "aarch64" => Some(183),
-        "riscv64" => Some(243),
-        "powerpc64" => Some(21),
-        "s390x" => Some(22),
-        "loongarch64" => Some(258),
+        "x86_64" => Some(elf::EM_X86_64),
+        "aarch64" => Some(elf::EM_AARCH64),
+        "riscv64" => Some(elf::EM_RISCV),
+        "powerpc64" => Some(elf::EM_PPC64),
+        "s390x" => Some(elf::EM_S390),
+        "loongarch64" => Some(elf::EM_LOONGARCH),
         _ => None,
     }
 }
 
 /// Checks that `bytes` is an ELF64 executable for this machine that the kernel can start
 /// without a dynamic loader: no `PT_INTERP`, no `DT_NEEDED`, at least one `PT_LOAD` (a static
-/// or static-pie binary, as Rust builds for musl).
+/// or static-pie binary, as Rust builds for musl). The `object` crate reads the file.
 pub fn check_static(bytes: &[u8]) -> Result<(), ElfError> {
-    const PT_LOAD: u32 = 1;
-    const PT_DYNAMIC: u32 = 2;
-    const PT_INTERP: u32 = 3;
-    const DT_NULL: u64 = 0;
-    const DT_NEEDED: u64 = 1;
-    if !bytes.starts_with(b"\x7fELF") {
+    if !bytes.starts_with(&elf::ELFMAG) {
         return Err(ElfError::NotElf);
     }
-    let little = cfg!(target_endian = "little");
-    if bytes.get(4) != Some(&2) || bytes.get(5) != Some(if little { &1 } else { &2 }) {
+    let native = if cfg!(target_endian = "little") {
+        elf::ELFDATA2LSB
+    } else {
+        elf::ELFDATA2MSB
+    };
+    if bytes.get(4) != Some(&elf::ELFCLASS64) || bytes.get(5) != Some(&native) {
         return Err(ElfError::Format);
     }
-    let field = |at: usize, len: usize, what: &'static str| -> Result<u64, ElfError> {
-        let b = at
-            .checked_add(len)
-            .and_then(|end| bytes.get(at..end))
-            .ok_or(ElfError::Malformed(what))?;
-        let mut v = [0u8; 8];
-        if little {
-            v[..len].copy_from_slice(b);
-            Ok(u64::from_le_bytes(v))
-        } else {
-            v[8 - len..].copy_from_slice(b);
-            Ok(u64::from_be_bytes(v))
-        }
-    };
-    let offset = |v: u64, what| usize::try_from(v).map_err(|_| ElfError::Malformed(what));
-    let small = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
-    let e_type = small(field(16, 2, "header")?);
-    if !matches!(e_type, 2 | 3) {
+    let header =
+        elf::FileHeader64::<Endianness>::parse(bytes).map_err(|_| ElfError::Malformed("header"))?;
+    let endian = header.endian().map_err(|_| ElfError::Malformed("header"))?;
+    let e_type = header.e_type(endian);
+    if !matches!(e_type, elf::ET_EXEC | elf::ET_DYN) {
         return Err(ElfError::NotExecutable(e_type));
     }
-    let machine = small(field(18, 2, "header")?);
+    let machine = header.e_machine(endian);
     if let Some(expected) = host_machine()
         && machine != expected
     {
@@ -221,39 +210,33 @@ pub fn check_static(bytes: &[u8]) -> Result<(), ElfError> {
             expected,
         });
     }
-    let phoff = offset(field(32, 8, "header")?, "program headers")?;
-    let phentsize = offset(field(54, 2, "header")?, "program headers")?;
-    let phnum = offset(field(56, 2, "header")?, "program headers")?;
-    if phentsize < 56 {
-        return Err(ElfError::Malformed("program header size"));
-    }
+    let phdrs = header
+        .program_headers(endian, bytes)
+        .map_err(|_| ElfError::Malformed("program headers"))?;
     let mut load = false;
-    for i in 0..phnum {
-        let ph = i
-            .checked_mul(phentsize)
-            .and_then(|o| o.checked_add(phoff))
-            .ok_or(ElfError::Malformed("program headers"))?;
-        let p_type = field(ph, 4, "program headers")?;
-        let p_offset = offset(field(ph + 8, 8, "program headers")?, "segment")?;
-        let p_filesz = offset(field(ph + 32, 8, "program headers")?, "segment")?;
-        let segment = p_offset
-            .checked_add(p_filesz)
-            .and_then(|end| bytes.get(p_offset..end));
-        match u32::try_from(p_type).unwrap_or(0) {
-            PT_LOAD => load = true,
-            PT_INTERP => {
-                let s = segment.ok_or(ElfError::Malformed("interpreter"))?;
-                let name = s.split(|&b| b == 0).next().unwrap_or_default();
+    for ph in phdrs {
+        match ph.p_type(endian) {
+            elf::PT_LOAD => load = true,
+            elf::PT_INTERP => {
+                let name = ph
+                    .interpreter(endian, bytes)
+                    .ok()
+                    .flatten()
+                    .ok_or(ElfError::Malformed("interpreter"))?;
                 return Err(ElfError::Dynamic(
                     String::from_utf8_lossy(name).into_owned(),
                 ));
             }
-            PT_DYNAMIC => {
-                segment.ok_or(ElfError::Malformed("dynamic section"))?;
-                for at in (p_offset..p_offset + p_filesz).step_by(16) {
-                    match field(at, 8, "dynamic section")? {
-                        DT_NULL => break,
-                        DT_NEEDED => return Err(ElfError::NeedsLibraries),
+            elf::PT_DYNAMIC => {
+                let entries = ph
+                    .dynamic(endian, bytes)
+                    .ok()
+                    .flatten()
+                    .ok_or(ElfError::Malformed("dynamic section"))?;
+                for d in entries {
+                    match d.tag(endian) {
+                        elf::DT_NULL => break,
+                        elf::DT_NEEDED => return Err(ElfError::NeedsLibraries),
                         _ => {}
                     }
                 }
