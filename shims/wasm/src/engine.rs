@@ -67,6 +67,7 @@ impl WasmEngine {
     /// from the bundle's `options.json` (switchyardd writes it; the server runs in the bundle
     /// directory), else the defaults; Create checks they match.
     pub fn prewarmed(flags: &containerd_shim::Flags) -> WasmEngine {
+        crate::idmap::sweep();
         let options = std::fs::read("options.json")
             .ok()
             .and_then(|b| serde_json::from_slice::<Options>(&b).ok())

@@ -137,7 +137,45 @@ impl Drop for Stage {
                 tracing::warn!(at = %at.display(), error = %e, "detach an idmapped layer");
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_stage(&self.dir);
+    }
+}
+
+/// Remove a staging directory and its (detached) mount points, one level, never recursively:
+/// a layer still attached there must not be emptied.
+fn remove_stage(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Detach and remove what a shim that died in the middle of [`remount_overlay`] left staged
+/// (`<pid>-<n>` directories whose shim is gone). Called when a shim server starts.
+pub fn sweep() {
+    let Ok(entries) = std::fs::read_dir(STAGE_BASE) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(staged) = std::fs::read_dir(e.path()) {
+            for s in staged.flatten() {
+                let _ = rustix::mount::unmount(s.path(), UnmountFlags::DETACH);
+            }
+        }
+        remove_stage(&e.path());
     }
 }
 
@@ -221,6 +259,26 @@ mod tests {
         ] {
             assert!(Overlay::parse(&opts(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    /// Requires root; skipped without. A stage left by a dead shim, with a mount still
+    /// attached in it, is detached and removed, and what the mount showed is untouched.
+    #[test]
+    fn a_dead_shims_stage_is_swept_without_touching_the_layer() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let layer = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(layer.path().join("keep"), "x").unwrap_or_else(|e| panic!("{e}"));
+        // No process has pid 0x3fffffff (above the kernel's pid_max).
+        let stage = Path::new(STAGE_BASE).join("1073741823-0");
+        let at = stage.join("0");
+        std::fs::create_dir_all(&at).unwrap_or_else(|e| panic!("{e}"));
+        rustix::mount::mount_bind(layer.path(), &at).unwrap_or_else(|e| panic!("{e}"));
+        sweep();
+        assert!(!stage.exists(), "the stage is left");
+        assert!(layer.path().join("keep").exists(), "the layer was emptied");
     }
 
     /// Requires root and a kernel with idmapped overlay layers; skipped without root.
