@@ -1,22 +1,104 @@
 //! A container's bind mounts, given sources in the guest: the host cannot name its own paths
 //! here, so it lists each bind mount of the spec as a [`Volume`]: an entry of the read-write
-//! volume share (a host file or directory the host bound into it, reached over 9p) or the pod's
-//! `/dev/shm` (one guest tmpfs for the pod). A bind mount the host did not list is refused,
-//! naming it, rather than binding whatever the guest happens to have at that path.
+//! volume share (a host file or directory the host bound into it, reached over 9p), the pod's
+//! `/dev/shm` (one guest tmpfs for the pod), a copy of a small host file the host wrote with
+//! `WriteFile` (backends without a shared filesystem), or a directory of the pod in the guest
+//! (an emptyDir). A bind mount the host did not list is refused, naming it, rather than binding
+//! whatever the guest happens to have at that path.
 
 use std::collections::HashSet;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::Spec;
-use yard_agent_protocol::{MAX_VOLUME_NAME, POD_SHM, VOLUME_MOUNT, Volume};
+use yard_agent_protocol::{
+    COPY_DIR, MAX_COPIED_FILE, MAX_VOLUME_NAME, POD_DIRS, POD_SHM, VOLUME_MOUNT, Volume,
+    WriteFileRequest,
+};
 
 use crate::error::{Error, Result};
 
-/// What the rewritten spec needs mounted in the guest first.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What the rewritten spec needs in the guest first.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Needs {
     pub share: bool,
     pub pod_shm: bool,
+    /// Copies the host must have written (their names).
+    pub copies: Vec<String>,
+    /// The pod's directories to make if missing (their names).
+    pub pod_dirs: Vec<String>,
+}
+
+impl Needs {
+    /// Checks the copies are there and makes the pod's directories (mode 0777, as kubelet makes
+    /// an emptyDir).
+    pub fn prepare(&self) -> Result<()> {
+        for name in &self.copies {
+            let path = Path::new(COPY_DIR).join(name);
+            if !path.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "volumes: copied: {name:?}: the host wrote no such file"
+                )));
+            }
+        }
+        for name in &self.pod_dirs {
+            let path = Path::new(POD_DIRS).join(name);
+            if path.is_dir() {
+                continue;
+            }
+            std::fs::create_dir_all(&path)
+                .map_err(Error::io(format!("create {}", path.display())))?;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
+                .map_err(Error::io(format!("chmod {}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// `WriteFile`: the copy `req.name` under `dir` rewritten in place (a container that binds it
+/// keeps the same inode and reads the new content), or removed.
+pub fn write_copy(dir: &Path, req: &WriteFileRequest) -> Result<()> {
+    if !one_component(&req.name) {
+        return Err(Error::InvalidArgument(format!(
+            "name: {:?} is not one path component of at most {MAX_VOLUME_NAME} bytes",
+            req.name.chars().take(MAX_VOLUME_NAME + 1).collect::<String>()
+        )));
+    }
+    let path = dir.join(&req.name);
+    if req.remove {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("remove {}", path.display()))(e))
+            }
+            _ => Ok(()),
+        };
+    }
+    if req.data.len() > MAX_COPIED_FILE {
+        return Err(Error::InvalidArgument(format!(
+            "data: {} bytes, more than the {MAX_COPIED_FILE} a copied file may have",
+            req.data.len()
+        )));
+    }
+    if req.mode > 0o777 {
+        return Err(Error::InvalidArgument(format!(
+            "mode: {:o} is more than permission bits",
+            req.mode
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(req.mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(Error::io(format!("open {}", path.display())))?;
+    f.write_all(&req.data)
+        .and_then(|()| f.set_len(req.data.len() as u64))
+        .map_err(Error::io(format!("write {}", path.display())))
 }
 
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
@@ -50,30 +132,43 @@ pub fn apply(spec: &mut Spec, volumes: &[Volume]) -> Result<Needs> {
                 "volumes[{i}].mount: mounts[{index}] is not a bind mount"
             )));
         }
-        let source = match (v.shared.is_empty(), v.pod_shm) {
-            (false, false) => {
-                if !one_component(&v.shared) {
-                    return Err(Error::InvalidArgument(format!(
-                        "volumes[{i}].shared: {:?} is not one path component of at most \
-                         {MAX_VOLUME_NAME} bytes",
-                        v.shared
-                            .chars()
-                            .take(MAX_VOLUME_NAME + 1)
-                            .collect::<String>()
-                    )));
-                }
-                needs.share = true;
-                Path::new(VOLUME_MOUNT).join(&v.shared)
-            }
-            (true, true) => {
-                needs.pod_shm = true;
-                PathBuf::from(POD_SHM)
-            }
-            _ => {
+        let named = |field: &str, name: &str| -> Result<String> {
+            if !one_component(name) {
                 return Err(Error::InvalidArgument(format!(
-                    "volumes[{i}]: exactly one of shared and pod_shm must be set"
+                    "volumes[{i}].{field}: {:?} is not one path component of at most \
+                     {MAX_VOLUME_NAME} bytes",
+                    name.chars().take(MAX_VOLUME_NAME + 1).collect::<String>()
                 )));
             }
+            Ok(name.to_owned())
+        };
+        let set = [
+            !v.shared.is_empty(),
+            v.pod_shm,
+            !v.copied.is_empty(),
+            !v.pod_dir.is_empty(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "volumes[{i}]: exactly one of shared, pod_shm, copied and pod_dir must be set"
+            )));
+        }
+        let source = if v.pod_shm {
+            needs.pod_shm = true;
+            PathBuf::from(POD_SHM)
+        } else if !v.shared.is_empty() {
+            needs.share = true;
+            Path::new(VOLUME_MOUNT).join(named("shared", &v.shared)?)
+        } else if !v.copied.is_empty() {
+            let name = named("copied", &v.copied)?;
+            let path = Path::new(COPY_DIR).join(&name);
+            needs.copies.push(name);
+            path
+        } else {
+            let name = named("pod_dir", &v.pod_dir)?;
+            let path = Path::new(POD_DIRS).join(&name);
+            needs.pod_dirs.push(name);
+            path
         };
         m.set_source(Some(source));
         m.set_typ(Some("bind".into()));
@@ -146,7 +241,8 @@ mod tests {
             needs,
             Needs {
                 share: true,
-                pod_shm: true
+                pod_shm: true,
+                ..Needs::default()
             }
         );
         let m = s.mounts().as_ref().unwrap();
@@ -191,6 +287,23 @@ mod tests {
             (
                 vec![Volume {
                     mount: 2,
+                    copied: "../etc/passwd".into(),
+                    ..Default::default()
+                }],
+                "volumes[0].copied: ",
+            ),
+            (
+                vec![Volume {
+                    mount: 3,
+                    pod_dir: "a".into(),
+                    copied: "b".into(),
+                    ..Default::default()
+                }],
+                "volumes[0]: exactly one",
+            ),
+            (
+                vec![Volume {
+                    mount: 2,
                     shared: "a".into(),
                     pod_shm: true,
                     ..Default::default()
@@ -204,5 +317,72 @@ mod tests {
                 other => panic!("{volumes:?}: {other:?}"),
             }
         }
+    }
+
+    /// Issue 18, backends without a shared filesystem: copies and the pod's directories.
+    #[test]
+    fn copied_files_and_pod_dirs_get_guest_sources() {
+        let mut s = spec();
+        let v = |mount: u32, copied: &str, pod_dir: &str| Volume {
+            mount,
+            copied: copied.into(),
+            pod_dir: pod_dir.into(),
+            ..Default::default()
+        };
+        let needs = apply(&mut s, &[shm(1), v(2, "0", ""), v(3, "", "1")]).unwrap();
+        assert_eq!(needs.copies, ["0"]);
+        assert_eq!(needs.pod_dirs, ["1"]);
+        assert!(!needs.share);
+        let m = s.mounts().as_ref().unwrap();
+        assert_eq!(m[2].source().as_deref(), Some(Path::new("/run/yard/files/0")));
+        assert_eq!(m[3].source().as_deref(), Some(Path::new("/run/yard/pod/1")));
+    }
+
+    #[test]
+    fn a_copy_is_rewritten_in_place_bounded_and_removed() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("files");
+        let req = |name: &str, data: &[u8], remove: bool| WriteFileRequest {
+            name: name.into(),
+            data: data.to_vec(),
+            mode: 0o644,
+            remove,
+            ..Default::default()
+        };
+        write_copy(&files, &req("0", b"nameserver 10.0.0.10\nsearch a b c\n", false)).unwrap();
+        let inode = std::fs::metadata(files.join("0")).unwrap().ino();
+        write_copy(&files, &req("0", b"nameserver 10.0.0.11\n", false)).unwrap();
+        let meta = std::fs::metadata(files.join("0")).unwrap();
+        assert_eq!(meta.ino(), inode, "rewritten in place: a bind of it sees the change");
+        assert_eq!(meta.mode() & 0o777, 0o644);
+        assert_eq!(
+            std::fs::read(files.join("0")).unwrap(),
+            b"nameserver 10.0.0.11\n"
+        );
+        for (r, want) in [
+            (req("../x", b"", false), "name: "),
+            (req("a/b", b"", false), "name: "),
+            (req("big", &vec![0; MAX_COPIED_FILE + 1], false), "data: 1048577 bytes"),
+            (
+                WriteFileRequest {
+                    mode: 0o4755,
+                    ..req("m", b"", false)
+                },
+                "mode: 4755",
+            ),
+        ] {
+            match write_copy(&files, &r) {
+                Err(Error::InvalidArgument(m)) => assert!(m.starts_with(want), "{m} vs {want}"),
+                other => panic!("{}: {other:?}", r.name),
+            }
+        }
+        assert!(!files.join("big").exists());
+        // A symlink planted at a copy's name is not followed.
+        std::os::unix::fs::symlink("/etc/passwd", files.join("s")).unwrap();
+        assert!(write_copy(&files, &req("s", b"x", false)).is_err());
+        write_copy(&files, &req("0", b"", true)).unwrap();
+        assert!(!files.join("0").exists());
+        write_copy(&files, &req("0", b"", true)).unwrap();
     }
 }
