@@ -374,10 +374,7 @@ impl Agent {
     /// `WriteFile`: a copy of a host file (or its removal), for backends without a shared
     /// filesystem.
     pub async fn write_file(&self, req: yard_agent_protocol::WriteFileRequest) -> Result<()> {
-        blocking(move || {
-            volumes::write_copy(Path::new(yard_agent_protocol::COPY_DIR), &req)
-        })
-        .await
+        blocking(move || volumes::write_copy(Path::new(yard_agent_protocol::COPY_DIR), &req)).await
     }
 
     /// A console socket at a short path: ids are up to 76 bytes each, and

@@ -63,7 +63,10 @@ pub fn write_copy(dir: &Path, req: &WriteFileRequest) -> Result<()> {
     if !one_component(&req.name) {
         return Err(Error::InvalidArgument(format!(
             "name: {:?} is not one path component of at most {MAX_VOLUME_NAME} bytes",
-            req.name.chars().take(MAX_VOLUME_NAME + 1).collect::<String>()
+            req.name
+                .chars()
+                .take(MAX_VOLUME_NAME + 1)
+                .collect::<String>()
         )));
     }
     let path = dir.join(&req.name);
@@ -334,7 +337,10 @@ mod tests {
         assert_eq!(needs.pod_dirs, ["1"]);
         assert!(!needs.share);
         let m = s.mounts().as_ref().unwrap();
-        assert_eq!(m[2].source().as_deref(), Some(Path::new("/run/yard/files/0")));
+        assert_eq!(
+            m[2].source().as_deref(),
+            Some(Path::new("/run/yard/files/0"))
+        );
         assert_eq!(m[3].source().as_deref(), Some(Path::new("/run/yard/pod/1")));
     }
 
@@ -350,11 +356,19 @@ mod tests {
             remove,
             ..Default::default()
         };
-        write_copy(&files, &req("0", b"nameserver 10.0.0.10\nsearch a b c\n", false)).unwrap();
+        write_copy(
+            &files,
+            &req("0", b"nameserver 10.0.0.10\nsearch a b c\n", false),
+        )
+        .unwrap();
         let inode = std::fs::metadata(files.join("0")).unwrap().ino();
         write_copy(&files, &req("0", b"nameserver 10.0.0.11\n", false)).unwrap();
         let meta = std::fs::metadata(files.join("0")).unwrap();
-        assert_eq!(meta.ino(), inode, "rewritten in place: a bind of it sees the change");
+        assert_eq!(
+            meta.ino(),
+            inode,
+            "rewritten in place: a bind of it sees the change"
+        );
         assert_eq!(meta.mode() & 0o777, 0o644);
         assert_eq!(
             std::fs::read(files.join("0")).unwrap(),
@@ -363,7 +377,10 @@ mod tests {
         for (r, want) in [
             (req("../x", b"", false), "name: "),
             (req("a/b", b"", false), "name: "),
-            (req("big", &vec![0; MAX_COPIED_FILE + 1], false), "data: 1048577 bytes"),
+            (
+                req("big", &vec![0; MAX_COPIED_FILE + 1], false),
+                "data: 1048577 bytes",
+            ),
             (
                 WriteFileRequest {
                     mode: 0o4755,

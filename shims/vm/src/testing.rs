@@ -520,7 +520,10 @@ impl proto::Agent for FakeAgent {
             {
                 return Err(status(
                     Code::INVALID_ARGUMENT,
-                    format!("volumes: copied: {:?}: the host wrote no such file", v.copied),
+                    format!(
+                        "volumes: copied: {:?}: the host wrote no such file",
+                        v.copied
+                    ),
                 ));
             }
             g.next_pid += 1;
@@ -758,11 +761,7 @@ impl proto::Agent for FakeAgent {
         })
     }
 
-    async fn write_file(
-        &self,
-        _: &TtrpcContext,
-        req: proto::WriteFileRequest,
-    ) -> R<proto::Empty> {
+    async fn write_file(&self, _: &TtrpcContext, req: proto::WriteFileRequest) -> R<proto::Empty> {
         if req.data.len() > proto::MAX_COPIED_FILE {
             return Err(status(Code::INVALID_ARGUMENT, "data: too large"));
         }
@@ -771,7 +770,8 @@ impl proto::Agent for FakeAgent {
                 g.files.remove(&req.name);
             } else {
                 g.file_writes += 1;
-                g.files.insert(req.name.clone(), (req.data.clone(), req.mode));
+                g.files
+                    .insert(req.name.clone(), (req.data.clone(), req.mode));
             }
         });
         Ok(proto::Empty::default())

@@ -68,7 +68,9 @@ pub fn carry(path: &Path) -> Carry {
 pub fn needs_shared_fs(binds: &[Bind]) -> Option<String> {
     binds
         .iter()
-        .find(|b| matches!(&b.source, BindSource::Host { path, .. } if carry(path) == Carry::Refused))
+        .find(
+            |b| matches!(&b.source, BindSource::Host { path, .. } if carry(path) == Carry::Refused),
+        )
         .map(Bind::describe)
 }
 

@@ -706,14 +706,17 @@ async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() 
         .map(|d| (full.as_path(), d.as_str(), true))
         .collect();
     let (debug, text) = message(
-        w.create("c1", &spec_json(&["/bin/true"], &[GROUP], &cri_mounts(&binds)))
-            .await,
+        w.create(
+            "c1",
+            &spec_json(&["/bin/true"], &[GROUP], &cri_mounts(&binds)),
+        )
+        .await,
     );
     assert!(debug.starts_with("FailedPrecondition"), "{debug}");
     assert!(
-        text.starts_with(&format!("config.json: mounts[{n}] (host path")) && text.contains(
-            "past 16777216 bytes, the most one VM on the fake-builtin backend holds"
-        ),
+        text.starts_with(&format!("config.json: mounts[{n}] (host path"))
+            && text
+                .contains("past 16777216 bytes, the most one VM on the fake-builtin backend holds"),
         "{text}"
     );
 
