@@ -289,6 +289,22 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
     assert!(run.output.contains("qemu processes: 0"), "{}", run.output);
 }
 
+/// Runs `vm`, prints its output under `what`, and returns the output once the payload
+/// succeeded (else fails with the output and the console).
+fn run_ok(vm: &NestedVm, what: &str) -> String {
+    let run = vm.run().unwrap();
+    println!(
+        "{what}: payload {:.2?}, whole {:.2?}\n{}",
+        run.payload_time, run.wall, run.output
+    );
+    assert_eq!(
+        run.status, 0,
+        "payload failed; output:\n{}\nconsole:\n{}",
+        run.output, run.console
+    );
+    run.output
+}
+
 /// Issue 7, SMP: the built-in VMM boots the guest with `vcpus = 2` (MP table, per-vCPU CPUID
 /// and LAPICs, the second vCPU started by the guest kernel with INIT/SIPI through the in-kernel
 /// irqchip), and the container sees both CPUs. The harness VM gets two CPUs too.
@@ -309,23 +325,12 @@ fn the_builtin_vmm_boots_a_two_vcpu_guest() {
     .vcpus(2)
     .build()
     .unwrap();
-    let run = vm.run().unwrap();
-    println!(
-        "nested builtin 2-vCPU run: payload {:.2?}, whole {:.2?}\n{}",
-        run.payload_time, run.wall, run.output
-    );
-    assert_eq!(
-        run.status, 0,
-        "payload failed; output:\n{}\nconsole:\n{}",
-        run.output, run.console
-    );
+    let out = run_ok(&vm, "nested builtin 2-vCPU run");
     assert!(
-        run.output.contains("guest cpus: 2 2"),
-        "the guest did not bring up both vCPUs:\n{}\nconsole:\n{}",
-        run.output,
-        run.console
+        out.contains("guest cpus: 2 2"),
+        "the guest did not bring up both vCPUs:\n{out}"
     );
-    assert!(run.output.contains("run status: 0"), "{}", run.output);
+    assert!(out.contains("run status: 0"), "{out}");
 }
 
 /// Issue 7, groups on the built-in VMM: it has no 9p share, so later containers of a sandbox get
@@ -363,17 +368,7 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
     )
     .build()
         .unwrap();
-    let run = vm.run().unwrap();
-    println!(
-        "nested builtin group run: payload {:.2?}, whole {:.2?}\n{}",
-        run.payload_time, run.wall, run.output
-    );
-    assert_eq!(
-        run.status, 0,
-        "payload failed; output:\n{}\nconsole:\n{}",
-        run.output, run.console
-    );
-    let out = &run.output;
+    let out = &run_ok(&vm, "nested builtin group run");
     for n in ["a", "b", "c", "d", "e"] {
         assert!(out.contains(&format!("start {n}: 0")), "{n}:\n{out}");
     }
@@ -464,17 +459,7 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
     .timeout(Duration::from_secs(600))
     .build()
     .unwrap();
-    let run = vm.run().unwrap();
-    println!(
-        "nested builtin CRI pod: payload {:.2?}, whole {:.2?}\n{}",
-        run.payload_time, run.wall, run.output
-    );
-    assert_eq!(
-        run.status, 0,
-        "payload failed; output:\n{}\nconsole:\n{}",
-        run.output, run.console
-    );
-    let out = &run.output;
+    let out = &run_ok(&vm, "nested builtin CRI pod");
     let line = |key: &str| {
         out.lines()
             .find_map(|l| l.strip_prefix(key))

@@ -377,6 +377,11 @@ impl Agent {
         blocking(move || volumes::write_copy(Path::new(yard_agent_protocol::COPY_DIR), &req)).await
     }
 
+    /// `WriteDir`: a copy of a small host directory.
+    pub async fn write_dir(&self, req: yard_agent_protocol::WriteDirRequest) -> Result<()> {
+        blocking(move || volumes::write_tree(Path::new(yard_agent_protocol::COPY_DIR), &req)).await
+    }
+
     /// A console socket at a short path: ids are up to 76 bytes each, and
     /// `/run/yard/c/<id>/exec-<exec id>.sock` would not fit a socket address.
     fn console_socket(&self) -> Result<ConsoleSocket> {

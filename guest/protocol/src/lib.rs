@@ -74,6 +74,10 @@ pub const POD_DIRS: &str = "/run/yard/pod";
 /// The largest file `WriteFile` carries: one request, well under ttrpc's 4 MiB frame.
 pub const MAX_COPIED_FILE: usize = 1 << 20;
 
+/// The most entries a `WriteDir` tree has (its file content is bounded by [`MAX_COPIED_FILE`]
+/// in all, as Kubernetes bounds a configmap's or secret's data to 1 MiB).
+pub const MAX_COPIED_ENTRIES: usize = 256;
+
 /// The longest [`Volume::shared`] name the agent takes.
 pub const MAX_VOLUME_NAME: usize = 64;
 

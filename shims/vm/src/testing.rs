@@ -356,6 +356,8 @@ struct Guest {
     files: HashMap<String, (Vec<u8>, u32)>,
     /// How many `WriteFile` calls wrote (not removed) a copy.
     file_writes: u32,
+    /// `WriteDir`'s copies: name → the tree's entries.
+    trees: HashMap<String, Vec<proto::DirEntry>>,
 }
 
 /// A well-behaved in-memory agent: it keeps the protocol the way the real one does.
@@ -455,11 +457,31 @@ impl FakeAgent {
         self.guest.lock().unwrap().files.get(name).cloned()
     }
 
-    /// The copies the guest holds now, by name.
+    /// The copies (files and directories) the guest holds now, by name.
     pub fn files(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.guest.lock().unwrap().files.keys().cloned().collect();
+        let g = self.guest.lock().unwrap();
+        let mut names: Vec<String> = g.files.keys().chain(g.trees.keys()).cloned().collect();
         names.sort();
         names
+    }
+
+    /// The copied directory `name`: each entry's path and its content (a file's data, a
+    /// symlink's target, or `/` for a directory).
+    pub fn tree(&self, name: &str) -> Option<Vec<(String, String)>> {
+        self.guest.lock().unwrap().trees.get(name).map(|t| {
+            t.iter()
+                .map(|e| {
+                    let what = if e.dir {
+                        "/".to_owned()
+                    } else if !e.symlink.is_empty() {
+                        format!("-> {}", e.symlink)
+                    } else {
+                        String::from_utf8_lossy(&e.data).into_owned()
+                    };
+                    (e.path.clone(), what)
+                })
+                .collect()
+        })
     }
 
     /// How many times the host wrote a copy.
@@ -513,11 +535,11 @@ impl proto::Agent for FakeAgent {
                 return Err(status(Code::ALREADY_EXISTS, "container exists"));
             }
             // As the real agent: a copy must have been written before the container binds it.
-            if let Some(v) = req
-                .volumes
-                .iter()
-                .find(|v| !v.copied.is_empty() && !g.files.contains_key(&v.copied))
-            {
+            if let Some(v) = req.volumes.iter().find(|v| {
+                !v.copied.is_empty()
+                    && !g.files.contains_key(&v.copied)
+                    && !g.trees.contains_key(&v.copied)
+            }) {
                 return Err(status(
                     Code::INVALID_ARGUMENT,
                     format!(
@@ -768,11 +790,20 @@ impl proto::Agent for FakeAgent {
         self.with(|g| {
             if req.remove {
                 g.files.remove(&req.name);
+                g.trees.remove(&req.name);
             } else {
                 g.file_writes += 1;
                 g.files
                     .insert(req.name.clone(), (req.data.clone(), req.mode));
             }
+        });
+        Ok(proto::Empty::default())
+    }
+
+    async fn write_dir(&self, _: &TtrpcContext, req: proto::WriteDirRequest) -> R<proto::Empty> {
+        self.with(|g| {
+            g.file_writes += 1;
+            g.trees.insert(req.name.clone(), req.entries.clone());
         });
         Ok(proto::Empty::default())
     }

@@ -504,14 +504,7 @@ impl Sandbox {
         match (&self.volumes, &self.copies, host) {
             (Some(v), _, _) => v.give(id, binds).await,
             (None, Some(c), _) => c.give(id, binds).await,
-            (None, None, None) => Ok(binds
-                .iter()
-                .map(|b| proto::Volume {
-                    mount: b.index as u32,
-                    pod_shm: true,
-                    ..Default::default()
-                })
-                .collect()),
+            (None, None, None) => Ok(binds.iter().map(super::spec::Bind::volume).collect()),
             (None, None, Some(b)) => Err(Error::FailedPrecondition(format!(
                 "config.json: {}: sandbox {} was booted without a volume share (its first \
                  container had no host mounts and no group): give the tasks a group \

@@ -510,6 +510,23 @@ async fn oom_events_are_published_for_the_sandboxs_own_containers_only() {
     assert_eq!(events.ooms(), ["c1", "c2"]);
 }
 
+/// Writes version `v` of a configmap volume at `dir` as kubelet's atomic writer does: the
+/// version's directory, `..data` swapped onto it by a rename, the key a symlink through
+/// `..data`, the previous version removed.
+fn kubelet_writes(dir: &std::path::Path, v: &str, content: &str) {
+    std::fs::create_dir_all(dir.join(v)).unwrap();
+    std::fs::write(dir.join(v).join("app.conf"), content).unwrap();
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(v, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if !dir.join("app.conf").exists() {
+        std::os::unix::fs::symlink("..data/app.conf", dir.join("app.conf")).unwrap();
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
 /// A pod's sandbox task under CRI (switchyardd's `vm` pods): the VM boots for it.
 const POD_SPEC: &str = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
     "annotations": {"io.kubernetes.cri.container-type": "sandbox",
@@ -548,10 +565,16 @@ async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live
         .path()
         .join("pods/u1/volumes/kubernetes.io~empty-dir/scratch");
     std::fs::create_dir_all(&empty_dir).unwrap();
+    let config = w
+        .dir
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~configmap/app");
+    kubelet_writes(&config, "..v1", "a=1");
     let mounts = cri_mounts(&[
         (&hosts, "/etc/hosts", true),
         (&log, "/dev/termination-log", false),
         (&empty_dir, "/scratch", false),
+        (&config, "/config", true),
     ]);
     let pod = w.create("pod", POD_SPEC).await.unwrap();
     let c1 = w
@@ -570,9 +593,18 @@ async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live
             (0, true, "", ""),
             (1, false, "0", ""),
             (2, false, "1", ""),
-            (3, false, "", "2")
+            (3, false, "", "2"),
+            (4, false, "3", "")
         ]
     );
+    let tree = |name: &str| w.agent.tree(name).unwrap();
+    let cm_v1 = [
+        ("..data", "-> ..v1"),
+        ("..v1", "/"),
+        ("..v1/app.conf", "a=1"),
+        ("app.conf", "-> ..data/app.conf"),
+    ];
+    assert_eq!(tree("3"), cm_v1.map(|(p, w)| (p.to_owned(), w.to_owned())));
     assert_eq!(
         w.agent.file("0").unwrap(),
         (b"127.0.0.1 localhost\n".to_vec(), 0o644)
@@ -591,9 +623,9 @@ async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live
     let (volumes, _) = w.agent.created("c2").unwrap();
     assert_eq!(
         (volumes[1].copied.as_str(), volumes[3].pod_dir.as_str()),
-        ("3", "2")
+        ("4", "2")
     );
-    assert_eq!(w.agent.files(), ["0", "1", "3", "4"]);
+    assert_eq!(w.agent.files(), ["0", "1", "3", "4", "5", "6"]);
 
     // Changed on the host: the refresher (every REFRESH) rewrites both containers' copies.
     let copies = {
@@ -602,7 +634,7 @@ async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live
     };
     std::fs::write(&hosts, "127.0.0.1 localhost\n10.0.0.7 db\n").unwrap();
     eventually("the changed file is copied again", || {
-        ["0", "3"].iter().all(|n| {
+        ["0", "4"].iter().all(|n| {
             w.agent.file(n).map(|f| f.0) == Some(b"127.0.0.1 localhost\n10.0.0.7 db\n".to_vec())
         })
     })
@@ -617,6 +649,19 @@ async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live
         w.agent.file("0").unwrap().0,
         b"127.0.0.1 localhost\n10.0.0.8 db\n"
     );
+    // The configmap updated as kubelet does it: a new version directory, `..data` swapped.
+    kubelet_writes(&config, "..v2", "a=2");
+    assert_eq!(copies.refresh().await, 2);
+    assert_eq!(
+        tree("3"),
+        [
+            ("..data", "-> ..v2"),
+            ("..v2", "/"),
+            ("..v2/app.conf", "a=2"),
+            ("app.conf", "-> ..data/app.conf"),
+        ]
+        .map(|(p, w)| (p.to_owned(), w.to_owned()))
+    );
     // Grown past the cap: the guest keeps the last copy.
     let writes = w.agent.file_writes();
     std::fs::write(&hosts, vec![b'x'; super::copies::MAX_COPIED_FILE + 1]).unwrap();
@@ -630,13 +675,19 @@ async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live
 
     // The container's copies leave the guest with it; the pod's directory stays.
     c2.delete(true).await.unwrap();
-    assert_eq!(w.agent.files(), ["0", "1"]);
+    assert_eq!(w.agent.files(), ["0", "1", "3"]);
     c1.delete(true).await.unwrap();
     assert!(w.agent.files().is_empty());
     pod.init().kill(9).await.unwrap();
     pod.init().wait().await;
     pod.delete(false).await.unwrap();
     assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+}
+
+/// Creates container `c1` of the group with `binds`, which must fail: its error's kind and text.
+async fn refused(w: &World, binds: &[(&std::path::Path, &str, bool)]) -> (String, String) {
+    let spec = spec_json(&["/bin/true"], &[GROUP], &cri_mounts(binds));
+    message(w.create("c1", &spec).await)
 }
 
 /// Issue 18, the built-in VMM: what cannot be copied is refused naming the mount and the cap,
@@ -652,17 +703,7 @@ async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() 
     let data = w.dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
 
-    let (debug, text) = message(
-        w.create(
-            "c1",
-            &spec_json(
-                &["/bin/true"],
-                &[GROUP],
-                &cri_mounts(&[(&small, "/etc/hosts", true), (&data, "/data", false)]),
-            ),
-        )
-        .await,
-    );
+    let (debug, text) = refused(&w, &[(&small, "/etc/hosts", true), (&data, "/data", false)]).await;
     assert!(debug.starts_with("FailedPrecondition"), "{debug}");
     assert!(
         text.starts_with(&format!(
@@ -675,17 +716,7 @@ async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() 
 
     let big = w.dir.path().join("big");
     std::fs::write(&big, vec![0u8; MAX_COPIED_FILE + 1]).unwrap();
-    let (debug, text) = message(
-        w.create(
-            "c1",
-            &spec_json(
-                &["/bin/true"],
-                &[GROUP],
-                &cri_mounts(&[(&small, "/etc/hosts", true), (&big, "/big", true)]),
-            ),
-        )
-        .await,
-    );
+    let (debug, text) = refused(&w, &[(&small, "/etc/hosts", true), (&big, "/big", true)]).await;
     assert!(debug.starts_with("InvalidArgument"), "{debug}");
     assert!(
         text.starts_with(&format!(
@@ -720,17 +751,23 @@ async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() 
         "{text}"
     );
 
-    let (debug, text) = message(
-        w.create(
-            "c1",
-            &spec_json(
-                &["/bin/true"],
-                &[GROUP],
-                &cri_mounts(&[(std::path::Path::new("/does/not/exist"), "/x", true)]),
-            ),
-        )
-        .await,
+    let secret = w
+        .dir
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~secret/many");
+    std::fs::create_dir_all(&secret).unwrap();
+    for i in 0..=super::copies::MAX_COPIED_ENTRIES {
+        std::fs::write(secret.join(format!("k{i}")), "v").unwrap();
+    }
+    let (debug, text) = refused(&w, &[(&secret, "/secret", true)]).await;
+    assert!(debug.starts_with("InvalidArgument"), "{debug}");
+    assert!(
+        text.contains("into /secret): copy it into the guest: more than the 256 entries"),
+        "{text}"
     );
+
+    let missing = std::path::Path::new("/does/not/exist");
+    let (debug, text) = refused(&w, &[(missing, "/x", true)]).await;
     assert!(debug.starts_with("InvalidArgument"), "{debug}");
     assert!(
         text.starts_with("config.json: mounts[1] (host path /does/not/exist into /x): copy it"),
