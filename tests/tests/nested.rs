@@ -402,8 +402,8 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
 /// Issue 18, VM pods under CRI on the built-in VMM (no shared filesystem): switchyardd's own CRI,
 /// driven by `yard cri`, runs a `vm` pod (on the node's network: no CNI in the harness) with two
 /// containers in one VM. An emptyDir is one directory of the pod in the guest, shared by both; a
-/// configmap-style file changed on the host is read changed in the guest, and is read-only
-/// there; the pod's `/etc/hosts` and `/etc/resolv.conf` (copies) and `/dev/shm` are there, the
+/// configmap-style file changed on the host is read changed in the guest (bound alone, and in
+/// its configmap directory), and is read-only there; the pod's `/etc/hosts` and `/etc/resolv.conf` (copies) and `/dev/shm` are there, the
 /// termination log takes a write; a hostPath directory is refused naming it. Removing the pod
 /// leaves no shim.
 #[test]
@@ -423,7 +423,7 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
              ids=$(yard cri run --pod-name vmpod --runtime vm --host-network --log-dir /var/log/pods/vmpod \
                    --name one -v $E:/scratch -v $CM:/etc/app.conf:ro -v $TL:/dev/termination-log {image} -- sleep 600) || exit 12\n\
              POD=$(echo \"$ids\" | head -1); C1=$(echo \"$ids\" | tail -1)\n\
-             C2=$(yard cri create --name two -v $E:/scratch $POD {image} -- sleep 600) || exit 13\n\
+             C2=$(yard cri create --name two -v $E:/scratch -v $(dirname $CM):/config:ro $POD {image} -- sleep 600) || exit 13\n\
              yard cri start $C2 || exit 14\n\
              x() {{ c=$1; shift; yard cri exec $c -- \"$@\" 2>&1; }}\n\
              x $C1 sh -c 'echo from-one > /scratch/msg'\n\
@@ -433,6 +433,8 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
              echo v2 > $CM\n\
              i=0; while [ \"$(x $C1 cat /etc/app.conf)\" != v2 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done\n\
              echo \"conf after: $(x $C1 cat /etc/app.conf)\"\n\
+             i=0; while [ \"$(x $C2 cat /config/app.conf)\" != v2 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done\n\
+             echo \"configmap dir after: $(x $C2 cat /config/app.conf)\"\n\
              x $C1 sh -c 'echo x > /etc/app.conf'; echo \"ro write: $?\"\n\
              echo \"hosts: $(x $C1 cat /etc/hosts | tr '\\n' ' ')\"\n\
              echo \"resolv: $(x $C2 cat /etc/resolv.conf | tr '\\n' ' ')\"\n\
@@ -478,6 +480,7 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
     );
     assert_eq!(line("conf before: "), "v1", "{out}");
     assert_eq!(line("conf after: "), "v2", "{out}");
+    assert_eq!(line("configmap dir after: "), "v2", "{out}");
     assert_ne!(line("ro write: "), "0", "{out}");
     assert!(
         line("hosts: ").contains("192.0.2.7 harness-marker"),
