@@ -366,8 +366,11 @@ impl Copies {
                     failed = Some(no_shared_fs(&b.describe(), self.backend));
                     break;
                 }
-                Carry::File | Carry::Tree => {
-                    match self.copy(&mut state, &made, id, b, path).await {
+                kind @ (Carry::File | Carry::Tree) => {
+                    match self
+                        .copy(&mut state, &made, id, b, (path, kind == Carry::Tree))
+                        .await
+                    {
                         Ok(c) => {
                             v.copied = c.name.clone();
                             made.push(c);
@@ -399,7 +402,7 @@ impl Copies {
         made: &[Copied],
         id: &str,
         b: &Bind,
-        path: &Path,
+        (path, tree): (&Path, bool),
     ) -> Result<Copied> {
         let what = b.describe();
         if state.copies.len() + made.len() >= MAX_COPIES {
@@ -409,7 +412,6 @@ impl Copies {
                 self.backend
             )));
         }
-        let tree = carry(path) == Carry::Tree;
         let source = path.to_owned();
         let read = tokio::task::spawn_blocking(move || read_source(&source, tree))
             .await
