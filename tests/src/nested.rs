@@ -215,13 +215,16 @@ impl NestedVmBuilder {
         self
     }
 
-    /// The microVM guest as `scripts/guest` installed it, at the same paths inside:
+    /// The microVM guest as `scripts/guest` installed it (in [`crate::guest_dir`], so
+    /// `SWITCHYARD_GUEST_DIR` points at another build), at the default paths inside:
     /// `/var/lib/switchyard/guest/vmlinux` (the symlink resolved: a plain file inside) and
     /// `initrd.img`.
     pub fn guest_kernel_and_initrd(self) -> Self {
-        let kernel = std::fs::canonicalize(GUEST_KERNEL).unwrap_or_else(|_| GUEST_KERNEL.into());
+        let dir = crate::guest_dir();
+        let kernel = dir.join("vmlinux");
+        let kernel = std::fs::canonicalize(&kernel).unwrap_or(kernel);
         self.file(kernel, GUEST_KERNEL)
-            .file(GUEST_INITRD, GUEST_INITRD)
+            .file(dir.join("initrd.img"), GUEST_INITRD)
     }
 
     /// `mkfs.erofs` (the vm shim builds rootfs images with it) as `/usr/bin/mkfs.erofs`.

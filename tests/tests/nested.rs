@@ -289,6 +289,22 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
     assert!(run.output.contains("qemu processes: 0"), "{}", run.output);
 }
 
+/// Runs `vm`, prints its output under `what`, and returns the output once the payload
+/// succeeded (else fails with the output and the console).
+fn run_ok(vm: &NestedVm, what: &str) -> String {
+    let run = vm.run().unwrap();
+    println!(
+        "{what}: payload {:.2?}, whole {:.2?}\n{}",
+        run.payload_time, run.wall, run.output
+    );
+    assert_eq!(
+        run.status, 0,
+        "payload failed; output:\n{}\nconsole:\n{}",
+        run.output, run.console
+    );
+    run.output
+}
+
 /// Issue 7, SMP: the built-in VMM boots the guest with `vcpus = 2` (MP table, per-vCPU CPUID
 /// and LAPICs, the second vCPU started by the guest kernel with INIT/SIPI through the in-kernel
 /// irqchip), and the container sees both CPUs. The harness VM gets two CPUs too.
@@ -309,23 +325,12 @@ fn the_builtin_vmm_boots_a_two_vcpu_guest() {
     .vcpus(2)
     .build()
     .unwrap();
-    let run = vm.run().unwrap();
-    println!(
-        "nested builtin 2-vCPU run: payload {:.2?}, whole {:.2?}\n{}",
-        run.payload_time, run.wall, run.output
-    );
-    assert_eq!(
-        run.status, 0,
-        "payload failed; output:\n{}\nconsole:\n{}",
-        run.output, run.console
-    );
+    let out = run_ok(&vm, "nested builtin 2-vCPU run");
     assert!(
-        run.output.contains("guest cpus: 2 2"),
-        "the guest did not bring up both vCPUs:\n{}\nconsole:\n{}",
-        run.output,
-        run.console
+        out.contains("guest cpus: 2 2"),
+        "the guest did not bring up both vCPUs:\n{out}"
     );
-    assert!(run.output.contains("run status: 0"), "{}", run.output);
+    assert!(out.contains("run status: 0"), "{out}");
 }
 
 /// Issue 7, groups on the built-in VMM: it has no 9p share, so later containers of a sandbox get
@@ -363,17 +368,7 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
     )
     .build()
         .unwrap();
-    let run = vm.run().unwrap();
-    println!(
-        "nested builtin group run: payload {:.2?}, whole {:.2?}\n{}",
-        run.payload_time, run.wall, run.output
-    );
-    assert_eq!(
-        run.status, 0,
-        "payload failed; output:\n{}\nconsole:\n{}",
-        run.output, run.console
-    );
-    let out = &run.output;
+    let out = &run_ok(&vm, "nested builtin group run");
     for n in ["a", "b", "c", "d", "e"] {
         assert!(out.contains(&format!("start {n}: 0")), "{n}:\n{out}");
     }
@@ -402,4 +397,105 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
     assert!(out.contains("vm shims: 1"), "{out}");
     assert!(out.contains("rm rest: 0"), "{out}");
     assert!(out.contains("vm shims after: 0"), "{out}");
+}
+
+/// Issue 18, VM pods under CRI on the built-in VMM (no shared filesystem): switchyardd's own CRI,
+/// driven by `yard cri`, runs a `vm` pod (on the node's network: no CNI in the harness) with two
+/// containers in one VM. An emptyDir is one directory of the pod in the guest, shared by both; a
+/// configmap-style file changed on the host is read changed in the guest (bound alone, and in
+/// its configmap directory), and is read-only there; the pod's `/etc/hosts` and `/etc/resolv.conf` (copies) and `/dev/shm` are there, the
+/// termination log takes a write; a hostPath directory is refused naming it. Removing the pod
+/// leaves no shim.
+#[test]
+fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let image = switchyard_tests::cri::BUSYBOX_IMAGE;
+    let vm = switchyard_in_harness(
+        "backend = \"builtin\"\n",
+        &format!(
+            "yard -n k8s.io image import -q /images/busybox.tar >/dev/null || exit 11\n\
+             E=/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/scratch\n\
+             CM=/var/lib/kubelet/pods/u1/volumes/kubernetes.io~configmap/app/app.conf\n\
+             TL=/var/lib/kubelet/pods/u1/containers/one/0a1b2c3d\n\
+             mkdir -p $E /srv/data $(dirname $CM) $(dirname $TL); echo v1 > $CM; : > $TL\n\
+             ids=$(yard cri run --pod-name vmpod --runtime vm --host-network --log-dir /var/log/pods/vmpod \
+                   --name one -v $E:/scratch -v $CM:/etc/app.conf:ro -v $TL:/dev/termination-log {image} -- sleep 600) || exit 12\n\
+             POD=$(echo \"$ids\" | head -1); C1=$(echo \"$ids\" | tail -1)\n\
+             C2=$(yard cri create --name two -v $E:/scratch -v $(dirname $CM):/config:ro $POD {image} -- sleep 600) || exit 13\n\
+             yard cri start $C2 || exit 14\n\
+             x() {{ c=$1; shift; yard cri exec $c -- \"$@\" 2>&1; }}\n\
+             x $C1 sh -c 'echo from-one > /scratch/msg'\n\
+             echo \"two reads: $(x $C2 cat /scratch/msg)\"\n\
+             echo \"boot ids: $(x $C1 cat /proc/sys/kernel/random/boot_id) $(x $C2 cat /proc/sys/kernel/random/boot_id)\"\n\
+             echo \"conf before: $(x $C1 cat /etc/app.conf)\"\n\
+             echo v2 > $CM\n\
+             i=0; while [ \"$(x $C1 cat /etc/app.conf)\" != v2 ] && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done\n\
+             echo \"conf after: $(x $C1 cat /etc/app.conf)\"\n\
+             i=0; while [ \"$(x $C2 cat /config/app.conf)\" != v2 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done\n\
+             echo \"configmap dir after: $(x $C2 cat /config/app.conf)\"\n\
+             x $C1 sh -c 'echo x > /etc/app.conf'; echo \"ro write: $?\"\n\
+             echo \"hosts: $(x $C1 cat /etc/hosts | tr '\\n' ' ')\"\n\
+             echo \"resolv: $(x $C2 cat /etc/resolv.conf | tr '\\n' ' ')\"\n\
+             echo \"shm: $(x $C2 sh -c 'echo in-shm > /dev/shm/t && cat /dev/shm/t')\"\n\
+             x $C1 sh -c 'echo done > /dev/termination-log'; echo \"termination log write: $?\"\n\
+             echo \"hostPath: $(yard cri create --name three -v /srv/data:/data $POD {image} -- true 2>&1 | tr -d '\\n')\"\n\
+             yard cri rmp $POD; echo \"rmp: $?\"\n\
+             i=0; while [ $(ps | grep -c [c]ontainerd-shim-yard-vm) -gt 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+             echo \"vm shims after: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
+             echo \"VMs booted: $(grep -c 'VM ready' /tmp/switchyardd.log)\"\n\
+             kill %1 2>/dev/null; sleep 0.2\n\
+             echo '--- switchyardd log (vm shim lines)'\n\
+             grep -e 'VM ready' -e copied -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n"
+        ),
+    )
+    .file(switchyard_tests::cri::busybox_images(), "/images/busybox.tar")
+    .text("/etc/hosts", "127.0.0.1 localhost\n192.0.2.7 harness-marker\n", 0o644)
+    .text(
+        "/etc/resolv.conf",
+        "nameserver 192.0.2.53\nsearch nested.test\n",
+        0o644,
+    )
+    .payload_timeout(Duration::from_secs(420))
+    .timeout(Duration::from_secs(600))
+    .build()
+    .unwrap();
+    let out = &run_ok(&vm, "nested builtin CRI pod");
+    let line = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in:\n{out}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(line("two reads: "), "from-one", "{out}");
+    let boot_ids: Vec<String> = line("boot ids: ")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        boot_ids.len() == 2 && boot_ids[0] == boot_ids[1],
+        "not one guest: {boot_ids:?}\n{out}"
+    );
+    assert_eq!(line("conf before: "), "v1", "{out}");
+    assert_eq!(line("conf after: "), "v2", "{out}");
+    assert_eq!(line("configmap dir after: "), "v2", "{out}");
+    assert_ne!(line("ro write: "), "0", "{out}");
+    assert!(
+        line("hosts: ").contains("192.0.2.7 harness-marker"),
+        "{out}"
+    );
+    assert!(line("resolv: ").contains("search nested.test"), "{out}");
+    assert_eq!(line("shm: "), "in-shm", "{out}");
+    assert_eq!(line("termination log write: "), "0", "{out}");
+    let host_path = line("hostPath: ");
+    assert!(
+        host_path.contains("host path /srv/data into /data")
+            && host_path.contains("builtin backend has no shared filesystem"),
+        "the hostPath directory was not refused clearly: {host_path}\n{out}"
+    );
+    assert_eq!(line("rmp: "), "0", "{out}");
+    assert_eq!(line("vm shims after: "), "0", "{out}");
+    assert_eq!(line("VMs booted: "), "1", "{out}");
 }

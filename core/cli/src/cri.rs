@@ -140,6 +140,9 @@ pub struct PodArgs {
     /// Where the pod's container logs go.
     #[arg(long, default_value = "/var/log/pods/yard")]
     log_dir: PathBuf,
+    /// Put the pod on the node's network (`hostNetwork: true`: no CNI).
+    #[arg(long)]
+    host_network: bool,
 }
 
 #[derive(Args)]
@@ -726,7 +729,21 @@ fn pod_config(pod: &PodArgs) -> cri::PodSandboxConfig {
         attempt: 0,
     };
     let hostname = pod.hostname.as_deref().unwrap_or(&pod.name);
-    switchyard_api::cri_defaults::pod_config(metadata, hostname, &pod.log_dir.display().to_string())
+    let mut config = switchyard_api::cri_defaults::pod_config(
+        metadata,
+        hostname,
+        &pod.log_dir.display().to_string(),
+    );
+    if pod.host_network
+        && let Some(ns) = config
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|c| c.namespace_options.as_mut())
+    {
+        ns.network = cri::NamespaceMode::Node as i32;
+    }
+    config
 }
 
 fn container_config(c: &ContainerArgs) -> anyhow::Result<cri::ContainerConfig> {

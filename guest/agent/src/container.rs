@@ -346,7 +346,8 @@ impl Agent {
         .await
     }
 
-    /// Mounts what the container's volumes need (each once per guest).
+    /// Mounts what the container's volumes need (each once per guest), checks the copies are
+    /// there and makes the pod's directories.
     async fn ensure_volumes(&self, needs: volumes::Needs) -> Result<()> {
         if needs.share {
             ensure(
@@ -364,7 +365,21 @@ impl Agent {
             )
             .await?;
         }
+        if !needs.copies.is_empty() || !needs.pod_dirs.is_empty() {
+            blocking(move || needs.prepare()).await?;
+        }
         Ok(())
+    }
+
+    /// `WriteFile`: a copy of a host file (or its removal), for backends without a shared
+    /// filesystem.
+    pub async fn write_file(&self, req: yard_agent_protocol::WriteFileRequest) -> Result<()> {
+        blocking(move || volumes::write_copy(Path::new(yard_agent_protocol::COPY_DIR), &req)).await
+    }
+
+    /// `WriteDir`: a copy of a small host directory.
+    pub async fn write_dir(&self, req: yard_agent_protocol::WriteDirRequest) -> Result<()> {
+        blocking(move || volumes::write_tree(Path::new(yard_agent_protocol::COPY_DIR), &req)).await
     }
 
     /// A console socket at a short path: ids are up to 76 bytes each, and

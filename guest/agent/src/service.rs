@@ -195,6 +195,16 @@ impl Agent for Service {
         Ok(Empty::default())
     }
 
+    async fn write_file(&self, _: &TtrpcContext, req: WriteFileRequest) -> R<Empty> {
+        log_err("WriteFile", self.agent.write_file(req).await)?;
+        Ok(Empty::default())
+    }
+
+    async fn write_dir(&self, _: &TtrpcContext, req: WriteDirRequest) -> R<Empty> {
+        log_err("WriteDir", self.agent.write_dir(req).await)?;
+        Ok(Empty::default())
+    }
+
     async fn wait_oom(&self, _: &TtrpcContext, _: Empty) -> R<OomEvent> {
         let container_id = self.agent.wait_oom().await;
         Ok(OomEvent {

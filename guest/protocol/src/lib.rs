@@ -65,6 +65,19 @@ pub const POD_SHM: &str = "/run/yard/shm";
 /// The size of the pod's `/dev/shm`, as containerd's CRI sizes the host's.
 pub const POD_SHM_SIZE: &str = "64m";
 
+/// Where the agent keeps copies of host files ([`Volume::copied`], written by `WriteFile`).
+pub const COPY_DIR: &str = "/run/yard/files";
+
+/// Where the pod's directories live in the guest ([`Volume::pod_dir`]: emptyDir volumes).
+pub const POD_DIRS: &str = "/run/yard/pod";
+
+/// The largest file `WriteFile` carries: one request, well under ttrpc's 4 MiB frame.
+pub const MAX_COPIED_FILE: usize = 1 << 20;
+
+/// The most entries a `WriteDir` tree has (its file content is bounded by [`MAX_COPIED_FILE`]
+/// in all, as Kubernetes bounds a configmap's or secret's data to 1 MiB).
+pub const MAX_COPIED_ENTRIES: usize = 256;
+
 /// The longest [`Volume::shared`] name the agent takes.
 pub const MAX_VOLUME_NAME: usize = 64;
 

@@ -352,6 +352,12 @@ struct Guest {
     ooms: VecDeque<String>,
     removed: Vec<String>,
     shutdowns: u32,
+    /// `WriteFile`'s copies: name → (content, mode).
+    files: HashMap<String, (Vec<u8>, u32)>,
+    /// How many `WriteFile` calls wrote (not removed) a copy.
+    file_writes: u32,
+    /// `WriteDir`'s copies: name → the tree's entries.
+    trees: HashMap<String, Vec<proto::DirEntry>>,
 }
 
 /// A well-behaved in-memory agent: it keeps the protocol the way the real one does.
@@ -446,6 +452,43 @@ impl FakeAgent {
         self.guest.lock().unwrap().shutdowns
     }
 
+    /// The copy `name` the host wrote with `WriteFile`: content and mode.
+    pub fn file(&self, name: &str) -> Option<(Vec<u8>, u32)> {
+        self.guest.lock().unwrap().files.get(name).cloned()
+    }
+
+    /// The copies (files and directories) the guest holds now, by name.
+    pub fn files(&self) -> Vec<String> {
+        let g = self.guest.lock().unwrap();
+        let mut names: Vec<String> = g.files.keys().chain(g.trees.keys()).cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The copied directory `name`: each entry's path and its content (a file's data, a
+    /// symlink's target, or `/` for a directory).
+    pub fn tree(&self, name: &str) -> Option<Vec<(String, String)>> {
+        self.guest.lock().unwrap().trees.get(name).map(|t| {
+            t.iter()
+                .map(|e| {
+                    let what = if e.dir {
+                        "/".to_owned()
+                    } else if !e.symlink.is_empty() {
+                        format!("-> {}", e.symlink)
+                    } else {
+                        String::from_utf8_lossy(&e.data).into_owned()
+                    };
+                    (e.path.clone(), what)
+                })
+                .collect()
+        })
+    }
+
+    /// How many times the host wrote a copy.
+    pub fn file_writes(&self) -> u32 {
+        self.guest.lock().unwrap().file_writes
+    }
+
     /// The OOM killer hits container `id` (counted if the guest runs it) and the agent reports
     /// it on `WaitOom`.
     pub fn oom(&self, id: &str) {
@@ -490,6 +533,20 @@ impl proto::Agent for FakeAgent {
         self.with(|g| {
             if g.containers.contains_key(&req.container_id) {
                 return Err(status(Code::ALREADY_EXISTS, "container exists"));
+            }
+            // As the real agent: a copy must have been written before the container binds it.
+            if let Some(v) = req.volumes.iter().find(|v| {
+                !v.copied.is_empty()
+                    && !g.files.contains_key(&v.copied)
+                    && !g.trees.contains_key(&v.copied)
+            }) {
+                return Err(status(
+                    Code::INVALID_ARGUMENT,
+                    format!(
+                        "volumes: copied: {:?}: the host wrote no such file",
+                        v.copied
+                    ),
+                ));
             }
             g.next_pid += 1;
             let init = FakeProcess {
@@ -724,6 +781,31 @@ impl proto::Agent for FakeAgent {
             }
             None => Err(status(Code::NOT_FOUND, "no such container")),
         })
+    }
+
+    async fn write_file(&self, _: &TtrpcContext, req: proto::WriteFileRequest) -> R<proto::Empty> {
+        if req.data.len() > proto::MAX_COPIED_FILE {
+            return Err(status(Code::INVALID_ARGUMENT, "data: too large"));
+        }
+        self.with(|g| {
+            if req.remove {
+                g.files.remove(&req.name);
+                g.trees.remove(&req.name);
+            } else {
+                g.file_writes += 1;
+                g.files
+                    .insert(req.name.clone(), (req.data.clone(), req.mode));
+            }
+        });
+        Ok(proto::Empty::default())
+    }
+
+    async fn write_dir(&self, _: &TtrpcContext, req: proto::WriteDirRequest) -> R<proto::Empty> {
+        self.with(|g| {
+            g.file_writes += 1;
+            g.trees.insert(req.name.clone(), req.entries.clone());
+        });
+        Ok(proto::Empty::default())
     }
 
     async fn wait_oom(&self, _: &TtrpcContext, _: proto::Empty) -> R<proto::OomEvent> {

@@ -412,6 +412,20 @@ impl Agent {
         .map(drop)
     }
 
+    /// Writes (or removes) a copy of a host file in the guest.
+    pub async fn write_file(&self, req: proto::WriteFileRequest) -> Result<()> {
+        self.call("WriteFile", self.client.write_file(quick(), &req))
+            .await
+            .map(drop)
+    }
+
+    /// Writes a copy of a host directory in the guest.
+    pub async fn write_dir(&self, req: proto::WriteDirRequest) -> Result<()> {
+        self.call("WriteDir", self.client.write_dir(quick(), &req))
+            .await
+            .map(drop)
+    }
+
     /// The next container the guest's OOM killer hit (any id: the caller checks it is one of
     /// the sandbox's).
     pub async fn wait_oom(&self) -> Result<String> {

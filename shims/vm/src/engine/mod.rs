@@ -21,8 +21,10 @@
 //! | [`oom`] | OOM reports from the guest, checked and paced |
 //! | [`spec`] | what the vm runtime refuses in a spec, bind mounts, the guest's namespaces |
 //! | [`volumes`] | host files and directories shared with the guest (the volume share) |
+//! | [`copies`] | without a shared filesystem: host files copied in, emptyDirs in the guest |
 
 pub mod container;
+pub mod copies;
 pub mod oom;
 pub mod pod;
 pub mod process;
@@ -188,6 +190,7 @@ impl VmEngine {
                 grouped: true,
                 dirs: &self.dirs,
                 host_bind: None,
+                needs_shared_fs: None,
                 binder: self.binder.clone(),
                 cgroup: vmm_cgroup(spec),
             },
@@ -269,6 +272,7 @@ impl VmEngine {
                     .iter()
                     .find(|b| matches!(b.source, spec::BindSource::Host { .. }))
                     .map(spec::Bind::describe);
+                let needs_shared_fs = copies::needs_shared_fs(&binds);
                 let sb = Sandbox::boot(
                     self.backends.as_ref(),
                     Boot {
@@ -280,6 +284,7 @@ impl VmEngine {
                         grouped,
                         dirs: &self.dirs,
                         host_bind,
+                        needs_shared_fs,
                         binder: self.binder.clone(),
                         cgroup: vmm_cgroup(spec),
                     },

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use yard_agent_protocol as proto;
 use yard_shim_kit::{Error, Publisher, Result};
 
+use super::copies::Copies;
 use super::oom::OomReporter;
 use super::volumes::{Binder, Volumes};
 use crate::agent::{Agent, bounded};
@@ -119,8 +120,11 @@ pub struct Boot<'a> {
     pub grouped: bool,
     pub dirs: &'a Dirs,
     /// The first container's first bind mount of a host path, described: the VM needs a
-    /// volume share (and a backend that has one).
+    /// volume share where the backend has one.
     pub host_bind: Option<String>,
+    /// The first container's first bind mount that only a shared filesystem can carry (a host
+    /// directory that is not an emptyDir, [`super::copies::needs_shared_fs`]), described.
+    pub needs_shared_fs: Option<String>,
     pub binder: Arc<dyn Binder>,
     /// The first container's `linux.cgroupsPath` (a usable cgroupfs path): the VMM process
     /// joins it, so the VM's host usage is accounted to the sandbox (CRI's PodSandboxStats
@@ -140,12 +144,14 @@ pub struct Sandbox {
     pub later: Later,
     /// The volume share, where the backend shares files and the sandbox may need it.
     pub volumes: Option<Volumes>,
+    /// Copies of host files and the pod's directories, where the backend shares no files.
+    pub copies: Option<Arc<Copies>>,
     vm: Arc<dyn Vm>,
     pub agent: Agent,
     state_dir: PathBuf,
     /// Container id → how its image reached the VM.
     containers: std::sync::Mutex<HashMap<String, Attached>>,
-    /// The OOM watch and the teardown watchdog.
+    /// The OOM watch, the teardown watchdog and the copies' refresher.
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     pub ooms: Arc<OomReporter>,
     /// The host cgroup the VMM process was moved into, removed when the VM stops.
@@ -182,14 +188,6 @@ pub fn booted_by(key: &str, id: &str) -> bool {
         .is_some_and(|(short, _)| short == id.chars().take(KEY_ID_CHARS).collect::<String>())
 }
 
-/// A host path for a backend without a shared filesystem.
-fn no_shared_fs(what: &str, backend: &str) -> Error {
-    Error::FailedPrecondition(format!(
-        "config.json: {what}: the {backend} backend has no shared filesystem yet, so host paths \
-         cannot reach the guest (use backend = \"qemu\")"
-    ))
-}
-
 /// Removes `dirs` off the async threads (a share may hold copied images).
 async fn remove_dirs(dirs: Vec<PathBuf>) {
     let _ = tokio::task::spawn_blocking(move || {
@@ -207,8 +205,12 @@ impl Sandbox {
             .await
             .map_err(|e| Error::InvalidArgument(format!("options: {e}")))?;
         let hypervisor = chosen.hypervisor;
-        if let Some(what) = b.host_bind.as_ref().filter(|_| !hypervisor.shares_files()) {
-            return Err(no_shared_fs(what, hypervisor.name()));
+        if let Some(what) = b
+            .needs_shared_fs
+            .as_ref()
+            .filter(|_| !hypervisor.shares_files())
+        {
+            return Err(super::copies::no_shared_fs(what, hypervisor.name()));
         }
         let key = sandbox_key(b.id, std::process::id());
         let state_dir = b.dirs.state_dir(b.namespace, &key);
@@ -324,6 +326,13 @@ impl Sandbox {
             let ooms = ooms.clone();
             async move { ooms.watch().await }
         });
+        let copies = (!hypervisor.shares_files())
+            .then(|| Arc::new(Copies::new(agent.clone(), hypervisor.name())));
+        let mut tasks = vec![watch];
+        if let Some(c) = &copies {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move { c.keep_current().await }));
+        }
         let watchdog = tokio::spawn({
             let (health, vm, id) = (agent.health().clone(), vm.clone(), b.id.to_owned());
             async move {
@@ -343,11 +352,15 @@ impl Sandbox {
             backend: hypervisor.name(),
             later,
             volumes,
+            copies,
             vm,
             agent,
             state_dir,
             containers: std::sync::Mutex::new(HashMap::new()),
-            tasks: std::sync::Mutex::new(vec![watch, watchdog]),
+            tasks: std::sync::Mutex::new({
+                tasks.push(watchdog);
+                tasks
+            }),
             ooms,
             host_cgroup,
         }))
@@ -478,7 +491,8 @@ impl Sandbox {
         Ok((storage, Attached::Disk(device)))
     }
 
-    /// Binds container `id`'s host sources into the volume share: the agent's volume list.
+    /// Gives container `id`'s host sources to the guest: bound into the volume share, or
+    /// copied ([`Copies`]) where the backend shares no files. The agent's volume list.
     pub async fn give_volumes(
         &self,
         id: &str,
@@ -487,20 +501,11 @@ impl Sandbox {
         let host = binds
             .iter()
             .find(|b| matches!(b.source, super::spec::BindSource::Host { .. }));
-        match (&self.volumes, host) {
-            (Some(v), _) => v.give(id, binds).await,
-            (None, None) => Ok(binds
-                .iter()
-                .map(|b| proto::Volume {
-                    mount: b.index as u32,
-                    pod_shm: true,
-                    ..Default::default()
-                })
-                .collect()),
-            (None, Some(b)) if self.later == Later::Disks => {
-                Err(no_shared_fs(&b.describe(), self.backend))
-            }
-            (None, Some(b)) => Err(Error::FailedPrecondition(format!(
+        match (&self.volumes, &self.copies, host) {
+            (Some(v), _, _) => v.give(id, binds).await,
+            (None, Some(c), _) => c.give(id, binds).await,
+            (None, None, None) => Ok(binds.iter().map(super::spec::Bind::volume).collect()),
+            (None, None, Some(b)) => Err(Error::FailedPrecondition(format!(
                 "config.json: {}: sandbox {} was booted without a volume share (its first \
                  container had no host mounts and no group): give the tasks a group \
                  (annotation io.switchyard.group)",
@@ -510,10 +515,13 @@ impl Sandbox {
         }
     }
 
-    /// Unbinds container `id`'s volumes.
+    /// Unbinds container `id`'s volumes, or removes its copies.
     pub async fn take_back_volumes(&self, id: &str) {
         if let Some(v) = &self.volumes {
             v.take_back(id).await;
+        }
+        if let Some(c) = &self.copies {
+            c.take_back(id).await;
         }
     }
 

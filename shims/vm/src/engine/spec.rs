@@ -29,6 +29,16 @@ pub struct Bind {
 }
 
 impl Bind {
+    /// The agent's volume for this mount: the pod's shm, or (for a host path) only the index,
+    /// its guest source to be filled in.
+    pub fn volume(&self) -> yard_agent_protocol::Volume {
+        yard_agent_protocol::Volume {
+            mount: self.index as u32,
+            pod_shm: self.source == BindSource::PodShm,
+            ..Default::default()
+        }
+    }
+
     /// `mounts[2] (/srv/data into /data)`, for errors.
     pub fn describe(&self) -> String {
         match &self.source {

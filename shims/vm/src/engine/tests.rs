@@ -509,3 +509,285 @@ async fn oom_events_are_published_for_the_sandboxs_own_containers_only() {
     eventually("the OOM of c2", || events.ooms().len() >= 2).await;
     assert_eq!(events.ooms(), ["c1", "c2"]);
 }
+
+/// Writes version `v` of a configmap volume at `dir` as kubelet's atomic writer does: the
+/// version's directory, `..data` swapped onto it by a rename, the key a symlink through
+/// `..data`, the previous version removed.
+fn kubelet_writes(dir: &std::path::Path, v: &str, content: &str) {
+    std::fs::create_dir_all(dir.join(v)).unwrap();
+    std::fs::write(dir.join(v).join("app.conf"), content).unwrap();
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(v, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if !dir.join("app.conf").exists() {
+        std::os::unix::fs::symlink("..data/app.conf", dir.join("app.conf")).unwrap();
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+/// A pod's sandbox task under CRI (switchyardd's `vm` pods): the VM boots for it.
+const POD_SPEC: &str = r#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"},
+    "annotations": {"io.kubernetes.cri.container-type": "sandbox",
+                    "io.kubernetes.cri.sandbox-id": "pod"}}"#;
+
+/// Bind mounts as CRI writes them: the pod's shm, then each of `binds` (source, destination,
+/// read-only).
+fn cri_mounts(binds: &[(&std::path::Path, &str, bool)]) -> String {
+    let mut m = vec![
+        r#"{"destination": "/dev/shm", "type": "bind", "source": "/run/c/shm", "options": ["rbind", "ro"]}"#.to_owned(),
+    ];
+    for (source, dest, ro) in binds {
+        m.push(format!(
+            r#"{{"destination": "{dest}", "type": "bind", "source": "{}", "options": ["rbind", "rprivate", "{}"]}}"#,
+            source.display(),
+            if *ro { "ro" } else { "rw" }
+        ));
+    }
+    format!(r#""mounts": [{}]"#, m.join(","))
+}
+
+/// Issue 18, the built-in VMM (no shared filesystem), as Kata without virtio-fs: CRI's small
+/// files are copied into the guest and kept current as they change on the host (in place, or
+/// replaced as kubelet replaces configmap files), `ro` kept in the spec the guest binds with; an
+/// emptyDir is one directory of the pod in the guest for every container naming it; a
+/// container's copies leave the guest with it.
+#[tokio::test]
+async fn issue18_without_a_shared_filesystem_files_are_copied_and_emptydirs_live_in_the_guest() {
+    let w = World::new(|a| FakeBackends::with_disks(a, 2));
+    let hosts = w.dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let log = w.dir.path().join("termination-log");
+    std::fs::write(&log, "").unwrap();
+    let empty_dir = w
+        .dir
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~empty-dir/scratch");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let config = w
+        .dir
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~configmap/app");
+    kubelet_writes(&config, "..v1", "a=1");
+    let mounts = cri_mounts(&[
+        (&hosts, "/etc/hosts", true),
+        (&log, "/dev/termination-log", false),
+        (&empty_dir, "/scratch", false),
+        (&config, "/config", true),
+    ]);
+    let pod = w.create("pod", POD_SPEC).await.unwrap();
+    let c1 = w
+        .create("c1", &spec_json(&["/bin/sleep", "600"], &[GROUP], &mounts))
+        .await
+        .unwrap();
+    assert_eq!(w.backends.vms().len(), 1);
+    let (volumes, spec) = w.agent.created("c1").unwrap();
+    let v: Vec<_> = volumes
+        .iter()
+        .map(|v| (v.mount, v.pod_shm, v.copied.as_str(), v.pod_dir.as_str()))
+        .collect();
+    assert_eq!(
+        v,
+        [
+            (0, true, "", ""),
+            (1, false, "0", ""),
+            (2, false, "1", ""),
+            (3, false, "", "2"),
+            (4, false, "3", "")
+        ]
+    );
+    let tree = |name: &str| w.agent.tree(name).unwrap();
+    let cm_v1 = [
+        ("..data", "-> ..v1"),
+        ("..v1", "/"),
+        ("..v1/app.conf", "a=1"),
+        ("app.conf", "-> ..data/app.conf"),
+    ];
+    assert_eq!(tree("3"), cm_v1.map(|(p, w)| (p.to_owned(), w.to_owned())));
+    assert_eq!(
+        w.agent.file("0").unwrap(),
+        (b"127.0.0.1 localhost\n".to_vec(), 0o644)
+    );
+    assert_eq!(
+        spec["mounts"][1]["options"],
+        serde_json::json!(["rbind", "rprivate", "ro"]),
+        "the guest binds the copy read-only"
+    );
+
+    // A second container: copies of its own, the same emptyDir.
+    let c2 = w
+        .create("c2", &spec_json(&["/bin/sleep", "600"], &[GROUP], &mounts))
+        .await
+        .unwrap();
+    let (volumes, _) = w.agent.created("c2").unwrap();
+    assert_eq!(
+        (volumes[1].copied.as_str(), volumes[3].pod_dir.as_str()),
+        ("4", "2")
+    );
+    assert_eq!(w.agent.files(), ["0", "1", "3", "4", "5", "6"]);
+
+    // Changed on the host: the refresher (every REFRESH) rewrites both containers' copies.
+    let copies = {
+        let slot = w.engine.sandbox.lock().await;
+        slot.as_ref().unwrap().copies.clone().expect("copies")
+    };
+    std::fs::write(&hosts, "127.0.0.1 localhost\n10.0.0.7 db\n").unwrap();
+    eventually("the changed file is copied again", || {
+        ["0", "4"].iter().all(|n| {
+            w.agent.file(n).map(|f| f.0) == Some(b"127.0.0.1 localhost\n10.0.0.7 db\n".to_vec())
+        })
+    })
+    .await;
+    assert_eq!(copies.refresh().await, 0, "nothing changed since");
+    // Replaced as kubelet's atomic writer does (a new inode, the same size).
+    let next = w.dir.path().join("hosts.next");
+    std::fs::write(&next, "127.0.0.1 localhost\n10.0.0.8 db\n").unwrap();
+    std::fs::rename(&next, &hosts).unwrap();
+    assert_eq!(copies.refresh().await, 2);
+    assert_eq!(
+        w.agent.file("0").unwrap().0,
+        b"127.0.0.1 localhost\n10.0.0.8 db\n"
+    );
+    // The configmap updated as kubelet does it: a new version directory, `..data` swapped.
+    kubelet_writes(&config, "..v2", "a=2");
+    assert_eq!(copies.refresh().await, 2);
+    assert_eq!(
+        tree("3"),
+        [
+            ("..data", "-> ..v2"),
+            ("..v2", "/"),
+            ("..v2/app.conf", "a=2"),
+            ("app.conf", "-> ..data/app.conf"),
+        ]
+        .map(|(p, w)| (p.to_owned(), w.to_owned()))
+    );
+    // Grown past the cap: the guest keeps the last copy.
+    let writes = w.agent.file_writes();
+    std::fs::write(&hosts, vec![b'x'; super::copies::MAX_COPIED_FILE + 1]).unwrap();
+    assert_eq!(copies.refresh().await, 0);
+    assert_eq!(w.agent.file_writes(), writes);
+    assert_eq!(
+        w.agent.file("0").unwrap().0,
+        b"127.0.0.1 localhost\n10.0.0.8 db\n"
+    );
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+
+    // The container's copies leave the guest with it; the pod's directory stays.
+    c2.delete(true).await.unwrap();
+    assert_eq!(w.agent.files(), ["0", "1", "3"]);
+    c1.delete(true).await.unwrap();
+    assert!(w.agent.files().is_empty());
+    pod.init().kill(9).await.unwrap();
+    pod.init().wait().await;
+    pod.delete(false).await.unwrap();
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+}
+
+/// Creates container `c1` of the group with `binds`, which must fail: its error's kind and text.
+async fn refused(w: &World, binds: &[(&std::path::Path, &str, bool)]) -> (String, String) {
+    let spec = spec_json(&["/bin/true"], &[GROUP], &cri_mounts(binds));
+    message(w.create("c1", &spec).await)
+}
+
+/// Issue 18, the built-in VMM: what cannot be copied is refused naming the mount and the cap,
+/// and leaves nothing in the guest: a host directory (not an emptyDir), a file over the
+/// per-file cap, files past the sandbox's total, a missing source.
+#[tokio::test]
+async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() {
+    use super::copies::{MAX_COPIED_BYTES, MAX_COPIED_FILE};
+    let w = World::new(|a| FakeBackends::with_disks(a, 2));
+    let pod = w.create("pod", POD_SPEC).await.unwrap();
+    let small = w.dir.path().join("small");
+    std::fs::write(&small, "a").unwrap();
+    let data = w.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+
+    let (debug, text) = refused(&w, &[(&small, "/etc/hosts", true), (&data, "/data", false)]).await;
+    assert!(debug.starts_with("FailedPrecondition"), "{debug}");
+    assert!(
+        text.starts_with(&format!(
+            "config.json: mounts[2] (host path {} into /data): the fake-builtin backend has no \
+             shared filesystem",
+            data.display()
+        )),
+        "{text}"
+    );
+
+    let big = w.dir.path().join("big");
+    std::fs::write(&big, vec![0u8; MAX_COPIED_FILE + 1]).unwrap();
+    let (debug, text) = refused(&w, &[(&small, "/etc/hosts", true), (&big, "/big", true)]).await;
+    assert!(debug.starts_with("InvalidArgument"), "{debug}");
+    assert!(
+        text.starts_with(&format!(
+            "config.json: mounts[2] (host path {} into /big): copy it into the guest: 1048577 \
+             bytes, more than the 1048576",
+            big.display()
+        )),
+        "{text}"
+    );
+
+    // Files of a full MAX_COPIED_FILE each: the one past the sandbox's total is refused.
+    let full = w.dir.path().join("full");
+    std::fs::write(&full, vec![0u8; MAX_COPIED_FILE]).unwrap();
+    let n = (MAX_COPIED_BYTES / MAX_COPIED_FILE as u64) as usize + 1;
+    let dests: Vec<String> = (0..n).map(|i| format!("/f{i}")).collect();
+    let binds: Vec<_> = dests
+        .iter()
+        .map(|d| (full.as_path(), d.as_str(), true))
+        .collect();
+    let (debug, text) = message(
+        w.create(
+            "c1",
+            &spec_json(&["/bin/true"], &[GROUP], &cri_mounts(&binds)),
+        )
+        .await,
+    );
+    assert!(debug.starts_with("FailedPrecondition"), "{debug}");
+    assert!(
+        text.starts_with(&format!("config.json: mounts[{n}] (host path"))
+            && text
+                .contains("past 16777216 bytes, the most one VM on the fake-builtin backend holds"),
+        "{text}"
+    );
+
+    let secret = w
+        .dir
+        .path()
+        .join("pods/u1/volumes/kubernetes.io~secret/many");
+    std::fs::create_dir_all(&secret).unwrap();
+    for i in 0..=super::copies::MAX_COPIED_ENTRIES {
+        std::fs::write(secret.join(format!("k{i}")), "v").unwrap();
+    }
+    let (debug, text) = refused(&w, &[(&secret, "/secret", true)]).await;
+    assert!(debug.starts_with("InvalidArgument"), "{debug}");
+    assert!(
+        text.contains("into /secret): copy it into the guest: more than the 256 entries"),
+        "{text}"
+    );
+
+    let missing = std::path::Path::new("/does/not/exist");
+    let (debug, text) = refused(&w, &[(missing, "/x", true)]).await;
+    assert!(debug.starts_with("InvalidArgument"), "{debug}");
+    assert!(
+        text.starts_with("config.json: mounts[1] (host path /does/not/exist into /x): copy it"),
+        "{text}"
+    );
+
+    assert!(w.agent.files().is_empty(), "{:?}", w.agent.files());
+    assert!(w.agent.containers().is_empty());
+    // A directory is refused before a container's own VM boots, too.
+    let w2 = World::new(|a| FakeBackends::with_disks(a, 1));
+    let (_, text) = message(
+        w2.create(
+            "c1",
+            &spec_json(&["/bin/true"], &[], &cri_mounts(&[(&data, "/data", false)])),
+        )
+        .await,
+    );
+    assert!(text.contains("no shared filesystem"), "{text}");
+    assert!(w2.backends.vms().is_empty());
+    pod.init().kill(9).await.unwrap();
+    pod.init().wait().await;
+    pod.delete(false).await.unwrap();
+}

@@ -152,17 +152,11 @@ impl Volumes {
         let mut volumes = Vec::new();
         let mut todo = Vec::new();
         for b in binds {
-            let mut v = proto::Volume {
-                mount: b.index as u32,
-                ..Default::default()
-            };
-            match &b.source {
-                BindSource::PodShm => v.pod_shm = true,
-                BindSource::Host { path, readonly } => {
-                    let name = self.next.fetch_add(1, Ordering::SeqCst).to_string();
-                    todo.push((b.describe(), path.clone(), self.dir.join(&name), *readonly));
-                    v.shared = name;
-                }
+            let mut v = b.volume();
+            if let BindSource::Host { path, readonly } = &b.source {
+                let name = self.next.fetch_add(1, Ordering::SeqCst).to_string();
+                todo.push((b.describe(), path.clone(), self.dir.join(&name), *readonly));
+                v.shared = name;
             }
             volumes.push(v);
         }
