@@ -100,6 +100,17 @@ fn run(d: &Daemon, root: &Rootfs, extra: &[&str], cmd: &[&str]) -> Output {
     run_timeout(&mut c, T)
 }
 
+/// `ctr run -d --runtime wasm FLAGS --rootfs ROOT ID /app/hello.wasm ARGS`: containerd's own
+/// client starting a task that stays.
+fn ctr_run_detached(d: &Daemon, root: &Rootfs, flags: &[&str], id: &str, args: &[&str]) -> Output {
+    let mut c = d.ctr();
+    c.args(["run", "-d", "--runtime", RUNTIME_TYPE])
+        .args(flags)
+        .args(["--rootfs", root.path(), id, "/app/hello.wasm"])
+        .args(args);
+    run_timeout(&mut c, T)
+}
+
 /// The worker of the shim serving task `id`: a child of the shim whose command line is
 /// `containerd-shim-yard-wasm-v1 worker ... -id ID`.
 fn worker_of(id: &str) -> Option<u32> {
@@ -253,23 +264,7 @@ fn issue16_wasm_worker_has_no_privileges() {
     let root = Rootfs::new();
     let id = unique_id("priv");
     // ctr, for --cpus: containerd's own client asking for a CPU limit.
-    let out = run_timeout(
-        d.ctr().args([
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME_TYPE,
-            "--cpus",
-            "0.5",
-            "--rootfs",
-            root.path(),
-            &id,
-            "/app/hello.wasm",
-            "--sleep",
-            "60000",
-        ]),
-        T,
-    );
+    let out = ctr_run_detached(&d, &root, &["--cpus", "0.5"], &id, &["--sleep", "60000"]);
     assert!(out.status.success(), "{}", show(&out));
     let pid = worker_of(&id).unwrap_or_else(|| {
         panic!(
@@ -433,23 +428,18 @@ fn issue16_wasm_worker_is_unprivileged_and_writes_through_an_idmapped_root() {
         )
         .unwrap();
         let id = unique_id("idmap");
-        let out = run_timeout(
-            d.ctr().args([
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME_TYPE,
-                "--rootfs",
-                root.path(),
-                &id,
-                "/app/hello.wasm",
+        let out = ctr_run_detached(
+            &d,
+            &root,
+            &[],
+            &id,
+            &[
                 "--write",
                 "/written.txt",
                 "from the guest",
                 "--sleep",
                 "60000",
-            ]),
-            T,
+            ],
         );
         assert!(out.status.success(), "{options:?}: {}", show(&out));
         let mut pid = None;
