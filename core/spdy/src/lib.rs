@@ -10,14 +10,18 @@
 //!   compression context per direction of a session, with bounds on the decompressed size and
 //!   the number of pairs.
 //!
-//! Sessions (stream state, flow control windows) are the streaming server's; this crate knows
-//! only bytes.
+//! - [`session`]: a session over an upgraded connection (tokio), for the server and the client
+//!   ends alike: streams opened, accepted and reset, data in order with back-pressure, pings
+//!   answered, and flow control that also works with Kubernetes' own implementation, which
+//!   has none.
 
 pub mod frame;
 pub mod headers;
+pub mod session;
 
 pub use frame::{ControlKind, Frame, FrameError, Limits, Parsed, Setting, parse};
 pub use headers::{Compressor, Decompressor, HeaderBlock, HeaderError};
+pub use session::{Config, Incoming, RecvHalf, Role, SendHalf, Session, SessionError, Stream};
 
 /// The protocol version every control frame carries.
 pub const VERSION: u16 = 3;
