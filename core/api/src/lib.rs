@@ -12,6 +12,7 @@
 pub mod cgroups;
 pub mod cri_defaults;
 pub mod cri_log;
+pub mod cri_stream;
 pub mod typeurl;
 
 /// Kubernetes' Container Runtime Interface, `runtime.v1` (`RuntimeService`, `ImageService`):
