@@ -48,6 +48,10 @@ pub struct CriConfig {
     /// The static `yard-pause` switchyardd builds the default `sandbox_image` from, when that
     /// is missing from the image store (`cri::pause_image`).
     pub pause_binary: PathBuf,
+    /// The streaming server's address (Exec, Attach, PortForward URLs point there).
+    pub stream_address: std::net::IpAddr,
+    /// Its TCP port; 0 picks a free one at start, as containerd does.
+    pub stream_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +97,8 @@ struct CriFile {
     cni_bin_dirs: Option<Vec<PathBuf>>,
     sandbox_image: Option<String>,
     pause_binary: Option<PathBuf>,
+    stream_address: Option<String>,
+    stream_port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -249,6 +255,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             cni_bin_dirs: pick(over_cri.cni_bin_dirs, base_cri.cni_bin_dirs),
             sandbox_image: pick(over_cri.sandbox_image, base_cri.sandbox_image),
             pause_binary: pick(over_cri.pause_binary, base_cri.pause_binary),
+            stream_address: pick(over_cri.stream_address, base_cri.stream_address),
+            stream_port: pick(over_cri.stream_port, base_cri.stream_port),
         }),
         runtimes: Some(runtimes),
     }
@@ -397,6 +405,17 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
             "cri.pause_binary",
             v.required("cri.pause_binary", cri.pause_binary)?,
         )?,
+        stream_address: {
+            let a = v.required("cri.stream_address", cri.stream_address)?;
+            a.parse().map_err(|_| {
+                v.invalid(
+                    "cri.stream_address",
+                    format!("{a:?}"),
+                    "an IP address (127.0.0.1 keeps the streaming server on the node)",
+                )
+            })?
+        },
+        stream_port: v.required("cri.stream_port", cri.stream_port)?,
     };
     let runtimes = file.runtimes.unwrap_or_default();
     for (name, rt) in &runtimes {

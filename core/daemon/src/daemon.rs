@@ -65,6 +65,8 @@ pub enum DaemonError {
     SelfExe(#[source] std::io::Error),
     #[error("open the CRI pod store")]
     Cri(#[source] crate::cri::sandbox::SandboxError),
+    #[error("the CRI streaming server")]
+    Streaming(#[source] std::io::Error),
 }
 
 impl Classify for DaemonError {
@@ -187,6 +189,10 @@ pub async fn run(
     });
     let cri = crate::cri::Cri::new(shared.clone(), &config).map_err(DaemonError::Cri)?;
     cri.watch_oom();
+    let streams = crate::cri::stream::StreamServer::start(&cri)
+        .await
+        .map_err(DaemonError::Streaming)?;
+    let _ = cri.streams.set(streams);
     let served = crate::server::serve(&config.grpc_address, shared, cri, shutdown).await;
     let _ = std::fs::remove_file(&config.grpc_address);
     let _ = std::fs::remove_file(&config.ttrpc_address);

@@ -63,7 +63,7 @@ pub struct Record {
 /// The containers CRI made, and their logs.
 pub struct Containers {
     records_dir: PathBuf,
-    io_dir: PathBuf,
+    pub(super) io_dir: PathBuf,
     pods_dir: PathBuf,
     records: Mutex<HashMap<String, Record>>,
     logs: Mutex<HashMap<String, ContainerLog>>,
@@ -98,8 +98,10 @@ impl Containers {
                     // The shim still holds the fifos' write ends: keep copying them.
                     if let Some(log) = &r.log_path {
                         let streams = output_fifos(&io_dir.join(&r.id), r.tty);
+                        let stdin = io_dir.join(&r.id).join("stdin");
+                        let stdin = (r.stdin && stdin.exists()).then_some(stdin.as_path());
                         if streams.iter().all(|(_, p)| p.exists()) {
-                            match ContainerLog::start(log, &streams) {
+                            match ContainerLog::start(log, &streams, stdin) {
                                 Ok(l) => {
                                     logs.insert(r.id.clone(), l);
                                 }
@@ -153,6 +155,15 @@ impl Containers {
             .into_iter()
             .filter(|r| r.pod_id == pod)
             .collect()
+    }
+
+    /// Runs `f` on container `id`'s log copier (for Attach), if it has one.
+    pub(super) fn with_log<T>(&self, id: &str, f: impl FnOnce(&ContainerLog) -> T) -> Option<T> {
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(f)
     }
 
     fn take_log(&self, id: &str) -> Option<ContainerLog> {
@@ -253,7 +264,7 @@ fn output_fifos(dir: &Path, tty: bool) -> Vec<(Stream, PathBuf)> {
     v
 }
 
-fn mkfifo(path: &Path) -> Result<(), Status> {
+pub(super) fn mkfifo(path: &Path) -> Result<(), Status> {
     nix::unistd::mkfifo(
         path,
         nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
@@ -569,21 +580,28 @@ impl Cri {
         for (_, p) in &streams {
             mkfifo(p)?;
         }
-        let stdin = if config.stdin {
+        let stdin_fifo = if config.stdin {
             let p = io_dir.join("stdin");
             mkfifo(&p)?;
-            p.display().to_string()
+            Some(p)
         } else {
-            String::new()
+            None
         };
+        let stdin = stdin_fifo
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         let log_path = (!sandbox_config.log_directory.is_empty() && !config.log_path.is_empty())
             .then(|| Path::new(&sandbox_config.log_directory).join(&config.log_path));
         let log = match &log_path {
-            Some(p) => ContainerLog::start(p, &streams).map_err(io(p))?,
+            Some(p) => ContainerLog::start(p, &streams, stdin_fifo.as_deref()).map_err(io(p))?,
             // No log file: the output is still read (and dropped) so the process never blocks.
-            None => {
-                ContainerLog::start(&io_dir.join("discarded.log"), &streams).map_err(io(&io_dir))?
-            }
+            None => ContainerLog::start(
+                &io_dir.join("discarded.log"),
+                &streams,
+                stdin_fifo.as_deref(),
+            )
+            .map_err(io(&io_dir))?,
         };
         self.containers
             .logs
@@ -1042,24 +1060,6 @@ impl Cri {
                 buf
             })
         });
-        // The process: the container's, with the command.
-        let c = self
-            .shared
-            .store
-            .run({
-                let id = r.id.clone();
-                move |s| s.get_container(NAMESPACE, &id)
-            })
-            .await
-            .map_err(crate::error::status)?;
-        let spec: serde_json::Value = c
-            .spec
-            .as_ref()
-            .and_then(|a| serde_json::from_slice(&a.value).ok())
-            .ok_or_else(|| Status::internal("the container's spec"))?;
-        let mut process = spec["process"].clone();
-        process["args"] = serde_json::json!(cmd);
-        process["terminal"] = false.into();
         let tasks = TasksService(self.shared.clone());
         let unblock = || {
             // Readers waiting on fifos nobody opened.
@@ -1071,16 +1071,21 @@ impl Cri {
                     .open(p);
             }
         };
+        // The process: the container's, with the command.
+        let process = match self.exec_process(r, &cmd, false).await {
+            Ok(p) => p,
+            Err(e) => {
+                unblock();
+                return Err(e);
+            }
+        };
         if let Err(e) = tasks
             .exec(in_ns(tasks_api::ExecProcessRequest {
                 container_id: r.id.clone(),
                 exec_id: exec_id.to_owned(),
                 stdout: out.display().to_string(),
                 stderr: err.display().to_string(),
-                spec: Some(switchyard_api::typeurl::json_any(
-                    switchyard_api::typeurl::OCI_PROCESS,
-                    serde_json::to_vec(&process).unwrap_or_default(),
-                )),
+                spec: Some(process),
                 ..Default::default()
             }))
             .await

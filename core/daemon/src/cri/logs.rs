@@ -4,6 +4,12 @@
 //! records). `ReopenContainerLog` makes the copiers continue in a new file at the same path
 //! (kubelet renames the old one to rotate it).
 //!
+//! Attach (the streaming server's) subscribes to the same copiers: each chunk also goes to
+//! every attached session of its stream, without waiting for one (a session that falls
+//! behind by [`ATTACH_QUEUE`] chunks loses output, never the log). A container made with
+//! `stdin` has the write end of its stdin fifo held here (opened read-write, so neither side
+//! waits), which attached sessions write into.
+//!
 //! A copier opens its fifo without blocking and waits with `poll` for the writer's data or its
 //! hang-up, so a container whose shim never opens the fifo (a failed create) does not hold a
 //! thread: [`ContainerLog::stop`] wakes it.
@@ -22,6 +28,11 @@ use switchyard_api::cri_log::{Splitter, Stream};
 
 /// Reads at most this much at once from a fifo.
 const READ_CHUNK: usize = 32 << 10;
+/// Chunks queued for one attached session.
+const ATTACH_QUEUE: usize = 64;
+
+/// The attached sessions of a container's output streams.
+type Attached = Arc<Mutex<Vec<(Stream, tokio::sync::mpsc::Sender<Vec<u8>>)>>>;
 
 /// The log file and the threads filling it.
 pub struct ContainerLog {
@@ -30,6 +41,9 @@ pub struct ContainerLog {
     /// Written to wake the copiers (closing it is their stop signal).
     stop: Option<OwnedFd>,
     copiers: Vec<JoinHandle<()>>,
+    attached: Attached,
+    /// The stdin fifo's write end, for attached sessions.
+    stdin: Option<File>,
 }
 
 fn open_log(path: &Path) -> std::io::Result<File> {
@@ -46,8 +60,18 @@ fn open_log(path: &Path) -> std::io::Result<File> {
 impl ContainerLog {
     /// Opens the log at `path` (created 0640, appended to) and starts copying each fifo into
     /// it as its stream.
-    pub fn start(path: &Path, streams: &[(Stream, PathBuf)]) -> std::io::Result<ContainerLog> {
+    pub fn start(
+        path: &Path,
+        streams: &[(Stream, PathBuf)],
+        stdin: Option<&Path>,
+    ) -> std::io::Result<ContainerLog> {
         let file = Arc::new(Mutex::new(open_log(path)?));
+        let stdin = match stdin {
+            // Read-write: the open never waits, and the process sees no EOF between sessions.
+            Some(p) => Some(std::fs::OpenOptions::new().read(true).write(true).open(p)?),
+            None => None,
+        };
+        let attached = Attached::default();
         let (stop_read, stop_write) = rustix::pipe::pipe()?;
         let stop_read = Arc::new(stop_read);
         let mut copiers = Vec::new();
@@ -58,9 +82,10 @@ impl ContainerLog {
                 .open(fifo)?
                 .into();
             let (file, stop_read, stream) = (file.clone(), stop_read.clone(), *stream);
+            let attached = attached.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("cri-log-{}", stream.as_str()))
-                .spawn(move || copy(fd, stream, &file, &stop_read))?;
+                .spawn(move || copy(fd, stream, &file, &stop_read, &attached))?;
             copiers.push(handle);
         }
         Ok(ContainerLog {
@@ -68,7 +93,24 @@ impl ContainerLog {
             file,
             stop: Some(stop_write),
             copiers,
+            attached,
+            stdin,
         })
+    }
+
+    /// The output of `stream` from now on, until the stream ends.
+    pub fn attach(&self, stream: Stream) -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(ATTACH_QUEUE);
+        self.attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((stream, tx));
+        rx
+    }
+
+    /// The stdin fifo's write end, if the container has stdin.
+    pub fn stdin(&self) -> Option<std::io::Result<File>> {
+        self.stdin.as_ref().map(File::try_clone)
     }
 
     /// Continues in a new file at the same path (ReopenContainerLog).
@@ -100,7 +142,7 @@ impl Drop for ContainerLog {
 }
 
 /// Copies one fifo into the log until its writers have all gone or `stop` is closed.
-fn copy(fifo: OwnedFd, stream: Stream, file: &Mutex<File>, stop: &OwnedFd) {
+fn copy(fifo: OwnedFd, stream: Stream, file: &Mutex<File>, stop: &OwnedFd, attached: &Attached) {
     let mut splitter = Splitter::new(stream);
     let mut buf = vec![0u8; READ_CHUNK];
     let write = |splitter: &mut Splitter, bytes: &[u8]| {
@@ -108,6 +150,25 @@ fn copy(fifo: OwnedFd, stream: Stream, file: &Mutex<File>, stop: &OwnedFd) {
         if let Err(e) = splitter.push(bytes, &mut *f) {
             tracing::warn!(error = %e, "write the container log");
         }
+        drop(f);
+        attached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(s, tx)| {
+                use tokio::sync::mpsc::error::TrySendError;
+                *s != stream
+                    || match tx.try_send(bytes.to_vec()) {
+                        Ok(()) => true,
+                        Err(TrySendError::Full(_)) => {
+                            tracing::warn!(
+                                stream = stream.as_str(),
+                                "an attached session fell behind: output dropped"
+                            );
+                            true
+                        }
+                        Err(TrySendError::Closed(_)) => false,
+                    }
+            });
     };
     loop {
         let mut fds = [
@@ -131,6 +192,11 @@ fn copy(fifo: OwnedFd, stream: Stream, file: &Mutex<File>, stop: &OwnedFd) {
             break;
         }
     }
+    // The stream ended: its attached sessions learn it.
+    attached
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(s, _)| *s != stream);
     let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = splitter.finish(&mut *f).and_then(|()| f.flush()) {
         tracing::warn!(error = %e, "write the container log");
@@ -164,6 +230,7 @@ mod tests {
         let log = ContainerLog::start(
             &log_path,
             &[(Stream::Stdout, out.clone()), (Stream::Stderr, err.clone())],
+            None,
         )
         .unwrap();
         let mut o = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
@@ -211,7 +278,8 @@ mod tests {
     fn a_fifo_never_opened_does_not_hold_a_thread() {
         let dir = tempfile::tempdir().unwrap();
         let out = fifo(dir.path(), "out");
-        let log = ContainerLog::start(&dir.path().join("c.log"), &[(Stream::Stdout, out)]).unwrap();
+        let log =
+            ContainerLog::start(&dir.path().join("c.log"), &[(Stream::Stdout, out)], None).unwrap();
         let started = Instant::now();
         log.stop(Duration::from_millis(50));
         assert!(started.elapsed() < Duration::from_secs(5));

@@ -9,6 +9,7 @@
 
 pub mod containers;
 pub mod events;
+mod exec;
 mod images;
 pub mod logs;
 mod pause_image;
@@ -17,6 +18,7 @@ mod runtime;
 pub mod sandbox;
 pub mod spec;
 pub mod stats;
+pub mod stream;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -45,6 +47,8 @@ pub struct Cri {
     pub events: events::ContainerEvents,
     /// The previous CPU sample of each container and pod (`usage_nano_cores`).
     pub stats: stats::Samples,
+    /// The streaming server of Exec, Attach and PortForward, once started.
+    pub streams: std::sync::OnceLock<Arc<stream::StreamServer>>,
 }
 
 impl Cri {
@@ -69,6 +73,7 @@ impl Cri {
             containers,
             events: events::ContainerEvents::default(),
             stats: stats::Samples::default(),
+            streams: std::sync::OnceLock::new(),
         });
         Cri::watch_exits(&cri);
         Ok(cri)

@@ -234,6 +234,30 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         ))
     }
 
+    async fn exec(
+        &self,
+        req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        let url = self.0.streams()?.exec(&self.0, req.into_inner()).await?;
+        Ok(Response::new(cri::ExecResponse { url }))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        let url = self.0.streams()?.attach(&self.0, req.into_inner()).await?;
+        Ok(Response::new(cri::AttachResponse { url }))
+    }
+
+    async fn port_forward(
+        &self,
+        req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let url = self.0.streams()?.port_forward(&self.0, req.into_inner())?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
+    }
+
     async fn reopen_container_log(
         &self,
         req: Request<cri::ReopenContainerLogRequest>,
