@@ -5,6 +5,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,6 +16,7 @@ use switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 use crate::client::rpc;
+use crate::stream::{self, PortPair, Transport};
 
 /// How long one CRI call may take (an image pull excepted).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -89,14 +91,32 @@ pub enum CriCommand {
     },
     /// A container's status.
     Inspect { id: String },
-    /// Run a command in a container and wait for it (ExecSync); exits with its status.
+    /// Run a command in a container and wait for it; exits with its status. Without -i and
+    /// -t a single call (ExecSync); with either, a session on the runtime's streaming server.
     Exec {
-        /// Seconds the command may run (0: no limit).
+        /// Seconds the command may run (0: no limit; ExecSync only).
         #[arg(long, default_value_t = 0)]
         timeout: i64,
+        #[command(flatten)]
+        stream: StreamArgs,
         id: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Attach to a container's main process (its stdio); exits with its status.
+    Attach {
+        #[command(flatten)]
+        stream: StreamArgs,
+        id: String,
+    },
+    /// Forward local ports to ports in a pod: `LOCAL:REMOTE` (or `PORT` for both), listening
+    /// on 127.0.0.1 until interrupted.
+    PortForward {
+        #[command(flatten)]
+        transport: TransportArg,
+        pod: String,
+        #[arg(required = true)]
+        ports: Vec<PortPair>,
     },
     /// A container's output, from its CRI log file.
     Logs { id: String },
@@ -114,6 +134,27 @@ pub enum CriCommand {
         #[arg(required = true)]
         images: Vec<String>,
     },
+}
+
+/// An exec or attach session on the streaming server.
+#[derive(Args)]
+pub struct StreamArgs {
+    /// Send this process's stdin (attach: the container must have been made with -i).
+    #[arg(long, short = 'i')]
+    stdin: bool,
+    /// A terminal (the local one is put in raw mode; attach: the container must have one).
+    #[arg(long, short = 't')]
+    tty: bool,
+    #[command(flatten)]
+    transport: TransportArg,
+}
+
+/// How a streaming session is carried.
+#[derive(Args)]
+pub struct TransportArg {
+    /// SPDY/3.1 (as kubelet) or WebSocket (as kubectl since Kubernetes 1.30).
+    #[arg(long, value_enum, default_value = "spdy")]
+    transport: Transport,
 }
 
 #[derive(Args)]
@@ -263,7 +304,42 @@ impl Cri {
             }
             CriCommand::Ps { all, pod, quiet } => self.ps(all, pod, quiet).await?,
             CriCommand::Inspect { id } => self.inspect(&id).await?,
-            CriCommand::Exec { timeout, id, cmd } => return self.exec(&id, cmd, timeout).await,
+            CriCommand::Exec {
+                timeout,
+                stream: s,
+                id,
+                cmd,
+            } => {
+                if !s.stdin && !s.tty {
+                    return self.exec(&id, cmd, timeout).await;
+                }
+                let r = cri::ExecRequest {
+                    container_id: id,
+                    cmd,
+                    tty: s.tty,
+                    stdin: s.stdin,
+                    stdout: true,
+                    stderr: !s.tty,
+                };
+                let url = self.rs.exec(req(r)).await.map_err(rpc("Exec"))?;
+                return remote_command(&url.into_inner().url, &s).await;
+            }
+            CriCommand::Attach { stream: s, id } => {
+                let r = cri::AttachRequest {
+                    container_id: id,
+                    stdin: s.stdin,
+                    tty: s.tty,
+                    stdout: true,
+                    stderr: !s.tty,
+                };
+                let url = self.rs.attach(req(r)).await.map_err(rpc("Attach"))?;
+                return remote_command(&url.into_inner().url, &s).await;
+            }
+            CriCommand::PortForward {
+                transport,
+                pod,
+                ports,
+            } => port_forward(self.rs.clone(), transport.transport, pod, ports).await?,
             CriCommand::Logs { id } => self.logs(&id).await?,
             CriCommand::Stats { ids } => self.stats(ids).await?,
             CriCommand::Images { quiet } => self.images(quiet).await?,
@@ -698,6 +774,156 @@ impl Cri {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs an exec or attach session at `url`, in raw mode while the session has a terminal
+/// and stdin is one (restored on every way out: the guard is dropped, and SIGTERM or SIGHUP
+/// end the session first).
+async fn remote_command(url: &str, args: &StreamArgs) -> anyhow::Result<u8> {
+    let s = stream::Session {
+        stdin: args.stdin,
+        tty: args.tty,
+    };
+    let _raw = (s.tty && crate::io::stdin_is_terminal()).then(crate::io::RawTerminal::enable);
+    let session = async {
+        match args.transport.transport {
+            Transport::Spdy => stream::spdy::remote_command(url, s).await,
+            Transport::Websocket => stream::ws::remote_command(url, s).await,
+        }
+    };
+    tokio::select! {
+        r = session => r,
+        () = stream::stop_signal() => anyhow::bail!("stopped by a signal"),
+    }
+}
+
+/// PortForward's URL for `pod` and `ports`.
+async fn port_forward_url(
+    rs: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    ports: Vec<i32>,
+) -> anyhow::Result<String> {
+    let r = cri::PortForwardRequest {
+        pod_sandbox_id: pod.to_owned(),
+        port: ports,
+    };
+    Ok(rs
+        .port_forward(req(r))
+        .await
+        .map_err(rpc("PortForward"))?
+        .into_inner()
+        .url)
+}
+
+/// Where `yard cri port-forward` sends its connections: over SPDY one session for all of
+/// them, replaced (with a new PortForward URL: tokens are single-use) once a connection
+/// failed or the session ended; over WebSocket a new URL and WebSocket per connection.
+///
+/// Why a failed connection retires its session: Kubernetes' server (spdystream) hands a
+/// session's frames to a few workers by stream id, and a worker that gets data for a stream
+/// whose forward already gave up waits for a reader forever, stalling every later stream it
+/// is given. Data sent before the failure is known cannot be taken back, so the session goes,
+/// as kubectl closes its connection on an error too.
+#[derive(Clone)]
+struct Forwarder {
+    rs: RuntimeServiceClient<Channel>,
+    pod: String,
+    remote: Vec<i32>,
+    spdy: Option<Arc<tokio::sync::Mutex<Option<Arc<stream::spdy::PortForward>>>>>,
+}
+
+impl Forwarder {
+    /// The current SPDY session, or a new one.
+    async fn session(
+        &mut self,
+        slot: &tokio::sync::Mutex<Option<Arc<stream::spdy::PortForward>>>,
+    ) -> anyhow::Result<Arc<stream::spdy::PortForward>> {
+        let mut current = slot.lock().await;
+        if let Some(s) = current.as_ref().filter(|s| !s.is_ended()) {
+            return Ok(s.clone());
+        }
+        let url = port_forward_url(&mut self.rs, &self.pod, self.remote.clone()).await?;
+        let s = Arc::new(stream::spdy::PortForward::connect(&url).await?);
+        *current = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn forward(mut self, conn: tokio::net::TcpStream, remote: u16) -> anyhow::Result<()> {
+        let Some(slot) = self.spdy.clone() else {
+            let url = port_forward_url(&mut self.rs, &self.pod, vec![i32::from(remote)]).await?;
+            return stream::ws::forward(&url, conn, remote).await;
+        };
+        let session = self.session(&slot).await?;
+        let done = session.forward(conn, remote).await;
+        if done.is_err() {
+            let mut current = slot.lock().await;
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &session)) {
+                *current = None;
+            }
+            drop(current);
+            session.close().await;
+        }
+        done
+    }
+}
+
+/// `yard cri port-forward`: a loopback listener per pair, each accepted connection forwarded
+/// by a [`Forwarder`], until interrupted; a failed connection's error is printed and the
+/// others go on.
+async fn port_forward(
+    mut rs: RuntimeServiceClient<Channel>,
+    transport: Transport,
+    pod: String,
+    ports: Vec<PortPair>,
+) -> anyhow::Result<()> {
+    let remote: Vec<i32> = ports.iter().map(|p| i32::from(p.remote)).collect();
+    let mut forwarder = Forwarder {
+        rs: rs.clone(),
+        pod: pod.clone(),
+        remote: remote.clone(),
+        spdy: (transport == Transport::Spdy).then(Default::default),
+    };
+    // The pod and ports checked (and over SPDY the session made) before listening.
+    match forwarder.spdy.clone() {
+        Some(slot) => drop(forwarder.session(&slot).await?),
+        None => drop(port_forward_url(&mut rs, &pod, remote).await?),
+    }
+    let (conns, mut accepted) = tokio::sync::mpsc::channel(16);
+    for pair in ports {
+        let listener = stream::listen(pair).await?;
+        writeln!(
+            std::io::stdout(),
+            "Forwarding from 127.0.0.1:{} -> {}",
+            pair.local,
+            pair.remote
+        )?;
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                if conns.send((conn, pair.remote)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    std::io::stdout().flush()?;
+    let stop = stream::stop_signal();
+    tokio::pin!(stop);
+    loop {
+        let next = tokio::select! {
+            c = accepted.recv() => c,
+            () = &mut stop => return Ok(()),
+        };
+        let Some((conn, remote)) = next else {
+            return Ok(());
+        };
+        let forwarder = forwarder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = forwarder.forward(conn, remote).await {
+                let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            }
+        });
     }
 }
 

@@ -11,6 +11,7 @@ mod io;
 mod process;
 mod run;
 mod spec;
+mod stream;
 mod tasks;
 
 use std::path::PathBuf;
