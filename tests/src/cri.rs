@@ -406,6 +406,13 @@ impl CriNode {
         Cri::connect(&self.socket)
     }
 
+    /// `yard cri` against this node (the command's arguments still to add).
+    pub fn yard_cri(&self) -> Command {
+        let mut c = Command::new(crate::bin("yard"));
+        c.arg("--address").arg(&self.socket).arg("cri");
+        c
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -3,7 +3,7 @@
 //! with a deadline and shown on failure ([`process`]), what a task leaves on the host
 //! ([`host`]), a busybox rootfs ([`rootfs`]), switchyardd and containerd on private sockets with
 //! their clients `yard` and `ctr` ([`daemon`]), and event collectors ([`events`]); image
-//! fixtures ([`images`]), the Wasm test programs ([`wasm`]) and the nested-KVM harness
+//! fixtures ([`images`]), commands on a pseudo-terminal ([`pty`]), the Wasm test programs ([`wasm`]) and the nested-KVM harness
 //! ([`nested`]).
 //!
 //! Everything of the first six is re-exported here, so `use switchyard_tests::*;` is all a test
@@ -30,6 +30,7 @@ pub mod host;
 pub mod images;
 pub mod nested;
 pub mod process;
+pub mod pty;
 pub mod rootfs;
 pub mod wasm;
 

@@ -1185,11 +1185,7 @@ mod runc {
     per_peer!(shared_pid_namespace, "runc");
     per_peer!(oom_killed, "runc");
     per_peer!(bad_handler, "runc");
-    per_peer!(
-        exec_streaming,
-        "runc",
-        switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
-    );
+    per_peer!(exec_streaming, "runc");
 }
 
 mod native {
@@ -1203,21 +1199,13 @@ mod native {
     per_peer!(pod_network, "native");
     per_peer!(shared_pid_namespace, "native");
     per_peer!(oom_killed, "native");
-    per_peer!(
-        exec_streaming,
-        "native",
-        switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
-    );
+    per_peer!(exec_streaming, "native");
 }
 
 mod vm {
     use super::*;
     per_peer!(pod_lifecycle, "vm");
-    per_peer!(
-        exec_streaming,
-        "vm",
-        switchyardd_pending = "Exec: switchyardd has no CRI streaming server yet (issue 21)"
-    );
+    per_peer!(exec_streaming, "vm");
     per_peer!(vm_pod_volumes, "vm");
     per_peer!(vm_pod_sized_from_its_resources, "vm");
     per_peer!(bad_input_vm, "vm");

@@ -9,19 +9,12 @@ use std::process::Output;
 use std::time::Duration;
 
 use switchyard_tests::cri::{BUSYBOX_IMAGE, CriNode, Peer};
-use switchyard_tests::{bin, eventually, run_timeout, show, text};
+use switchyard_tests::{eventually, run_timeout, show, text};
 
 const T: Duration = Duration::from_secs(120);
 
 fn yard(node: &CriNode, args: &[&str]) -> Output {
-    run_timeout(
-        std::process::Command::new(bin("yard"))
-            .arg("--address")
-            .arg(&node.socket)
-            .arg("cri")
-            .args(args),
-        T,
-    )
+    run_timeout(node.yard_cri().args(args), T)
 }
 
 #[track_caller]
