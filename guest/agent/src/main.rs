@@ -10,6 +10,7 @@ mod cgroup;
 mod channel;
 mod container;
 mod error;
+mod forward;
 mod reaper;
 mod runtime;
 mod service;
@@ -84,9 +85,11 @@ async fn serve(settings: container::Settings, channels: Channels) {
         reaper,
         Arc::new(storage::System),
     ));
+    let forwards = Arc::new(forward::Forwards::default());
     let service = || {
         yard_agent_protocol::create_agent(Arc::new(service::Service {
             agent: agent.clone(),
+            forwards: forwards.clone(),
         }))
     };
     let mut servers = Vec::new();

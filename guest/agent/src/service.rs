@@ -12,6 +12,7 @@ use crate::container;
 
 pub struct Service {
     pub agent: Arc<container::Agent>,
+    pub forwards: Arc<crate::forward::Forwards>,
 }
 
 type R<T> = ttrpc::Result<T>;
@@ -211,6 +212,53 @@ impl Agent for Service {
             container_id,
             ..Default::default()
         })
+    }
+
+    async fn dial_loopback(&self, _: &TtrpcContext, req: DialRequest) -> R<DialResponse> {
+        let connection_id = log_err("DialLoopback", self.forwards.dial(req.port).await)?;
+        Ok(DialResponse {
+            connection_id,
+            ..Default::default()
+        })
+    }
+
+    async fn read_connection(
+        &self,
+        _: &TtrpcContext,
+        req: ConnectionReadRequest,
+    ) -> R<ReadResponse> {
+        let (data, eof) = log_err(
+            "ReadConnection",
+            self.forwards.read(req.connection_id, req.len).await,
+        )?;
+        Ok(ReadResponse {
+            data,
+            eof,
+            ..Default::default()
+        })
+    }
+
+    async fn write_connection(
+        &self,
+        _: &TtrpcContext,
+        req: ConnectionWriteRequest,
+    ) -> R<WriteResponse> {
+        let n = log_err(
+            "WriteConnection",
+            self.forwards.write(req.connection_id, &req.data).await,
+        )?;
+        Ok(WriteResponse {
+            len: n as u32,
+            ..Default::default()
+        })
+    }
+
+    async fn close_connection(&self, _: &TtrpcContext, req: ConnectionCloseRequest) -> R<Empty> {
+        log_err(
+            "CloseConnection",
+            self.forwards.close(req.connection_id, req.write_only).await,
+        )?;
+        Ok(Empty::default())
     }
 
     async fn shutdown(&self, _: &TtrpcContext, _: Empty) -> R<Empty> {

@@ -42,6 +42,9 @@ pub const READY_BANNER: &[u8] = b"switchyard-agent ready v1\n";
 /// the host refuses it before allocating for it and tears the sandbox down.
 pub const MAX_REPLY_FRAME: u32 = 1 << 20;
 
+/// The most port-forwarding connections (`DialLoopback`) the agent keeps open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// The virtio-serial port name the agent serves on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "yard.agent";
 
