@@ -109,7 +109,7 @@ impl Health {
     }
 }
 
-/// What one stdio read returned.
+/// What one stdio (or forwarded connection) read returned.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Read {
     Data(Vec<u8>),
@@ -302,9 +302,14 @@ impl Agent {
             let r = self.call("ReadStdout", self.client.read_stdout(long(), &req));
             ("ReadStdout", r.await?)
         };
+        self.checked_read(name, r, len)
+    }
+
+    /// A read's reply, refused when it holds more than was asked for.
+    fn checked_read(&self, call: &'static str, r: proto::ReadResponse, len: u32) -> Result<Read> {
         if r.data.len() > len as usize {
             return Err(self.violation(
-                name,
+                call,
                 format!("{} bytes for a read of at most {len}", r.data.len()),
             ));
         }
@@ -433,6 +438,61 @@ impl Agent {
         self.call("WaitOom", self.client.wait_oom(long(), &req))
             .await
             .map(|r| r.container_id)
+    }
+
+    /// A connection to `port` on the guest's loopback (port forwarding); returns its id.
+    pub async fn dial_loopback(&self, port: u16) -> Result<u32> {
+        let req = proto::DialRequest {
+            port: u32::from(port),
+            ..Default::default()
+        };
+        self.call("DialLoopback", self.client.dial_loopback(quick(), &req))
+            .await
+            .map(|r| r.connection_id)
+    }
+
+    /// Up to `len` bytes connection `id` received. More than `len` is a protocol violation.
+    pub async fn read_connection(&self, id: u32, len: u32) -> Result<Read> {
+        let req = proto::ConnectionReadRequest {
+            connection_id: id,
+            len,
+            ..Default::default()
+        };
+        let r = self
+            .call("ReadConnection", self.client.read_connection(long(), &req))
+            .await?;
+        self.checked_read("ReadConnection", r, len)
+    }
+
+    /// Sends `data` on connection `id`.
+    pub async fn write_connection(&self, id: u32, data: Vec<u8>) -> Result<()> {
+        let req = proto::ConnectionWriteRequest {
+            connection_id: id,
+            data,
+            ..Default::default()
+        };
+        // No deadline: a peer that does not read holds the write up, as TCP would.
+        self.call(
+            "WriteConnection",
+            self.client.write_connection(long(), &req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Shuts connection `id`'s sending side (`write_only`), or closes it.
+    pub async fn close_connection(&self, id: u32, write_only: bool) -> Result<()> {
+        let req = proto::ConnectionCloseRequest {
+            connection_id: id,
+            write_only,
+            ..Default::default()
+        };
+        self.call(
+            "CloseConnection",
+            self.client.close_connection(quick(), &req),
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn shutdown(&self) -> Result<()> {

@@ -25,6 +25,7 @@
 
 pub mod container;
 pub mod copies;
+pub mod forward;
 pub mod oom;
 pub mod pod;
 pub mod process;
@@ -197,7 +198,7 @@ impl VmEngine {
         )
         .await?;
         sandbox.reserve(&req.id, Attached::Nothing);
-        sandbox::write_sandbox_key(&req.bundle, &sandbox.key);
+        sandbox.record_in(&req.bundle);
         *slot = Some(sandbox.clone());
         Ok(Arc::new(pod::PodVm {
             id: req.id.clone(),
@@ -301,7 +302,7 @@ impl VmEngine {
         };
         // Reserved before the lock goes: a concurrent last delete must not stop this VM.
         sandbox.reserve(&req.id, attached.clone());
-        sandbox::write_sandbox_key(&req.bundle, &sandbox.key);
+        sandbox.record_in(&req.bundle);
         drop(slot);
 
         let volumes = sandbox.give_volumes(&req.id, &binds).await;

@@ -65,12 +65,6 @@ pub fn cache(options: &Options) -> ImageCache {
 /// sandbox's directories whichever container it is called for.
 pub const SANDBOX_FILE: &str = "vm-sandbox";
 
-pub fn write_sandbox_key(bundle: &Path, key: &str) {
-    if let Err(e) = std::fs::write(bundle.join(SANDBOX_FILE), key) {
-        tracing::warn!(bundle = %bundle.display(), error = %e, "cannot record the sandbox");
-    }
-}
-
 /// Whether the shim that owns sandbox `key` (`<id>-<pid>`, [`sandbox_key`]) still runs.
 pub fn owner_alive(key: &str) -> bool {
     let Some(pid) = key.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
@@ -333,6 +327,16 @@ impl Sandbox {
             let c = c.clone();
             tasks.push(tokio::spawn(async move { c.keep_current().await }));
         }
+        match super::forward::listen(&state_dir) {
+            Ok(listener) => {
+                tasks.push(tokio::spawn(super::forward::serve(listener, agent.clone())))
+            }
+            Err(e) => tracing::warn!(
+                sandbox = b.id,
+                error = %e,
+                "port forwarding into this VM is off: cannot bind its socket"
+            ),
+        }
         let watchdog = tokio::spawn({
             let (health, vm, id) = (agent.health().clone(), vm.clone(), b.id.to_owned());
             async move {
@@ -364,6 +368,24 @@ impl Sandbox {
             ooms,
             host_cgroup,
         }))
+    }
+
+    /// Names the sandbox in a container's bundle: its key ([`SANDBOX_FILE`]) and its port
+    /// forwarding socket ([`FORWARD_FILE`](super::forward::FORWARD_FILE)).
+    pub fn record_in(&self, bundle: &Path) {
+        let socket = self.state_dir.join(super::forward::SOCKET);
+        let files = [
+            (SANDBOX_FILE, self.key.as_bytes()),
+            (
+                super::forward::FORWARD_FILE,
+                socket.as_os_str().as_encoded_bytes(),
+            ),
+        ];
+        for (name, content) in files {
+            if let Err(e) = std::fs::write(bundle.join(name), content) {
+                tracing::warn!(bundle = %bundle.display(), file = name, error = %e, "cannot record the sandbox");
+            }
+        }
     }
 
     /// The VMM process, when the VMM is one (QEMU; the built-in VMM runs in the shim).

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{Process, Spec};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Process, Spec};
 use yard_shim_kit::start::GROUP_ANNOTATIONS;
 use yard_shim_kit::{Error, Result};
 
@@ -105,10 +105,13 @@ pub fn binds(spec: &Spec) -> Result<Vec<Bind>> {
 }
 
 /// A namespace the host holds for the pod (containerd's `/var/run/netns/cni-...`, switchyardd's
-/// network, IPC and UTS namespaces under its state dir) cannot be joined in the guest: the
-/// container gets a namespace of its own there (a network one with loopback only: the guest has
-/// no other network yet). A path under `/proc` names a guest process's namespace (pids are the
-/// guest's, so CRI's `/proc/<sandbox pid>/ns/net` is the pod's) and is kept.
+/// network, IPC and UTS namespaces under its state dir) cannot be joined in the guest. The pod's
+/// network namespace becomes the guest's own network: the entry is dropped, so every container
+/// of the pod shares it (its loopback, where port forwarding reaches them through the agent), as
+/// the containers of a pod share its netns on the host; the VM is the pod's network boundary.
+/// Another host-held namespace becomes one of the container's own in the guest. A path under
+/// `/proc` names a guest process's namespace (pids are the guest's, so CRI's
+/// `/proc/<sandbox pid>/ns/net` is the pod's) and is kept.
 pub fn guest_namespaces(spec: &mut Spec) {
     let Some(linux) = spec.linux_mut() else {
         return;
@@ -116,9 +119,17 @@ pub fn guest_namespaces(spec: &mut Spec) {
     let Some(namespaces) = linux.namespaces_mut() else {
         return;
     };
+    let host_path =
+        |ns: &LinuxNamespace| ns.path().as_ref().is_some_and(|p| !p.starts_with("/proc"));
+    namespaces.retain(|ns| {
+        let pod_network = ns.typ() == LinuxNamespaceType::Network && host_path(ns);
+        if pod_network {
+            tracing::debug!(path = ?ns.path(), "the pod's network namespace: the guest's own network");
+        }
+        !pod_network
+    });
     for ns in namespaces.iter_mut() {
-        let host_path = ns.path().as_ref().is_some_and(|p| !p.starts_with("/proc"));
-        if host_path {
+        if host_path(ns) {
             tracing::debug!(kind = ?ns.typ(), path = ?ns.path(), "a host namespace: the guest makes its own");
             ns.set_path(None);
         }
@@ -287,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn a_host_network_namespace_is_left_to_the_guest() {
+    fn the_pods_network_namespace_is_the_guests_network() {
         let mut s = spec(&format!(
             r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[
                 {{"type":"network","path":"/var/run/netns/cni-1"}},
@@ -297,10 +308,20 @@ mod tests {
         ));
         guest_namespaces(&mut s);
         let ns = s.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
-        assert_eq!(ns[0].path(), &None);
-        assert_eq!(ns[1].path().as_deref(), Some(Path::new("/proc/42/ns/ipc")));
-        assert_eq!(ns[2].path(), &None, "a host-held UTS namespace");
-        assert_eq!(ns[3].path(), &None);
+        // The pod's network is the guest's own: no network namespace is made.
+        assert_eq!(ns.len(), 3, "{ns:?}");
+        assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
+        assert_eq!(ns[0].path().as_deref(), Some(Path::new("/proc/42/ns/ipc")));
+        assert_eq!(ns[1].path(), &None, "a host-held UTS namespace");
+        assert_eq!(ns[2].path(), &None);
+        // A network namespace without a path (a task outside a pod) stays the container's own.
+        let mut s = spec(&format!(
+            r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[{{"type":"network"}}]}}}}"#
+        ));
+        guest_namespaces(&mut s);
+        let ns = s.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        assert_eq!(ns.len(), 1);
+        assert_eq!(ns[0].typ(), LinuxNamespaceType::Network);
         let mut s = spec(&format!(
             r#"{{"ociVersion":"1.0.2",{PROCESS},"linux":{{"namespaces":[
                 {{"type":"network","path":"/proc/42/ns/net"}}]}}}}"#
