@@ -191,6 +191,11 @@ impl TaskManager {
         &self.runtimes
     }
 
+    /// Where task `id`'s bundle is (whether or not it exists).
+    pub fn bundle_path(&self, ns: &str, id: &str) -> PathBuf {
+        Bundle::locate(&self.state, &self.root, ns, id).path
+    }
+
     pub fn exists(&self, ns: &str, id: &str) -> bool {
         self.read().contains_key(&(ns.to_owned(), id.to_owned()))
     }

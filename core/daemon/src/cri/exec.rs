@@ -17,6 +17,20 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::Cri;
+
+/// The file in a vm pod's bundle naming the vm shim's port-forwarding socket (the shim's
+/// `engine::forward::FORWARD_FILE`).
+const VM_FORWARD_FILE: &str = "vm-forward";
+
+/// Where a pod's ports are reached.
+pub(crate) enum ForwardTarget {
+    /// The node's own network (a pod without a network namespace).
+    Node,
+    /// The pod's network namespace.
+    Netns(Netns),
+    /// A vm pod: the guest's loopback, through the vm shim's socket and the agent.
+    Vm(PathBuf),
+}
 use super::containers::{Record, in_ns};
 use super::sandbox::{SandboxTask, State};
 use super::stream::remotecommand::Channels;
@@ -54,9 +68,8 @@ impl Cri {
         Ok(r)
     }
 
-    /// Where a port of pod `pod` is reached: inside its network namespace (`None`: the node's
-    /// network). The pod must be ready.
-    pub(crate) fn port_forward_target(&self, pod: &str) -> Result<Option<Netns>, Status> {
+    /// Where a port of pod `pod` is reached. The pod must be ready.
+    pub(crate) fn port_forward_target(&self, pod: &str) -> Result<ForwardTarget, Status> {
         let record = self.sandboxes.get(pod).map_err(crate::error::status)?;
         if record.state != State::Ready {
             return Err(Status::failed_precondition(format!(
@@ -65,13 +78,23 @@ impl Cri {
             )));
         }
         if matches!(record.task, SandboxTask::Vm) {
-            return Err(Status::unimplemented(format!(
-                "port forwarding into vm pod {} is not served yet (its guest's loopback is behind the agent)",
-                record.id
-            )));
+            // The vm shim names its forwarding socket in the pod VM task's bundle.
+            let file = self
+                .shared
+                .tasks
+                .bundle_path(super::NAMESPACE, &record.id)
+                .join(VM_FORWARD_FILE);
+            let socket = std::fs::read_to_string(&file).map_err(|e| {
+                Status::failed_precondition(format!(
+                    "pod {}: its VM serves no port forwarding ({}: {e})",
+                    record.id,
+                    file.display()
+                ))
+            })?;
+            return Ok(ForwardTarget::Vm(PathBuf::from(socket.trim_end())));
         }
         match &record.netns {
-            None => Ok(None),
+            None => Ok(ForwardTarget::Node),
             Some(path) => {
                 let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
                     return Err(Status::internal(format!(
@@ -81,7 +104,7 @@ impl Cri {
                     )));
                 };
                 Netns::at(dir, &name.to_string_lossy())
-                    .map(Some)
+                    .map(ForwardTarget::Netns)
                     .map_err(|e| Status::internal(format!("pod {}: {e}", record.id)))
             }
         }

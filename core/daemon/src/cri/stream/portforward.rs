@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -12,10 +13,11 @@ use hyper::body::{Bytes, Incoming};
 use switchyard_api::cri::v1 as cri;
 use switchyard_spdy::session::PROTOCOL_ERROR;
 use switchyard_spdy::{Incoming as Streams, Session, Stream};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::spdy::{PORTFORWARD, upgraded};
 use crate::cri::Cri;
+use crate::cri::exec::ForwardTarget;
 
 /// Connections being set up (one stream of the pair came) at once.
 const MAX_HALF_OPEN: usize = 16;
@@ -100,7 +102,7 @@ async fn forward(
 async fn connection(cri: &Cri, pod: &str, allowed: &[i32], error: Stream, data: Stream) {
     let (_, mut error_send) = error.split();
     let port = data.headers.get("port").unwrap_or("").to_owned();
-    let tcp = match dial(cri, pod, allowed, &port).await {
+    let conn = match dial(cri, pod, allowed, &port).await {
         Ok(t) => t,
         Err(why) => {
             let msg = format!("error forwarding port {port} to pod {pod}: {why}");
@@ -112,7 +114,7 @@ async fn connection(cri: &Cri, pod: &str, allowed: &[i32], error: Stream, data: 
     };
     let _ = error_send.finish().await;
     let (mut from_client, mut to_client) = data.split();
-    let (mut rd, mut wr) = tcp.into_split();
+    let (mut rd, mut wr) = tokio::io::split(conn);
     let up = async {
         while let Ok(Some(chunk)) = from_client.recv().await {
             if wr.write_all(&chunk).await.is_err() {
@@ -138,13 +140,21 @@ async fn connection(cri: &Cri, pod: &str, allowed: &[i32], error: Stream, data: 
     tokio::join!(up, down);
 }
 
-/// A TCP connection to `port` on the pod's loopback, made inside its network namespace.
+/// A forwarded connection: TCP, or a vm shim's socket carrying one.
+pub(crate) trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+/// The vm shim's answer to a port: `ok` or `error: <why>`, one line.
+const MAX_VM_ANSWER: usize = 4096;
+
+/// A connection to `port` on the pod's loopback: made inside its network namespace, or, in a vm
+/// pod, by the guest's agent through the vm shim's forwarding socket.
 pub(crate) async fn dial(
     cri: &Cri,
     pod: &str,
     allowed: &[i32],
     port: &str,
-) -> Result<tokio::net::TcpStream, String> {
+) -> Result<Box<dyn Duplex>, String> {
     let port: u16 = port
         .parse()
         .ok()
@@ -155,9 +165,14 @@ pub(crate) async fn dial(
             "port {port} is not among the request's ports {allowed:?}"
         ));
     }
-    let netns = cri
+    let target = cri
         .port_forward_target(pod)
         .map_err(|e| e.message().to_owned())?;
+    let netns = match target {
+        ForwardTarget::Vm(socket) => return dial_vm(&socket, port).await,
+        ForwardTarget::Netns(ns) => Some(ns),
+        ForwardTarget::Node => None,
+    };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let std_stream = tokio::task::spawn_blocking(move || match netns {
         Some(ns) => ns
@@ -171,5 +186,37 @@ pub(crate) async fn dial(
     std_stream
         .set_nonblocking(true)
         .map_err(|e| e.to_string())?;
-    tokio::net::TcpStream::from_std(std_stream).map_err(|e| e.to_string())
+    let tcp = tokio::net::TcpStream::from_std(std_stream).map_err(|e| e.to_string())?;
+    Ok(Box::new(tcp))
+}
+
+/// Asks the vm shim at `socket` for a connection to `port` in its guest.
+async fn dial_vm(socket: &Path, port: u16) -> Result<Box<dyn Duplex>, String> {
+    let mut sock = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("the pod VM's forwarding socket {}: {e}", socket.display()))?;
+    sock.write_all(&port.to_be_bytes())
+        .await
+        .map_err(|e| format!("the pod VM's forwarding socket: {e}"))?;
+    // The answer line, read a byte at a time: what follows it is the connection's.
+    let mut line = Vec::new();
+    loop {
+        let b = sock
+            .read_u8()
+            .await
+            .map_err(|e| format!("the pod VM's forwarding socket: {e}"))?;
+        if b == b'\n' {
+            break;
+        }
+        if line.len() >= MAX_VM_ANSWER {
+            return Err("the pod VM's forwarding socket: an answer line too long".into());
+        }
+        line.push(b);
+    }
+    let line = String::from_utf8_lossy(&line);
+    match line.strip_prefix("error: ") {
+        None if line == "ok" => Ok(Box::new(sock)),
+        Some(why) => Err(why.to_owned()),
+        None => Err(format!("the pod VM's forwarding socket answered {line:?}")),
+    }
 }
