@@ -54,6 +54,10 @@ pub struct Record {
     pub annotations: BTreeMap<String, String>,
     pub tty: bool,
     pub stdin: bool,
+    /// Stdin is closed when the first attached session's input ends (not with a tty), as
+    /// containerd does for `stdin_once` (`kubectl run -i --rm`).
+    #[serde(default)]
+    pub stdin_once: bool,
     /// The kernel's OOM killer killed a process of the container (a `/tasks/oom` event):
     /// its status' reason is `OOMKilled`, as containerd's.
     #[serde(default)]
@@ -569,6 +573,7 @@ impl Cri {
                 annotations: BTreeMap::new(),
                 tty: false,
                 stdin: false,
+                stdin_once: false,
                 oom_killed: false,
             });
         }
@@ -638,6 +643,7 @@ impl Cri {
             annotations: config.annotations.clone().into_iter().collect(),
             tty: config.tty,
             stdin: config.stdin,
+            stdin_once: config.stdin_once,
             oom_killed: false,
         };
         self.containers.save(&record)?;

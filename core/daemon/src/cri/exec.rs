@@ -381,15 +381,35 @@ impl Cri {
         }
         let input = match ch.stdin.take() {
             Some(rx) => {
-                let held = self
+                let (copy, held) = self
                     .containers
                     .with_log(&r.id, |l| l.stdin())
                     .flatten()
-                    .ok_or_else(|| Status::failed_precondition("the container's stdin is closed"))?
+                    .ok_or_else(|| {
+                        Status::failed_precondition("the container's stdin is closed")
+                    })?;
+                let copy =
+                    copy.map_err(|e| Status::internal(format!("the container's stdin: {e}")))?;
+                let tx = pipe::Sender::from_file(copy)
                     .map_err(|e| Status::internal(format!("the container's stdin: {e}")))?;
-                let tx = pipe::Sender::from_file(held)
-                    .map_err(|e| Status::internal(format!("the container's stdin: {e}")))?;
-                Some(tokio::spawn(channel_to_pipe(tx, rx)))
+                let once = r.stdin_once && !r.tty;
+                let tasks = TasksService(self.shared.clone());
+                let container_id = r.id.clone();
+                Some(tokio::spawn(async move {
+                    channel_to_pipe(tx, rx).await;
+                    if once {
+                        // stdin_once: the session's input ended, so does the container's
+                        // (the held end, then CloseIO for shims holding a writer of their own).
+                        held.close();
+                        let _ = tasks
+                            .close_io(in_ns(tasks_api::CloseIoRequest {
+                                container_id,
+                                exec_id: String::new(),
+                                stdin: true,
+                            }))
+                            .await;
+                    }
+                }))
             }
             None => None,
         };

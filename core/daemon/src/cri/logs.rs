@@ -42,8 +42,19 @@ pub struct ContainerLog {
     stop: Option<OwnedFd>,
     copiers: Vec<JoinHandle<()>>,
     attached: Attached,
-    /// The stdin fifo's write end, for attached sessions.
-    stdin: Option<File>,
+    /// The stdin fifo's write end, for attached sessions (gone once closed for `stdin_once`).
+    stdin: HeldStdin,
+}
+
+/// The write end of a container's stdin fifo that switchyardd holds.
+#[derive(Clone, Default)]
+pub struct HeldStdin(Arc<Mutex<Option<File>>>);
+
+impl HeldStdin {
+    /// Lets it go: once attached sessions' copies are gone too, the process reads EOF.
+    pub fn close(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
 }
 
 fn open_log(path: &Path) -> std::io::Result<File> {
@@ -94,7 +105,7 @@ impl ContainerLog {
             stop: Some(stop_write),
             copiers,
             attached,
-            stdin,
+            stdin: HeldStdin(Arc::new(Mutex::new(stdin))),
         })
     }
 
@@ -108,9 +119,11 @@ impl ContainerLog {
         rx
     }
 
-    /// The stdin fifo's write end, if the container has stdin.
-    pub fn stdin(&self) -> Option<std::io::Result<File>> {
-        self.stdin.as_ref().map(File::try_clone)
+    /// A copy of the stdin fifo's write end, if the container has stdin and it is not closed;
+    /// and the held end, to close it.
+    pub fn stdin(&self) -> Option<(std::io::Result<File>, HeldStdin)> {
+        let held = self.stdin.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|f| (f.try_clone(), self.stdin.clone()))
     }
 
     /// Continues in a new file at the same path (ReopenContainerLog).
