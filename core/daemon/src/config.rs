@@ -52,6 +52,15 @@ pub struct CriConfig {
     pub stream_address: std::net::IpAddr,
     /// Its TCP port; 0 picks a free one at start, as containerd does.
     pub stream_port: u16,
+    /// TLS for it: a PEM certificate chain and its private key (both or neither).
+    pub stream_tls: Option<StreamTls>,
+}
+
+/// The streaming server's certificate and key files (PEM).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +108,8 @@ struct CriFile {
     pause_binary: Option<PathBuf>,
     stream_address: Option<String>,
     stream_port: Option<u16>,
+    stream_tls_cert: Option<PathBuf>,
+    stream_tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +268,8 @@ fn merge(base: ConfigFile, over: ConfigFile) -> ConfigFile {
             pause_binary: pick(over_cri.pause_binary, base_cri.pause_binary),
             stream_address: pick(over_cri.stream_address, base_cri.stream_address),
             stream_port: pick(over_cri.stream_port, base_cri.stream_port),
+            stream_tls_cert: pick(over_cri.stream_tls_cert, base_cri.stream_tls_cert),
+            stream_tls_key: pick(over_cri.stream_tls_key, base_cri.stream_tls_key),
         }),
         runtimes: Some(runtimes),
     }
@@ -416,6 +429,27 @@ fn validate(file: ConfigFile, origin: &str) -> Result<Config, ConfigError> {
             })?
         },
         stream_port: v.required("cri.stream_port", cri.stream_port)?,
+        stream_tls: match (cri.stream_tls_cert, cri.stream_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(StreamTls {
+                cert: v.absolute("cri.stream_tls_cert", cert)?,
+                key: v.absolute("cri.stream_tls_key", key)?,
+            }),
+            (Some(cert), None) => {
+                return Err(v.invalid(
+                    "cri.stream_tls_key",
+                    "(missing)",
+                    &format!("required with cri.stream_tls_cert ({})", quoted(&cert)),
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(v.invalid(
+                    "cri.stream_tls_cert",
+                    "(missing)",
+                    &format!("required with cri.stream_tls_key ({})", quoted(&key)),
+                ));
+            }
+        },
     };
     let runtimes = file.runtimes.unwrap_or_default();
     for (name, rt) in &runtimes {
@@ -520,6 +554,35 @@ mod tests {
             Some(switchyard_images::snapshot::Driver::Copy)
         );
         assert_eq!(Config::parse("", "x.toml").unwrap().snapshotter, None);
+    }
+
+    #[test]
+    fn stream_tls_takes_both_files_or_neither() {
+        assert_eq!(Config::default_config().unwrap().cri.stream_tls, None);
+        let c = Config::parse(
+            "[cri]\nstream_tls_cert = \"/etc/s.pem\"\nstream_tls_key = \"/etc/k.pem\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cri.stream_tls,
+            Some(StreamTls {
+                cert: "/etc/s.pem".into(),
+                key: "/etc/k.pem".into()
+            })
+        );
+        let e = err("[cri]\nstream_tls_cert = \"/etc/s.pem\"\n");
+        assert!(
+            e.contains("cri.stream_tls_key") && e.contains("/etc/s.pem"),
+            "{e}"
+        );
+        let e = err("[cri]\nstream_tls_key = \"/etc/k.pem\"\n");
+        assert!(e.contains("cri.stream_tls_cert"), "{e}");
+        let e = err("[cri]\nstream_tls_cert = \"s.pem\"\nstream_tls_key = \"/k\"\n");
+        assert!(
+            e.contains("cri.stream_tls_cert") && e.contains("absolute"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 mod portforward;
 pub(crate) mod remotecommand;
 mod spdy;
+mod tls;
 mod tokens;
 mod ws;
 
@@ -32,8 +33,23 @@ use super::Cri;
 pub use tokens::TOKEN_TTL;
 use tokens::{Pending, Tokens};
 
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections served at once, upgraded sessions included; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 256;
+
+/// A connection's place among the [`MAX_CONNECTIONS`]: in each request's extensions, and held
+/// by an upgraded session until it ends, so a session counts after hyper has let go of its
+/// connection.
+#[derive(Clone)]
+pub(crate) struct Slot {
+    _permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    /// The slot of `req`'s connection, for the task serving its upgrade.
+    pub(crate) fn of(req: &hyper::Request<Incoming>) -> Option<Slot> {
+        req.extensions().get::<Slot>().cloned()
+    }
+}
 /// A request's headers must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The streams of a session must all be opened within this (Kubernetes' 30 s).
@@ -64,11 +80,16 @@ impl StreamServer {
             )
         })?;
         let addr = listener.local_addr()?;
-        let base = match addr {
-            SocketAddr::V4(a) => format!("http://{a}"),
-            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
+        let tls = match &config.stream_tls {
+            Some(files) => Some(tls::acceptor(files)?),
+            None => None,
         };
-        tracing::info!(address = %addr, "CRI streaming server");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = match addr {
+            SocketAddr::V4(a) => format!("{scheme}://{a}"),
+            SocketAddr::V6(a) => format!("{scheme}://[{}]:{}", a.ip(), a.port()),
+        };
+        tracing::info!(address = %addr, tls = tls.is_some(), "CRI streaming server");
         let server = Arc::new(StreamServer {
             base,
             tokens: Tokens::default(),
@@ -91,22 +112,21 @@ impl StreamServer {
                 let (Some(cri), srv) = (cri.upgrade(), srv.clone()) else {
                     return;
                 };
+                let slot = Slot {
+                    _permit: Arc::new(permit),
+                };
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let (cri, srv) = (cri.clone(), srv.clone());
-                        async move { Ok::<_, std::convert::Infallible>(srv.route(cri, req).await) }
-                    });
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .max_buf_size(64 << 10)
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
-                    if let Err(e) = served {
-                        tracing::debug!(%peer, error = %e, "streaming connection");
+                    let Some(tls) = tls else {
+                        serve_connection(tcp, peer, cri, srv, slot).await;
+                        return;
+                    };
+                    // The handshake is part of the time the request's header may take.
+                    match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, peer, cri, srv, slot).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "streaming TLS handshake"),
+                        Err(_) => tracing::debug!(%peer, "streaming TLS handshake: timed out"),
                     }
-                    drop(permit);
                 });
             }
         });
@@ -173,6 +193,33 @@ impl StreamServer {
             Pending::Attach(r) => remotecommand::serve(cri, remotecommand::Target::Attach(r), req),
             Pending::PortForward(r) => portforward::serve(cri, r, req),
         }
+    }
+}
+
+/// Serves one connection's requests; an upgraded session keeps `slot` until it ends.
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    cri: Arc<Cri>,
+    srv: Arc<StreamServer>,
+    slot: Slot,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req| {
+        let (cri, srv) = (cri.clone(), srv.clone());
+        req.extensions_mut().insert(slot.clone());
+        async move { Ok::<_, std::convert::Infallible>(srv.route(cri, req).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(64 << 10)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "streaming connection");
     }
 }
 

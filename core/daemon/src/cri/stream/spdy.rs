@@ -58,7 +58,9 @@ where
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return response;
     }
+    let slot = super::Slot::of(&req);
     tokio::spawn(async move {
+        let _slot = slot;
         match hyper::upgrade::on(req).await {
             Ok(io) => {
                 let (session, streams) =

@@ -111,7 +111,9 @@ where
     if !protocol.is_empty() {
         h.insert("sec-websocket-protocol", HeaderValue::from_static(protocol));
     }
+    let slot = super::Slot::of(&req);
     tokio::spawn(async move {
+        let _slot = slot;
         match hyper::upgrade::on(req).await {
             Ok(io) => {
                 let mut config = WebSocketConfig::default();
@@ -278,7 +280,7 @@ async fn forward<S>(
                 m.extend(number.to_le_bytes());
                 let _ = out.send(Message::binary(m)).await;
             }
-            let tcp = match super::portforward::dial(&cri, &pod, &allowed, &port).await {
+            let conn = match super::portforward::dial(&cri, &pod, &allowed, &port).await {
                 Ok(t) => t,
                 Err(why) => {
                     let mut m = vec![error];
@@ -287,7 +289,7 @@ async fn forward<S>(
                     return;
                 }
             };
-            let (mut rd, mut wr) = tcp.into_split();
+            let (mut rd, mut wr) = tokio::io::split(conn);
             let up = async {
                 while let Some(chunk) = rx.recv().await {
                     if wr.write_all(&chunk).await.is_err() {
