@@ -155,6 +155,20 @@ pub struct TransportArg {
     /// SPDY/3.1 (as kubelet) or WebSocket (as kubectl since Kubernetes 1.30).
     #[arg(long, value_enum, default_value = "spdy")]
     transport: Transport,
+    /// For a TLS streaming server (an https:// URL): trust the CA certificates in this PEM file
+    /// instead of the system's roots.
+    #[arg(long, value_name = "PEM")]
+    stream_ca: Option<std::path::PathBuf>,
+}
+
+impl TransportArg {
+    /// The transport, with `--stream-ca` in effect.
+    fn chosen(&self) -> Transport {
+        if let Some(ca) = &self.stream_ca {
+            crate::stream::http::trust(ca);
+        }
+        self.transport
+    }
 }
 
 #[derive(Args)]
@@ -339,7 +353,7 @@ impl Cri {
                 transport,
                 pod,
                 ports,
-            } => port_forward(self.rs.clone(), transport.transport, pod, ports).await?,
+            } => port_forward(self.rs.clone(), transport.chosen(), pod, ports).await?,
             CriCommand::Logs { id } => self.logs(&id).await?,
             CriCommand::Stats { ids } => self.stats(ids).await?,
             CriCommand::Images { quiet } => self.images(quiet).await?,
@@ -787,7 +801,7 @@ async fn remote_command(url: &str, args: &StreamArgs) -> anyhow::Result<u8> {
     };
     let _raw = (s.tty && crate::io::stdin_is_terminal()).then(crate::io::RawTerminal::enable);
     let session = async {
-        match args.transport.transport {
+        match args.transport.chosen() {
             Transport::Spdy => stream::spdy::remote_command(url, s).await,
             Transport::Websocket => stream::ws::remote_command(url, s).await,
         }

@@ -5,10 +5,12 @@
 //! nothing after its `101` until the client opens streams, so no bytes are read past the
 //! header: it is read a byte at a time).
 
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The largest response header accepted.
@@ -18,6 +20,20 @@ const MAX_BODY: usize = 4 << 10;
 /// How long the connection and the upgrade may take.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A connection to a streaming server: TCP, or TLS over it for an `https://` URL.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type Conn = Box<dyn Io>;
+
+/// The CA certificates (PEM) an `https://` streaming server must chain to; without them, the
+/// system's roots.
+static TRUSTED: OnceLock<PathBuf> = OnceLock::new();
+
+/// Trust the CA certificates in `pem` (`--stream-ca`) instead of the system's roots.
+pub fn trust(pem: &Path) {
+    let _ = TRUSTED.set(pem.to_owned());
+}
+
 /// A streaming URL split into what the connection and the request need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -25,17 +41,17 @@ pub struct Target {
     pub authority: String,
     /// The path with its query.
     pub path: String,
+    /// An `https://` URL: TLS, verified against the trusted roots.
+    pub tls: bool,
 }
 
 impl Target {
-    /// `http://host:port/path?query` (the form runtimes return). TLS streaming servers are
-    /// refused by name.
+    /// `http://host:port/path?query` (the form runtimes return), or `https://`.
     pub fn parse(url: &str) -> anyhow::Result<Target> {
-        let Some(rest) = url.strip_prefix("http://") else {
-            if url.starts_with("https://") {
-                anyhow::bail!("streaming URL {url:?}: TLS streaming servers are not supported");
-            }
-            anyhow::bail!("streaming URL {url:?}: not an http:// URL");
+        let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => anyhow::bail!("streaming URL {url:?}: not an http:// or https:// URL"),
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
@@ -51,41 +67,94 @@ impl Target {
         {
             authority.to_owned()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{}", if tls { 443 } else { 80 })
         };
         if path.contains(|c: char| c.is_ascii_control() || c == ' ') {
             anyhow::bail!("streaming URL {url:?}: bad path");
         }
-        Ok(Target { authority, path })
+        Ok(Target {
+            authority,
+            path,
+            tls,
+        })
     }
 
     /// The same target with `query` appended (`port=80`).
     pub fn with_query(&self, query: &str) -> Target {
         let sep = if self.path.contains('?') { '&' } else { '?' };
         Target {
-            authority: self.authority.clone(),
             path: format!("{}{sep}{query}", self.path),
+            ..self.clone()
         }
     }
 
-    pub async fn connect(&self) -> anyhow::Result<TcpStream> {
+    /// The host, without the port or an IPv6 address's brackets (TLS's server name).
+    fn host(&self) -> &str {
+        let host = self
+            .authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<Conn> {
+        let what = || format!("connect to the streaming server at {}", self.authority);
         let tcp = tokio::time::timeout(UPGRADE_TIMEOUT, TcpStream::connect(&self.authority))
             .await
             .map_err(|_| anyhow::anyhow!("no connection within {UPGRADE_TIMEOUT:?}"))
             .and_then(|r| r.map_err(anyhow::Error::from))
-            .with_context(|| format!("connect to the streaming server at {}", self.authority))?;
+            .with_context(what)?;
         tcp.set_nodelay(true)?;
-        Ok(tcp)
+        if !self.tls {
+            return Ok(Box::new(tcp));
+        }
+        let name = rustls::pki_types::ServerName::try_from(self.host().to_owned())
+            .with_context(|| format!("{:?} is not a TLS server name", self.host()))?;
+        let connector = tokio_rustls::TlsConnector::from(client_config()?);
+        let tls = tokio::time::timeout(UPGRADE_TIMEOUT, connector.connect(name, tcp))
+            .await
+            .map_err(|_| anyhow::anyhow!("no TLS handshake within {UPGRADE_TIMEOUT:?}"))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .with_context(what)?;
+        Ok(Box::new(tls))
     }
+}
+
+/// TLS as a client: the `--stream-ca` certificates, else the system's roots.
+fn client_config() -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    match TRUSTED.get() {
+        Some(pem) => {
+            for cert in CertificateDer::pem_file_iter(pem)
+                .with_context(|| format!("--stream-ca {}", pem.display()))?
+            {
+                let cert = cert.with_context(|| format!("--stream-ca {}", pem.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("--stream-ca {}", pem.display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// Connects to `target` and upgrades to SPDY/3.1 offering `protocols` (in order of
 /// preference) as `X-Stream-Protocol-Version`; the connection and the protocol the server
 /// chose.
-pub async fn upgrade_spdy(
-    target: &Target,
-    protocols: &[&str],
-) -> anyhow::Result<(TcpStream, String)> {
+pub async fn upgrade_spdy(target: &Target, protocols: &[&str]) -> anyhow::Result<(Conn, String)> {
     let mut tcp = target.connect().await?;
     let mut request = format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: yard\r\nContent-Length: 0\r\n\
@@ -133,7 +202,7 @@ pub async fn upgrade_spdy(
 }
 
 /// The response header, up to the blank line, read a byte at a time (nothing past it).
-async fn read_head(tcp: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+async fn read_head(tcp: &mut Conn) -> anyhow::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     while !head.ends_with(b"\r\n\r\n") {
         if head.len() >= MAX_HEADER {
@@ -149,7 +218,7 @@ async fn read_head(tcp: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
 }
 
 /// An error response's body, at most [`MAX_BODY`] bytes of it.
-async fn read_body(tcp: &mut TcpStream, response: &Response) -> String {
+async fn read_body(tcp: &mut Conn, response: &Response) -> String {
     let len = response
         .header("content-length")
         .and_then(|l| l.parse::<usize>().ok())
@@ -221,8 +290,12 @@ mod tests {
             Target::parse("http://[::1]/a").unwrap().authority,
             "[::1]:80"
         );
-        let e = Target::parse("https://h:1/x").unwrap_err().to_string();
-        assert!(e.contains("TLS"), "{e}");
+        let t = Target::parse("https://h:1/x").unwrap();
+        assert!(t.tls && !Target::parse("http://h:1/x").unwrap().tls);
+        assert_eq!(t.host(), "h");
+        assert!(t.with_query("port=1").tls);
+        assert_eq!(Target::parse("https://h/x").unwrap().authority, "h:443");
+        assert_eq!(Target::parse("https://[::1]:7/x").unwrap().host(), "::1");
         assert!(Target::parse("ftp://h/x").is_err());
         assert!(Target::parse("http:///x").is_err());
         assert!(Target::parse("http://h:1/a b").is_err());

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use super::http::Target;
+use super::http::{Conn, Target};
 use super::{MAX_STATUS, Output, Session, exit_status, size_message};
 
 use switchyard_api::cri_stream::channel::{CLOSE, ERROR, RESIZE, STDERR, STDIN, STDOUT};
@@ -31,9 +31,10 @@ use switchyard_api::cri_stream::{REMOTECOMMAND_V4 as V4, REMOTECOMMAND_V5 as V5}
 async fn connect(
     target: &Target,
     protocols: &[&str],
-) -> anyhow::Result<(WebSocketStream<TcpStream>, String)> {
+) -> anyhow::Result<(WebSocketStream<Conn>, String)> {
     let tcp = target.connect().await?;
-    let mut request = format!("ws://{}{}", target.authority, target.path)
+    let scheme = if target.tls { "wss" } else { "ws" };
+    let mut request = format!("{scheme}://{}{}", target.authority, target.path)
         .into_client_request()
         .context("the WebSocket request")?;
     request.headers_mut().insert(
