@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_benches::{Stats, env_usize, row};
 use switchyard_tests::cri::{BUSYBOX_IMAGE, Cri, CriNode, Peer, container_config, pod_config};
+use switchyard_tests::free_port;
 
 struct Side<'a> {
     label: &'static str,
@@ -49,12 +50,6 @@ fn running(
     let cfg = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
     let id = cri.run_container(&pod, &cfg, &pod_cfg);
     (pod, pod_cfg, id)
-}
-
-/// A loopback port nothing listens on now.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// GET of the 100 MiB file through the forward at `port`: the time to the last byte, or

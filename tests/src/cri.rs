@@ -344,13 +344,21 @@ impl CriNode {
 
     /// switchyardd on its own directories ([`Daemon`]), configured by [`Peer::config`].
     fn start_switchyardd() -> CriNode {
+        CriNode::start_switchyardd_with("")
+    }
+
+    /// switchyardd as [`CriNode::start`] makes it, with `cri` (TOML lines) added to its `[cri]`
+    /// table. The caller checks the prerequisites ([`CriNode::require`]).
+    pub fn start_switchyardd_with(cri: &str) -> CriNode {
         let dir = tempfile::Builder::new()
             .prefix("cri-")
             .tempdir()
             .expect("tempdir");
         let net = TestNet::new(dir.path());
         crate::write(&dir.path().join(VM_OPTIONS), &vm_options(dir.path()));
-        let config = Peer::Switchyardd.config(dir.path(), Path::new(""), &net.conf_dir);
+        let config = Peer::Switchyardd
+            .config(dir.path(), Path::new(""), &net.conf_dir)
+            .replacen("[cri]\n", &format!("[cri]\n{cri}"), 1);
         let daemon = Daemon::start_in(|_| config);
         let node = CriNode {
             peer: Peer::Switchyardd,

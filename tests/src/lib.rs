@@ -3,10 +3,10 @@
 //! with a deadline and shown on failure ([`process`]), what a task leaves on the host
 //! ([`host`]), a busybox rootfs ([`rootfs`]), switchyardd and containerd on private sockets with
 //! their clients `yard` and `ctr` ([`daemon`]), and event collectors ([`events`]); image
-//! fixtures ([`images`]), commands on a pseudo-terminal ([`pty`]), the Wasm test programs ([`wasm`]) and the nested-KVM harness
+//! fixtures ([`images`]), commands on a pseudo-terminal ([`pty`]), loopback ports ([`net`]), the Wasm test programs ([`wasm`]) and the nested-KVM harness
 //! ([`nested`]).
 //!
-//! Everything of the first six is re-exported here, so `use switchyard_tests::*;` is all a test
+//! Everything of the first six, and [`net`]'s two helpers, is re-exported here, so `use switchyard_tests::*;` is all a test
 //! needs.
 //!
 //! Set `SWITCHYARD_REQUIRE_ALL=1` (CI does) to turn every skip into a failure, so a missing
@@ -29,6 +29,7 @@ pub mod gate;
 pub mod host;
 pub mod images;
 pub mod nested;
+pub mod net;
 pub mod process;
 pub mod pty;
 pub mod rootfs;
@@ -47,6 +48,7 @@ pub use host::{
     mount_points_under, mounts_matching, open_fds, ppid, processes_matching, reaped, sigkill,
     sockets_under, zombie_children,
 };
+pub use net::{free_port, http_get};
 pub use process::{
     KillOnDrop, eventually, run_piped, run_timeout, run_with_stdin, show, text, try_run, wait_child,
 };

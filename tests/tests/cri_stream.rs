@@ -1,20 +1,19 @@
 //! The client side of CRI streaming (issue 21): `yard cri exec -i`, `exec -it`, `attach -i`
 //! and `port-forward`, over SPDY/3.1 and WebSocket, against containerd's own streaming server
-//! (Kubernetes' Go implementation, the oracle) with the `runc` handler and a busybox pod.
+//! (Kubernetes' Go implementation, the oracle) with the `runc` handler and a busybox pod, then
+//! against switchyardd's with `runc`, `native` and `vm` pods.
 //! Stdin is piped, or a pseudo-terminal the test owns (`switchyard_tests::pty`) whose size
 //! the test sets and changes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::Duration;
 
 use switchyard_api::cri::v1 as cri;
 use switchyard_tests::cri::{BUSYBOX_IMAGE, CriNode, Peer, container_config, pod_config};
 use switchyard_tests::pty::PtyChild;
-use switchyard_tests::{KillOnDrop, eventually, run_with_stdin, show, text};
+use switchyard_tests::{KillOnDrop, eventually, free_port, http_get, run_with_stdin, show, text};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -59,10 +58,10 @@ impl Pod<'_> {
     }
 }
 
-fn pod(node: &CriNode) -> Pod<'_> {
+fn pod<'a>(node: &'a CriNode, handler: &str) -> Pod<'a> {
     let c = node.client();
-    let cfg = pod_config(node, "stream");
-    let id = c.run_pod(&cfg, "runc").expect("RunPodSandbox");
+    let cfg = pod_config(node, &format!("stream-{handler}"));
+    let id = c.run_pod(&cfg, handler).expect("RunPodSandbox");
     Pod { node, c, cfg, id }
 }
 
@@ -175,12 +174,22 @@ fn exec_tty(p: &Pod, ctr: &str, t: Transport) {
     );
 }
 
-/// Attach with stdin to a container whose main process reads a line.
+/// Attach with stdin to a container whose main process reads lines. Made with `stdin_once`,
+/// its stdin ends with the session's input where the transport can end it (then it says so),
+/// as containerd does for `kubectl run -i --rm`.
 fn attach(p: &Pod, t: Transport) {
+    let (script, expected) = if closes_stdin(t) {
+        (
+            "while read x; do echo got $x; done; echo stdin closed",
+            "got hello\nstdin closed\n",
+        )
+    } else {
+        ("read x; echo got $x", "got hello\n")
+    };
     let mut cfg = container_config(
         &format!("attach-{}", t.name()),
         BUSYBOX_IMAGE,
-        &["sh", "-c", "read x; echo got $x"],
+        &["sh", "-c", script],
     );
     cfg.stdin = true;
     cfg.stdin_once = true;
@@ -192,7 +201,7 @@ fn attach(p: &Pod, t: Transport) {
         b"hello\n".to_vec(),
     );
     assert!(out.status.success(), "{}", show(&out));
-    assert_eq!(text(&out.stdout), "got hello\n", "{}", show(&out));
+    assert_eq!(text(&out.stdout), expected, "{}", show(&out));
 }
 
 /// Port-forward to busybox httpd in the pod: connections to the loopback port get its page,
@@ -230,17 +239,7 @@ fn port_forward(p: &Pod, t: Transport) {
         .spawn()
         .expect("spawn yard cri port-forward");
     let mut child = KillOnDrop(child);
-    let get_path = |port: u16, path: &str| -> String {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-            return String::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
-        let mut body = Vec::new();
-        let _ = s.read_to_end(&mut body);
-        text(&body)
-    };
-    let get = |port: u16| get_path(port, "/");
+    let get = |port: u16| http_get(port, "/");
     // Until the listener is up and httpd listens.
     let mut last = String::new();
     let served = eventually(Duration::from_secs(60), || {
@@ -266,7 +265,7 @@ fn port_forward(p: &Pod, t: Transport) {
     }
     // Megabytes back through the forward, whole.
     let seq: String = (1..=300_000).map(|n| format!("{n}\n")).collect();
-    let big = get_path(local, "/big");
+    let big = http_get(local, "/big");
     let (head, body) = big.split_once("\r\n\r\n").unwrap_or_default();
     assert!(
         head.contains(" 200 OK") && body == seq,
@@ -281,17 +280,12 @@ fn port_forward(p: &Pod, t: Transport) {
     );
 }
 
-/// A loopback port nothing listens on now.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn streaming(peer: Peer, t: Transport) {
+/// Every client command through `peer`'s streaming server into a `handler` pod.
+fn streaming(peer: Peer, handler: &str, t: Transport) {
     let Some(node) = CriNode::require(peer) else {
         return;
     };
-    let p = pod(&node);
+    let p = pod(&node, handler);
     let ctr = p.run(&container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]));
     exec_stdin(&p, &ctr, t);
     exec_tty(&p, &ctr, t);
@@ -301,40 +295,58 @@ fn streaming(peer: Peer, t: Transport) {
 
 #[test]
 fn containerd_1_7_spdy() {
-    streaming(Peer::V1_7, Transport::Spdy);
+    streaming(Peer::V1_7, "runc", Transport::Spdy);
 }
 
 #[test]
 fn containerd_1_7_websocket() {
-    streaming(Peer::V1_7, Transport::Websocket);
+    streaming(Peer::V1_7, "runc", Transport::Websocket);
 }
 
 #[test]
 fn containerd_1_6_spdy() {
-    streaming(Peer::V1_6, Transport::Spdy);
+    streaming(Peer::V1_6, "runc", Transport::Spdy);
 }
 
 #[test]
 fn containerd_1_6_websocket() {
-    streaming(Peer::V1_6, Transport::Websocket);
+    streaming(Peer::V1_6, "runc", Transport::Websocket);
 }
 
 #[test]
 fn containerd_2_1_spdy() {
-    streaming(Peer::V2_1, Transport::Spdy);
+    streaming(Peer::V2_1, "runc", Transport::Spdy);
 }
 
 #[test]
 fn containerd_2_1_websocket() {
-    streaming(Peer::V2_1, Transport::Websocket);
+    streaming(Peer::V2_1, "runc", Transport::Websocket);
 }
 
 #[test]
 fn switchyardd_spdy() {
-    streaming(Peer::Switchyardd, Transport::Spdy);
+    streaming(Peer::Switchyardd, "runc", Transport::Spdy);
 }
 
 #[test]
 fn switchyardd_websocket() {
-    streaming(Peer::Switchyardd, Transport::Websocket);
+    streaming(Peer::Switchyardd, "runc", Transport::Websocket);
+}
+
+/// A `native` pod: exec through the kit's exec, port-forward inside the pod's netns.
+#[test]
+fn switchyardd_native_spdy() {
+    streaming(Peer::Switchyardd, "native", Transport::Spdy);
+}
+
+/// A `vm` pod: exec and attach through the guest agent (a pty in the guest), port-forward to
+/// the guest's loopback through the vm shim's socket and the agent.
+#[test]
+fn switchyardd_vm_spdy() {
+    streaming(Peer::Switchyardd, "vm", Transport::Spdy);
+}
+
+#[test]
+fn switchyardd_vm_websocket() {
+    streaming(Peer::Switchyardd, "vm", Transport::Websocket);
 }

@@ -8,11 +8,12 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
+use std::process::Stdio;
 use std::time::Duration;
 
 use switchyard_api::cri::v1 as cri;
 use switchyard_tests::cri::{BUSYBOX_IMAGE, CriNode, Peer, container_config, pod_config};
-use switchyard_tests::eventually;
+use switchyard_tests::{KillOnDrop, eventually, free_port, http_get};
 
 /// A pod of `handler` on switchyardd with a busybox container that sleeps.
 fn pod(node: &CriNode, handler: &str, name: &str) -> (String, String) {
@@ -275,4 +276,313 @@ fn exec_into_a_wasm_container_fails_with_a_status() {
     );
     c.stop_pod(&pod).unwrap();
     c.remove_pod(&pod).unwrap();
+}
+
+/// Port-forward into a `vm` pod reaches the guest's loopback through the agent. A client that
+/// goes away mid-connection leaves no connection in the guest, even to a server that never
+/// closes its side (`nc -ll -e`: a shell writing a line a second and never reading): the
+/// guest connection must be closed, not only half-closed, for the server's socket to go (its
+/// next write is then reset). Read from the guest's `/proc/net/tcp`, which the pod's
+/// containers share. The daemon forwards again after.
+#[test]
+fn a_vanished_port_forward_client_leaves_no_connection_in_the_vm() {
+    let Some(node) = CriNode::require(Peer::Switchyardd) else {
+        return;
+    };
+    let c = node.client();
+    let pod_cfg = pod_config(&node, "forward-vm");
+    let pod = c.run_pod(&pod_cfg, "vm").expect("RunPodSandbox");
+    let cfg = container_config(
+        "ticker",
+        BUSYBOX_IMAGE,
+        &[
+            "busybox",
+            "nc",
+            "-ll",
+            "-p",
+            "9090",
+            "-e",
+            "sh",
+            "-c",
+            "while echo tick; do sleep 1; done",
+        ],
+    );
+    let id = c.run_container(&pod, &cfg, &pod_cfg);
+    // The server's connections: sockets on local port 9090 (0x2382) other than the listener
+    // (state 0A), over IPv4 or IPv6 (busybox listens on `::` where the guest has IPv6).
+    let served = || -> usize {
+        let out = c
+            .exec_sync(&id, &["cat", "/proc/net/tcp", "/proc/net/tcp6"], 60)
+            .expect("ExecSync cat /proc/net/tcp");
+        out.stdout
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(":2382") && f[3] != "0A"
+            })
+            .count()
+    };
+    let said = node.dir.path().join("port-forward-vm.err");
+    let forward = |local: u16| {
+        let child = node
+            .yard_cri()
+            .args(["port-forward", "--transport", "websocket", &pod])
+            .arg(format!("{local}:9090"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&said).unwrap())
+            .spawn()
+            .expect("spawn yard cri port-forward");
+        KillOnDrop(child)
+    };
+    let said = || std::fs::read_to_string(&said).unwrap_or_default();
+    // The first line from the server through a forward at `local` (the connection kept).
+    let tick = |local: u16| -> Option<TcpStream> {
+        let mut s = TcpStream::connect(("127.0.0.1", local)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        let mut line = [0u8; 5];
+        s.read_exact(&mut line).ok()?;
+        (&line == b"tick\n").then_some(s)
+    };
+    let local = free_port();
+    let client = forward(local);
+    let mut held = None;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            held = tick(local);
+            held.is_some()
+        }),
+        "no line from the server through the forward; port-forward said: {}",
+        said()
+    );
+    assert!(served() > 0, "the held connection is not in the guest");
+    drop(client);
+    let mut left = usize::MAX;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            left = served();
+            left == 0
+        }),
+        "{left} connections of the server still in the guest after the client went away"
+    );
+    drop(held);
+    // The daemon forwards again.
+    let local = free_port();
+    let _client = forward(local);
+    assert!(
+        eventually(Duration::from_secs(60), || tick(local).is_some()),
+        "no line through a new forward; port-forward said: {}",
+        said()
+    );
+    c.stop_pod(&pod).unwrap();
+    c.remove_pod(&pod).unwrap();
+}
+
+/// Attach and port-forward reach a `wasm` pod: port-forward gets the `wasi:http` function on
+/// the pod's loopback, and attach joins an instance's stdio (what it is sent comes back on
+/// stdout; stopping the container ends the session with the instance's exit code).
+#[test]
+fn attach_and_port_forward_reach_a_wasm_pod() {
+    let Some(node) = CriNode::require(Peer::Switchyardd) else {
+        return;
+    };
+    node.import(switchyard_tests::cri::wasm_images());
+    let c = node.client();
+    let pod_cfg = pod_config(&node, "stream-wasm-pod");
+    let pod = c.run_pod(&pod_cfg, "wasm").expect("RunPodSandbox on wasm");
+
+    let func = container_config("func", switchyard_tests::cri::WASM_HTTP_IMAGE, &[]);
+    c.run_container(&pod, &func, &pod_cfg);
+    let local = free_port();
+    let child = node
+        .yard_cri()
+        .args(["port-forward", &pod])
+        .arg(format!("{local}:8080"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(node.dir.path().join("port-forward-wasm.err")).unwrap())
+        .spawn()
+        .expect("spawn yard cri port-forward");
+    let _forward = KillOnDrop(child);
+    let said = || {
+        std::fs::read_to_string(node.dir.path().join("port-forward-wasm.err")).unwrap_or_default()
+    };
+    let mut page = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            page = http_get(local, "/forwarded");
+            page.contains("hello from wasm http: GET /forwarded")
+        }),
+        "no answer from the wasm function through the forward: {page:?}; port-forward said: {}",
+        said()
+    );
+
+    let mut cfg = container_config(
+        "echo",
+        switchyard_tests::cri::WASM_HELLO_IMAGE,
+        &["/hello.wasm", "--stdin"],
+    );
+    cfg.stdin = true;
+    let id = c.run_container(&pod, &cfg, &pod_cfg);
+    let mut rs = c.runtime();
+    let url = c
+        .call(rs.attach(cri::AttachRequest {
+            container_id: id.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        }))
+        .expect("Attach")
+        .url;
+    let log = node
+        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
+        .join("echo.log");
+    let out = std::thread::scope(|s| {
+        // The instance copies stdin until its end, which attach never sends: once the echo is
+        // in the log, stopping the container ends the session.
+        s.spawn(|| {
+            let echoed = || {
+                switchyard_tests::cri::read_cri_log(&log)
+                    .contains(&("stdout".into(), "sent through attach".into()))
+            };
+            assert!(
+                eventually(Duration::from_secs(60), echoed),
+                "the instance never echoed: {:?}",
+                std::fs::read_to_string(&log)
+            );
+            node.client().stop_container(&id, 0).expect("StopContainer");
+        });
+        c.stream_exec(&url, b"sent through attach\n", None)
+    });
+    assert!(
+        out.stdout.contains("sent through attach\n"),
+        "attach's stdout: {out:?}"
+    );
+    assert_eq!(out.exit_code, 137, "killed by StopContainer: {out:?}");
+    c.stop_pod(&pod).unwrap();
+    c.remove_pod(&pod).unwrap();
+}
+
+/// With `[cri] stream_tls_cert` and `stream_tls_key` the URLs are `https://`, and the client
+/// verifies the server: trusting the test's CA, a streaming exec (`-i`; without it `yard`
+/// uses ExecSync) works over both transports; trusting only the system's roots, the handshake
+/// is refused and nothing runs.
+#[test]
+fn a_tls_streaming_server_is_verified_and_serves() {
+    if CriNode::require(Peer::Switchyardd).is_none()
+        || !switchyard_tests::require(
+            switchyard_tests::which("openssl").is_some(),
+            "openssl makes the test's certificates",
+        )
+    {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .current_dir(d)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            switchyard_tests::show(&out)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=switchyard test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(d.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.cnf",
+    ]);
+    let node = CriNode::start_switchyardd_with(&format!(
+        "stream_tls_cert = \"{}\"\nstream_tls_key = \"{}\"\n",
+        d.join("server.pem").display(),
+        d.join("server.key").display()
+    ));
+    let (_pod, id) = pod(&node, "native", "tls");
+    let c = node.client();
+    let url = c.exec_url(&id, &["true"], false, false).unwrap();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let ca = d.join("ca.pem");
+    for transport in ["spdy", "websocket"] {
+        let out = node
+            .yard_cri()
+            .args(["exec", "-i", "--transport", transport, "--stream-ca"])
+            .arg(&ca)
+            .args([&id, "--", "sh", "-c", "echo over tls; exit 3"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{transport}: {}",
+            switchyard_tests::show(&out)
+        );
+        assert_eq!(
+            switchyard_tests::text(&out.stdout),
+            "over tls\n",
+            "{transport}"
+        );
+    }
+    let out = node
+        .yard_cri()
+        .args(["exec", "-i", &id, "--", "sh", "-c", "echo ran"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = switchyard_tests::show(&out);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        !switchyard_tests::text(&out.stdout).contains("ran"),
+        "{shown}"
+    );
+    assert!(
+        switchyard_tests::text(&out.stderr).contains("certificate"),
+        "a refused certificate is named: {shown}"
+    );
 }

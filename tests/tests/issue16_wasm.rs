@@ -545,15 +545,6 @@ fn issue16_wasm_module_over_the_size_cap_fails_create() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
 }
 
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One request on a fresh connection: (status, body).
 fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
