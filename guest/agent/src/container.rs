@@ -412,6 +412,7 @@ impl Agent {
             rootfs: Some(rootfs.clone()),
         };
         let guest = spec::for_guest(parsed, &id, &rootfs.rootfs, self.settings.cpu_bandwidth)?;
+        spec::apply_net_sysctls(&guest.net_sysctls)?;
         let config = rootfs.dir.join("config.json");
         let bytes = serde_json::to_vec(&guest.spec)
             .map_err(|e| Error::Internal(format!("serialise config.json: {e}")))?;

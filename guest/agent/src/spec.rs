@@ -78,6 +78,74 @@ pub struct Guest {
     pub spec: Spec,
     pub terminal: bool,
     pub cgroups_path: PathBuf,
+    /// `net.*` sysctls of a container that shares the guest's own network (a pod's container:
+    /// no network namespace in its spec), taken out of the spec, which the runtime would refuse
+    /// ("not allowed in host network namespace"); the guest's network is the pod's, so they are
+    /// its settings and the agent applies them ([`apply_net_sysctls`]).
+    pub net_sysctls: Vec<(String, String)>,
+}
+
+/// The longest sysctl value taken.
+const MAX_SYSCTL_VALUE: usize = 4096;
+
+/// A sysctl name as the kernel has them under `/proc/sys`: dot-separated words of letters,
+/// digits, `_` and `-`.
+fn sysctl_path(key: &str) -> Option<PathBuf> {
+    let words: Vec<&str> = key.split('.').collect();
+    let good = words.len() > 1
+        && words.iter().all(|w| {
+            !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    good.then(|| Path::new("/proc/sys").join(words.join("/")))
+}
+
+/// Moves the `net.*` sysctls out of a spec that has no network namespace.
+fn take_net_sysctls(linux: &mut oci_spec::runtime::Linux) -> Result<Vec<(String, String)>> {
+    let own_network = linux.namespaces().as_ref().is_some_and(|ns| {
+        ns.iter()
+            .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+    });
+    let Some(sysctl) = linux.sysctl_mut().as_mut().filter(|_| !own_network) else {
+        return Ok(Vec::new());
+    };
+    let mut keys: Vec<String> = sysctl
+        .keys()
+        .filter(|k| k.starts_with("net."))
+        .cloned()
+        .collect();
+    keys.sort();
+    let mut out = Vec::new();
+    for key in keys {
+        let value = sysctl.remove(&key).unwrap_or_default();
+        if sysctl_path(&key).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "linux.sysctl: {key:?} is not a sysctl name"
+            )));
+        }
+        if value.len() > MAX_SYSCTL_VALUE || value.contains('\n') {
+            return Err(Error::InvalidArgument(format!(
+                "linux.sysctl.{key}: a value of one line, at most {MAX_SYSCTL_VALUE} bytes"
+            )));
+        }
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+/// Writes `sysctls` ([`Guest::net_sysctls`]) in the agent's, which is the guest's, network.
+pub fn apply_net_sysctls(sysctls: &[(String, String)]) -> Result<()> {
+    for (key, value) in sysctls {
+        let path = sysctl_path(key).ok_or_else(|| {
+            Error::InvalidArgument(format!("linux.sysctl: {key:?} is not a sysctl name"))
+        })?;
+        std::fs::write(&path, value.as_bytes()).map_err(Error::io(format!(
+            "linux.sysctl.{key}: write {}",
+            path.display()
+        )))?;
+    }
+    Ok(())
 }
 
 /// Rewrites `spec` for the guest; `rootfs` is the overlay; `cpu_bandwidth` says whether the
@@ -105,6 +173,7 @@ pub fn for_guest(mut spec: Spec, id: &str, rootfs: &Path, cpu_bandwidth: bool) -
         terminal = p.terminal().unwrap_or(false);
     }
     let mut cgroups_path = default_cgroup(id);
+    let net_sysctls;
     if let Some(linux) = spec.linux_mut() {
         if linux.seccomp().is_some() {
             tracing::debug!(
@@ -116,6 +185,7 @@ pub fn for_guest(mut spec: Spec, id: &str, rootfs: &Path, cpu_bandwidth: bool) -
         if linux.mount_label().is_some() {
             linux.set_mount_label(None);
         }
+        net_sysctls = take_net_sysctls(linux)?;
         match linux.cgroups_path() {
             Some(p) if p.is_absolute() && !p.to_string_lossy().contains(':') => {
                 // Below the root and nowhere else: `/` or `..` would let removal and
@@ -160,6 +230,7 @@ pub fn for_guest(mut spec: Spec, id: &str, rootfs: &Path, cpu_bandwidth: bool) -
         spec,
         terminal,
         cgroups_path,
+        net_sysctls,
     })
 }
 
@@ -178,6 +249,85 @@ mod tests {
                   "resources": {"cpu": {"quota": 50000, "period": 100000}},
                   "seccomp": {"defaultAction": "SCMP_ACT_ALLOW"}}
     }"#;
+
+    #[test]
+    fn net_sysctls_of_a_container_on_the_guests_network_are_the_agents_to_apply() {
+        let with = |namespaces: &str, sysctl: &str| {
+            parse(
+                format!(
+                    r#"{{"ociVersion":"1.0.2","process":{{"args":["/bin/sh"],"cwd":"/","user":{{"uid":0,"gid":0}}}},
+                        "linux":{{"namespaces":[{namespaces}],"sysctl":{{{sysctl}}}}}}}"#
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let sysctls = r#""net.ipv4.ping_group_range":"0 2147483647","kernel.shm_rmid_forced":"1""#;
+        // No network namespace: the net.* one is taken out, the rest stays for the runtime.
+        let g = for_guest(
+            with(r#"{"type":"pid"}"#, sysctls),
+            "c",
+            Path::new("/r"),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            g.net_sysctls,
+            vec![(
+                "net.ipv4.ping_group_range".to_owned(),
+                "0 2147483647".to_owned()
+            )]
+        );
+        let kept = g.spec.linux().as_ref().unwrap().sysctl().clone().unwrap();
+        assert_eq!(
+            kept.keys().collect::<Vec<_>>(),
+            vec!["kernel.shm_rmid_forced"]
+        );
+        // A network namespace of its own: the runtime sets them there.
+        let g = for_guest(
+            with(r#"{"type":"network"}"#, sysctls),
+            "c",
+            Path::new("/r"),
+            true,
+        )
+        .unwrap();
+        assert!(g.net_sysctls.is_empty());
+        assert_eq!(
+            g.spec
+                .linux()
+                .as_ref()
+                .unwrap()
+                .sysctl()
+                .as_ref()
+                .unwrap()
+                .len(),
+            2
+        );
+        // Names that are not sysctls never become paths.
+        for bad in [
+            r#""net.../x":"1""#,
+            r#""net.ipv4/../../x":"1""#,
+            r#""net.":"1""#,
+        ] {
+            let e = for_guest(with(r#"{"type":"pid"}"#, bad), "c", Path::new("/r"), true)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("linux.sysctl: "), "{e}");
+        }
+        let e = for_guest(
+            with("", r#""net.core.somaxconn":"1\n2""#),
+            "c",
+            Path::new("/r"),
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("linux.sysctl.net.core.somaxconn: "), "{e}");
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.eth0.forwarding").unwrap(),
+            Path::new("/proc/sys/net/ipv4/conf/eth0/forwarding")
+        );
+    }
 
     #[test]
     fn the_guest_spec_points_at_the_overlay_and_drops_host_only_parts() {
