@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use yard_agent_protocol as proto;
 
-use super::process::{MAX_EMPTY_READS, READ_CHUNK};
+use super::process::{EmptyReads, READ_CHUNK};
 use crate::agent::{Agent, Read, bounded};
 
 /// The socket's name in the sandbox's state directory.
@@ -119,25 +119,16 @@ async fn connection(agent: &Agent, mut sock: UnixStream) {
         }
     };
     let down = async {
-        let mut empty = 0;
+        let mut empty = EmptyReads::default();
         loop {
             match agent.read_connection(id, READ_CHUNK).await {
+                Ok(read) if !empty.allow(agent, "ReadConnection", &read) => break,
                 Ok(Read::Data(data)) => {
-                    empty = 0;
                     if wr.write_all(&data).await.is_err() {
                         break;
                     }
                 }
-                Ok(Read::Empty) => {
-                    empty += 1;
-                    if empty >= MAX_EMPTY_READS {
-                        agent.violation(
-                            "ReadConnection",
-                            format!("{empty} replies in a row with neither data nor end of file"),
-                        );
-                        break;
-                    }
-                }
+                Ok(Read::Empty) => {}
                 Ok(Read::Eof) | Err(_) => break,
             }
         }

@@ -20,10 +20,37 @@ use crate::agent::{Agent, Read};
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// Largest stdio read per agent call.
 pub const READ_CHUNK: u32 = 64 * 1024;
-/// Replies to a stdio read with neither data nor end of file, in a row, that the shim takes
-/// before it calls the agent broken. The agent's reads are long polls, so it never sends one;
-/// a guest that does would otherwise make the pump spin.
+/// Replies to a stdio (or connection) read with neither data nor end of file, in a row, that the
+/// shim takes before it calls the agent broken. The agent's reads are long polls, so it never
+/// sends one; a guest that does would otherwise make the pump spin.
 pub const MAX_EMPTY_READS: u32 = 8;
+
+/// A pump's count of empty reads in a row ([`MAX_EMPTY_READS`]).
+#[derive(Default)]
+pub struct EmptyReads(u32);
+
+impl EmptyReads {
+    /// Notes what one read of `call` returned; false, the violation recorded, once too many
+    /// in a row were empty.
+    pub fn allow(&mut self, agent: &Agent, call: &'static str, read: &Read) -> bool {
+        if !matches!(read, Read::Empty) {
+            self.0 = 0;
+            return true;
+        }
+        self.0 += 1;
+        if self.0 < MAX_EMPTY_READS {
+            return true;
+        }
+        agent.violation(
+            call,
+            format!(
+                "{} replies in a row with neither data nor end of file",
+                self.0
+            ),
+        );
+        false
+    }
+}
 /// The status of a process lost with its VM, as if killed by SIGKILL.
 pub const LOST: u32 = 128 + 9;
 
@@ -129,26 +156,17 @@ impl VmProcess {
 /// One output stream, until its end, an error, or an agent that answers with nothing over and
 /// over ([`MAX_EMPTY_READS`]), which is a protocol violation.
 async fn pump_out(agent: &Agent, c: &str, e: &str, stderr: bool, mut to: tokio::fs::File) {
-    let mut empty = 0;
+    let call = if stderr { "ReadStderr" } else { "ReadStdout" };
+    let mut empty = EmptyReads::default();
     loop {
         match agent.read(c, e, stderr, READ_CHUNK).await {
+            Ok(read) if !empty.allow(agent, call, &read) => break,
             Ok(Read::Data(data)) => {
-                empty = 0;
                 if to.write_all(&data).await.is_err() {
                     break;
                 }
             }
-            Ok(Read::Empty) => {
-                empty += 1;
-                if empty >= MAX_EMPTY_READS {
-                    let call = if stderr { "ReadStderr" } else { "ReadStdout" };
-                    agent.violation(
-                        call,
-                        format!("{empty} replies in a row with neither data nor end of file"),
-                    );
-                    break;
-                }
-            }
+            Ok(Read::Empty) => {}
             Ok(Read::Eof) | Err(_) => break,
         }
     }
