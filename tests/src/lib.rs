@@ -6,7 +6,7 @@
 //! fixtures ([`images`]), commands on a pseudo-terminal ([`pty`]), loopback ports ([`net`]), the Wasm test programs ([`wasm`]) and the nested-KVM harness
 //! ([`nested`]).
 //!
-//! Everything of the first six, and [`net`]'s two helpers, is re-exported here, so `use switchyard_tests::*;` is all a test
+//! Everything of the first six, and [`net`]'s helpers, is re-exported here, so `use switchyard_tests::*;` is all a test
 //! needs.
 //!
 //! Set `SWITCHYARD_REQUIRE_ALL=1` (CI does) to turn every skip into a failure, so a missing
@@ -48,7 +48,7 @@ pub use host::{
     mount_points_under, mounts_matching, open_fds, ppid, processes_matching, reaped, sigkill,
     sockets_under, zombie_children,
 };
-pub use net::{free_port, http_get};
+pub use net::{free_port, http_get, test_certificates};
 pub use process::{
     KillOnDrop, eventually, run_piped, run_timeout, run_with_stdin, show, text, try_run, wait_child,
 };

@@ -253,10 +253,13 @@ fn attach_reaches_the_main_process() {
     }
 }
 
-/// A `wasm` container has no process to join: Exec's session ends with a failure status (the
-/// shim's reason), not a hang; the daemon serves on.
+/// A `wasm` pod: an instance has no process to join, so Exec's session ends with a failure
+/// status (the shim's reason), not a hang, and the daemon serves on; port-forward gets the
+/// `wasi:http` function on the pod's loopback, and attach joins an instance's stdio (what it
+/// is sent comes back on stdout; stopping the container ends the session with the instance's
+/// exit code).
 #[test]
-fn exec_into_a_wasm_container_fails_with_a_status() {
+fn a_wasm_pod_refuses_exec_and_serves_attach_and_port_forward() {
     let Some(node) = CriNode::require(Peer::Switchyardd) else {
         return;
     };
@@ -274,6 +277,75 @@ fn exec_into_a_wasm_container_fails_with_a_status() {
         ("", ""),
         "{out:?}"
     );
+
+    // Port-forward reaches the function on the pod's loopback.
+    let local = free_port();
+    let child = node
+        .yard_cri()
+        .args(["port-forward", &pod])
+        .arg(format!("{local}:8080"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(node.dir.path().join("port-forward-wasm.err")).unwrap())
+        .spawn()
+        .expect("spawn yard cri port-forward");
+    let _forward = KillOnDrop(child);
+    let said = || {
+        std::fs::read_to_string(node.dir.path().join("port-forward-wasm.err")).unwrap_or_default()
+    };
+    let mut page = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            page = http_get(local, "/forwarded");
+            page.contains("hello from wasm http: GET /forwarded")
+        }),
+        "no answer from the wasm function through the forward: {page:?}; port-forward said: {}",
+        said()
+    );
+
+    let mut cfg = container_config(
+        "echo",
+        switchyard_tests::cri::WASM_HELLO_IMAGE,
+        &["/hello.wasm", "--stdin"],
+    );
+    cfg.stdin = true;
+    let id = c.run_container(&pod, &cfg, &pod_cfg);
+    let mut rs = c.runtime();
+    let url = c
+        .call(rs.attach(cri::AttachRequest {
+            container_id: id.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        }))
+        .expect("Attach")
+        .url;
+    let log = node
+        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
+        .join("echo.log");
+    let out = std::thread::scope(|s| {
+        // The instance copies stdin until its end, which attach never sends: once the echo is
+        // in the log, stopping the container ends the session.
+        s.spawn(|| {
+            let echoed = || {
+                switchyard_tests::cri::read_cri_log(&log)
+                    .contains(&("stdout".into(), "sent through attach".into()))
+            };
+            assert!(
+                eventually(Duration::from_secs(60), echoed),
+                "the instance never echoed: {:?}",
+                std::fs::read_to_string(&log)
+            );
+            node.client().stop_container(&id, 0).expect("StopContainer");
+        });
+        c.stream_exec(&url, b"sent through attach\n", None)
+    });
+    assert!(
+        out.stdout.contains("sent through attach\n"),
+        "attach's stdout: {out:?}"
+    );
+    assert_eq!(out.exit_code, 137, "killed by StopContainer: {out:?}");
     c.stop_pod(&pod).unwrap();
     c.remove_pod(&pod).unwrap();
 }
@@ -379,92 +451,6 @@ fn a_vanished_port_forward_client_leaves_no_connection_in_the_vm() {
     c.remove_pod(&pod).unwrap();
 }
 
-/// Attach and port-forward reach a `wasm` pod: port-forward gets the `wasi:http` function on
-/// the pod's loopback, and attach joins an instance's stdio (what it is sent comes back on
-/// stdout; stopping the container ends the session with the instance's exit code).
-#[test]
-fn attach_and_port_forward_reach_a_wasm_pod() {
-    let Some(node) = CriNode::require(Peer::Switchyardd) else {
-        return;
-    };
-    node.import(switchyard_tests::cri::wasm_images());
-    let c = node.client();
-    let pod_cfg = pod_config(&node, "stream-wasm-pod");
-    let pod = c.run_pod(&pod_cfg, "wasm").expect("RunPodSandbox on wasm");
-
-    let func = container_config("func", switchyard_tests::cri::WASM_HTTP_IMAGE, &[]);
-    c.run_container(&pod, &func, &pod_cfg);
-    let local = free_port();
-    let child = node
-        .yard_cri()
-        .args(["port-forward", &pod])
-        .arg(format!("{local}:8080"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(node.dir.path().join("port-forward-wasm.err")).unwrap())
-        .spawn()
-        .expect("spawn yard cri port-forward");
-    let _forward = KillOnDrop(child);
-    let said = || {
-        std::fs::read_to_string(node.dir.path().join("port-forward-wasm.err")).unwrap_or_default()
-    };
-    let mut page = String::new();
-    assert!(
-        eventually(Duration::from_secs(60), || {
-            page = http_get(local, "/forwarded");
-            page.contains("hello from wasm http: GET /forwarded")
-        }),
-        "no answer from the wasm function through the forward: {page:?}; port-forward said: {}",
-        said()
-    );
-
-    let mut cfg = container_config(
-        "echo",
-        switchyard_tests::cri::WASM_HELLO_IMAGE,
-        &["/hello.wasm", "--stdin"],
-    );
-    cfg.stdin = true;
-    let id = c.run_container(&pod, &cfg, &pod_cfg);
-    let mut rs = c.runtime();
-    let url = c
-        .call(rs.attach(cri::AttachRequest {
-            container_id: id.clone(),
-            stdin: true,
-            stdout: true,
-            stderr: true,
-            tty: false,
-        }))
-        .expect("Attach")
-        .url;
-    let log = node
-        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
-        .join("echo.log");
-    let out = std::thread::scope(|s| {
-        // The instance copies stdin until its end, which attach never sends: once the echo is
-        // in the log, stopping the container ends the session.
-        s.spawn(|| {
-            let echoed = || {
-                switchyard_tests::cri::read_cri_log(&log)
-                    .contains(&("stdout".into(), "sent through attach".into()))
-            };
-            assert!(
-                eventually(Duration::from_secs(60), echoed),
-                "the instance never echoed: {:?}",
-                std::fs::read_to_string(&log)
-            );
-            node.client().stop_container(&id, 0).expect("StopContainer");
-        });
-        c.stream_exec(&url, b"sent through attach\n", None)
-    });
-    assert!(
-        out.stdout.contains("sent through attach\n"),
-        "attach's stdout: {out:?}"
-    );
-    assert_eq!(out.exit_code, 137, "killed by StopContainer: {out:?}");
-    c.stop_pod(&pod).unwrap();
-    c.remove_pod(&pod).unwrap();
-}
-
 /// With `[cri] stream_tls_cert` and `stream_tls_key` the URLs are `https://`, and the client
 /// verifies the server: trusting the test's CA, a streaming exec (`-i`; without it `yard`
 /// uses ExecSync) works over both transports; trusting only the system's roots, the handshake
@@ -480,74 +466,16 @@ fn a_tls_streaming_server_is_verified_and_serves() {
         return;
     }
     let certs = tempfile::tempdir().unwrap();
-    let d = certs.path();
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .current_dir(d)
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            switchyard_tests::show(&out)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=switchyard test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(d.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.cnf",
-    ]);
+    let (ca, cert, key) = switchyard_tests::test_certificates(certs.path());
     let node = CriNode::start_switchyardd_with(&format!(
         "stream_tls_cert = \"{}\"\nstream_tls_key = \"{}\"\n",
-        d.join("server.pem").display(),
-        d.join("server.key").display()
+        cert.display(),
+        key.display()
     ));
     let (_pod, id) = pod(&node, "native", "tls");
     let c = node.client();
     let url = c.exec_url(&id, &["true"], false, false).unwrap();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    let ca = d.join("ca.pem");
     for transport in ["spdy", "websocket"] {
         let out = node
             .yard_cri()

@@ -278,73 +278,13 @@ fn issue19_a_bad_hosts_toml_is_an_error_naming_the_file() {
     );
 }
 
-/// A CA and a certificate it signed for 127.0.0.1, in `dir`: (ca.pem, server.pem, server.key).
-fn certificates(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", show(&out));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &["-keyout", "ca.key", "-out", "ca.pem"],
-        &["-days", "2", "-subj", "/CN=switchyard test CA"],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &["-keyout", "server.key", "-out", "server.csr"],
-        &["-subj", "/CN=127.0.0.1"],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    )
-}
-
 #[test]
 fn issue19_tls_endpoints_trust_the_configured_ca_or_skip_verification() {
     if !require_root_and(&["docker-registry", "openssl"]) {
         return;
     }
     let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = certificates(certs.path());
+    let (ca, cert, key) = test_certificates(certs.path());
     let reg = Registry::start();
     reg.push("app", "1", &small_image());
     let tls = reg.serve_tls(&cert, &key);
