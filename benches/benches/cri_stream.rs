@@ -20,7 +20,6 @@
 )]
 
 use std::io::{Read as _, Write as _};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use switchyard_benches::{Stats, env_usize, row};
@@ -79,18 +78,13 @@ fn port_forward(side: &Side, runs: usize) -> Vec<Duration> {
     let cfg = container_config("httpd", BUSYBOX_IMAGE, &["sh", "-c", &script]);
     side.cri.run_container(&side.pod, &cfg, &side.pod_cfg);
     let local = free_port();
-    let child = side
-        .node
-        .yard_cri()
-        .args(["port-forward", &side.pod])
-        .arg(format!("{local}:8080"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        // Refused connections while httpd writes its file are expected.
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("yard cri port-forward");
-    let _child = switchyard_tests::KillOnDrop(child);
+    // Refused connections while httpd writes its file are expected in its log.
+    let _forward = side.node.port_forward(
+        &side.pod,
+        "spdy",
+        &[(local, 8080)],
+        "port-forward-bench.err",
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while fetch(local).is_none() {
         assert!(

@@ -421,6 +421,35 @@ impl CriNode {
         c
     }
 
+    /// `yard cri port-forward POD LOCAL:REMOTE...` over `transport` (`spdy` or `websocket`),
+    /// killed when dropped; its stderr goes to `<node dir>/<log>` ([`PortForward::said`]).
+    pub fn port_forward(
+        &self,
+        pod: &str,
+        transport: &str,
+        ports: &[(u16, u16)],
+        log: &str,
+    ) -> PortForward {
+        let log = self.dir.path().join(log);
+        let child = self
+            .yard_cri()
+            .args(["port-forward", "--transport", transport, pod])
+            .args(
+                ports
+                    .iter()
+                    .map(|(local, remote)| format!("{local}:{remote}")),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("the port-forward log"))
+            .spawn()
+            .expect("spawn yard cri port-forward");
+        PortForward {
+            child: crate::KillOnDrop(child),
+            log,
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -575,6 +604,24 @@ pub fn pause_binary() -> PathBuf {
         target.join("x86_64-unknown-linux-musl/release/yard-pause")
     })
     .clone()
+}
+
+/// A running `yard cri port-forward` ([`CriNode::port_forward`]).
+pub struct PortForward {
+    child: crate::KillOnDrop,
+    log: PathBuf,
+}
+
+impl PortForward {
+    /// What it printed on stderr so far.
+    pub fn said(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.0.try_wait().ok().flatten().is_none()
+    }
 }
 
 /// A pod config as crictl's defaults make one (`cri_defaults::pod_config`), with a log

@@ -7,13 +7,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use switchyard_api::cri::v1 as cri;
 use switchyard_tests::cri::{BUSYBOX_IMAGE, CriNode, Peer, container_config, pod_config};
 use switchyard_tests::pty::PtyChild;
-use switchyard_tests::{KillOnDrop, eventually, free_port, http_get, run_with_stdin, show, text};
+use switchyard_tests::{eventually, free_port, http_get, run_with_stdin, show, text};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -222,23 +221,12 @@ fn port_forward(p: &Pod, t: Transport) {
     // A second pair to a port nothing in the pod listens on: its connections fail with the
     // server's message, and the forward goes on.
     let closed = free_port();
-    let log = p
-        .node
-        .dir
-        .path()
-        .join(format!("port-forward-{}.err", t.name()));
-    let child = p
-        .node
-        .yard_cri()
-        .args(["port-forward", "--transport", t.name(), &p.id])
-        .arg(format!("{local}:8080"))
-        .arg(format!("{closed}:9"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn yard cri port-forward");
-    let mut child = KillOnDrop(child);
+    let mut forward = p.node.port_forward(
+        &p.id,
+        t.name(),
+        &[(local, 8080), (closed, 9)],
+        &format!("port-forward-{}.err", t.name()),
+    );
     let get = |port: u16| http_get(port, "/");
     // Until the listener is up and httpd listens.
     let mut last = String::new();
@@ -248,19 +236,19 @@ fn port_forward(p: &Pod, t: Transport) {
     });
     assert!(served, "no page through the forward: {last:?}");
     assert_eq!(get(closed), "", "port 9 answered");
-    let said = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        eventually(Duration::from_secs(30), || said()
+        eventually(Duration::from_secs(30), || forward
+            .said()
             .contains("error: forwarding to port 9: ")),
         "no error for port 9: {:?}",
-        said()
+        forward.said()
     );
     for _ in 0..3 {
         let again = get(local);
         assert!(
             again.contains("200 OK") && again.contains(&page),
             "{again:?}; port-forward said: {}",
-            said()
+            forward.said()
         );
     }
     // Megabytes back through the forward, whole.
@@ -274,9 +262,9 @@ fn port_forward(p: &Pod, t: Transport) {
         seq.len()
     );
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        forward.running(),
         "port-forward exited early: {}",
-        said()
+        forward.said()
     );
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use switchyard_api::cri::v1 as cri;
 use switchyard_tests::cri::{BUSYBOX_IMAGE, CriNode, Peer, container_config, pod_config};
-use switchyard_tests::{KillOnDrop, eventually, free_port, http_get};
+use switchyard_tests::{eventually, free_port, http_get};
 
 /// A pod of `handler` on switchyardd with a busybox container that sleeps.
 fn pod(node: &CriNode, handler: &str, name: &str) -> (String, String) {
@@ -280,19 +280,7 @@ fn a_wasm_pod_refuses_exec_and_serves_attach_and_port_forward() {
 
     // Port-forward reaches the function on the pod's loopback.
     let local = free_port();
-    let child = node
-        .yard_cri()
-        .args(["port-forward", &pod])
-        .arg(format!("{local}:8080"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(node.dir.path().join("port-forward-wasm.err")).unwrap())
-        .spawn()
-        .expect("spawn yard cri port-forward");
-    let _forward = KillOnDrop(child);
-    let said = || {
-        std::fs::read_to_string(node.dir.path().join("port-forward-wasm.err")).unwrap_or_default()
-    };
+    let forward = node.port_forward(&pod, "spdy", &[(local, 8080)], "port-forward-wasm.err");
     let mut page = String::new();
     assert!(
         eventually(Duration::from_secs(60), || {
@@ -300,7 +288,7 @@ fn a_wasm_pod_refuses_exec_and_serves_attach_and_port_forward() {
             page.contains("hello from wasm http: GET /forwarded")
         }),
         "no answer from the wasm function through the forward: {page:?}; port-forward said: {}",
-        said()
+        forward.said()
     );
 
     let mut cfg = container_config(
@@ -395,20 +383,10 @@ fn a_vanished_port_forward_client_leaves_no_connection_in_the_vm() {
             })
             .count()
     };
-    let said = node.dir.path().join("port-forward-vm.err");
-    let forward = |local: u16| {
-        let child = node
-            .yard_cri()
-            .args(["port-forward", "--transport", "websocket", &pod])
-            .arg(format!("{local}:9090"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&said).unwrap())
-            .spawn()
-            .expect("spawn yard cri port-forward");
-        KillOnDrop(child)
-    };
-    let said = || std::fs::read_to_string(&said).unwrap_or_default();
+    let forward =
+        |local: u16| node.port_forward(&pod, "websocket", &[(local, 9090)], "port-forward-vm.err");
+    let said =
+        || std::fs::read_to_string(node.dir.path().join("port-forward-vm.err")).unwrap_or_default();
     // The first line from the server through a forward at `local` (the connection kept).
     let tick = |local: u16| -> Option<TcpStream> {
         let mut s = TcpStream::connect(("127.0.0.1", local)).ok()?;
