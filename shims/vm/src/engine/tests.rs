@@ -360,10 +360,13 @@ async fn issue18_host_mounts_reach_the_guest_through_the_volume_share() {
         .map(|v| (v.mount, v.shared.as_str(), v.pod_shm))
         .collect();
     assert_eq!(v, [(1, "", true), (2, "0", false), (3, "1", false)]);
-    assert_eq!(
-        spec["linux"]["namespaces"][0],
-        serde_json::json!({"type": "network"}),
-        "the host's netns path is not sent to the guest"
+    let namespaces = spec["linux"]["namespaces"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        namespaces.iter().all(|ns| ns["type"] != "network"),
+        "the pod's host netns is the guest's own network, not sent to the guest: {namespaces:?}"
     );
     assert_eq!(
         w.binder.calls(),
