@@ -485,17 +485,22 @@ fn issue16_nothing_of_the_daemon_is_open_to_other_users() {
 /// A switchyardd on `d`'s directories with `point` armed to abort; `d`'s own daemon is
 /// stopped first. Dropping the handle kills it.
 fn armed(d: &mut Daemon, point: &str) -> KillOnDrop {
+    armed_with(d, point, "abort")
+}
+
+/// [`armed`] with another action of the `fail` crate (`sleep(5000)`, ...).
+fn armed_with(d: &mut Daemon, point: &str, action: &str) -> KillOnDrop {
     d.kill9();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&d.log)
         .unwrap();
-    writeln!(&log, "--- test: switchyardd with {point}=abort ---").unwrap();
+    writeln!(&log, "--- test: switchyardd with {point}={action} ---").unwrap();
     let child = Command::new(bin("switchyardd"))
         .arg("--config")
         .arg(&d.config)
-        .env(FAILPOINTS, format!("{point}=abort"))
+        .env(FAILPOINTS, format!("{point}={action}"))
         .env("RUST_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info")
         // A core dump, if the system writes one, lands in the test's directory.
         .current_dir(d.dir.path())
@@ -817,6 +822,64 @@ fn issue16_a_crash_between_shim_start_and_create_leaves_no_shim_on_any_runtime()
     }
     drop(d);
     let _ = std::fs::remove_dir_all(&wasm_cache);
+}
+
+/// A shim that dies after `start` answered and before switchyardd reached it (a SIGKILL in
+/// that window: the chaos test found one) leaves no socket: the create fails naming the
+/// connection, and switchyardd runs the binary's cleanup, which removes the dead server's
+/// socket, as containerd does after a shim it cannot reach.
+#[test]
+fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
+    if !require_root_and(&["ctr"]) {
+        return;
+    }
+    let mut d = Daemon::start();
+    // The daemon waits at the point long enough for the test to find and kill the server.
+    let _slow = armed_with(&mut d, "task.create.shim-spawned", "sleep(5000)");
+    let id = unique_id("unreached");
+    let _cleanup = RemoveOnPanic {
+        socket: d.socket.clone(),
+        id: id.clone(),
+    };
+    let args = run_args("native", &id, busybox_rootfs());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = std::thread::scope(|s| {
+        let run = s.spawn(|| d.run_yard(&args));
+        let mut server = None;
+        assert!(
+            eventually(T, || {
+                server = processes_matching(&["containerd-shim-yard-native-v1", "-socket", &id])
+                    .into_iter()
+                    .next();
+                server.is_some()
+            }),
+            "the shim server of {id} never ran"
+        );
+        let (pid, cmd) = server.unwrap();
+        let socket = cmd
+            .split_whitespace()
+            .skip_while(|a| *a != "-socket")
+            .nth(1)
+            .and_then(|a| a.strip_prefix("unix://"))
+            .map(PathBuf::from)
+            .expect("the server's -socket");
+        assert!(
+            eventually(T, || socket.exists()),
+            "{} never appeared",
+            socket.display()
+        );
+        sigkill(pid);
+        (run.join().unwrap(), socket)
+    });
+    let (out, socket) = run;
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("connect to shim"),
+        "the error names the connection: {}",
+        show(&out)
+    );
+    assert!(!socket.exists(), "{} was left", socket.display());
+    nothing_left(&d, &[&id]);
 }
 
 #[derive(Debug, Clone, Copy)]

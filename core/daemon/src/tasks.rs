@@ -360,6 +360,18 @@ impl TaskManager {
         {
             Ok(s) => s,
             Err(e) => {
+                // `start` left a server running, or one that died before it could be reached:
+                // the binary's cleanup stops what is left and removes a dead server's socket,
+                // as containerd runs it after a shim it cannot reach.
+                if matches!(
+                    e,
+                    ShimError::Connect { .. }
+                        | ShimError::Address { .. }
+                        | ShimError::Bootstrap { .. }
+                ) && let Err(err) = self.shims.delete(&bundle, &resolved.binary).await
+                {
+                    tracing::warn!(container_id = %id, error = %crate::error::chain(&err), "clean up after a shim that cannot be reached");
+                }
                 if let Err(err) = bundle.delete() {
                     tracing::warn!(container_id = %id, error = %crate::error::chain(&err), "remove bundle");
                 }
