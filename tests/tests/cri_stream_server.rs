@@ -51,6 +51,21 @@ fn request(url: &str, head: &str) -> (String, TcpStream) {
     (text, tcp)
 }
 
+/// A WebSocket handshake by hand to a remotecommand URL, and nothing more: the connection is
+/// the session, until the caller drops it (a client that goes away).
+fn vanishing_client(url: &str) -> TcpStream {
+    let (addr, path) = split_url(url);
+    let mut tcp = TcpStream::connect(&addr).unwrap();
+    write!(
+        tcp,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+    )
+    .unwrap();
+    tcp
+}
+
 const SPDY_UPGRADE: &str =
     "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n";
 
@@ -109,23 +124,7 @@ fn tokens_are_one_time_and_bad_clients_end_only_their_own_session() {
     // An unusual duration marks the process.
     let marker = "314159";
     let url = c.exec_url(&id, &["sleep", marker], false, false).unwrap();
-    let ws = std::thread::spawn({
-        let (addr, path) = split_url(&url);
-        move || {
-            // A WebSocket handshake by hand, then the connection dropped.
-            let mut tcp = TcpStream::connect(&addr).unwrap();
-            write!(
-                tcp,
-                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-                 Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
-            )
-            .unwrap();
-            tcp
-        }
-    })
-    .join()
-    .unwrap();
+    let ws = vanishing_client(&url);
     assert!(
         eventually(Duration::from_secs(30), || {
             !switchyard_tests::processes_matching(&["sleep", marker]).is_empty()
@@ -339,13 +338,14 @@ fn a_wasm_pod_refuses_exec_and_serves_attach_and_port_forward() {
 }
 
 /// Port-forward into a `vm` pod reaches the guest's loopback through the agent. A client that
-/// goes away mid-connection leaves no connection in the guest, even to a server that never
+/// goes away mid-connection leaves no connection in the guest (and an exec client that goes
+/// away, no process), even to a server that never
 /// closes its side (`nc -ll -e`: a shell writing a line a second and never reading): the
 /// guest connection must be closed, not only half-closed, for the server's socket to go (its
 /// next write is then reset). Read from the guest's `/proc/net/tcp`, which the pod's
 /// containers share. The daemon forwards again after.
 #[test]
-fn a_vanished_port_forward_client_leaves_no_connection_in_the_vm() {
+fn vanished_clients_leave_no_connection_or_process_in_the_vm() {
     let Some(node) = CriNode::require(Peer::Switchyardd) else {
         return;
     };
@@ -424,6 +424,27 @@ fn a_vanished_port_forward_client_leaves_no_connection_in_the_vm() {
         eventually(Duration::from_secs(60), || tick(local).is_some()),
         "no line through a new forward; port-forward said: {}",
         said()
+    );
+    // An exec whose client goes away is killed in the guest too.
+    let marker = "271828";
+    let url = c.exec_url(&id, &["sleep", marker], false, false).unwrap();
+    let sleeping = || {
+        let ps = c
+            .exec_sync(&id, &["busybox", "ps", "-o", "args"], 60)
+            .expect("ExecSync ps");
+        ps.stdout
+            .lines()
+            .any(|l| l.trim() == format!("sleep {marker}"))
+    };
+    let ws = vanishing_client(&url);
+    assert!(
+        eventually(Duration::from_secs(60), sleeping),
+        "the exec'd process never ran in the guest"
+    );
+    drop(ws);
+    assert!(
+        eventually(Duration::from_secs(30), || !sleeping()),
+        "the exec'd process outlived its client in the guest"
     );
     c.stop_pod(&pod).unwrap();
     c.remove_pod(&pod).unwrap();
