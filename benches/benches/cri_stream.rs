@@ -9,7 +9,8 @@
 //!    `yard cri port-forward` (SPDY) to a loopback client, MB/s per sample and the ratio.
 //!
 //! Run: `cargo bench -p switchyard-benches --bench cri_stream` (root; release binaries;
-//! containerd 1.7 from `scripts/peers`; Debian's containernetworking-plugins). `RUNS=N` sets
+//! containerd 1.7 from `scripts/peers`; Debian's containernetworking-plugins). The exec is also
+//! timed through ExecSync, so what the streaming session adds is printed. `RUNS=N` sets
 //! the exec samples per row (default 30), `PF_RUNS=N` the port-forward ones (default 5).
 
 #![allow(
@@ -159,6 +160,32 @@ fn main() {
             "  {:<34} ratio to containerd + runc: {:.2}",
             "",
             st.median.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+
+    // The same exec through ExecSync (one gRPC call, no streaming session): what the streaming
+    // layer adds is the difference.
+    println!("\nthe same exec through ExecSync (no streaming session), interleaved:");
+    let mut sync: Vec<Vec<Duration>> = vec![Vec::new(); sides.len()];
+    for _ in 0..runs {
+        for (s, samples) in sides.iter().zip(sync.iter_mut()) {
+            let t = Instant::now();
+            let out = s
+                .cri
+                .exec_sync(&s.container, &["true"], 10)
+                .expect("ExecSync");
+            samples.push(t.elapsed());
+            assert_eq!(out.exit_code, 0, "{out:?}");
+        }
+    }
+    for (s, samples) in sides.iter().zip(&sync) {
+        let st = Stats::of(samples);
+        row(s.label, &st);
+        let streamed = Stats::of(&s.samples).median;
+        println!(
+            "  {:<34} the streaming session adds {:.1} ms",
+            "",
+            (streamed.as_secs_f64() - st.median.as_secs_f64()) * 1e3
         );
     }
 
