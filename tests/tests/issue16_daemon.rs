@@ -834,8 +834,10 @@ fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
         return;
     }
     let mut d = Daemon::start();
-    // The daemon waits at the point long enough for the test to find and kill the server.
-    let _slow = armed_with(&mut d, "task.create.shim-spawned", "sleep(5000)");
+    // The daemon waits at the point long enough for the test to find and kill the server (it
+    // takes well under a second; the margin is for a loaded machine: were the wait over first,
+    // the run would succeed and the test fail, never pass wrongly).
+    let _slow = armed_with(&mut d, "task.create.shim-spawned", "sleep(15000)");
     let id = unique_id("unreached");
     let _cleanup = RemoveOnPanic {
         socket: d.socket.clone(),
