@@ -52,6 +52,11 @@ impl Slot {
 }
 /// A request's headers must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a session's last word (SPDY's GOAWAY, a WebSocket close), how long the client has to
+/// close its end while the server still reads what it sends: closing with its bytes unread
+/// would reset the connection, and a reset can discard what the client has not read yet (a
+/// status, an error).
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// The streams of a session must all be opened within this (Kubernetes' 30 s).
 pub(crate) const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 

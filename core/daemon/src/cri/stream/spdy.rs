@@ -18,8 +18,6 @@ use crate::cri::Cri;
 /// The remotecommand version spoken over SPDY (kubectl's first choice).
 pub(crate) use switchyard_api::cri_stream::{PORTFORWARD, REMOTECOMMAND_V4};
 const VERSION_HEADER: &str = "x-stream-protocol-version";
-/// How long a closed session waits for its client to close the connection.
-const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The 101 answer for `protocol`, or the refusal naming what is supported.
 fn negotiate(
@@ -69,7 +67,7 @@ where
                 // After our GOAWAY the client has a moment to close; one that keeps the
                 // connection open does not keep its session.
                 session.close().await;
-                if tokio::time::timeout(CLOSE_GRACE, session.ended())
+                if tokio::time::timeout(super::CLOSE_GRACE, session.ended())
                     .await
                     .is_err()
                 {

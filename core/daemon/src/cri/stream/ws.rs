@@ -236,7 +236,15 @@ where
     let _ = out_tx.send(Message::binary(status)).await;
     drop(out_tx);
     let _ = writer.await;
-    reader.abort();
+    // A lingering close: the reader goes on until the client closes too (or CLOSE_GRACE), so
+    // input it sends late is read and does not reset the connection under the status.
+    let mut reader = reader;
+    if tokio::time::timeout(super::CLOSE_GRACE, &mut reader)
+        .await
+        .is_err()
+    {
+        reader.abort();
+    }
 }
 
 /// One connection per named port: data channel `2i` joined to a TCP connection to the port in
@@ -355,4 +363,11 @@ async fn forward<S>(
     }
     drop(to_tcp);
     let _ = writer.await;
+    // A lingering close: the client may still be sending (data for a connection that failed
+    // here); read until it closes, or CLOSE_GRACE, so that the error just sent is not lost to
+    // a reset.
+    let _ = tokio::time::timeout(super::CLOSE_GRACE, async {
+        while let Some(Ok(_)) = incoming.next().await {}
+    })
+    .await;
 }
