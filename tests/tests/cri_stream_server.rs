@@ -471,7 +471,7 @@ fn a_tls_streaming_server_is_verified_and_serves() {
         cert.display(),
         key.display()
     ));
-    let (_pod, id) = pod(&node, "native", "tls");
+    let (pod_id, id) = pod(&node, "native", "tls");
     let c = node.client();
     let url = c.exec_url(&id, &["true"], false, false).unwrap();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
@@ -512,4 +512,6 @@ fn a_tls_streaming_server_is_verified_and_serves() {
         switchyard_tests::text(&out.stderr).contains("certificate"),
         "a refused certificate is named: {shown}"
     );
+    c.stop_pod(&pod_id).unwrap();
+    c.remove_pod(&pod_id).unwrap();
 }
