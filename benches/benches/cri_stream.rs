@@ -86,15 +86,11 @@ fn port_forward(side: &Side, runs: usize) -> Vec<Duration> {
         &[(local, 8080)],
         "port-forward-bench.err",
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while fetch(local).is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "{}: no 100 MiB through the forward",
-            side.label
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert!(
+        switchyard_tests::eventually(Duration::from_secs(120), || fetch(local).is_some()),
+        "{}: no 100 MiB through the forward",
+        side.label
+    );
     (0..runs)
         .map(|_| fetch(local).expect("a GET through the forward"))
         .collect()
