@@ -71,6 +71,12 @@ impl Hypervisor for Builtin {
         if let Some(disk) = cfg.root_disk.as_ref().filter(|d| !d.is_file()) {
             return Err(BootVmError::RootDiskMissing { path: disk.clone() });
         }
+        if cfg.net.is_some() {
+            return Err(BootVmError::Io {
+                what: "the built-in VMM has no virtio-net device yet",
+                source: io::ErrorKind::Unsupported.into(),
+            });
+        }
         let log_path = cfg.state_dir.join("console.log");
         let file = File::create(&log_path).map_err(|source| BootVmError::ConsoleLog {
             path: log_path.clone(),

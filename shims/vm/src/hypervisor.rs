@@ -9,7 +9,9 @@
 //! configuration, not the VM's.
 
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +73,24 @@ pub struct VmConfig {
     /// [`VOLUME_TAG`](yard_agent_protocol::VOLUME_TAG): the containers' host mounts
     /// ([`crate::engine::volumes`]). `None`: no such device.
     pub volume_dir: Option<PathBuf>,
+    /// The pod's network ([`crate::engine::net`]): a tap the engine made in the pod's network
+    /// namespace, given to the guest as a virtio-net device. `None`: no network device.
+    pub net: Option<NetDevice>,
+}
+
+/// A virtio-net device backed by a tap.
+#[derive(Clone, Debug)]
+pub struct NetDevice {
+    /// `/dev/net/tun` attached to the tap with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (a 12-byte
+    /// `virtio_net_hdr_v1` before every frame, `TUNSETVNETHDRSZ`); the device lives while an fd
+    /// of it is open, so it goes with the VM. The backend sets the offloads the guest takes
+    /// (`TUNSETOFFLOAD`).
+    pub tap: Arc<OwnedFd>,
+    /// The guest's MAC address: the pod's `eth0`'s, so the pod's neighbours see one address
+    /// whether the host or the guest answers.
+    pub mac: [u8; 6],
+    /// The tap's MTU (the pod's `eth0`'s); the guest's interface gets the same.
+    pub mtu: u32,
 }
 
 /// How the VMM process ended.

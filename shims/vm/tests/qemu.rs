@@ -167,6 +167,7 @@ fn config(g: &Guest, state: &Path, id: &str, mode: &str) -> VmConfig {
         root_disk: None,
         share_dir: None,
         volume_dir: None,
+        net: None,
     }
 }
 
@@ -413,6 +414,7 @@ async fn missing_files_are_named_before_anything_starts() {
         root_disk: None,
         share_dir: None,
         volume_dir: None,
+        net: None,
     };
     let err = Qemu::default().boot(cfg.clone()).await.err().unwrap();
     assert!(matches!(err, BootVmError::KernelMissing { .. }), "{err}");

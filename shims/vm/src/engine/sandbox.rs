@@ -259,6 +259,7 @@ impl Sandbox {
                 Later::Disks | Later::Nothing => None,
             },
             volume_dir: volumes.as_ref().map(|v| v.dir.clone()),
+            net: None,
         };
         let mut vm = match hypervisor.boot(cfg).await {
             Ok(vm) => vm,

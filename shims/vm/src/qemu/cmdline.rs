@@ -205,6 +205,7 @@ mod tests {
             root_disk: None,
             share_dir: None,
             volume_dir: None,
+            net: None,
         }
     }
 
