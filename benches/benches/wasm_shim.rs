@@ -13,8 +13,10 @@
 //! targets `wasm32-wasip1` and `wasm32-wasip2` for the test programs). The wasmtime CLI is
 //! taken from PATH, else `$SWITCHYARD_PEERS/wasmtime/bin/wasmtime` (default
 //! /var/cache/switchyard/peers), and installed there with `cargo install` when missing.
-//! `WASMTIME=PATH` names another wasmtime CLI. `RUNS=N` sets the sample count of the timings
-//! (default 20), `DENSITY=N` the number of idle tasks (default 1000).
+//! `WASMTIME=PATH` names another wasmtime CLI (empty: none, the shim's rows only).
+//! `WASM_OPTIONS='a = 1; b = 2'` adds shim options (e.g. `worker_uid = 0; worker_gid = 0`, the
+//! worker without its user namespace). `RUNS=N` sets the sample count of the timings (default
+//! 20), `DENSITY=N` the number of idle tasks (default 1000).
 
 #![allow(
     clippy::print_stdout,
@@ -109,7 +111,8 @@ fn check_binaries() {
 /// missing.
 fn wasmtime_cli() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WASMTIME") {
-        return Some(p.into());
+        // An empty value leaves the peer out (shim rows only).
+        return (!p.is_empty()).then(|| p.into());
     }
     if let Some(p) = which("wasmtime") {
         return Some(p);
@@ -586,10 +589,10 @@ struct Part2 {
     one_shim: bool,
 }
 
-fn part2(cache: &Path, runs: usize) -> Part2 {
+fn part2(cache: &Path, extra: &str, runs: usize) -> Part2 {
     let d = Daemon::start_with(&format!(
         "{}[shim]\ndebug = true\n",
-        runtime_toml(cache, "")
+        runtime_toml(cache, extra)
     ));
     let keeper = hello_detached(&d, "bench", "keeper", 600_000);
     assert!(keeper.is_ok(), "{}", keeper.unwrap_err());
@@ -853,15 +856,20 @@ fn main() {
     let work = work_dir();
     let cache = work.join("shim-cache");
     empty_dir(&cache);
-    let extra = if density > 1000 {
+    let mut extra = if density > 1000 {
         format!("max_instances = {density}\n")
     } else {
         String::new()
     };
+    if let Ok(options) = std::env::var("WASM_OPTIONS") {
+        println!("extra [runtimes.wasm.options]: {options}");
+        extra.push_str(&options.replace(';', "\n"));
+        extra.push('\n');
+    }
     let t0 = Instant::now();
     let d = Daemon::start_with(&runtime_toml(&cache, &extra));
     let p1 = part1(&d, &work, &cache, wasmtime.as_deref(), runs);
-    let p2 = part2(&cache, runs);
+    let p2 = part2(&cache, &extra, runs);
     let p3 = part3(&d, density);
     drop(d);
 
