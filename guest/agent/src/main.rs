@@ -11,6 +11,7 @@ mod channel;
 mod container;
 mod error;
 mod forward;
+mod network;
 mod reaper;
 mod runtime;
 mod service;

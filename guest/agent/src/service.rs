@@ -214,6 +214,18 @@ impl Agent for Service {
         })
     }
 
+    async fn configure_network(&self, _: &TtrpcContext, req: NetworkConfig) -> R<Empty> {
+        let r = tokio::task::spawn_blocking(move || crate::network::configure(&req))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::error::Error::Internal(format!(
+                    "ConfigureNetwork task: {e}"
+                )))
+            });
+        log_err("ConfigureNetwork", r)?;
+        Ok(Empty::default())
+    }
+
     async fn dial_loopback(&self, _: &TtrpcContext, req: DialRequest) -> R<DialResponse> {
         let connection_id = log_err("DialLoopback", self.forwards.dial(req.port).await)?;
         Ok(DialResponse {

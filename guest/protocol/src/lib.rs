@@ -45,6 +45,13 @@ pub const MAX_REPLY_FRAME: u32 = 1 << 20;
 /// The most port-forwarding connections (`DialLoopback`) the agent keeps open at once.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// Bounds of one [`NetworkConfig`]: what the host reads from the pod's network namespace (a CNI
+/// plugin filled it) and the agent applies; more is refused on both sides.
+pub const MAX_NET_INTERFACES: usize = 4;
+pub const MAX_NET_ADDRESSES: usize = 64;
+pub const MAX_NET_ROUTES: usize = 256;
+pub const MAX_NET_NEIGHBOURS: usize = 256;
+
 /// The virtio-serial port name the agent serves on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "yard.agent";
 
