@@ -115,6 +115,7 @@ fn main() {
         root_disk: None,
         share_dir: None,
         volume_dir: None,
+        net: None,
     };
 
     // Warm-up: the kernel and initrd into the page cache. QEMU, so that no built-in VMM code

@@ -1,5 +1,6 @@
 //! The kernel interfaces this crate uses beyond std: pidfds for the VMM process, the child-side
-//! setup of a VMM (parent-death signal), and `flock`. The crate's only `unsafe` is here.
+//! setup of a VMM (parent-death signal), `flock`, and the pod network's tap. The crate's only
+//! `unsafe` is here.
 
 use std::fs::File;
 use std::io;
@@ -183,4 +184,43 @@ pub fn watch_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an `OwnedFd` owns its fd and nothing replaces it, so `as_raw_fd` returns the same
     // open fd for as long as the `AsyncFd` owns it.
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
+/// The size of the `virtio_net_hdr_v1` before every frame on a tap ([`open_tap`]).
+pub const VNET_HDR_LEN: libc::c_int = 12;
+
+/// A tap named `name` in the calling thread's network namespace: `/dev/net/tun` attached with
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a [`VNET_HDR_LEN`]-byte header. Not persistent: the
+/// device goes when the last fd of it closes. A name in use is `EBUSY`.
+pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("tap name {name:?}: 1 to 15 bytes, no NUL"),
+        ));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let fd = OwnedFd::from(tun);
+    // SAFETY: all-zero bytes are a valid `ifreq` (a name and a union of plain integers).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the `ifreq` the pointer refers to, which lives across
+    // the call; `fd` is an open /dev/net/tun.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len: libc::c_int = VNET_HDR_LEN;
+    // SAFETY: TUNSETVNETHDRSZ reads one `int` through the pointer, which lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }

@@ -347,6 +347,8 @@ struct FakeContainer {
 
 #[derive(Debug, Default)]
 struct Guest {
+    /// `ConfigureNetwork` calls, in order.
+    networks: Vec<proto::NetworkConfig>,
     containers: HashMap<String, FakeContainer>,
     next_pid: u32,
     ooms: VecDeque<String>,
@@ -450,6 +452,11 @@ impl FakeAgent {
 
     pub fn shutdowns(&self) -> u32 {
         self.guest.lock().unwrap().shutdowns
+    }
+
+    /// The `ConfigureNetwork` calls the guest took, in order.
+    pub fn networks(&self) -> Vec<proto::NetworkConfig> {
+        self.guest.lock().unwrap().networks.clone()
     }
 
     /// The copy `name` the host wrote with `WriteFile`: content and mode.
@@ -824,6 +831,25 @@ impl proto::Agent for FakeAgent {
         self.with(|g| g.shutdowns += 1);
         Ok(proto::Empty::default())
     }
+
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: proto::NetworkConfig,
+    ) -> R<proto::Empty> {
+        if !g_containers_empty(self) {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                "ConfigureNetwork after a container",
+            ));
+        }
+        self.with(|g| g.networks.push(req));
+        Ok(proto::Empty::default())
+    }
+}
+
+fn g_containers_empty(a: &FakeAgent) -> bool {
+    a.guest.lock().unwrap().containers.is_empty()
 }
 
 /// `runtimeoptions.v1.Options` carrying `toml` as its body, as switchyardd sends a runtime's
@@ -1050,5 +1076,77 @@ impl crate::engine::volumes::Binder for RecordingBinder {
 
     fn mounted_under(&self, _dir: &Path) -> Vec<PathBuf> {
         Vec::new()
+    }
+}
+
+/// Records pod networks instead of making them: `attach NETNS` and `detach NETNS`, in order.
+/// Attaching a namespace whose name starts with `bad` fails as a namespace without `eth0`.
+#[derive(Default)]
+pub struct RecordingPlumber {
+    calls: Mutex<Vec<String>>,
+}
+
+impl RecordingPlumber {
+    pub fn new() -> Arc<RecordingPlumber> {
+        Arc::new(RecordingPlumber::default())
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The configuration every attached pod network gets.
+    pub fn config(hostname: Option<String>) -> proto::NetworkConfig {
+        proto::NetworkConfig {
+            interfaces: vec![proto::Interface {
+                name: "eth0".into(),
+                mac: vec![0x0a, 0x58, 10, 88, 0, 7],
+                mtu: 1500,
+                addresses: vec!["10.88.0.7/16".into()],
+                ..Default::default()
+            }],
+            hostname: hostname.unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+}
+
+impl crate::engine::net::Plumber for RecordingPlumber {
+    fn attach(
+        &self,
+        netns: &Path,
+        hostname: Option<String>,
+    ) -> yard_shim_kit::Result<crate::engine::net::PodNet> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("attach {}", netns.display()));
+        if netns
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("bad"))
+        {
+            return Err(yard_shim_kit::Error::FailedPrecondition(format!(
+                "pod network namespace {}: no eth0",
+                netns.display()
+            )));
+        }
+        let tap = std::fs::File::open("/dev/null").map_err(yard_shim_kit::Error::io("tap"))?;
+        Ok(crate::engine::net::PodNet {
+            netns: netns.to_owned(),
+            device: crate::hypervisor::NetDevice {
+                tap: Arc::new(tap.into()),
+                mac: [0x0a, 0x58, 10, 88, 0, 7],
+                mtu: 1500,
+            },
+            config: Self::config(hostname),
+            eth: 2,
+        })
+    }
+
+    fn detach(&self, net: &crate::engine::net::PodNet) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("detach {}", net.netns.display()));
     }
 }

@@ -440,6 +440,16 @@ impl Agent {
             .map(|r| r.container_id)
     }
 
+    /// Gives the guest the pod network's configuration ([`crate::engine::net`]).
+    pub async fn configure_network(&self, config: &proto::NetworkConfig) -> Result<()> {
+        self.call(
+            "ConfigureNetwork",
+            self.client.configure_network(quick(), config),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// A connection to `port` on the guest's loopback (port forwarding); returns its id.
     pub async fn dial_loopback(&self, port: u16) -> Result<u32> {
         let req = proto::DialRequest {

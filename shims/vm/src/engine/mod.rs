@@ -26,6 +26,7 @@
 pub mod container;
 pub mod copies;
 pub mod forward;
+pub mod net;
 pub mod oom;
 pub mod pod;
 pub mod process;
@@ -61,6 +62,7 @@ pub struct VmEngine {
     backends: Arc<dyn Backends>,
     dirs: Dirs,
     binder: Arc<dyn Binder>,
+    plumber: Arc<dyn net::Plumber>,
 }
 
 impl Default for VmEngine {
@@ -86,7 +88,14 @@ impl VmEngine {
                 state_root: state_root.into(),
             },
             binder: Arc::new(HostBinder),
+            plumber: Arc::new(net::HostPlumber),
         }
+    }
+
+    /// Pod networks through `plumber` (tests record them instead).
+    pub fn with_plumber(mut self, plumber: Arc<dyn net::Plumber>) -> VmEngine {
+        self.plumber = plumber;
+        self
     }
 
     /// Host mounts of the volume share through `binder` (tests record them instead).
@@ -193,7 +202,10 @@ impl VmEngine {
                 host_bind: None,
                 needs_shared_fs: None,
                 binder: self.binder.clone(),
+                plumber: self.plumber.clone(),
                 cgroup: vmm_cgroup(spec),
+                netns: net::pod_netns(spec),
+                hostname: spec.hostname().clone(),
             },
         )
         .await?;
@@ -287,7 +299,10 @@ impl VmEngine {
                         host_bind,
                         needs_shared_fs,
                         binder: self.binder.clone(),
+                        plumber: self.plumber.clone(),
                         cgroup: vmm_cgroup(spec),
+                        netns: net::pod_netns(spec),
+                        hostname: spec.hostname().clone(),
                     },
                 )
                 .await?;

@@ -15,6 +15,7 @@ use yard_agent_protocol as proto;
 use yard_shim_kit::{Error, Publisher, Result};
 
 use super::copies::Copies;
+use super::net::{Plumber, PodNet};
 use super::oom::OomReporter;
 use super::volumes::{Binder, Volumes};
 use crate::agent::{Agent, bounded};
@@ -120,10 +121,16 @@ pub struct Boot<'a> {
     /// directory that is not an emptyDir, [`super::copies::needs_shared_fs`]), described.
     pub needs_shared_fs: Option<String>,
     pub binder: Arc<dyn Binder>,
+    pub plumber: Arc<dyn Plumber>,
     /// The first container's `linux.cgroupsPath` (a usable cgroupfs path): the VMM process
     /// joins it, so the VM's host usage is accounted to the sandbox (CRI's PodSandboxStats
     /// reads the pod's cgroup parent).
     pub cgroup: Option<PathBuf>,
+    /// The pod's network namespace (the first container's spec names it by path): the VM gets
+    /// a virtio-net device mirrored to its `eth0` ([`super::net`]). `None`: no network device.
+    pub netns: Option<PathBuf>,
+    /// The first container's hostname: the guest's, when it has a pod network.
+    pub hostname: Option<String>,
 }
 
 /// One VM and what runs in it.
@@ -150,6 +157,9 @@ pub struct Sandbox {
     pub ooms: Arc<OomReporter>,
     /// The host cgroup the VMM process was moved into, removed when the VM stops.
     host_cgroup: Option<PathBuf>,
+    /// The pod network's tap and redirects, undone when the VM stops.
+    net: std::sync::Mutex<Option<Arc<PodNet>>>,
+    plumber: Arc<dyn Plumber>,
 }
 
 fn boot_error(e: BootVmError) -> Error {
@@ -180,6 +190,12 @@ fn sandbox_key(id: &str, pid: u32) -> String {
 pub fn booted_by(key: &str, id: &str) -> bool {
     key.rsplit_once('-')
         .is_some_and(|(short, _)| short == id.chars().take(KEY_ID_CHARS).collect::<String>())
+}
+
+/// Undoes a pod network's redirects off the async threads; the tap goes with the last fd of it
+/// (the VMM's has gone with the VM, ours with `net`).
+async fn detach(plumber: Arc<dyn Plumber>, net: Arc<PodNet>) {
+    let _ = tokio::task::spawn_blocking(move || plumber.detach(&net)).await;
 }
 
 /// Removes `dirs` off the async threads (a share may hold copied images).
@@ -232,8 +248,35 @@ impl Sandbox {
                 return Err(Error::io(format!("create {}", v.dir.display()))(e));
             }
         }
-        // Every way out below that fails removes the directories made above.
-        let fail = |volumes: Option<Volumes>, dirs: Vec<PathBuf>| async move {
+        // The pod network: a tap in the pod's namespace, mirrored to its eth0.
+        let net = match b.netns.clone() {
+            Some(netns) => {
+                let (hostname, plumber) = (b.hostname.clone(), b.plumber.clone());
+                let attached =
+                    tokio::task::spawn_blocking(move || plumber.attach(&netns, hostname))
+                        .await
+                        .map_err(|e| Error::Internal(format!("pod network task: {e}")))
+                        .and_then(|r| r);
+                match attached {
+                    Ok(n) => Some(Arc::new(n)),
+                    Err(e) => {
+                        if let Some(v) = volumes {
+                            v.remove().await;
+                        }
+                        remove_dirs(dirs).await;
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        // Every way out below that fails removes the directories made above and the pod
+        // network's plumbing.
+        let plumber = b.plumber.clone();
+        let fail = |volumes: Option<Volumes>, dirs: Vec<PathBuf>, net: Option<Arc<PodNet>>| async move {
+            if let Some(n) = net {
+                detach(plumber, n).await;
+            }
             if let Some(v) = volumes {
                 v.remove().await;
             }
@@ -259,18 +302,18 @@ impl Sandbox {
                 Later::Disks | Later::Nothing => None,
             },
             volume_dir: volumes.as_ref().map(|v| v.dir.clone()),
-            net: None,
+            net: net.as_ref().map(|n| n.device.clone()),
         };
         let mut vm = match hypervisor.boot(cfg).await {
             Ok(vm) => vm,
             Err(e) => {
-                fail(volumes, dirs).await;
+                fail(volumes, dirs, net.clone()).await;
                 return Err(boot_error(e));
             }
         };
         let Some(stream) = vm.take_agent_stream() else {
             vm.stop(STOP_GRACE).await;
-            fail(volumes, dirs).await;
+            fail(volumes, dirs, net.clone()).await;
             return Err(Error::Internal("VM booted without an agent stream".into()));
         };
         let host_cgroup = match (b.cgroup, vm.pid()) {
@@ -280,7 +323,7 @@ impl Sandbox {
                     Err(e) => {
                         vm.stop(STOP_GRACE).await;
                         yard_shim_kit::cgroup::remove(&path, b.id);
-                        fail(volumes, dirs).await;
+                        fail(volumes, dirs, net.clone()).await;
                         return Err(e);
                     }
                 }
@@ -312,9 +355,23 @@ impl Sandbox {
                 if let Some(path) = &host_cgroup {
                     yard_shim_kit::cgroup::remove(path, b.id);
                 }
-                fail(volumes, dirs).await;
+                fail(volumes, dirs, net.clone()).await;
                 return Err(e.into());
             }
+        }
+        if let Some(n) = &net
+            && let Err(e) = agent.configure_network(&n.config).await
+        {
+            vm.stop(STOP_GRACE).await;
+            if let Some(path) = &host_cgroup {
+                yard_shim_kit::cgroup::remove(path, b.id);
+            }
+            fail(volumes, dirs, net.clone()).await;
+            return Err(Error::FailedPrecondition(format!(
+                "configure the guest's network from {}: {}",
+                n.netns.display(),
+                yard_shim_kit::error::chain(&e)
+            )));
         }
         let ooms = Arc::new(OomReporter::new(agent.clone(), b.events));
         let watch = tokio::spawn({
@@ -368,6 +425,8 @@ impl Sandbox {
             }),
             ooms,
             host_cgroup,
+            net: std::sync::Mutex::new(net),
+            plumber: b.plumber,
         }))
     }
 
@@ -585,6 +644,10 @@ impl Sandbox {
         self.vm.stop(STOP_GRACE).await;
         if let Some(path) = &self.host_cgroup {
             yard_shim_kit::cgroup::remove(path, &self.id);
+        }
+        let net = self.net.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(n) = net {
+            detach(self.plumber.clone(), n).await;
         }
         if let Some(v) = &self.volumes {
             v.remove().await;

@@ -12,7 +12,8 @@ use yard_shim_kit::{Container, Engine, ExecRequest, Publisher};
 
 use super::VmEngine;
 use crate::testing::{
-    Bundles, EventsServer, FakeAgent, FakeBackends, GuestAgent, RecordingBinder, spec_json,
+    Bundles, EventsServer, FakeAgent, FakeBackends, GuestAgent, RecordingBinder, RecordingPlumber,
+    spec_json,
 };
 
 const GROUP: (&str, &str) = ("io.switchyard.group", "pod");
@@ -25,6 +26,7 @@ struct World {
     engine: VmEngine,
     bundles: Bundles,
     binder: Arc<RecordingBinder>,
+    plumber: Arc<RecordingPlumber>,
 }
 
 impl World {
@@ -33,8 +35,10 @@ impl World {
         let agent = FakeAgent::new();
         let backends = backends(agent.clone());
         let binder = RecordingBinder::new();
+        let plumber = RecordingPlumber::new();
         let engine = VmEngine::with_backends(Arc::new(backends.clone()), dir.path().join("state"))
-            .with_binder(binder.clone());
+            .with_binder(binder.clone())
+            .with_plumber(plumber.clone());
         let bundles = Bundles::new(dir.path());
         World {
             dir,
@@ -43,6 +47,7 @@ impl World {
             engine,
             bundles,
             binder,
+            plumber,
         }
     }
 
@@ -793,4 +798,52 @@ async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() 
     pod.init().kill(9).await.unwrap();
     pod.init().wait().await;
     pod.delete(false).await.unwrap();
+}
+
+/// Issue 20: a sandbox whose spec names a network namespace by path gets a virtio-net device on
+/// the tap the plumber made there, with `eth0`'s MAC; the guest is configured before any
+/// container, and the redirects go with the VM. A namespace the plumber cannot use fails Create
+/// with its error and boots nothing.
+#[tokio::test]
+async fn issue20_a_pods_network_namespace_becomes_the_vms_network_device() {
+    let w = World::new(FakeBackends::sharing);
+    let netns = r#""hostname": "web-0", "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/cni-7"}]}"#;
+    let c1 = w
+        .create("c1", &spec_json(&["/pause"], &[GROUP], netns))
+        .await
+        .unwrap();
+    let vm = w.backends.vms()[0].clone();
+    let net = vm.config.net.clone().expect("a network device");
+    assert_eq!(net.mac, [0x0a, 0x58, 10, 88, 0, 7]);
+    assert_eq!(
+        w.agent.networks(),
+        [RecordingPlumber::config(Some("web-0".into()))]
+    );
+    assert_eq!(w.plumber.calls(), ["attach /var/run/netns/cni-7"]);
+    c1.delete(true).await.unwrap();
+    assert_eq!(
+        w.plumber.calls(),
+        ["attach /var/run/netns/cni-7", "detach /var/run/netns/cni-7"]
+    );
+    assert!(vm.ended());
+
+    // No path: no device and no call.
+    let c2 = w.create("c2", &sleep()).await.unwrap();
+    assert!(w.backends.vms()[1].config.net.is_none());
+    assert_eq!(w.agent.networks().len(), 1);
+    c2.delete(true).await.unwrap();
+
+    // A namespace the plumber refuses: its error, no VM.
+    let bad = r#""linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/bad-1"}]}"#;
+    let e = w
+        .create("c3", &spec_json(&["/pause"], &[GROUP], bad))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string().contains("/var/run/netns/bad-1: no eth0"),
+        "{e}"
+    );
+    assert_eq!(w.backends.vms().len(), 2);
+    assert!(w.state_left().is_empty(), "{:?}", w.state_left());
 }

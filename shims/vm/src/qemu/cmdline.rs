@@ -68,6 +68,8 @@ pub struct ChildFds {
     pub qmp: RawFd,
     /// Connected stream socket the serial console writes to.
     pub console: RawFd,
+    /// The pod network's tap ([`VmConfig::net`]), when the VM has one.
+    pub tap: Option<RawFd>,
 }
 
 /// QEMU's option syntax: a `,` inside a value is written `,,`.
@@ -175,6 +177,24 @@ pub fn args(cfg: &VmConfig, fds: ChildFds, tuning: Tuning) -> Vec<OsString> {
         a.push(format!("virtio-9p-device,fsdev=vol,mount_tag={VOLUME_TAG}").into());
     }
 
+    if let (Some(net), Some(fd)) = (&cfg.net, fds.tap) {
+        // The tap is opened by the shim in the pod's namespace (QEMU runs in the host's and
+        // runs no scripts); vnet headers are probed from the fd and offloads follow the guest.
+        let mac = crate::engine::net::format_mac(&net.mac);
+        a.extend(
+            [
+                "-netdev".to_owned(),
+                format!("tap,id=net0,fd={fd}"),
+                "-device".to_owned(),
+                format!(
+                    "virtio-net-device,netdev=net0,mac={mac},host_mtu={}",
+                    net.mtu
+                ),
+            ]
+            .map(OsString::from),
+        );
+    }
+
     a.push("-kernel".into());
     a.push(cfg.kernel.clone().into_os_string());
     a.push("-initrd".into());
@@ -213,6 +233,7 @@ mod tests {
         agent: 3,
         qmp: 4,
         console: 5,
+        tap: None,
     };
 
     const TUNING: Tuning = Tuning {
@@ -294,6 +315,30 @@ mod tests {
                 "virtio-serial-device",
                 "virtserialport,chardev=agent,name=yard.agent"
             ]
+        );
+    }
+
+    #[test]
+    fn a_pod_network_is_a_virtio_net_device_on_the_tap_fd() {
+        let mut c = cfg(Accel::Tcg);
+        assert!(values(&strings(&args(&c, FDS, TUNING)), "-netdev").is_empty());
+        let tap = std::fs::File::open("/dev/null").unwrap();
+        c.net = Some(crate::hypervisor::NetDevice {
+            tap: std::sync::Arc::new(tap.into()),
+            mac: [0x0a, 0x58, 0x0a, 0x58, 0x00, 0x07],
+            mtu: 1450,
+        });
+        // No fd for it: no device (the backend maps one whenever it has a tap).
+        assert!(values(&strings(&args(&c, FDS, TUNING)), "-netdev").is_empty());
+        let fds = ChildFds {
+            tap: Some(6),
+            ..FDS
+        };
+        let a = strings(&args(&c, fds, TUNING));
+        assert_eq!(values(&a, "-netdev"), ["tap,id=net0,fd=6"]);
+        assert_eq!(
+            values(&a, "-device").last().map(String::as_str),
+            Some("virtio-net-device,netdev=net0,mac=0a:58:0a:58:00:07,host_mtu=1450")
         );
     }
 

@@ -45,6 +45,7 @@ pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
 const AGENT_FD: RawFd = 3;
 const QMP_FD: RawFd = 4;
 const CONSOLE_FD: RawFd = 5;
+const TAP_FD: RawFd = 6;
 
 /// Console lines quoted in boot errors.
 const ERROR_TAIL_LINES: usize = 30;
@@ -192,6 +193,7 @@ impl Qemu {
                 agent: AGENT_FD,
                 qmp: QMP_FD,
                 console: CONSOLE_FD,
+                tap: cfg.net.as_ref().map(|_| TAP_FD),
             },
             tuning,
         );
@@ -202,7 +204,17 @@ impl Qemu {
             .stdout(dup(&console_child)?)
             .stderr(dup(&console_child)?)
             .process_group(0);
-        cmd.fd_mappings(vec![
+        let mut mappings = Vec::new();
+        if let Some(net) = &cfg.net {
+            mappings.push(FdMapping {
+                parent_fd: net
+                    .tap
+                    .try_clone()
+                    .map_err(BootVmError::io("dup the tap"))?,
+                child_fd: TAP_FD,
+            });
+        }
+        mappings.extend([
             FdMapping {
                 parent_fd: agent_child.into(),
                 child_fd: AGENT_FD,
@@ -215,8 +227,8 @@ impl Qemu {
                 parent_fd: console_child,
                 child_fd: CONSOLE_FD,
             },
-        ])
-        .map_err(|_| BootVmError::Io {
+        ]);
+        cmd.fd_mappings(mappings).map_err(|_| BootVmError::Io {
             what: "map fds",
             source: std::io::ErrorKind::InvalidInput.into(),
         })?;
