@@ -762,6 +762,109 @@ fn pod_network(peer: Peer, handler: &str) {
     teardown(&c, &server);
 }
 
+/// Issue 20: a `vm` pod on the pod network. Its VM serves busybox `httpd`, reached by pod IP
+/// from a `native` pod on the same bridge and from the host through a `portmap` host port; from
+/// inside the VM, `wget` reaches the native pod's server by IP and by a name the pod's
+/// `/etc/hosts` gives it (kubelet's way: a hosts file mounted in).
+fn vm_pod_network(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    let c = node.client();
+    let serve = |who: &str| {
+        format!(
+            "mkdir -p /tmp/www && echo hello from {who} > /tmp/www/index.html && \
+             exec httpd -f -p 8080 -h /tmp/www"
+        )
+    };
+    // The native pod first: the VM's hosts file names it.
+    let native_cfg = pod_config(&node, "native-peer");
+    let native = c
+        .run_pod(&native_cfg, "native")
+        .expect("RunPodSandbox native");
+    let native_httpd = container_config("httpd", BUSYBOX_IMAGE, &["sh", "-c", &serve("native")]);
+    let native_id = c.run_container(&native, &native_httpd, &native_cfg);
+    let native_ip = c
+        .pod_status(&native)
+        .expect("PodSandboxStatus")
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(node.net.contains(&native_ip), "{native_ip}");
+
+    let port = switchyard_tests::images::dead_port();
+    let mut vm_cfg = pod_config(&node, "vm-web");
+    vm_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: i32::from(port),
+        host_ip: "127.0.0.1".into(),
+    }];
+    let vm = c.run_pod(&vm_cfg, "vm").expect("RunPodSandbox vm");
+    let hosts = node.dir.path().join("vm-hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{native_ip} native-peer.test native-peer\n"),
+    )
+    .unwrap();
+    let mut vm_httpd = container_config("httpd", BUSYBOX_IMAGE, &["sh", "-c", &serve("the-vm")]);
+    vm_httpd.mounts = vec![mount(
+        "/etc/hosts",
+        &hosts,
+        cri::MountPropagation::PropagationPrivate,
+        true,
+    )];
+    let vm_id = c.run_container(&vm, &vm_httpd, &vm_cfg);
+    let vm_ip = c
+        .pod_status(&vm)
+        .expect("PodSandboxStatus")
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(node.net.contains(&vm_ip), "{vm_ip} in {}", node.net.subnet);
+
+    // The guest holds the pod's address itself (the guest kernel's local addresses).
+    let addr = c.exec_sync(&vm_id, &["cat", "/proc/net/fib_trie"], 10);
+    assert!(
+        matches!(&addr, Ok(o) if o.stdout.contains(&format!("|-- {vm_ip}\n"))),
+        "the guest's addresses: {addr:?}"
+    );
+
+    let fetch = |from: &str, url: &str, want: &str| {
+        let mut last = None;
+        let ok = switchyard_tests::eventually(Duration::from_secs(30), || {
+            let out = c.exec_sync(from, &["wget", "-qO-", url], 10);
+            let ok = matches!(&out, Ok(o) if o.stdout == want);
+            last = Some(out);
+            ok
+        });
+        assert!(ok, "{url} from {from}: {last:?}");
+    };
+    fetch(
+        &native_id,
+        &format!("http://{vm_ip}:8080/"),
+        "hello from the-vm\n",
+    );
+    fetch(
+        &vm_id,
+        &format!("http://{native_ip}:8080/"),
+        "hello from native\n",
+    );
+    fetch(
+        &vm_id,
+        "http://native-peer.test:8080/",
+        "hello from native\n",
+    );
+
+    let mut response = String::new();
+    let from_host = switchyard_tests::eventually(Duration::from_secs(30), || {
+        response = http_get_loopback(port).unwrap_or_else(|e| e.to_string());
+        response.contains("hello from the-vm")
+    });
+    assert!(from_host, "host port {port} to the vm pod: {response}");
+    teardown(&c, &vm);
+    teardown(&c, &native);
+    assert_no_pod_processes(&node);
+}
+
 /// `GET /` from `127.0.0.1:port`, the whole response (the server closes the connection).
 fn http_get_loopback(port: u16) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
@@ -1209,6 +1312,7 @@ mod vm {
     per_peer!(vm_pod_volumes, "vm");
     per_peer!(vm_pod_sized_from_its_resources, "vm");
     per_peer!(bad_input_vm, "vm");
+    per_peer!(vm_pod_network, "vm");
 }
 
 mod wasm {
