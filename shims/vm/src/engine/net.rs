@@ -213,6 +213,9 @@ fn plumb(rtnl: &mut Rtnl, netns: &Path, eth: &switchyard_rtnl::Link) -> Result<O
         .map_err(netlink(netns))?
         .ok_or_else(|| failed(netns, format!("the tap {TAP} vanished after it was made")))?
         .index;
+    // The eth0 qdisc is removed on an error only if this call added it: one that was there
+    // before (EEXIST) is somebody else's.
+    let mut ours = false;
     let mut steps = || -> std::result::Result<(), RtnlError> {
         rtnl.set_link(
             tap_index,
@@ -223,14 +226,16 @@ fn plumb(rtnl: &mut Rtnl, netns: &Path, eth: &switchyard_rtnl::Link) -> Result<O
             },
         )?;
         rtnl.add_ingress_qdisc(eth.index)?;
+        ours = true;
         rtnl.add_ingress_qdisc(tap_index)?;
         rtnl.redirect_ingress(eth.index, tap_index)?;
         rtnl.redirect_ingress(tap_index, eth.index)
     };
-    let r = steps();
-    if let Err(e) = r {
+    if let Err(e) = steps() {
         // The tap's qdisc goes with the tap (its fd is dropped below).
-        let _ = rtnl.del_ingress_qdisc(eth.index);
+        if ours {
+            let _ = rtnl.del_ingress_qdisc(eth.index);
+        }
         return Err(failed(
             netns,
             format!(
