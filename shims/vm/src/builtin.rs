@@ -14,6 +14,9 @@
 //! raises a config-change interrupt, so the guest's driver picks up the new capacity, and
 //! [`Vm::detach_disk`] empties it again (firecracker's "update a drive's backing file").
 //! virtio-mmio has no hotplug, so the spares are the limit on containers per sandbox.
+//!
+//! A pod network's tap ([`VmConfig::net`](crate::hypervisor::VmConfig)) becomes the VMM's
+//! virtio-net device, after the disks and vsock (the guest's `eth0`).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -27,7 +30,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use yard_agent_protocol::{CMDLINE_BOOT_TIMER, CMDLINE_CHANNEL, READY_BANNER, VSOCK_PORT};
-use yard_vmm::vmm::{BlockConfig, SetDiskError, VmExit, VmmConfig, VsockConfig};
+use yard_vmm::vmm::{BlockConfig, NetConfig, SetDiskError, VmExit, VmmConfig, VsockConfig};
 
 use crate::hypervisor::{Accel, BootVmError, Hypervisor, Vm, VmConfig, VmError, VmStatus, VmmExit};
 use crate::qemu::cmdline::BASE_KERNEL_ARGS;
@@ -71,12 +74,19 @@ impl Hypervisor for Builtin {
         if let Some(disk) = cfg.root_disk.as_ref().filter(|d| !d.is_file()) {
             return Err(BootVmError::RootDiskMissing { path: disk.clone() });
         }
-        if cfg.net.is_some() {
-            return Err(BootVmError::Io {
-                what: "the built-in VMM has no virtio-net device yet",
-                source: io::ErrorKind::Unsupported.into(),
-            });
-        }
+        // The VMM owns its descriptor of the tap (the device lives while one is open); ours
+        // stays with the engine's config.
+        let net = match &cfg.net {
+            Some(net) => Some(NetConfig {
+                tap: net
+                    .tap
+                    .try_clone()
+                    .map_err(BootVmError::io("duplicate the tap's descriptor"))?,
+                mac: net.mac,
+                mtu: net.mtu,
+            }),
+            None => None,
+        };
         let log_path = cfg.state_dir.join("console.log");
         let file = File::create(&log_path).map_err(|source| BootVmError::ConsoleLog {
             path: log_path.clone(),
@@ -105,6 +115,7 @@ impl Hypervisor for Builtin {
                 guest_cid: GUEST_CID,
                 uds_path: uds_path.clone(),
             }),
+            net,
         };
         let first_spare = usize::from(cfg.root_disk.is_some());
         let started = Instant::now();

@@ -54,6 +54,8 @@ pub enum ThreadKind {
     BlockWorker,
     /// Moves vsock packets between the guest's queues and Unix sockets.
     VsockWorker,
+    /// Moves frames between the guest's virtio-net queues and a tap.
+    NetWorker,
 }
 
 impl fmt::Display for ThreadKind {
@@ -63,6 +65,7 @@ impl fmt::Display for ThreadKind {
             ThreadKind::Control => "VM control",
             ThreadKind::BlockWorker => "virtio-blk worker",
             ThreadKind::VsockWorker => "virtio-vsock worker",
+            ThreadKind::NetWorker => "virtio-net worker",
         })
     }
 }
@@ -285,6 +288,12 @@ fn allowed(kind: ThreadKind) -> Result<Rules, BackendError> {
             // std's set_nonblocking on an accepted stream.
             rules.insert(libc::SYS_ioctl, arg_is(1, &[libc::FIONBIO])?);
         }
+        ThreadKind::NetWorker => {
+            // read/write (common) on the tap and the eventfds; nothing else but the offload
+            // switch, set once per activation.
+            rules.extend(any(&epoll));
+            rules.insert(libc::SYS_ioctl, arg_is(1, &[libc::TUNSETOFFLOAD])?);
+        }
     }
     Ok(rules)
 }
@@ -300,6 +309,7 @@ mod tests {
             ThreadKind::Control,
             ThreadKind::BlockWorker,
             ThreadKind::VsockWorker,
+            ThreadKind::NetWorker,
         ] {
             let f = ThreadFilter::new(kind, Seccomp::Enforce).unwrap();
             assert!(f.programs.is_some(), "{kind}");
@@ -325,6 +335,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Control,
             ThreadKind::BlockWorker,
+            ThreadKind::NetWorker,
         ] {
             assert!(!has(kind, libc::SYS_socket), "{kind}");
             assert!(!has(kind, libc::SYS_connect), "{kind}");
@@ -334,6 +345,7 @@ mod tests {
             ThreadKind::Control,
             ThreadKind::BlockWorker,
             ThreadKind::VsockWorker,
+            ThreadKind::NetWorker,
         ] {
             for nr in [
                 libc::SYS_execve,

@@ -38,6 +38,7 @@ fn set_disk_swaps_slots_and_refuses_what_it_cannot() {
             block: disk(root.path()),
             spare_disks: 2,
             vsock: None,
+            net: None,
         },
         real_mode(SPIN),
     )

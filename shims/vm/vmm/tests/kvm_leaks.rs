@@ -42,6 +42,7 @@ fn config(kernel: &Path, vcpus: u8) -> VmmConfig {
         block: None,
         spare_disks: 0,
         vsock: None,
+        net: None,
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use common::{Console, LONG_MODE_RESET, config, elf, have_kvm, mmio_write32, real_mode, wait_for};
 use yard_vmm::bus::BusDevice;
 use yard_vmm::seccomp::Seccomp;
-use yard_vmm::vmm::{BlockConfig, StartOptions, Vm, VmExit, VsockConfig};
+use yard_vmm::vmm::{BlockConfig, NetConfig, StartOptions, Vm, VmExit, VsockConfig};
 
 /// `Seccomp:` and `NoNewPrivs:` of every thread of this process, by thread name (several
 /// threads may share one).
@@ -50,9 +50,16 @@ fn thread_modes() -> BTreeMap<String, Vec<(u32, u32)>> {
     modes
 }
 
-const VMM_THREADS: &[&str] = &["vcpu0", "vcpu1", "vm-control", "virtio-blk", "virtio-vsock"];
+const VMM_THREADS: &[&str] = &[
+    "vcpu0",
+    "vcpu1",
+    "vm-control",
+    "virtio-blk",
+    "virtio-vsock",
+    "virtio-net",
+];
 
-/// A spinning two-vCPU VM with a root disk, a spare disk and vsock, so every kind of VMM
+/// A spinning two-vCPU VM with a root disk, a spare disk, vsock and net, so every kind of VMM
 /// thread exists; the per-name modes seen while it runs.
 fn modes_of_a_running_vm(seccomp: Seccomp) -> BTreeMap<String, Vec<(u32, u32)>> {
     let dir = tempfile::tempdir().unwrap();
@@ -68,6 +75,14 @@ fn modes_of_a_running_vm(seccomp: Seccomp) -> BTreeMap<String, Vec<(u32, u32)>> 
     cfg.vsock = Some(VsockConfig {
         guest_cid: 3,
         uds_path: dir.path().join("vsock.sock"),
+    });
+    // A socket stands in for the tap: the guest never activates the device, so nothing but the
+    // worker's creation touches it.
+    let (tap, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    cfg.net = Some(NetConfig {
+        tap: tap.into(),
+        mac: [2, 0, 0, 0, 0, 1],
+        mtu: 1500,
     });
     let vm = Vm::start_with(
         cfg,

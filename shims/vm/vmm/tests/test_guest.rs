@@ -263,6 +263,7 @@ fn test_guest_drives_block_and_vsock_with_virtio_drivers() {
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),
         }),
+        net: None,
     })
     .unwrap_or_else(|e| panic!("Vm::start: {}", switchyard_base::chain(&e)));
     let run = Run { vm, console };

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use crate::arch::x86_64 as arch;
 use crate::bus::{BusError, SharedDevice};
 use crate::devices::virtio::block::BlockError;
+use crate::devices::virtio::net::NetError;
 use crate::devices::virtio::vsock::VsockError;
 use crate::kvm::GuestRamError;
 use crate::kvm::vm::{CreateVcpuError, CreateVmError, IrqError};
@@ -27,6 +28,15 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+pub struct NetConfig {
+    /// `/dev/net/tun` attached to a tap with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and
+    /// `TUNSETVNETHDRSZ` = 12; the VMM makes it non-blocking and sets its offloads.
+    pub tap: std::os::fd::OwnedFd,
+    pub mac: [u8; 6],
+    /// 68 to 65535.
+    pub mtu: u32,
+}
+
 pub struct VmmConfig {
     /// An ELF: vmlinux, or a static test program linked at a physical address, entered in
     /// 64-bit mode with the first 4 GiB identity mapped.
@@ -42,10 +52,12 @@ pub struct VmmConfig {
     pub block: Option<BlockConfig>,
     /// Read-only virtio-blk devices without a backing file (capacity 0) after `block`, for
     /// [`Vm::set_disk`] to fill at run time. They are probed in MMIO order, which is
-    /// command-line order: `block`, then the spares, then vsock, so a Linux guest names them
-    /// `vda`, `vdb`, ... in disk-slot order.
+    /// command-line order: `block`, then the spares, then vsock, then net, so a Linux guest
+    /// names them `vda`, `vdb`, ... in disk-slot order.
     pub spare_disks: u8,
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net device on a tap (`eth0` in a Linux guest).
+    pub net: Option<NetConfig>,
 }
 
 /// Lower-level knobs for tests and tooling; [`Vm::start`] uses the defaults.
@@ -102,6 +114,8 @@ pub enum StartVmError {
     Block(#[source] BlockError),
     #[error("creating the virtio-vsock device")]
     Vsock(#[source] VsockError),
+    #[error("creating the virtio-net device")]
+    Net(#[source] NetError),
     #[error("creating the virtio-mmio transport for device {index}")]
     Transport {
         index: u32,

@@ -1,6 +1,6 @@
 //! The VM's devices, assembled onto its two buses: the port-I/O devices (serial console,
-//! i8042, boot timer) and the virtio-mmio devices (the root disk, the spare disks, vsock), with
-//! their interrupts and ioeventfds registered with KVM.
+//! i8042, boot timer) and the virtio-mmio devices (the root disk, the spare disks, vsock, net),
+//! with their interrupts and ioeventfds registered with KVM.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{BlockConfig, StartVmError, VsockConfig};
+use super::config::{BlockConfig, NetConfig, StartVmError, VsockConfig};
 use super::control::lock;
 use super::vcpu_thread::register_irq;
 use crate::bus::{Bus, SharedDevice};
@@ -18,6 +18,7 @@ use crate::devices::serial::Serial;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError, BlockHandle};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::irq::{EventFdInterrupt, Interrupt};
 use crate::kvm::KvmVm;
@@ -105,6 +106,7 @@ pub(super) struct VirtioSpec<'a> {
     pub(super) block: Option<&'a BlockConfig>,
     pub(super) spare_disks: u8,
     pub(super) vsock: Option<VsockConfig>,
+    pub(super) net: Option<NetConfig>,
     /// Test and tooling devices, after the virtio ones.
     pub(super) extra: Vec<(SharedDevice, u64, u64)>,
     pub(super) seccomp: Seccomp,
@@ -117,12 +119,14 @@ pub(super) struct MmioDevices {
     pub(super) cmdline: Vec<String>,
 }
 
-/// The virtio devices in MMIO (and so probe) order: the root disk, the spare disks, vsock.
+/// The virtio devices in MMIO (and so probe) order: the root disk, the spare disks, vsock,
+/// net.
 pub(super) fn mmio_devices(kvm: &KvmVm, spec: VirtioSpec<'_>) -> Result<MmioDevices, StartVmError> {
     let mut virtio: Vec<(Box<dyn VirtioDevice>, Option<BlockHandle>)> = Vec::new();
     let count = usize::from(spec.block.is_some())
         + usize::from(spec.spare_disks)
-        + usize::from(spec.vsock.is_some());
+        + usize::from(spec.vsock.is_some())
+        + usize::from(spec.net.is_some());
     if u32::try_from(count).map_or(true, |n| n > layout::VIRTIO_MAX_DEVICES) {
         return Err(StartVmError::TooManyDevices);
     }
@@ -140,6 +144,10 @@ pub(super) fn mmio_devices(kvm: &KvmVm, spec: VirtioSpec<'_>) -> Result<MmioDevi
     if let Some(vsock) = spec.vsock {
         let dev = Vsock::new(u64::from(vsock.guest_cid), vsock.uds_path, spec.seccomp)
             .map_err(StartVmError::Vsock)?;
+        virtio.push((Box::new(dev), None));
+    }
+    if let Some(net) = spec.net {
+        let dev = Net::new(net.tap, net.mac, net.mtu, spec.seccomp).map_err(StartVmError::Net)?;
         virtio.push((Box::new(dev), None));
     }
     let mem = kvm.memory();

@@ -1,6 +1,6 @@
 //! A running VM assembled from a [`VmmConfig`]: KVM VM and guest memory, the kernel and boot
 //! structures, the port-I/O devices (serial console, i8042, boot timer), virtio-mmio devices
-//! (block, vsock), one thread per vCPU and one control thread.
+//! (block, vsock, net), one thread per vCPU and one control thread.
 //!
 //! Ending: a vCPU thread that sees a triple fault (`KVM_EXIT_SHUTDOWN`, what `reboot=t` and
 //! `panic=-1` produce), an unhandled exit or a failed ioctl records why and wakes the control
@@ -35,8 +35,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use self::config::{
-    BlockConfig, MIN_MEMORY_MIB, RealModeImage, SetDiskError, StartOptions, StartVmError, VmExit,
-    VmmConfig, VsockConfig,
+    BlockConfig, MIN_MEMORY_MIB, NetConfig, RealModeImage, SetDiskError, StartOptions,
+    StartVmError, VmExit, VmmConfig, VsockConfig,
 };
 use self::control::{RESET_TOKEN, Shared, WAKE_TOKEN, control, lock};
 use self::devices::{Devices, MmioDevices, PortDevices, VirtioSpec};
@@ -99,6 +99,7 @@ impl Vm {
                 block: cfg.block.as_ref(),
                 spare_disks: cfg.spare_disks,
                 vsock: cfg.vsock,
+                net: cfg.net,
                 extra: opts.mmio_devices,
                 seccomp: opts.seccomp,
             },

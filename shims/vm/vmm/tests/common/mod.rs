@@ -106,6 +106,7 @@ pub fn config(console: &Console, kernel: PathBuf) -> VmmConfig {
         block: None,
         spare_disks: 0,
         vsock: None,
+        net: None,
     }
 }
 
