@@ -219,6 +219,7 @@ fn boot_direct(guest: &Guest, dir: &Path) -> Sample {
             guest_cid: GUEST_CID,
             uds_path: uds_path.clone(),
         }),
+        net: None,
     };
     let before = total_rss_kib(&smaps("self"));
     let t0 = Instant::now();
