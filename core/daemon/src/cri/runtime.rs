@@ -54,10 +54,10 @@ impl RuntimeService {
 }
 
 /// How a pod of a runtime reaches the pod network, for `Status`'s verbose info: a VM's guest
-/// has no network device yet (the networking issue bridges the pod's eth0 into it).
+/// through a virtio-net device the vm shim mirrors to the pod's eth0 (docs/networking.md).
 fn pod_network(runtime_type: &str) -> &'static str {
     if runtime_type == VM_RUNTIME_TYPE {
-        "loopback only: the guest has no network device yet"
+        "the pod's eth0, mirrored with tc to the guest's virtio-net device"
     } else {
         "the pod's network namespace"
     }
