@@ -387,6 +387,15 @@ impl CriNode {
     /// Imports an image archive (docker save or OCI layout tar) into the CRI namespace:
     /// `ctr images import` for containerd, `yard image import` for switchyardd (which serves no
     /// content store for `ctr` to write to).
+    /// Kills switchyardd (SIGKILL) and starts it again on the same directories, as a crash
+    /// and restart would; shims and pods run on. Only for [`Peer::Switchyardd`].
+    pub fn restart_switchyardd(&mut self) {
+        self.daemon
+            .as_mut()
+            .expect("restart_switchyardd: this node runs containerd")
+            .restart();
+    }
+
     pub fn import(&self, archive: &Path) {
         let mut cmd = match &self.daemon {
             Some(d) => {
