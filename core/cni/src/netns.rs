@@ -305,37 +305,9 @@ fn bind_new_ns(
 /// Sets `lo` up in the calling thread's network namespace (`ip link set lo up`), over
 /// rtnetlink, and waits for the kernel's answer.
 fn loopback_up() -> io::Result<()> {
-    use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
-    use netlink_packet_route::RouteNetlinkMessage;
-    use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-
-    let mut link = LinkMessage::default();
-    link.header.flags = LinkFlags::Up;
-    link.header.change_mask = LinkFlags::Up;
-    link.attributes.push(LinkAttribute::IfName("lo".into()));
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::SetLink(link));
-    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
-
-    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
-    sock.bind_auto()?;
-    sock.connect(&netlink_sys::SocketAddr::new(0, 0))?;
-    sock.send(&buf, 0)?;
-    // The answer to one request with no dump is one message: the ACK or the error.
-    let mut answer = vec![0u8; 4096];
-    let n = sock.recv(&mut &mut answer[..], 0)?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    match reply.payload {
-        NetlinkPayload::Error(e) if e.code.is_none() => Ok(()),
-        NetlinkPayload::Error(e) => Err(e.to_io()),
-        other => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("rtnetlink answered {other:?} instead of an ACK"),
-        )),
-    }
+    switchyard_rtnl::Rtnl::open()
+        .and_then(|mut r| r.set_up_by_name("lo"))
+        .map_err(|e| io::Error::other(switchyard_base::chain(&e)))
 }
 
 #[cfg(test)]
