@@ -217,7 +217,7 @@ pub fn init(early_errors: Vec<String>) -> Boot {
         boot.early_errors
             .push(format!("enable cgroup controllers under /yard: {e}"));
     }
-    if let Err(e) = crate::sys::set_link_up("lo") {
+    if let Err(e) = crate::network::loopback_up() {
         boot.early_errors.push(format!("bring up lo: {e}"));
     }
     let _ = nix::unistd::sethostname("switchyard");

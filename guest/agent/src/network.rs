@@ -100,6 +100,13 @@ fn check(c: &proto::NetworkConfig) -> Result<()> {
     Ok(())
 }
 
+/// Sets `lo` up in the calling thread's network namespace (`ip link set lo up`).
+pub fn loopback_up() -> std::io::Result<()> {
+    Rtnl::open()
+        .and_then(|mut r| r.set_up_by_name("lo"))
+        .map_err(|e| std::io::Error::other(crate::error::chain(&e)))
+}
+
 /// Applies `c` in the calling thread's network namespace. Blocking.
 pub fn configure(c: &proto::NetworkConfig) -> Result<()> {
     check(c)?;

@@ -33,5 +33,5 @@ fn loopback_up(pid: i32) -> std::io::Result<()> {
     }
     let ns = std::fs::File::open(&theirs)?;
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    crate::sys::set_link_up("lo")
+    crate::network::loopback_up()
 }
