@@ -499,3 +499,87 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
     assert_eq!(line("vm shims after: "), "0", "{out}");
     assert_eq!(line("VMs booted: "), "1", "{out}");
 }
+
+/// Issue 20: the built-in VMM's virtio-net device on the pod network, the same check as the
+/// QEMU one in `cri.rs` (`vm_pod_network`) inside the harness: switchyardd's CRI puts a `vm` pod
+/// on a CNI bridge (bridge + host-local, Debian's plugins; no portmap: the harness has no
+/// iptables), the shim mirrors the pod's `eth0` to the tap of the VMM's virtio-net device, and
+/// the pod's busybox `httpd` is reached by pod IP from the harness's own namespace (the bridge's
+/// gateway, in the place of a native pod); from inside the VM, `wget` reaches a server on the
+/// gateway by a name the pod's `/etc/hosts` gives it. Removing the pod leaves no shim and no tap.
+#[test]
+fn issue20_a_vm_pod_on_the_pod_network_on_the_builtin_vmm() {
+    if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
+        return;
+    }
+    let plugins = std::path::Path::new("/usr/lib/cni");
+    if !require(
+        plugins.join("bridge").is_file() && plugins.join("host-local").is_file(),
+        "needs the CNI plugins (apt-get install containernetworking-plugins)",
+    ) {
+        return;
+    }
+    let image = switchyard_tests::cri::BUSYBOX_IMAGE;
+    let vm = switchyard_in_harness(
+        "backend = \"builtin\"\n",
+        &format!(
+            "yard -n k8s.io image import -q /images/busybox.tar >/dev/null || exit 11\n\
+             ids=$(yard cri run --pod-name netpod --runtime vm --log-dir /var/log/pods/netpod \
+                   --name web -v /srv/hosts:/etc/hosts:ro {image} -- sh -c \
+                   'mkdir -p /tmp/w && echo hello from the-vm > /tmp/w/index.html && exec httpd -f -p 8080 -h /tmp/w') || exit 12\n\
+             POD=$(echo \"$ids\" | head -1); C=$(echo \"$ids\" | tail -1)\n\
+             mkdir -p /tmp/hw && echo hello from the harness > /tmp/hw/index.html\n\
+             httpd -p 10.77.0.1:8081 -h /tmp/hw || exit 13\n\
+             i=0; while ! wget -qO- http://10.77.0.10:8080/ >/tmp/got 2>/dev/null && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done\n\
+             echo \"harness to the pod: $(cat /tmp/got)\"\n\
+             echo \"pod to the harness: $(yard cri exec $C -- wget -qO- http://harness-gw:8081/ 2>&1)\"\n\
+             yard cri exec $C -- cat /proc/net/fib_trie | grep -q '|-- 10.77.0.10$' && echo \"guest holds the pod IP: yes\"\n\
+             yard cri rmp $POD; echo \"rmp: $?\"\n\
+             i=0; while [ $(ps | grep -c [c]ontainerd-shim-yard-vm) -gt 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+             echo \"vm shims after: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
+             echo \"taps after: $(cat /proc/net/dev | grep -c tap0_yard)\"\n\
+             kill %1 2>/dev/null; sleep 0.2\n\
+             echo '--- switchyardd log (vm shim lines)'\n\
+             grep -e 'VM ready' -e mirrored -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n"
+        ),
+    )
+    .binary(plugins.join("bridge"), "/usr/lib/cni/bridge")
+    .binary(plugins.join("host-local"), "/usr/lib/cni/host-local")
+    .text(
+        "/etc/cni/net.d/10-nested.conflist",
+        r#"{"cniVersion": "1.0.0", "name": "nested", "plugins": [{"type": "bridge",
+            "bridge": "yardnest0", "isGateway": true, "ipam": {"type": "host-local",
+            "ranges": [[{"subnet": "10.77.0.0/24", "rangeStart": "10.77.0.10",
+            "rangeEnd": "10.77.0.10", "gateway": "10.77.0.1"}]],
+            "dataDir": "/run/cni-ipam"}}]}"#,
+        0o644,
+    )
+    .text(
+        "/srv/hosts",
+        "127.0.0.1 localhost\n10.77.0.1 harness-gw\n",
+        0o644,
+    )
+    .file(switchyard_tests::cri::busybox_images(), "/images/busybox.tar")
+    .payload_timeout(Duration::from_secs(420))
+    .timeout(Duration::from_secs(600))
+    .build()
+    .unwrap();
+    let out = &run_ok(&vm, "nested builtin pod network");
+    let line = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in:\n{out}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(line("harness to the pod: "), "hello from the-vm", "{out}");
+    assert_eq!(
+        line("pod to the harness: "),
+        "hello from the harness",
+        "{out}"
+    );
+    assert_eq!(line("guest holds the pod IP: "), "yes", "{out}");
+    assert_eq!(line("rmp: "), "0", "{out}");
+    assert_eq!(line("vm shims after: "), "0", "{out}");
+    assert_eq!(line("taps after: "), "0", "{out}");
+}
