@@ -27,16 +27,28 @@ use wasmtime_wasi_http::{WasiBody, WasiHttpHooks, WasiHttpView};
 use crate::runtime::P2State;
 use crate::task::Guest;
 
-/// Outgoing HTTP from guests is refused: an edge function here answers requests, it does not
-/// reach the network.
+/// Outgoing HTTP from guests: made by `outgoing.rs` from the worker, so from the pod's network
+/// namespace, for a task in a pod whose runtime allows it (`outgoing_http`); refused otherwise
+/// (`HttpRequestDenied`), always for a task outside a pod.
 #[derive(Debug, Default)]
-pub struct Hooks;
+pub struct Hooks {
+    /// The bound of an outgoing request's waits, when the task may make requests.
+    outgoing: Option<std::time::Duration>,
+}
+
+impl Hooks {
+    pub fn new(network: &crate::config::Network) -> Hooks {
+        Hooks {
+            outgoing: network.outgoing_http.then_some(network.outgoing_timeout),
+        }
+    }
+}
 
 impl WasiHttpHooks for Hooks {
     fn send_request(
         &mut self,
-        _request: http::Request<WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
         dyn Future<
@@ -46,7 +58,10 @@ impl WasiHttpHooks for Hooks {
                 )>,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        match self.outgoing {
+            None => Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) }),
+            Some(bound) => Box::new(crate::outgoing::send(request, options, bound)),
+        }
     }
 }
 
