@@ -8,7 +8,7 @@
 //! - `http` (wasip2): a `wasi:http/incoming-handler` component answering every request with
 //!   200 `hello from wasm http: <METHOD> <PATH>`, or the sorted environment for `/env`.
 //! - `sockets` (wasip2): a command using `wasi:sockets` through `std::net` (`--read ADDR`,
-//!   `--hold N ADDR`, `--udp ADDR TEXT`; see `tests/wasm/sockets/src/main.rs`).
+//!   `--hold N ADDR`, `--udp-loop TEXT`; see `tests/wasm/sockets/src/main.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1056,6 +1056,10 @@ fn wasm_pod_network(peer: Peer, _handler: &str) {
         "read from 127.0.0.1:7001: tcp hello from the pod".to_owned(),
     );
     assert!(code == 0 && log.contains(&want), "exit {code}: {log:?}");
+    // UDP too (busybox has no UDP server: the guest talks to itself on the pod's loopback).
+    let (code, log) = sockets_guest(&node, &c, &pod, &pod_cfg, "udp", &["--udp-loop", "ping"]);
+    let want = ("stdout".to_owned(), "udp got: ping".to_owned());
+    assert!(code == 0 && log.contains(&want), "exit {code}: {log:?}");
 
     teardown(&c, &client);
     teardown(&c, &pod);
@@ -1064,8 +1068,8 @@ fn wasm_pod_network(peer: Peer, _handler: &str) {
 }
 
 /// Issue 20: the guests' network is the runtime's to switch off and bounded. On `wasm-nonet`
-/// (options `sockets = false`, `outgoing_http = false`) the same guest's connection and the
-/// function's outgoing request fail with a clear error; on `wasm-few-sockets`
+/// (options `sockets = false`, `outgoing_http = false`) the same guest's TCP connection and
+/// UDP socket and the function's outgoing request fail with a clear error; on `wasm-few-sockets`
 /// (`max_sockets = 2`) a guest holds two connections and the third is refused.
 fn wasm_pod_network_off_and_bounded(peer: Peer, _handler: &str) {
     let Some(node) = node(peer) else { return };
@@ -1083,6 +1087,14 @@ fn wasm_pod_network_off_and_bounded(peer: Peer, _handler: &str) {
     assert!(
         code != 0
             && said.contains(&format!("--read {addr} failed:"))
+            && said.contains("PermissionDenied"),
+        "exit {code}: {log:?}"
+    );
+    let (code, log) = sockets_guest(&node, &c, &off, &off_cfg, "udp", &["--udp-loop", "ping"]);
+    let said = format!("{log:?}");
+    assert!(
+        code != 0
+            && said.contains("--udp-loop 127.0.0.1:0 failed:")
             && said.contains("PermissionDenied"),
         "exit {code}: {log:?}"
     );

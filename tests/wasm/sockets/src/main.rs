@@ -7,7 +7,8 @@
 //!   server closes (at most 64 KiB, 10 s) and prints `read from ADDR: <what it read>`
 //! - `--hold N ADDR`: opens up to N connections to `ADDR` and keeps them all open, printing
 //!   `held K` after each; the first failure prints `hold failed after K: <error>` and stops
-//! - `--udp ADDR TEXT`: sends TEXT in one datagram to `ADDR` and prints `sent to ADDR`
+//! - `--udp-loop TEXT`: binds a UDP socket on `127.0.0.1`, sends TEXT to itself and prints
+//!   `udp got: TEXT` (10 s at most)
 //!
 //! A failure prints `<option> ADDR failed: <error>` on stderr and exits with 3; a malformed
 //! option exits with 2.
@@ -75,14 +76,20 @@ fn main() {
                     }
                 }
             }
-            "--udp" => {
-                let a = value("ADDR");
+            "--udp-loop" => {
                 let text = value("TEXT");
-                let addr = addr_of(&a);
-                let s = UdpSocket::bind("0.0.0.0:0").unwrap_or_else(|e| fail("--udp", &a, e));
-                s.send_to(text.as_bytes(), addr)
-                    .unwrap_or_else(|e| fail("--udp", &a, e));
-                println!("sent to {a}");
+                let a = "127.0.0.1:0";
+                let s = UdpSocket::bind(a).unwrap_or_else(|e| fail("--udp-loop", a, e));
+                let me = s.local_addr().unwrap_or_else(|e| fail("--udp-loop", a, e));
+                let me_s = me.to_string();
+                s.send_to(text.as_bytes(), me)
+                    .unwrap_or_else(|e| fail("--udp-loop", &me_s, e));
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut buf = [0u8; 1024];
+                let (n, _) = s
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| fail("--udp-loop", &me_s, e));
+                println!("udp got: {}", String::from_utf8_lossy(&buf[..n]));
             }
             other => {
                 eprintln!("unknown option {other}");
