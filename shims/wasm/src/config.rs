@@ -63,7 +63,8 @@ pub struct Options {
     /// network namespace. Never outside a pod.
     pub outgoing_http: bool,
     /// Sockets one instance may hold open at once (TCP and UDP, accepted connections
-    /// included); one more is refused with `new-socket-limit`.
+    /// included); one more is refused with `new-socket-limit`. Its outgoing HTTP connections
+    /// have a budget of the same size of their own (`connection-limit-reached`).
     pub max_sockets: u32,
     /// Longest time an outgoing HTTP request may take to connect, and to wait for each part of
     /// the response, in ms (a guest may ask for less, never more).
