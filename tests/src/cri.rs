@@ -36,6 +36,8 @@ pub const BUSYBOX_IMAGE: &str = "switchyard.local/busybox:1";
 pub const WASM_HTTP_IMAGE: &str = "switchyard.local/wasm-http:1";
 /// The WASI `hello` test module as `/hello.wasm`, its entrypoint ([`wasm_images`]).
 pub const WASM_HELLO_IMAGE: &str = "switchyard.local/wasm-hello:1";
+/// The `wasi:sockets` test program as `/sockets.wasm`, its entrypoint ([`wasm_images`]).
+pub const WASM_SOCKETS_IMAGE: &str = "switchyard.local/wasm-sockets:1";
 /// A file that is neither Wasm nor ELF as the entrypoint (bad input for the wasm handler).
 pub const NOT_WASM_IMAGE: &str = "switchyard.local/not-wasm:1";
 
@@ -45,7 +47,24 @@ pub const HANDLERS: &[(&str, &str)] = &[
     ("native", "io.containerd.yard-native.v1"),
     ("vm", "io.containerd.yard-vm.v1"),
     ("wasm", "io.containerd.yard-wasm.v1"),
+    ("wasm-nonet", "io.containerd.yard-wasm.v1"),
+    ("wasm-few-sockets", "io.containerd.yard-wasm.v1"),
 ];
+
+/// Handlers with runtime options of their own (besides vm's): name and options (TOML), kept in
+/// `<name>.toml` in a node's directory. `wasm-nonet`: the wasm runtime with guests' sockets and
+/// outgoing HTTP off; `wasm-few-sockets`: at most 2 sockets per instance.
+const HANDLER_OPTIONS: &[(&str, &str)] = &[
+    ("wasm-nonet", "sockets = false\noutgoing_http = false\n"),
+    ("wasm-few-sockets", "max_sockets = 2\n"),
+];
+
+/// Write the [`HANDLER_OPTIONS`] files into a node's directory.
+fn write_handler_options(dir: &Path) {
+    for (name, toml) in HANDLER_OPTIONS {
+        crate::write(&dir.join(format!("{name}.toml")), toml);
+    }
+}
 
 /// The vm handler's options file in a node's directory ([`vm_options`]).
 const VM_OPTIONS: &str = "vm-options.toml";
@@ -111,11 +130,19 @@ impl Peer {
                 .map(|(name, ty)| {
                     let mut r =
                         format!("[{prefix}.containerd.runtimes.{name}]\nruntime_type = \"{ty}\"\n");
-                    if *name == "vm" {
+                    let options = if *name == "vm" {
+                        Some(dir.join(VM_OPTIONS))
+                    } else {
+                        HANDLER_OPTIONS
+                            .iter()
+                            .any(|(n, _)| n == name)
+                            .then(|| dir.join(format!("{name}.toml")))
+                    };
+                    if let Some(options) = options {
                         // CRI hands a runtime that is not runc its options as `ConfigPath`.
                         r.push_str(&format!(
                             "[{prefix}.containerd.runtimes.{name}.options]\nConfigPath = \"{}\"\n",
-                            dir.join(VM_OPTIONS).display()
+                            options.display()
                         ));
                     }
                     r
@@ -134,11 +161,20 @@ impl Peer {
                     .iter()
                     .find(|(name, _)| *name == "vm")
                     .map_or("", |(_, ty)| ty);
+                let others: String = HANDLER_OPTIONS
+                    .iter()
+                    .filter_map(|(name, toml)| {
+                        let ty = HANDLERS.iter().find(|(n, _)| n == name)?.1;
+                        Some(format!(
+                            "[runtimes.{name}]\nruntime_type = \"{ty}\"\n[runtimes.{name}.options]\n{toml}"
+                        ))
+                    })
+                    .collect();
                 // The default sandbox image, which switchyardd builds from the static
                 // yard-pause (scripts/setup installs one where the default config looks).
                 format!(
                     "[cri]\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n\
-                     pause_binary = \"{}\"\n[runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}",
+                     pause_binary = \"{}\"\n[runtimes.vm]\nruntime_type = \"{vm}\"\n[runtimes.vm.options]\n{}{others}",
                     cni_conf.display(),
                     pause_binary().display(),
                     vm_options(dir)
@@ -304,6 +340,7 @@ impl CriNode {
         let config = dir.path().join("config.toml");
         crate::write(&config, &peer.config(dir.path(), &socket, &net.conf_dir));
         crate::write(&dir.path().join(VM_OPTIONS), &vm_options(dir.path()));
+        write_handler_options(dir.path());
         let log = dir.path().join("containerd.log");
         let logf = std::fs::File::create(&log).expect("log");
         // Shims are found on containerd's PATH: ours (the build's bin dir) first.
@@ -356,6 +393,7 @@ impl CriNode {
             .expect("tempdir");
         let net = TestNet::new(dir.path());
         crate::write(&dir.path().join(VM_OPTIONS), &vm_options(dir.path()));
+        write_handler_options(dir.path());
         let config = Peer::Switchyardd
             .config(dir.path(), Path::new(""), &net.conf_dir)
             .replacen("[cri]\n", &format!("[cri]\n{cri}"), 1);
@@ -572,10 +610,15 @@ pub fn wasm_images() -> &'static Path {
             "hello.wasm",
             std::fs::read(&f.hello_module).expect("hello.wasm"),
         );
+        let sockets = one(
+            "sockets.wasm",
+            std::fs::read(&f.sockets_component).expect("sockets.wasm"),
+        );
         let not_wasm = one("app.wasm", b"#!/bin/sh\necho not wasm\n".to_vec());
         let tar = docker_save_tar(&[
             (WASM_HTTP_IMAGE, &http),
             (WASM_HELLO_IMAGE, &hello),
+            (WASM_SOCKETS_IMAGE, &sockets),
             (NOT_WASM_IMAGE, &not_wasm),
         ]);
         write_archive("wasm-images", &tar)

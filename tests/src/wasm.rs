@@ -7,6 +7,8 @@
 //!   see `tests/wasm/hello/src/main.rs`).
 //! - `http` (wasip2): a `wasi:http/incoming-handler` component answering every request with
 //!   200 `hello from wasm http: <METHOD> <PATH>`, or the sorted environment for `/env`.
+//! - `sockets` (wasip2): a command using `wasi:sockets` through `std::net` (`--read ADDR`,
+//!   `--hold N ADDR`, `--udp-loop TEXT`; see `tests/wasm/sockets/src/main.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +23,8 @@ pub struct Fixtures {
     pub hello_component: PathBuf,
     /// `http` for `wasm32-wasip2`: a component exporting `wasi:http/incoming-handler`.
     pub http_component: PathBuf,
+    /// `sockets` for `wasm32-wasip2`: a command using `wasi:sockets` through `std::net`.
+    pub sockets_component: PathBuf,
 }
 
 /// Builds `tests/wasm` once per process (`cargo build --release --locked` for `wasm32-wasip1`
@@ -50,16 +54,23 @@ fn build() -> Fixtures {
     let target_dir = root.join("target/wasm-fixtures");
 
     cargo_build(&manifest, &target_dir, "wasm32-wasip1", &["hello"]);
-    cargo_build(&manifest, &target_dir, "wasm32-wasip2", &["hello", "http"]);
+    cargo_build(
+        &manifest,
+        &target_dir,
+        "wasm32-wasip2",
+        &["hello", "http", "sockets"],
+    );
 
     let fixtures = Fixtures {
         hello_module: target_dir.join("wasm32-wasip1/release/hello.wasm"),
         hello_component: target_dir.join("wasm32-wasip2/release/hello.wasm"),
         http_component: target_dir.join("wasm32-wasip2/release/http.wasm"),
+        sockets_component: target_dir.join("wasm32-wasip2/release/sockets.wasm"),
     };
     check(&fixtures.hello_module, false);
     check(&fixtures.hello_component, true);
     check(&fixtures.http_component, true);
+    check(&fixtures.sockets_component, true);
     fixtures
 }
 

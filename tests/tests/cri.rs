@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use switchyard_api::cri::v1 as cri;
 use switchyard_tests::cri::{
-    BUSYBOX_IMAGE, CriNode, NOT_WASM_IMAGE, Peer, WASM_HTTP_IMAGE, container_config, pod_config,
-    read_cri_log, wasm_images,
+    BUSYBOX_IMAGE, CriNode, NOT_WASM_IMAGE, Peer, WASM_HTTP_IMAGE, WASM_SOCKETS_IMAGE,
+    container_config, pod_config, read_cri_log, wasm_images,
 };
 
 fn node(peer: Peer) -> Option<CriNode> {
@@ -871,6 +871,319 @@ fn vm_pod_network(peer: Peer, _handler: &str) {
     assert_no_pod_processes(&node);
 }
 
+/// A native pod serving on the pod network: busybox `httpd` on 8080 (`hello from native`, and
+/// `/cgi-bin/peer` answering `peer <the client's address>`) and a TCP server on 7000 that
+/// writes `tcp hello from native` to every connection. Its id and pod IP.
+fn native_peer(node: &CriNode, c: &switchyard_tests::cri::Cri) -> (String, String) {
+    let cfg = pod_config(node, "native-peer");
+    let pod = c.run_pod(&cfg, "native").expect("RunPodSandbox native");
+    let script = "mkdir -p /tmp/www/cgi-bin && echo hello from native > /tmp/www/index.html && \
+                  printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho peer $REMOTE_ADDR\\n' \
+                  > /tmp/www/cgi-bin/peer && chmod +x /tmp/www/cgi-bin/peer && \
+                  httpd -p 8080 -h /tmp/www && \
+                  while true; do echo tcp hello from native | nc -l -p 7000; done";
+    let server = container_config("servers", BUSYBOX_IMAGE, &["sh", "-c", script]);
+    c.run_container(&pod, &server, &cfg);
+    let ip = c
+        .pod_status(&pod)
+        .expect("PodSandboxStatus")
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(node.net.contains(&ip), "{ip} in {}", node.net.subnet);
+    (pod, ip)
+}
+
+/// Runs the `sockets` guest with `args` in `pod` until it exits: its exit code and CRI log.
+fn sockets_guest(
+    node: &CriNode,
+    c: &switchyard_tests::cri::Cri,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    name: &str,
+    args: &[&str],
+) -> (i32, Vec<(String, String)>) {
+    let mut command = vec!["/sockets.wasm"];
+    command.extend_from_slice(args);
+    let id = c
+        .create_container(
+            pod,
+            &container_config(name, WASM_SOCKETS_IMAGE, &command),
+            pod_cfg,
+        )
+        .expect("CreateContainer (sockets guest)");
+    c.start_container(&id)
+        .expect("StartContainer (sockets guest)");
+    let st = c.wait_container_state(
+        &id,
+        cri::ContainerState::ContainerExited,
+        Duration::from_secs(60),
+    );
+    let log = node
+        .pod_log_dir(&pod_cfg.metadata.as_ref().unwrap().uid)
+        .join(format!("{name}.log"));
+    // The log copier may still be writing the last lines.
+    switchyard_tests::eventually(Duration::from_secs(10), || !read_cri_log(&log).is_empty());
+    (st.exit_code, read_cri_log(&log))
+}
+
+/// Issue 20: a `wasm` pod on the pod network. Its `wasi:http` function is reached by pod IP
+/// from a `native` pod and from the host through a `portmap` host port on 127.0.0.1; under
+/// switchyardd on the pod's declared container port (9090: the pod's one TCP port mapping),
+/// under containerd on the default 8080 (containerd's CRI tells a runtime no ports). From the
+/// Wasm pod, a guest's `wasi:sockets` TCP connection and the function's outgoing `wasi:http`
+/// request reach the native pod by IP, from the pod's network namespace.
+fn wasm_pod_network(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    node.import(wasm_images());
+    let c = node.client();
+    let (native, native_ip) = native_peer(&node, &c);
+
+    let port_in_pod: u16 = if peer == Peer::Switchyardd {
+        9090
+    } else {
+        8080
+    };
+    let host_port = switchyard_tests::images::dead_port();
+    let mut pod_cfg = pod_config(&node, "edge");
+    pod_cfg.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: i32::from(port_in_pod),
+        host_port: i32::from(host_port),
+        host_ip: "127.0.0.1".into(),
+    }];
+    let pod = c.run_pod(&pod_cfg, "wasm").expect("RunPodSandbox on wasm");
+    let pod_ip = c
+        .pod_status(&pod)
+        .expect("PodSandboxStatus")
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(node.net.contains(&pod_ip), "{pod_ip}");
+    let func = c
+        .create_container(
+            &pod,
+            &container_config("func", WASM_HTTP_IMAGE, &[]),
+            &pod_cfg,
+        )
+        .expect("CreateContainer (wasm)");
+    c.start_container(&func).expect("StartContainer (wasm)");
+
+    let client_cfg = pod_config(&node, "client");
+    let client = c
+        .run_pod(&client_cfg, "native")
+        .expect("RunPodSandbox client");
+    let cid = c.run_container(
+        &client,
+        &container_config("client", BUSYBOX_IMAGE, &["sleep", "3600"]),
+        &client_cfg,
+    );
+    let fetch = |url: &str, want: &str| {
+        let mut last = None;
+        let ok = switchyard_tests::eventually(Duration::from_secs(30), || {
+            let out = c.exec_sync(&cid, &["wget", "-qO-", url], 15);
+            let ok = matches!(&out, Ok(o) if o.stdout == want);
+            last = Some(out);
+            ok
+        });
+        assert!(ok, "{url} from the native pod: {last:?}");
+    };
+    fetch(
+        &format!("http://{pod_ip}:{port_in_pod}/by-pod-ip"),
+        "hello from wasm http: GET /by-pod-ip\n",
+    );
+    let mut response = String::new();
+    let from_host = switchyard_tests::eventually(Duration::from_secs(30), || {
+        response = http_get_loopback(host_port).unwrap_or_else(|e| e.to_string());
+        response.contains("hello from wasm http: GET /")
+    });
+    assert!(
+        from_host,
+        "host port {host_port} to the wasm pod: {response}"
+    );
+
+    // Outgoing wasi:http from the function reaches the native pod, and comes from the Wasm
+    // pod's address (its network namespace), not the host's side of the bridge.
+    fetch(
+        &format!("http://{pod_ip}:{port_in_pod}/fetch?{native_ip}:8080/"),
+        "fetched 200: hello from native\n",
+    );
+    let url = format!("http://{pod_ip}:{port_in_pod}/fetch?{native_ip}:8080/cgi-bin/peer");
+    let peer = c
+        .exec_sync(&cid, &["wget", "-qO-", &url], 15)
+        .expect("ExecSync");
+    // httpd gives an IPv4 client as `[::ffff:IP]` on a dual-stack socket.
+    let seen = peer
+        .stdout
+        .strip_prefix("fetched 200: peer ")
+        .map(|a| a.trim_end().trim_matches(['[', ']']))
+        .map(|a| a.strip_prefix("::ffff:").unwrap_or(a));
+    assert_eq!(seen, Some(pod_ip.as_str()), "{url}: {peer:?}");
+
+    // wasi:sockets from a guest in the Wasm pod: to the native pod by IP, and to a sidecar on
+    // the pod's own loopback (only there if the guest's socket is in the pod's namespace).
+    let addr = format!("{native_ip}:7000");
+    let (code, log) = sockets_guest(&node, &c, &pod, &pod_cfg, "socks", &["--read", &addr]);
+    let want = (
+        "stdout".to_owned(),
+        format!("read from {addr}: tcp hello from native"),
+    );
+    assert!(code == 0 && log.contains(&want), "exit {code}: {log:?}");
+    let sidecar = c.run_container(
+        &pod,
+        &container_config(
+            "sidecar",
+            BUSYBOX_IMAGE,
+            &[
+                "sh",
+                "-c",
+                "exec nc -ll -p 7001 -e echo tcp hello from the pod",
+            ],
+        ),
+        &pod_cfg,
+    );
+    assert!(
+        switchyard_tests::eventually(Duration::from_secs(20), || {
+            c.exec_sync(&sidecar, &["sh", "-c", "netstat -ltn"], 10)
+                .is_ok_and(|o| o.stdout.contains(":7001 "))
+        }),
+        "the sidecar does not listen on 7001"
+    );
+    let (code, log) = sockets_guest(
+        &node,
+        &c,
+        &pod,
+        &pod_cfg,
+        "loopback",
+        &["--read", "127.0.0.1:7001"],
+    );
+    let want = (
+        "stdout".to_owned(),
+        "read from 127.0.0.1:7001: tcp hello from the pod".to_owned(),
+    );
+    assert!(code == 0 && log.contains(&want), "exit {code}: {log:?}");
+    // UDP too (busybox has no UDP server: the guest talks to itself on the pod's loopback).
+    let (code, log) = sockets_guest(&node, &c, &pod, &pod_cfg, "udp", &["--udp-loop", "ping"]);
+    let want = ("stdout".to_owned(), "udp got: ping".to_owned());
+    assert!(code == 0 && log.contains(&want), "exit {code}: {log:?}");
+
+    teardown(&c, &client);
+    teardown(&c, &pod);
+    teardown(&c, &native);
+    assert_no_pod_processes(&node);
+}
+
+/// Issue 20: the guests' network is the runtime's to switch off and bounded. On `wasm-nonet`
+/// (options `sockets = false`, `outgoing_http = false`) the same guest's TCP connection and
+/// UDP socket and the function's outgoing request fail with a clear error; on `wasm-few-sockets`
+/// (`max_sockets = 2`) a guest holds two connections and the third is refused.
+fn wasm_pod_network_off_and_bounded(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    node.import(wasm_images());
+    let c = node.client();
+    let (native, native_ip) = native_peer(&node, &c);
+    let addr = format!("{native_ip}:7000");
+
+    let off_cfg = pod_config(&node, "nonet");
+    let off = c
+        .run_pod(&off_cfg, "wasm-nonet")
+        .expect("RunPodSandbox on wasm-nonet");
+    let (code, log) = sockets_guest(&node, &c, &off, &off_cfg, "socks", &["--read", &addr]);
+    let said = format!("{log:?}");
+    assert!(
+        code != 0
+            && said.contains(&format!("--read {addr} failed:"))
+            && said.contains("PermissionDenied"),
+        "exit {code}: {log:?}"
+    );
+    let (code, log) = sockets_guest(&node, &c, &off, &off_cfg, "udp", &["--udp-loop", "ping"]);
+    let said = format!("{log:?}");
+    assert!(
+        code != 0
+            && said.contains("--udp-loop 127.0.0.1:0 failed:")
+            && said.contains("PermissionDenied"),
+        "exit {code}: {log:?}"
+    );
+    // The function's outgoing request is refused too; its server still serves.
+    c.run_container(
+        &off,
+        &container_config("func", WASM_HTTP_IMAGE, &[]),
+        &off_cfg,
+    );
+    let sidecar = c.run_container(
+        &off,
+        &container_config("sidecar", BUSYBOX_IMAGE, &["sleep", "3600"]),
+        &off_cfg,
+    );
+    let url = format!("http://127.0.0.1:8080/fetch?{native_ip}:8080/");
+    let mut last = None;
+    let refused = switchyard_tests::eventually(Duration::from_secs(30), || {
+        let out = c.exec_sync(&sidecar, &["wget", "-qO-", &url], 15);
+        let ok = matches!(&out, Ok(o) if o.stdout.starts_with("fetch failed:")
+            && o.stdout.contains("HttpRequestDenied"));
+        last = Some(out);
+        ok
+    });
+    assert!(refused, "{url} in the wasm-nonet pod: {last:?}");
+    teardown(&c, &off);
+
+    let few_cfg = pod_config(&node, "few");
+    let few = c
+        .run_pod(&few_cfg, "wasm-few-sockets")
+        .expect("RunPodSandbox on wasm-few-sockets");
+    // httpd takes many connections at once (nc one at a time).
+    let httpd = format!("{native_ip}:8080");
+    let (code, log) = sockets_guest(&node, &c, &few, &few_cfg, "hold", &["--hold", "5", &httpd]);
+    let out: Vec<&str> = log
+        .iter()
+        .filter(|(s, _)| s == "stdout")
+        .map(|(_, l)| l.as_str())
+        .collect();
+    assert!(
+        code == 0
+            && out.first() == Some(&"held 1")
+            && out.get(1) == Some(&"held 2")
+            && out
+                .get(2)
+                .is_some_and(|l| l.starts_with("hold failed after 2:")),
+        "exit {code}: {log:?}"
+    );
+    teardown(&c, &few);
+    teardown(&c, &native);
+    assert_no_pod_processes(&node);
+}
+
+/// Issue 20, bad input: a second `wasi:http` function of a pod on a port the first one holds
+/// fails StartContainer naming the address and the pod's network namespace, and the pod goes
+/// away leaving nothing.
+fn bad_input_wasm_port_in_use(peer: Peer, _handler: &str) {
+    let Some(node) = node(peer) else { return };
+    node.import(wasm_images());
+    let c = node.client();
+    let pod_cfg = pod_config(&node, "busyport");
+    let pod = c.run_pod(&pod_cfg, "wasm").expect("RunPodSandbox on wasm");
+    c.run_container(
+        &pod,
+        &container_config("first", WASM_HTTP_IMAGE, &[]),
+        &pod_cfg,
+    );
+    let err = c
+        .create_container(
+            &pod,
+            &container_config("second", WASM_HTTP_IMAGE, &[]),
+            &pod_cfg,
+        )
+        .and_then(|id| c.start_container(&id))
+        .expect_err("a port the pod's first function holds");
+    let m = err.message();
+    assert!(
+        m.contains("0.0.0.0:8080") && m.contains("network namespace") && m.contains("in use"),
+        "{err:?}"
+    );
+    teardown(&c, &pod);
+    assert_no_pod_processes(&node);
+}
+
 /// `GET /` from `127.0.0.1:port`, the whole response (the server closes the connection).
 fn http_get_loopback(port: u16) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
@@ -1327,4 +1640,7 @@ mod wasm {
     per_peer!(pod_lifecycle, "wasm");
     per_peer!(wasm_pod_http_and_sidecar, "wasm");
     per_peer!(bad_input_wasm, "wasm");
+    per_peer!(wasm_pod_network, "wasm");
+    per_peer!(wasm_pod_network_off_and_bounded, "wasm");
+    per_peer!(bad_input_wasm_port_in_use, "wasm");
 }

@@ -1,7 +1,7 @@
 //! The Wasm runtime's options: shim-wide settings from the runtime's options (switchyardd's
 //! `[runtimes.wasm.options]`, or CRI's `ConfigPath`), and per-task settings from the bundle's
 //! annotations, which win. Nothing here is read from the image (its environment included): an
-//! image author chooses neither limits nor the address a task listens on.
+//! image author chooses neither limits, nor the address a task listens on, nor its network.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -56,6 +56,19 @@ pub struct Options {
     pub worker_uid: u32,
     /// The host gid of the worker (0 exactly when `worker_uid` is 0).
     pub worker_gid: u32,
+    /// `wasi:sockets` (TCP and UDP) for guests of tasks in a pod, inside the pod's network
+    /// namespace. Never for tasks outside a pod (they would be on the shim's network).
+    pub sockets: bool,
+    /// Outgoing `wasi:http` requests for guests of tasks in a pod, made from inside the pod's
+    /// network namespace. Never outside a pod.
+    pub outgoing_http: bool,
+    /// Sockets one instance may hold open at once (TCP and UDP, accepted connections
+    /// included); one more is refused with `new-socket-limit`. Its outgoing HTTP connections
+    /// have a budget of the same size of their own (`connection-limit-reached`).
+    pub max_sockets: u32,
+    /// Longest time an outgoing HTTP request may take to connect, and to wait for each part of
+    /// the response, in ms (a guest may ask for less, never more).
+    pub outgoing_timeout_ms: u64,
 }
 
 /// The worker's default host uid and gid: in the range systemd leaves to no account or container
@@ -80,6 +93,10 @@ impl Default for Options {
             group: String::new(),
             worker_uid: WORKER_ID,
             worker_gid: WORKER_ID,
+            sockets: true,
+            outgoing_http: true,
+            max_sockets: 64,
+            outgoing_timeout_ms: 30_000,
         }
     }
 }
@@ -114,7 +131,20 @@ impl Options {
                 "options: max_connections must be at least 1".into(),
             ));
         }
-        listen_addr(&self.http_listen, "options: http_listen", self)?;
+        if self.max_sockets == 0 {
+            return Err(Error::InvalidArgument(
+                "options: max_sockets must be at least 1 (sockets = false turns sockets off)"
+                    .into(),
+            ));
+        }
+        if self.outgoing_timeout_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "options: outgoing_timeout_ms must be at least 1 (outgoing_http = false turns \
+                 outgoing requests off)"
+                    .into(),
+            ));
+        }
+        listen_addr(&self.http_listen, "options: http_listen", self, false)?;
         if (self.worker_uid == 0) != (self.worker_gid == 0) {
             return Err(Error::InvalidArgument(format!(
                 "options: worker_uid {} and worker_gid {}: both 0 (no user namespace) or neither",
@@ -132,6 +162,12 @@ impl Options {
             }
         }
         Ok(())
+    }
+
+    /// Whether a worker serving a pod's network namespace lets guests make sockets at all (the
+    /// system calls, for `wasi:sockets` or outgoing `wasi:http`).
+    pub fn network(&self) -> bool {
+        self.sockets || self.outgoing_http
     }
 
     /// Whether the worker runs in a user namespace of its own.
@@ -172,13 +208,31 @@ pub struct TaskSettings {
     /// Linear memory limit in bytes (the spec's `linux.resources.memory.limit`).
     pub memory_limit: Option<u64>,
     pub http_listen: SocketAddr,
+    /// What the guest may do on the network (nothing outside a pod).
+    pub network: Network,
+}
+
+/// A task's network: all off outside a pod; in a pod, the runtime's options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// `wasi:sockets` TCP and UDP.
+    pub sockets: bool,
+    /// Outgoing `wasi:http` requests.
+    pub outgoing_http: bool,
+    /// Sockets one instance may hold open at once.
+    pub max_sockets: u32,
+    /// Bound of an outgoing request's connect and of each wait for its response.
+    pub outgoing_timeout: Duration,
 }
 
 impl TaskSettings {
+    /// `pod`: the task's spec names a network namespace (a pod's): its listener is on every
+    /// address of the pod, and its guests get the network the options allow, inside it.
     pub fn new(
         options: &Options,
         annotations: &HashMap<String, String>,
         memory_limit: Option<i64>,
+        pod: bool,
     ) -> Result<TaskSettings> {
         let num = |key: &str, default: u64| -> Result<u64> {
             let full = format!("{ANNOTATION_PREFIX}{key}");
@@ -222,10 +276,27 @@ impl TaskSettings {
             }
             Some(l) => Some(l.unsigned_abs()),
         };
+        // A pod's listener binds in the pod's own namespace, where a port below 1024 takes
+        // nothing from the host (CRI's containers may listen on 80).
         let key = format!("{ANNOTATION_PREFIX}http-listen");
         let http_listen = match annotations.get(&key) {
-            Some(v) => listen_addr(v, &format!("annotations.{key}"), options)?,
-            None => listen_addr(&options.http_listen, "options: http_listen", options)?,
+            Some(v) => listen_addr(v, &format!("annotations.{key}"), options, pod)?,
+            None if pod => {
+                let port =
+                    listen_addr(&options.http_listen, "options: http_listen", options, pod)?.port();
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port)
+            }
+            None => listen_addr(&options.http_listen, "options: http_listen", options, pod)?,
+        };
+        let network = if pod {
+            Network {
+                sockets: options.sockets,
+                outgoing_http: options.outgoing_http,
+                max_sockets: options.max_sockets,
+                outgoing_timeout: Duration::from_millis(options.outgoing_timeout_ms),
+            }
+        } else {
+            Network::default()
         };
         Ok(TaskSettings {
             timeout,
@@ -235,34 +306,20 @@ impl TaskSettings {
             fuel: (fuel > 0).then_some(fuel),
             memory_limit,
             http_listen,
+            network,
         })
     }
 }
 
-impl TaskSettings {
-    /// A task in a pod (its spec names the pod's network namespace) listens on every address
-    /// of the pod, as a container's port does, at the port of the runtime's `http_listen`
-    /// (8080 by default), unless its annotation gives the address.
-    pub fn in_pod(mut self, annotations: &HashMap<String, String>) -> TaskSettings {
-        if !annotations.contains_key(&format!("{ANNOTATION_PREFIX}http-listen")) {
-            self.http_listen = SocketAddr::new(
-                std::net::Ipv4Addr::UNSPECIFIED.into(),
-                self.http_listen.port(),
-            );
-        }
-        self
-    }
-}
-
 /// An HTTP listen address: a literal `IP:PORT` (no name lookups in the shim), below 1024 only
-/// when the runtime allows privileged ports. `what` names the setting in errors.
-fn listen_addr(value: &str, what: &str, options: &Options) -> Result<SocketAddr> {
+/// in a pod or when the runtime allows privileged ports. `what` names the setting in errors.
+fn listen_addr(value: &str, what: &str, options: &Options, pod: bool) -> Result<SocketAddr> {
     let addr: SocketAddr = value.trim().parse().map_err(|_| {
         Error::InvalidArgument(format!(
             "{what}: {value:?} is not an IP:PORT address (like 127.0.0.1:8080)"
         ))
     })?;
-    if addr.port() != 0 && addr.port() < 1024 && !options.allow_privileged_ports {
+    if addr.port() != 0 && addr.port() < 1024 && !options.allow_privileged_ports && !pod {
         return Err(Error::InvalidArgument(format!(
             "{what}: port {} is privileged (below 1024); the runtime option \
              allow_privileged_ports permits it",
@@ -333,7 +390,8 @@ mod tests {
     #[test]
     fn defaults_bound_every_task() {
         let o = Options::default();
-        let t = TaskSettings::new(&o, &HashMap::new(), None).unwrap_or_else(|e| panic!("{e}"));
+        let t =
+            TaskSettings::new(&o, &HashMap::new(), None, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.timeout, Some(Duration::from_secs(3600)));
         assert_eq!(t.request_timeout, Some(Duration::from_secs(30)));
         assert_eq!(t.header_timeout, Some(Duration::from_secs(10)));
@@ -360,7 +418,8 @@ mod tests {
             "io.switchyard.wasm.max-connections".to_owned(),
             "3".to_owned(),
         );
-        let t = TaskSettings::new(&o, &ann, Some(64 << 20)).unwrap_or_else(|e| panic!("{e}"));
+        let t =
+            TaskSettings::new(&o, &ann, Some(64 << 20), false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.timeout, Some(Duration::from_millis(250)));
         assert_eq!(t.request_timeout, None);
         assert_eq!(t.max_connections, 3);
@@ -370,20 +429,20 @@ mod tests {
             "io.switchyard.wasm.timeout-ms".to_owned(),
             "soon".to_owned(),
         );
-        let e = err(TaskSettings::new(&o, &ann, None));
+        let e = err(TaskSettings::new(&o, &ann, None, false));
         assert!(
             e.contains("annotations.io.switchyard.wasm.timeout-ms"),
             "{e}"
         );
         ann.clear();
         ann.insert("io.switchyard.wasm.fuel".to_owned(), "10".to_owned());
-        assert!(TaskSettings::new(&o, &ann, None).is_err());
+        assert!(TaskSettings::new(&o, &ann, None, false).is_err());
         ann.clear();
         ann.insert(
             "io.switchyard.wasm.max-connections".to_owned(),
             "0".to_owned(),
         );
-        let e = err(TaskSettings::new(&o, &ann, None));
+        let e = err(TaskSettings::new(&o, &ann, None, false));
         assert!(e.contains("max-connections"), "{e}");
     }
 
@@ -395,7 +454,7 @@ mod tests {
             "io.switchyard.wasm.http-listen".to_owned(),
             "0.0.0.0:443".to_owned(),
         );
-        let e = err(TaskSettings::new(&o, &ann, None));
+        let e = err(TaskSettings::new(&o, &ann, None, false));
         assert!(
             e.starts_with("annotations.io.switchyard.wasm.http-listen: port 443 is privileged"),
             "{e}"
@@ -404,19 +463,19 @@ mod tests {
             allow_privileged_ports: true,
             ..Options::default()
         };
-        let t = TaskSettings::new(&allowed, &ann, None).unwrap_or_else(|e| panic!("{e}"));
+        let t = TaskSettings::new(&allowed, &ann, None, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.http_listen.port(), 443);
         // Port 0 (any free port) is not privileged.
         ann.insert(
             "io.switchyard.wasm.http-listen".to_owned(),
             "127.0.0.1:0".to_owned(),
         );
-        assert!(TaskSettings::new(&o, &ann, None).is_ok());
+        assert!(TaskSettings::new(&o, &ann, None, false).is_ok());
         ann.insert(
             "io.switchyard.wasm.http-listen".to_owned(),
             "example.invalid:8080".to_owned(),
         );
-        let e = err(TaskSettings::new(&o, &ann, None));
+        let e = err(TaskSettings::new(&o, &ann, None, false));
         assert!(e.contains("not an IP:PORT"), "{e}");
     }
 
@@ -424,16 +483,76 @@ mod tests {
     fn issue18_in_a_pod_the_listener_is_on_every_address_unless_annotated() {
         let o = Options::default();
         let none = HashMap::new();
-        let t = TaskSettings::new(&o, &none, None).unwrap_or_else(|e| panic!("{e}"));
+        let t = TaskSettings::new(&o, &none, None, false).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.http_listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(t.in_pod(&none).http_listen.to_string(), "0.0.0.0:8080");
+        let t = TaskSettings::new(&o, &none, None, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.http_listen.to_string(), "0.0.0.0:8080");
         let mut ann = HashMap::new();
         ann.insert(
             "io.switchyard.wasm.http-listen".to_owned(),
             "127.0.0.1:9000".to_owned(),
         );
-        let t = TaskSettings::new(&o, &ann, None).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(t.in_pod(&ann).http_listen.to_string(), "127.0.0.1:9000");
+        let t = TaskSettings::new(&o, &ann, None, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.http_listen.to_string(), "127.0.0.1:9000");
+    }
+
+    /// Issue 20: a pod's port below 1024 is the pod's own (its network namespace); outside a
+    /// pod it still needs allow_privileged_ports.
+    #[test]
+    fn issue20_privileged_ports_are_a_pods_own() {
+        let o = Options::default();
+        let mut ann = HashMap::new();
+        ann.insert(
+            "io.switchyard.wasm.http-listen".to_owned(),
+            "0.0.0.0:80".to_owned(),
+        );
+        let t = TaskSettings::new(&o, &ann, None, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.http_listen.to_string(), "0.0.0.0:80");
+        let e = err(TaskSettings::new(&o, &ann, None, false));
+        assert!(e.contains("port 80 is privileged"), "{e}");
+    }
+
+    /// Issue 20: guests get sockets and outgoing HTTP in a pod (each switchable off), never
+    /// outside one; the options are checked.
+    #[test]
+    fn issue20_network_only_in_a_pod_and_switchable() {
+        let none = HashMap::new();
+        let o = Options::default();
+        assert!(o.sockets && o.outgoing_http && o.network());
+        let host = TaskSettings::new(&o, &none, None, false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(host.network, Network::default());
+        assert!(!host.network.sockets && !host.network.outgoing_http);
+        let pod = TaskSettings::new(&o, &none, None, true).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pod.network,
+            Network {
+                sockets: true,
+                outgoing_http: true,
+                max_sockets: 64,
+                outgoing_timeout: Duration::from_secs(30),
+            }
+        );
+        let off = Options::from_toml("sockets = false\noutgoing_http = false\nmax_sockets = 3")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!off.network());
+        let t = TaskSettings::new(&off, &none, None, true).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!t.network.sockets && !t.network.outgoing_http);
+        let http_only = Options::from_toml("sockets = false").unwrap_or_else(|e| panic!("{e}"));
+        assert!(http_only.network());
+        let t = TaskSettings::new(&http_only, &none, None, true).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!t.network.sockets && t.network.outgoing_http);
+        for (toml, want) in [
+            ("max_sockets = 0", "options: max_sockets must be at least 1"),
+            ("outgoing_timeout_ms = 0", "options: outgoing_timeout_ms"),
+            ("sockets = \"yes\"", "sockets"),
+            ("socket = true", "socket"),
+        ] {
+            let e = Options::from_toml(toml).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|m| m.contains(want)),
+                "{toml}: {e:?}"
+            );
+        }
     }
 
     #[test]

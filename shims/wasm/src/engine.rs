@@ -27,7 +27,7 @@ use crate::compile::{Compiler, Kind};
 use crate::config::{Options, TaskSettings};
 use crate::entrypoint::Entrypoint;
 use crate::ipc::{GuestSpec, Loaded, ToWorker};
-use crate::remote::{RemoteContainer, RemoteParts, RemoteTask, Worker};
+use crate::remote::{PodNetns, RemoteContainer, RemoteParts, RemoteTask, Worker};
 
 /// The Linux containers of a Wasm pod: libcontainer, with this shim's own state directory. The
 /// wasm runtime's options are its own, never containerd's runc options.
@@ -72,9 +72,16 @@ impl WasmEngine {
             .ok()
             .and_then(|b| serde_json::from_slice::<Options>(&b).ok())
             .unwrap_or_default();
+        // A pod's shim starts in its first container's bundle (the sandbox's): its network
+        // namespace is the pod's.
+        let netns = Spec::load("config.json")
+            .ok()
+            .and_then(|s| spec_netns(&s))
+            .and_then(|p| PodNetns::open(&p).ok());
         let mut engine = WasmEngine::for_shim(flags);
         let worker = Worker::spawn(
             options.clone(),
+            netns,
             &engine.log_filter,
             &flags.namespace,
             &flags.id,
@@ -238,8 +245,12 @@ impl WasmEngine {
             .cloned()
     }
 
-    /// The shim's worker, started (again) if there is none or it has ended.
-    async fn worker(&self, options: &Options) -> Result<Arc<Worker>> {
+    /// The shim's worker, started (again) if there is none or it has ended. A task in a pod
+    /// (`netns`) needs the worker that runs in that pod's network namespace; one that runs
+    /// elsewhere is replaced while it has no tasks, and refused otherwise: one shim's guests
+    /// share one network (a task outside a pod has none, so any worker does).
+    async fn worker(&self, options: &Options, netns: Option<&Path>) -> Result<Arc<Worker>> {
+        let netns = netns.map(PodNetns::open).transpose()?;
         let mut w = self.worker.lock().await;
         if let Some(cur) = &*w
             && cur.alive()
@@ -249,11 +260,35 @@ impl WasmEngine {
                     "options: this shim's wasm worker runs with other runtime options".into(),
                 ));
             }
-            cur.watch();
-            return Ok(cur.clone());
+            let same = match (&netns, &cur.netns) {
+                (None, _) => true,
+                (Some(want), Some((_, id))) => want.id == *id,
+                (Some(_), None) => false,
+            };
+            if same {
+                cur.watch();
+                return Ok(cur.clone());
+            }
+            if cur.task_count() > 0 {
+                let serves = match &cur.netns {
+                    Some((p, _)) => format!("the network namespace {}", p.display()),
+                    None => "the shim's network namespace".into(),
+                };
+                let want = netns
+                    .as_ref()
+                    .map(|n| n.path.display().to_string())
+                    .unwrap_or_default();
+                return Err(Error::FailedPrecondition(format!(
+                    "linux.namespaces: network namespace {want}: this shim's wasm worker serves \
+                     {serves} (one shim serves one pod's network)"
+                )));
+            }
+            tracing::debug!(?netns, "wasm worker: into the pod's network namespace");
+            cur.close();
         }
         let fresh = Arc::new(Worker::spawn(
             options.clone(),
+            netns,
             &self.log_filter,
             &self.namespace,
             &self.id,
@@ -330,22 +365,12 @@ impl WasmEngine {
         let cgroup = linux.and_then(|l| l.cgroups_path().clone());
         let cpu = resources.and_then(|r| r.cpu().clone());
         let options = Options::from_any(req.options.as_ref())?;
-        let settings = TaskSettings::new(&options, &annotations, memory_limit)?;
-        // In a pod (CRI names the sandbox's network namespace), the listener is the pod's.
-        let netns = linux
-            .and_then(|l| l.namespaces().as_ref())
-            .and_then(|ns| {
-                ns.iter()
-                    .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
-            })
-            .and_then(|n| n.path().clone());
-        let settings = if netns.is_some() {
-            settings.in_pod(&annotations)
-        } else {
-            settings
-        };
+        // In a pod (CRI names the sandbox's network namespace), the listener and the guests'
+        // network are the pod's.
+        let netns = spec_netns(spec);
+        let settings = TaskSettings::new(&options, &annotations, memory_limit, netns.is_some())?;
         let compiler = self.compiler(&options).await?;
-        let worker = self.worker(&options).await?;
+        let worker = self.worker(&options, netns.as_deref()).await?;
 
         let what = format!("process.args[0] {arg0}");
         let src = {
@@ -419,13 +444,13 @@ impl WasmEngine {
         let msg = ToWorker::Create {
             task: req.id.clone(),
             digest,
-            guest: GuestSpec {
+            guest: Box::new(GuestSpec {
                 args,
                 env,
                 cwd,
                 readonly,
                 settings,
-            },
+            }),
         };
         let created = worker
             .call(
@@ -485,6 +510,18 @@ impl WasmEngine {
             "{what}: cannot load the compiled code"
         )))
     }
+}
+
+/// The network namespace a spec names (a pod's: CRI names the sandbox's).
+fn spec_netns(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        })
+        .and_then(|n| n.path().clone())
 }
 
 /// The host path of `arg0` inside `rootfs`: absolute, or relative to the process's cwd;

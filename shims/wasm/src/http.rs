@@ -27,16 +27,36 @@ use wasmtime_wasi_http::{WasiBody, WasiHttpHooks, WasiHttpView};
 use crate::runtime::P2State;
 use crate::task::Guest;
 
-/// Outgoing HTTP from guests is refused: an edge function here answers requests, it does not
-/// reach the network.
+/// Outgoing HTTP from guests: made by `outgoing.rs` from the worker, so from the pod's network
+/// namespace, for a task in a pod whose runtime allows it (`outgoing_http`); refused otherwise
+/// (`HttpRequestDenied`), always for a task outside a pod. Each request holds a connection of
+/// the worker's until its response is read or dropped: an instance has at most `max_sockets`
+/// at once (one more is `connection-limit-reached`).
 #[derive(Debug, Default)]
-pub struct Hooks;
+pub struct Hooks {
+    /// The bound of an outgoing request's waits, when the task may make requests.
+    outgoing: Option<std::time::Duration>,
+    /// The instance's outgoing connections.
+    conns: Option<Arc<Semaphore>>,
+}
+
+impl Hooks {
+    pub fn new(network: &crate::config::Network) -> Hooks {
+        let max = usize::try_from(network.max_sockets).unwrap_or(usize::MAX);
+        Hooks {
+            outgoing: network.outgoing_http.then_some(network.outgoing_timeout),
+            conns: network
+                .outgoing_http
+                .then(|| Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)))),
+        }
+    }
+}
 
 impl WasiHttpHooks for Hooks {
     fn send_request(
         &mut self,
-        _request: http::Request<WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        request: http::Request<WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
         dyn Future<
@@ -46,7 +66,22 @@ impl WasiHttpHooks for Hooks {
                 )>,
             > + Send,
     > {
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+        let (Some(bound), Some(conns)) = (self.outgoing, &self.conns) else {
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            return Box::new(async { Err(wasmtime_wasi_http::Error::ConnectionLimitReached) });
+        };
+        Box::new(async move {
+            let (response, io) = crate::outgoing::send(request, options, bound).await?;
+            // The connection is the worker's until its work is done.
+            let io: crate::outgoing::Io = Box::new(async move {
+                let done = Box::into_pin(io).await;
+                drop(permit);
+                done
+            });
+            Ok((response, io))
+        })
     }
 }
 
@@ -216,5 +251,98 @@ async fn call(
             Ok(Err(e)) => Err(format!("{e:?}")),
             Err(e) => Err(e.to_string()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::{BodyExt, Empty};
+    use wasmtime_wasi_http::Error as HttpError;
+
+    use super::*;
+    use crate::config::Network;
+
+    fn get(addr: std::net::SocketAddr) -> http::Request<WasiBody> {
+        let body = Empty::<Bytes>::new()
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync();
+        http::Request::get(format!("http://{addr}/"))
+            .body(body)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    type Sent = Pin<
+        Box<
+            dyn Future<
+                    Output = wasmtime_wasi_http::Result<(
+                        http::Response<WasiBody>,
+                        Box<dyn Future<Output = Result<(), HttpError>> + Send>,
+                    )>,
+                > + Send,
+        >,
+    >;
+
+    fn send(hooks: &mut Hooks, addr: std::net::SocketAddr) -> Sent {
+        let done: Box<dyn Future<Output = Result<(), HttpError>> + Send> =
+            Box::new(async { Ok(()) });
+        Box::into_pin(hooks.send_request(get(addr), None, done))
+    }
+
+    /// Issue 20: outgoing requests are refused where the task has no network, and an instance
+    /// holds at most `max_sockets` outgoing connections at once (a dropped one frees its place).
+    #[test]
+    fn issue20_outgoing_requests_are_switchable_and_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        rt.block_on(async {
+            // A server on this test's loopback that accepts and never answers.
+            let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let addr = server.local_addr().unwrap_or_else(|e| panic!("{e}"));
+            let _accepting = tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = server.accept().await {
+                    held.push(s);
+                }
+            });
+
+            let mut off = Hooks::new(&Network::default());
+            let e = send(&mut off, addr).await.err();
+            assert!(matches!(e, Some(HttpError::HttpRequestDenied)), "{e:?}");
+
+            let net = Network {
+                sockets: false,
+                outgoing_http: true,
+                max_sockets: 1,
+                outgoing_timeout: Duration::from_secs(30),
+            };
+            let mut hooks = Hooks::new(&net);
+            let mut first = send(&mut hooks, addr);
+            // The first connects and waits for an answer that never comes.
+            let pending = tokio::time::timeout(Duration::from_millis(200), &mut first).await;
+            assert!(
+                pending.is_err(),
+                "the first request ended: {:?}",
+                pending.map(|r| r.err())
+            );
+            let e = send(&mut hooks, addr).await.err();
+            assert!(
+                matches!(e, Some(HttpError::ConnectionLimitReached)),
+                "{e:?}"
+            );
+            drop(first);
+            let mut third = send(&mut hooks, addr);
+            let pending = tokio::time::timeout(Duration::from_millis(200), &mut third).await;
+            assert!(
+                pending.is_err(),
+                "a freed place is refused: {:?}",
+                pending.map(|r| r.err())
+            );
+        });
     }
 }

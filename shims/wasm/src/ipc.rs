@@ -40,7 +40,7 @@ pub enum ToWorker {
     Create {
         task: String,
         digest: String,
-        guest: GuestSpec,
+        guest: Box<GuestSpec>,
     },
     /// Run it (fd: the listening socket, for an HTTP component).
     Start {

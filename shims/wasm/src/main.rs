@@ -14,6 +14,8 @@ mod fsguard;
 mod http;
 mod idmap;
 mod ipc;
+mod netguard;
+mod outgoing;
 mod policy;
 mod remote;
 mod runtime;

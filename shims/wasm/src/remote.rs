@@ -27,7 +27,7 @@ use yard_shim_kit::{Container, Error, ExecRequest, Exit, Process, ProcessInfo, P
 use crate::cgroup::Placement;
 use crate::config::Options;
 use crate::ipc::{self, Answer, FromWorker, Loaded, Request, ToWorker};
-use crate::worker::{Init, USERNS_FLAG, USERNS_READY};
+use crate::worker::{Init, NETNS_FLAG, USERNS_FLAG, USERNS_READY};
 
 /// Exit status of the tasks of a worker that died (as if killed).
 pub const EXIT_WORKER_GONE: u32 = 137;
@@ -72,6 +72,38 @@ impl Shared {
     }
 }
 
+/// A pod's network namespace, which a worker serving the pod runs in.
+pub struct PodNetns {
+    /// The path the task's spec named it by (for messages).
+    pub path: PathBuf,
+    /// Its identity (device, inode): two paths may name one namespace.
+    pub id: (u64, u64),
+    fd: OwnedFd,
+}
+
+impl PodNetns {
+    /// The namespace at `path`, from a task's `linux.namespaces`.
+    pub fn open(path: &std::path::Path) -> Result<PodNetns> {
+        let (fd, id) = crate::sys::open_netns(path).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "linux.namespaces: network namespace {}: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(PodNetns {
+            path: path.to_owned(),
+            id,
+            fd,
+        })
+    }
+}
+
+impl std::fmt::Debug for PodNetns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.path.display())
+    }
+}
+
 /// A running worker.
 pub struct Worker {
     pub pid: u32,
@@ -89,13 +121,23 @@ pub struct Worker {
     watched: AtomicBool,
     /// The worker's user namespace, to idmap task roots to (none with `worker_uid = 0`).
     userns: Option<OwnedFd>,
+    /// The pod's network namespace the worker runs in (none: the shim's, and no sockets).
+    pub netns: Option<(PathBuf, (u64, u64))>,
 }
 
 impl Worker {
     /// Start a worker for `options` (no async runtime needed: the server prewarms one before
-    /// its runtime exists). `log_filter` is the shim's log filter; `namespace` and `id` name the
-    /// shim in the worker's command line.
-    pub fn spawn(options: Options, log_filter: &str, namespace: &str, id: &str) -> Result<Worker> {
+    /// its runtime exists), in the pod's network namespace `netns` if given (where its guests
+    /// may make sockets as the options allow), else in the shim's (where they may make none).
+    /// `log_filter` is the shim's log filter; `namespace` and `id` name the shim in the
+    /// worker's command line.
+    pub fn spawn(
+        options: Options,
+        netns: Option<PodNetns>,
+        log_filter: &str,
+        namespace: &str,
+        id: &str,
+    ) -> Result<Worker> {
         let (parent, child) = ipc::pair(SEND).map_err(Error::io("wasm worker channel"))?;
         let (log_r, log_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
             .map_err(|e| Error::io("wasm worker log pipe")(e.into()))?;
@@ -103,15 +145,28 @@ impl Worker {
         cmd.arg0(env!("CARGO_PKG_NAME"))
             .args(["worker", "-namespace", namespace, "-id", id])
             .args(options.user_namespace().then_some(USERNS_FLAG))
+            .args(netns.is_some().then_some(NETNS_FLAG))
             .env("SWITCHYARD_SHIM_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_w));
-        cmd.fd_mappings(vec![FdMapping {
+        let mut fds = vec![FdMapping {
             parent_fd: child,
             child_fd: crate::sys::CHANNEL_FD,
-        }])
-        .map_err(|e| Error::Internal(format!("wasm worker channel: {e}")))?;
+        }];
+        let network = netns.is_some() && options.network();
+        let netns = match netns {
+            Some(n) => {
+                fds.push(FdMapping {
+                    parent_fd: n.fd,
+                    child_fd: crate::sys::NETNS_FD,
+                });
+                Some((n.path, n.id))
+            }
+            None => None,
+        };
+        cmd.fd_mappings(fds)
+            .map_err(|e| Error::Internal(format!("wasm worker channel: {e}")))?;
         // The kit's reaper collects the worker; its exit is asked for in `watch`.
         let mark = yard_shim_kit::reaper::global().mark();
         #[allow(clippy::zombie_processes)]
@@ -141,6 +196,7 @@ impl Worker {
             &Init {
                 options: options.clone(),
                 threads,
+                network,
             },
             &[],
         )
@@ -164,7 +220,7 @@ impl Worker {
             .name("wasm-worker-log".into())
             .spawn(move || relay_log(log_r, pid))
             .map_err(Error::io("start the wasm worker log"))?;
-        tracing::debug!(pid, "wasm worker started");
+        tracing::debug!(pid, ?netns, network, "wasm worker started");
         Ok(Worker {
             pid,
             mark,
@@ -177,6 +233,7 @@ impl Worker {
             placement: Mutex::new(Placement::default()),
             watched: AtomicBool::new(false),
             userns,
+            netns,
         })
     }
 
@@ -331,7 +388,7 @@ impl Worker {
             .remove(task);
     }
 
-    fn task_count(&self) -> usize {
+    pub fn task_count(&self) -> usize {
         self.shared
             .tasks
             .lock()

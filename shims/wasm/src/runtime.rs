@@ -97,6 +97,8 @@ pub struct P2State {
     pub table: ResourceTable,
     pub hooks: crate::http::Hooks,
     pub limits: Limits,
+    /// Sockets the instance may hold at once (`netguard.rs`).
+    pub max_sockets: usize,
 }
 
 impl WasiView for P2State {
@@ -175,6 +177,8 @@ impl Runtime {
             .map_err(|e| Error::Internal(format!("link wasi:http: {e}")))?;
         crate::fsguard::add_to_linkers(&mut modules, &mut components)
             .map_err(|e| Error::Internal(format!("link the WASI open guard: {e}")))?;
+        crate::netguard::add_to_linker(&mut components)
+            .map_err(|e| Error::Internal(format!("link the WASI socket bound: {e}")))?;
         let guests = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers.max(1))
             .thread_name("wasm-guest")

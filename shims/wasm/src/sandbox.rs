@@ -8,8 +8,10 @@
 //! - a private IPC namespace (no SysV objects of the host);
 //! - no capabilities in any set (bounding and ambient included), `no_new_privs`, not dumpable
 //!   (no ptrace or `/proc/<pid>/mem` from processes of the same uid), no core dumps;
-//! - a seccomp allow-list of the system calls wasmtime, tokio and WASI need; no `socket`, no
-//!   `execve`, no new processes or namespaces, signals and resource calls only on itself;
+//! - a seccomp allow-list of the system calls wasmtime, tokio and WASI need; no `execve`, no new
+//!   processes or namespaces, signals and resource calls only on itself; `socket` only for a
+//!   worker in a pod's network namespace whose guests may use the network, and then only IPv4
+//!   and IPv6 streams and datagrams (no unix, netlink, packet or raw sockets);
 //! - death with the parent.
 //!
 //! - a user namespace of its own (unless the runtime's `worker_uid` is 0), in which it is uid
@@ -104,9 +106,9 @@ pub fn become_mapped_root() -> Result<(), SandboxError> {
 }
 
 /// The last step: death with the parent, no core dumps, not dumpable, no capabilities,
-/// `no_new_privs`, the seccomp filters. After a change of ids (the kernel clears the death
-/// signal and the dumpable flag on one).
-pub fn drop_privileges() -> Result<(), SandboxError> {
+/// `no_new_privs`, the seccomp filters (with `network`, the socket calls of [`filters`]).
+/// After a change of ids (the kernel clears the death signal and the dumpable flag on one).
+pub fn drop_privileges(network: bool) -> Result<(), SandboxError> {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
         .map_err(step("die with the parent"))?;
     // No core dumps (they would hold guests' memory) and no ptrace from the same uid.
@@ -122,7 +124,7 @@ pub fn drop_privileges() -> Result<(), SandboxError> {
         .map_err(step("not dumpable"))?;
     drop_capabilities()?;
     rustix::thread::set_no_new_privs(true).map_err(step("no_new_privs"))?;
-    for f in filters(rustix::process::getpid().as_raw_nonzero().get())? {
+    for f in filters(rustix::process::getpid().as_raw_nonzero().get(), network)? {
         seccompiler::apply_filter(&f)?;
     }
     Ok(())
@@ -167,8 +169,10 @@ fn drop_capabilities() -> Result<(), SandboxError> {
 }
 
 /// The worker's system calls, as two programs to install in order. Everything else fails with
-/// EPERM (clone3 with ENOSYS).
-pub fn filters(pid: i32) -> Result<[BpfProgram; 2], SandboxError> {
+/// EPERM (clone3 with ENOSYS). With `network` (a worker in a pod's network namespace whose
+/// guests may use it), IPv4 and IPv6 stream and datagram sockets, and `bind`, `listen` and
+/// `connect` on them.
+pub fn filters(pid: i32, network: bool) -> Result<[BpfProgram; 2], SandboxError> {
     let arch = seccompiler::TargetArch::try_from(std::env::consts::ARCH)?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in ALLOWED {
@@ -201,6 +205,20 @@ pub fn filters(pid: i32) -> Result<[BpfProgram; 2], SandboxError> {
         libc::SYS_socketpair,
         vec![one(vec![eq(0, Len::Dword, libc::AF_UNIX as u64)?])?],
     );
+    if network {
+        // The socket type's low bits; the rest are SOCK_NONBLOCK and SOCK_CLOEXEC.
+        let kind = |t: i32| Cond::new(1, Len::Dword, Op::MaskedEq(0xf), t as u64);
+        let mut socket = Vec::new();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            for t in [libc::SOCK_STREAM, libc::SOCK_DGRAM] {
+                socket.push(one(vec![eq(0, Len::Dword, family as u64)?, kind(t)?])?);
+            }
+        }
+        rules.insert(libc::SYS_socket, socket);
+        for nr in [libc::SYS_bind, libc::SYS_listen, libc::SYS_connect] {
+            rules.insert(nr, Vec::new());
+        }
+    }
     // Signals and resource limits only on this process.
     rules.insert(libc::SYS_tgkill, vec![one(vec![eq(0, Len::Dword, pid)?])?]);
     rules.insert(
@@ -474,8 +492,10 @@ mod tests {
     /// The filter compiles for this host and stays within the kernel's program size.
     #[test]
     fn filter_builds() {
-        for p in filters(1234).unwrap_or_else(|e| panic!("{e}")) {
-            assert!(!p.is_empty() && p.len() < 4096, "{} instructions", p.len());
+        for network in [false, true] {
+            for p in filters(1234, network).unwrap_or_else(|e| panic!("{e}")) {
+                assert!(!p.is_empty() && p.len() < 4096, "{} instructions", p.len());
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The Wasm shim's unsafe operations, each wrapped once: turning a compiled artifact back into
 //! executable code (in the worker), hardening a detached mount tree (no wrapper exists for
-//! `mount_setattr`), and taking over the channel descriptor the parent placed in the worker;
-//! and binding a task's HTTP listener inside a pod's network namespace.
+//! `mount_setattr`), and taking over the channel and network namespace descriptors the parent
+//! placed in the worker; and binding a task's HTTP listener inside a pod's network namespace.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -124,6 +124,52 @@ pub fn channel() -> io::Result<OwnedFd> {
     // SAFETY: the parent put the channel at fd 3 for this process (command-fds mapping), nothing
     // else in the worker owns it, and this is called once, so the OwnedFd is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) })
+}
+
+/// Where the parent places a pod's network namespace for a worker that serves the pod.
+pub const NETNS_FD: i32 = 4;
+
+/// `NSFS_MAGIC`: the filesystem of `/proc/PID/ns/*` and of their bind mounts.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Open the network namespace at `path` (a pod's, as CRI names it in `linux.namespaces`):
+/// refused unless it is a namespace file. Returns it with its identity (device and inode),
+/// which is the same whichever path names the namespace (containerd names a pod's by its
+/// bind mount for the sandbox, by `/proc/PID/ns/net` for the pod's containers).
+pub fn open_netns(path: &Path) -> io::Result<(OwnedFd, (u64, u64))> {
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let fs = rustix::fs::fstatfs(&fd)?;
+    #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+    if i64::from(fs.f_type as i64) != NSFS_MAGIC {
+        return Err(io::Error::other("not a namespace file"));
+    }
+    let st = rustix::fs::fstat(&fd)?;
+    #[allow(clippy::useless_conversion)]
+    Ok((fd, (u64::from(st.st_dev), u64::from(st.st_ino))))
+}
+
+/// In the worker, before its confinement: join the network namespace the parent placed at
+/// [`NETNS_FD`] (this needs CAP_SYS_ADMIN over the namespace's owner, which only host root
+/// has: the worker does this while it still is), then close the descriptor. Call once, while
+/// single-threaded (`setns` moves the calling thread; every later thread inherits it).
+pub fn enter_inherited_netns() -> io::Result<()> {
+    // SAFETY: fd 4 is borrowed only for this check, while no other code in this
+    // single-threaded process can close it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(NETNS_FD) };
+    rustix::fs::fstat(borrowed)?;
+    // SAFETY: the parent put the namespace at fd 4 for this process (command-fds mapping), it
+    // was open just above, nothing else in the worker owns it, and this is called once, so the
+    // OwnedFd is its only owner.
+    let ns = unsafe { OwnedFd::from_raw_fd(NETNS_FD) };
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
+    Ok(())
 }
 
 /// A TCP listener bound to `addr` inside the network namespace at `netns` (a pod's, as

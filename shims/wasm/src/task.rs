@@ -166,7 +166,10 @@ impl Guest {
         Ok(b)
     }
 
-    /// Args, env, the root preopened as `/`, no network.
+    /// Args, env, the root preopened as `/`, and the network the task may use: in a pod,
+    /// `wasi:sockets` TCP and UDP to any address (the worker is in the pod's network namespace,
+    /// so any address is as the pod sees it) unless the runtime turned them off; outside a pod,
+    /// none. No name lookups (the worker has no resolver configuration).
     fn base(&self) -> Result<WasiCtxBuilder> {
         let mut b = WasiCtxBuilder::new();
         b.args(&self.args).envs(&self.env);
@@ -176,14 +179,22 @@ impl Guest {
             FsPerms::ReadWrite
         };
         preopen_root(&mut b, &self.root, perms)?;
-        // A guest reaches no network: no sockets (the worker may not create them anyway).
-        b.allow_tcp(false)
-            .allow_udp(false)
+        let sockets = self.settings.network.sockets;
+        b.allow_tcp(sockets)
+            .allow_udp(sockets)
             .allow_ip_name_lookup(false);
+        if sockets {
+            b.inherit_network();
+        }
         if !self.cwd.is_empty() && self.cwd != "/" {
             b.env("PWD", &self.cwd);
         }
         Ok(b)
+    }
+
+    /// Sockets one instance may hold at once.
+    fn max_sockets(&self) -> usize {
+        usize::try_from(self.settings.network.max_sockets).unwrap_or(usize::MAX)
     }
 
     /// Copies of the task's output files for one more instance (none once the task has ended).
@@ -208,8 +219,9 @@ impl Guest {
             wasi: b.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            hooks: crate::http::Hooks,
+            hooks: crate::http::Hooks::new(&self.settings.network),
             limits: Limits::new(self.memory_limit.clone(), self.memory_used.clone()),
+            max_sockets: self.max_sockets(),
         })
     }
 
@@ -404,8 +416,9 @@ impl WasmProcess {
                     wasi,
                     http: WasiHttpCtx::new(),
                     table: ResourceTable::new(),
-                    hooks: crate::http::Hooks,
+                    hooks: crate::http::Hooks::new(&g.settings.network),
                     limits,
+                    max_sockets: g.max_sockets(),
                 };
                 let mut store = Store::new(&engine, state);
                 g.configure(&mut store, g.settings.timeout, |s: &mut P2State| {

@@ -24,10 +24,17 @@ pub struct Init {
     pub options: Options,
     /// Threads for guests.
     pub threads: usize,
+    /// Whether guests may make sockets (the worker is in a pod's network namespace and the
+    /// options allow sockets or outgoing HTTP): the seccomp filter lets `socket` through for
+    /// IPv4 and IPv6 streams and datagrams only then.
+    pub network: bool,
 }
 
 /// The worker's argument asking it to run in a user namespace of its own, which the parent maps.
 pub const USERNS_FLAG: &str = "-userns";
+/// The worker's argument saying the parent placed a pod's network namespace at
+/// [`crate::sys::NETNS_FD`] for it to run in.
+pub const NETNS_FLAG: &str = "-netns";
 /// The frame a worker asked for [`USERNS_FLAG`] sends once it is in its new user namespace.
 pub const USERNS_READY: &[u8] = b"userns";
 
@@ -58,6 +65,16 @@ pub fn main(args: &[String]) -> ! {
             &format!("wasm worker: no channel from the shim: {e}"),
         ),
     };
+    // The pod's network first, while the worker is host root (joining a namespace the host's
+    // user namespace owns needs that); the confinement then applies inside it.
+    if args.iter().any(|a| a == NETNS_FLAG)
+        && let Err(e) = crate::sys::enter_inherited_netns()
+    {
+        exit(
+            EXIT_SANDBOX,
+            &format!("wasm worker sandbox: join the pod's network namespace: {e}"),
+        );
+    }
     if let Err(e) = crate::sandbox::isolate(&scratch) {
         exit(EXIT_SANDBOX, &e.to_string());
     }
@@ -82,7 +99,7 @@ pub fn main(args: &[String]) -> ! {
     if userns && let Err(e) = crate::sandbox::become_mapped_root() {
         exit(EXIT_SANDBOX, &e.to_string());
     }
-    if let Err(e) = crate::sandbox::drop_privileges() {
+    if let Err(e) = crate::sandbox::drop_privileges(init.network) {
         exit(EXIT_SANDBOX, &e.to_string());
     }
     let rt = match Runtime::new(init.options, init.threads) {
@@ -102,7 +119,7 @@ fn exit(code: i32, msg: &str) -> ! {
 /// still do that it should not. Exit 0 when the confinement holds.
 fn self_test(scratch: &std::path::Path) -> ! {
     if let Err(e) =
-        crate::sandbox::isolate(scratch).and_then(|()| crate::sandbox::drop_privileges())
+        crate::sandbox::isolate(scratch).and_then(|()| crate::sandbox::drop_privileges(false))
     {
         exit(EXIT_SANDBOX, &e.to_string());
     }
@@ -226,6 +243,7 @@ impl Served {
                 digest,
                 guest,
             } => {
+                let guest = *guest;
                 let [root, stdin, stdout, stderr]: [OwnedFd; 4] = fds
                     .try_into()
                     .map_err(|_| Error::Internal("create: want 4 descriptors".into()))?;

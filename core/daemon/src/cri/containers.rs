@@ -27,7 +27,7 @@ use tonic::{Request, Status};
 use super::logs::ContainerLog;
 use super::sandbox::{self, State};
 use super::spec::{self, EtcAccounts, HostFacts, PodFiles, PodNamespaces, SysDevices};
-use super::{Cri, NAMESPACE};
+use super::{Cri, NAMESPACE, wasm_port};
 use crate::server::{containers::ContainersService, images::ImagesService, tasks::TasksService};
 use switchyard_api::cri::v1::image_service_server::ImageService as _;
 
@@ -491,7 +491,7 @@ impl Cri {
             files.join("resolv.conf"),
             files.join("hostname"),
         );
-        let spec = spec::container_spec(&spec::SpecInput {
+        let mut spec = spec::container_spec(&spec::SpecInput {
             id,
             config,
             sandbox_id: &pod.id,
@@ -518,6 +518,22 @@ impl Cri {
             pause,
         })
         .map_err(crate::error::status)?;
+        // A Wasm container listens on the pod's one declared port (wasm_port.rs).
+        let wasm = self
+            .shared
+            .tasks
+            .runtimes()
+            .resolve(runtime)
+            .is_ok_and(|r| r.runtime_type == wasm_port::WASM_RUNTIME_TYPE);
+        if wasm
+            && !pause
+            && let Some(listen) =
+                wasm_port::listen_annotation(sandbox_config, spec.annotations().as_ref())
+        {
+            let mut a = spec.annotations().clone().unwrap_or_default();
+            a.insert(wasm_port::HTTP_LISTEN.to_owned(), listen);
+            spec.set_annotations(Some(a));
+        }
         let spec_json = serde_json::to_vec(&spec)
             .map_err(|e| Status::internal(format!("encode the spec: {e}")))?;
 

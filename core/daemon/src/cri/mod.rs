@@ -19,6 +19,7 @@ pub mod sandbox;
 pub mod spec;
 pub mod stats;
 pub mod stream;
+mod wasm_port;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
