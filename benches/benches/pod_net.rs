@@ -25,7 +25,6 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use switchyard_api::cri::v1 as cri;
 use switchyard_benches::{Stats, env_usize, ms, row};
 use switchyard_tests::cri::{
     BUSYBOX_IMAGE, Cri, CriNode, Peer, WASM_HTTP_IMAGE, container_config, pod_config, wasm_images,
@@ -91,21 +90,6 @@ fn get(addr: SocketAddr, path: &str) -> Option<(Duration, usize)> {
     Some((t.elapsed(), got))
 }
 
-/// The namespace path switchyardd holds for `pod` (its verbose status).
-fn netns_of(c: &Cri, pod: &str) -> std::path::PathBuf {
-    let st = c
-        .call(
-            c.runtime()
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod.to_owned(),
-                    verbose: true,
-                }),
-        )
-        .expect("PodSandboxStatus verbose");
-    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).expect("info json");
-    info["netns"].as_str().expect("netns in the info").into()
-}
-
 fn main() {
     let Some(node) = CriNode::require(Peer::Switchyardd) else {
         return;
@@ -117,7 +101,7 @@ fn main() {
 
     let client_cfg = pod_config(&node, "bench-net-client");
     let client = c.run_pod(&client_cfg, "native").expect("client pod");
-    let client_ns = netns_of(&c, &client);
+    let client_ns = std::path::PathBuf::from(c.pod_netns(&client).expect("the client pod's netns"));
 
     let mut servers = Vec::new();
     let mut pods = vec![client.clone()];

@@ -772,6 +772,23 @@ impl Cri {
         }
     }
 
+    /// The pod's network namespace path, from PodSandboxStatus' verbose info (switchyardd's
+    /// `netns`; containerd's info has none).
+    pub fn pod_netns(&self, pod: &str) -> Option<String> {
+        let st = self
+            .call(
+                self.runtime()
+                    .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: pod.to_owned(),
+                        verbose: true,
+                    }),
+            )
+            .expect("PodSandboxStatus");
+        let info: serde_json::Value =
+            serde_json::from_str(st.info.get("info")?).expect("info json");
+        info["netns"].as_str().map(str::to_owned)
+    }
+
     pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
         self.rs.clone()
     }

@@ -328,21 +328,6 @@ fn pod_daemon_with(net_dir: &Path, cri: &str) -> Option<(Daemon, TestNet)> {
     Some((d, net))
 }
 
-/// The pod's network namespace, from PodSandboxStatus' verbose info.
-fn pod_netns(c: &Cri, pod: &str) -> Option<String> {
-    let st = c
-        .call(
-            c.runtime()
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod.to_owned(),
-                    verbose: true,
-                }),
-        )
-        .expect("PodSandboxStatus");
-    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).expect("info json");
-    info["netns"].as_str().map(str::to_owned)
-}
-
 /// `cmd` run in network namespace `netns`.
 fn in_netns(netns: &str, cmd: &[&str]) -> std::process::Output {
     run_timeout(
@@ -432,7 +417,7 @@ fn issue19_pod_sandboxes_on_the_cni_bridge() {
     );
 
     // Inside the pod's namespace: eth0 holds the pod IP, and the other pod answers.
-    let ns_a = pod_netns(&c, &a).expect("pod a's netns");
+    let ns_a = c.pod_netns(&a).expect("pod a's netns");
     assert_eq!(
         netns_entries(&d).len(),
         2,
@@ -492,7 +477,7 @@ fn issue19_pod_sandboxes_on_the_cni_bridge() {
 
     // As after a reboot, pod b's namespace is gone while the daemon is down: b comes back not
     // ready (a is still ready), and Stop and Remove still clean up after it (below).
-    let ns_b = pod_netns(&c, &b).expect("pod b's netns");
+    let ns_b = c.pod_netns(&b).expect("pod b's netns");
     d.kill9();
     nix::mount::umount2(ns_b.as_str(), nix::mount::MntFlags::MNT_DETACH).expect("umount b's netns");
     std::fs::remove_file(&ns_b).expect("remove b's netns");

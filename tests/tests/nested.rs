@@ -291,6 +291,16 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
 
 /// Runs `vm`, prints its output under `what`, and returns the output once the payload
 /// succeeded (else fails with the output and the console).
+/// The rest of the first line of `out` that starts with `key`, trimmed; a panic showing `out`
+/// when there is none.
+fn field(out: &str, key: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key:?} in:\n{out}"))
+        .trim()
+        .to_owned()
+}
+
 fn run_ok(vm: &NestedVm, what: &str) -> String {
     let run = vm.run().unwrap();
     println!(
@@ -462,13 +472,7 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
     .build()
     .unwrap();
     let out = &run_ok(&vm, "nested builtin CRI pod");
-    let line = |key: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key:?} in:\n{out}"))
-            .trim()
-            .to_owned()
-    };
+    let line = |key: &str| field(out, key);
     assert_eq!(line("two reads: "), "from-one", "{out}");
     let boot_ids: Vec<String> = line("boot ids: ")
         .split_whitespace()
@@ -565,13 +569,7 @@ fn issue20_a_vm_pod_on_the_pod_network_on_the_builtin_vmm() {
     .build()
     .unwrap();
     let out = &run_ok(&vm, "nested builtin pod network");
-    let line = |key: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("no {key:?} in:\n{out}"))
-            .trim()
-            .to_owned()
-    };
+    let line = |key: &str| field(out, key);
     assert_eq!(line("harness to the pod: "), "hello from the-vm", "{out}");
     assert_eq!(
         line("pod to the harness: "),
