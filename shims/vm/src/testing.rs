@@ -1080,7 +1080,8 @@ impl crate::engine::volumes::Binder for RecordingBinder {
 }
 
 /// Records pod networks instead of making them: `attach NETNS` and `detach NETNS`, in order.
-/// Attaching a namespace whose name starts with `bad` fails as a namespace without `eth0`.
+/// Attaching a namespace whose name starts with `bad` fails as one whose `eth0` has no
+/// address; one whose name starts with `empty` has no `eth0` (no device).
 #[derive(Default)]
 pub struct RecordingPlumber {
     calls: Mutex<Vec<String>>,
@@ -1116,7 +1117,7 @@ impl crate::engine::net::Plumber for RecordingPlumber {
         &self,
         netns: &Path,
         hostname: Option<String>,
-    ) -> yard_shim_kit::Result<crate::engine::net::PodNet> {
+    ) -> yard_shim_kit::Result<Option<crate::engine::net::PodNet>> {
         self.calls
             .lock()
             .unwrap()
@@ -1126,12 +1127,18 @@ impl crate::engine::net::Plumber for RecordingPlumber {
             .is_some_and(|n| n.to_string_lossy().starts_with("bad"))
         {
             return Err(yard_shim_kit::Error::FailedPrecondition(format!(
-                "pod network namespace {}: no eth0",
+                "pod network namespace {}: eth0 has no IPv4 and no IPv6 address",
                 netns.display()
             )));
         }
+        if netns
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("empty"))
+        {
+            return Ok(None);
+        }
         let tap = std::fs::File::open("/dev/null").map_err(yard_shim_kit::Error::io("tap"))?;
-        Ok(crate::engine::net::PodNet {
+        Ok(Some(crate::engine::net::PodNet {
             netns: netns.to_owned(),
             device: crate::hypervisor::NetDevice {
                 tap: Arc::new(tap.into()),
@@ -1140,7 +1147,7 @@ impl crate::engine::net::Plumber for RecordingPlumber {
             },
             config: Self::config(hostname),
             eth: 2,
-        })
+        }))
     }
 
     fn detach(&self, net: &crate::engine::net::PodNet) {

@@ -1,7 +1,8 @@
 //! Issue 20: the host side of a VM pod's network against real network namespaces (root and
 //! iproute2; skipped with a printed reason otherwise): `PodNet::attach` reads the pod's `eth0`,
 //! makes the tap and the tc redirects; bad namespaces fail naming what is wrong and leave no
-//! tap or qdisc; detach and the last fd take everything away.
+//! tap or qdisc, and one without `eth0` gets no device; detach and the last fd take everything
+//! away.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -124,7 +125,9 @@ fn issue20_eth0_is_mirrored_to_a_tap_and_everything_goes_with_the_vm() {
     ]);
     ns.ip(&["link", "set", "eth0", "mtu", "1450"]);
 
-    let net = PodNet::attach(&ns.path(), Some("web-0".into())).unwrap();
+    let net = PodNet::attach(&ns.path(), Some("web-0".into()))
+        .unwrap()
+        .expect("eth0 is there");
     let itf = &net.config.interfaces[0];
     assert_eq!(itf.name, "eth0");
     assert_eq!(itf.mtu, 1450);
@@ -184,14 +187,14 @@ fn issue20_eth0_is_mirrored_to_a_tap_and_everything_goes_with_the_vm() {
 }
 
 #[test]
-fn issue20_a_namespace_without_eth0_or_its_address_is_refused_and_left_as_it_was() {
+fn issue20_a_namespace_without_an_address_is_refused_and_left_as_it_was() {
     if !gate() {
         return;
     }
+    // No eth0 (not a CNI pod's namespace): no network device, and nothing made.
     let bare = Ns::new();
-    let e = PodNet::attach(&bare.path(), None).err().expect("no eth0");
-    let msg = e.to_string();
-    assert!(msg.contains(&bare.0) && msg.contains("no eth0"), "{msg}");
+    assert!(PodNet::attach(&bare.path(), None).unwrap().is_none());
+    assert!(!bare.links().contains(TAP));
 
     let no_address = Ns::new().with_eth0();
     let e = PodNet::attach(&no_address.path(), None)

@@ -52,9 +52,9 @@ pub struct PodNet {
 
 /// Makes and undoes a VM's pod network: [`HostPlumber`], or a recorder in tests.
 pub trait Plumber: Send + Sync {
-    /// Reads the pod's `eth0` in the namespace at `netns` and mirrors it to a new tap there.
-    /// Blocking. On an error nothing is left.
-    fn attach(&self, netns: &Path, hostname: Option<String>) -> Result<PodNet>;
+    /// Reads the pod's `eth0` in the namespace at `netns` and mirrors it to a new tap there;
+    /// `None` where the namespace has no `eth0`. Blocking. On an error nothing is left.
+    fn attach(&self, netns: &Path, hostname: Option<String>) -> Result<Option<PodNet>>;
     /// Removes what [`Plumber::attach`] made but the tap (it goes with its fds). Blocking.
     fn detach(&self, net: &PodNet);
 }
@@ -63,7 +63,7 @@ pub trait Plumber: Send + Sync {
 pub struct HostPlumber;
 
 impl Plumber for HostPlumber {
-    fn attach(&self, netns: &Path, hostname: Option<String>) -> Result<PodNet> {
+    fn attach(&self, netns: &Path, hostname: Option<String>) -> Result<Option<PodNet>> {
         PodNet::attach(netns, hostname)
     }
 
@@ -86,21 +86,22 @@ fn cidr(ip: IpAddr, prefix: u8) -> String {
 
 /// What of the namespace the guest gets: `eth0`'s global addresses, the main table's routes
 /// through it (not the ones the kernel makes for an address, nor IPv6 link-local or multicast
-/// ones, which the guest makes itself) and its permanent neighbours.
+/// ones, which the guest makes itself) and its permanent neighbours. `None` for a namespace
+/// without `eth0`: not a CNI pod's (CRI always names the pod's interface `eth0`), such as one a
+/// `ctr run --with-ns` names, whose VM then gets no network device, as before, and as Kata boots
+/// a VM for a namespace without interfaces.
 fn read_config(
     rtnl: &mut Rtnl,
     netns: &Path,
-) -> Result<(switchyard_rtnl::Link, proto::NetworkConfig)> {
+) -> Result<Option<(switchyard_rtnl::Link, proto::NetworkConfig)>> {
     let links = rtnl.links().map_err(netlink(netns))?;
     let Some(eth) = links.iter().find(|l| l.name == POD_INTERFACE).cloned() else {
-        return Err(failed(
-            netns,
-            format!(
-                "no {POD_INTERFACE} (the interface the CNI plugins make) among its {} \
-                 interfaces: a vm pod has no network to give its guest",
-                links.len()
-            ),
-        ));
+        tracing::info!(
+            netns = %netns.display(),
+            interfaces = links.len(),
+            "no {POD_INTERFACE} in the namespace: the VM gets no network device"
+        );
+        return Ok(None);
     };
     let Some(mac) = eth.mac else {
         return Err(failed(
@@ -197,7 +198,7 @@ fn read_config(
         neighbours,
         ..Default::default()
     };
-    Ok((eth, config))
+    Ok(Some((eth, config)))
 }
 
 /// Makes the tap and the redirects; on an error undoes what it did.
@@ -248,19 +249,25 @@ fn plumb(rtnl: &mut Rtnl, netns: &Path, eth: &switchyard_rtnl::Link) -> Result<O
 }
 
 impl PodNet {
-    /// Reads `eth0` of the pod's namespace at `netns`, makes the tap and the redirects there.
-    /// Blocking (a thread joins the namespace): call it off the async threads.
-    pub fn attach(netns: &Path, hostname: Option<String>) -> Result<PodNet> {
+    /// Reads `eth0` of the pod's namespace at `netns`, makes the tap and the redirects there;
+    /// `None` for a namespace without `eth0` ([`read_config`]). Blocking (a thread joins the
+    /// namespace): call it off the async threads.
+    pub fn attach(netns: &Path, hostname: Option<String>) -> Result<Option<PodNet>> {
         let ns = open_netns(netns)?;
         let path = netns.to_owned();
-        let (eth, mut config, tap) = ns
+        let plumbed = ns
             .run_in(move || -> Result<_> {
                 let mut rtnl = Rtnl::open().map_err(netlink(&path))?;
-                let (eth, config) = read_config(&mut rtnl, &path)?;
+                let Some((eth, config)) = read_config(&mut rtnl, &path)? else {
+                    return Ok(None);
+                };
                 let tap = plumb(&mut rtnl, &path, &eth)?;
-                Ok((eth, config, tap))
+                Ok(Some((eth, config, tap)))
             })
             .map_err(|e| failed(netns, yard_shim_kit::error::chain(&e)))??;
+        let Some((eth, mut config, tap)) = plumbed else {
+            return Ok(None);
+        };
         config.hostname = hostname.unwrap_or_default();
         let mac = eth.mac.unwrap_or_default();
         tracing::info!(
@@ -270,7 +277,7 @@ impl PodNet {
             routes = config.routes.len(),
             "the pod's {POD_INTERFACE} is mirrored to the VM's tap"
         );
-        Ok(PodNet {
+        Ok(Some(PodNet {
             netns: netns.to_owned(),
             device: NetDevice {
                 tap: Arc::new(tap),
@@ -279,7 +286,7 @@ impl PodNet {
             },
             config,
             eth: eth.index,
-        })
+        }))
     }
 
     /// Removes the redirect from `eth0` (the tap's goes with the tap). A namespace or

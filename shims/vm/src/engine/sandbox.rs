@@ -258,7 +258,7 @@ impl Sandbox {
                         .map_err(|e| Error::Internal(format!("pod network task: {e}")))
                         .and_then(|r| r);
                 match attached {
-                    Ok(n) => Some(Arc::new(n)),
+                    Ok(n) => n.map(Arc::new),
                     Err(e) => {
                         if let Some(v) = volumes {
                             v.remove().await;

@@ -803,7 +803,7 @@ async fn issue18_without_a_shared_filesystem_what_cannot_be_copied_is_refused() 
 /// Issue 20: a sandbox whose spec names a network namespace by path gets a virtio-net device on
 /// the tap the plumber made there, with `eth0`'s MAC; the guest is configured before any
 /// container, and the redirects go with the VM. A namespace the plumber cannot use fails Create
-/// with its error and boots nothing.
+/// with its error and boots nothing; one without `eth0` boots a VM without a network device.
 #[tokio::test]
 async fn issue20_a_pods_network_namespace_becomes_the_vms_network_device() {
     let w = World::new(FakeBackends::sharing);
@@ -841,9 +841,25 @@ async fn issue20_a_pods_network_namespace_becomes_the_vms_network_device() {
         .err()
         .expect("refused");
     assert!(
-        e.to_string().contains("/var/run/netns/bad-1: no eth0"),
+        e.to_string()
+            .contains("/var/run/netns/bad-1: eth0 has no IPv4 and no IPv6 address"),
         "{e}"
     );
     assert_eq!(w.backends.vms().len(), 2);
     assert!(w.state_left().is_empty(), "{:?}", w.state_left());
+
+    // A namespace without eth0 (not a CNI pod's): a VM without a network device.
+    let empty =
+        r#""linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/empty-1"}]}"#;
+    let c4 = w
+        .create("c4", &spec_json(&["/pause"], &[GROUP], empty))
+        .await
+        .unwrap();
+    assert!(w.backends.vms()[2].config.net.is_none());
+    assert_eq!(w.agent.networks().len(), 1);
+    c4.delete(true).await.unwrap();
+    assert_eq!(
+        w.plumber.calls().last().unwrap(),
+        "attach /var/run/netns/empty-1"
+    );
 }
