@@ -167,6 +167,84 @@ impl Default for NestedVmBuilder {
     }
 }
 
+/// The payload's first lines in [`switchyard_in_harness`]: start switchyardd and wait for its
+/// socket.
+pub const START_SWITCHYARDD: &str = "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
+     switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
+     i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n";
+
+/// A harness VM carrying switchyardd, yard, the vm shim, mkfs.erofs, the guest kernel and agent
+/// and a busybox rootfs at `/containers/busybox`, with a config whose vm runtime has the
+/// `[runtimes.vm.options]` lines `vm_options`; `payload` runs after switchyardd serves.
+pub fn switchyard_in_harness(vm_options: &str, payload: &str) -> NestedVmBuilder {
+    NestedVm::builder()
+        .binary(crate::bin("switchyardd"), "/usr/bin/switchyardd")
+        .binary(crate::bin("yard"), "/usr/bin/yard")
+        .binary(
+            crate::bin("containerd-shim-yard-vm-v1"),
+            "/usr/bin/containerd-shim-yard-vm-v1",
+        )
+        .mkfs_erofs()
+        .guest_kernel_and_initrd()
+        .dir(crate::busybox_rootfs(), "/containers/busybox")
+        .text(
+            "/etc/switchyard/config.toml",
+            format!(
+                "root = \"/var/lib/switchyard\"\n\
+                 state = \"/run/switchyard\"\n\
+                 [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
+                 [log]\nlevel = \"debug\"\n\
+                 [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
+                 [runtimes.vm.options]\n{vm_options}boot_timeout_ms = 60000\n"
+            ),
+            0o644,
+        )
+        .payload(&format!("{START_SWITCHYARDD}{payload}"))
+        .payload_timeout(Duration::from_secs(300))
+        .timeout(Duration::from_secs(450))
+}
+
+/// The CNI plugins issue 20's pod network needs in the harness (Debian's `bridge` and
+/// `host-local`, static Go binaries), or false with the reason printed.
+pub fn require_cni() -> bool {
+    crate::require(
+        ["bridge", "host-local"]
+            .iter()
+            .all(|p| Path::new(CNI_BIN_DIR).join(p).is_file()),
+        "needs the CNI plugins (apt-get install containernetworking-plugins)",
+    )
+}
+
+/// Where Debian installs the CNI plugins, on the host and in the harness.
+const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The one pod's address on the harness's CNI network ([`NestedVmBuilder::pod_network`]).
+pub const POD_IP: &str = "10.77.0.10";
+/// The bridge's address: the harness's own namespace, in the place of a node.
+pub const POD_GATEWAY: &str = "10.77.0.1";
+
+impl NestedVmBuilder {
+    /// A CNI network for switchyardd's pods in the harness (issue 20): Debian's `bridge` and
+    /// `host-local` plugins, bridge `yardnest0` with the gateway [`POD_GATEWAY`], and a range of
+    /// one address, so the harness's one pod gets [`POD_IP`]. No `portmap`: the harness has no
+    /// iptables.
+    pub fn pod_network(self) -> Self {
+        let dir = Path::new(CNI_BIN_DIR);
+        self.binary(dir.join("bridge"), "/usr/lib/cni/bridge")
+            .binary(dir.join("host-local"), "/usr/lib/cni/host-local")
+            .text(
+                "/etc/cni/net.d/10-nested.conflist",
+                format!(
+                    r#"{{"cniVersion": "1.0.0", "name": "nested", "plugins": [{{"type": "bridge",
+                    "bridge": "yardnest0", "isGateway": true, "ipam": {{"type": "host-local",
+                    "ranges": [[{{"subnet": "10.77.0.0/24", "rangeStart": "{POD_IP}",
+                    "rangeEnd": "{POD_IP}", "gateway": "{POD_GATEWAY}"}}]],
+                    "dataDir": "/run/cni-ipam"}}}}]}}"#
+                ),
+                0o644,
+            )
+    }
+}
+
 impl NestedVmBuilder {
     /// Carries a file (as it is) to the absolute `guest` path.
     pub fn file(mut self, host: impl Into<PathBuf>, guest: &str) -> Self {

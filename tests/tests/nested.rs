@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use switchyard_tests::nested::{self, NestedVm};
+use switchyard_tests::nested::{self, NestedVm, switchyard_in_harness};
 use switchyard_tests::*;
 
 /// Set inside the nested VM to make `probe_kvm_inside_the_nested_vm` do its work.
@@ -192,43 +192,6 @@ mod kvm {
         // SAFETY: `vm` is a fresh fd from KVM_CREATE_VM, owned by nobody else.
         Ok((api, unsafe { OwnedFd::from_raw_fd(vm) }))
     }
-}
-
-/// The payload's first lines in [`switchyard_in_harness`]: start switchyardd and wait for its
-/// socket.
-const START_SWITCHYARDD: &str = "export SWITCHYARD_ADDRESS=/run/switchyard/switchyard.sock\n\
-     switchyardd --config /etc/switchyard/config.toml >/tmp/switchyardd.log 2>&1 &\n\
-     i=0; while [ ! -S $SWITCHYARD_ADDRESS ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n";
-
-/// A harness VM carrying switchyardd, yard, the vm shim, mkfs.erofs, the guest kernel and agent
-/// and a busybox rootfs at `/containers/busybox`, with a config whose vm runtime has the
-/// `[runtimes.vm.options]` lines `vm_options`; `payload` runs after switchyardd serves.
-fn switchyard_in_harness(vm_options: &str, payload: &str) -> nested::NestedVmBuilder {
-    NestedVm::builder()
-        .binary(bin("switchyardd"), "/usr/bin/switchyardd")
-        .binary(bin("yard"), "/usr/bin/yard")
-        .binary(
-            bin("containerd-shim-yard-vm-v1"),
-            "/usr/bin/containerd-shim-yard-vm-v1",
-        )
-        .mkfs_erofs()
-        .guest_kernel_and_initrd()
-        .dir(busybox_rootfs(), "/containers/busybox")
-        .text(
-            "/etc/switchyard/config.toml",
-            format!(
-                "root = \"/var/lib/switchyard\"\n\
-                 state = \"/run/switchyard\"\n\
-                 [grpc]\naddress = \"/run/switchyard/switchyard.sock\"\n\
-                 [log]\nlevel = \"debug\"\n\
-                 [runtimes.vm]\nruntime_type = \"io.containerd.yard-vm.v1\"\n\
-                 [runtimes.vm.options]\n{vm_options}boot_timeout_ms = 60000\n"
-            ),
-            0o644,
-        )
-        .payload(&format!("{START_SWITCHYARDD}{payload}"))
-        .payload_timeout(Duration::from_secs(300))
-        .timeout(Duration::from_secs(450))
 }
 
 /// Issue 7: inside the harness (a hardware-style KVM), switchyardd picks the built-in VMM for
@@ -516,11 +479,7 @@ fn issue20_a_vm_pod_on_the_pod_network_on_the_builtin_vmm() {
     if !require_root_and(&["mkfs.erofs"]) || !nested::require_harness() {
         return;
     }
-    let plugins = std::path::Path::new("/usr/lib/cni");
-    if !require(
-        plugins.join("bridge").is_file() && plugins.join("host-local").is_file(),
-        "needs the CNI plugins (apt-get install containernetworking-plugins)",
-    ) {
+    if !nested::require_cni() {
         return;
     }
     let image = switchyard_tests::cri::BUSYBOX_IMAGE;
@@ -547,17 +506,7 @@ fn issue20_a_vm_pod_on_the_pod_network_on_the_builtin_vmm() {
              grep -e 'VM ready' -e mirrored -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n"
         ),
     )
-    .binary(plugins.join("bridge"), "/usr/lib/cni/bridge")
-    .binary(plugins.join("host-local"), "/usr/lib/cni/host-local")
-    .text(
-        "/etc/cni/net.d/10-nested.conflist",
-        r#"{"cniVersion": "1.0.0", "name": "nested", "plugins": [{"type": "bridge",
-            "bridge": "yardnest0", "isGateway": true, "ipam": {"type": "host-local",
-            "ranges": [[{"subnet": "10.77.0.0/24", "rangeStart": "10.77.0.10",
-            "rangeEnd": "10.77.0.10", "gateway": "10.77.0.1"}]],
-            "dataDir": "/run/cni-ipam"}}]}"#,
-        0o644,
-    )
+    .pod_network()
     .text(
         "/srv/hosts",
         "127.0.0.1 localhost\n10.77.0.1 harness-gw\n",
