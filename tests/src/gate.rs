@@ -4,22 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// Whether a prerequisite is there; otherwise prints why the test is skipped (or fails, under
-/// `SWITCHYARD_REQUIRE_ALL=1`).
-pub fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
+pub use switchyard_base::gate::{is_root, require};
 
 /// Root, and the named programs on PATH.
 pub fn require_root_and(programs: &[&str]) -> bool {

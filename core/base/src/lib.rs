@@ -6,6 +6,7 @@
 //! - [`exit_with`]: what a binary does with an error at its edge (`error: a: b: c` on stderr and a
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
 
+pub mod gate;
 pub mod ident;
 pub mod oci_defaults;
 

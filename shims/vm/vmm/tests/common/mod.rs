@@ -1,9 +1,9 @@
 //! What the VMM's integration tests share: the prerequisite gate, a console a test can read,
 //! waiting for a VM with a deadline, and tiny guests (real-mode code, a minimal ELF).
 //!
-//! The gate is the workspace test kit's `require` (tests/src), which yard-vmm cannot depend on
-//! (that crate depends on the shims): a skip prints its reason, and `SWITCHYARD_REQUIRE_ALL=1`
-//! turns it into a failure.
+//! The gate is `switchyard_base::gate`, the workspace test kit's too (yard-vmm cannot depend on
+//! that crate, which depends on the shims): a skip prints its reason, and
+//! `SWITCHYARD_REQUIRE_ALL=1` turns it into a failure.
 
 #![allow(
     dead_code,
@@ -14,29 +14,13 @@
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use yard_vmm::vmm::{RealModeImage, StartOptions, Vm, VmExit, VmmConfig};
 
-/// Whether a prerequisite is there; otherwise prints why the test is skipped (or fails, under
-/// `SWITCHYARD_REQUIRE_ALL=1`).
-pub fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-pub fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
+pub use switchyard_base::gate::{is_root, require};
 
 /// Root and a `/dev/kvm` that opens read-write (skipping, with the reason, otherwise).
 pub fn have_kvm() -> bool {
