@@ -86,7 +86,7 @@ impl Drop for Net {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use vm_memory::{Bytes, GuestAddress};
 
@@ -120,14 +120,10 @@ mod tests {
         }
         // The worker sets them when it starts: wait for it.
         let wait_offloads = |r: &Rig| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let got = r.tap.offloads.lock().unwrap().clone();
-                if !got.is_empty() || Instant::now() > deadline {
-                    return got;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            until("the worker set no offloads", || {
+                !r.tap.offloads.lock().unwrap().is_empty()
+            });
+            r.tap.offloads.lock().unwrap().clone()
         };
         assert_eq!(
             wait_offloads(&r),
@@ -165,14 +161,9 @@ mod tests {
         let head = r.send(&f, 3);
         assert_eq!(r.tap_frame(), f, "header and payload intact");
         assert_eq!(r.tx.wait_used(&r.mem), (u32::from(head), 0));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while r.irq.count() == irqs {
-            assert!(
-                Instant::now() < deadline,
-                "no interrupt for the used TX buffer"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until("no interrupt for the used TX buffer", || {
+            r.irq.count() != irqs
+        });
         // A header alone with a minimal Ethernet frame, in one descriptor.
         let small = frame(9, 14);
         let head = r.send(&small, 1);
@@ -248,11 +239,9 @@ mod tests {
         r.host_sends(&first);
         r.host_sends(&second);
         // The worker takes the first frame off the tap and holds it.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while r.tap.reads.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "the tap was never read");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until("the tap was never read", || {
+            r.tap.reads.load(Ordering::SeqCst) != 0
+        });
         let tid = r.tap.reader_tid.load(Ordering::SeqCst);
         let (cpu0, reads0) = (thread_cpu_ns(tid), r.tap.reads.load(Ordering::SeqCst));
         // Nothing can arrive: there are no buffers. Meanwhile the worker sleeps.
@@ -330,14 +319,9 @@ mod tests {
         let f = frame(51, 64);
         r.send(&f, 1);
         assert_eq!(r.tap_frame(), f);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while r.tap.offloads.lock().unwrap().len() < 2 {
-            assert!(
-                Instant::now() < deadline,
-                "second activation set no offloads"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until("second activation set no offloads", || {
+            r.tap.offloads.lock().unwrap().len() >= 2
+        });
         assert_eq!(r.tap.offloads.lock().unwrap().last(), Some(&0));
     }
 
@@ -393,14 +377,9 @@ mod tests {
             let head = tx.add(&mem, &[(TX_AREA, len32(&f), false)]);
             notify(&mut t, 1);
             assert_eq!(tx.wait_used(&mem), (u32::from(head), 0));
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while rx_packets(NAME) == before {
-                assert!(
-                    Instant::now() < deadline,
-                    "the tap never received the frame"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            until("the tap never received the frame", || {
+                rx_packets(NAME) != before
+            });
 
             // RX: the kernel may send its own frames (IPv6 neighbour discovery) first: look
             // for ours among what arrives.

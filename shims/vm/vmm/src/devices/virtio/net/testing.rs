@@ -265,23 +265,16 @@ pub fn thread_cpu_ns(tid: i32) -> u64 {
     s.split_whitespace().next().unwrap().parse().unwrap()
 }
 
-/// Whether a prerequisite is there; otherwise prints why the test is skipped (or fails, under
-/// `SWITCHYARD_REQUIRE_ALL=1`): the integration tests' gate (tests/common), which unit tests
-/// cannot reach.
-pub fn require(ok: bool, reason: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("SWITCHYARD_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("required prerequisite missing: {reason}");
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
+pub use switchyard_base::gate::{is_root, require};
 
-pub fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+/// Waits until `done` holds, polling every millisecond for 5 s at most; panics with `what`
+/// after that.
+pub fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// A frame's length as a used length.
