@@ -564,7 +564,7 @@ impl Rtnl {
             Err(RtnlError::Kernel { source, .. })
                 if matches!(
                     source.raw_os_error(),
-                    Some(libc_errno::ENOENT | libc_errno::EINVAL | libc_errno::ENODEV)
+                    Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)
                 ) =>
             {
                 Ok(())
@@ -614,13 +614,6 @@ impl Rtnl {
             &format!("redirect what arrives on link {from} to link {to}"),
         )
     }
-}
-
-/// The errno values this crate tells apart (Linux's, on every architecture it runs on).
-mod libc_errno {
-    pub const ENOENT: i32 = 2;
-    pub const ENODEV: i32 = 19;
-    pub const EINVAL: i32 = 22;
 }
 
 #[cfg(test)]
