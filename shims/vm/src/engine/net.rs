@@ -272,7 +272,7 @@ impl PodNet {
         let mac = eth.mac.unwrap_or_default();
         tracing::info!(
             netns = %netns.display(),
-            mac = %config.interfaces.first().map(|i| format_mac(&i.mac)).unwrap_or_default(),
+            mac = %format_mac(&mac),
             addresses = ?config.interfaces.first().map(|i| i.addresses.clone()),
             routes = config.routes.len(),
             "the pod's {POD_INTERFACE} is mirrored to the VM's tap"
