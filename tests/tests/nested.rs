@@ -212,7 +212,7 @@ fn the_builtin_vmm_runs_a_container_inside_the_harness() {
              echo \"run status: $?\"\n\
              echo \"run took: $start $(cut -d' ' -f1 /proc/uptime)\"\n\
              echo \"qemu processes: $(ps | grep -c [q]emu-system)\"\n\
-             kill %1 2>/dev/null; sleep 0.2\n\
+             kill %1 2>/dev/null; wait\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'VM ready' -e 'boot' -e ERROR -e WARN /tmp/switchyardd.log | tail -20\n",
     )
@@ -291,7 +291,7 @@ fn the_builtin_vmm_boots_a_two_vcpu_guest() {
         "yard run --runtime vm --rm --rootfs /containers/busybox -- \
                /bin/sh -c 'echo \"guest cpus: $(nproc) $(grep -c ^processor /proc/cpuinfo)\"'\n\
              echo \"run status: $?\"\n\
-             kill %1 2>/dev/null; sleep 0.2\n\
+             kill %1 2>/dev/null; wait\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'VM ' -e 'boot' -e ERROR -e WARN /tmp/switchyardd.log | tail -20\n",
     )
@@ -335,7 +335,7 @@ fn the_builtin_vmm_runs_a_group_on_spare_disks() {
              yard rm --force a b d e >/dev/null; echo \"rm rest: $?\"\n\
              i=0; while [ $(ps | grep -c [c]ontainerd-shim-yard-vm) -gt 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
              echo \"vm shims after: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
-             kill %1 2>/dev/null; sleep 0.2\n\
+             kill %1 2>/dev/null; wait\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'disk' -e 'VM ready' -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n",
     )
@@ -418,7 +418,7 @@ fn issue18_a_vm_pod_under_cri_on_the_builtin_vmm() {
              i=0; while [ $(ps | grep -c [c]ontainerd-shim-yard-vm) -gt 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
              echo \"vm shims after: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
              echo \"VMs booted: $(grep -c 'VM ready' /tmp/switchyardd.log)\"\n\
-             kill %1 2>/dev/null; sleep 0.2\n\
+             kill %1 2>/dev/null; wait\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'VM ready' -e copied -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n"
         ),
@@ -501,7 +501,7 @@ fn issue20_a_vm_pod_on_the_pod_network_on_the_builtin_vmm() {
              i=0; while [ $(ps | grep -c [c]ontainerd-shim-yard-vm) -gt 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
              echo \"vm shims after: $(ps | grep -c [c]ontainerd-shim-yard-vm)\"\n\
              echo \"taps after: $(cat /proc/net/dev | grep -c tap0_yard)\"\n\
-             kill %1 2>/dev/null; sleep 0.2\n\
+             kill %1 2>/dev/null; wait\n\
              echo '--- switchyardd log (vm shim lines)'\n\
              grep -e 'VM ready' -e mirrored -e ERROR -e WARN /tmp/switchyardd.log | tail -30\n"
         ),
