@@ -455,10 +455,14 @@ fn issue16_wasm_worker_is_unprivileged_and_writes_through_an_idmapped_root() {
             Some(worker_uid),
             "{options:?}: {uid}"
         );
+        // The task creates the file and then writes it: wait for the whole text, not for the
+        // file to exist (a read between the two saw it empty once).
         let written = root.0.join("written.txt");
         assert!(
-            eventually(SETTLE, || written.exists()),
-            "{options:?}: the task did not write into its root\n{}",
+            eventually(SETTLE, || std::fs::read_to_string(&written)
+                .is_ok_and(|t| t == "from the guest")),
+            "{options:?}: the task did not write into its root: {:?}\n{}",
+            std::fs::read_to_string(&written),
             d.log_text()
         );
         let meta = std::fs::metadata(&written).unwrap();
@@ -468,7 +472,6 @@ fn issue16_wasm_worker_is_unprivileged_and_writes_through_an_idmapped_root() {
             (0, 0),
             "{options:?}: what the task writes is root's on disk"
         );
-        assert_eq!(std::fs::read_to_string(&written).unwrap(), "from the guest");
         let out = run(
             &d,
             &root,
