@@ -155,6 +155,12 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Option<String> {
         crate::start::group_from_bundle(bundle, options)
     }
+    /// How long a server that serves a group stays up after its last task (Shutdown with
+    /// nothing left), so the group's next task finds it warm and skips a process start; it
+    /// exits once this passes without a new Create. `None` (the default): it exits at once.
+    fn idle_exit(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// The server is about to exit (`Shutdown` after the last task): release what the engine
     /// holds for the whole process (the vm shim's VM).
     async fn shutdown(&self) {}

@@ -18,6 +18,10 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// This server cannot take the call, another one can: a Create reaching a shim that is
+    /// exiting (the caller starts a new shim).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -41,6 +45,7 @@ impl Error {
             Error::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => ttrpc::Code::UNIMPLEMENTED,
+            Error::Unavailable(_) => ttrpc::Code::UNAVAILABLE,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ttrpc::Code::NOT_FOUND
             }

@@ -27,25 +27,31 @@ use crate::events::{Publisher, RemoteSink, timestamp};
 use crate::service::{Service, services};
 use crate::task::TaskService;
 
-/// Annotations that group tasks into one shim: the CRI sandbox, or our own.
-pub const GROUP_ANNOTATIONS: [&str; 2] = ["io.kubernetes.cri.sandbox-id", "io.switchyard.group"];
+pub use switchyard_base::group::GROUP_ANNOTATIONS;
 
-/// The group a task's shim serves: a grouping annotation of the spec, else the runtime's
-/// `group` option (from the `options.json` switchyardd writes into the bundle, or from the
-/// runtime options `start` is handed on stdin, as containerd does).
+/// The group a task's shim serves ([`switchyard_base::group::group_of`]): a grouping annotation
+/// of the spec, else the runtime's `group` option (from the `options.json` switchyardd writes
+/// into the bundle, or from the runtime options `start` is handed on stdin, as containerd does).
 pub fn group_from_bundle(bundle: &Path, options: Option<&RuntimeOptions>) -> Option<String> {
     let text = std::fs::read(bundle.join("config.json")).ok()?;
     let spec: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    let annotated = spec.get("annotations").and_then(|ann| {
-        GROUP_ANNOTATIONS
-            .iter()
-            .find_map(|k| ann.get(*k).and_then(|v| v.as_str()))
-    });
-    annotated
-        .map(str::to_owned)
-        .or_else(|| group_option(bundle))
-        .or_else(|| options.and_then(group_in_options))
-        .filter(|g| !g.is_empty())
+    let annotations = spec.get("annotations");
+    switchyard_base::group::group_of(
+        |k| annotations.and_then(|a| a.get(k)).and_then(|v| v.as_str()),
+        || group_option(bundle).or_else(|| options.and_then(group_in_options)),
+    )
+}
+
+/// Whether the bundle's task belongs to a CRI pod (its spec has the sandbox annotation).
+fn pod_member(bundle: &Path) -> bool {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&text).is_ok_and(|spec| {
+        spec.get("annotations")
+            .and_then(|a| a.get(GROUP_ANNOTATIONS[0]))
+            .is_some()
+    })
 }
 
 /// The runtime's `group` option, from the `options.json` switchyardd writes into the bundle:
@@ -254,11 +260,18 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
         Some(sink) => Publisher::new(sink.clone()),
         None => Publisher::none(),
     };
-    let tasks = Arc::new(TaskService::new(
-        engine.clone(),
-        &flags.namespace,
-        publisher,
-    ));
+    let mut tasks = TaskService::new(engine.clone(), &flags.namespace, publisher);
+    // A group's server (its socket is not the task's own) may linger for the group's next
+    // task; a pod's does not: no task joins a pod after its sandbox is gone.
+    let grouped = flags.socket
+        != containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
+    let pod = || pod_member(Path::new("."));
+    if let (true, Some(linger)) = (grouped, engine.idle_exit())
+        && !pod()
+    {
+        tasks = tasks.with_idle_exit(linger);
+    }
+    let tasks = Arc::new(tasks);
     let mut server = Server::new()
         .add_listener(listener)
         .register_service(services(Arc::new(Service::new(tasks.clone()))));
@@ -270,6 +283,7 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     release_stdout();
     tokio::select! {
         () = tasks.stopped() => {}
+        () = tasks.idle_exit() => {}
         () = tasks.unclaimed_for(UNCLAIMED_EXIT) => {
             tracing::warn!(
                 after = ?UNCLAIMED_EXIT,

@@ -303,6 +303,11 @@ struct Tasks {
     live: HashMap<String, Arc<Task>>,
     /// Ids whose Create is in flight.
     creating: HashSet<String>,
+    /// A server that lingers after its last task (see [`TaskService::with_idle_exit`]) exits
+    /// at this time unless a Create comes first.
+    idle_until: Option<tokio::time::Instant>,
+    /// The server is stopping: a Create now would be lost with it, so it is refused.
+    closed: bool,
 }
 
 /// Removes an id from `creating` however Create ends.
@@ -326,6 +331,10 @@ pub struct TaskService<E: Engine> {
     shutdown: watch::Sender<bool>,
     /// Whether a Create has reached this server (see [`TaskService::unclaimed_for`]).
     claimed: AtomicBool,
+    /// How long the server lingers after its last task; `None`: it stops at Shutdown.
+    idle_exit: Option<Duration>,
+    /// Wakes [`TaskService::idle_exit`] when a Shutdown starts the linger.
+    idle_armed: tokio::sync::Notify,
 }
 
 impl<E: Engine> TaskService<E> {
@@ -337,7 +346,16 @@ impl<E: Engine> TaskService<E> {
             tasks: Mutex::new(Tasks::default()),
             shutdown: watch::channel(false).0,
             claimed: AtomicBool::new(false),
+            idle_exit: None,
+            idle_armed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A server that stays up for `linger` after its last task instead of stopping at
+    /// Shutdown (a group's shim kept warm for the group's next task), then stops by itself.
+    pub fn with_idle_exit(mut self, linger: Duration) -> Self {
+        self.idle_exit = Some(linger);
+        self
     }
 
     fn tasks(&self) -> MutexGuard<'_, Tasks> {
@@ -355,9 +373,15 @@ impl<E: Engine> TaskService<E> {
     fn reserve<'a>(&'a self, id: &'a str) -> Result<Reservation<'a, E>> {
         self.claimed.store(true, Ordering::Release);
         let mut tasks = self.tasks();
+        if tasks.closed {
+            return Err(Error::Unavailable(format!(
+                "task {id:?}: this shim is exiting; start another"
+            )));
+        }
         if tasks.live.contains_key(id) || !tasks.creating.insert(id.to_owned()) {
             return Err(Error::AlreadyExists(format!("task {id:?} already exists")));
         }
+        tasks.idle_until = None;
         Ok(Reservation { svc: self, id })
     }
 
@@ -730,17 +754,59 @@ impl<E: Engine> TaskService<E> {
 
     /// Shutdown: the server stops once no task is left, or at once with `now`. Returns whether
     /// it will stop.
+    /// A server with an idle exit lingers instead when nothing is left (and stops by itself in
+    /// [`TaskService::idle_exit`]).
     pub fn shutdown(&self, now: bool) -> bool {
-        let remaining = {
-            let tasks = self.tasks();
-            tasks.live.len() + tasks.creating.len()
-        };
-        if remaining == 0 || now {
-            tracing::info!(remaining, "shutdown");
-            self.shutdown.send_replace(true);
-            true
+        let mut tasks = self.tasks();
+        let remaining = tasks.live.len() + tasks.creating.len();
+        if remaining > 0 && !now {
+            return false;
+        }
+        if let (Some(linger), false) = (self.idle_exit, now) {
+            tracing::info!(
+                ?linger,
+                "shutdown: no task left; staying warm for the group"
+            );
+            tasks.idle_until = Some(tokio::time::Instant::now() + linger);
+            self.idle_armed.notify_one();
         } else {
-            false
+            tracing::info!(remaining, "shutdown");
+            tasks.closed = true;
+            self.shutdown.send_replace(true);
+        }
+        true
+    }
+
+    /// Stops the server once it has lingered its idle time after a Shutdown with no Create
+    /// since; never returns for a server without an idle exit. A daemon that went away
+    /// without sending Shutdown leaves a server with tasks: that one waits for its tasks.
+    pub async fn idle_exit(&self) {
+        if self.idle_exit.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let deadline = self.tasks().idle_until;
+            match deadline {
+                None => self.idle_armed.notified().await,
+                Some(at) => {
+                    tokio::time::sleep_until(at).await;
+                    let mut tasks = self.tasks();
+                    let expired = tasks
+                        .idle_until
+                        .is_some_and(|at| at <= tokio::time::Instant::now());
+                    if !expired {
+                        continue;
+                    }
+                    if tasks.live.is_empty() && tasks.creating.is_empty() {
+                        tasks.closed = true;
+                        drop(tasks);
+                        tracing::info!("no task for the idle time: exiting");
+                        self.shutdown.send_replace(true);
+                        return;
+                    }
+                    tasks.idle_until = None;
+                }
+            }
         }
     }
 

@@ -325,10 +325,23 @@ impl Harness {
     }
 
     fn with(engine: StubEngine) -> Harness {
+        Harness::build(engine, None)
+    }
+
+    /// A server that lingers for `linger` after its last task (a group's warm shim).
+    fn lingering(linger: Duration) -> Harness {
+        Harness::build(StubEngine::default(), Some(linger))
+    }
+
+    fn build(engine: StubEngine, linger: Option<Duration>) -> Harness {
         let engine = Arc::new(engine);
         let (publisher, events) = events::channel();
+        let svc = TaskService::new(engine.clone(), "ns1", publisher);
         Harness {
-            svc: TaskService::new(engine.clone(), "ns1", publisher),
+            svc: match linger {
+                Some(l) => svc.with_idle_exit(l),
+                None => svc,
+            },
             engine,
             events,
             dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
@@ -1139,6 +1152,60 @@ async fn shutdown_waits_for_the_last_task_unless_now() {
     h.create("t").await;
     assert!(h.svc.shutdown(true));
     assert!(h.svc.stopping());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_with_an_idle_exit_stays_warm_after_its_last_task_then_stops_by_itself() {
+    const LINGER: Duration = Duration::from_secs(3);
+    let h = Harness::lingering(LINGER);
+    h.create("a").await;
+    assert!(!h.svc.shutdown(false), "stopped with a task left");
+    h.svc
+        .delete("a", "")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(h.svc.shutdown(false));
+    assert!(!h.svc.stopping(), "stopped at once instead of staying warm");
+    let idle = h.svc.idle_exit();
+    tokio::pin!(idle);
+    // Still up a while later: the group's next task joins it, which ends the linger.
+    assert!(
+        tokio::time::timeout(LINGER / 3, &mut idle).await.is_err(),
+        "stopped before the idle time passed"
+    );
+    h.create("b").await;
+    assert!(
+        tokio::time::timeout(LINGER * 2, &mut idle).await.is_err(),
+        "stopped with a task"
+    );
+    assert!(!h.svc.stopping());
+    // After the last task again, the idle time passes without a Create: it stops, and a
+    // Create that comes now is refused as Unavailable (the caller starts another shim) rather
+    // than taken by a server on its way out.
+    h.svc
+        .delete("b", "")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(h.svc.shutdown(false));
+    within("the idle exit", &mut idle).await;
+    assert!(h.svc.stopping());
+    within("stopped", h.svc.stopped()).await;
+    let e = h.refused(h.request("c")).await;
+    assert_eq!(code(&e), ttrpc_code::Code::UNAVAILABLE, "{e}");
+
+    // Shutdown with `now` does not linger; nor does a server without an idle exit.
+    let h = Harness::lingering(LINGER);
+    assert!(h.svc.shutdown(true));
+    assert!(h.svc.stopping());
+    let h = Harness::new();
+    assert!(h.svc.shutdown(false));
+    assert!(h.svc.stopping());
+    assert!(
+        tokio::time::timeout(LINGER * 10, h.svc.idle_exit())
+            .await
+            .is_err(),
+        "a server without an idle exit has no idle timer"
+    );
 }
 
 #[tokio::test]

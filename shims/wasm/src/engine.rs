@@ -115,6 +115,10 @@ impl WasmEngine {
     }
 }
 
+/// How long a group's shim stays up after its last task: a `yard run --rm` of the group
+/// within this time reuses the warm shim and worker (docs/performance.md).
+pub const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// containerd's rootfs mount, made `nodev,nosuid` whatever it asked for: a Wasm task's root is
 /// never a place for device nodes or setuid files (its worker sees a further-hardened copy).
 fn hardened(mounts: &[Mount]) -> Vec<Mount> {
@@ -184,6 +188,11 @@ impl Engine for WasmEngine {
         unmount_rootfs(bundle);
         yard_shim_kit::cgroup::remove_for_bundle(bundle, id);
         Ok(())
+    }
+
+    /// A group's shim keeps its worker and compiled modules for the group's next task.
+    fn idle_exit(&self) -> Option<std::time::Duration> {
+        Some(IDLE_EXIT)
     }
 
     async fn shutdown(&self) {
