@@ -401,6 +401,67 @@ fn cache_and_timeout() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// A group's shim is joined without `<shim> start` (switchyardd knows the group), stays warm
+/// for the group's next task after its last one, and exits by itself when none comes.
+#[test]
+fn a_group_shim_is_joined_stays_warm_and_exits_when_idle() {
+    let Some((d, _cache)) = daemon_with(&[], "group = \"warm\"") else {
+        return;
+    };
+    let keep = unique_id("keep");
+    let out = yard_run(&d, &["-d", "--name", &keep], &[HELLO, "--sleep", "600000"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let first = shims(&d);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let joined = |id: &str| {
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("joined the group's shim") && l.contains(id))
+    };
+    assert!(!joined(&keep), "the first task joined a shim");
+    let id = unique_id("join");
+    let out = yard_run(&d, &["--rm", "--name", &id], &[HELLO]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("hello from wasm"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        joined(&id),
+        "the second task did not join:\n{}",
+        d.log_text()
+    );
+    assert_eq!(shims(&d), first, "the second task got a shim of its own");
+    assert!(
+        !d.log_text().contains("the group's shim is exiting"),
+        "{}",
+        d.log_text()
+    );
+
+    // The last task goes: the shim stays warm for a while and the next task joins it (when
+    // this machine takes less than the idle time to run it), then it exits by itself.
+    let out = d.run_yard(&["rm", "--force", &keep]);
+    assert!(out.status.success(), "{}", show(&out));
+    let removed = Instant::now();
+    let id = unique_id("warm");
+    let out = yard_run(&d, &["--rm", "--name", &id], &[HELLO]);
+    assert!(out.status.success(), "{}", show(&out));
+    if removed.elapsed() < Duration::from_secs(1) {
+        assert!(joined(&id), "not joined while warm:\n{}", d.log_text());
+        assert_eq!(shims(&d), first, "not the same shim while warm");
+    } else {
+        eprintln!(
+            "warm rejoin not checked: the run took {:?}",
+            removed.elapsed()
+        );
+    }
+    assert!(
+        eventually(SETTLE, || shims(&d).is_empty()),
+        "an idle group shim did not exit: {:?}",
+        shims(&d)
+    );
+}
+
 /// The runtime option `group`: every task of the runtime shares one shim without annotations.
 #[test]
 fn group_option_shares_one_shim() {

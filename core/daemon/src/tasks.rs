@@ -352,36 +352,31 @@ impl TaskManager {
         let log = crate::runtime::log::follow(&bundle.log_fifo(), ns, &id)
             .map_err(|e| tracing::warn!(container_id = %id, error = %e, "cannot follow shim log"))
             .ok();
-        tracing::info!(namespace = ns, container_id = %id, runtime = %resolved.name, shim = %resolved.binary.display(), "starting shim");
-        let shim = match self
-            .shims
-            .start(&bundle, &resolved.binary, options.as_ref())
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                // `start` left a server running, or one that died before it could be reached:
-                // the binary's cleanup stops what is left and removes a dead server's socket,
-                // as containerd runs it after a shim it cannot reach.
-                if matches!(
-                    e,
-                    ShimError::Connect { .. }
-                        | ShimError::Address { .. }
-                        | ShimError::Bootstrap { .. }
-                ) && let Err(err) = self.shims.delete(&bundle, &resolved.binary).await
-                {
-                    tracing::warn!(container_id = %id, error = %crate::error::chain(&err), "clean up after a shim that cannot be reached");
-                }
-                if let Err(err) = bundle.delete() {
-                    tracing::warn!(container_id = %id, error = %crate::error::chain(&err), "remove bundle");
-                }
-                return Err(e.into());
-            }
-        };
+        // containerd's runc shim groups by its own rules: it always gets `start`.
+        let group = (!is_runc(&resolved.runtime_type))
+            .then(|| task_group(&spec.value, options_json.as_deref()))
+            .flatten();
+        let binary = resolved.binary.clone();
+        let (mut shim, joined) = self
+            .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())
+            .await?;
         failpoints::hit("task.create.shim-started");
         req.bundle = bundle.path.to_string_lossy().into_owned();
-        req.options = options;
-        match shim.client.create(req).await {
+        req.options = options.clone();
+        let mut created = shim.client.create(req.clone()).await;
+        if joined
+            && let Err(e) = &created
+            && (e.is_disconnected() || e.kind() == Kind::Unavailable)
+        {
+            // The group's shim stopped between its last task and this Create: start another.
+            tracing::debug!(container_id = %id, error = %e, "the group's shim is exiting; starting a new one");
+            self.shims.forget_group_shim(&shim);
+            (shim, _) = self
+                .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())
+                .await?;
+            created = shim.client.create(req).await;
+        }
+        match created {
             Ok(r) => {
                 failpoints::hit("task.create.shim-created");
                 let task = self.new_task(bundle, record, shim, log);
@@ -396,12 +391,58 @@ impl TaskManager {
         }
     }
 
+    /// Starts or joins the shim of a task whose bundle is written; on failure removes what
+    /// the attempt left (a dead server's socket, the bundle).
+    async fn shim_for(
+        &self,
+        bundle: &Bundle,
+        binary: &std::path::Path,
+        options: Option<&prost_types::Any>,
+        group: Option<&str>,
+    ) -> Result<(Arc<Shim>, bool)> {
+        match self
+            .shims
+            .start_or_join(bundle, binary, options, group)
+            .await
+        {
+            Ok((shim, joined)) => {
+                let how = if joined {
+                    "joined the group's shim"
+                } else {
+                    "started shim"
+                };
+                tracing::info!(namespace = %bundle.namespace, container_id = %bundle.id, shim = %binary.display(), group, address = %shim.address, "{how}");
+                Ok((shim, joined))
+            }
+            Err(e) => {
+                // `start` left a server running, or one that died before it could be reached:
+                // the binary's cleanup stops what is left and removes a dead server's socket,
+                // as containerd runs it after a shim it cannot reach.
+                if matches!(
+                    e,
+                    ShimError::Connect { .. }
+                        | ShimError::Address { .. }
+                        | ShimError::Bootstrap { .. }
+                ) && let Err(err) = self.shims.delete(bundle, binary).await
+                {
+                    tracing::warn!(container_id = %bundle.id, error = %crate::error::chain(&err), "clean up after a shim that cannot be reached");
+                }
+                if let Err(err) = bundle.delete() {
+                    tracing::warn!(container_id = %bundle.id, error = %crate::error::chain(&err), "remove bundle");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
     /// Undoes a half-made task: as containerd does, ask the shim to delete and shut down; then
     /// run `<shim> delete` as well, because a shim whose Create failed half way (or timed
     /// out) can leave runtime state behind (runc's `init`, its cgroup) that only the binary's
     /// cleanup removes.
     async fn abandon(&self, bundle: &Bundle, record: &TaskRecord, shim: &Shim, disconnected: bool) {
         let id = bundle.id.clone();
+        // A shim that serves no other task stops now rather than staying warm for its group.
+        let shared = || self.read().values().any(|t| t.shim.address == shim.address);
         if !disconnected {
             let _ = shim
                 .client
@@ -412,7 +453,7 @@ impl TaskManager {
                 .await;
             let _ = shim
                 .client
-                .shutdown(&id, self.shims.settings().shutdown_timeout)
+                .shutdown(&id, !shared(), self.shims.settings().shutdown_timeout)
                 .await;
         }
         if let Err(e) = self.shims.delete(bundle, &record.binary).await {
@@ -422,8 +463,7 @@ impl TaskManager {
             tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "remove bundle");
         }
         // A shim that serves no other task and ignored Shutdown would be leaked: stop it.
-        let shared = self.read().values().any(|t| t.shim.address == shim.address);
-        if let (false, Some(pid)) = (shared, shim.pid) {
+        if let (false, Some(pid)) = (shared(), shim.pid) {
             let wait = tokio::time::timeout(Duration::from_secs(1), shim.gone());
             if wait.await.is_err() {
                 tracing::warn!(container_id = %id, pid, "shim ignored Shutdown; killing it");
@@ -525,7 +565,7 @@ impl TaskManager {
                 if let Err(e) = task
                     .shim
                     .client
-                    .shutdown(id, self.shims.settings().shutdown_timeout)
+                    .shutdown(id, false, self.shims.settings().shutdown_timeout)
                     .await
                 {
                     tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim shutdown");
@@ -932,4 +972,25 @@ impl Adaptor for TaskFields<'_> {
             _ => None,
         }
     }
+}
+
+/// The group a task's shim serves, by the rule the shim kit's `start` applies
+/// ([`switchyard_base::group`]): a grouping annotation of the spec, else the runtime's `group`
+/// option (`options_json`, the table the bundle's `options.json` holds).
+fn task_group(spec: &[u8], options_json: Option<&[u8]>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Annotated {
+        #[serde(default)]
+        annotations: HashMap<String, String>,
+    }
+    let annotations = serde_json::from_slice::<Annotated>(spec)
+        .map(|a| a.annotations)
+        .unwrap_or_default();
+    switchyard_base::group::group_of(
+        |k| annotations.get(k).map(String::as_str),
+        || {
+            let options: serde_json::Value = serde_json::from_slice(options_json?).ok()?;
+            options.get("group")?.as_str().map(str::to_owned)
+        },
+    )
 }

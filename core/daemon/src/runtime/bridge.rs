@@ -159,10 +159,10 @@ impl TaskClient {
     }
 
     /// Asks the shim to exit once it has no tasks; its going away mid-call is success.
-    pub async fn shutdown(&self, id: &str, timeout: Duration) -> Result<(), CallError> {
+    pub async fn shutdown(&self, id: &str, now: bool, timeout: Duration) -> Result<(), CallError> {
         let req = task::ShutdownRequest {
             id: id.to_owned(),
-            now: false,
+            now,
         };
         match self.call::<_, ()>("Shutdown", &req, Some(timeout)).await {
             Err(e) if e.is_disconnected() => Ok(()),

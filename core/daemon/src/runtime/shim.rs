@@ -118,6 +118,8 @@ pub struct Shim {
     pub client: TaskClient,
     /// The shim's pid, when it told us (Connect).
     pub pid: Option<u32>,
+    /// What its `start` printed (written into the bundle of every task it serves).
+    params: BootstrapParams,
     gone: Gone,
 }
 
@@ -127,12 +129,23 @@ impl Shim {
         let mut g = self.gone.clone();
         let _ = g.wait_for(|gone| *gone).await;
     }
+
+    fn is_gone(&self) -> bool {
+        *self.gone.borrow()
+    }
 }
+
+/// A group's shim as [`ShimManager::start`] finds it again: the same binary, namespace and
+/// group make `<shim> start` print the same address.
+type GroupKey = (PathBuf, String, String);
 
 /// Runs and tracks shim processes.
 #[derive(Debug)]
 pub struct ShimManager {
     settings: ShimSettings,
+    /// The live shim of each group a task was started in, kept while the shim lives (a group's
+    /// shim may stay warm after its last task for the group's next one).
+    groups: Mutex<HashMap<GroupKey, Arc<Shim>>>,
     conns: Mutex<HashMap<String, Weak<Shim>>>,
 }
 
@@ -155,6 +168,7 @@ impl ShimManager {
     pub fn new(settings: ShimSettings) -> Self {
         Self {
             settings,
+            groups: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
         }
     }
@@ -196,6 +210,52 @@ impl ShimManager {
             .stderr(Stdio::piped());
         crate::sys::spawn::child_umask(&mut cmd, crate::sys::spawn::SHIM_UMASK);
         cmd
+    }
+
+    /// The shim for a new task: the live shim of its `group`, without running `<binary> start`
+    /// (which would only find that shim and print its address: one process start less per
+    /// task), else what [`ShimManager::start`] starts. Returns whether the shim was joined.
+    pub async fn start_or_join(
+        &self,
+        bundle: &Bundle,
+        binary: &Path,
+        options: Option<&Any>,
+        group: Option<&str>,
+    ) -> Result<(Arc<Shim>, bool), ShimError> {
+        let key = group.map(|g| (binary.to_owned(), bundle.namespace.clone(), g.to_owned()));
+        if let Some(key) = &key
+            && let Some(shim) = self.group_shim(key)
+        {
+            self.record(bundle, binary, &shim.params, true)?;
+            return Ok((shim, true));
+        }
+        let shim = self.start(bundle, binary, options).await?;
+        if let Some(key) = key {
+            self.keep_group(key, &shim);
+        }
+        Ok((shim, false))
+    }
+
+    fn group_shim(&self, key: &GroupKey) -> Option<Arc<Shim>> {
+        let groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.get(key).filter(|s| !s.is_gone()).cloned()
+    }
+
+    /// Forgets a group's shim that turned out unusable (it is exiting), so the next task of
+    /// the group runs `start`.
+    pub fn forget_group_shim(&self, shim: &Arc<Shim>) {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|_, s| !Arc::ptr_eq(s, shim));
+    }
+
+    /// Remembers `shim` as its group's until it exits.
+    fn keep_group(&self, key: GroupKey, shim: &Arc<Shim>) {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.retain(|_, s| !s.is_gone());
+        if groups.get(&key).is_some_and(|s| Arc::ptr_eq(s, shim)) {
+            return;
+        }
+        groups.insert(key, shim.clone());
     }
 
     /// Runs `<binary> start` for a bundle and connects to the shim it leaves running.
@@ -262,19 +322,34 @@ impl ShimManager {
                 source,
             })?;
         crate::failpoints::hit("task.create.shim-spawned");
-        let json = serde_json::to_vec(&params).unwrap_or_default();
+        self.record(bundle, binary, &params, false)?;
+        self.attach(bundle, &params).await
+    }
+
+    /// Writes into the bundle which shim serves it, for a restarted daemon (`bootstrap.json`,
+    /// `shim-binary-path`); for a `joined` shim also the `address` that `start` writes when it
+    /// runs (the shim binary's `delete` reads it).
+    fn record(
+        &self,
+        bundle: &Bundle,
+        binary: &Path,
+        params: &BootstrapParams,
+        joined: bool,
+    ) -> Result<(), ShimError> {
+        let json = serde_json::to_vec(params).unwrap_or_default();
         let path = bundle.path.join(BOOTSTRAP);
         super::bundle::write_atomic(&path, &json)
             .map_err(|source| ShimError::Bootstrap { path, source })?;
-        super::bundle::write_private(
-            &bundle.path.join("shim-binary-path"),
-            binary.as_os_str().as_encoded_bytes(),
-        )
-        .map_err(|source| ShimError::Bootstrap {
-            path: bundle.path.join("shim-binary-path"),
-            source,
-        })?;
-        self.attach(bundle, &params).await
+        let mut files = vec![("shim-binary-path", binary.as_os_str().as_encoded_bytes())];
+        if joined {
+            files.push(("address", params.address.as_bytes()));
+        }
+        for (name, data) in files {
+            let path = bundle.path.join(name);
+            super::bundle::write_private(&path, data)
+                .map_err(|source| ShimError::Bootstrap { path, source })?;
+        }
+        Ok(())
     }
 
     /// Reconnects to the shim of a bundle left by a previous daemon.
@@ -334,6 +409,7 @@ impl ShimManager {
             address: params.address.clone(),
             client,
             pid,
+            params: params.clone(),
             gone,
         });
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
