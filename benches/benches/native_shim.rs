@@ -1,7 +1,10 @@
 //! The native shim against containerd's runc shim, in one run:
 //! - `ctr run --rm … /bin/true` under containerd 1.6 with `io.containerd.yard-native.v1` vs
 //!   `io.containerd.runc.v2` (same containerd, same ctr, interleaved);
-//! - the same through switchyardd (end to end: our daemon and our shim);
+//! - the same through switchyardd (end to end: our daemon and our shim), and `yard run --rm
+//!   --runtime native` (our client too) against `ctr run --rm` with runc under containerd;
+//! - throughput: `THROUGHPUT` runs (default 500), 8 in flight, `yard run --rm` native through
+//!   switchyardd vs `ctr run --rm` runc through containerd, with p50/p99 latency under load;
 //! - the memory each shim process holds per running container (RSS and PSS).
 //!
 //! Run: `cargo bench -p switchyard-benches --bench native_shim` (root; Debian's containerd,
@@ -13,7 +16,8 @@
 use std::time::Duration;
 
 use switchyard_benches::{
-    Stats, containerd_under_test, env_usize, mib, pss_kib, row, time_ctr_run,
+    Stats, containerd_under_test, env_usize, mib, ms, pss_kib, row, summary, throughput,
+    time_ctr_run, time_yard_run, version,
 };
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::{
@@ -22,6 +26,17 @@ use switchyard_tests::{
 
 const NATIVE: &str = "io.containerd.yard-native.v1";
 const RUNC: &str = "io.containerd.runc.v2";
+/// Runs in flight in the throughput part.
+const IN_FLIGHT: usize = 8;
+
+/// `yard run --rm --runtime native --rootfs BUSYBOX -- /bin/true` through `sy`.
+fn time_yard_native(sy: &Daemon) -> Result<Duration, String> {
+    let rootfs = busybox_rootfs().display().to_string();
+    time_yard_run(
+        sy,
+        &["--runtime", "native", "--rootfs", &rootfs, "--", "/bin/true"],
+    )
+}
 
 /// Start `n` detached sleepers with `runtime`, measure each shim, stop them.
 fn shim_memory(ctd: &Containerd, runtime: &str, shim_name: &str, n: usize) -> (u64, u64) {
@@ -73,43 +88,90 @@ fn main() {
 
     let ctd = Containerd::start(&containerd_bin);
     let sy = Daemon::start();
+    let variants = 5;
+    let run = |v: usize| match v {
+        0 => time_ctr_run(&ctd, NATIVE),
+        1 => time_ctr_run(&ctd, RUNC),
+        2 => time_ctr_run(&sy, NATIVE),
+        3 => time_ctr_run(&sy, RUNC),
+        _ => time_yard_native(&sy).unwrap_or_else(|e| panic!("{e}")),
+    };
     for _ in 0..3 {
-        time_ctr_run(&ctd, NATIVE);
-        time_ctr_run(&ctd, RUNC);
-        time_ctr_run(&sy, NATIVE);
-        time_ctr_run(&sy, RUNC);
+        for v in 0..variants {
+            run(v);
+        }
     }
-    let mut samples: [Vec<Duration>; 4] = Default::default();
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); variants];
     for i in 0..runs {
         // Rotate who goes first so drift hits every variant alike.
-        for k in 0..4 {
-            let v = (i + k) % 4;
-            let d = match v {
-                0 => time_ctr_run(&ctd, NATIVE),
-                1 => time_ctr_run(&ctd, RUNC),
-                2 => time_ctr_run(&sy, NATIVE),
-                _ => time_ctr_run(&sy, RUNC),
-            };
-            samples[v].push(d);
+        for k in 0..variants {
+            let v = (i + k) % variants;
+            samples[v].push(run(v));
         }
     }
     let s: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+    let ctd_version = version(&containerd_bin);
     println!();
-    println!("ctr run --rm --runtime RUNTIME --rootfs busybox ID /bin/true");
+    println!("ctr run --rm --runtime RUNTIME --rootfs busybox ID /bin/true, and yard run --rm");
     println!("(same ctr; rotated order, {runs} runs each after 3 warm-ups)");
-    row("containerd 1.6 + yard-native shim", &s[0]);
-    row("containerd 1.6 + runc shim (Go)", &s[1]);
+    row(&format!("containerd {ctd_version} + yard-native shim"), &s[0]);
+    row(&format!("containerd {ctd_version} + runc shim (Go)"), &s[1]);
     row("switchyardd + yard-native shim", &s[2]);
     row("switchyardd + runc shim (Go)", &s[3]);
+    row("yard run --rm --runtime native", &s[4]);
     let ratio = |a: &Stats, b: &Stats| a.median.as_secs_f64() / b.median.as_secs_f64();
     let r = ratio(&s[0], &s[1]);
     println!(
         "  ratio native / runc shim under containerd (median): {r:.2}   target <= 0.50: {}",
         if r <= 0.5 { "met" } else { "NOT met" }
     );
+    summary(
+        &format!("native: ctr run, our shim / runc shim, containerd {ctd_version}"),
+        &format!("{r:.2} ({} / {})", ms(s[0].median), ms(s[1].median)),
+        "<= 0.50",
+        Some(r <= 0.5),
+    );
     println!(
         "  ratio switchyardd+native / containerd+runc (median): {:.2}",
         ratio(&s[2], &s[1])
+    );
+    let r = ratio(&s[4], &s[1]);
+    println!(
+        "  ratio yard run native / ctr run + containerd + runc (median): {r:.2}   target <= 0.25: {}",
+        if r <= 0.25 { "met" } else { "NOT met" }
+    );
+    summary(
+        &format!("native: yard run --rm / ctr run --rm runc on containerd {ctd_version}"),
+        &format!("{r:.2} ({} / {})", ms(s[4].median), ms(s[1].median)),
+        "<= 0.25",
+        Some(r <= 0.25),
+    );
+
+    let n = env_usize("THROUGHPUT", 500);
+    println!();
+    println!("throughput: {n} runs of /bin/true, {IN_FLIGHT} in flight");
+    let (yard_s, yard_p50, yard_p99) =
+        throughput("yard run --rm native", n, IN_FLIGHT, |_| time_yard_native(&sy));
+    let (ctd_s, _, _) = throughput(
+        &format!("ctr run --rm runc, containerd {ctd_version}"),
+        n,
+        IN_FLIGHT,
+        |_| Ok(time_ctr_run(&ctd, RUNC)),
+    );
+    println!(
+        "  ratio tasks/s yard native / containerd + runc: {:.2}",
+        yard_s / ctd_s
+    );
+    summary(
+        &format!("native throughput, {IN_FLIGHT} in flight (vs containerd + runc)"),
+        &format!(
+            "{yard_s:.1}/s vs {ctd_s:.1}/s ({:.2}x); p50 {} p99 {}",
+            yard_s / ctd_s,
+            ms(yard_p50),
+            ms(yard_p99)
+        ),
+        "-",
+        None,
     );
 
     let n = 5;
@@ -127,5 +189,17 @@ fn main() {
         "  runc shim (Go)            RSS {:>9}   PSS {:>9}",
         mib(rss_r),
         mib(pss_r)
+    );
+    summary(
+        "native shim memory, one idle container (runc shim)",
+        &format!(
+            "RSS {} PSS {} (runc: RSS {} PSS {})",
+            mib(rss_n),
+            mib(pss_n),
+            mib(rss_r),
+            mib(pss_r)
+        ),
+        "RSS <= 4 MiB",
+        Some(rss_n <= 4 * 1024),
     );
 }

@@ -28,11 +28,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use switchyard_benches::{Stats, env_usize, mib, ms, pss_kib, row};
+use switchyard_benches::{
+    Stats, env_usize, mib, ms, parallel, pss_kib, row, summary, throughput,
+};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::wasm::wasm_rootfs;
 use switchyard_tests::{
@@ -46,6 +46,8 @@ const RUNTIME_TYPE: &str = "io.containerd.yard-wasm.v1";
 const WASMTIME_VERSIONS: [&str; 2] = ["48.0.8", "36.0.2"];
 /// Parallel `yard` clients for the density run.
 const THREADS: usize = 4;
+/// Runs in flight in the throughput part.
+const IN_FLIGHT: usize = 8;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn repo_root() -> PathBuf {
@@ -265,47 +267,6 @@ fn shim_requests(log: &str) -> Vec<(String, u64)> {
         }
     }
     out
-}
-
-/// Runs `f(i)` for `i in 0..n` on `threads` threads until one fails; returns the wall time,
-/// every success's duration, and the first failure (its index and message).
-fn parallel(
-    n: usize,
-    threads: usize,
-    f: impl Fn(usize) -> Result<Duration, String> + Sync,
-) -> (Duration, Vec<Duration>, Option<(usize, String)>) {
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let times = Mutex::new(Vec::with_capacity(n));
-    let failure = Mutex::new(None::<(usize, String)>);
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    match f(i) {
-                        Ok(d) => times.lock().unwrap().push(d),
-                        Err(e) => {
-                            stop.store(true, Ordering::Relaxed);
-                            let mut fl = failure.lock().unwrap();
-                            if fl.as_ref().is_none_or(|(j, _)| i < *j) {
-                                *fl = Some((i, e));
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    (
-        t.elapsed(),
-        times.into_inner().unwrap(),
-        failure.into_inner().unwrap(),
-    )
 }
 
 /// `yard ps --json` rows whose id starts with `prefix`: (total, running).
@@ -570,10 +531,112 @@ fn part1(d: &Daemon, work: &Path, cache: &Path, wasmtime: Option<&Path>, runs: u
         verdict(ok),
         ms(s[1].median)
     );
+    summary(
+        "wasm: cold yard run --rm (empty cache, new shim)",
+        &format!(
+            "{}{}",
+            ms(s[0].median),
+            s.get(2).map_or(String::new(), |w| format!(
+                " (wasmtime run cold {}, warm {})",
+                ms(w.median),
+                ms(s[3].median)
+            ))
+        ),
+        "-",
+        None,
+    );
     Part1 {
         yard_cold: s[0],
         yard_warm: s[1],
     }
+}
+
+/// 1b. The warm path: `yard run --rm` into a group's warm shim (`io.switchyard.group`, the shim
+/// kept by a first run and joined without `<shim> start`) vs a warm cache in a new shim per
+/// task, vs `wasmtime run` of the precompiled module; then throughput with 8 in flight.
+fn part1b(d: &Daemon, work: &Path, wasmtime: Option<&Path>, runs: usize) -> Stats {
+    let cwasm = work.join("hello.cwasm");
+    let group = Some("warm");
+    let mut names = vec!["yard run, warm group shim", "yard run, new shim, warm cache"];
+    if wasmtime.is_some() {
+        names.push("wasmtime run precompiled .cwasm");
+    }
+    let run = |v: usize| -> Duration {
+        match v {
+            0 => hello(yard_run(d, &["--rm"], group, &["/app/hello.wasm"])),
+            1 => hello(yard_run(d, &["--rm"], None, &["/app/hello.wasm"])),
+            _ => {
+                let mut c = Command::new(wasmtime.unwrap());
+                c.args(["run", "--allow-precompiled"]).arg(&cwasm);
+                hello(c)
+            }
+        }
+    };
+    for _ in 0..3 {
+        (0..names.len()).for_each(|v| {
+            run(v);
+        });
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
+    for i in 0..runs {
+        for k in 0..names.len() {
+            let v = (i + k) % names.len();
+            samples[v].push(run(v));
+        }
+    }
+    let s: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+    println!();
+    println!("1b. the warm path (rotated order, {runs} runs each after 3 warm-ups)");
+    for (name, st) in names.iter().zip(&s) {
+        row(name, st);
+    }
+    let ok = s[0].median <= Duration::from_millis(10);
+    println!(
+        "  target warm task <= 10 ms: {} (median {})",
+        verdict(ok),
+        ms(s[0].median)
+    );
+    summary(
+        "wasm: warm yard run --rm (group's warm shim)",
+        &format!(
+            "{} (new shim per task: {}{})",
+            ms(s[0].median),
+            ms(s[1].median),
+            s.get(2)
+                .map_or(String::new(), |w| format!("; wasmtime precompiled {}", ms(w.median)))
+        ),
+        "<= 10 ms",
+        Some(ok),
+    );
+
+    let n = env_usize("THROUGHPUT", 500);
+    println!();
+    println!("throughput: {n} runs of hello.wasm, {IN_FLIGHT} in flight");
+    let one = |g: Option<&'static str>| {
+        move |_: usize| -> Result<Duration, String> {
+            let (t, out) = timed(&mut yard_run(d, &["--rm"], g, &["/app/hello.wasm"]));
+            if out.status.success() {
+                Ok(t)
+            } else {
+                Err(format!("{}", out.status))
+            }
+        }
+    };
+    let (g_s, g50, g99) = throughput("yard run --rm, one group", n, IN_FLIGHT, one(group));
+    let (u_s, u50, u99) = throughput("yard run --rm, a shim per task", n, IN_FLIGHT, one(None));
+    summary(
+        &format!("wasm throughput, {IN_FLIGHT} in flight"),
+        &format!(
+            "group {g_s:.1}/s (p50 {} p99 {}); shim per task {u_s:.1}/s (p50 {} p99 {})",
+            ms(g50),
+            ms(g99),
+            ms(u50),
+            ms(u99)
+        ),
+        "-",
+        None,
+    );
+    s[0]
 }
 
 /// The bench's scratch directory (removed at the end).
@@ -705,6 +768,25 @@ fn hello_detached(d: &Daemon, group: &str, id: &str, sleep_ms: u64) -> Result<Du
     }
 }
 
+/// RSS and PSS (KiB) of a process and its direct children (the shim and its worker).
+fn with_children(pid: u32) -> (u64, u64) {
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    std::iter::once(pid)
+        .chain(children)
+        .map(|p| (rss_kib(p).unwrap_or(0), pss_kib(p).unwrap_or(0)))
+        .fold((0, 0), |(r, s), (a, b)| (r + a, s + b))
+}
+
 struct Part3 {
     running: usize,
     per_task_kib: Option<u64>,
@@ -721,11 +803,36 @@ fn part3(d: &Daemon, n: usize) -> Part3 {
     let (rss1, pss1) = (rss_kib(pid).unwrap_or(0), pss_kib(pid).unwrap_or(0));
     let maps1 = smaps(pid);
 
-    let (wall, times, failure) = parallel(n - 1, THREADS, |i| {
-        hello_detached(d, "dense", &ids[i + 1], 3_600_000)
-    });
-    let started = times.len() + 1;
-    std::thread::sleep(Duration::from_millis(1000));
+    // Started in stages, the shim and its worker measured at each: the memory curve.
+    let (g_rss1, g_pss1) = with_children(pid);
+    let mut curve = vec![(1, rss1, pss1, g_rss1, g_pss1)];
+    let mut wall = Duration::ZERO;
+    let mut times = Vec::new();
+    let mut failure = None;
+    let mut started = 1;
+    for stage in [100, 1000, 10_000, n] {
+        let stage = stage.min(n);
+        if stage <= started || failure.is_some() {
+            continue;
+        }
+        let from = started;
+        let (w, t, f) = parallel(stage - from, THREADS, |i| {
+            hello_detached(d, "dense", &ids[from + i], 3_600_000)
+        });
+        wall += w;
+        started += t.len();
+        times.extend(t);
+        failure = f.map(|(i, e)| (from + i - 1, e));
+        std::thread::sleep(Duration::from_millis(1000));
+        let (g_rss, g_pss) = with_children(pid);
+        curve.push((
+            started,
+            rss_kib(pid).unwrap_or(0),
+            pss_kib(pid).unwrap_or(0),
+            g_rss,
+            g_pss,
+        ));
+    }
     let shim_pids = shims(d);
     let (listed, running) = ps_count(d, "dense-");
     let alive = rss_kib(pid).is_some();
@@ -778,6 +885,31 @@ fn part3(d: &Daemon, n: usize) -> Part3 {
             rss_n as f64 / running as f64
         );
     }
+    println!("  memory curve (shim alone; shim + its worker, where the instances live):");
+    for (tasks, rss, pss, g_rss, g_pss) in &curve {
+        println!(
+            "    {tasks:>6} tasks: shim RSS {:>10} PSS {:>10}   shim + worker RSS {:>10} PSS {:>10}",
+            mib(*rss),
+            mib(*pss),
+            mib(*g_rss),
+            mib(*g_pss)
+        );
+    }
+    let (last_tasks, _, _, last_g_rss, _) = *curve.last().unwrap();
+    let per_task_g = (last_tasks > 1)
+        .then(|| last_g_rss.saturating_sub(g_rss1) / (last_tasks as u64 - 1));
+    summary(
+        "wasm group shim, one idle task (shim + worker)",
+        &format!("RSS {} (shim alone {})", mib(g_rss1), mib(rss1)),
+        "RSS <= 10 MiB",
+        Some(g_rss1 <= 10 * 1024),
+    );
+    summary(
+        &format!("wasm group shim, per added idle task up to {last_tasks}"),
+        &per_task_g.map_or("-".to_owned(), |k| format!("{k} KiB RSS (shim + worker)")),
+        "<= 64 KiB",
+        per_task_g.map(|k| k <= 64),
+    );
     if alive {
         memory_breakdown(pid, &maps1, &maps_n, running.max(2));
     }
@@ -869,6 +1001,7 @@ fn main() {
     let t0 = Instant::now();
     let d = Daemon::start_with(&runtime_toml(&cache, &extra));
     let p1 = part1(&d, &work, &cache, wasmtime.as_deref(), runs);
+    let warm = part1b(&d, &work, wasmtime.as_deref(), runs);
     let p2 = part2(&cache, &extra, runs);
     let p3 = part3(&d, density);
     drop(d);
@@ -876,8 +1009,10 @@ fn main() {
     println!();
     println!("targets");
     println!(
-        "  warm end to end <= 15 ms:                        {:<8} (yard run --rm, median {}; cold {})",
-        verdict(p1.yard_warm.median <= Duration::from_millis(15)),
+        "  warm task <= 10 ms:                              {:<8} (group's warm shim, median {}; \
+         new shim, warm cache {}; cold {})",
+        verdict(warm.median <= Duration::from_millis(10)),
+        ms(warm.median),
         ms(p1.yard_warm.median),
         ms(p1.yard_cold.median)
     );

@@ -1,12 +1,19 @@
 //! Shared pieces of the benchmarks: timing and the comparison table.
 
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 
 pub mod plain_qemu;
 
-use std::time::{Duration, Instant};
-
+use std::io::Write as _;
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 pub use switchyard_tests::env_usize;
 use switchyard_tests::{Ctr, busybox_rootfs, show, text, unique_id, which};
@@ -104,4 +111,109 @@ pub fn version(bin: &std::path::Path) -> String {
                 .to_owned()
         })
         .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// Runs `f(i)` for `i in 0..n` on `threads` threads until one fails; returns the wall time,
+/// every success's duration, and the first failure (its index and message).
+pub fn parallel(
+    n: usize,
+    threads: usize,
+    f: impl Fn(usize) -> Result<Duration, String> + Sync,
+) -> (Duration, Vec<Duration>, Option<(usize, String)>) {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let times = Mutex::new(Vec::with_capacity(n));
+    let failure = Mutex::new(None::<(usize, String)>);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    match f(i) {
+                        Ok(d) => times.lock().unwrap().push(d),
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            let mut fl = failure.lock().unwrap();
+                            if fl.as_ref().is_none_or(|(j, _)| i < *j) {
+                                *fl = Some((i, e));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (
+        t.elapsed(),
+        times.into_inner().unwrap(),
+        failure.into_inner().unwrap(),
+    )
+}
+
+
+/// Throughput under load: `n` runs of `f` with `in_flight` at a time. Prints one line and
+/// returns (tasks per second, p50, p99); panics naming the first failure.
+pub fn throughput(
+    name: &str,
+    n: usize,
+    in_flight: usize,
+    f: impl Fn(usize) -> Result<Duration, String> + Sync,
+) -> (f64, Duration, Duration) {
+    let (wall, mut times, failure) = parallel(n, in_flight, f);
+    if let Some((i, e)) = failure {
+        panic!("{name}: run #{i} failed: {e}");
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    let per_s = n as f64 / wall.as_secs_f64().max(1e-9);
+    println!(
+        "  {name:<34} {per_s:>7.1} tasks/s   p50 {:>10}   p99 {:>10}   ({n} runs, {in_flight} in flight, {})",
+        ms(at(0.5)),
+        ms(at(0.99)),
+        ms(wall)
+    );
+    (per_s, at(0.5), at(0.99))
+}
+
+/// One figure of the benchmark summary that `./scripts/bench` prints at the end (and
+/// docs/performance.md keeps): appended to the file `$SWITCHYARD_BENCH_SUMMARY` when it is set.
+/// `met` is `None` for a figure without a target.
+pub fn summary(figure: &str, measured: &str, target: &str, met: Option<bool>) {
+    let Some(path) = std::env::var_os("SWITCHYARD_BENCH_SUMMARY") else {
+        return;
+    };
+    let verdict = match met {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "-",
+    };
+    let line = format!("| {figure} | {measured} | {target} | {verdict} |\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("summary {}: {e}", std::path::Path::new(&path).display());
+    }
+}
+
+/// The wall time of `yard run --rm ARGS` (its flags, `--`, the command) against `d`, which must
+/// succeed.
+pub fn time_yard_run(d: &switchyard_tests::Daemon, args: &[&str]) -> Result<Duration, String> {
+    let t = Instant::now();
+    let out = switchyard_tests::run_timeout(
+        d.yard().arg("run").arg("--rm").args(args),
+        Duration::from_secs(120),
+    );
+    let elapsed = t.elapsed();
+    if out.status.success() {
+        Ok(elapsed)
+    } else {
+        Err(format!("yard run --rm {}: {}", args.join(" "), show(&out)))
+    }
 }
