@@ -2,11 +2,13 @@
 //! and the static guest agent all link it):
 //!
 //! - [`chain`]: an error and its causes as one line, `a: b: c`;
+//! - [`cgroup`]: this process's own cgroups, and the lock every cgroup migration takes;
 //! - [`group`]: which tasks share one shim process;
 //! - [`ident`]: containerd's identifier rule for namespaces, container, exec and lease ids;
 //! - [`exit_with`]: what a binary does with an error at its edge (`error: a: b: c` on stderr and a
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
 
+pub mod cgroup;
 pub mod gate;
 pub mod group;
 pub mod ident;

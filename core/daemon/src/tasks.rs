@@ -328,6 +328,9 @@ impl TaskManager {
         let spec = container
             .spec
             .ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
+        // The container's cgroup migration comes a few milliseconds from now, in the shim or
+        // the runtime it runs: start the kernel's wait for it here, off the create path.
+        tokio::task::spawn_blocking(switchyard_base::cgroup::prewarm_migration);
         let bundle = Bundle::locate(&self.state, &self.root, ns, &id);
         let options_json = options.as_ref().and_then(|o| {
             if is_runc(&resolved.runtime_type) {

@@ -67,21 +67,9 @@ pub fn remove_for_bundle(bundle: &Path, name: &str) {
 
 /// Put `pid` back into this process's own cgroups (every hierarchy of `/proc/self/cgroup`).
 pub fn join_own(pid: u32) -> Result<()> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(Error::io("read /proc/self/cgroup"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(Error::io("read /proc/self/mountinfo"))?;
-    for line in own.lines() {
-        let mut f = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        let Some(mount) = mount_of(&mounts, controllers) else {
-            continue;
-        };
-        let procs = mount
-            .join(path.trim_start_matches('/'))
-            .join("cgroup.procs");
+    let files = switchyard_base::cgroup::own_procs_files()
+        .map_err(Error::io("read /proc/self/cgroup and mountinfo"))?;
+    for procs in files {
         if let Err(e) = std::fs::write(&procs, pid.to_string()) {
             tracing::debug!(path = %procs.display(), error = %e, "cgroup not joined");
         }
@@ -89,49 +77,8 @@ pub fn join_own(pid: u32) -> Result<()> {
     Ok(())
 }
 
-/// The mount point of the hierarchy with these controllers (`cpu,cpuacct`, `name=systemd`, or
-/// empty for cgroup v2).
-fn mount_of(mountinfo: &str, controllers: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mut post = post.split_whitespace();
-        let fstype = post.next()?;
-        let options = post.nth(1).unwrap_or("");
-        let point = pre.split_whitespace().nth(4)?;
-        let wanted = if controllers.is_empty() {
-            fstype == "cgroup2"
-        } else {
-            fstype == "cgroup"
-                && controllers
-                    .split(',')
-                    .all(|c| options.split(',').any(|o| o == c))
-        };
-        wanted.then(|| PathBuf::from(point))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MOUNTINFO: &str = "\
-30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
-32 30 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
-33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct
-34 30 0:30 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
-";
-
-    #[test]
-    fn hierarchies_are_found_by_their_controllers() {
-        let m = |c| mount_of(MOUNTINFO, c).map(|p| p.display().to_string());
-        assert_eq!(
-            m("cpu,cpuacct").as_deref(),
-            Some("/sys/fs/cgroup/cpu,cpuacct")
-        );
-        assert_eq!(m("memory").as_deref(), Some("/sys/fs/cgroup/memory"));
-        assert_eq!(m("name=systemd").as_deref(), Some("/sys/fs/cgroup/systemd"));
-        assert_eq!(m("").as_deref(), Some("/sys/fs/cgroup/unified"));
-        assert_eq!(m("pids"), None);
-    }
+/// Starts [`switchyard_base::cgroup::prewarm_migration`] on a blocking thread: the wait that a
+/// container's first cgroup migration would otherwise pay on the create path.
+pub fn prewarm_migration() {
+    tokio::task::spawn_blocking(switchyard_base::cgroup::prewarm_migration);
 }

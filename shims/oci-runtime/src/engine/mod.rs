@@ -444,6 +444,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
         ));
     }
     spec::validate(spec, &req.bundle)?;
+    yard_shim_kit::cgroup::prewarm_migration();
     let cgroup = Cgroup::new(spec::cgroup_path(spec, &req.namespace, &req.id), &req.id);
     if spec
         .linux()
