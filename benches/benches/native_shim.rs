@@ -34,7 +34,14 @@ fn time_yard_native(sy: &Daemon) -> Result<Duration, String> {
     let rootfs = busybox_rootfs().display().to_string();
     time_yard_run(
         sy,
-        &["--runtime", "native", "--rootfs", &rootfs, "--", "/bin/true"],
+        &[
+            "--runtime",
+            "native",
+            "--rootfs",
+            &rootfs,
+            "--",
+            "/bin/true",
+        ],
     )
 }
 
@@ -114,7 +121,10 @@ fn main() {
     println!();
     println!("ctr run --rm --runtime RUNTIME --rootfs busybox ID /bin/true, and yard run --rm");
     println!("(same ctr; rotated order, {runs} runs each after 3 warm-ups)");
-    row(&format!("containerd {ctd_version} + yard-native shim"), &s[0]);
+    row(
+        &format!("containerd {ctd_version} + yard-native shim"),
+        &s[0],
+    );
     row(&format!("containerd {ctd_version} + runc shim (Go)"), &s[1]);
     row("switchyardd + yard-native shim", &s[2]);
     row("switchyardd + runc shim (Go)", &s[3]);
@@ -150,8 +160,9 @@ fn main() {
     let n = env_usize("THROUGHPUT", 500);
     println!();
     println!("throughput: {n} runs of /bin/true, {IN_FLIGHT} in flight");
-    let (yard_s, yard_p50, yard_p99) =
-        throughput("yard run --rm native", n, IN_FLIGHT, |_| time_yard_native(&sy));
+    let (yard_s, yard_p50, yard_p99) = throughput("yard run --rm native", n, IN_FLIGHT, |_| {
+        time_yard_native(&sy)
+    });
     let (ctd_s, _, _) = throughput(
         &format!("ctr run --rm runc, containerd {ctd_version}"),
         n,

@@ -30,9 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use switchyard_benches::{
-    Stats, env_usize, mib, ms, parallel, pss_kib, row, summary, throughput,
-};
+use switchyard_benches::{Stats, env_usize, mib, ms, parallel, pss_kib, row, summary, throughput};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::wasm::wasm_rootfs;
 use switchyard_tests::{
@@ -557,7 +555,10 @@ fn part1(d: &Daemon, work: &Path, cache: &Path, wasmtime: Option<&Path>, runs: u
 fn part1b(d: &Daemon, work: &Path, wasmtime: Option<&Path>, runs: usize) -> Stats {
     let cwasm = work.join("hello.cwasm");
     let group = Some("warm");
-    let mut names = vec!["yard run, warm group shim", "yard run, new shim, warm cache"];
+    let mut names = vec![
+        "yard run, warm group shim",
+        "yard run, new shim, warm cache",
+    ];
     if wasmtime.is_some() {
         names.push("wasmtime run precompiled .cwasm");
     }
@@ -602,8 +603,10 @@ fn part1b(d: &Daemon, work: &Path, wasmtime: Option<&Path>, runs: usize) -> Stat
             "{} (new shim per task: {}{})",
             ms(s[0].median),
             ms(s[1].median),
-            s.get(2)
-                .map_or(String::new(), |w| format!("; wasmtime precompiled {}", ms(w.median)))
+            s.get(2).map_or(String::new(), |w| format!(
+                "; wasmtime precompiled {}",
+                ms(w.median)
+            ))
         ),
         "<= 10 ms",
         Some(ok),
@@ -896,8 +899,8 @@ fn part3(d: &Daemon, n: usize) -> Part3 {
         );
     }
     let (last_tasks, _, _, last_g_rss, _) = *curve.last().unwrap();
-    let per_task_g = (last_tasks > 1)
-        .then(|| last_g_rss.saturating_sub(g_rss1) / (last_tasks as u64 - 1));
+    let per_task_g =
+        (last_tasks > 1).then(|| last_g_rss.saturating_sub(g_rss1) / (last_tasks as u64 - 1));
     summary(
         "wasm group shim, one idle task (shim + worker)",
         &format!("RSS {} (shim alone {})", mib(g_rss1), mib(rss1)),

@@ -154,7 +154,6 @@ pub fn parallel(
     )
 }
 
-
 /// Throughput under load: `n` runs of `f` with `in_flight` at a time. Prints one line and
 /// returns (tasks per second, p50, p99); panics naming the first failure.
 pub fn throughput(

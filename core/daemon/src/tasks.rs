@@ -997,3 +997,29 @@ fn task_group(spec: &[u8], options_json: Option<&[u8]>) -> Option<String> {
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::task_group;
+
+    #[test]
+    fn a_task_group_is_read_as_the_shim_kit_reads_it() {
+        let spec = br#"{"ociVersion":"1.0.2","annotations":{"io.switchyard.group":"edge"}}"#;
+        assert_eq!(task_group(spec, None).as_deref(), Some("edge"));
+        let pod =
+            br#"{"annotations":{"io.kubernetes.cri.sandbox-id":"p1","io.switchyard.group":"x"}}"#;
+        assert_eq!(
+            task_group(pod, Some(br#"{"group":"fns"}"#)).as_deref(),
+            Some("p1")
+        );
+        let plain = br#"{"ociVersion":"1.0.2"}"#;
+        assert_eq!(
+            task_group(plain, Some(br#"{"group":"fns"}"#)).as_deref(),
+            Some("fns")
+        );
+        assert_eq!(task_group(plain, Some(br#"{"cache_dir":"/x"}"#)), None);
+        assert_eq!(task_group(plain, None), None);
+        let empty = br#"{"annotations":{"io.switchyard.group":""}}"#;
+        assert_eq!(task_group(empty, Some(br#"{"group":"fns"}"#)), None);
+    }
+}
