@@ -581,11 +581,19 @@ fn busybox() -> Image {
     )
 }
 
-/// `tar` as this process's `switchyard-cri-<what>-<pid>.tar` in the temp dir.
+/// `tar` as `switchyard-cri-<what>-<digest>.tar` in the temp dir, named by its content, so every
+/// test process shares one file rather than leaving one each behind.
 fn write_archive(what: &str, tar: &[u8]) -> PathBuf {
-    let path =
-        std::env::temp_dir().join(format!("switchyard-cri-{what}-{}.tar", std::process::id()));
-    std::fs::write(&path, tar).expect("write image archive");
+    use sha2::{Digest, Sha256};
+    let digest = crate::images::hex(&Sha256::digest(tar));
+    let path = std::env::temp_dir().join(format!("switchyard-cri-{what}-{}.tar", &digest[..16]));
+    if std::fs::read(&path).is_ok_and(|old| old == tar) {
+        return path;
+    }
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&tmp, tar)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .expect("write image archive");
     path
 }
 

@@ -135,7 +135,22 @@ pub fn wasm_rootfs() -> &'static Path {
     static ROOTFS: OnceLock<PathBuf> = OnceLock::new();
     ROOTFS.get_or_init(|| {
         let f = fixtures();
-        let dir = std::env::temp_dir().join(format!("switchyard-wasm-{}", std::process::id()));
+        // Named by the modules it holds: every test process shares one tree rather than
+        // leaving one each behind (the way `busybox_rootfs` is versioned).
+        let modules = [&f.hello_module, &f.hello_component, &f.http_component];
+        let digest = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for m in modules {
+                h.update(std::fs::read(m).unwrap_or_else(|e| panic!("{}: {e}", m.display())));
+            }
+            crate::images::hex(&h.finalize())
+        };
+        let done = std::env::temp_dir().join(format!("switchyard-wasm-{}", &digest[..16]));
+        if done.join("hello.txt").is_file() {
+            return done;
+        }
+        let dir = done.with_extension(format!("{}.tmp", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let app = dir.join("app");
         std::fs::create_dir_all(&app)
@@ -146,7 +161,12 @@ pub fn wasm_rootfs() -> &'static Path {
             .and_then(|()| std::fs::write(app.join("bad.wasm"), b"\0asm\x01\0\0\0garbage"))
             .and_then(|()| std::fs::write(dir.join("hello.txt"), b"file contents\n"))
             .unwrap_or_else(|e| panic!("make the wasm rootfs {}: {e}", dir.display()));
-        dir
+        // hello.txt is written last: a tree that has it is whole.
+        if std::fs::rename(&dir, &done).is_err() {
+            // Another process made it first.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        done
     })
 }
 

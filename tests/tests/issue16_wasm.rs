@@ -39,12 +39,14 @@ fn daemon(programs: &[&str], options: &str) -> Option<Daemon> {
     if !require_root_and(&needed) {
         return None;
     }
-    let cache = std::env::temp_dir().join(unique_id("issue16-cache"));
-    Some(Daemon::start_with(&format!(
-        "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\n\
-         cache_dir = \"{}\"\n{options}\n",
-        cache.display()
-    )))
+    // The cache goes with the daemon's private directory.
+    Some(Daemon::start_in(|dir| {
+        format!(
+            "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\n\
+             cache_dir = \"{}\"\n{options}\n",
+            dir.join("wasm-cache").display()
+        )
+    }))
 }
 
 /// A root for Wasm tasks holding what an image could carry: the test programs, a regular
