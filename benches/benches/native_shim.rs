@@ -29,20 +29,17 @@ const RUNC: &str = "io.containerd.runc.v2";
 /// Runs in flight in the throughput part.
 const IN_FLIGHT: usize = 8;
 
-/// `yard run --rm --runtime native --rootfs BUSYBOX -- /bin/true` through `sy`.
-fn time_yard_native(sy: &Daemon) -> Result<Duration, String> {
+/// `yard run --rm --runtime native --rootfs BUSYBOX -- /bin/true` through `sy`; with `group`,
+/// in that group's shim (`io.switchyard.group`), which stays warm between runs.
+fn time_yard_native(sy: &Daemon, group: Option<&str>) -> Result<Duration, String> {
     let rootfs = busybox_rootfs().display().to_string();
-    time_yard_run(
-        sy,
-        &[
-            "--runtime",
-            "native",
-            "--rootfs",
-            &rootfs,
-            "--",
-            "/bin/true",
-        ],
-    )
+    let annotation = group.map(|g| format!("io.switchyard.group={g}"));
+    let mut args = vec!["--runtime", "native", "--rootfs", &rootfs];
+    if let Some(a) = &annotation {
+        args.extend(["--annotation", a]);
+    }
+    args.extend(["--", "/bin/true"]);
+    time_yard_run(sy, &args)
 }
 
 /// Start `n` detached sleepers with `runtime`, measure each shim, stop them.
@@ -95,13 +92,14 @@ fn main() {
 
     let ctd = Containerd::start(&containerd_bin);
     let sy = Daemon::start();
-    let variants = 5;
+    let variants = 6;
     let run = |v: usize| match v {
         0 => time_ctr_run(&ctd, NATIVE),
         1 => time_ctr_run(&ctd, RUNC),
         2 => time_ctr_run(&sy, NATIVE),
         3 => time_ctr_run(&sy, RUNC),
-        _ => time_yard_native(&sy).unwrap_or_else(|e| panic!("{e}")),
+        4 => time_yard_native(&sy, None).unwrap_or_else(|e| panic!("{e}")),
+        _ => time_yard_native(&sy, Some("warm")).unwrap_or_else(|e| panic!("{e}")),
     };
     for _ in 0..3 {
         for v in 0..variants {
@@ -129,6 +127,7 @@ fn main() {
     row("switchyardd + yard-native shim", &s[2]);
     row("switchyardd + runc shim (Go)", &s[3]);
     row("yard run --rm --runtime native", &s[4]);
+    row("  the same, a group's warm shim", &s[5]);
     let ratio = |a: &Stats, b: &Stats| a.median.as_secs_f64() / b.median.as_secs_f64();
     let r = ratio(&s[0], &s[1]);
     println!(
@@ -156,12 +155,22 @@ fn main() {
         "<= 0.25",
         Some(r <= 0.25),
     );
+    let r = ratio(&s[5], &s[1]);
+    println!(
+        "  ratio yard run native in a group's warm shim / ctr run + containerd + runc: {r:.2}"
+    );
+    summary(
+        "native: yard run --rm in a group's warm shim / ctr run --rm runc",
+        &format!("{r:.2} ({} / {})", ms(s[5].median), ms(s[1].median)),
+        "<= 0.25",
+        Some(r <= 0.25),
+    );
 
     let n = env_usize("THROUGHPUT", 500);
     println!();
     println!("throughput: {n} runs of /bin/true, {IN_FLIGHT} in flight");
     let (yard_s, yard_p50, yard_p99) = throughput("yard run --rm native", n, IN_FLIGHT, |_| {
-        time_yard_native(&sy)
+        time_yard_native(&sy, None)
     });
     let (ctd_s, _, _) = throughput(
         &format!("ctr run --rm runc, containerd {ctd_version}"),

@@ -10,6 +10,10 @@ use tonic::transport::Channel;
 
 type Svc = InterceptedService<Channel, WithNamespace>;
 
+/// The largest reply `yard` takes: containerd's clients' default receive limit (tonic's own is
+/// 4 MiB, which a listing of 10,000 containers passes).
+const MAX_REPLY: usize = 16 << 20;
+
 /// Clients for the services `yard` uses.
 #[derive(Clone)]
 pub struct Client {
@@ -40,6 +44,7 @@ impl Client {
             self.channel.clone(),
             self.ns.clone(),
         )
+        .max_decoding_message_size(MAX_REPLY)
     }
 
     pub fn tasks(&self) -> svc::tasks::v1::tasks_client::TasksClient<Svc> {
@@ -47,6 +52,7 @@ impl Client {
             self.channel.clone(),
             self.ns.clone(),
         )
+        .max_decoding_message_size(MAX_REPLY)
     }
 
     pub fn events(&self) -> svc::events::v1::events_client::EventsClient<Svc> {
@@ -63,6 +69,7 @@ impl Client {
         switchyard_api::cri::v1::runtime_service_client::RuntimeServiceClient::new(
             self.channel.clone(),
         )
+        .max_decoding_message_size(MAX_REPLY)
     }
 
     pub fn version(&self) -> svc::version::v1::version_client::VersionClient<Svc> {
@@ -79,7 +86,7 @@ impl Client {
             self.channel.clone(),
             self.ns.clone(),
         )
-        .max_decoding_message_size(16 << 20)
+        .max_decoding_message_size(MAX_REPLY)
     }
 
     pub fn introspection(

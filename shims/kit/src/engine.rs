@@ -123,6 +123,11 @@ pub trait Container: Send + Sync {
     async fn delete(&self, force: bool) -> Result<()>;
 }
 
+/// How long the group shims of Switchyard's runtimes stay warm after their last task
+/// ([`Engine::idle_exit`]): a `yard run --rm` of the group within this time joins the warm
+/// shim instead of starting one (docs/performance.md).
+pub const GROUP_IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A shim's engine: makes containers, and cleans up after a dead shim.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {

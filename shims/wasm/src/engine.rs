@@ -115,10 +115,6 @@ impl WasmEngine {
     }
 }
 
-/// How long a group's shim stays up after its last task: a `yard run --rm` of the group
-/// within this time reuses the warm shim and worker (docs/performance.md).
-pub const IDLE_EXIT: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// containerd's rootfs mount, made `nodev,nosuid` whatever it asked for: a Wasm task's root is
 /// never a place for device nodes or setuid files (its worker sees a further-hardened copy).
 fn hardened(mounts: &[Mount]) -> Vec<Mount> {
@@ -192,7 +188,7 @@ impl Engine for WasmEngine {
 
     /// A group's shim keeps its worker and compiled modules for the group's next task.
     fn idle_exit(&self) -> Option<std::time::Duration> {
-        Some(IDLE_EXIT)
+        Some(yard_shim_kit::engine::GROUP_IDLE_EXIT)
     }
 
     async fn shutdown(&self) {

@@ -352,6 +352,12 @@ impl Engine for LinuxEngine {
         create_container(&oci, &req).await
     }
 
+    /// A group's shim (the `group` option, `io.switchyard.group`) stays warm for the group's
+    /// next task.
+    fn idle_exit(&self) -> Option<std::time::Duration> {
+        Some(yard_shim_kit::engine::GROUP_IDLE_EXIT)
+    }
+
     async fn cleanup(&self, namespace: &str, id: &str, bundle: &Path) -> Result<()> {
         let options = read_bundle_options(bundle);
         let oci = Oci::new(&self.config, namespace, options.as_ref())
