@@ -460,6 +460,14 @@ fn a_group_shim_is_joined_stays_warm_and_exits_when_idle() {
         "an idle group shim did not exit: {:?}",
         shims(&d)
     );
+    // The group's next task gets a new shim (not the connection to the one that exited).
+    let id = unique_id("again");
+    let out = yard_run(&d, &["--rm", "--name", &id], &[HELLO]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("hello from wasm"),
+        "after the idle exit: {}",
+        show(&out)
+    );
 }
 
 /// The runtime option `group`: every task of the runtime shares one shim without annotations.

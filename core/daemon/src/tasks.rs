@@ -31,7 +31,9 @@ use crate::filters::{Adaptor, Filter, FilterError};
 use crate::metadata::{Store, StoreError};
 use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
-use crate::runtime::options::{generic_options_json, is_runc, runc_options_json};
+use crate::runtime::options::{
+    generic_options_json, is_containerd_runc, is_runc, runc_options_json,
+};
 use crate::runtime::resolve::{ResolveError, Runtimes};
 use crate::runtime::shim::{Shim, ShimError, ShimManager};
 
@@ -328,9 +330,13 @@ impl TaskManager {
         let spec = container
             .spec
             .ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
-        // The container's cgroup migration comes a few milliseconds from now, in the shim or
-        // the runtime it runs: start the kernel's wait for it here, off the create path.
-        tokio::task::spawn_blocking(switchyard_base::cgroup::prewarm_migration);
+        // A runc-class runtime's container is migrated into its cgroup a few milliseconds from
+        // now: start the kernel's wait for that here, off the create path. (Not for the others:
+        // the prewarm holds the kernel's cgroup mutex while it waits, which a Wasm or VM task's
+        // own cgroup work would then wait for instead.)
+        if is_runc(&resolved.runtime_type) {
+            tokio::task::spawn_blocking(switchyard_base::cgroup::prewarm_migration);
+        }
         let bundle = Bundle::locate(&self.state, &self.root, ns, &id);
         let options_json = options.as_ref().and_then(|o| {
             if is_runc(&resolved.runtime_type) {
@@ -356,7 +362,7 @@ impl TaskManager {
             .map_err(|e| tracing::warn!(container_id = %id, error = %e, "cannot follow shim log"))
             .ok();
         // containerd's runc shim groups by its own rules: it always gets `start`.
-        let group = (!is_runc(&resolved.runtime_type))
+        let group = (!is_containerd_runc(&resolved.runtime_type))
             .then(|| task_group(&spec.value, options_json.as_deref()))
             .flatten();
         let binary = resolved.binary.clone();
@@ -367,12 +373,13 @@ impl TaskManager {
         req.bundle = bundle.path.to_string_lossy().into_owned();
         req.options = options.clone();
         let mut created = shim.client.create(req.clone()).await;
-        if joined
+        if group.is_some()
             && let Err(e) = &created
             && (e.is_disconnected() || e.kind() == Kind::Unavailable)
         {
-            // The group's shim stopped between its last task and this Create: start another.
-            tracing::debug!(container_id = %id, error = %e, "the group's shim is exiting; starting a new one");
+            // The group's shim (joined, or found by `start`) stopped between its last task
+            // and this Create: start another.
+            tracing::debug!(container_id = %id, joined, error = %e, "the group's shim is exiting; starting a new one");
             self.shims.forget_group_shim(&shim);
             (shim, _) = self
                 .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())

@@ -31,6 +31,12 @@ impl OptionsError {
     }
 }
 
+/// Whether this is containerd's own runc shim (not Switchyard's: it groups tasks by its own
+/// rules, so switchyardd never joins one of its shims without `start`).
+pub fn is_containerd_runc(runtime_type: &str) -> bool {
+    runtime_type.starts_with("io.containerd.runc.")
+}
+
 /// Whether shims of this runtime type take runc's options (Switchyard's native shim is
 /// runc-class and takes them too, e.g. `BinaryName = "runc"`).
 pub fn is_runc(runtime_type: &str) -> bool {

@@ -242,10 +242,12 @@ impl ShimManager {
     }
 
     /// Forgets a group's shim that turned out unusable (it is exiting), so the next task of
-    /// the group runs `start`.
+    /// the group runs `start` and connects anew.
     pub fn forget_group_shim(&self, shim: &Arc<Shim>) {
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         groups.retain(|_, s| !Arc::ptr_eq(s, shim));
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|_, w| w.upgrade().is_some_and(|s| !Arc::ptr_eq(&s, shim)));
     }
 
     /// Remembers `shim` as its group's until it exits.
@@ -419,9 +421,14 @@ impl ShimManager {
         Ok(shim)
     }
 
+    /// The live connection to the shim at `address`. A shim that has exited is not it: a new
+    /// server of its group may listen at the same address now.
     fn lookup(&self, address: &str) -> Option<Arc<Shim>> {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.get(address).and_then(Weak::upgrade)
+        conns
+            .get(address)
+            .and_then(Weak::upgrade)
+            .filter(|s| !s.is_gone())
     }
 
     /// Runs `<binary> delete` for a bundle whose shim is gone, as containerd does: the shim
