@@ -524,6 +524,12 @@ fn native_shim_grouping() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(alive(group_shim), "the group shim exited with a task left");
     assert_eq!(ppid(pb), Some(group_shim));
+    // The shim started in the first task's bundle, which has gone with it: a new task of the
+    // group still joins it (its runtime process once failed "failed to get cwd").
+    let e = unique_id("ge");
+    let pe = detach(&d, "native", &e, &["--annotation", &group]);
+    assert_eq!(ppid(pe), Some(group_shim), "{e} is not the group shim's");
+    d.rm_force(&e);
     let clean = eventually(SETTLE, || {
         state_leftovers(&a, &format!("switchyard/default/{a}")).is_empty()
     });

@@ -272,6 +272,11 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
         tasks = tasks.with_idle_exit(linger);
     }
     let tasks = Arc::new(tasks);
+    // Started in its first task's bundle, which goes with that task while the server may
+    // serve its group on: everything from here on uses absolute paths, and the processes it
+    // runs (the native engine's runtime process calls getcwd) must not inherit a removed
+    // directory.
+    std::env::set_current_dir("/").map_err(Error::io("change directory to /"))?;
     let mut server = Server::new()
         .add_listener(listener)
         .register_service(services(Arc::new(Service::new(tasks.clone()))));
