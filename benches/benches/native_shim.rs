@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use switchyard_benches::{
-    Stats, containerd_under_test, env_usize, mib, ms, pss_kib, row, summary, throughput,
+    Stats, containerd_under_test, env_usize, mib, ms, pss_kib, rotated, row, summary, throughput,
     time_ctr_run, time_yard_run, version,
 };
 use switchyard_tests::daemon::rss_kib;
@@ -101,20 +101,7 @@ fn main() {
         4 => time_yard_native(&sy, None).unwrap_or_else(|e| panic!("{e}")),
         _ => time_yard_native(&sy, Some("warm")).unwrap_or_else(|e| panic!("{e}")),
     };
-    for _ in 0..3 {
-        for v in 0..variants {
-            run(v);
-        }
-    }
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); variants];
-    for i in 0..runs {
-        // Rotate who goes first so drift hits every variant alike.
-        for k in 0..variants {
-            let v = (i + k) % variants;
-            samples[v].push(run(v));
-        }
-    }
-    let s: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+    let s = rotated(variants, runs, run);
     let ctd_version = version(&containerd_bin);
     println!();
     println!("ctr run --rm --runtime RUNTIME --rootfs busybox ID /bin/true, and yard run --rm");

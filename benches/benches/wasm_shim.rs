@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use switchyard_benches::{Stats, env_usize, mib, ms, parallel, pss_kib, row, summary, throughput};
+use switchyard_benches::{
+    Stats, env_usize, mib, ms, parallel, pss_kib, rotated, row, summary, throughput,
+};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::wasm::wasm_rootfs;
 use switchyard_tests::{
@@ -480,21 +482,8 @@ fn part1(d: &Daemon, work: &Path, cache: &Path, wasmtime: Option<&Path>, runs: u
         }
     };
     // Warm-ups: every variant (this primes the shim's and wasmtime's caches as well).
-    for _ in 0..3 {
-        for v in 0..variants {
-            run(v);
-        }
-    }
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); variants];
-    for i in 0..runs {
-        // Rotate who goes first so drift hits every variant alike. A cold run refills the
-        // cache it emptied, so a warm run always finds its cache filled.
-        for k in 0..variants {
-            let v = (i + k) % variants;
-            samples[v].push(run(v));
-        }
-    }
-    let s: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+    // A cold run refills the cache it emptied, so a warm run always finds its cache filled.
+    let s = rotated(variants, runs, run);
     println!();
     println!(
         "1. hello world end to end: `yard run --rm --runtime wasm --rootfs R -- /app/hello.wasm`"
@@ -573,19 +562,7 @@ fn part1b(d: &Daemon, work: &Path, wasmtime: Option<&Path>, runs: usize) -> Stat
             }
         }
     };
-    for _ in 0..3 {
-        (0..names.len()).for_each(|v| {
-            run(v);
-        });
-    }
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
-    for i in 0..runs {
-        for k in 0..names.len() {
-            let v = (i + k) % names.len();
-            samples[v].push(run(v));
-        }
-    }
-    let s: Vec<Stats> = samples.iter().map(|v| Stats::of(v)).collect();
+    let s = rotated(names.len(), runs, run);
     println!();
     println!("1b. the warm path (rotated order, {runs} runs each after 3 warm-ups)");
     for (name, st) in names.iter().zip(&s) {

@@ -50,6 +50,25 @@ pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// `variants` timed variants, `runs` samples each, after 3 warm-up rounds, in rotated order so
+/// drift on the machine (page cache, CPU frequency, other load) hits every variant alike:
+/// the statistics of each variant's samples.
+pub fn rotated(variants: usize, runs: usize, mut run: impl FnMut(usize) -> Duration) -> Vec<Stats> {
+    for _ in 0..3 {
+        for v in 0..variants {
+            run(v);
+        }
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); variants];
+    for i in 0..runs {
+        for k in 0..variants {
+            let v = (i + k) % variants;
+            samples[v].push(run(v));
+        }
+    }
+    samples.iter().map(|v| Stats::of(v)).collect()
+}
+
 /// Prints one row of a timing table.
 pub fn row(name: &str, s: &Stats) {
     println!(
