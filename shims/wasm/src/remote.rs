@@ -147,6 +147,10 @@ impl Worker {
             .args(options.user_namespace().then_some(USERNS_FLAG))
             .args(netns.is_some().then_some(NETNS_FLAG))
             .env("SWITCHYARD_SHIM_LOG", log_filter)
+            // The worker mounts its empty root over its working directory (in its own mount
+            // namespace): an existing directory that is not `/`, whatever the shim's own is
+            // (the server runs in `/`).
+            .current_dir(std::env::temp_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log_w));

@@ -54,7 +54,11 @@ pub fn main(args: &[String]) -> ! {
         .without_time()
         .with_writer(std::io::stderr)
         .try_init();
-    let scratch = std::env::current_dir().unwrap_or_else(|_| "/tmp".into());
+    // The empty root is mounted over this directory: never `/` itself.
+    let scratch = std::env::current_dir()
+        .ok()
+        .filter(|d| d.as_os_str() != "/")
+        .unwrap_or_else(std::env::temp_dir);
     if args.iter().any(|a| a == "--self-test") {
         self_test(&scratch);
     }
