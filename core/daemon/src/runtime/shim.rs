@@ -145,7 +145,7 @@ pub struct ShimManager {
     settings: ShimSettings,
     /// The live shim of each group a task was started in, kept while the shim lives (a group's
     /// shim may stay warm after its last task for the group's next one).
-    groups: Mutex<HashMap<GroupKey, Arc<Shim>>>,
+    groups: Arc<Mutex<HashMap<GroupKey, Arc<Shim>>>>,
     conns: Mutex<HashMap<String, Weak<Shim>>>,
 }
 
@@ -168,7 +168,7 @@ impl ShimManager {
     pub fn new(settings: ShimSettings) -> Self {
         Self {
             settings,
-            groups: Mutex::new(HashMap::new()),
+            groups: Arc::new(Mutex::new(HashMap::new())),
             conns: Mutex::new(HashMap::new()),
         }
     }
@@ -252,12 +252,21 @@ impl ShimManager {
 
     /// Remembers `shim` as its group's until it exits.
     fn keep_group(&self, key: GroupKey, shim: &Arc<Shim>) {
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        groups.retain(|_, s| !s.is_gone());
-        if groups.get(&key).is_some_and(|s| Arc::ptr_eq(s, shim)) {
-            return;
+        {
+            let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            if groups.get(&key).is_some_and(|s| Arc::ptr_eq(s, shim)) {
+                return;
+            }
+            groups.insert(key.clone(), shim.clone());
         }
-        groups.insert(key, shim.clone());
+        let (groups, shim) = (self.groups.clone(), shim.clone());
+        tokio::spawn(async move {
+            shim.gone().await;
+            let mut groups = groups.lock().unwrap_or_else(|e| e.into_inner());
+            if groups.get(&key).is_some_and(|s| Arc::ptr_eq(s, &shim)) {
+                groups.remove(&key);
+            }
+        });
     }
 
     /// Runs `<binary> start` for a bundle and connects to the shim it leaves running.
