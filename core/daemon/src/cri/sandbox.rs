@@ -440,9 +440,7 @@ impl Sandboxes {
             })?;
         let ports = port_mappings(config)?;
         let netns = Netns::create(&self.netns_dir, &record.id).map_err(SandboxError::Netns)?;
-        let att = Attachment::new(&record.id, netns.path(), POD_INTERFACE)
-            .with_pod(&record.namespace, &record.name, Some(&record.uid))
-            .with_port_mappings(ports);
+        let att = attachment(record, netns.path(), ports);
         let result = match self.cni.add(&network, &att) {
             Ok(r) => r,
             Err(e) => {
@@ -471,11 +469,10 @@ impl Sandboxes {
                 .unwrap_or(switchyard_cni::config::ConfKind::List);
             match NetworkList::parse(saved.text.as_bytes(), kind, &saved.origin) {
                 Ok(network) => {
-                    let att = Attachment::new(&record.id, netns, POD_INTERFACE).with_pod(
-                        &record.namespace,
-                        &record.name,
-                        Some(&record.uid),
-                    );
+                    // DEL gets what ADD got: `portmap` removes its rules only for the mappings
+                    // it is given (they were checked at ADD).
+                    let ports = port_mappings(&record.pod_config()).unwrap_or_default();
+                    let att = attachment(record, netns, ports);
                     self.cni.del(&network, &att).map_err(SandboxError::Cni)?;
                 }
                 Err(e) => tracing::warn!(
@@ -522,6 +519,14 @@ impl Sandboxes {
         self.pods().remove(&record.id);
         Ok(())
     }
+}
+
+/// The pod's interface for CNI, the same at ADD and DEL (as containerd's CRI passes the same
+/// capabilities to both).
+fn attachment(record: &Record, netns: &Path, ports: Vec<PortMapping>) -> Attachment {
+    Attachment::new(&record.id, netns, POD_INTERFACE)
+        .with_pod(&record.namespace, &record.name, Some(&record.uid))
+        .with_port_mappings(ports)
 }
 
 /// The pod's port mappings for CNI's `portMappings` capability.
