@@ -280,12 +280,96 @@ impl TestNet {
 
 impl Drop for TestNet {
     fn drop(&mut self) {
+        remove_portmap_rules(&format!("yardtest-{}", self.bridge));
         let _ = Command::new("iptables").arg("-D").args(&self.rule).status();
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Removes what `portmap` left for pods of the CNI network `name` that a failed test did not
+/// tear down (a passing test's teardown asserts there is nothing): each pod's jump from
+/// `CNI-HOSTPORT-DNAT` (its comment names the network) and the chain it jumps to.
+fn remove_portmap_rules(name: &str) {
+    let listed = Command::new("iptables")
+        .args(["-w", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT"])
+        .stderr(Stdio::null())
+        .output();
+    let Ok(listed) = listed else { return };
+    let marker = format!("dnat name: \\\"{name}\\\"");
+    for rule in crate::text(&listed.stdout)
+        .lines()
+        .filter(|l| l.contains(&marker))
+    {
+        let Some(spec) = rule.strip_prefix("-A ") else {
+            continue;
+        };
+        // `iptables -S` quotes its output for a shell, as iptables-save does.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!("iptables -w -t nat -D {spec}"))
+            .status();
+        if let Some(chain) = rule
+            .rsplit(" -j ")
+            .next()
+            .filter(|c| c.starts_with("CNI-DN-"))
+        {
+            for op in ["-F", "-X"] {
+                let _ = Command::new("iptables")
+                    .args(["-w", "-t", "nat", op, chain])
+                    .status();
+            }
+        }
+    }
+}
+
+/// A host port for a pod's `portmap` mapping: free now, and below the kernel's ephemeral range
+/// (`ip_local_port_range`). While the mapping's DNAT rule exists, every connection to
+/// 127.0.0.1 on that port goes to the pod; a port from the ephemeral range could meanwhile be
+/// handed to a socket bound to port 0 — a peer's streaming server in a test running alongside —
+/// whose clients would then reach the pod instead (seen: an exec's connection never answered).
+pub fn host_port() -> u16 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low: u32 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(32768);
+    // Ports [low/2, low): far above the well-known ones, below the ephemeral ones; each
+    // process starts elsewhere in them, so concurrent test binaries rarely try the same port.
+    let (base, span) = (low / 2, low - low / 2);
+    assert!(
+        span >= 1024,
+        "ip_local_port_range starts at {low}: no room for host ports below it"
+    );
+    let start = std::process::id().wrapping_mul(2654435761) % span;
+    for _ in 0..span {
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (start + n.wrapping_mul(7919)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free host port in [{base}, {low})");
+}
+
+/// The iptables NAT rules that name `id` (`portmap` writes the container id of the pod's
+/// sandbox in its rules' comments): none once the pod is removed.
+pub fn nat_rules_naming(id: &str) -> Vec<String> {
+    let out = crate::run_timeout(
+        Command::new("iptables").args(["-w", "-t", "nat", "-S"]),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "iptables -t nat -S: {out:?}");
+    crate::text(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(id))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A CRI runtime ([`Peer`]) on private directories, with [`TestNet`] and the test images.
@@ -1087,10 +1171,23 @@ impl Cri {
             "v4.channel.k8s.io".parse().expect("header"),
         );
         let input = input.to_vec();
+        // What arrived so far, kept outside the session so that a timeout can say how far the
+        // session got (no output at all, the shell's echo only, output but no status).
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Streams {
+            phase: "no TCP connection",
+            ..Streams::default()
+        }));
+        let got = seen.clone();
         let session = async move {
-            let (mut ws, _) = tokio_tungstenite::connect_async(request)
+            let addr = request.uri().authority().expect("address").to_string();
+            let tcp = tokio::net::TcpStream::connect(&addr)
                 .await
-                .expect("websocket connect");
+                .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+            got.lock().unwrap().phase = "TCP connected, no WebSocket handshake";
+            let (mut ws, _) = tokio_tungstenite::client_async(request, tcp)
+                .await
+                .expect("websocket handshake");
+            got.lock().unwrap().phase = "WebSocket open";
             if let Some((w, h)) = size {
                 let mut msg = vec![4u8];
                 msg.extend(format!("{{\"Width\":{w},\"Height\":{h}}}").bytes());
@@ -1101,34 +1198,52 @@ impl Cri {
                 msg.extend(&input);
                 ws.send(Message::binary(msg)).await.expect("send stdin");
             }
-            let (mut stdout, mut stderr, mut status) = (Vec::new(), Vec::new(), Vec::new());
             while let Some(msg) = ws.next().await {
-                if std::env::var_os("CRI_STREAM_DEBUG").is_some() {
-                    eprintln!("stream message: {msg:?}");
-                }
                 let data = match msg {
                     Ok(Message::Binary(b)) => b,
                     Ok(Message::Close(_)) | Err(_) => break,
                     Ok(_) => continue,
                 };
+                let mut got = got.lock().unwrap();
                 match data.split_first() {
-                    Some((1, rest)) => stdout.extend_from_slice(rest),
-                    Some((2, rest)) => stderr.extend_from_slice(rest),
-                    Some((3, rest)) => status.extend_from_slice(rest),
+                    Some((1, rest)) => got.stdout.extend_from_slice(rest),
+                    Some((2, rest)) => got.stderr.extend_from_slice(rest),
+                    Some((3, rest)) => got.status.extend_from_slice(rest),
                     _ => {}
                 }
             }
+            let got = got.lock().unwrap();
             StreamExit {
-                stdout: crate::text(&stdout),
-                stderr: crate::text(&stderr),
-                exit_code: exit_code_of_status(&status),
+                stdout: crate::text(&got.stdout),
+                stderr: crate::text(&got.stderr),
+                exit_code: exit_code_of_status(&got.status),
             }
         };
         let timeout = self.timeout;
         self.rt
             .block_on(async move { tokio::time::timeout(timeout, session).await })
-            .unwrap_or_else(|_| panic!("exec session at {url} did not end within {timeout:?}"))
+            .unwrap_or_else(|_| {
+                let seen = seen.lock().unwrap();
+                panic!(
+                    "exec session at {url} did not end within {timeout:?}; {}; \
+                     stdout so far: {:?}, stderr so far: {:?}, status so far: {:?}",
+                    seen.phase,
+                    crate::text(&seen.stdout),
+                    crate::text(&seen.stderr),
+                    crate::text(&seen.status),
+                )
+            })
     }
+}
+
+/// The streams of an exec session as they arrive.
+#[derive(Default)]
+struct Streams {
+    /// How far the connection got.
+    phase: &'static str,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: Vec<u8>,
 }
 
 /// The exit code in a remotecommand v4 status (`metav1.Status`): 0 for `Success`, the

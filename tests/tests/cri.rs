@@ -224,9 +224,12 @@ fn running(
     (pod_cfg, pod, id)
 }
 
+/// Stops and removes the pod; none of its `portmap` rules is left.
 fn teardown(c: &switchyard_tests::cri::Cri, pod: &str) {
     c.stop_pod(pod).expect("StopPodSandbox");
     c.remove_pod(pod).expect("RemovePodSandbox");
+    let left = switchyard_tests::cri::nat_rules_naming(pod);
+    assert!(left.is_empty(), "NAT rules left by pod {pod}: {left:#?}");
 }
 
 fn exec_ok(c: &switchyard_tests::cri::Cri, id: &str, script: &str) -> String {
@@ -469,7 +472,10 @@ fn exec_streaming(peer: Peer, handler: &str) {
     let cfg = container_config("main", BUSYBOX_IMAGE, &["sleep", "3600"]);
     let (_, pod, id) = running(&node, &c, handler, "stream", cfg);
     let url = c.exec_url(&id, &["sh"], true, true).expect("Exec");
-    let out = c.stream_exec(&url, b"stty size; tty; exit 7\n", Some((91, 37)));
+    // The size and stdin travel apart (a resize call, the stdin fifo), as they do for kubectl:
+    // the shell waits for the terminal to have a size (it starts with none) before printing it.
+    let input = b"until stty size >/dev/null 2>&1; do sleep 0.05; done; stty size; tty; exit 7\n";
+    let out = c.stream_exec(&url, input, Some((91, 37)));
     assert_eq!(out.exit_code, 7, "{out:?}");
     assert!(out.stdout.contains("37 91"), "terminal size: {out:?}");
     assert!(out.stdout.contains("/dev/pts/"), "a terminal: {out:?}");
@@ -703,7 +709,7 @@ fn shared_pid_namespace(peer: Peer, handler: &str) {
 fn pod_network(peer: Peer, handler: &str) {
     let Some(node) = node(peer) else { return };
     let c = node.client();
-    let port = switchyard_tests::images::dead_port();
+    let port = switchyard_tests::cri::host_port();
     let mut server_cfg = pod_config(&node, "server");
     server_cfg.port_mappings = vec![cri::PortMapping {
         protocol: cri::Protocol::Tcp as i32,
@@ -790,7 +796,7 @@ fn vm_pod_network(peer: Peer, _handler: &str) {
         .unwrap_or_default();
     assert!(node.net.contains(&native_ip), "{native_ip}");
 
-    let port = switchyard_tests::images::dead_port();
+    let port = switchyard_tests::cri::host_port();
     let mut vm_cfg = pod_config(&node, "vm-web");
     vm_cfg.port_mappings = vec![cri::PortMapping {
         protocol: cri::Protocol::Tcp as i32,
@@ -944,7 +950,7 @@ fn wasm_pod_network(peer: Peer, _handler: &str) {
     } else {
         8080
     };
-    let host_port = switchyard_tests::images::dead_port();
+    let host_port = switchyard_tests::cri::host_port();
     let mut pod_cfg = pod_config(&node, "edge");
     pod_cfg.port_mappings = vec![cri::PortMapping {
         protocol: cri::Protocol::Tcp as i32,
