@@ -460,6 +460,15 @@ fn a_group_shim_is_joined_stays_warm_and_exits_when_idle() {
         "an idle group shim did not exit: {:?}",
         shims(&d)
     );
+    // Its log reached switchyardd's to the last line, though the task whose bundle it was
+    // started in (and logs into) was removed long before.
+    assert!(
+        eventually(SETTLE, || d
+            .log_text()
+            .contains("no task for the idle time: exiting")),
+        "the group shim's last log line is missing:\n{}",
+        d.log_text()
+    );
     // The group's next task gets a new shim (not the connection to the one that exited).
     let id = unique_id("again");
     let out = yard_run(&d, &["--rm", "--name", &id], &[HELLO]);

@@ -31,6 +31,7 @@ use crate::filters::{Adaptor, Filter, FilterError};
 use crate::metadata::{Store, StoreError};
 use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
+use crate::runtime::log::Follower;
 use crate::runtime::options::{
     generic_options_json, is_containerd_runc, is_runc, runc_options_json,
 };
@@ -115,8 +116,21 @@ pub struct Task {
     pub bundle: Bundle,
     pub shim: Arc<Shim>,
     exit: watch::Sender<Option<Exit>>,
-    _log: Option<AbortOnDrop>,
+    /// The copy of the shim's log, for a task whose bundle the shim was started in (it writes
+    /// there for as long as it lives); `None` for a task that joined its group's shim.
+    log: Option<Follower>,
     monitor: Mutex<Option<AbortOnDrop>>,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        // The shim may outlive the task (a group's shim, warm for the group's next task): its
+        // log is copied until it exits.
+        if let Some(log) = self.log.take() {
+            let shim = self.shim.clone();
+            log.finish_when(async move { shim.gone().await });
+        }
+    }
 }
 
 impl std::fmt::Debug for Task {
@@ -260,7 +274,7 @@ impl TaskManager {
         bundle: Bundle,
         record: TaskRecord,
         shim: Arc<Shim>,
-        log: Option<JoinHandle<()>>,
+        log: Option<Follower>,
     ) -> Task {
         Task {
             namespace: bundle.namespace.clone(),
@@ -269,7 +283,7 @@ impl TaskManager {
             bundle,
             shim,
             exit: watch::channel(None).0,
-            _log: log.map(AbortOnDrop),
+            log,
             monitor: Mutex::new(None),
         }
     }
@@ -366,7 +380,7 @@ impl TaskManager {
             .then(|| task_group(&spec.value, options_json.as_deref()))
             .flatten();
         let binary = resolved.binary.clone();
-        let (mut shim, joined) = self
+        let (mut shim, mut joined) = self
             .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())
             .await?;
         failpoints::hit("task.create.shim-started");
@@ -381,7 +395,7 @@ impl TaskManager {
             // and this Create: start another.
             tracing::debug!(container_id = %id, joined, error = %e, "the group's shim is exiting; starting a new one");
             self.shims.forget_group_shim(&shim);
-            (shim, _) = self
+            (shim, joined) = self
                 .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())
                 .await?;
             created = shim.client.create(req).await;
@@ -389,6 +403,8 @@ impl TaskManager {
         match created {
             Ok(r) => {
                 failpoints::hit("task.create.shim-created");
+                // A joined shim logs into the bundle it was started in, never this one.
+                let log = if joined { None } else { log };
                 let task = self.new_task(bundle, record, shim, log);
                 self.register(task);
                 Ok(r.pid)
@@ -952,7 +968,7 @@ impl TaskManager {
                 bundle,
                 record,
                 shim,
-                _log: log.map(AbortOnDrop),
+                _log: log,
             });
         }
         tracing::info!(namespace = %bundle.namespace, container_id = %id, runtime = %record.runtime, "reconnected to shim");
@@ -968,7 +984,7 @@ struct Orphan {
     record: TaskRecord,
     shim: Arc<Shim>,
     /// The shim's log stays read until it is cleaned up.
-    _log: Option<AbortOnDrop>,
+    _log: Option<Follower>,
 }
 
 /// Filter fields of a task (Metrics): `id`, `runtime`.
