@@ -117,9 +117,16 @@ pub fn version(binary: &Path) -> Option<String> {
     Some(rest.split_whitespace().next()?.to_owned())
 }
 
-/// The host TSC rate, for TCG guests (see [`cmdline::Tuning::tsc_khz`]): measured once per
-/// process (25 ms), and only when the TSC ticks at a constant rate in every power state
-/// (`constant_tsc`, `nonstop_tsc`): otherwise the guest calibrates on its own.
+/// Where the measured host TSC rate is kept, with the kernel's boot id: the rate is constant
+/// for a boot (it is only used when the TSC is), so only the first VM after a boot pays for the
+/// measurement (25 ms, ~45 ms of a VM's start here), not every shim.
+const TSC_CACHE: &str = "/run/switchyard/host-tsc-khz";
+/// A cached rate outside this range (kHz) is not believed.
+const TSC_KHZ_RANGE: std::ops::RangeInclusive<u64> = 100_000..=10_000_000;
+
+/// The host TSC rate, for TCG guests (see [`cmdline::Tuning::tsc_khz`]): from [`TSC_CACHE`], or
+/// measured once per process (25 ms) and cached; only when the TSC ticks at a constant rate in
+/// every power state (`constant_tsc`, `nonstop_tsc`): otherwise the guest calibrates on its own.
 async fn host_tsc_khz() -> Option<u64> {
     static KHZ: tokio::sync::OnceCell<Option<u64>> = tokio::sync::OnceCell::const_new();
     *KHZ.get_or_init(|| async {
@@ -129,11 +136,49 @@ async fn host_tsc_khz() -> Option<u64> {
         if !(has("constant_tsc") && has("nonstop_tsc")) {
             return None;
         }
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+        let boot = boot.as_deref().map(str::trim).filter(|b| !b.is_empty());
+        let cache = Path::new(TSC_CACHE);
+        if let Some(khz) = boot.and_then(|b| read_tsc_cache(cache, b)) {
+            return Some(khz);
+        }
         let khz = sys::measure_tsc_khz(Duration::from_millis(25)).await?;
         tracing::debug!(khz, "measured the host TSC");
+        if let Some(b) = boot
+            && let Err(e) = write_tsc_cache(cache, b, khz)
+        {
+            tracing::debug!(path = %cache.display(), error = %e, "the TSC rate is not cached");
+        }
         Some(khz)
     })
     .await
+}
+
+/// The rate [`write_tsc_cache`] kept at `path` during boot `boot`, if it is that boot's and
+/// believable.
+fn read_tsc_cache(path: &Path, boot: &str) -> Option<u64> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(256)
+        .read_to_string(&mut text)
+        .ok()?;
+    let (cached_boot, khz) = text.trim().split_once(' ')?;
+    let khz: u64 = khz.parse().ok()?;
+    (cached_boot == boot && TSC_KHZ_RANGE.contains(&khz)).then_some(khz)
+}
+
+/// Keeps `khz` for boot `boot` at `path` (written aside, then renamed: readers never see half).
+fn write_tsc_cache(path: &Path, boot: &str, khz: u64) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let aside = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&aside, format!("{boot} {khz}\n"))?;
+    std::fs::rename(&aside, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&aside);
+    })
 }
 
 #[async_trait]
@@ -555,5 +600,33 @@ impl Drop for QemuVm {
             }
             Err(e) => tracing::warn!(vm = %self.id, error = %e, "dup pidfd"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tsc_cache_holds_one_boots_believable_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run").join("host-tsc-khz");
+        assert_eq!(read_tsc_cache(&path, "boot-a"), None, "nothing cached yet");
+        write_tsc_cache(&path, "boot-a", 2_100_007).unwrap();
+        assert_eq!(read_tsc_cache(&path, "boot-a"), Some(2_100_007));
+        assert_eq!(read_tsc_cache(&path, "boot-b"), None, "another boot's rate");
+        std::fs::write(&path, "boot-a 7\n").unwrap();
+        assert_eq!(
+            read_tsc_cache(&path, "boot-a"),
+            None,
+            "an unbelievable rate"
+        );
+        std::fs::write(&path, "boot-a many\n").unwrap();
+        assert_eq!(read_tsc_cache(&path, "boot-a"), None, "not a number");
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["host-tsc-khz"], "nothing left aside");
     }
 }
