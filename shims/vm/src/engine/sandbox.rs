@@ -316,17 +316,14 @@ impl Sandbox {
             fail(volumes, dirs, net.clone()).await;
             return Err(Error::Internal("VM booted without an agent stream".into()));
         };
-        let host_cgroup = match (b.cgroup, vm.pid()) {
+        // The VMM joins its cgroup (a blocking walk over the hierarchies) while the agent
+        // answers Hello: neither waits for the other.
+        let join = match (b.cgroup.clone(), vm.pid()) {
             (Some(path), Some(pid)) => {
-                match yard_shim_kit::cgroup::join(&path, b.id, pid, "the VMM") {
-                    Ok(_) => Some(path),
-                    Err(e) => {
-                        vm.stop(STOP_GRACE).await;
-                        yard_shim_kit::cgroup::remove(&path, b.id);
-                        fail(volumes, dirs, net.clone()).await;
-                        return Err(e);
-                    }
-                }
+                let id = b.id.to_owned();
+                Some(tokio::task::spawn_blocking(move || {
+                    yard_shim_kit::cgroup::join(&path, &id, pid, "the VMM").map(|_| path)
+                }))
             }
             (Some(path), None) => {
                 tracing::debug!(
@@ -339,7 +336,28 @@ impl Sandbox {
         };
         let vm: Arc<dyn Vm> = Arc::from(vm);
         let agent = Agent::new(stream);
-        match agent.hello().await {
+        let hello = agent.hello().await;
+        let joined = match join {
+            Some(task) => Some(
+                task.await
+                    .map_err(|e| Error::Internal(format!("cgroup join task: {e}")))
+                    .and_then(|r| r),
+            ),
+            None => None,
+        };
+        let host_cgroup = match joined {
+            Some(Ok(path)) => Some(path),
+            Some(Err(e)) => {
+                vm.stop(STOP_GRACE).await;
+                if let Some(path) = &b.cgroup {
+                    yard_shim_kit::cgroup::remove(path, b.id);
+                }
+                fail(volumes, dirs, net.clone()).await;
+                return Err(e);
+            }
+            None => None,
+        };
+        match hello {
             Ok(h) => tracing::info!(
                 sandbox = b.id,
                 hypervisor = hypervisor.name(),
