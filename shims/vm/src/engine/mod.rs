@@ -171,6 +171,7 @@ impl Engine for VmEngine {
         if let Some(sb) = self.sandbox.lock().await.take() {
             sb.stop().await;
         }
+        self.sandbox.stopped().await;
     }
 }
 

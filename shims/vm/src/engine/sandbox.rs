@@ -30,8 +30,36 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long the agent may take to answer Shutdown.
 const SHUTDOWN_ASK: Duration = Duration::from_secs(2);
 
-/// The shim's sandbox, once booted; containers keep a handle to release it on delete.
-pub type Slot = Mutex<Option<Arc<Sandbox>>>;
+/// The shim's sandbox, once booted; containers keep a handle to release it on delete. The VM
+/// of a single container stops in the background once that container is deleted ([`release`]):
+/// the engine's shutdown waits for it ([`Slot::stopped`]) before the shim exits.
+#[derive(Default)]
+pub struct Slot {
+    current: Mutex<Option<Arc<Sandbox>>>,
+    stopping: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Slot {
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, Option<Arc<Sandbox>>> {
+        self.current.lock().await
+    }
+
+    /// Stops `sandbox` on a task of its own.
+    fn stop_later(&self, sandbox: Arc<Sandbox>) {
+        let stop = tokio::spawn(async move { sandbox.stop().await });
+        let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+        stopping.retain(|h| !h.is_finished());
+        stopping.push(stop);
+    }
+
+    /// Resolves once every VM stopped in the background is gone.
+    pub async fn stopped(&self) {
+        let stops = std::mem::take(&mut *self.stopping.lock().unwrap_or_else(|p| p.into_inner()));
+        for stop in stops {
+            let _ = stop.await;
+        }
+    }
+}
 
 /// Where a sandbox keeps its files on the host.
 #[derive(Clone, Debug)]
@@ -160,6 +188,9 @@ pub struct Sandbox {
     /// The pod network's tap and redirects, undone when the VM stops.
     net: std::sync::Mutex<Option<Arc<PodNet>>>,
     plumber: Arc<dyn Plumber>,
+    /// Booted for a group or a pod: other containers may come, and the pod's teardown (its
+    /// network namespace) follows the VM's, so its last Delete waits for the VM to stop.
+    grouped: bool,
 }
 
 fn boot_error(e: BootVmError) -> Error {
@@ -445,6 +476,7 @@ impl Sandbox {
             host_cgroup,
             net: std::sync::Mutex::new(net),
             plumber: b.plumber,
+            grouped: b.grouped,
         }))
     }
 
@@ -680,8 +712,8 @@ impl Sandbox {
 }
 
 /// A container is gone: when it was the last, the VM goes too.
-pub async fn release(slot: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
-    let mut slot = slot.lock().await;
+pub async fn release(slots: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
+    let mut slot = slots.lock().await;
     sandbox.ooms.remove(id);
     let empty = {
         let mut c = sandbox.containers();
@@ -692,7 +724,13 @@ pub async fn release(slot: &Slot, sandbox: &Arc<Sandbox>, id: &str) {
     if empty && ours {
         slot.take();
         drop(slot);
-        sandbox.stop().await;
+        if sandbox.grouped {
+            sandbox.stop().await;
+        } else {
+            // The container is gone from the guest: its caller need not wait for the VM's
+            // power-off (~40 ms under TCG here), only the shim's exit does.
+            slots.stop_later(sandbox.clone());
+        }
     }
 }
 

@@ -51,6 +51,11 @@ impl World {
         }
     }
 
+    /// What the kit does before the shim exits: a VM stopping in the background is gone after.
+    async fn shut_down(&self) {
+        yard_shim_kit::Engine::shutdown(&self.engine).await;
+    }
+
     async fn create(&self, id: &str, spec: &str) -> yard_shim_kit::Result<Arc<dyn Container>> {
         let req = self.bundles.request(id, spec, Publisher::none());
         self.engine.create(req).await
@@ -121,8 +126,11 @@ async fn the_first_create_boots_the_vm_and_the_last_delete_stops_it() {
     assert_eq!(w.bundles.stdout("c1"), "hello vm\n");
 
     c.delete(false).await.unwrap();
-    assert!(vms[0].ended());
     assert_eq!(w.agent.removed(), ["c1"]);
+    // A single container's VM stops in the background; the shim's exit (the engine's
+    // shutdown) waits for it.
+    w.shut_down().await;
+    assert!(vms[0].ended());
     assert_eq!(w.agent.shutdowns(), 1);
     assert!(!cfg.state_dir.exists());
     assert!(w.state_left().is_empty(), "{:?}", w.state_left());
@@ -832,6 +840,7 @@ async fn issue20_a_pods_network_namespace_becomes_the_vms_network_device() {
     assert!(w.backends.vms()[1].config.net.is_none());
     assert_eq!(w.agent.networks().len(), 1);
     c2.delete(true).await.unwrap();
+    w.shut_down().await;
 
     // A namespace the plumber refuses: its error, no VM.
     let bad = r#""linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/bad-1"}]}"#;
