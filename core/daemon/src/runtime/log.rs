@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use tokio::io::AsyncBufReadExt as _;
+use tokio::io::AsyncReadExt as _;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -84,43 +84,77 @@ fn follow_into(
     let copy = tokio::spawn(async move {
         let emit_line = |line: &[u8]| {
             let line = String::from_utf8_lossy(line);
-            emit(cut(line.trim_end_matches(['\n', '\r'])));
+            emit(cut(line.trim_end_matches('\r')));
         };
-        let mut reader = tokio::io::BufReader::new(rx);
-        // Our own buffer: `read_until` is cancel-safe with it (a line half read stays here).
-        let mut line = Vec::new();
+        let mut rx = rx;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut lines = Splitter::default();
         loop {
             tokio::select! {
                 biased;
-                read = reader.read_until(b'\n', &mut line) => match read {
+                // Cancel-safe: a read that loses the race has read nothing.
+                read = rx.read(&mut buf) => match read {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        emit_line(&line);
-                        line.clear();
-                    }
+                    Ok(n) => lines.feed(&buf[..n], &emit_line),
                 },
                 _ = &mut finished => break,
             }
         }
-        // The rest, without waiting: the line begun, what the reader holds, and what the
-        // pipe has, read with the syscall itself (the reactor may not have seen it yet).
-        line.extend_from_slice(reader.buffer());
-        let rx = reader.into_inner();
-        let mut buf = vec![0u8; 64 * 1024];
+        // The rest, without waiting: what the pipe has, read with the syscall itself (the
+        // reactor may not have seen it yet).
         while let Ok(n) = nix::unistd::read(&rx, &mut buf) {
             if n == 0 {
                 break;
             }
-            line.extend_from_slice(&buf[..n]);
+            lines.feed(&buf[..n], &emit_line);
         }
-        for l in line.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            emit_line(l);
-        }
+        lines.finish(&emit_line);
     });
     Ok(Follower {
         copy: Some(copy),
         finish: Some(finish),
     })
+}
+
+/// Splits a byte stream into lines, holding at most [`MAX_LINE`] bytes of one: the rest of a
+/// longer line is dropped (the log's text comes partly from guests and images).
+#[derive(Default)]
+struct Splitter {
+    line: Vec<u8>,
+    /// Inside a line that was cut: what comes until its end is dropped.
+    skipping: bool,
+}
+
+impl Splitter {
+    fn feed(&mut self, bytes: &[u8], emit: &impl Fn(&[u8])) {
+        let mut parts = bytes.split(|b| *b == b'\n').peekable();
+        while let Some(part) = parts.next() {
+            if !self.skipping {
+                let room = MAX_LINE - self.line.len();
+                if part.len() > room {
+                    self.line.extend_from_slice(&part[..room]);
+                    emit(&self.line);
+                    self.line.clear();
+                    self.skipping = true;
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            // A newline followed this part: the line ends.
+            if parts.peek().is_some() {
+                self.finish(emit);
+            }
+        }
+    }
+
+    /// The line begun, if any, as a whole line.
+    fn finish(&mut self, emit: &impl Fn(&[u8])) {
+        if !self.skipping && !self.line.is_empty() {
+            emit(&self.line);
+        }
+        self.line.clear();
+        self.skipping = false;
+    }
 }
 
 /// At most [`MAX_LINE`] bytes of `line`, cut at a character boundary.
@@ -180,6 +214,35 @@ mod tests {
         assert_eq!(seen[..2], ["one", "two"]);
         assert_eq!(seen[2].len(), MAX_LINE, "a long line is cut");
         assert_eq!(seen[3], "last, without a newline");
+    }
+
+    #[test]
+    fn lines_across_reads_are_whole_and_a_long_one_is_cut_without_being_held() {
+        let seen = std::cell::RefCell::new(Vec::new());
+        let emit = |l: &[u8]| {
+            seen.borrow_mut()
+                .push(String::from_utf8_lossy(l).into_owned())
+        };
+        let mut s = Splitter::default();
+        s.feed(b"par", &emit);
+        s.feed(b"ts\n\nx", &emit);
+        // A line far longer than MAX_LINE, in pieces: never more than MAX_LINE held.
+        for _ in 0..64 {
+            s.feed(&[b'x'; 1024], &emit);
+            assert!(s.line.len() <= MAX_LINE);
+        }
+        s.feed(b"x\nafter", &emit);
+        s.finish(&emit);
+        let seen = seen.into_inner();
+        assert_eq!(
+            seen.len(),
+            3,
+            "{:?}",
+            seen.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(seen[0], "parts");
+        assert_eq!(seen[1].len(), MAX_LINE);
+        assert_eq!(seen[2], "after");
     }
 
     #[tokio::test]
