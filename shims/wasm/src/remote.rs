@@ -148,8 +148,8 @@ impl Worker {
             .args(netns.is_some().then_some(NETNS_FLAG))
             .env("SWITCHYARD_SHIM_LOG", log_filter)
             // The worker mounts its empty root over its working directory (in its own mount
-            // namespace): an existing directory that is not `/`, whatever the shim's own is
-            // (the server runs in `/`).
+            // namespace): an existing directory that is not `/` (the server runs in `/`); the
+            // worker refuses `/`.
             .current_dir(std::env::temp_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -54,11 +54,18 @@ pub fn main(args: &[String]) -> ! {
         .without_time()
         .with_writer(std::io::stderr)
         .try_init();
-    // The empty root is mounted over this directory: never `/` itself.
-    let scratch = std::env::current_dir()
-        .ok()
-        .filter(|d| d.as_os_str() != "/")
-        .unwrap_or_else(std::env::temp_dir);
+    // The empty root is mounted over the working directory its spawner chose: never `/`.
+    let scratch = match std::env::current_dir() {
+        Ok(d) if d.as_os_str() != "/" => d,
+        Ok(_) => exit(
+            EXIT_SANDBOX,
+            "wasm worker sandbox: the working directory is /: the empty root is mounted over it",
+        ),
+        Err(e) => exit(
+            EXIT_SANDBOX,
+            &format!("wasm worker sandbox: the working directory: {e}"),
+        ),
+    };
     if args.iter().any(|a| a == "--self-test") {
         self_test(&scratch);
     }
