@@ -668,8 +668,7 @@ fn busybox() -> Image {
 /// `tar` as `switchyard-cri-<what>-<digest>.tar` in the temp dir, named by its content, so every
 /// test process shares one file rather than leaving one each behind.
 fn write_archive(what: &str, tar: &[u8]) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let digest = crate::images::hex(&Sha256::digest(tar));
+    let digest = crate::images::sha256_hex(tar);
     let path = std::env::temp_dir().join(format!("switchyard-cri-{what}-{}.tar", &digest[..16]));
     if std::fs::read(&path).is_ok_and(|old| old == tar) {
         return path;

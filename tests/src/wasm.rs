@@ -138,14 +138,11 @@ pub fn wasm_rootfs() -> &'static Path {
         // Named by the modules it holds: every test process shares one tree rather than
         // leaving one each behind (the way `busybox_rootfs` is versioned).
         let modules = [&f.hello_module, &f.hello_component, &f.http_component];
-        let digest = {
-            use sha2::{Digest, Sha256};
-            let mut h = Sha256::new();
-            for m in modules {
-                h.update(std::fs::read(m).unwrap_or_else(|e| panic!("{}: {e}", m.display())));
-            }
-            crate::images::hex(&h.finalize())
-        };
+        let all: Vec<u8> = modules
+            .iter()
+            .flat_map(|m| std::fs::read(m).unwrap_or_else(|e| panic!("{}: {e}", m.display())))
+            .collect();
+        let digest = crate::images::sha256_hex(&all);
         let done = std::env::temp_dir().join(format!("switchyard-wasm-{}", &digest[..16]));
         if done.join("hello.txt").is_file() {
             return done;
