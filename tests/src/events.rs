@@ -219,6 +219,20 @@ impl CtrEvents {
             .collect()
     }
 
+    /// The topics of container `id`'s events so far, in the order they came.
+    pub fn topics(&self, id: &str) -> Vec<String> {
+        self.lines
+            .timed()
+            .iter()
+            .filter_map(|(_, l)| {
+                let topic = l.split_whitespace().find(|w| w.starts_with('/'))?;
+                let (_, payload) = l.split_once(&format!(" {topic} "))?;
+                let v: Value = serde_json::from_str(payload).ok()?;
+                (v["container_id"] == id).then(|| topic.to_owned())
+            })
+            .collect()
+    }
+
     /// Waits (up to [`EVENT_DEADLINE`]) for `topic` events for container `id`.
     pub fn wait_for(&self, topic: &str, id: &str) -> Vec<Value> {
         eventually(EVENT_DEADLINE, || !self.find(topic, id).is_empty());

@@ -351,6 +351,13 @@ fn native_kill_9_exit_code_and_event() {
     let exits = events.wait_for("/tasks/exit", &id);
     assert_eq!(exits.len(), 1, "{}", events.text());
     assert_eq!(exits[0]["exit_status"], 137, "{}", exits[0]);
+    // The kill is told before the exit it caused (CRI's `OOMKilled` depends on it).
+    let order = events.topics(&id);
+    let at = |t: &str| order.iter().position(|x| x == t);
+    assert!(
+        at("/tasks/oom") < at("/tasks/exit"),
+        "/tasks/oom after /tasks/exit: {order:?}"
+    );
     eprintln!("{} /tasks/oom event(s) for {id}", ooms.len());
     assert_no_leftovers(&id, &format!("default/{id}"));
 }

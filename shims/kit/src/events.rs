@@ -131,7 +131,7 @@ impl Publisher {
     }
 
     /// The kernel (or a guest's limit) killed a process of `container_id` for memory.
-    pub async fn oom(&self, container_id: &str) {
+    pub fn oom(&self, container_id: &str) {
         self.publish(Event::Oom(TaskOOM {
             container_id: container_id.to_owned(),
             ..Default::default()
@@ -295,7 +295,7 @@ mod tests {
     #[tokio::test]
     async fn channel_keeps_order_and_topics() {
         let (publisher, mut rx) = channel();
-        publisher.oom("c1").await;
+        publisher.oom("c1");
         publisher.publish(Event::Paused(TaskPaused {
             container_id: "c1".into(),
             ..Default::default()

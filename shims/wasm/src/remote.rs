@@ -595,7 +595,7 @@ impl RemoteTask {
             match ev {
                 TaskEvent::Oom if !oom_told => {
                     oom_told = true;
-                    events.oom(&self.id).await;
+                    events.oom(&self.id);
                 }
                 TaskEvent::Oom => {}
                 TaskEvent::Exited(status) => {

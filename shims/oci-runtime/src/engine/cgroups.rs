@@ -18,6 +18,8 @@ use yard_shim_kit::protos::protobuf::well_known_types::any::Any;
 use yard_shim_kit::protos::protobuf::{Message, MessageField};
 use yard_shim_kit::{Error, Publisher};
 
+use super::oom::OomWatch;
+
 const ROOT: &str = "/sys/fs/cgroup";
 
 fn err(what: &str) -> impl FnOnce(String) -> Error + '_ {
@@ -150,15 +152,10 @@ impl Cgroup {
         }
     }
 
-    /// Publish a TaskOOM event each time the kernel OOM-kills in this cgroup, until it is gone.
-    pub fn watch_oom(&self, publisher: Publisher) -> Result<tokio::task::JoinHandle<()>, Error> {
-        let dir = self.memory_dir();
-        let id = self.id.clone();
-        if unified() {
-            oom::watch_v2(dir, id, publisher)
-        } else {
-            oom::watch_v1(dir, id, publisher)
-        }
+    /// Publish a TaskOOM event for each kill of the kernel's OOM killer in this cgroup, until
+    /// it is gone.
+    pub fn watch_oom(&self, publisher: Publisher) -> Result<OomWatch, Error> {
+        OomWatch::start(self.memory_dir(), unified(), self.id.clone(), publisher)
     }
 }
 
@@ -302,122 +299,5 @@ fn metrics_v2(s: &Stats) -> v2::Metrics {
             ..Default::default()
         }),
         ..Default::default()
-    }
-}
-
-mod oom {
-    //! OOM notification: cgroup v1's `cgroup.event_control` eventfd, or cgroup v2's
-    //! `memory.events` watched with inotify.
-
-    use std::io::Write;
-    use std::os::fd::{AsFd, OwnedFd};
-    use std::path::PathBuf;
-
-    use rustix::event::{EventfdFlags, eventfd};
-    use rustix::fs::inotify;
-
-    use super::*;
-
-    pub fn watch_v1(
-        dir: PathBuf,
-        id: String,
-        publisher: Publisher,
-    ) -> Result<tokio::task::JoinHandle<()>, Error> {
-        let efd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-            .map_err(|e| Error::io("eventfd")(e.into()))?;
-        let control = std::fs::File::open(dir.join("memory.oom_control")).map_err(Error::io(
-            format!("open {}/memory.oom_control", dir.display()),
-        ))?;
-        let line = format!(
-            "{} {}",
-            std::os::fd::AsRawFd::as_raw_fd(&efd),
-            std::os::fd::AsRawFd::as_raw_fd(&control)
-        );
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.event_control"))
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-            .map_err(Error::io(format!(
-                "register OOM eventfd in {}",
-                dir.display()
-            )))?;
-        let afd = yard_shim_kit::sys::readable(efd).map_err(Error::io("watch eventfd"))?;
-        // The eventfd fires on every OOM condition, many times while a task keeps allocating
-        // on its way to being killed: one event per episode.
-        let mut last: Option<std::time::Instant> = None;
-        Ok(tokio::spawn(async move {
-            let _control = control;
-            loop {
-                let Ok(mut guard) = afd.readable().await else {
-                    return;
-                };
-                let mut buf = [0u8; 8];
-                match rustix::io::read(afd.get_ref().as_fd(), &mut buf) {
-                    Ok(_) => {
-                        // The eventfd also fires when the cgroup is removed.
-                        if !dir.exists() {
-                            return;
-                        }
-                        // An episode ends after a second without notifications (under load
-                        // one can last seconds: counting from its start would split it).
-                        let quiet =
-                            last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
-                        last = Some(std::time::Instant::now());
-                        if !quiet {
-                            continue;
-                        }
-                        tracing::info!(id, "OOM in container");
-                        publisher.oom(&id).await;
-                    }
-                    Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
-                    Err(_) => return,
-                }
-            }
-        }))
-    }
-
-    fn oom_kills(dir: &std::path::Path) -> Option<u64> {
-        let text = std::fs::read_to_string(dir.join("memory.events")).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|v| v.trim().parse().ok())
-    }
-
-    pub fn watch_v2(
-        dir: PathBuf,
-        id: String,
-        publisher: Publisher,
-    ) -> Result<tokio::task::JoinHandle<()>, Error> {
-        let fd: OwnedFd =
-            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)
-                .map_err(|e| Error::io("inotify")(e.into()))?;
-        inotify::add_watch(
-            &fd,
-            dir.join("memory.events"),
-            inotify::WatchFlags::MODIFY | inotify::WatchFlags::DELETE_SELF,
-        )
-        .map_err(|e| Error::io(format!("watch {}/memory.events", dir.display()))(e.into()))?;
-        let afd = yard_shim_kit::sys::readable(fd).map_err(Error::io("watch inotify"))?;
-        let mut seen = oom_kills(&dir).unwrap_or(0);
-        Ok(tokio::spawn(async move {
-            loop {
-                let Ok(mut guard) = afd.readable().await else {
-                    return;
-                };
-                let mut buf = [0u8; 1024];
-                match rustix::io::read(afd.get_ref().as_fd(), &mut buf) {
-                    Ok(_) => {
-                        let Some(now) = oom_kills(&dir) else { return };
-                        if now > seen {
-                            seen = now;
-                            tracing::info!(id, "OOM in container");
-                            publisher.oom(&id).await;
-                        }
-                    }
-                    Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
-                    Err(_) => return,
-                }
-            }
-        }))
     }
 }

@@ -10,6 +10,7 @@
 //! without the feature.
 
 mod cgroups;
+mod oom;
 mod validate;
 
 use std::fs::File;
@@ -32,6 +33,7 @@ use yard_shim_kit::{
 };
 
 use self::cgroups::Cgroup;
+use self::oom::OomWatch;
 use self::validate as spec;
 
 /// How long a runtime invocation may take before it is killed.
@@ -503,7 +505,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
     let pid = read_pid(&pid_file)?;
     let pidfd = reaper::global().pidfd(pid, since);
     let oom = match cgroup.watch_oom(req.events.clone()) {
-        Ok(h) => Some(h),
+        Ok(w) => Some(Arc::new(w)),
         Err(e) => {
             tracing::warn!(id = req.id, error = %e, "no OOM notification for this container");
             None
@@ -521,6 +523,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
         console: ConsoleSlot::new(console),
         stdin_closer: Mutex::new(stdin_closer),
         spec: Vec::new(),
+        oom: oom.clone(),
     });
     Ok(Arc::new(LinuxContainer {
         id: req.id.clone(),
@@ -528,7 +531,7 @@ async fn create_container(oci: &Arc<Oci>, req: &CreateRequest) -> Result<Arc<dyn
         work,
         cgroup,
         init,
-        oom: Mutex::new(oom),
+        oom,
     }))
 }
 
@@ -549,7 +552,7 @@ struct LinuxContainer {
     work: PathBuf,
     cgroup: Cgroup,
     init: Arc<LinuxProcess>,
-    oom: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    oom: Option<Arc<OomWatch>>,
 }
 
 #[async_trait]
@@ -583,6 +586,7 @@ impl Container for LinuxContainer {
             console: ConsoleSlot::default(),
             stdin_closer: Mutex::new(StdinCloser::default()),
             spec: req.spec.clone(),
+            oom: None,
         }))
     }
 
@@ -616,8 +620,8 @@ impl Container for LinuxContainer {
     }
 
     async fn delete(&self, force: bool) -> Result<()> {
-        if let Some(h) = self.oom.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            h.abort();
+        if let Some(oom) = &self.oom {
+            oom.stop();
         }
         let log = self.work.join("delete.log");
         let r = match self.oci.delete(&self.id, force, &log).await {
@@ -651,6 +655,8 @@ struct LinuxProcess {
     stdin_closer: Mutex<StdinCloser>,
     /// The process spec JSON of an exec.
     spec: Vec<u8>,
+    /// The init's: its exit publishes the container's OOM kills first.
+    oom: Option<Arc<OomWatch>>,
 }
 
 #[async_trait]
@@ -717,6 +723,9 @@ impl Process for LinuxProcess {
     async fn wait(&self) -> Exit {
         let since = self.started.lock().unwrap_or_else(|p| p.into_inner()).since;
         let exit = reaper::global().wait(self.pid(), since).await;
+        if let Some(oom) = &self.oom {
+            oom.settle();
+        }
         self.console.drain_at_exit().await;
         exit
     }

@@ -88,7 +88,7 @@ impl OomReporter {
             new
         };
         if new {
-            self.events.oom(id).await;
+            self.events.oom(id);
         }
     }
 
