@@ -188,7 +188,6 @@ pub async fn run(
             .map(switchyard_images::RegistryHosts::new),
     });
     let cri = crate::cri::Cri::new(shared.clone(), &config).map_err(DaemonError::Cri)?;
-    cri.watch_oom();
     let streams = crate::cri::stream::StreamServer::start(&cri)
         .await
         .map_err(DaemonError::Streaming)?;

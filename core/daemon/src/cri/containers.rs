@@ -33,6 +33,11 @@ use switchyard_api::cri::v1::image_service_server::ImageService as _;
 
 /// How long a stopped container's output may take to reach its log.
 const LOG_DRAIN: Duration = Duration::from_secs(2);
+
+/// How long a task may be seen stopped before the CRI's event watcher has handled its
+/// `/tasks/exit`: the event normally follows within milliseconds; past this it was lost (a
+/// daemon that could not be reached), and the task's own state is taken as it is.
+const EXIT_EVENT_GRACE: Duration = Duration::from_secs(2);
 /// Most of an ExecSync's stdout and of its stderr kept (kubelet's limit is 16 MiB in all).
 const MAX_EXEC_OUTPUT: usize = 8 << 20;
 
@@ -72,6 +77,11 @@ pub struct Containers {
     records: Mutex<HashMap<String, Record>>,
     logs: Mutex<HashMap<String, ContainerLog>>,
     host: HostFacts,
+    /// Containers started by this daemon whose `/tasks/exit` the event watcher has not handled
+    /// yet. Until it has, a stopped task is shown running, as containerd's CRI does: the events
+    /// before the exit (`/tasks/oom`) are then in the status that shows the exit.
+    pending_exits: Mutex<std::collections::HashSet<String>>,
+    exit_handled: tokio::sync::Notify,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Status + '_ {
@@ -129,6 +139,8 @@ impl Containers {
             records: Mutex::new(records),
             logs: Mutex::new(logs),
             host: HostFacts::read(),
+            pending_exits: Mutex::default(),
+            exit_handled: tokio::sync::Notify::new(),
         })
     }
 
@@ -175,6 +187,42 @@ impl Containers {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
+    }
+
+    fn pending_exits(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.pending_exits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Container `id` is being started: its exit is to come through the event watcher.
+    pub fn expect_exit(&self, id: &str) {
+        self.pending_exits().insert(id.to_owned());
+    }
+
+    /// The event watcher handled container `id`'s exit (or it will not come).
+    pub fn exit_handled(&self, id: &str) {
+        if self.pending_exits().remove(id) {
+            self.exit_handled.notify_waiters();
+        }
+    }
+
+    fn exit_pending(&self, id: &str) -> bool {
+        self.pending_exits().contains(id)
+    }
+
+    /// Waits until container `id`'s exit was handled, for at most `within`.
+    async fn wait_exit_handled(&self, id: &str, within: Duration) {
+        let handled = async {
+            loop {
+                let notified = self.exit_handled.notified();
+                if !self.exit_pending(id) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(within, handled).await.is_err() {
+            self.exit_handled(id);
+        }
     }
 
     /// Marks container `id` as OOM-killed (a `/tasks/oom` event); another id is not CRI's.
@@ -700,12 +748,17 @@ impl Cri {
     pub async fn start_container(&self, id: &str) -> Result<(), Status> {
         let mut r = self.containers.find(id)?;
         let _events = self.events.hold(&r.id).await;
-        TasksService(self.shared.clone())
+        self.containers.expect_exit(&r.id);
+        let started = TasksService(self.shared.clone())
             .start(in_ns(tasks_api::StartRequest {
                 container_id: r.id.clone(),
                 exec_id: String::new(),
             }))
-            .await?;
+            .await;
+        if let Err(e) = started {
+            self.containers.exit_handled(&r.id);
+            return Err(e);
+        }
         r.started_ns = super::now_nanos();
         self.containers.save(&r)?;
         let (id, pod) = (r.id.clone(), r.pod_id.clone());
@@ -732,11 +785,34 @@ impl Cri {
 
     pub async fn container_status(&self, id: &str) -> Result<cri::ContainerStatus, Status> {
         let r = self.containers.find(id)?;
+        // Asked before the record is read: a handled exit's OOM is in it.
+        let pending = self.containers.exit_pending(&r.id);
+        let r = self.containers.find(&r.id)?;
         let p = self.process(&r.id).await;
-        let status = p
+        let mut status = p
             .as_ref()
             .and_then(|p| TaskStatus::try_from(p.status).ok())
             .unwrap_or(TaskStatus::Unknown);
+        if pending && status == TaskStatus::Stopped {
+            let exited = p
+                .as_ref()
+                .and_then(|p| p.exited_at.as_ref())
+                .and_then(|t| {
+                    let at = std::time::UNIX_EPOCH
+                        + Duration::new(
+                            u64::try_from(t.seconds).ok()?,
+                            u32::try_from(t.nanos).ok()?,
+                        );
+                    std::time::SystemTime::now().duration_since(at).ok()
+                })
+                .unwrap_or(Duration::ZERO);
+            if exited < EXIT_EVENT_GRACE {
+                status = TaskStatus::Running;
+            } else {
+                tracing::warn!(container = %r.id, "no exit event for a stopped task");
+                self.containers.exit_handled(&r.id);
+            }
+        }
         let state = match status {
             TaskStatus::Created => cri::ContainerState::ContainerCreated,
             TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing => {
@@ -794,6 +870,10 @@ impl Cri {
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<(), Status> {
         let r = self.containers.find(id)?;
         self.stop_task(&r.id, timeout).await?;
+        // Stopped means the status says so once this returns.
+        self.containers
+            .wait_exit_handled(&r.id, EXIT_EVENT_GRACE)
+            .await;
         self.stopped_event(&r.id, &r.pod_id).await;
         Ok(())
     }
@@ -860,6 +940,7 @@ impl Cri {
             Err(e) => return Err(io(&path)(e)),
         }
         self.containers.records().remove(&r.id);
+        self.containers.exit_handled(&r.id);
         self.container_event(super::events::Kind::ContainerDeletedEvent, &r.id, &r.pod_id)
             .await;
         Ok(())

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use futures::StreamExt as _;
-use switchyard_api::containerd::events::TaskExit;
+use switchyard_api::containerd::events::{TaskExit, TaskOom};
 use switchyard_api::containerd::v1::types::Status as TaskStatus;
 use switchyard_api::cri::v1 as cri;
 use tokio::sync::broadcast;
@@ -23,8 +23,9 @@ use super::{Cri, NAMESPACE};
 /// Events a subscriber may fall behind by before it misses some.
 const BACKLOG: usize = 1024;
 
-/// The exchange's topic for task exits.
-const TASK_EXIT: &str = "/tasks/exit";
+/// The exchange's topics for task exits and OOM kills.
+const TASK_EXIT: &str = switchyard_api::events::topics::TASK_EXIT;
+const TASK_OOM: &str = switchyard_api::events::topics::TASK_OOM;
 
 pub use cri::ContainerEventType as Kind;
 
@@ -144,8 +145,10 @@ impl Cri {
         });
     }
 
-    /// Turns exits of CRI containers' tasks into stopped events, until the daemon's CRI
-    /// state is dropped.
+    /// Turns exits of CRI containers' tasks into stopped events and marks OOM kills, until the
+    /// daemon's CRI state is dropped. One subscription for both, so they are handled in the
+    /// order the shim sent them: a kill before the exit it caused. Subscribed before this
+    /// returns: no event after it is missed.
     pub(super) fn watch_exits(cri: &Arc<Cri>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -158,7 +161,21 @@ impl Cri {
         runtime.spawn(async move {
             tokio::pin!(exits);
             while let Some(env) = exits.next().await {
-                if env.topic != TASK_EXIT || env.namespace != NAMESPACE {
+                if env.namespace != NAMESPACE {
+                    continue;
+                }
+                if env.topic == TASK_OOM {
+                    let oom = env
+                        .event
+                        .as_ref()
+                        .and_then(|e| <TaskOom as prost::Message>::decode(e.value.as_slice()).ok());
+                    if let (Some(e), Some(cri)) = (oom, weak.upgrade()) {
+                        tracing::info!(container = %e.container_id, "CRI container OOM-killed");
+                        cri.containers.mark_oom(&e.container_id);
+                    }
+                    continue;
+                }
+                if env.topic != TASK_EXIT {
                     continue;
                 }
                 let Some(exit) = env
@@ -176,6 +193,7 @@ impl Cri {
                 if let Ok(r) = cri.containers.find(&exit.container_id)
                     && r.id == exit.container_id
                 {
+                    cri.containers.exit_handled(&r.id);
                     let _order = cri.events.hold(&r.id).await;
                     cri.container_event(Kind::ContainerStoppedEvent, &r.id, &r.pod_id)
                         .await;

@@ -80,40 +80,6 @@ impl Cri {
         Ok(cri)
     }
 
-    /// Follows the shims' `/tasks/oom` events in CRI's namespace, so ContainerStatus can say
-    /// `OOMKilled`. Subscribed before this returns: no event after it is missed.
-    pub fn watch_oom(self: &Arc<Self>) {
-        use futures::StreamExt as _;
-        use switchyard_api::containerd::events::TaskOom;
-        let filter = match crate::filters::Filter::parse(&[format!(
-            "topic==\"{}\",namespace==\"{NAMESPACE}\"",
-            switchyard_api::events::topics::TASK_OOM
-        )]) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "OOM event filter");
-                return;
-            }
-        };
-        let events = self.shared.exchange.subscribe(filter);
-        let cri = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut events = std::pin::pin!(events);
-            while let Some(env) = events.next().await {
-                let Some(cri) = cri.upgrade() else { break };
-                let oom = env
-                    .event
-                    .as_ref()
-                    .and_then(switchyard_api::typeurl::from_any::<TaskOom>)
-                    .and_then(Result::ok);
-                if let Some(e) = oom {
-                    tracing::info!(container = %e.container_id, "CRI container OOM-killed");
-                    cri.containers.mark_oom(&e.container_id);
-                }
-            }
-        });
-    }
-
     /// Whether pod networking can be set up: a CNI network config loads from the conf dir
     /// and its plugins are in the bin dirs. `Err` says why not.
     pub fn network_ready(&self) -> Result<(), String> {
