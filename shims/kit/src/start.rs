@@ -298,9 +298,9 @@ pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
     }
     // The socket's name goes first: a shim killed while it exits leaves none behind, and a
     // `start` for this group from now on starts a new server rather than joining this one.
-    // The connections made stay; the Shutdown reply reaches the caller.
+    // The connections made stay until the server's shutdown, which lets each request being
+    // handled (the Shutdown that got us here) finish and waits for its reply to be written.
     let _ = std::fs::remove_file(&path);
-    tokio::time::sleep(Duration::from_millis(5)).await;
     let _ = server.shutdown().await;
     engine.shutdown().await;
     if let Some(sink) = remote {
