@@ -518,6 +518,15 @@ fn native_shim_grouping() {
     let solo_shim = ppid(pc).unwrap();
     assert_ne!(solo_shim, group_shim);
     assert!(shims.iter().any(|(p, _)| *p == solo_shim), "{shims:#?}");
+    // switchyardd started both servers itself, without `<shim> start` (whose server would
+    // have been reparented away from the daemon when `start` exited).
+    for shim in [group_shim, solo_shim] {
+        assert_eq!(
+            ppid(shim),
+            d.pid(),
+            "shim server {shim} is not switchyardd's child"
+        );
+    }
 
     // Removing one task of the group keeps the shim for the other.
     d.rm_force(&a);

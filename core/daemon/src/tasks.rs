@@ -33,7 +33,7 @@ use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
 use crate::runtime::log::Follower;
 use crate::runtime::options::{
-    generic_options_json, is_containerd_runc, is_runc, runc_options_json,
+    generic_options_json, is_containerd_runc, is_kit_shim, is_runc, runc_options_json,
 };
 use crate::runtime::resolve::{ResolveError, Runtimes};
 use crate::runtime::shim::{Shim, ShimError, ShimManager};
@@ -380,8 +380,9 @@ impl TaskManager {
             .then(|| task_group(&spec.value, options_json.as_deref()))
             .flatten();
         let binary = resolved.binary.clone();
+        let kit = is_kit_shim(&resolved.runtime_type);
         let (mut shim, mut joined) = self
-            .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())
+            .shim_for(&bundle, &binary, options.as_ref(), group.as_deref(), kit)
             .await?;
         failpoints::hit("task.create.shim-started");
         req.bundle = bundle.path.to_string_lossy().into_owned();
@@ -396,7 +397,7 @@ impl TaskManager {
             tracing::debug!(container_id = %id, joined, error = %e, "the group's shim is exiting; starting a new one");
             self.shims.forget_group_shim(&shim);
             (shim, joined) = self
-                .shim_for(&bundle, &binary, options.as_ref(), group.as_deref())
+                .shim_for(&bundle, &binary, options.as_ref(), group.as_deref(), kit)
                 .await?;
             created = shim.client.create(req).await;
         }
@@ -425,10 +426,11 @@ impl TaskManager {
         binary: &std::path::Path,
         options: Option<&prost_types::Any>,
         group: Option<&str>,
+        kit: bool,
     ) -> Result<(Arc<Shim>, bool)> {
         match self
             .shims
-            .start_or_join(bundle, binary, options, group)
+            .start_or_join(bundle, binary, options, group, kit)
             .await
         {
             Ok((shim, joined)) => {
@@ -447,6 +449,7 @@ impl TaskManager {
                 if matches!(
                     e,
                     ShimError::Connect { .. }
+                        | ShimError::ServerDown { .. }
                         | ShimError::Address { .. }
                         | ShimError::Bootstrap { .. }
                 ) && let Err(err) = self.shims.delete(bundle, binary).await

@@ -322,6 +322,16 @@ fn release_stdout() {
 mod tests {
     use super::*;
 
+    /// switchyardd starts kit servers itself and names their socket by the same rule
+    /// (`switchyardd`'s `server_address` test holds the same vector).
+    #[test]
+    fn the_server_socket_is_containerds() {
+        assert_eq!(
+            containerd_shim::socket_address("/run/switchyard/switchyard.sock", "default", "g1"),
+            "unix:///run/containerd/s/32078c77e9d1e8d80dcaa4b9d889d4ae79dd3a34a86610c3a63eb1e012368206"
+        );
+    }
+
     #[test]
     fn groups_by_annotation_then_option() {
         let dir = std::env::temp_dir().join(format!("kit-group-{}", std::process::id()));

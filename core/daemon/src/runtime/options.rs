@@ -37,6 +37,12 @@ pub fn is_containerd_runc(runtime_type: &str) -> bool {
     runtime_type.starts_with("io.containerd.runc.")
 }
 
+/// Whether shims of this runtime type are Switchyard's own, built on its shim kit: switchyardd
+/// starts their server itself (`-socket`, as their `start` would) instead of running `start`.
+pub fn is_kit_shim(runtime_type: &str) -> bool {
+    runtime_type.starts_with("io.containerd.yard-")
+}
+
 /// Whether shims of this runtime type take runc's options (Switchyard's native shim is
 /// runc-class and takes them too, e.g. `BinaryName = "runc"`).
 pub fn is_runc(runtime_type: &str) -> bool {

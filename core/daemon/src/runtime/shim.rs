@@ -1,6 +1,7 @@
-//! Shim process lifecycle: run `<shim> start`, connect to the address it prints, reconnect
+//! Shim process lifecycle: run `<shim> start` (or, for Switchyard's own shims, start the server
+//! that `start` would start, one process less), connect to the address it serves, reconnect
 //! after a daemon restart, notice when it dies, and run `<shim> delete` to clean up after it.
-//! Shims that group tasks (one shim per pod) print the same address for several tasks; they
+//! Shims that group tasks (one shim per pod) serve the same address for several tasks; they
 //! share one connection here.
 
 use std::collections::HashMap;
@@ -55,6 +56,12 @@ pub enum ShimError {
         timeout: Duration,
         output: String,
     },
+    #[error("shim server {} did not come up on {address} ({status}); see the shim log", binary.display())]
+    ServerDown {
+        binary: PathBuf,
+        address: String,
+        status: String,
+    },
     #[error("shim {} start", binary.display())]
     Address {
         binary: PathBuf,
@@ -99,7 +106,9 @@ impl Classify for ShimError {
     fn kind(&self) -> Kind {
         match self {
             ShimError::Spawn { .. } => Kind::FailedPrecondition,
-            ShimError::StartFailed { .. } | ShimError::DeleteFailed { .. } => Kind::Internal,
+            ShimError::StartFailed { .. }
+            | ShimError::ServerDown { .. }
+            | ShimError::DeleteFailed { .. } => Kind::Internal,
             ShimError::StartTimeout { .. } => Kind::DeadlineExceeded,
             ShimError::Address { source, .. } => match source {
                 AddressError::Empty => Kind::Internal,
@@ -164,6 +173,15 @@ fn tail(bytes: &[u8]) -> String {
     format!("...{}", &s[start..])
 }
 
+/// containerd's rule for a shim server's socket (`containerd_shim::socket_address`, which the
+/// shim kit's `start` uses): `/run/containerd/s/` and the SHA-256 of `<address>/<namespace>/<group>`.
+pub fn server_address(grpc_address: &Path, namespace: &str, group: &str) -> String {
+    let key = grpc_address.join(namespace).join(group);
+    let digest = switchyard_images::content::sha256_digest(key.as_os_str().as_encoded_bytes());
+    let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+    format!("unix:///run/containerd/s/{hex}")
+}
+
 impl ShimManager {
     pub fn new(settings: ShimSettings) -> Self {
         Self {
@@ -177,7 +195,13 @@ impl ShimManager {
         &self.settings
     }
 
-    fn command(&self, binary: &Path, bundle: &Bundle, action: &str) -> tokio::process::Command {
+    /// `<binary> [flags] <action>`; with no action the flags of a server (`-socket`) follow.
+    fn command(
+        &self,
+        binary: &Path,
+        bundle: &Bundle,
+        action: Option<&str>,
+    ) -> tokio::process::Command {
         let s = &self.settings;
         let mut cmd = tokio::process::Command::new(binary);
         cmd.arg("-namespace")
@@ -188,13 +212,13 @@ impl ShimManager {
             .arg(&s.publish_binary)
             .arg("-id")
             .arg(&bundle.id);
-        if action == "delete" {
+        if action == Some("delete") {
             cmd.arg("-bundle").arg(&bundle.path);
         }
         if s.debug {
             cmd.arg("-debug");
         }
-        cmd.arg(action)
+        cmd.args(action)
             .current_dir(&bundle.path)
             .env("GOMAXPROCS", "2")
             .env("TTRPC_ADDRESS", &s.ttrpc_address)
@@ -214,22 +238,29 @@ impl ShimManager {
 
     /// The shim for a new task: the live shim of its `group`, without running `<binary> start`
     /// (which would only find that shim and print its address: one process start less per
-    /// task), else what [`ShimManager::start`] starts. Returns whether the shim was joined.
+    /// task), else what [`ShimManager::start`] starts, or with `kit` (a shim built on
+    /// Switchyard's shim kit) what [`ShimManager::serve`] starts. Returns whether the shim was
+    /// joined.
     pub async fn start_or_join(
         &self,
         bundle: &Bundle,
         binary: &Path,
         options: Option<&Any>,
         group: Option<&str>,
+        kit: bool,
     ) -> Result<(Arc<Shim>, bool), ShimError> {
         let key = group.map(|g| (binary.to_owned(), bundle.namespace.clone(), g.to_owned()));
         if let Some(key) = &key
             && let Some(shim) = self.group_shim(key)
         {
-            self.record(bundle, binary, &shim.params, true)?;
+            self.record(bundle, binary, &shim.params, false)?;
             return Ok((shim, true));
         }
-        let shim = self.start(bundle, binary, options).await?;
+        let shim = if kit {
+            self.serve(bundle, binary, group).await?
+        } else {
+            self.start(bundle, binary, options).await?
+        };
         if let Some(key) = key {
             self.keep_group(key, &shim);
         }
@@ -276,7 +307,7 @@ impl ShimManager {
         binary: &Path,
         options: Option<&Any>,
     ) -> Result<Arc<Shim>, ShimError> {
-        let mut cmd = self.command(binary, bundle, "start");
+        let mut cmd = self.command(binary, bundle, Some("start"));
         // containerd 1.7+ hands the runtime options to `start` on stdin.
         cmd.stdin(if options.is_some() {
             Stdio::piped()
@@ -333,26 +364,105 @@ impl ShimManager {
                 source,
             })?;
         crate::failpoints::hit("task.create.shim-spawned");
+        self.record(bundle, binary, &params, true)?;
+        self.attach(bundle, &params).await
+    }
+
+    /// Starts a shim kit server for a bundle as `<binary> start` would (the same socket by
+    /// containerd's rule, the same command line) without running `start`: one process start
+    /// less per task. The server closes its stdout once it listens, as it does for `start`; it
+    /// is this daemon's child, reaped here when it exits. A live server of the group at that
+    /// address (one a previous daemon started) is used, as `start` would.
+    pub async fn serve(
+        &self,
+        bundle: &Bundle,
+        binary: &Path,
+        group: Option<&str>,
+    ) -> Result<Arc<Shim>, ShimError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        use tokio::io::AsyncReadExt as _;
+        let group = group.unwrap_or(&bundle.id);
+        let address = server_address(&self.settings.grpc_address, &bundle.namespace, group);
+        let path = PathBuf::from(address.trim_start_matches("unix://"));
+        let connectable = || std::os::unix::net::UnixStream::connect(&path).is_ok();
+        if group == bundle.id || !connectable() {
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|source| ShimError::Bootstrap {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+            }
+            let mut cmd = self.command(binary, bundle, None);
+            cmd.arg("-socket")
+                .arg(&address)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                // The server outlives this call.
+                .kill_on_drop(false);
+            let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
+                binary: binary.to_owned(),
+                source,
+            })?;
+            let timeout = self.settings.start_timeout;
+            let ready = async {
+                if let Some(mut out) = child.stdout.take() {
+                    let mut sink = Vec::new();
+                    let _ = out.read_to_end(&mut sink).await;
+                }
+            };
+            let in_time = tokio::time::timeout(timeout, ready).await.is_ok();
+            let status = match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                _ => None,
+            };
+            if !in_time || status.is_some() || !connectable() {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let status = match (in_time, status) {
+                    (_, Some(status)) => status,
+                    (false, None) => format!("not listening after {timeout:?}"),
+                    (true, None) => "not listening".to_owned(),
+                };
+                return Err(ShimError::ServerDown {
+                    binary: binary.to_owned(),
+                    address,
+                    status,
+                });
+            }
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+        }
+        let params = BootstrapParams {
+            version: 3,
+            address,
+            protocol: "ttrpc".to_owned(),
+        };
+        crate::failpoints::hit("task.create.shim-spawned");
         self.record(bundle, binary, &params, false)?;
         self.attach(bundle, &params).await
     }
 
     /// Writes into the bundle which shim serves it, for a restarted daemon (`bootstrap.json`,
-    /// `shim-binary-path`); for a `joined` shim also the `address` that `start` writes when it
-    /// runs (the shim binary's `delete` reads it).
+    /// `shim-binary-path`); unless `start` ran (`address_written`), also the `address` that
+    /// `start` writes (the shim binary's `delete` reads it).
     fn record(
         &self,
         bundle: &Bundle,
         binary: &Path,
         params: &BootstrapParams,
-        joined: bool,
+        address_written: bool,
     ) -> Result<(), ShimError> {
         let json = serde_json::to_vec(params).unwrap_or_default();
         let path = bundle.path.join(BOOTSTRAP);
         super::bundle::write_atomic(&path, &json)
             .map_err(|source| ShimError::Bootstrap { path, source })?;
         let mut files = vec![("shim-binary-path", binary.as_os_str().as_encoded_bytes())];
-        if joined {
+        if !address_written {
             files.push(("address", params.address.as_bytes()));
         }
         for (name, data) in files {
@@ -447,7 +557,7 @@ impl ShimManager {
         bundle: &Bundle,
         binary: &Path,
     ) -> Result<task::DeleteResponse, ShimError> {
-        let mut cmd = self.command(binary, bundle, "delete");
+        let mut cmd = self.command(binary, bundle, Some("delete"));
         cmd.stdin(Stdio::null());
         if !bundle.path.is_dir() {
             cmd.current_dir("/");
@@ -490,5 +600,24 @@ impl ShimManager {
                 source,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// containerd's rule, as the shim kit's `start` applies it (the kit's
+    /// `the_server_socket_is_containerds` holds the same vector).
+    #[test]
+    fn a_server_address_is_the_one_start_would_print() {
+        assert_eq!(
+            server_address(
+                Path::new("/run/switchyard/switchyard.sock"),
+                "default",
+                "g1"
+            ),
+            "unix:///run/containerd/s/32078c77e9d1e8d80dcaa4b9d889d4ae79dd3a34a86610c3a63eb1e012368206"
+        );
     }
 }
