@@ -32,8 +32,9 @@ pub fn own_procs_files() -> std::io::Result<Vec<PathBuf>> {
 /// `favordynmods` do not wait). A no-op migration of this process into the cgroup it is already
 /// in starts that wait while the runtime starts, so the container's own migration a few
 /// milliseconds later finds it (nearly) over. The kernel holds its cgroup mutex through that
-/// wait, so only a caller about to migrate a process should do this: other cgroup work (a
-/// Wasm or VM task's) would wait for it instead. Best effort: nothing changes whether it works.
+/// wait, so only a caller about to migrate a process should do this (a runc-class container, a
+/// Wasm task's worker): other cgroup work (a VM task's) would wait for it instead. Best
+/// effort: nothing changes whether it works.
 pub fn prewarm_migration() {
     let first = own_procs_files().ok().and_then(|f| f.into_iter().next());
     if let Some(procs) = first {

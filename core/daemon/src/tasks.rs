@@ -33,7 +33,8 @@ use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
 use crate::runtime::log::Follower;
 use crate::runtime::options::{
-    generic_options_json, is_containerd_runc, is_kit_shim, is_runc, runc_options_json,
+    generic_options_json, is_containerd_runc, is_kit_shim, is_runc, migrates_into_task_cgroup,
+    runc_options_json,
 };
 use crate::runtime::resolve::{ResolveError, Runtimes};
 use crate::runtime::shim::{Shim, ShimError, ShimManager};
@@ -344,11 +345,12 @@ impl TaskManager {
         let spec = container
             .spec
             .ok_or_else(|| TaskError::NoSpec { id: id.clone() })?;
-        // A runc-class runtime's container is migrated into its cgroup a few milliseconds from
-        // now: start the kernel's wait for that here, off the create path. (Not for the others:
-        // the prewarm holds the kernel's cgroup mutex while it waits, which a Wasm or VM task's
-        // own cgroup work would then wait for instead.)
-        if is_runc(&resolved.runtime_type) {
+        // A runc-class runtime's container, and a Wasm task's worker, is migrated into the
+        // task's cgroup a few milliseconds from now: start the kernel's wait for that here, off
+        // the create path. (Not for a VM: the prewarm holds the kernel's cgroup mutex while it
+        // waits, which the VM's own cgroup work on the path would then wait for; its VMM's
+        // migration is already off the path.)
+        if migrates_into_task_cgroup(&resolved.runtime_type) {
             tokio::task::spawn_blocking(switchyard_base::cgroup::prewarm_migration);
         }
         let bundle = Bundle::locate(&self.state, &self.root, ns, &id);

@@ -43,6 +43,14 @@ pub fn is_kit_shim(runtime_type: &str) -> bool {
     runtime_type.starts_with("io.containerd.yard-")
 }
 
+/// Whether a task of this runtime type starts with a process migrated into the task's cgroup:
+/// a runc-class runtime's container, or a Wasm task's worker (a new one, or a group's warm
+/// worker moving in). switchyardd starts the kernel's wait for that migration as the create
+/// begins (`switchyard_base::cgroup::prewarm_migration`).
+pub fn migrates_into_task_cgroup(runtime_type: &str) -> bool {
+    is_runc(runtime_type) || runtime_type.starts_with("io.containerd.yard-wasm.")
+}
+
 /// Whether shims of this runtime type take runc's options (Switchyard's native shim is
 /// runc-class and takes them too, e.g. `BinaryName = "runc"`).
 pub fn is_runc(runtime_type: &str) -> bool {
@@ -143,6 +151,23 @@ mod tests {
 
     fn table(s: &str) -> toml::Table {
         toml::from_str(s).unwrap()
+    }
+
+    /// Switchyard's shims get their server started directly; a VM task gets no migration
+    /// prewarm (its own cgroup work would wait for it).
+    #[test]
+    fn which_runtimes_are_started_directly_and_prewarmed() {
+        let ours = [
+            "io.containerd.yard-native.v1",
+            "io.containerd.yard-vm.v1",
+            "io.containerd.yard-wasm.v1",
+        ];
+        assert!(ours.iter().all(|t| is_kit_shim(t)));
+        assert!(!is_kit_shim("io.containerd.runc.v2"));
+        for t in [ours[0], ours[2], "io.containerd.runc.v2"] {
+            assert!(migrates_into_task_cgroup(t), "{t}");
+        }
+        assert!(!migrates_into_task_cgroup(ours[1]));
     }
 
     #[test]
