@@ -259,7 +259,8 @@ fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
     }
     let d = Daemon::start_with(
         "[runtimes.ghost]\nruntime_type = \"io.containerd.ghost.v1\"\n\
-         [runtimes.pathless]\nruntime_type = \"io.containerd.pathless.v1\"\npath = \"/nonexistent/shim-binary\"\n",
+         [runtimes.pathless]\nruntime_type = \"io.containerd.pathless.v1\"\npath = \"/nonexistent/shim-binary\"\n\
+         [runtimes.deaf]\nruntime_type = \"io.containerd.yard-native.v1\"\npath = \"/bin/false\"\n",
     );
     let serving = |d: &Daemon| {
         let out = run_timeout(d.yard().arg("info"), T);
@@ -287,6 +288,16 @@ fn issue2_bad_input_gets_clear_errors_and_the_daemon_keeps_serving() {
     let out = yard_run(&d, &["--runtime", "pathless", "--rm"], &["/bin/true"]);
     let err = text(&out.stderr);
     assert!(err.contains("/nonexistent/shim-binary"), "{err}");
+    serving(&d);
+
+    // One of our runtime types whose binary never serves: switchyardd starts the server
+    // itself (no `start`), and says which one did not come up.
+    let out = yard_run(&d, &["--runtime", "deaf", "--rm"], &["/bin/true"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("shim server /bin/false did not come up") && err.contains("exit status: 1"),
+        "{err}"
+    );
     serving(&d);
 
     // Missing rootfs: yard checks it, and so does the daemon for clients that do not (ctr).

@@ -805,7 +805,8 @@ impl Cri {
                         );
                     std::time::SystemTime::now().duration_since(at).ok()
                 })
-                .unwrap_or(Duration::ZERO);
+                // No exit time (or one from a clock ahead of this host's): the state as it is.
+                .unwrap_or(EXIT_EVENT_GRACE);
             if exited < EXIT_EVENT_GRACE {
                 status = TaskStatus::Running;
             } else {

@@ -379,23 +379,13 @@ impl ShimManager {
         binary: &Path,
         group: Option<&str>,
     ) -> Result<Arc<Shim>, ShimError> {
-        use std::os::unix::fs::DirBuilderExt as _;
         use tokio::io::AsyncReadExt as _;
         let group = group.unwrap_or(&bundle.id);
         let address = server_address(&self.settings.grpc_address, &bundle.namespace, group);
         let path = PathBuf::from(address.trim_start_matches("unix://"));
         let connectable = || std::os::unix::net::UnixStream::connect(&path).is_ok();
         if group == bundle.id || !connectable() {
-            if let Some(dir) = path.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|source| ShimError::Bootstrap {
-                        path: dir.to_owned(),
-                        source,
-                    })?;
-            }
+            // The server makes its socket's directory private itself.
             let mut cmd = self.command(binary, bundle, None);
             cmd.arg("-socket")
                 .arg(&address)
@@ -415,18 +405,16 @@ impl ShimManager {
                 }
             };
             let in_time = tokio::time::timeout(timeout, ready).await.is_ok();
-            let status = match child.try_wait() {
-                Ok(Some(status)) => Some(status.to_string()),
-                _ => None,
-            };
-            if !in_time || status.is_some() || !connectable() {
+            // A server that found another of its group listening (a concurrent Create of the
+            // group) exits at once, and that one serves.
+            if !in_time || !connectable() {
+                let status = match child.try_wait() {
+                    Ok(Some(status)) => status.to_string(),
+                    _ if in_time => "not listening".to_owned(),
+                    _ => format!("not listening after {timeout:?}"),
+                };
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                let status = match (in_time, status) {
-                    (_, Some(status)) => status,
-                    (false, None) => format!("not listening after {timeout:?}"),
-                    (true, None) => "not listening".to_owned(),
-                };
                 return Err(ShimError::ServerDown {
                     binary: binary.to_owned(),
                     address,
