@@ -384,6 +384,16 @@ impl ShimManager {
         let address = server_address(&self.settings.grpc_address, &bundle.namespace, group);
         let path = PathBuf::from(address.trim_start_matches("unix://"));
         let connectable = || std::os::unix::net::UnixStream::connect(&path).is_ok();
+        let params = BootstrapParams {
+            version: 3,
+            address,
+            protocol: "ttrpc".to_owned(),
+        };
+        // Recorded before the server starts: a daemon killed from here on leaves a bundle that
+        // names its server, so the next one reconnects to it or stops it (`start` wrote the
+        // bundle's address as soon as its server listened, whatever became of its caller).
+        self.record(bundle, binary, &params, false)?;
+        let address = params.address.clone();
         if group == bundle.id || !connectable() {
             // The server makes its socket's directory private itself.
             let mut cmd = self.command(binary, bundle, None);
@@ -425,13 +435,7 @@ impl ShimManager {
                 let _ = child.wait().await;
             });
         }
-        let params = BootstrapParams {
-            version: 3,
-            address,
-            protocol: "ttrpc".to_owned(),
-        };
         crate::failpoints::hit("task.create.shim-spawned");
-        self.record(bundle, binary, &params, false)?;
         self.attach(bundle, &params).await
     }
 
