@@ -793,21 +793,17 @@ impl Cri {
             .as_ref()
             .and_then(|p| TaskStatus::try_from(p.status).ok())
             .unwrap_or(TaskStatus::Unknown);
+        let exited_ns = p.as_ref().and_then(|p| p.exited_at.as_ref()).map(|t| {
+            t.seconds
+                .saturating_mul(1_000_000_000)
+                .saturating_add(i64::from(t.nanos))
+        });
         if pending && status == TaskStatus::Stopped {
-            let exited = p
-                .as_ref()
-                .and_then(|p| p.exited_at.as_ref())
-                .and_then(|t| {
-                    let at = std::time::UNIX_EPOCH
-                        + Duration::new(
-                            u64::try_from(t.seconds).ok()?,
-                            u32::try_from(t.nanos).ok()?,
-                        );
-                    std::time::SystemTime::now().duration_since(at).ok()
-                })
-                // No exit time (or one from a clock ahead of this host's): the state as it is.
-                .unwrap_or(EXIT_EVENT_GRACE);
-            if exited < EXIT_EVENT_GRACE {
+            // No exit time (or one from a clock ahead of this host's): the state as it is.
+            let grace = i64::try_from(EXIT_EVENT_GRACE.as_nanos()).unwrap_or(i64::MAX);
+            let recent = exited_ns
+                .is_some_and(|at| (0..grace).contains(&super::now_nanos().saturating_sub(at)));
+            if recent {
                 status = TaskStatus::Running;
             } else {
                 tracing::warn!(container = %r.id, "no exit event for a stopped task");
@@ -825,9 +821,7 @@ impl Cri {
         let (exit_code, finished_at) = match (&p, state) {
             (Some(p), cri::ContainerState::ContainerExited) => (
                 i32::try_from(p.exit_status).unwrap_or(i32::MAX),
-                p.exited_at.as_ref().map_or(0, |t| {
-                    t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos)
-                }),
+                exited_ns.unwrap_or(0),
             ),
             _ => (0, 0),
         };

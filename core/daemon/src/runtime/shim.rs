@@ -379,26 +379,22 @@ impl ShimManager {
         binary: &Path,
         group: Option<&str>,
     ) -> Result<Arc<Shim>, ShimError> {
-        use tokio::io::AsyncReadExt as _;
         let group = group.unwrap_or(&bundle.id);
-        let address = server_address(&self.settings.grpc_address, &bundle.namespace, group);
-        let path = PathBuf::from(address.trim_start_matches("unix://"));
-        let connectable = || std::os::unix::net::UnixStream::connect(&path).is_ok();
         let params = BootstrapParams {
             version: 3,
-            address,
+            address: server_address(&self.settings.grpc_address, &bundle.namespace, group),
             protocol: "ttrpc".to_owned(),
         };
+        let listening = || async { dial(&params.address).await.is_ok() };
         // Recorded before the server starts: a daemon killed from here on leaves a bundle that
         // names its server, so the next one reconnects to it or stops it (`start` wrote the
         // bundle's address as soon as its server listened, whatever became of its caller).
         self.record(bundle, binary, &params, false)?;
-        let address = params.address.clone();
-        if group == bundle.id || !connectable() {
+        if group == bundle.id || !listening().await {
             // The server makes its socket's directory private itself.
             let mut cmd = self.command(binary, bundle, None);
             cmd.arg("-socket")
-                .arg(&address)
+                .arg(&params.address)
                 .stdin(Stdio::null())
                 .stderr(Stdio::null())
                 // The server outlives this call.
@@ -408,16 +404,16 @@ impl ShimManager {
                 source,
             })?;
             let timeout = self.settings.start_timeout;
+            // Ready when it closes its stdout (whatever it wrote there is dropped, not held).
             let ready = async {
                 if let Some(mut out) = child.stdout.take() {
-                    let mut sink = Vec::new();
-                    let _ = out.read_to_end(&mut sink).await;
+                    let _ = tokio::io::copy(&mut out, &mut tokio::io::sink()).await;
                 }
             };
             let in_time = tokio::time::timeout(timeout, ready).await.is_ok();
             // A server that found another of its group listening (a concurrent Create of the
             // group) exits at once, and that one serves.
-            if !in_time || !connectable() {
+            if !in_time || !listening().await {
                 let status = match child.try_wait() {
                     Ok(Some(status)) => status.to_string(),
                     _ if in_time => "not listening".to_owned(),
@@ -427,7 +423,7 @@ impl ShimManager {
                 let _ = child.wait().await;
                 return Err(ShimError::ServerDown {
                     binary: binary.to_owned(),
-                    address,
+                    address: params.address.clone(),
                     status,
                 });
             }

@@ -134,7 +134,7 @@ impl Shared {
         } else if episode {
             // The kill this notification announces is this event's: counted, it is not
             // published again.
-            st.published = count + 1;
+            st.published = count.saturating_add(1);
             true
         } else {
             false
