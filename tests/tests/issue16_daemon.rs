@@ -887,6 +887,63 @@ fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
     nothing_left(&d, &[&id]);
 }
 
+/// A shim killed after its Delete answered and before its Shutdown (the task no longer
+/// registered, so no monitor cleans up after it: the chaos test found one) leaves no socket:
+/// switchyardd sees Shutdown go unanswered and runs the binary's cleanup.
+#[test]
+fn a_shim_killed_between_delete_and_shutdown_leaves_no_socket() {
+    if !require_root_and(&["ctr"]) {
+        return;
+    }
+    let mut d = Daemon::start();
+    // The daemon waits at the point (after the task's Delete, before the shim's Shutdown) long
+    // enough for the test to kill the server; were the wait over first, the shim would exit by
+    // itself and the kill find no process: the test fails then, never passes wrongly.
+    let _slow = armed_with(&mut d, "task.delete.shim-deleted", "sleep(8000)");
+    let id = unique_id("undone");
+    let _cleanup = RemoveOnPanic {
+        socket: d.socket.clone(),
+        id: id.clone(),
+    };
+    let args = run_args("native", &id, busybox_rootfs());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    d.yard_ok(&args);
+    d.yard_ok(&["kill", "-s", "KILL", &id]);
+    let listed = |status: Option<&str>| {
+        let found = ctr_tasks(&d).into_iter().find(|(t, _, _)| *t == id);
+        found.map(|(_, _, s)| s).as_deref() == status
+    };
+    assert!(
+        eventually(T, || listed(Some("stopped"))),
+        "{id} did not stop"
+    );
+    let (pid, cmd) = processes_matching(&["containerd-shim-yard-native-v1", "-socket", &id])
+        .into_iter()
+        .next()
+        .expect("the shim server");
+    let socket = cmd
+        .split_whitespace()
+        .skip_while(|a| *a != "-socket")
+        .nth(1)
+        .and_then(|a| a.strip_prefix("unix://"))
+        .map(PathBuf::from)
+        .expect("the server's -socket");
+    let out = std::thread::scope(|s| {
+        let rm = s.spawn(|| d.run_yard(&["rm", &id]));
+        // Unlisted while its shim lives: Delete has answered, Shutdown not yet been sent.
+        assert!(eventually(T, || listed(None)), "{id} was never deleted");
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "the shim exited before the kill"
+        );
+        sigkill(pid);
+        rm.join().unwrap()
+    });
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(!socket.exists(), "{} was left", socket.display());
+    nothing_left(&d, &[&id]);
+}
+
 #[derive(Debug, Clone, Copy)]
 enum ImageOp {
     Import,

@@ -36,12 +36,25 @@ pub enum FailpointError {
     Release,
 }
 
+/// Whether [`ENV`] configured any point.
+static ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Marks a step of an operation; a no-op unless [`ENV`] configured this point.
 #[inline]
 pub fn hit(name: &'static str) {
     debug_assert!(POINTS.contains(&name), "unknown failpoint {name}");
     #[cfg(debug_assertions)]
-    fail::fail_point!(name);
+    if ARMED.load(std::sync::atomic::Ordering::Relaxed) {
+        let fire = || fail::fail_point!(name);
+        // A `sleep` blocks its thread: off the runtime's workers, so that the daemon answers
+        // its other clients meanwhile (a test looks at it while one operation waits).
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(fire);
+            }
+            _ => fire(),
+        }
+    }
 }
 
 /// Configures the points [`ENV`] names; returns them. Unknown names and bad actions are
@@ -85,6 +98,7 @@ fn configure(spec: Option<&str>) -> Result<Vec<String>, FailpointError> {
         .map_err(invalid)?;
         names.push(name.to_owned());
     }
+    ARMED.store(!names.is_empty(), std::sync::atomic::Ordering::Relaxed);
     Ok(names)
 }
 

@@ -29,6 +29,7 @@ use crate::events::Exchange;
 use crate::failpoints;
 use crate::filters::{Adaptor, Filter, FilterError};
 use crate::metadata::{Store, StoreError};
+use crate::runtime::address::socket_file;
 use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
 use crate::runtime::log::Follower;
@@ -591,15 +592,27 @@ impl TaskManager {
         };
         match task.shim.client.delete(req).await {
             Ok(r) => {
-                failpoints::hit("task.delete.shim-deleted");
                 self.unregister(&task);
-                if let Err(e) = task
+                failpoints::hit("task.delete.shim-deleted");
+                match task
                     .shim
                     .client
                     .shutdown(id, false, self.shims.settings().shutdown_timeout)
                     .await
                 {
-                    tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim shutdown");
+                    Ok(true) => {}
+                    // No answer: the shim died. One killed after Delete answered (the task is
+                    // no longer registered, so its monitor does not clean up) leaves its
+                    // socket: the binary's cleanup removes a dead server's socket.
+                    Ok(false) if socket_file(&task.shim.address).is_some_and(|p| p.exists()) => {
+                        if let Err(e) = self.shims.delete(&task.bundle, &task.record.binary).await {
+                            tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "clean up after a shim that died");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "shim shutdown");
+                    }
                 }
                 failpoints::hit("task.delete.shim-shutdown");
                 if let Err(e) = task.bundle.delete() {

@@ -5,6 +5,7 @@
 //! address with `unix://` is a filesystem path, one without is an abstract socket.
 
 use std::io;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,11 @@ impl BootstrapParams {
     pub fn api(&self) -> Result<TaskApi, AddressError> {
         TaskApi::from_version(self.version).ok_or(AddressError::Version(self.version))
     }
+}
+
+/// The socket file of an address (`unix://PATH`); none for an abstract socket.
+pub fn socket_file(address: &str) -> Option<&Path> {
+    address.strip_prefix("unix://").map(Path::new)
 }
 
 /// Connects to a shim address.

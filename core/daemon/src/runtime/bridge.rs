@@ -158,15 +158,22 @@ impl TaskClient {
         self.api
     }
 
-    /// Asks the shim to exit once it has no tasks; its going away mid-call is success.
-    pub async fn shutdown(&self, id: &str, now: bool, timeout: Duration) -> Result<(), CallError> {
+    /// Asks the shim to exit once it has no tasks (`now`: at once). `Ok(false)`: the shim went
+    /// away without an answer (it died, or exited before replying, which is success too).
+    pub async fn shutdown(
+        &self,
+        id: &str,
+        now: bool,
+        timeout: Duration,
+    ) -> Result<bool, CallError> {
         let req = task::ShutdownRequest {
             id: id.to_owned(),
             now,
         };
         match self.call::<_, ()>("Shutdown", &req, Some(timeout)).await {
-            Err(e) if e.is_disconnected() => Ok(()),
-            other => other,
+            Ok(()) => Ok(true),
+            Err(e) if e.is_disconnected() => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
