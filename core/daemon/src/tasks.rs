@@ -374,18 +374,24 @@ impl TaskManager {
             return Err(e.into());
         }
         failpoints::hit("task.create.record-written");
-        // The shim opens its log fifo for writing and blocks until someone reads.
-        let log = crate::runtime::log::follow(&bundle.log_fifo(), ns, &id)
-            .map_err(|e| tracing::warn!(container_id = %id, error = %e, "cannot follow shim log"))
-            .ok();
         // containerd's runc shim groups by its own rules: it always gets `start`.
         let group = (!is_containerd_runc(&resolved.runtime_type))
             .then(|| task_group(&spec.value, options_json.as_deref()))
             .flatten();
         let binary = resolved.binary.clone();
         let kit = is_kit_shim(&resolved.runtime_type);
+        // A shim started for this task writes its log into this bundle's fifo (and blocks
+        // until someone reads it); one joined writes into its first task's.
+        let mut log = None;
         let (mut shim, mut joined) = self
-            .shim_for(&bundle, &binary, options.as_ref(), group.as_deref(), kit)
+            .shim_for(
+                &bundle,
+                &binary,
+                options.as_ref(),
+                group.as_deref(),
+                kit,
+                &mut log,
+            )
             .await?;
         failpoints::hit("task.create.shim-started");
         req.bundle = bundle.path.to_string_lossy().into_owned();
@@ -400,7 +406,14 @@ impl TaskManager {
             tracing::debug!(container_id = %id, joined, error = %e, "the group's shim is exiting; starting a new one");
             self.shims.forget_group_shim(&shim);
             (shim, joined) = self
-                .shim_for(&bundle, &binary, options.as_ref(), group.as_deref(), kit)
+                .shim_for(
+                    &bundle,
+                    &binary,
+                    options.as_ref(),
+                    group.as_deref(),
+                    kit,
+                    &mut log,
+                )
                 .await?;
             created = shim.client.create(req).await;
         }
@@ -421,8 +434,9 @@ impl TaskManager {
         }
     }
 
-    /// Starts or joins the shim of a task whose bundle is written; on failure removes what
-    /// the attempt left (a dead server's socket, the bundle).
+    /// Starts or joins the shim of a task whose bundle is written, following the bundle's log
+    /// into `log` before a shim starts; on failure removes what the attempt left (a dead
+    /// server's socket, the bundle).
     async fn shim_for(
         &self,
         bundle: &Bundle,
@@ -430,10 +444,18 @@ impl TaskManager {
         options: Option<&prost_types::Any>,
         group: Option<&str>,
         kit: bool,
+        log: &mut Option<Follower>,
     ) -> Result<(Arc<Shim>, bool)> {
+        let starting = || {
+            if log.is_none() {
+                *log = crate::runtime::log::follow(&bundle.log_fifo(), &bundle.namespace, &bundle.id)
+                    .map_err(|e| tracing::warn!(container_id = %bundle.id, error = %e, "cannot follow shim log"))
+                    .ok();
+            }
+        };
         match self
             .shims
-            .start_or_join(bundle, binary, options, group, kit)
+            .start_or_join(bundle, binary, options, group, kit, starting)
             .await
         {
             Ok((shim, joined)) => {

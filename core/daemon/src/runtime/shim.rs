@@ -239,8 +239,8 @@ impl ShimManager {
     /// The shim for a new task: the live shim of its `group`, without running `<binary> start`
     /// (which would only find that shim and print its address: one process start less per
     /// task), else what [`ShimManager::start`] starts, or with `kit` (a shim built on
-    /// Switchyard's shim kit) what [`ShimManager::serve`] starts. Returns whether the shim was
-    /// joined.
+    /// Switchyard's shim kit) what [`ShimManager::serve`] starts; `starting` runs first then
+    /// (a new shim writes its log into this bundle). Returns whether the shim was joined.
     pub async fn start_or_join(
         &self,
         bundle: &Bundle,
@@ -248,6 +248,7 @@ impl ShimManager {
         options: Option<&Any>,
         group: Option<&str>,
         kit: bool,
+        starting: impl FnOnce(),
     ) -> Result<(Arc<Shim>, bool), ShimError> {
         let key = group.map(|g| (binary.to_owned(), bundle.namespace.clone(), g.to_owned()));
         if let Some(key) = &key
@@ -256,6 +257,7 @@ impl ShimManager {
             self.record(bundle, binary, &shim.params, false)?;
             return Ok((shim, true));
         }
+        starting();
         let shim = if kit {
             self.serve(bundle, binary, group).await?
         } else {
