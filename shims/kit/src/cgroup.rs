@@ -46,9 +46,17 @@ pub fn join(path: &Path, name: &str, p: u32, what: &str) -> Result<AnyCgroupMana
 /// Removes a cgroup its processes have left (or that outlived them); what cannot be removed is
 /// logged, not an error.
 pub fn remove(path: &Path, name: &str) {
-    let r = manager(path, name).and_then(|m| m.remove().map_err(|e| err(path, "remove", e)));
-    if let Err(e) = r {
-        tracing::warn!(error = %e, "cgroup left behind");
+    match manager(path, name) {
+        Ok(m) => remove_managed(&m, path),
+        Err(e) => tracing::warn!(error = %e, "cgroup left behind"),
+    }
+}
+
+/// [`remove`] with the cgroup's manager at hand: opening one reads the host's mounts (on
+/// cgroup v1 libcgroups reads them once per controller, about a millisecond here).
+pub fn remove_managed(m: &AnyCgroupManager, path: &Path) {
+    if let Err(e) = m.remove() {
+        tracing::warn!(error = %err(path, "remove", e), "cgroup left behind");
     }
 }
 

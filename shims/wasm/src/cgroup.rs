@@ -9,9 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use libcgroups::common::{CgroupManager, ControllerOpt};
+use libcgroups::common::{AnyCgroupManager, CgroupManager, ControllerOpt};
 use oci_spec::runtime::{LinuxCpu, LinuxResourcesBuilder};
-use yard_shim_kit::cgroup::{join, join_own, remove, usable};
+use yard_shim_kit::cgroup::{join, join_own, remove_managed, usable};
 use yard_shim_kit::{Error, Result};
 
 use crate::policy::CpuHome;
@@ -22,12 +22,26 @@ struct Member {
     cpu: Option<LinuxCpu>,
 }
 
+/// The cgroup that holds the worker: its task's, kept with its manager for the cgroup's
+/// removal (opening another costs a read of the host's mounts per controller on v1).
+struct Current {
+    task: String,
+    path: PathBuf,
+    manager: AnyCgroupManager,
+}
+
+impl Current {
+    fn remove(self) {
+        remove_managed(&self.manager, &self.path);
+    }
+}
+
 /// The cgroups of one worker's tasks, and which one holds the worker.
 #[derive(Default)]
 pub struct Placement {
     members: Vec<Member>,
     /// The task whose cgroup holds the worker, and that cgroup.
-    current: Option<(String, PathBuf)>,
+    current: Option<Current>,
 }
 
 impl Placement {
@@ -64,7 +78,9 @@ impl Placement {
                 m.cpu.clone(),
             )
         });
-        if want.as_ref().map(|(t, p, _)| (t, p)) == self.current.as_ref().map(|(t, p)| (t, p)) {
+        if want.as_ref().map(|(t, p, _)| (t, p))
+            == self.current.as_ref().map(|c| (&c.task, &c.path))
+        {
             return Ok(());
         }
         match want {
@@ -88,15 +104,19 @@ impl Placement {
                         ))
                     })?;
                 }
-                let old = self.current.replace((task, path));
-                if let Some((task, path)) = old {
-                    remove(&path, &task);
+                let old = self.current.replace(Current {
+                    task,
+                    path,
+                    manager: m,
+                });
+                if let Some(old) = old {
+                    old.remove();
                 }
             }
             None => {
                 join_own(worker)?;
-                if let Some((task, path)) = self.current.take() {
-                    remove(&path, &task);
+                if let Some(old) = self.current.take() {
+                    old.remove();
                 }
             }
         }
@@ -105,8 +125,8 @@ impl Placement {
 
     /// The worker is gone: remove the cgroup it was in.
     pub fn clear(&mut self) {
-        if let Some((task, path)) = self.current.take() {
-            remove(&path, &task);
+        if let Some(old) = self.current.take() {
+            old.remove();
         }
     }
 }
