@@ -781,3 +781,8 @@ pub fn socket_flag(cmd: &str) -> Option<String> {
         .nth(1)
         .map(str::to_owned)
 }
+
+/// The socket file a shim server's command line names (`-socket unix://PATH`).
+pub fn socket_file_flag(cmd: &str) -> Option<PathBuf> {
+    socket_flag(cmd)?.strip_prefix("unix://").map(PathBuf::from)
+}

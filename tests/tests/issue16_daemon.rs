@@ -861,13 +861,7 @@ fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
             "the shim server of {id} never ran"
         );
         let (pid, cmd) = server.unwrap();
-        let socket = cmd
-            .split_whitespace()
-            .skip_while(|a| *a != "-socket")
-            .nth(1)
-            .and_then(|a| a.strip_prefix("unix://"))
-            .map(PathBuf::from)
-            .expect("the server's -socket");
+        let socket = accounting::socket_file_flag(&cmd).expect("the server's -socket");
         assert!(
             eventually(T, || socket.exists()),
             "{} never appeared",
@@ -921,13 +915,7 @@ fn a_shim_killed_between_delete_and_shutdown_leaves_no_socket() {
         .into_iter()
         .next()
         .expect("the shim server");
-    let socket = cmd
-        .split_whitespace()
-        .skip_while(|a| *a != "-socket")
-        .nth(1)
-        .and_then(|a| a.strip_prefix("unix://"))
-        .map(PathBuf::from)
-        .expect("the server's -socket");
+    let socket = accounting::socket_file_flag(&cmd).expect("the server's -socket");
     let out = std::thread::scope(|s| {
         let rm = s.spawn(|| d.run_yard(&["rm", &id]));
         // Unlisted while its shim lives: Delete has answered, Shutdown not yet been sent.
