@@ -52,8 +52,8 @@ pub fn remove(path: &Path, name: &str) {
     }
 }
 
-/// [`remove`] with the cgroup's manager at hand: opening one reads the host's mounts (on
-/// cgroup v1 libcgroups reads them once per controller, about a millisecond here).
+/// [`remove`] with the cgroup's manager at hand: opening one reads the host's mounts and the
+/// process's cgroups on cgroup v1 (0.3 ms here).
 pub fn remove_managed(m: &AnyCgroupManager, path: &Path) {
     if let Err(e) = m.remove() {
         tracing::warn!(error = %err(path, "remove", e), "cgroup left behind");

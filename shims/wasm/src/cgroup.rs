@@ -23,7 +23,7 @@ struct Member {
 }
 
 /// The cgroup that holds the worker: its task's, kept with its manager for the cgroup's
-/// removal (opening another costs a read of the host's mounts per controller on v1).
+/// removal (opening another reads the host's mounts again on cgroup v1).
 struct Current {
     task: String,
     path: PathBuf,
