@@ -491,7 +491,7 @@ fn armed(d: &mut Daemon, point: &str) -> KillOnDrop {
     armed_with(d, point, "abort")
 }
 
-/// [`armed`] with another action of the `fail` crate (`sleep(5000)`, ...).
+/// [`armed`] with another action (`hold(FIFO)`, see [`Hold`], or the `fail` crate's).
 fn armed_with(d: &mut Daemon, point: &str, action: &str) -> KillOnDrop {
     d.kill9();
     let log = std::fs::OpenOptions::new()
@@ -523,6 +523,47 @@ fn armed_with(d: &mut Daemon, point: &str, action: &str) -> KillOnDrop {
         d.log_text()
     );
     child
+}
+
+/// A fifo an armed daemon waits on at its point (`hold(FIFO)`) until the test lets it go on.
+struct Hold {
+    fifo: PathBuf,
+}
+
+impl Hold {
+    fn new(d: &Daemon) -> Hold {
+        let fifo = d.dir.path().join(format!("hold-{}", unique_id("fp")));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        Hold { fifo }
+    }
+
+    fn action(&self) -> String {
+        format!("hold({})", self.fifo.display())
+    }
+
+    /// Lets the held operation go on: opens the fifo for writing once the daemon reads it
+    /// (not before it waits there), and closes it.
+    fn release(&self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&self.fifo)
+                .is_ok()
+        };
+        assert!(eventually(T, open), "the daemon never waited at its point");
+    }
+}
+
+/// Waits until nothing listens on a killed server's socket any more.
+fn dead_server(socket: &Path) {
+    assert!(
+        eventually(T, || std::os::unix::net::UnixStream::connect(socket)
+            .is_err()),
+        "{} still answers after its server's kill",
+        socket.display()
+    );
 }
 
 /// Waits for the armed daemon to abort at its failpoint.
@@ -837,10 +878,9 @@ fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
         return;
     }
     let mut d = Daemon::start();
-    // The daemon waits at the point long enough for the test to find and kill the server (it
-    // takes well under a second; the margin is for a loaded machine: were the wait over first,
-    // the run would succeed and the test fail, never pass wrongly).
-    let _slow = armed_with(&mut d, "task.create.shim-spawned", "sleep(15000)");
+    // The daemon waits at the point until the test has killed the server.
+    let hold = Hold::new(&d);
+    let _held = armed_with(&mut d, "task.create.shim-spawned", &hold.action());
     let id = unique_id("unreached");
     let _cleanup = RemoveOnPanic {
         socket: d.socket.clone(),
@@ -868,6 +908,8 @@ fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
             socket.display()
         );
         sigkill(pid);
+        dead_server(&socket);
+        hold.release();
         (run.join().unwrap(), socket)
     });
     let (out, socket) = run;
@@ -890,10 +932,10 @@ fn a_shim_killed_between_delete_and_shutdown_leaves_no_socket() {
         return;
     }
     let mut d = Daemon::start();
-    // The daemon waits at the point (after the task's Delete, before the shim's Shutdown) long
-    // enough for the test to kill the server; were the wait over first, the shim would exit by
-    // itself and the kill find no process: the test fails then, never passes wrongly.
-    let _slow = armed_with(&mut d, "task.delete.shim-deleted", "sleep(8000)");
+    // The daemon waits at the point (after the task's Delete, before the shim's Shutdown)
+    // until the test has killed the server.
+    let hold = Hold::new(&d);
+    let _held = armed_with(&mut d, "task.delete.shim-deleted", &hold.action());
     let id = unique_id("undone");
     let _cleanup = RemoveOnPanic {
         socket: d.socket.clone(),
@@ -925,6 +967,8 @@ fn a_shim_killed_between_delete_and_shutdown_leaves_no_socket() {
             "the shim exited before the kill"
         );
         sigkill(pid);
+        dead_server(&socket);
+        hold.release();
         rm.join().unwrap()
     });
     assert!(out.status.success(), "{}", show(&out));

@@ -5,10 +5,12 @@
 //! They exist in debug builds only (what `cargo build --workspace --bins` makes and the
 //! integration tests run) and do nothing unless `SWITCHYARD_FAILPOINTS` names them; release
 //! builds compile every point away. They are the `fail` crate's points, configured here with
-//! one extra action, `abort`. See docs/operations.md ("Failpoints").
+//! two extra actions, `abort` and `hold(FIFO)`. See docs/operations.md ("Failpoints").
 
-/// `name=action[;name=action...]`; `action` is `abort` or one of the `fail` crate's actions
-/// (`panic`, `sleep(ms)`, `off`, ...).
+/// `name=action[;name=action...]`; `action` is `abort`, `hold(FIFO)` (wait there until a
+/// writer opens and closes the fifo at FIFO: a test holds an operation at a step while it
+/// acts, then lets it go on) or one of the `fail` crate's actions (`panic`, `sleep(ms)`,
+/// `off`, ...).
 pub const ENV: &str = "SWITCHYARD_FAILPOINTS";
 
 /// Every failpoint, in the order an operation reaches them.
@@ -46,8 +48,8 @@ pub fn hit(name: &'static str) {
     #[cfg(debug_assertions)]
     if ARMED.load(std::sync::atomic::Ordering::Relaxed) {
         let fire = || fail::fail_point!(name);
-        // A `sleep` blocks its thread: off the runtime's workers, so that the daemon answers
-        // its other clients meanwhile (a test looks at it while one operation waits).
+        // `hold` and `sleep` block their thread: off the runtime's workers, so that the daemon
+        // answers its other clients meanwhile (a test looks at it while one operation waits).
         match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(fire);
@@ -91,8 +93,17 @@ fn configure(spec: Option<&str>) -> Result<Vec<String>, FailpointError> {
                 POINTS.join(", ")
             )));
         }
-        match action.trim() {
+        let action = action.trim();
+        match action {
             "abort" => fail::cfg_callback(name, || std::process::abort()),
+            _ if action.starts_with("hold(") && action.ends_with(')') => {
+                let fifo = std::path::PathBuf::from(&action["hold(".len()..action.len() - 1]);
+                // Opening a fifo to read blocks until a writer opens it; reading ends when the
+                // writer closes it.
+                fail::cfg_callback(name, move || {
+                    let _ = std::fs::read(&fifo);
+                })
+            }
             other => fail::cfg(name, other),
         }
         .map_err(invalid)?;
@@ -118,6 +129,10 @@ mod tests {
             let e = configure(Some(bad)).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains(ENV), "{bad}: {e}");
         }
+        assert_eq!(
+            configure(Some("task.delete.shim-deleted=hold(/run/x.fifo)")).unwrap(),
+            ["task.delete.shim-deleted"]
+        );
         let spec = " images.pull.fetched=panic ; task.start.shim-started=off";
         assert_eq!(
             configure(Some(spec)).unwrap(),
