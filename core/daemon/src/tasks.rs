@@ -383,29 +383,11 @@ impl TaskManager {
         // A shim started for this task writes its log into this bundle's fifo (and blocks
         // until someone reads it); one joined writes into its first task's.
         let mut log = None;
-        let (mut shim, mut joined) = self
-            .shim_for(
-                &bundle,
-                &binary,
-                options.as_ref(),
-                group.as_deref(),
-                kit,
-                &mut log,
-            )
-            .await?;
-        failpoints::hit("task.create.shim-started");
         req.bundle = bundle.path.to_string_lossy().into_owned();
         req.options = options.clone();
-        let mut created = shim.client.create(req.clone()).await;
-        if group.is_some()
-            && let Err(e) = &created
-            && (e.is_disconnected() || e.kind() == Kind::Unavailable)
-        {
-            // The group's shim (joined, or found by `start`) stopped between its last task
-            // and this Create: start another.
-            tracing::debug!(container_id = %id, joined, error = %e, "the group's shim is exiting; starting a new one");
-            self.shims.forget_group_shim(&shim);
-            (shim, joined) = self
+        let mut retried = false;
+        let (shim, joined, created) = loop {
+            let (shim, joined) = self
                 .shim_for(
                     &bundle,
                     &binary,
@@ -415,8 +397,22 @@ impl TaskManager {
                     &mut log,
                 )
                 .await?;
-            created = shim.client.create(req).await;
-        }
+            failpoints::hit("task.create.shim-started");
+            let created = shim.client.create(req.clone()).await;
+            if !retried
+                && group.is_some()
+                && let Err(e) = &created
+                && (e.is_disconnected() || e.kind() == Kind::Unavailable)
+            {
+                // The group's shim (joined, or found by `start`) stopped between its last task
+                // and this Create: start another, once.
+                tracing::debug!(container_id = %id, joined, error = %e, "the group's shim is exiting; starting a new one");
+                self.shims.forget_group_shim(&shim);
+                retried = true;
+                continue;
+            }
+            break (shim, joined, created);
+        };
         match created {
             Ok(r) => {
                 failpoints::hit("task.create.shim-created");
