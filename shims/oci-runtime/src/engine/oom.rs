@@ -140,7 +140,7 @@ impl Shared {
             false
         };
         if publish {
-            tracing::info!(id = self.id, "OOM in container");
+            tracing::info!(id = self.id, kills = count, "OOM in container");
             // Under the lock: whoever settles later (the init's exit) queues behind it.
             self.publisher.oom(&self.id);
         }
