@@ -11,7 +11,8 @@
 //! **Flow control.** That implementation, which every kubelet, API server and kubectl use,
 //! neither sends WINDOW_UPDATE nor honours it, and never sends SETTINGS. A sender that waited
 //! for its window would stall after 64 KiB against it. So this session always grants window as
-//! its reader consumes (harmless to a peer that ignores it), and honours the peer's windows
+//! its reader consumes (harmless to a peer that ignores it), in steps of half a window, and
+//! honours the peer's windows
 //! from the moment the peer shows that it does flow control by sending SETTINGS, which a
 //! SPDY/3.1 endpoint does first. This session sends its SETTINGS first, so two of them keep
 //! to the windows both ways.
@@ -30,6 +31,12 @@ use crate::headers::{Compressor, Decompressor, HeaderBlock, HeaderError};
 const INITIAL_WINDOW_SIZE: u32 = 7;
 /// The window every stream and the session start with (SPDY/3.1 section 2.6.8).
 const DEFAULT_WINDOW: u32 = 64 << 10;
+/// Window is given back once this much of it was consumed, not per frame. A WINDOW_UPDATE
+/// is a write the peer may never read: Kubernetes' servers close the connection right after
+/// their last frames, and a close with unread input resets the connection, which can
+/// discard those last frames (the exit status) before this side reads them. Small sessions
+/// then send nothing after their requests.
+const WINDOW_UPDATE_AT: u32 = DEFAULT_WINDOW / 2;
 /// RST_STREAM status codes.
 pub const PROTOCOL_ERROR: u32 = 1;
 pub const REFUSED_STREAM: u32 = 3;
@@ -157,6 +164,8 @@ struct Shared {
     /// The peer's initial stream window, from its SETTINGS.
     peer_initial: AtomicU32,
     session_window: Semaphore,
+    /// Consumed on all streams and not yet given back to the session's window.
+    session_unacked: AtomicU32,
     /// Set once the reader stopped: why, `None` for a clean end.
     ended: watch::Sender<Option<Option<SessionError>>>,
     /// The reader task, for [`Session::abort`].
@@ -170,6 +179,11 @@ impl Shared {
 
     fn is_ended(&self) -> bool {
         self.ended.borrow().is_some()
+    }
+
+    /// Queue a WINDOW_UPDATE of `delta` for `stream` (0: the session).
+    async fn give_window(&self, stream: u32, delta: u32) {
+        let _ = self.out.send(Out::Window { stream, delta }).await;
     }
 
     /// Forget a stream once both sides finished or it was reset.
@@ -196,6 +210,7 @@ impl Shared {
             budget: budget.clone(),
             shared: self.clone(),
             done: false,
+            unacked: 0,
         };
         self.streams().insert(
             stream,
@@ -265,6 +280,8 @@ pub struct RecvHalf {
     budget: Arc<Semaphore>,
     shared: Arc<Shared>,
     done: bool,
+    /// Consumed and not yet given back.
+    unacked: u32,
 }
 
 impl RecvHalf {
@@ -277,17 +294,20 @@ impl RecvHalf {
         match self.rx.recv().await {
             Some(Event::Data(data, held)) => {
                 self.budget.add_permits(held as usize);
-                // Give the window back as the data is taken (the stream's and the session's).
-                let delta = u32::try_from(data.len()).unwrap_or(u32::MAX);
-                if delta > 0 {
-                    let out = &self.shared.out;
-                    let _ = out
-                        .send(Out::Window {
-                            stream: self.stream,
-                            delta,
-                        })
-                        .await;
-                    let _ = out.send(Out::Window { stream: 0, delta }).await;
+                // Give the window back as the data is taken (the stream's and the session's),
+                // half a window at a time.
+                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                self.unacked = self.unacked.saturating_add(n);
+                if self.unacked >= WINDOW_UPDATE_AT {
+                    let delta = std::mem::take(&mut self.unacked);
+                    self.shared.give_window(self.stream, delta).await;
+                }
+                let session = self.shared.session_unacked.fetch_add(n, Ordering::Relaxed);
+                if session.saturating_add(n) >= WINDOW_UPDATE_AT {
+                    let delta = self.shared.session_unacked.swap(0, Ordering::Relaxed);
+                    if delta > 0 {
+                        self.shared.give_window(0, delta).await;
+                    }
                 }
                 Ok(Some(data))
             }
@@ -473,6 +493,7 @@ impl Session {
             peer_flow: AtomicBool::new(false),
             peer_initial: AtomicU32::new(DEFAULT_WINDOW),
             session_window: Semaphore::new(DEFAULT_WINDOW as usize),
+            session_unacked: AtomicU32::new(0),
             ended,
             reader: Mutex::new(None),
         });

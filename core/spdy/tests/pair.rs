@@ -290,3 +290,75 @@ async fn abort_ends_a_session_whose_peer_never_closes() {
         .expect("abort ended the session");
     assert!(ended.unwrap_err().to_string().contains("aborted"));
 }
+
+/// A client that reads a server's small output writes nothing after its own frames: a
+/// Kubernetes server closes the connection right after its last frames, and input it never
+/// read would reset the connection (which can discard those frames before they are read).
+/// Window comes back once half a window was read, for the stream and for the session.
+#[tokio::test]
+async fn window_is_given_back_by_half_windows_not_per_frame() {
+    let (a, io) = tokio::io::duplex(256 << 10);
+    let (client, _) = Session::start(a, Role::Client, Config::default());
+    let mut raw = Raw {
+        io,
+        z: Compressor::new().unwrap(),
+        unz: Decompressor::new(1 << 16, 64),
+        buf: Vec::new(),
+    };
+    let opened = client.open(headers("stdout"), false).await.unwrap();
+    let (mut recv, mut send) = opened.split();
+    let data = |fin, data: Vec<u8>| Frame::Data {
+        stream: 1,
+        fin,
+        data,
+    };
+    // Frames until this side's FIN on stream 1, and the window updates among them.
+    async fn updates_until_fin(raw: &mut Raw) -> Vec<(u32, u32)> {
+        let mut updates = Vec::new();
+        loop {
+            match raw.next().await {
+                Frame::WindowUpdate { stream, delta } => updates.push((stream, delta)),
+                Frame::Data {
+                    stream: 1,
+                    fin: true,
+                    ..
+                } => return updates,
+                Frame::Settings { .. } | Frame::SynStream { .. } | Frame::Data { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    // Small output: read, then this side's FIN; no update before it.
+    for chunk in [&b"got hello\n"[..], b"stdin closed\n"] {
+        raw.send(data(false, chunk.to_vec())).await;
+        assert_eq!(recv.recv().await.unwrap().as_deref(), Some(chunk));
+    }
+    let (_recv2, mut send2) = client.open(headers("stdin"), false).await.unwrap().split();
+    send.finish().await.unwrap();
+    assert_eq!(updates_until_fin(&mut raw).await, vec![]);
+
+    // 40 KiB more on stream 1 (23 bytes read before): one update each once over half a
+    // window, for all that was read.
+    raw.send(data(false, vec![7u8; 20 << 10])).await;
+    raw.send(data(true, vec![7u8; 20 << 10])).await;
+    let got = recv.read_to_end(1 << 20).await.unwrap();
+    assert_eq!(got.len(), 40 << 10);
+    // Stream 3 ends this side's half; its FIN follows the updates in the queue.
+    send2.finish().await.unwrap();
+    let mut updates = Vec::new();
+    loop {
+        match raw.next().await {
+            Frame::WindowUpdate { stream, delta } => updates.push((stream, delta)),
+            Frame::Data {
+                stream: 3,
+                fin: true,
+                ..
+            } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    updates.sort_unstable();
+    let read = 23 + (40 << 10);
+    assert_eq!(updates, vec![(0, read), (1, read)]);
+}
