@@ -281,7 +281,7 @@ pub struct HostBackends;
 impl Backends for HostBackends {
     async fn choose(&self, options: &Options) -> Result<Chosen, BackendError> {
         let qemu = options.qemu.clone();
-        // Runs `qemu --version`: off the async threads.
+        // Reads files (/proc/cpuinfo, /dev/kvm): off the async threads.
         let host = tokio::task::spawn_blocking(move || virt::detect_with(&qemu))
             .await
             .map_err(|e| BackendError::Detect(e.to_string()))?;

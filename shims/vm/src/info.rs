@@ -28,7 +28,7 @@ pub fn report(options: &Options) -> serde_json::Value {
         "hardware_virtualization": v.hardware_virtualization.clone().unwrap_or_else(|| "no".into()),
         "kvm_device": yes_no(v.kvm_device),
         "kvm_pvm": yes_no(v.kvm_pvm),
-        "qemu": v.qemu.as_ref().map(|q| format!("{} {}", q.path.display(), q.version.as_deref().unwrap_or(""))).unwrap_or_else(|| "not found (apt-get install qemu-system-x86)".into()),
+        "qemu": v.qemu.as_ref().map(|q| format!("{} {}", q.display(), crate::qemu::version(q).unwrap_or_default())).unwrap_or_else(|| "not found (apt-get install qemu-system-x86)".into()),
         "kernel": file(&options.kernel, "guest/kernel/build.sh, then scripts/guest"),
         "initrd": file(&options.initrd, "guest/agent/build-initrd.sh, then scripts/guest"),
         "vcpus": options.vcpus.to_string(),
