@@ -657,22 +657,26 @@ fn process_pid1_hostname_env_cgroup(name: &'static str) {
         &argv(&[
             "/bin/sh",
             "-c",
-            "echo $$; hostname; echo \"$FOO\"; pwd; cat /proc/self/cgroup",
+            "echo $$; hostname; echo \"$FOO\"; pwd; ls /proc/self/fd | tr '\\n' ' '; echo; \
+             cat /proc/self/cgroup",
         ]),
     );
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert!(lines.len() > 4, "{}", show(&out));
+    assert!(lines.len() > 5, "{}", show(&out));
     assert_eq!(lines[0], "1", "not PID 1: {}", show(&out));
     assert_eq!(lines[1], "myhost", "hostname: {}", show(&out));
     assert_eq!(lines[2], "bar baz", "environment: {}", show(&out));
     assert_eq!(lines[3], "/etc", "working directory: {}", show(&out));
+    // Only stdio reaches the process (3 is ls's own directory): nothing of the runtime's, the
+    // shim's or the guest agent's.
+    assert_eq!(lines[4].trim_end(), "0 1 2 3", "open fds: {}", show(&out));
 
     // /proc/self/cgroup: "hierarchy:controllers:path". On cgroup v1 the controllers that limits
     // and pause rely on must hold the task; on a v2-only host the unified line must.
     let want = format!("/switchyard/default/{id}");
-    let cg: Vec<(&str, &str)> = lines[4..]
+    let cg: Vec<(&str, &str)> = lines[5..]
         .iter()
         .filter_map(|l| {
             let mut f = l.splitn(3, ':');

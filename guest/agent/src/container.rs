@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -35,6 +35,8 @@ pub struct Settings {
     pub debug: bool,
     /// The kernel has cgroup CPU bandwidth control (cpu.max).
     pub cpu_bandwidth: bool,
+    /// Starts runtime mode by a fork instead of an exec (see `zygote.rs`).
+    pub zygote: Option<Arc<crate::zygote::Zygote>>,
 }
 
 pub struct Agent {
@@ -494,33 +496,55 @@ impl Agent {
         stdio: Option<ChildPipes>,
         log: &Path,
     ) -> Result<()> {
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg(runtime::MODE).arg("--log").arg(log);
+        let mut full = vec![
+            runtime::MODE.to_owned(),
+            "--log".to_owned(),
+            log.display().to_string(),
+        ];
         if self.settings.debug {
-            cmd.arg("--debug");
+            full.push("--debug".to_owned());
         }
-        cmd.args(&args).env_clear().current_dir("/");
-        match stdio {
-            Some(p) => {
-                cmd.stdin(p.stdin.map_or_else(Stdio::null, Stdio::from))
-                    .stdout(Stdio::from(p.stdout))
-                    .stderr(Stdio::from(p.stderr));
+        full.extend(args.iter().cloned());
+        let stdio = match stdio {
+            Some(p) => [p.stdin.map_or_else(|| null(false), Ok)?, p.stdout, p.stderr],
+            None => [null(false)?, null(true)?, null(true)?],
+        };
+        let zygote = match &self.settings.zygote {
+            Some(z) => match z.spawn(&full, &stdio).await {
+                Ok(started) => Some(started),
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime zygote: executing the agent instead");
+                    None
+                }
+            },
+            None => None,
+        };
+        // The process's ends of its pipes: the agent must not keep them, or the host would
+        // never see end-of-file.
+        let (pid, exit) = match zygote {
+            Some(started) => {
+                drop(stdio);
+                (started.pid, RuntimeExit::Zygote(started))
             }
             None => {
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
+                let mut cmd = Command::new("/proc/self/exe");
+                let [stdin, stdout, stderr] = stdio;
+                cmd.args(&full)
+                    .env_clear()
+                    .current_dir("/")
+                    .stdin(stdin)
+                    .stdout(stdout)
+                    .stderr(stderr);
+                let spawned = self.reaper.spawn(&mut cmd);
+                drop(cmd);
+                let (pid, exit) = spawned.map_err(Error::io("start the runtime"))?;
+                (pid, RuntimeExit::Reaped(exit))
             }
-        }
-        let spawned = self.reaper.spawn(&mut cmd);
-        // The command holds the process's ends of its pipes: the agent must not keep them, or
-        // the host would never see end-of-file.
-        drop(cmd);
-        let (pid, exit) = spawned.map_err(Error::io("start the runtime"))?;
+        };
         let what = args.first().cloned().unwrap_or_default();
-        let status = match tokio::time::timeout(RUNTIME_TIMEOUT, reaper::wait(exit)).await {
-            Ok(Some(s)) => s,
-            Ok(None) => return Err(Error::Internal(format!("runtime {what}: exit lost"))),
+        let status = match tokio::time::timeout(RUNTIME_TIMEOUT, exit.wait()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(why)) => return Err(Error::Internal(format!("runtime {what}: {why}"))),
             Err(_) => {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid as i32),
@@ -866,6 +890,35 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("blocking task: {e}")))?
+}
+
+/// How a runtime process's end is learnt: the reaper (an exec'd agent, our child) or the
+/// zygote's reply.
+enum RuntimeExit {
+    Reaped(watch::Receiver<Option<Status>>),
+    Zygote(crate::zygote::Started),
+}
+
+impl RuntimeExit {
+    async fn wait(self) -> std::result::Result<u32, &'static str> {
+        match self {
+            RuntimeExit::Reaped(exit) => reaper::wait(exit).await.ok_or("exit lost"),
+            RuntimeExit::Zygote(started) => started
+                .wait()
+                .await
+                .ok_or("ended without an exit code (killed?)"),
+        }
+    }
+}
+
+/// `/dev/null`, for a runtime process's stdin (`write` false) or an output.
+fn null(write: bool) -> Result<std::os::fd::OwnedFd> {
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open("/dev/null")
+        .map(std::os::fd::OwnedFd::from)
+        .map_err(Error::io("open /dev/null"))
 }
 
 #[cfg(test)]

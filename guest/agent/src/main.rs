@@ -20,6 +20,7 @@ mod stdio;
 mod storage;
 mod sys;
 mod volumes;
+mod zygote;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -40,6 +41,8 @@ fn main() {
     }
     let early: Vec<String> = boot::leave_initramfs().into_iter().collect();
     let boot = boot::init(early);
+    // Forked while this process has one thread and no logger yet (see zygote.rs).
+    let zygote = zygote::start();
     boot::logging(boot.debug);
     boot::panic_hook();
     for e in &boot.early_errors {
@@ -51,9 +54,13 @@ fn main() {
         debug = boot.debug,
         "starting"
     );
+    if zygote.is_none() {
+        tracing::warn!("no runtime zygote: runtime mode runs by executing the agent");
+    }
     let settings = container::Settings {
         debug: boot.debug,
         cpu_bandwidth: boot.cpu_bandwidth,
+        zygote: zygote.map(Arc::new),
     };
     let channels = Channels {
         serial: !boot.vsock_only,

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-pub use yard_oci_runtime::{EXIT_INVALID, MODE, last_error};
+pub use yard_oci_runtime::{EXIT_FAILED, EXIT_INVALID, MODE, last_error};
 
 /// libcontainer's state directory (one subdirectory per container).
 pub const STATE_ROOT: &str = "/run/yard/state";

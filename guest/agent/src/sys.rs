@@ -1,5 +1,6 @@
 //! Kernel interfaces that nix and rustix do not wrap: loop devices, network interface flags and
-//! the boot-timer port.
+//! the boot-timer port; and fork, signal dispositions and received descriptors for the runtime
+//! zygote.
 //! Every `unsafe` block of the agent lives here.
 
 use std::fs::{File, OpenOptions};
@@ -160,6 +161,49 @@ pub fn signal_boot_timer() -> io::Result<()> {
 #[cfg(not(target_arch = "x86_64"))]
 pub fn signal_boot_timer() -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Which side of [`fork_single_threaded`] this is.
+pub enum Forked {
+    Child,
+    Parent,
+}
+
+/// fork(2), refused unless this process has exactly one thread: the child may then run any
+/// code (allocate, take locks), as a single-threaded process may.
+pub fn fork_single_threaded() -> io::Result<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!("fork refused: {threads} threads")));
+    }
+    // SAFETY: the process has one thread (checked just above; only this thread could start
+    // another), so no lock or allocator state is held by a thread the child would not have.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+        nix::unistd::ForkResult::Parent { .. } => Ok(Forked::Parent),
+    }
+}
+
+/// Sets `sig`'s disposition to default or ignore (no handler function).
+pub fn set_signal(
+    sig: nix::sys::signal::Signal,
+    handler: nix::sys::signal::SigHandler,
+) -> nix::Result<()> {
+    use nix::sys::signal::SigHandler;
+    if !matches!(handler, SigHandler::SigDfl | SigHandler::SigIgn) {
+        return Err(nix::errno::Errno::EINVAL);
+    }
+    // SAFETY: SIG_DFL and SIG_IGN run no code in this process, so no handler can break what
+    // the interrupted code was doing.
+    unsafe { nix::sys::signal::signal(sig, handler) }.map(|_| ())
+}
+
+/// Takes ownership of a descriptor received with `SCM_RIGHTS`.
+pub fn received_fd(fd: std::os::fd::RawFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a descriptor just received with SCM_RIGHTS is new in this process: nothing else
+    // owns or closes it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 #[cfg(test)]
