@@ -137,6 +137,15 @@ struct Raw {
 }
 
 impl Raw {
+    fn new(io: DuplexStream) -> Raw {
+        Raw {
+            io,
+            z: Compressor::new().unwrap(),
+            unz: Decompressor::new(1 << 16, 64),
+            buf: Vec::new(),
+        }
+    }
+
     async fn send(&mut self, frame: Frame) {
         let mut out = Vec::new();
         frame.encode(&mut out).unwrap();
@@ -183,12 +192,7 @@ impl Raw {
 async fn a_peer_without_flow_control_gets_everything_and_its_pings_answered() {
     let (io, b) = tokio::io::duplex(64 << 10);
     let (_server, mut incoming) = Session::start(b, Role::Server, Config::default());
-    let mut raw = Raw {
-        io,
-        z: Compressor::new().unwrap(),
-        unz: Decompressor::new(1 << 16, 64),
-        buf: Vec::new(),
-    };
+    let mut raw = Raw::new(io);
     raw.syn(1, "stdout").await;
     raw.send(Frame::Ping { id: 1 }).await;
     let accepted = incoming.accept().await.unwrap();
@@ -225,12 +229,7 @@ async fn a_peer_without_flow_control_gets_everything_and_its_pings_answered() {
 async fn a_client_refuses_streams_the_server_opens_and_ids_must_grow() {
     let (io, b) = tokio::io::duplex(64 << 10);
     let (server, _incoming) = Session::start(b, Role::Server, Config::default());
-    let mut raw = Raw {
-        io,
-        z: Compressor::new().unwrap(),
-        unz: Decompressor::new(1 << 16, 64),
-        buf: Vec::new(),
-    };
+    let mut raw = Raw::new(io);
     raw.syn(3, "a").await;
     raw.syn(1, "b").await;
     let err = server.ended().await.unwrap_err();
@@ -238,12 +237,7 @@ async fn a_client_refuses_streams_the_server_opens_and_ids_must_grow() {
 
     let (a, io) = tokio::io::duplex(64 << 10);
     let (_client, _) = Session::start(a, Role::Client, Config::default());
-    let mut raw = Raw {
-        io,
-        z: Compressor::new().unwrap(),
-        unz: Decompressor::new(1 << 16, 64),
-        buf: Vec::new(),
-    };
+    let mut raw = Raw::new(io);
     raw.syn(2, "pushed").await;
     loop {
         match raw.next().await {
@@ -299,12 +293,7 @@ async fn abort_ends_a_session_whose_peer_never_closes() {
 async fn window_is_given_back_by_half_windows_not_per_frame() {
     let (a, io) = tokio::io::duplex(256 << 10);
     let (client, _) = Session::start(a, Role::Client, Config::default());
-    let mut raw = Raw {
-        io,
-        z: Compressor::new().unwrap(),
-        unz: Decompressor::new(1 << 16, 64),
-        buf: Vec::new(),
-    };
+    let mut raw = Raw::new(io);
     let opened = client.open(headers("stdout"), false).await.unwrap();
     let (mut recv, mut send) = opened.split();
     let data = |fin, data: Vec<u8>| Frame::Data {
@@ -312,17 +301,18 @@ async fn window_is_given_back_by_half_windows_not_per_frame() {
         fin,
         data,
     };
-    // Frames until this side's FIN on stream 1, and the window updates among them.
-    async fn updates_until_fin(raw: &mut Raw) -> Vec<(u32, u32)> {
+    // Frames until this side's FIN on stream `fin_on`, and the window updates among them.
+    async fn updates_until_fin(raw: &mut Raw, fin_on: u32) -> Vec<(u32, u32)> {
         let mut updates = Vec::new();
         loop {
             match raw.next().await {
                 Frame::WindowUpdate { stream, delta } => updates.push((stream, delta)),
                 Frame::Data {
-                    stream: 1,
-                    fin: true,
-                    ..
-                } => return updates,
+                    stream, fin: true, ..
+                } if stream == fin_on => {
+                    updates.sort_unstable();
+                    return updates;
+                }
                 Frame::Settings { .. } | Frame::SynStream { .. } | Frame::Data { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
@@ -336,7 +326,7 @@ async fn window_is_given_back_by_half_windows_not_per_frame() {
     }
     let (_recv2, mut send2) = client.open(headers("stdin"), false).await.unwrap().split();
     send.finish().await.unwrap();
-    assert_eq!(updates_until_fin(&mut raw).await, vec![]);
+    assert_eq!(updates_until_fin(&mut raw, 1).await, vec![]);
 
     // 40 KiB more on stream 1 (23 bytes read before): one update each once over half a
     // window, for all that was read.
@@ -346,19 +336,9 @@ async fn window_is_given_back_by_half_windows_not_per_frame() {
     assert_eq!(got.len(), 40 << 10);
     // Stream 3 ends this side's half; its FIN follows the updates in the queue.
     send2.finish().await.unwrap();
-    let mut updates = Vec::new();
-    loop {
-        match raw.next().await {
-            Frame::WindowUpdate { stream, delta } => updates.push((stream, delta)),
-            Frame::Data {
-                stream: 3,
-                fin: true,
-                ..
-            } => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    updates.sort_unstable();
     let read = 23 + (40 << 10);
-    assert_eq!(updates, vec![(0, read), (1, read)]);
+    assert_eq!(
+        updates_until_fin(&mut raw, 3).await,
+        vec![(0, read), (1, read)]
+    );
 }
