@@ -229,6 +229,10 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     ev.wait_for("/tasks/start", &id, "any payload", |_| true);
+    let socket = switchyard_tests::accounting::bundle_address(&d, "default", &id)
+        .and_then(|a| a.strip_prefix("unix://").map(std::path::PathBuf::from))
+        .expect("the runc shim's socket");
+    assert!(socket.exists(), "{}", socket.display());
     for (pid, _) in processes_matching(&["containerd-shim-runc-v2", "-id", &id]) {
         sigkill(pid);
     }
@@ -248,6 +252,12 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
             .all(|(_, c)| !c.contains(&id))
     );
     assert!(cgroups_matching(&format!("switchyard/default/{id}")).is_empty());
+    // runc's `delete` leaves the dead server's socket; switchyardd removes it.
+    assert!(
+        eventually(Duration::from_secs(5), || !socket.exists()),
+        "the dead shim's socket is left: {}",
+        socket.display()
+    );
     let out = run_timeout(d.yard().args(["rm", &id]), T);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
