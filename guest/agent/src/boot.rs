@@ -10,7 +10,9 @@ use std::time::Duration;
 use nix::mount::MsFlags;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use yard_agent_protocol::{CMDLINE_BOOT_TIMER, CMDLINE_CHANNEL, CMDLINE_DEBUG, cmdline_value};
+use yard_agent_protocol::{
+    CMDLINE_BOOT_TIMER, CMDLINE_CHANNEL, CMDLINE_DEBUG, CMDLINE_ZYGOTE, cmdline_value,
+};
 
 use crate::cgroup;
 
@@ -22,6 +24,8 @@ pub struct Boot {
     pub vsock_only: bool,
     /// `yard.boot_timer=1`: tell the VMM's boot-timer device when the agent is ready.
     pub boot_timer: bool,
+    /// Not `yard.zygote=0`: start the runtime zygote (`zygote.rs`).
+    pub zygote: bool,
     pub cpu_bandwidth: bool,
     /// Problems met before logging was up.
     pub early_errors: Vec<String>,
@@ -194,6 +198,7 @@ pub fn init(early_errors: Vec<String>) -> Boot {
     boot.debug = debug_requested(&cmdline);
     boot.vsock_only = cmdline_value(&cmdline, CMDLINE_CHANNEL) == Some("vsock");
     boot.boot_timer = cmdline_value(&cmdline, CMDLINE_BOOT_TIMER).is_some_and(truthy);
+    boot.zygote = cmdline_value(&cmdline, CMDLINE_ZYGOTE).is_none_or(truthy);
     // Children of the root get the controllers the agent reports and limits.
     let controllers = std::fs::read_to_string(Path::new(cgroup::ROOT).join("cgroup.controllers"))
         .unwrap_or_default();

@@ -510,11 +510,17 @@ impl Agent {
             None => [null(false)?, null(true)?, null(true)?],
         };
         let zygote = match &self.settings.zygote {
-            Some(z) => match z.spawn(&full, &stdio).await {
-                Ok(started) => Some(started),
-                Err(e) => {
+            Some(z) => match tokio::time::timeout(RUNTIME_TIMEOUT, z.spawn(&full, &stdio)).await {
+                Ok(Ok(started)) => Some(started),
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "runtime zygote: executing the agent instead");
                     None
+                }
+                Err(_) => {
+                    return Err(Error::Internal(format!(
+                        "runtime zygote: no process in {}s",
+                        RUNTIME_TIMEOUT.as_secs()
+                    )));
                 }
             },
             None => None,

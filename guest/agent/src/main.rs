@@ -42,7 +42,7 @@ fn main() {
     let early: Vec<String> = boot::leave_initramfs().into_iter().collect();
     let boot = boot::init(early);
     // Forked while this process has one thread and no logger yet (see zygote.rs).
-    let zygote = zygote::start();
+    let zygote = if boot.zygote { zygote::start() } else { None };
     boot::logging(boot.debug);
     boot::panic_hook();
     for e in &boot.early_errors {

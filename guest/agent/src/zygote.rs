@@ -77,7 +77,8 @@ pub fn start() -> Option<Zygote> {
 
 impl Zygote {
     /// Starts `yard-agent ARGS` in a child of the zygote with copies of `stdio` (the caller
-    /// closes its own). An error means the zygote is gone (and it is not asked again).
+    /// closes its own). An error means nothing was started (and after a failed send the
+    /// zygote is not asked again).
     pub async fn spawn(&self, args: &[String], stdio: &[OwnedFd; 3]) -> std::io::Result<Started> {
         let mut request = Vec::new();
         for a in args {
@@ -108,7 +109,10 @@ impl Zygote {
                 None,
             );
             if let Err(e) = sent {
-                *guard = None;
+                // A full queue is not a dead zygote: this request alone goes another way.
+                if e != nix::errno::Errno::EAGAIN {
+                    *guard = None;
+                }
                 return Err(e.into());
             }
         }

@@ -113,7 +113,15 @@ struct Vm {
 }
 
 impl Vm {
-    fn boot(kernel: &Path, initrd: &Path, disk: &Path, share: &Path, dir: &Path) -> Vm {
+    /// Boots a guest; `extra` is appended to the kernel command line.
+    fn boot(
+        kernel: &Path,
+        initrd: &Path,
+        disk: &Path,
+        share: &Path,
+        dir: &Path,
+        extra: &str,
+    ) -> Vm {
         let sock = dir.join("agent.sock");
         let console = dir.join("console.log");
         let child = Command::new("qemu-system-x86_64")
@@ -134,10 +142,10 @@ impl Vm {
             .arg(kernel)
             .arg("-initrd")
             .arg(initrd)
-            .args([
-                "-append",
-                "console=ttyS0 quiet panic=-1 reboot=t yard.debug=1",
-            ])
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 quiet panic=-1 reboot=t yard.debug=1 {extra}"
+            ))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-chardev")
@@ -496,7 +504,7 @@ fn the_agent_runs_containers_in_a_real_guest() {
     let share = dir.path().join("share");
     std::fs::create_dir_all(share.join("images")).unwrap();
     erofs_image(&share.join("images"), "second", "from the share\n");
-    let mut vm = Vm::boot(&kernel, &initrd, &disk, &share, dir.path());
+    let mut vm = Vm::boot(&kernel, &initrd, &disk, &share, dir.path(), "");
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -519,7 +527,38 @@ fn the_agent_runs_containers_in_a_real_guest() {
         vm.wait_exit(Duration::from_secs(30)),
         "QEMU still runs 30s after Shutdown"
     );
+    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+    assert!(
+        !console.contains(NO_ZYGOTE),
+        "the runtime zygote did not start:\n{console}"
+    );
+    drop(vm);
+
+    // Without the zygote (`yard.zygote=0`, the way the agent goes when it is gone), runtime
+    // mode runs by executing the agent: containers run and fail the same.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = erofs_image(dir.path(), "first", "from the disk\n");
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(share.join("images")).unwrap();
+    let mut vm = Vm::boot(&kernel, &initrd, &disk, &share, dir.path(), "yard.zygote=0");
+    rt.block_on(async {
+        let c = vm.connect().await;
+        let (out, _, status) = run(&c, "exec1", &["/bin/cat", "/etc/marker"], vda()).await;
+        assert_eq!((out.as_str(), status), ("from the disk\n", 0));
+        let (_, _, status) = run(&c, "exec2", &["/bin/sh", "-c", "exit 3"], vda()).await;
+        assert_eq!(status, 3);
+        call("Shutdown", c.shutdown(ctx(), &Empty::default())).await;
+    });
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)),
+        "QEMU still runs 30s after Shutdown"
+    );
+    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+    assert!(console.contains(NO_ZYGOTE), "{console}");
 }
+
+/// What the agent logs when it runs without its runtime zygote.
+const NO_ZYGOTE: &str = "no runtime zygote";
 
 /// Prints how long each part took.
 struct Lap(Instant);

@@ -109,6 +109,10 @@ pub const CMDLINE_BOOT_TIMER: &str = "yard.boot_timer";
 pub const BOOT_TIMER_PORT: u16 = 0x440;
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 
+/// `yard.zygote=0`: the agent starts runtime mode by executing itself, without its zygote
+/// (the way it falls back to when the zygote is gone; tests take it on purpose).
+pub const CMDLINE_ZYGOTE: &str = "yard.zygote";
+
 /// The value of `key=value` on a kernel command line, if present (the last one wins, as the
 /// kernel's own parameters do).
 pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
