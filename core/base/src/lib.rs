@@ -5,6 +5,7 @@
 //! - [`cgroup`]: this process's own cgroups, and the lock every cgroup migration takes;
 //! - [`group`]: which tasks share one shim process;
 //! - [`ident`]: containerd's identifier rule for namespaces, container, exec and lease ids;
+//! - [`socket`]: a socket file whose server is gone, removed;
 //! - [`exit_with`]: what a binary does with an error at its edge (`error: a: b: c` on stderr and a
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
 
@@ -13,6 +14,7 @@ pub mod gate;
 pub mod group;
 pub mod ident;
 pub mod oci_defaults;
+pub mod socket;
 
 use std::error::Error;
 use std::io::Write;

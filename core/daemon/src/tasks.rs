@@ -29,7 +29,7 @@ use crate::events::Exchange;
 use crate::failpoints;
 use crate::filters::{Adaptor, Filter, FilterError};
 use crate::metadata::{Store, StoreError};
-use crate::runtime::address::{remove_dead_socket, socket_file};
+use crate::runtime::address::socket_file;
 use crate::runtime::bridge::CallError;
 use crate::runtime::bundle::{Bundle, BundleError, TaskRecord};
 use crate::runtime::log::Follower;
@@ -539,7 +539,6 @@ impl TaskManager {
         }
         tracing::warn!(namespace = %task.namespace, container_id = %task.id, "shim exited; cleaning up");
         let exit = self.cleanup_dead(&task.bundle, &task.record).await;
-        remove_dead_socket(&task.shim.address);
         let _ = task.exit.send(Some(exit));
     }
 
@@ -627,7 +626,6 @@ impl TaskManager {
                         if let Err(e) = self.shims.delete(&task.bundle, &task.record.binary).await {
                             tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "clean up after a shim that died");
                         }
-                        remove_dead_socket(&task.shim.address);
                     }
                     Ok(false) => {}
                     Err(e) => {

@@ -208,7 +208,6 @@ pub async fn delete<E: Engine>(engine: &E, flags: &Flags) -> Result<Vec<u8>> {
 /// the same group) listens there again. The file is removed only if it is still the one found
 /// dead, so a server that has just replaced it keeps its socket.
 fn remove_dead_socket<E: Engine>(engine: &E, flags: &Flags, bundle: &Path) {
-    use std::os::unix::fs::MetadataExt;
     // `start` wrote the address it served into the bundle (its group may have come from
     // options only `start` was handed).
     let address = std::fs::read_to_string(bundle.join("address")).unwrap_or_else(|_| {
@@ -218,10 +217,8 @@ fn remove_dead_socket<E: Engine>(engine: &E, flags: &Flags, bundle: &Path) {
         containerd_shim::socket_address(&flags.address, &flags.namespace, &group)
     });
     let path = socket_path(address.trim());
-    let inode = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| m.ino());
-    let found = inode(&path);
-    if found.is_some() && !connectable(&path) && inode(&path) == found {
-        let _ = std::fs::remove_file(&path);
+    if let Err(e) = switchyard_base::socket::remove_if_dead(&path) {
+        tracing::warn!(socket = %path.display(), error = %e, "remove a dead server's socket");
     }
 }
 

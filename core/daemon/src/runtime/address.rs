@@ -62,37 +62,6 @@ pub fn socket_file(address: &str) -> Option<&Path> {
     address.strip_prefix("unix://").map(Path::new)
 }
 
-/// Removes the socket file of `address` when nothing listens on it any more: its server was
-/// killed (a server that exits removes its own), and the shim's `delete` left it (containerd's
-/// runc shim does). The file is removed only if it is a socket that refuses connections and
-/// is still the one found, so a new server of the same group that has just bound the name
-/// keeps it.
-pub fn remove_dead_socket(address: &str) {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let Some(path) = socket_file(address) else {
-        return;
-    };
-    let socket_inode = |p: &Path| {
-        std::fs::symlink_metadata(p)
-            .ok()
-            .filter(|m| m.file_type().is_socket())
-            .map(|m| m.ino())
-    };
-    let Some(found) = socket_inode(path) else {
-        return;
-    };
-    let refused = std::os::unix::net::UnixStream::connect(path)
-        .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused);
-    if refused && socket_inode(path) == Some(found) {
-        match std::fs::remove_file(path) {
-            Ok(()) => tracing::debug!(socket = %path.display(), "removed a dead shim's socket"),
-            Err(e) => {
-                tracing::warn!(socket = %path.display(), error = %e, "remove a dead shim's socket")
-            }
-        }
-    }
-}
-
 /// Connects to a shim address.
 pub async fn dial(address: &str) -> io::Result<tokio::net::UnixStream> {
     match address.strip_prefix("unix://") {

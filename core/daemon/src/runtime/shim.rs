@@ -541,8 +541,31 @@ impl ShimManager {
     }
 
     /// Runs `<binary> delete` for a bundle whose shim is gone, as containerd does: the shim
-    /// binary cleans up what its runtime left (runc state, mounts) and reports the exit.
+    /// binary cleans up what its runtime left (runc state, mounts) and reports the exit. Then
+    /// the dead server's socket goes, if the binary left it (containerd's runc shim does) and
+    /// nothing listens there.
     pub async fn delete(
+        &self,
+        bundle: &Bundle,
+        binary: &Path,
+    ) -> Result<task::DeleteResponse, ShimError> {
+        let deleted = self.run_delete(bundle, binary).await;
+        let address = std::fs::read_to_string(bundle.path.join("address")).unwrap_or_default();
+        if let Some(path) = super::address::socket_file(address.trim()) {
+            match switchyard_base::socket::remove_if_dead(path) {
+                Ok(true) => {
+                    tracing::debug!(socket = %path.display(), "removed a dead shim's socket")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(socket = %path.display(), error = %e, "remove a dead shim's socket")
+                }
+            }
+        }
+        deleted
+    }
+
+    async fn run_delete(
         &self,
         bundle: &Bundle,
         binary: &Path,
