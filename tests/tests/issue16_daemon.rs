@@ -541,18 +541,27 @@ impl Hold {
         format!("hold({})", self.fifo.display())
     }
 
-    /// Lets the held operation go on: opens the fifo for writing once the daemon reads it
-    /// (not before it waits there), and closes it.
-    fn release(&self) {
+    /// Waits until the daemon waits at its point (it has the fifo open for reading: only then
+    /// can a writer open it without blocking). The operation goes on when the returned writer
+    /// is dropped.
+    fn reached(&self) -> std::fs::File {
         use std::os::unix::fs::OpenOptionsExt;
+        let mut writer = None;
         let open = || {
-            std::fs::OpenOptions::new()
+            writer = std::fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(nix::libc::O_NONBLOCK)
                 .open(&self.fifo)
-                .is_ok()
+                .ok();
+            writer.is_some()
         };
         assert!(eventually(T, open), "the daemon never waited at its point");
+        writer.unwrap()
+    }
+
+    /// Lets the held operation go on, once the daemon waits there.
+    fn release(&self) {
+        drop(self.reached());
     }
 }
 
@@ -902,14 +911,14 @@ fn a_shim_killed_before_it_is_reached_leaves_no_socket() {
         );
         let (pid, cmd) = server.unwrap();
         let socket = accounting::socket_file_flag(&cmd).expect("the server's -socket");
-        assert!(
-            eventually(T, || socket.exists()),
-            "{} never appeared",
-            socket.display()
-        );
+        // Killed once the daemon has seen it listen and waits at the point, not before: a
+        // server killed earlier is one that never came up (a different error, and the point
+        // is never reached).
+        let held = hold.reached();
+        assert!(socket.exists(), "{} never appeared", socket.display());
         sigkill(pid);
         dead_server(&socket);
-        hold.release();
+        drop(held);
         (run.join().unwrap(), socket)
     });
     let (out, socket) = run;
