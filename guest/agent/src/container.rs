@@ -517,6 +517,8 @@ impl Agent {
                     None
                 }
                 Err(_) => {
+                    // Not asked again: each later request would wait as long.
+                    z.forsake();
                     return Err(Error::Internal(format!(
                         "runtime zygote: no process in {}s",
                         RUNTIME_TIMEOUT.as_secs()

@@ -33,7 +33,7 @@ const MAX_REQUEST: usize = 64 << 10;
 /// The agent's end of the zygote.
 #[derive(Debug)]
 pub struct Zygote {
-    /// `None` once a send failed: the zygote is gone.
+    /// `None` once a send failed (the zygote is gone) or it was forsaken.
     sock: Mutex<Option<OwnedFd>>,
 }
 
@@ -76,6 +76,13 @@ pub fn start() -> Option<Zygote> {
 }
 
 impl Zygote {
+    /// Stops using the zygote (it started nothing in time): closing the agent's end makes it
+    /// exit, and later requests go the exec way. A request still queued there forks a child
+    /// that finds its reply closed and exits before runtime mode.
+    pub fn forsake(&self) {
+        *self.sock.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Starts `yard-agent ARGS` in a child of the zygote with copies of `stdio` (the caller
     /// closes its own). An error means nothing was started (and after a failed send the
     /// zygote is not asked again).
@@ -199,4 +206,39 @@ fn run(args: &[String], reply: OwnedFd, stdio: [OwnedFd; 3]) -> ! {
     };
     let _ = reply.write_all(&(code as u32).to_le_bytes());
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A zygote that started nothing in time is not asked again, and its end of the pair sees
+    /// end of file (the zygote exits on it).
+    #[tokio::test]
+    async fn a_forsaken_zygote_is_not_asked_again() {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let z = Zygote {
+            sock: Mutex::new(Some(ours)),
+        };
+        z.forsake();
+        let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let (args, stdio) = (["runtime".to_owned()], [null(), null(), null()]);
+        let asked = z.spawn(&args, &stdio);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(5), asked)
+            .await
+            .expect("a forsaken zygote was asked (and never answered)")
+            .err()
+            .expect("a forsaken zygote was asked");
+        assert_eq!(err.kind(), std::io::ErrorKind::NotConnected);
+        let mut buf = [0u8; 8];
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let got = recvmsg::<()>(theirs.as_raw_fd(), &mut iov, None, MsgFlags::empty()).unwrap();
+        assert_eq!(got.bytes, 0, "the zygote's end did not see end of file");
+    }
 }
