@@ -782,6 +782,13 @@ pub fn socket_flag(cmd: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The socket file of task `id`'s shim, from its bundle's `address` (`unix:///path`).
+pub fn bundle_socket(d: &Daemon, namespace: &str, id: &str) -> Option<PathBuf> {
+    bundle_address(d, namespace, id)?
+        .strip_prefix("unix://")
+        .map(PathBuf::from)
+}
+
 /// The socket file a shim server's command line names (`-socket unix://PATH`).
 pub fn socket_file_flag(cmd: &str) -> Option<PathBuf> {
     socket_flag(cmd)?.strip_prefix("unix://").map(PathBuf::from)

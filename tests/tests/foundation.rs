@@ -229,8 +229,7 @@ fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     ev.wait_for("/tasks/start", &id, "any payload", |_| true);
-    let socket = switchyard_tests::accounting::bundle_address(&d, "default", &id)
-        .and_then(|a| a.strip_prefix("unix://").map(std::path::PathBuf::from))
+    let socket = switchyard_tests::accounting::bundle_socket(&d, "default", &id)
         .expect("the runc shim's socket");
     assert!(socket.exists(), "{}", socket.display());
     for (pid, _) in processes_matching(&["containerd-shim-runc-v2", "-id", &id]) {
