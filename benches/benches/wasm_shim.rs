@@ -31,7 +31,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use switchyard_benches::{
-    Stats, env_usize, mib, ms, parallel, pss_kib, rotated, row, summary, throughput,
+    Stats, env_usize, mib, ms, parallel, pss_kib, rotated, row, smaps_rollup, summary, throughput,
 };
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::wasm::wasm_rootfs;
@@ -314,20 +314,6 @@ fn smaps(pid: u32) -> Vec<Mapping> {
     maps
 }
 
-fn rollup(pid: u32) -> HashMap<String, u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((
-                k.to_owned(),
-                v.trim().trim_end_matches("kB").trim().parse().ok()?,
-            ))
-        })
-        .collect()
-}
-
 fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -350,7 +336,7 @@ fn describe(m: &Mapping) -> String {
 /// Prints where the shim's memory is: the rollup, the mappings that grew most between
 /// `before` (one task) and `after` (N tasks), and the largest mappings now.
 fn memory_breakdown(pid: u32, before: &[Mapping], after: &[Mapping], n: usize) {
-    let r = rollup(pid);
+    let r = smaps_rollup(pid);
     let g = |k: &str| mib(r.get(k).copied().unwrap_or(0));
     println!(
         "  smaps_rollup: Rss {}  Pss {}  Pss_Anon {}  Pss_File {}  Anonymous {}  \

@@ -80,12 +80,32 @@ pub fn row(name: &str, s: &Stats) {
     );
 }
 
+/// The fields of `/proc/PID/smaps_rollup` in KiB (empty if the process is gone).
+pub fn smaps_rollup(pid: u32) -> std::collections::HashMap<String, u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((
+                k.to_owned(),
+                v.trim().trim_end_matches("kB").trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// Proportional set size of a process in KiB (shared pages split between their users).
 pub fn pss_kib(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    smaps_rollup(pid).get("Pss").copied()
+}
+
+/// Private memory of a process in KiB (USS: the pages no other process maps, what the
+/// process adds to the machine; its binary's text, shared with other processes of the same
+/// binary, is not in it).
+pub fn private_kib(pid: u32) -> Option<u64> {
+    let r = smaps_rollup(pid);
+    Some(r.get("Private_Clean")? + r.get("Private_Dirty")?)
 }
 
 /// The wall time of `ctr run --rm --runtime RUNTIME_TYPE --rootfs BUSYBOX ID /bin/true` against
