@@ -18,7 +18,13 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use switchyard_api::client::{START_HEADER, WithNamespace};
+use switchyard_api::containerd::services::tasks::v1 as tasks;
+use switchyard_api::containerd::services::tasks::v1::tasks_client::TasksClient;
+use switchyard_api::containerd::v1::types::Status;
 use switchyard_tests::*;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 
 /// Deadline for one client command.
 const T: Duration = Duration::from_secs(60);
@@ -794,4 +800,123 @@ fn native_start_prints_only_the_address() {
     );
     assert!(!socket.exists(), "{} left", socket.display());
     drop(guard);
+}
+
+/// The task's status through the task API (`tasks.v1` Get).
+async fn task_status(
+    t: &mut TasksClient<InterceptedService<tonic::transport::Channel, WithNamespace>>,
+    id: &str,
+) -> i32 {
+    let r = t
+        .get(tasks::GetRequest {
+            container_id: id.to_owned(),
+            exec_id: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("get {id}: {e}"));
+    r.into_inner().process.map(|p| p.status).unwrap_or_default()
+}
+
+/// `switchyard-start` on Tasks.Create: switchyardd starts the task in the same call and says so
+/// in the answer's metadata; without it the task is only created, as containerd's API has it.
+#[test]
+fn a_create_with_the_start_header_starts_the_task() {
+    if !require_root_and(&["ctr"]) {
+        return;
+    }
+    let d = Daemon::start_with("");
+    let rootfs = busybox_rootfs().display().to_string();
+    let (started, created) = (unique_id("hdr"), unique_id("nohdr"));
+    for id in [&started, &created] {
+        d.ctr_ok(&[
+            "containers",
+            "create",
+            "--runtime",
+            RUNTIME_TYPE,
+            "--rootfs",
+            &rootfs,
+            id,
+            "/bin/sleep",
+            "60",
+        ]);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = switchyard_api::client::connect(&d.socket).await.unwrap();
+        let ns = WithNamespace::new("default").unwrap();
+        let mut t = TasksClient::with_interceptor(channel, ns);
+        let mut req = tonic::Request::new(tasks::CreateTaskRequest {
+            container_id: started.clone(),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert(START_HEADER, MetadataValue::from_static("1"));
+        let r = t.create(req).await.expect("create with the header");
+        assert_eq!(
+            r.metadata()
+                .get(START_HEADER)
+                .map(|v| v.as_bytes().to_vec()),
+            Some(b"1".to_vec()),
+            "the answer does not say the task was started"
+        );
+        assert!(r.get_ref().pid > 0, "{:?}", r.get_ref());
+        assert_eq!(
+            task_status(&mut t, &started).await,
+            Status::Running as i32,
+            "a task created with the header is not running"
+        );
+
+        let r = t
+            .create(tasks::CreateTaskRequest {
+                container_id: created.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("create without the header");
+        assert!(
+            r.metadata().get(START_HEADER).is_none(),
+            "{:?}",
+            r.metadata()
+        );
+        assert_eq!(
+            task_status(&mut t, &created).await,
+            Status::Created as i32,
+            "a task created without the header was started"
+        );
+    });
+    for id in [&started, &created] {
+        d.ctr_ok(&["task", "kill", "-s", "KILL", id]);
+        d.wait_ctr_status(id, "STOPPED", T);
+        d.ctr_ok(&["task", "rm", id]);
+        d.ctr_ok(&["containers", "rm", id]);
+    }
+}
+
+/// `yard run` against containerd, which ignores `switchyard-start`: yard sees no such header in
+/// the answer and starts the task itself.
+#[test]
+fn yard_run_starts_the_task_itself_against_containerd() {
+    if !require_root_and(&["containerd", "ctr"]) {
+        return;
+    }
+    let ctd = Containerd::start(&which("containerd").unwrap());
+    let out = run_timeout(
+        Command::new(bin("yard"))
+            .arg("--address")
+            .arg(&ctd.socket)
+            .args(["run", "--rm", "--runtime", RUNTIME_TYPE, "--rootfs"])
+            .arg(busybox_rootfs())
+            .args(["--", "/bin/echo", "started by yard"]),
+        T,
+    );
+    assert!(out.status.success(), "yard run: {}", show(&out));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "started by yard",
+        "{}",
+        show(&out)
+    );
 }

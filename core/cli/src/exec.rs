@@ -8,7 +8,7 @@ use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::typeurl::{OCI_PROCESS, json_any};
 
 use crate::client::{Client, rpc};
-use crate::process::{attach_and_run, check_env, exit_code, random_id};
+use crate::process::{Start, attach_and_run, check_env, exit_code, random_id};
 use crate::{io, spec};
 
 #[derive(Args)]
@@ -90,7 +90,16 @@ pub async fn exec(client: &Client, a: ExecArgs) -> anyhow::Result<u8> {
         fifos.drain(Duration::ZERO);
         return Err(e);
     }
-    let status = attach_and_run(client, &a.id, &exec_id, &mut fifos, closed_rx, a.tty).await;
+    let status = attach_and_run(
+        client,
+        &a.id,
+        &exec_id,
+        &mut fifos,
+        closed_rx,
+        a.tty,
+        Start::Send,
+    )
+    .await;
     let _ = client
         .tasks()
         .delete_process(tasks::DeleteProcessRequest {

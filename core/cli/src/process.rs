@@ -97,7 +97,18 @@ fn follow_resizes(client: &Client, id: &str, exec_id: &str) -> tokio::task::Join
     })
 }
 
-/// Runs a created process to its end: wait, start, copy IO, return the exit status.
+/// Whether [`attach_and_run`] sends Start, or the daemon started the process with its Create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Send,
+    /// switchyardd answered a Create sent with `switchyard-start` (containerd's answer has no
+    /// such header, and the client sends Start then). Wait still returns the exit of a process
+    /// that has already ended: the task stays until it is deleted.
+    Done,
+}
+
+/// Runs a created process to its end: wait, start (unless it is started), copy IO, return the
+/// exit status.
 pub async fn attach_and_run(
     client: &Client,
     id: &str,
@@ -105,6 +116,7 @@ pub async fn attach_and_run(
     fifos: &mut io::Fifos,
     mut closed_rx: tokio::sync::mpsc::UnboundedReceiver<()>,
     tty: bool,
+    start: Start,
 ) -> anyhow::Result<u32> {
     let waiter = {
         let mut t = client.tasks();
@@ -115,14 +127,16 @@ pub async fn attach_and_run(
         tokio::spawn(async move { t.wait(req).await })
     };
     let _raw = (tty && io::stdin_is_terminal()).then(io::RawTerminal::enable);
-    client
-        .tasks()
-        .start(tasks::StartRequest {
-            container_id: id.to_owned(),
-            exec_id: exec_id.to_owned(),
-        })
-        .await
-        .map_err(rpc(&format!("start {id}")))?;
+    if start == Start::Send {
+        client
+            .tasks()
+            .start(tasks::StartRequest {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            })
+            .await
+            .map_err(rpc(&format!("start {id}")))?;
+    }
     let helper = if tty {
         follow_resizes(client, id, exec_id)
     } else {

@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use switchyard_api::client::START_HEADER;
 use switchyard_api::containerd::services::containers::v1 as containers;
 use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::typeurl::{OCI_SPEC, json_any};
+use tonic::metadata::MetadataValue;
 
 use crate::client::{Client, rpc};
-use crate::process::{attach_and_run, check_env, exit_code, random_id};
+use crate::process::{Start, attach_and_run, check_env, exit_code, random_id};
 use crate::{images, io, spec};
 
 #[derive(Args)]
@@ -269,24 +271,39 @@ async fn create_and_run(
     let mut fifos = io::Fifos::new(id, a.interactive || a.tty, a.tty)?;
     // The shim opens the fifos during Create and waits for our ends.
     let closed_rx = fifos.start();
+    let mut create = tonic::Request::new(tasks::CreateTaskRequest {
+        container_id: id.to_owned(),
+        stdin: fifos.stdin_uri(),
+        stdout: fifos.stdout_uri(),
+        stderr: fifos.stderr_uri(),
+        terminal: a.tty,
+        rootfs: rootfs.to_vec(),
+        ..Default::default()
+    });
+    // switchyardd starts the task in the same call; a terminal is made raw before the start,
+    // so with one Start stays ours.
+    if !a.tty {
+        create
+            .metadata_mut()
+            .insert(START_HEADER, MetadataValue::from_static("1"));
+    }
     let created = client
         .tasks()
-        .create(tasks::CreateTaskRequest {
-            container_id: id.to_owned(),
-            stdin: fifos.stdin_uri(),
-            stdout: fifos.stdout_uri(),
-            stderr: fifos.stderr_uri(),
-            terminal: a.tty,
-            rootfs: rootfs.to_vec(),
-            ..Default::default()
-        })
+        .create(create)
         .await
         .map_err(rpc(&format!("create task {id}")));
-    if let Err(e) = created {
-        fifos.drain(Duration::ZERO);
-        return Err(e);
-    }
-    let status = attach_and_run(client, id, "", &mut fifos, closed_rx, a.tty).await?;
+    let started = match created {
+        Ok(r) => r
+            .metadata()
+            .get(START_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"1"),
+        Err(e) => {
+            fifos.drain(Duration::ZERO);
+            return Err(e);
+        }
+    };
+    let start = if started { Start::Done } else { Start::Send };
+    let status = attach_and_run(client, id, "", &mut fifos, closed_rx, a.tty, start).await?;
     Ok(exit_code(status))
 }
 

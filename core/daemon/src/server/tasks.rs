@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use switchyard_api::client::START_HEADER;
 use switchyard_api::containerd::services::tasks::v1 as api;
 use switchyard_api::containerd::task::v2 as shimapi;
 use switchyard_api::containerd::types::Metric;
 use switchyard_api::containerd::v1::types::Process;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, namespace};
@@ -80,17 +82,30 @@ impl api::tasks_server::Tasks for TasksService {
         req: Request<api::CreateTaskRequest>,
     ) -> Result<Response<api::CreateTaskResponse>, Status> {
         let ns = namespace(&req)?;
+        let start = req
+            .metadata()
+            .get(START_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"1");
         let (r, runtime_path) = create_request(req.into_inner());
         let id = r.id.clone();
-        let pid = self
+        let mut pid = self
             .tasks()
             .create(&ns, r, runtime_path)
             .await
             .map_err(status)?;
-        Ok(Response::new(api::CreateTaskResponse {
+        if start {
+            // A failed start leaves the task created, as a failed Start call would.
+            pid = self.tasks().start(&ns, &id, "").await.map_err(status)?;
+        }
+        let mut resp = Response::new(api::CreateTaskResponse {
             container_id: id,
             pid,
-        }))
+        });
+        if start {
+            resp.metadata_mut()
+                .insert(START_HEADER, MetadataValue::from_static("1"));
+        }
+        Ok(resp)
     }
 
     async fn start(
