@@ -18,7 +18,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use switchyard_api::client::{START_HEADER, WithNamespace};
+use switchyard_api::client::{REMOVE_HEADER, START_HEADER, WithNamespace};
 use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::containerd::services::tasks::v1::tasks_client::TasksClient;
 use switchyard_api::containerd::v1::types::Status;
@@ -818,9 +818,11 @@ async fn task_status(
 }
 
 /// `switchyard-start` on Tasks.Create: switchyardd starts the task in the same call and says so
-/// in the answer's metadata; without it the task is only created, as containerd's API has it.
+/// in the answer's metadata; `switchyard-remove-container` on Tasks.Delete removes the container
+/// too, and says so. Without them a task is only created and only the task is deleted, as
+/// containerd's API has it.
 #[test]
-fn a_create_with_the_start_header_starts_the_task() {
+fn the_start_and_remove_headers_start_and_remove() {
     if !require_root_and(&["ctr"]) {
         return;
     }
@@ -886,17 +888,63 @@ fn a_create_with_the_start_header_starts_the_task() {
             Status::Created as i32,
             "a task created without the header was started"
         );
+        for id in [&started, &created] {
+            t.kill(tasks::KillRequest {
+                container_id: id.clone(),
+                signal: 9,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("kill {id}: {e}"));
+            t.wait(tasks::WaitRequest {
+                container_id: id.clone(),
+                exec_id: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("wait {id}: {e}"));
+        }
+        let mut req = tonic::Request::new(tasks::DeleteTaskRequest {
+            container_id: started.clone(),
+        });
+        req.metadata_mut()
+            .insert(REMOVE_HEADER, MetadataValue::from_static("1"));
+        let r = t.delete(req).await.expect("delete with the header");
+        assert_eq!(
+            r.metadata()
+                .get(REMOVE_HEADER)
+                .map(|v| v.as_bytes().to_vec()),
+            Some(b"1".to_vec()),
+            "the answer does not say the container was removed"
+        );
+        assert_eq!(r.get_ref().exit_status, 137, "{:?}", r.get_ref());
+        let r = t
+            .delete(tasks::DeleteTaskRequest {
+                container_id: created.clone(),
+            })
+            .await
+            .expect("delete without the header");
+        assert!(
+            r.metadata().get(REMOVE_HEADER).is_none(),
+            "{:?}",
+            r.metadata()
+        );
     });
-    for id in [&started, &created] {
-        d.ctr_ok(&["task", "kill", "-s", "KILL", id]);
-        d.wait_ctr_status(id, "STOPPED", T);
-        d.ctr_ok(&["task", "rm", id]);
-        d.ctr_ok(&["containers", "rm", id]);
-    }
+    let listed = text(&d.ctr_ok(&["containers", "ls", "-q"]).stdout);
+    let listed: Vec<&str> = listed.lines().collect();
+    assert!(
+        !listed.contains(&started.as_str()),
+        "a container whose task was deleted with the header is still there: {listed:?}"
+    );
+    assert!(
+        listed.contains(&created.as_str()),
+        "a container whose task was deleted without the header is gone: {listed:?}"
+    );
+    d.ctr_ok(&["containers", "rm", &created]);
 }
 
-/// `yard run` against containerd, which ignores `switchyard-start`: yard sees no such header in
-/// the answer and starts the task itself.
+/// `yard run --rm` against containerd, which ignores `switchyard-start` and
+/// `switchyard-remove-container`: yard sees no such header in the answers and starts the task
+/// and removes the container itself.
 #[test]
 fn yard_run_starts_the_task_itself_against_containerd() {
     if !require_root_and(&["containerd", "ctr"]) {
@@ -919,4 +967,7 @@ fn yard_run_starts_the_task_itself_against_containerd() {
         "{}",
         show(&out)
     );
+    // `--rm` removed the container too (with its own Containers.Delete here).
+    let listed = text(&ctd.ctr_ok(&["containers", "ls", "-q"]).stdout);
+    assert!(listed.trim().is_empty(), "containers left: {listed}");
 }

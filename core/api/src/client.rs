@@ -16,6 +16,13 @@ pub const NAMESPACE_HEADER: &str = "containerd-namespace";
 /// containerd ignores it: a client that sees no such header in the answer sends Start itself.
 pub const START_HEADER: &str = "switchyard-start";
 
+/// Switchyard's own metadata header on `Tasks.Delete`: with the value `1`, switchyardd removes
+/// the container as Containers.Delete would once its task is deleted (`yard run --rm` in one
+/// round trip instead of two), and sets this header to `1` in the response's metadata when it
+/// did. A client that sees no such header in the answer (containerd ignores it; or the
+/// container could not be removed) sends Containers.Delete itself.
+pub const REMOVE_HEADER: &str = "switchyard-remove-container";
+
 /// Opens a gRPC channel to the Unix socket at `path` (an optional `unix://` prefix is removed).
 pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, tonic::transport::Error> {
     let raw = path.as_ref().to_string_lossy();

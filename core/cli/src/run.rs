@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use switchyard_api::client::START_HEADER;
+use switchyard_api::client::{REMOVE_HEADER, START_HEADER};
 use switchyard_api::containerd::services::containers::v1 as containers;
 use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::typeurl::{OCI_SPEC, json_any};
@@ -307,14 +307,24 @@ async fn create_and_run(
     Ok(exit_code(status))
 }
 
-/// Best-effort removal of a `--rm` task and container.
+/// Best-effort removal of a `--rm` task and container: both in one call to switchyardd
+/// (`switchyard-remove-container`), the container on its own where the answer says it is not
+/// gone (containerd; or the task's delete failed).
 async fn cleanup(client: &Client, id: &str) {
-    let _ = client
-        .tasks()
-        .delete(tasks::DeleteTaskRequest {
-            container_id: id.to_owned(),
-        })
-        .await;
+    let mut delete = tonic::Request::new(tasks::DeleteTaskRequest {
+        container_id: id.to_owned(),
+    });
+    delete
+        .metadata_mut()
+        .insert(REMOVE_HEADER, MetadataValue::from_static("1"));
+    let removed = client.tasks().delete(delete).await.is_ok_and(|r| {
+        r.metadata()
+            .get(REMOVE_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"1")
+    });
+    if removed {
+        return;
+    }
     if let Err(e) = client
         .containers()
         .delete(containers::DeleteContainerRequest { id: id.to_owned() })

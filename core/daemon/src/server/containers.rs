@@ -194,41 +194,48 @@ impl api::containers_server::Containers for ContainersService {
     ) -> Result<Response<()>, Status> {
         let ns = namespace(&req)?;
         let id = req.into_inner().id;
-        if self.0.tasks.exists(&ns, &id) {
-            return Err(status(Simple::new(
-                Kind::FailedPrecondition,
-                format!("container {id:?} has a task: delete the task first"),
-            )));
-        }
-        let (n, i) = (ns.clone(), id.clone());
-        let record = self
-            .0
-            .store
-            .run(move |s| {
-                let c = s.get_container(&n, &i)?;
-                s.delete_container(&n, &i)?;
-                Ok(c)
-            })
-            .await
-            .map_err(status)?;
-        // A root made by the image store goes with its container (containerd leaves that to
-        // the client; `ctr run --rm` and `yard rm` both end here).
-        let (images, n) = (self.0.images.clone(), ns.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            super::images::release_rootfs(
-                &images,
-                &n,
-                &record.id,
-                &record.snapshotter,
-                &record.snapshot_key,
-            )
-        })
-        .await;
-        self.0.exchange.publish(
-            &ns,
-            topics::CONTAINER_DELETE,
-            to_any(&ContainerDelete { id }),
-        );
+        delete_container(&self.0, &ns, id).await?;
         Ok(Response::new(()))
     }
+}
+
+/// Containers.Delete: the record, the root the image store made for it, the event. Refused
+/// while the container has a task. Also what Tasks.Delete does after the task with
+/// `switchyard-remove` (`server/tasks.rs`).
+pub(super) async fn delete_container(shared: &Shared, ns: &str, id: String) -> Result<(), Status> {
+    if shared.tasks.exists(ns, &id) {
+        return Err(status(Simple::new(
+            Kind::FailedPrecondition,
+            format!("container {id:?} has a task: delete the task first"),
+        )));
+    }
+    let (n, i) = (ns.to_owned(), id.clone());
+    let record = shared
+        .store
+        .run(move |s| {
+            let c = s.get_container(&n, &i)?;
+            s.delete_container(&n, &i)?;
+            Ok(c)
+        })
+        .await
+        .map_err(status)?;
+    // A root made by the image store goes with its container (containerd leaves that to
+    // the client; `ctr run --rm` and `yard rm` both end here).
+    let (images, n) = (shared.images.clone(), ns.to_owned());
+    let _ = tokio::task::spawn_blocking(move || {
+        super::images::release_rootfs(
+            &images,
+            &n,
+            &record.id,
+            &record.snapshotter,
+            &record.snapshot_key,
+        )
+    })
+    .await;
+    shared.exchange.publish(
+        ns,
+        topics::CONTAINER_DELETE,
+        to_any(&ContainerDelete { id }),
+    );
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use switchyard_api::client::START_HEADER;
+use switchyard_api::client::{REMOVE_HEADER, START_HEADER};
 use switchyard_api::containerd::services::tasks::v1 as api;
 use switchyard_api::containerd::task::v2 as shimapi;
 use switchyard_api::containerd::types::Metric;
@@ -127,13 +127,31 @@ impl api::tasks_server::Tasks for TasksService {
         req: Request<api::DeleteTaskRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
         let ns = namespace(&req)?;
+        let remove = req
+            .metadata()
+            .get(REMOVE_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"1");
         let r = req.into_inner();
         let resp = self
             .tasks()
             .delete(&ns, &r.container_id)
             .await
             .map_err(status)?;
-        Ok(Response::new(delete_response(r.container_id, resp)))
+        let mut resp = Response::new(delete_response(r.container_id.clone(), resp));
+        if remove {
+            // The task is gone either way: a container that cannot be removed is left to the
+            // client's own Containers.Delete, which says why.
+            match super::containers::delete_container(&self.0, &ns, r.container_id).await {
+                Ok(()) => {
+                    resp.metadata_mut()
+                        .insert(REMOVE_HEADER, MetadataValue::from_static("1"));
+                }
+                Err(e) => {
+                    tracing::debug!(namespace = %ns, error = %e.message(), "remove the container after its task");
+                }
+            }
+        }
+        Ok(resp)
     }
 
     async fn delete_process(
