@@ -280,8 +280,8 @@ async fn create_and_run(
         rootfs: rootfs.to_vec(),
         ..Default::default()
     });
-    // switchyardd starts the task in the same call; a terminal is made raw before the start,
-    // so with one Start stays ours.
+    // Without a terminal switchyardd starts the task in the same call. With one, `yard` makes
+    // the terminal raw first and sends Start itself.
     if !a.tty {
         create
             .metadata_mut()

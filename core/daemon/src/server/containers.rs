@@ -200,8 +200,8 @@ impl api::containers_server::Containers for ContainersService {
 }
 
 /// Containers.Delete: the record, the root the image store made for it, the event. Refused
-/// while the container has a task. Also what Tasks.Delete does after the task with
-/// `switchyard-remove` (`server/tasks.rs`).
+/// while the container has a task. Also what Tasks.Delete does after the task with the
+/// `switchyard-remove-container` header (`server/tasks.rs`).
 pub(super) async fn delete_container(shared: &Shared, ns: &str, id: String) -> Result<(), Status> {
     if shared.tasks.exists(ns, &id) {
         return Err(status(Simple::new(
