@@ -18,12 +18,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use switchyard_api::client::{REMOVE_HEADER, START_HEADER, WithNamespace};
+use switchyard_api::client::{REMOVE_HEADER, START_HEADER, WithNamespace, set_flag};
 use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::containerd::services::tasks::v1::tasks_client::TasksClient;
 use switchyard_api::containerd::v1::types::Status;
 use switchyard_tests::*;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 
 /// Deadline for one client command.
@@ -854,8 +853,7 @@ fn the_start_and_remove_headers_start_and_remove() {
             container_id: started.clone(),
             ..Default::default()
         });
-        req.metadata_mut()
-            .insert(START_HEADER, MetadataValue::from_static("1"));
+        set_flag(req.metadata_mut(), START_HEADER);
         let r = t.create(req).await.expect("create with the header");
         assert_eq!(
             r.metadata()
@@ -906,8 +904,7 @@ fn the_start_and_remove_headers_start_and_remove() {
         let mut req = tonic::Request::new(tasks::DeleteTaskRequest {
             container_id: started.clone(),
         });
-        req.metadata_mut()
-            .insert(REMOVE_HEADER, MetadataValue::from_static("1"));
+        set_flag(req.metadata_mut(), REMOVE_HEADER);
         let r = t.delete(req).await.expect("delete with the header");
         assert_eq!(
             r.metadata()

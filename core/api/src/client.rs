@@ -23,6 +23,16 @@ pub const START_HEADER: &str = "switchyard-start";
 /// container could not be removed) sends Containers.Delete itself.
 pub const REMOVE_HEADER: &str = "switchyard-remove-container";
 
+/// Sets one of Switchyard's flag headers ([`START_HEADER`], [`REMOVE_HEADER`]) to `1`.
+pub fn set_flag(metadata: &mut tonic::metadata::MetadataMap, header: &'static str) {
+    metadata.insert(header, tonic::metadata::MetadataValue::from_static("1"));
+}
+
+/// Whether one of Switchyard's flag headers is set (to `1`) in a request's or answer's metadata.
+pub fn flag(metadata: &tonic::metadata::MetadataMap, header: &str) -> bool {
+    metadata.get(header).is_some_and(|v| v.as_bytes() == b"1")
+}
+
 /// Opens a gRPC channel to the Unix socket at `path` (an optional `unix://` prefix is removed).
 pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, tonic::transport::Error> {
     let raw = path.as_ref().to_string_lossy();

@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use switchyard_api::client::{REMOVE_HEADER, START_HEADER};
+use switchyard_api::client::{REMOVE_HEADER, START_HEADER, flag, set_flag};
 use switchyard_api::containerd::services::containers::v1 as containers;
 use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::typeurl::{OCI_SPEC, json_any};
-use tonic::metadata::MetadataValue;
 
 use crate::client::{Client, rpc};
 use crate::process::{Start, attach_and_run, check_env, exit_code, random_id};
@@ -245,33 +244,34 @@ async fn create_and_run(
             }
             None => String::new(),
         };
-        client
-            .tasks()
-            .create(tasks::CreateTaskRequest {
-                container_id: id.to_owned(),
-                terminal: false,
-                stdout: stdout.clone(),
-                stderr: stdout,
-                rootfs: rootfs.to_vec(),
-                ..Default::default()
-            })
+        let req = tasks::CreateTaskRequest {
+            container_id: id.to_owned(),
+            terminal: false,
+            stdout: stdout.clone(),
+            stderr: stdout,
+            rootfs: rootfs.to_vec(),
+            ..Default::default()
+        };
+        let started = create_task(client, req, true)
             .await
             .map_err(rpc(&format!("create task {id}")))?;
-        client
-            .tasks()
-            .start(tasks::StartRequest {
-                container_id: id.to_owned(),
-                exec_id: String::new(),
-            })
-            .await
-            .map_err(rpc(&format!("start {id}")))?;
+        if !started {
+            client
+                .tasks()
+                .start(tasks::StartRequest {
+                    container_id: id.to_owned(),
+                    exec_id: String::new(),
+                })
+                .await
+                .map_err(rpc(&format!("start {id}")))?;
+        }
         writeln!(std::io::stdout(), "{id}")?;
         return Ok(0);
     }
     let mut fifos = io::Fifos::new(id, a.interactive || a.tty, a.tty)?;
     // The shim opens the fifos during Create and waits for our ends.
     let closed_rx = fifos.start();
-    let mut create = tonic::Request::new(tasks::CreateTaskRequest {
+    let req = tasks::CreateTaskRequest {
         container_id: id.to_owned(),
         stdin: fifos.stdin_uri(),
         stdout: fifos.stdout_uri(),
@@ -279,24 +279,14 @@ async fn create_and_run(
         terminal: a.tty,
         rootfs: rootfs.to_vec(),
         ..Default::default()
-    });
+    };
     // Without a terminal switchyardd starts the task in the same call. With one, `yard` makes
     // the terminal raw first and sends Start itself.
-    if !a.tty {
-        create
-            .metadata_mut()
-            .insert(START_HEADER, MetadataValue::from_static("1"));
-    }
-    let created = client
-        .tasks()
-        .create(create)
+    let created = create_task(client, req, !a.tty)
         .await
         .map_err(rpc(&format!("create task {id}")));
     let started = match created {
-        Ok(r) => r
-            .metadata()
-            .get(START_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"1"),
+        Ok(started) => started,
         Err(e) => {
             fifos.drain(Duration::ZERO);
             return Err(e);
@@ -307,6 +297,22 @@ async fn create_and_run(
     Ok(exit_code(status))
 }
 
+/// Tasks.Create; with `start`, switchyardd is asked to start the task in the same call
+/// (`switchyard-start`). True when the answer says it did (containerd's never does: the caller
+/// sends Start then).
+async fn create_task(
+    client: &Client,
+    req: tasks::CreateTaskRequest,
+    start: bool,
+) -> Result<bool, tonic::Status> {
+    let mut req = tonic::Request::new(req);
+    if start {
+        set_flag(req.metadata_mut(), START_HEADER);
+    }
+    let r = client.tasks().create(req).await?;
+    Ok(start && flag(r.metadata(), START_HEADER))
+}
+
 /// Best-effort removal of a `--rm` task and container: both in one call to switchyardd
 /// (`switchyard-remove-container`), the container on its own where the answer says it is not
 /// gone (containerd; or the task's delete failed).
@@ -314,14 +320,12 @@ async fn cleanup(client: &Client, id: &str) {
     let mut delete = tonic::Request::new(tasks::DeleteTaskRequest {
         container_id: id.to_owned(),
     });
-    delete
-        .metadata_mut()
-        .insert(REMOVE_HEADER, MetadataValue::from_static("1"));
-    let removed = client.tasks().delete(delete).await.is_ok_and(|r| {
-        r.metadata()
-            .get(REMOVE_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"1")
-    });
+    set_flag(delete.metadata_mut(), REMOVE_HEADER);
+    let removed = client
+        .tasks()
+        .delete(delete)
+        .await
+        .is_ok_and(|r| flag(r.metadata(), REMOVE_HEADER));
     if removed {
         return;
     }

@@ -6,12 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use switchyard_api::client::{REMOVE_HEADER, START_HEADER};
+use switchyard_api::client::{REMOVE_HEADER, START_HEADER, flag, set_flag};
 use switchyard_api::containerd::services::tasks::v1 as api;
 use switchyard_api::containerd::task::v2 as shimapi;
 use switchyard_api::containerd::types::Metric;
 use switchyard_api::containerd::v1::types::Process;
-use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use super::{Shared, namespace};
@@ -82,10 +81,7 @@ impl api::tasks_server::Tasks for TasksService {
         req: Request<api::CreateTaskRequest>,
     ) -> Result<Response<api::CreateTaskResponse>, Status> {
         let ns = namespace(&req)?;
-        let start = req
-            .metadata()
-            .get(START_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"1");
+        let start = flag(req.metadata(), START_HEADER);
         let (r, runtime_path) = create_request(req.into_inner());
         let id = r.id.clone();
         let mut pid = self
@@ -102,8 +98,7 @@ impl api::tasks_server::Tasks for TasksService {
             pid,
         });
         if start {
-            resp.metadata_mut()
-                .insert(START_HEADER, MetadataValue::from_static("1"));
+            set_flag(resp.metadata_mut(), START_HEADER);
         }
         Ok(resp)
     }
@@ -127,10 +122,7 @@ impl api::tasks_server::Tasks for TasksService {
         req: Request<api::DeleteTaskRequest>,
     ) -> Result<Response<api::DeleteResponse>, Status> {
         let ns = namespace(&req)?;
-        let remove = req
-            .metadata()
-            .get(REMOVE_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"1");
+        let remove = flag(req.metadata(), REMOVE_HEADER);
         let r = req.into_inner();
         let resp = self
             .tasks()
@@ -142,10 +134,7 @@ impl api::tasks_server::Tasks for TasksService {
             // The task is gone either way: a container that cannot be removed is left to the
             // client's own Containers.Delete, which says why.
             match super::containers::delete_container(&self.0, &ns, r.container_id).await {
-                Ok(()) => {
-                    resp.metadata_mut()
-                        .insert(REMOVE_HEADER, MetadataValue::from_static("1"));
-                }
+                Ok(()) => set_flag(resp.metadata_mut(), REMOVE_HEADER),
                 Err(e) => {
                     tracing::debug!(namespace = %ns, error = %e.message(), "remove the container after its task");
                 }
