@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use switchyard_benches::{
-    Stats, containerd_under_test, env_usize, mib, ms, private_kib, pss_kib, rotated, row, summary,
+    Stats, containerd_under_test, env_usize, mib, ms, rotated, row, smaps_rollup, summary,
     throughput, time_ctr_run, time_yard_run, version,
 };
 use switchyard_tests::daemon::rss_kib;
@@ -72,8 +72,10 @@ fn shim_memory(ctd: &Containerd, runtime: &str, shim_name: &str, n: usize) -> Sh
         .collect();
     assert_eq!(shims.len(), n, "one shim per container expected");
     let rss: u64 = shims.iter().filter_map(|p| rss_kib(*p)).sum::<u64>() / n as u64;
-    let pss: u64 = shims.iter().filter_map(|p| pss_kib(*p)).sum::<u64>() / n as u64;
-    let private: u64 = shims.iter().filter_map(|p| private_kib(*p)).sum::<u64>() / n as u64;
+    let rollups: Vec<_> = shims.iter().map(|p| smaps_rollup(*p)).collect();
+    let field = |k: &str| rollups.iter().filter_map(|r| r.get(k)).sum::<u64>() / n as u64;
+    let pss = field("Pss");
+    let private = field("Private_Clean") + field("Private_Dirty");
     for id in &ids {
         let _ = run_timeout(
             ctd.ctr().args(["task", "kill", "-s", "KILL", id]),

@@ -100,14 +100,6 @@ pub fn pss_kib(pid: u32) -> Option<u64> {
     smaps_rollup(pid).get("Pss").copied()
 }
 
-/// Private memory of a process in KiB (USS: the pages no other process maps, what the
-/// process adds to the machine; its binary's text, shared with other processes of the same
-/// binary, is not in it).
-pub fn private_kib(pid: u32) -> Option<u64> {
-    let r = smaps_rollup(pid);
-    Some(r.get("Private_Clean")? + r.get("Private_Dirty")?)
-}
-
 /// The wall time of `ctr run --rm --runtime RUNTIME_TYPE --rootfs BUSYBOX ID /bin/true` against
 /// `daemon`, which must succeed.
 pub fn time_ctr_run(daemon: &impl Ctr, runtime_type: &str) -> Duration {
