@@ -36,6 +36,16 @@ pub fn fixtures() -> &'static Fixtures {
     FIXTURES.get_or_init(build)
 }
 
+/// The worker of the Wasm shim whose first task is `id` (a shim's worker is named after the
+/// task that started the shim): the process whose command line is
+/// `containerd-shim-yard-wasm-v1 worker ... -id ID`.
+pub fn worker_of(id: &str) -> Option<u32> {
+    crate::host::processes_matching(&["containerd-shim-yard-wasm-v1 worker "])
+        .into_iter()
+        .find(|(_, cmd)| cmd.split(' ').skip_while(|a| *a != "-id").nth(1) == Some(id))
+        .map(|(p, _)| p)
+}
+
 /// Whether `bytes` start like a Wasm component (rather than a core module): the `\0asm` magic,
 /// then the component version and layer.
 pub fn is_component(bytes: &[u8]) -> bool {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchyard_tests::images::{gzip, image, oci_layout_tar};
+use switchyard_tests::wasm::worker_of;
 use switchyard_tests::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -111,16 +112,6 @@ fn ctr_run_detached(d: &Daemon, root: &Rootfs, flags: &[&str], id: &str, args: &
         .args(["--rootfs", root.path(), id, "/app/hello.wasm"])
         .args(args);
     run_timeout(&mut c, T)
-}
-
-/// The worker of the shim serving task `id`: a child of the shim whose command line is
-/// `containerd-shim-yard-wasm-v1 worker ... -id ID`.
-fn worker_of(id: &str) -> Option<u32> {
-    let needle = format!("-id {id}");
-    processes_matching(&[SHIM, " worker ", &needle])
-        .into_iter()
-        .map(|(p, _)| p)
-        .next()
 }
 
 fn status_field(pid: u32, task: Option<&str>, field: &str) -> Option<String> {
