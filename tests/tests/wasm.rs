@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::wasm::wasm_rootfs;
+use switchyard_tests::wasm::{wasm_rootfs, worker_of};
 use switchyard_tests::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -496,6 +496,56 @@ fn group_option_shares_one_shim() {
         1,
         "tasks of a grouped runtime in {} shims: {s:?}",
         s.len()
+    );
+    for id in &ids {
+        let out = d.run_yard(&["rm", "--force", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
+}
+
+/// An idle task without stdio (`yard run -d`) holds one descriptor in its group's worker, its
+/// preopened root: `/dev/null` needs none (WASI's own streams read nothing and discard), and
+/// the root's own descriptor goes once the preopen has one. So a worker under this machine's
+/// 20,000 `RLIMIT_NOFILE` holds 10,000 idle tasks. The shim holds none for them.
+#[test]
+fn an_idle_task_without_stdio_holds_one_descriptor() {
+    let Some((d, _cache)) = daemon_with(&[], "group = \"fds\"") else {
+        return;
+    };
+    const MORE: usize = 8;
+    let ids: Vec<String> = (0..=MORE).map(|i| unique_id(&format!("fd{i}"))).collect();
+    let run = |id: &str| {
+        let out = yard_run(&d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
+        assert!(out.status.success(), "{}", show(&out));
+    };
+    run(&ids[0]);
+    let shim = shims(&d);
+    assert_eq!(shim.len(), 1, "{shim:?}");
+    let worker = worker_of(&ids[0]).expect("the group's worker");
+    let (shim_fds, worker_fds) = (open_fds(shim[0]), open_fds(worker));
+    for id in &ids[1..] {
+        run(id);
+    }
+    assert_eq!(shims(&d), shim, "the group's shim changed");
+    for id in &ids {
+        assert_eq!(d.status(id).as_deref(), Some("running"), "{id}");
+    }
+    let (shim_now, worker_now) = (open_fds(shim[0]), open_fds(worker));
+    eprintln!(
+        "{MORE} more idle tasks: worker descriptors {worker_fds} -> {worker_now}, shim \
+         {shim_fds} -> {shim_now}"
+    );
+    assert!(
+        worker_now <= worker_fds + MORE,
+        "the worker holds more than one descriptor per idle task: {worker_fds} with one task, \
+         {worker_now} with {}",
+        MORE + 1
+    );
+    assert!(
+        shim_now <= shim_fds,
+        "the shim holds descriptors per idle task: {shim_fds} with one task, {shim_now} with {}",
+        MORE + 1
     );
     for id in &ids {
         let out = d.run_yard(&["rm", "--force", id]);

@@ -7,13 +7,13 @@
 //! goes out through a [`Notify`].
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use wasmtime_wasi::p2::OutputStream;
 
 use tokio::sync::{oneshot, watch};
 use wasmtime::component::ResourceTable;
@@ -106,11 +106,14 @@ impl<F: Future> Future for Pausable<F> {
     }
 }
 
-/// The guest's files (owned by the store while it runs).
+/// The guest's files (owned by the store while it runs). `None` is `/dev/null`, which needs no
+/// descriptor: WASI's default streams read nothing and discard what is written, as it does.
+/// An idle task then holds one descriptor (its preopened root), which is what lets a worker
+/// keep 10,000 of them under a 20,000 `RLIMIT_NOFILE`.
 struct Stdio {
-    stdin: File,
-    stdout: File,
-    stderr: File,
+    stdin: Option<File>,
+    stdout: Option<OutputFile>,
+    stderr: Option<OutputFile>,
 }
 
 /// What every instance of a task is made from, and where its troubles are reported.
@@ -118,51 +121,43 @@ pub struct Guest {
     pub id: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// The task's root: a detached `nodev,nosuid,noexec` mount tree from the parent.
-    pub root: OwnedFd,
+    /// The task's root: a detached `nodev,nosuid,noexec` mount tree from the parent, until
+    /// the task's last instance has preopened it (a command's one instance; an HTTP
+    /// component's requests need it to the end).
+    pub root: Mutex<Option<OwnedFd>>,
     pub readonly: bool,
     pub cwd: String,
     pub settings: TaskSettings,
     pub control: Arc<Control>,
     pub memory_limit: Arc<AtomicU64>,
     pub memory_used: Arc<AtomicU64>,
-    /// The task's stderr, for trap messages (and, for HTTP tasks, every request's stderr).
-    pub stderr: Mutex<Option<File>>,
-    pub stdout: Mutex<Option<File>>,
+    /// The task's stderr, for trap messages (and, for HTTP tasks, every request's stderr):
+    /// the guest's own stream, shared, not a copy of its descriptor.
+    pub stderr: Mutex<Option<OutputFile>>,
+    pub stdout: Mutex<Option<OutputFile>>,
 }
 
 impl Guest {
-    /// A WASI context whose outputs may be gone (an HTTP request after the task ended).
-    fn builder_outputs(
+    /// A WASI context: args, env, the rootfs preopened as `/`, and the given stdio (none: the
+    /// default streams, `/dev/null`'s behaviour). `last`: no instance of the task follows, so
+    /// the root's descriptor goes (the preopen holds its own).
+    fn builder(
         &self,
-        stdout: Option<File>,
-        stderr: Option<File>,
+        stdin: Option<File>,
+        stdout: Option<OutputFile>,
+        stderr: Option<OutputFile>,
+        last: bool,
     ) -> Result<WasiCtxBuilder> {
-        match (stdout, stderr) {
-            (Some(o), Some(e)) => self.builder(None, o, e),
-            (o, e) => {
-                let mut b = self.base()?;
-                match o {
-                    Some(o) => b.stdout(OutputFile::new(o)),
-                    None => b.stdout(tokio::io::empty()),
-                };
-                match e {
-                    Some(e) => b.stderr(OutputFile::new(e)),
-                    None => b.stderr(tokio::io::empty()),
-                };
-                Ok(b)
-            }
-        }
-    }
-
-    /// A WASI context: args, env, the rootfs preopened as `/`, and the given stdio.
-    fn builder(&self, stdin: Option<File>, stdout: File, stderr: File) -> Result<WasiCtxBuilder> {
-        let mut b = self.base()?;
+        let mut b = self.base(last)?;
         if let Some(stdin) = stdin {
             b.stdin(stdin_stream(stdin));
         }
-        b.stdout(OutputFile::new(stdout))
-            .stderr(OutputFile::new(stderr));
+        if let Some(stdout) = stdout {
+            b.stdout(stdout);
+        }
+        if let Some(stderr) = stderr {
+            b.stderr(stderr);
+        }
         Ok(b)
     }
 
@@ -170,7 +165,7 @@ impl Guest {
     /// `wasi:sockets` TCP and UDP to any address (the worker is in the pod's network namespace,
     /// so any address is as the pod sees it) unless the runtime turned them off; outside a pod,
     /// none. No name lookups (the worker has no resolver configuration).
-    fn base(&self) -> Result<WasiCtxBuilder> {
+    fn base(&self, last: bool) -> Result<WasiCtxBuilder> {
         let mut b = WasiCtxBuilder::new();
         b.args(&self.args).envs(&self.env);
         let perms = if self.readonly {
@@ -178,7 +173,16 @@ impl Guest {
         } else {
             FsPerms::ReadWrite
         };
-        preopen_root(&mut b, &self.root, perms)?;
+        {
+            let mut root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+            let fd = root
+                .as_ref()
+                .ok_or_else(|| Error::Internal("the task's root is gone".into()))?;
+            preopen_root(&mut b, fd, perms)?;
+            if last {
+                *root = None;
+            }
+        }
         let sockets = self.settings.network.sockets;
         b.allow_tcp(sockets)
             .allow_udp(sockets)
@@ -197,24 +201,17 @@ impl Guest {
         usize::try_from(self.settings.network.max_sockets).unwrap_or(usize::MAX)
     }
 
-    /// Copies of the task's output files for one more instance (none once the task has ended).
-    fn files(&self) -> Result<(Option<File>, Option<File>)> {
-        let dup = |f: &Mutex<Option<File>>, what: &str| -> Result<Option<File>> {
-            match &*f.lock().unwrap_or_else(|p| p.into_inner()) {
-                Some(f) => f
-                    .try_clone()
-                    .map(Some)
-                    .map_err(Error::io(format!("dup {what}"))),
-                None => Ok(None),
-            }
-        };
-        Ok((dup(&self.stdout, "stdout")?, dup(&self.stderr, "stderr")?))
+    /// The task's output streams for one more instance (none once the task has ended).
+    fn outputs(&self) -> (Option<OutputFile>, Option<OutputFile>) {
+        let get =
+            |f: &Mutex<Option<OutputFile>>| f.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (get(&self.stdout), get(&self.stderr))
     }
 
     /// Store data for one HTTP request's instance.
     pub fn p2_state(&self) -> Result<P2State> {
-        let (out, err) = self.files()?;
-        let mut b = self.builder_outputs(out, err)?;
+        let (out, err) = self.outputs();
+        let mut b = self.builder(None, out, err, false)?;
         Ok(P2State {
             wasi: b.build(),
             http: WasiHttpCtx::new(),
@@ -256,7 +253,7 @@ impl Guest {
     pub fn report(&self, msg: &str) {
         tracing::warn!(id = %self.id, "{msg}");
         if let Some(f) = &mut *self.stderr.lock().unwrap_or_else(|p| p.into_inner()) {
-            let _ = writeln!(f, "{msg}");
+            let _ = f.write(format!("{msg}\n").into());
         }
     }
 }
@@ -276,6 +273,15 @@ fn stdin_stream(f: File) -> AsyncStdinStream {
         return AsyncStdinStream::new(pipe);
     }
     AsyncStdinStream::new(tokio::fs::File::from_std(f))
+}
+
+/// Whether `f` is `/dev/null` (the character device 1:3).
+fn is_null(f: &File) -> bool {
+    use rustix::fs::{FileType, fstat, makedev};
+    fstat(f).is_ok_and(|st| {
+        FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice
+            && st.st_rdev == makedev(1, 3)
+    })
 }
 
 /// Preopen the task's root as `/`. wasmtime-wasi opens a preopen by path, and the worker has
@@ -318,27 +324,29 @@ pub struct TaskParts {
 }
 
 impl WasmProcess {
-    pub fn new(p: TaskParts) -> Result<Arc<WasmProcess>> {
+    pub fn new(p: TaskParts) -> Arc<WasmProcess> {
+        let output = |f: File| (!is_null(&f)).then(|| OutputFile::new(f));
+        let (stdout, stderr) = (output(p.stdout), output(p.stderr));
         let guest = Guest {
-            stderr: Mutex::new(Some(p.stderr.try_clone().map_err(Error::io("dup stderr"))?)),
-            stdout: Mutex::new(Some(p.stdout.try_clone().map_err(Error::io("dup stdout"))?)),
+            stderr: Mutex::new(stderr.clone()),
+            stdout: Mutex::new(stdout.clone()),
             ..p.guest
         };
-        Ok(Arc::new_cyclic(|me| WasmProcess {
+        Arc::new_cyclic(|me| WasmProcess {
             me: me.clone(),
             runtime: p.runtime,
             prepared: p.prepared,
             guest: Arc::new(guest),
             stdio: Mutex::new(Some(Stdio {
-                stdin: p.stdin,
-                stdout: p.stdout,
-                stderr: p.stderr,
+                stdin: (!is_null(&p.stdin)).then_some(p.stdin),
+                stdout,
+                stderr,
             })),
             listener: Mutex::new(None),
             exit: watch::channel(None).0,
             started: AtomicBool::new(false),
             notify: p.notify,
-        }))
+        })
     }
 
     fn exited(&self) -> bool {
@@ -383,7 +391,7 @@ impl WasmProcess {
         let engine = self.runtime.engine.clone();
         let result = match &self.prepared {
             Prepared::Module(pre) => {
-                let wasi = match g.builder(Some(stdin), stdout, stderr) {
+                let wasi = match g.builder(stdin, stdout, stderr, true) {
                     Ok(mut b) => b.build_p1(),
                     Err(e) => return fail(ready, e),
                 };
@@ -406,7 +414,7 @@ impl WasmProcess {
                 (r.map(|()| 0), refused)
             }
             Prepared::Command(pre) => {
-                let wasi = match g.builder(Some(stdin), stdout, stderr) {
+                let wasi = match g.builder(stdin, stdout, stderr, true) {
                     Ok(mut b) => b.build(),
                     Err(e) => return fail(ready, e),
                 };

@@ -266,7 +266,7 @@ impl Served {
                     id: task.clone(),
                     args: guest.args,
                     env: guest.env,
-                    root,
+                    root: Mutex::new(Some(root)),
                     readonly: guest.readonly,
                     cwd: guest.cwd,
                     settings: guest.settings,
@@ -284,7 +284,7 @@ impl Served {
                     stdout: stdout.into(),
                     stderr: stderr.into(),
                     notify: self.out.clone(),
-                })?;
+                });
                 let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
                 if tasks.contains_key(&task) {
                     return Err(Error::FailedPrecondition(format!(
