@@ -5,18 +5,19 @@
 //! 2. a new task in a warm shim: `yard run --rm` into a shim that already runs a task of the
 //!    same group (`io.switchyard.group`), with the shim's own `Create` and `Start` request times
 //!    taken from its debug log (relayed into switchyardd's log);
-//! 3. density: `DENSITY` idle tasks (default 1000) in one shim process, its RSS and PSS per
+//! 3. density: `DENSITY` idle tasks (default 10,000) in one shim process, its RSS and PSS per
 //!    task, the time to start and to remove them, and that nothing is left afterwards.
 //!
 //! Run: `cargo bench -p switchyard-benches --bench wasm_shim` (root; release binaries built:
-//! `cargo build --release -p switchyardd -p yard -p containerd-shim-yard-wasm-v1`; the Wasm
+//! `cargo build --release --workspace --bins`, as `scripts/bench` does; the Wasm
 //! targets `wasm32-wasip1` and `wasm32-wasip2` for the test programs). The wasmtime CLI is
 //! taken from PATH, else `$SWITCHYARD_PEERS/wasmtime/bin/wasmtime` (default
 //! /var/cache/switchyard/peers), and installed there with `cargo install` when missing.
 //! `WASMTIME=PATH` names another wasmtime CLI (empty: none, the shim's rows only).
 //! `WASM_OPTIONS='a = 1; b = 2'` adds shim options (e.g. `worker_uid = 0; worker_gid = 0`, the
 //! worker without its user namespace). `RUNS=N` sets the sample count of the timings (default
-//! 20), `DENSITY=N` the number of idle tasks (default 1000).
+//! 20), `DENSITY=N` the number of idle tasks (default 10,000; each holds one descriptor in
+//! the worker, so the shim's `RLIMIT_NOFILE` must be above it).
 
 #![allow(
     clippy::print_stdout,
@@ -925,7 +926,7 @@ fn main() {
     }
     check_binaries();
     let runs = env_usize("RUNS", 20).max(1);
-    let density = env_usize("DENSITY", 1000).max(2);
+    let density = env_usize("DENSITY", 10_000).max(2);
     let wasmtime = wasmtime_cli();
     if wasmtime.is_none() {
         require(false, "the wasmtime CLI could not be found or installed");
