@@ -438,3 +438,41 @@ fn issue2_embedded_default_config_is_printed_and_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `yard ps` lists containers whose records together are larger than one gRPC message may be
+/// (16 MiB): it streams them, one container per message, as containerd's own client does.
+#[test]
+fn yard_ps_lists_more_containers_than_one_message_holds() {
+    if !require_root_and(&["ctr"]) {
+        return;
+    }
+    let d = Daemon::start();
+    // 8 variables of 120 KiB (one argument may be 128 KiB): about 1 MiB of spec per record.
+    let big = format!("BIG={}", "x".repeat(120 << 10));
+    let ids: Vec<String> = (0..20).map(|i| unique_id(&format!("big{i}"))).collect();
+    for id in &ids {
+        let mut c = d.ctr();
+        c.args(["containers", "create"]);
+        for _ in 0..8 {
+            c.args(["--env", &big]);
+        }
+        c.arg("--rootfs")
+            .arg(busybox_rootfs())
+            .args([id.as_str(), "/bin/true"]);
+        let out = run_timeout(&mut c, T);
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+    }
+    let rows = d.ps();
+    for id in &ids {
+        let row = rows.iter().find(|r| r["id"] == id.as_str());
+        assert_eq!(
+            row.map(|r| r["status"].clone()),
+            Some("no task".into()),
+            "{id} in yard ps"
+        );
+    }
+    for id in &ids {
+        let out = d.run_yard(&["rm", id]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+}

@@ -1,5 +1,6 @@
 //! `yard ps`, `yard kill`, `yard rm`: the tasks and containers of a namespace.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -143,14 +144,19 @@ async fn remove(client: &Client, id: &str, force: bool) -> anyhow::Result<()> {
 }
 
 pub async fn ps(client: &Client, json: bool) -> anyhow::Result<()> {
-    let cs = client
+    // Streamed, one container per message, as containerd's own client lists them: a container
+    // record carries its OCI spec, so 10,000 of them are larger than one message may be.
+    let mut stream = client
         .containers()
-        .list(containers::ListContainersRequest { filters: vec![] })
+        .list_stream(containers::ListContainersRequest { filters: vec![] })
         .await
         .map_err(rpc("list containers"))?
-        .into_inner()
-        .containers;
-    let ts = client
+        .into_inner();
+    let mut cs = Vec::new();
+    while let Some(m) = stream.message().await.map_err(rpc("list containers"))? {
+        cs.extend(m.container);
+    }
+    let ts: HashMap<String, _> = client
         .tasks()
         .list(tasks::ListTasksRequest {
             filter: String::new(),
@@ -158,11 +164,14 @@ pub async fn ps(client: &Client, json: bool) -> anyhow::Result<()> {
         .await
         .map_err(rpc("list tasks"))?
         .into_inner()
-        .tasks;
+        .tasks
+        .into_iter()
+        .map(|t| (t.container_id.clone(), t))
+        .collect();
     let rows: Vec<serde_json::Value> = cs
         .iter()
         .map(|c| {
-            let t = ts.iter().find(|t| t.container_id == c.id);
+            let t = ts.get(&c.id);
             serde_json::json!({
                 "id": c.id,
                 "runtime": c.runtime.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
