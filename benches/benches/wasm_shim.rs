@@ -760,7 +760,26 @@ struct Part3 {
     clean: bool,
 }
 
-fn part3(d: &Daemon, n: usize) -> Part3 {
+/// One idle task alone in a group's shim of daemon `d`, whose options are the defaults (a pool
+/// of 1,000 slots; the density run's daemon has one slot per task, which its worker pays for
+/// up front): the shim's RSS with its worker's, and alone, in KiB. The task is removed again.
+fn one_idle(d: &Daemon) -> Option<(u64, u64)> {
+    let id = "idle-one";
+    hello_detached(d, id, id, 3_600_000).ok()?;
+    let pid = d
+        .ps_row(id)
+        .and_then(|r| r["pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok());
+    let measured = pid.map(|pid| {
+        std::thread::sleep(Duration::from_millis(500));
+        (with_children(pid).0, rss_kib(pid).unwrap_or(0))
+    });
+    let _ = d.yard().args(["rm", "--force", id]).output();
+    measured
+}
+
+/// `idle`: [`one_idle`] on a daemon with the default pool, for the target's row.
+fn part3(d: &Daemon, n: usize, idle: Option<(u64, u64)>) -> Part3 {
     let ids: Vec<String> = (0..n).map(|i| format!("dense-{i:05}")).collect();
     hello_detached(d, "dense", &ids[0], 3_600_000).unwrap();
     let pid = eventually(Duration::from_secs(10), || shims(d).len() == 1)
@@ -865,11 +884,23 @@ fn part3(d: &Daemon, n: usize) -> Part3 {
     let (last_tasks, _, _, last_g_rss, _) = *curve.last().unwrap();
     let per_task_g =
         (last_tasks > 1).then(|| last_g_rss.saturating_sub(g_rss1) / (last_tasks as u64 - 1));
+    let (one, one_shim) = idle.unwrap_or((g_rss1, rss1));
+    println!(
+        "  one idle task with the default pool of 1,000 slots: shim + worker RSS {}, shim {}",
+        idle.map_or("-".to_owned(), |(g, _)| mib(g)),
+        idle.map_or("-".to_owned(), |(_, s)| mib(s))
+    );
     summary(
         "wasm group shim, one idle task (shim + worker)",
-        &format!("RSS {} (shim alone {})", mib(g_rss1), mib(rss1)),
+        &format!(
+            "RSS {} (shim alone {}; {}with the density run's pool of {n} slots: {})",
+            mib(one),
+            mib(one_shim),
+            if idle.is_some() { "default pool; " } else { "" },
+            mib(g_rss1)
+        ),
         "RSS <= 10 MiB",
-        Some(g_rss1 <= 10 * 1024),
+        Some(one <= 10 * 1024),
     );
     summary(
         &format!("wasm group shim, per added idle task up to {last_tasks}"),
@@ -966,6 +997,7 @@ fn main() {
     let p1 = part1(&d, &work, &cache, wasmtime.as_deref(), runs);
     let warm = part1b(&d, &work, wasmtime.as_deref(), runs);
     let p2 = part2(&cache, &extra, runs);
+    let idle = one_idle(&d);
     drop(d);
     // The density run gets a daemon of its own: more pool slots than the default 1000 make
     // every new shim's worker reserve them, which parts 1 and 2 must not pay.
@@ -975,7 +1007,7 @@ fn main() {
         String::new()
     };
     let d = Daemon::start_with(&runtime_toml(&cache, &format!("{extra}{slots}")));
-    let p3 = part3(&d, density);
+    let p3 = part3(&d, density, idle);
     drop(d);
 
     println!();
