@@ -553,3 +553,63 @@ fn an_idle_task_without_stdio_holds_one_descriptor() {
     }
     assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
 }
+
+/// A group's worker raises its soft descriptor limit to the hard one, as the Go runtime does
+/// for containerd's shims: with the daemon (and so its shims) at a soft limit of 128, one
+/// worker still holds 150 idle tasks, one descriptor each.
+#[test]
+fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
+    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
+    let Some((d, _cache)) = daemon_with(&[], "group = \"nofile\"") else {
+        return;
+    };
+    const SOFT: u64 = 128;
+    const TASKS: usize = 150;
+    let hard = getrlimit(Resource::Nofile).maximum;
+    if !require(
+        hard.is_none_or(|h| h > 2 * TASKS as u64),
+        &format!(
+            "needs a hard RLIMIT_NOFILE above {} (have {hard:?})",
+            2 * TASKS
+        ),
+    ) {
+        return;
+    }
+    let daemon = d
+        .pid()
+        .and_then(|p| Pid::from_raw(p as i32))
+        .expect("daemon pid");
+    let lowered = Rlimit {
+        current: Some(SOFT),
+        maximum: hard,
+    };
+    prlimit(Some(daemon), Resource::Nofile, lowered).expect("lower the daemon's soft limit");
+    let ids: Vec<String> = (0..TASKS).map(|i| unique_id(&format!("nf{i}"))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let out = yard_run(&d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
+        assert!(out.status.success(), "task {i}: {}", show(&out));
+    }
+    let worker = worker_of(&ids[0]).expect("the group's worker");
+    let limits = std::fs::read_to_string(format!("/proc/{worker}/limits")).unwrap_or_default();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .to_owned();
+    eprintln!(
+        "worker {worker}: {line}; {} descriptors open",
+        open_fds(worker)
+    );
+    assert!(
+        open_fds(worker) > SOFT as usize,
+        "the worker holds {} descriptors, no more than the inherited soft limit {SOFT}",
+        open_fds(worker)
+    );
+    for chunk in ids.chunks(10) {
+        let mut args = vec!["rm", "--force"];
+        args.extend(chunk.iter().map(String::as_str));
+        let out = d.run_yard(&args);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
+}
