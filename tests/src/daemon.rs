@@ -188,6 +188,9 @@ pub struct Daemon {
     pub config: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The soft `RLIMIT_NOFILE` the daemon starts with (through util-linux `prlimit`), if not
+    /// the test's own.
+    soft_nofile: Option<u64>,
 }
 
 impl Daemon {
@@ -200,6 +203,22 @@ impl Daemon {
     /// Like [`Daemon::start_with`], the TOML made from the daemon's private directory (where
     /// a runtime's cache can go, removed with the daemon).
     pub fn start_in(extra: impl FnOnce(&Path) -> String) -> Daemon {
+        let mut d = Self::unstarted(extra);
+        d.spawn();
+        d
+    }
+
+    /// A daemon on the embedded default config, started with a soft `RLIMIT_NOFILE` of `soft`
+    /// (as a login shell's 1,024 would start it); the hard limit stays the test's.
+    pub fn start_with_soft_nofile(soft: u64) -> Daemon {
+        let mut d = Self::unstarted(|_| String::new());
+        d.soft_nofile = Some(soft);
+        d.spawn();
+        d
+    }
+
+    /// Its directories and config, not running yet.
+    fn unstarted(extra: impl FnOnce(&Path) -> String) -> Daemon {
         let (dir, socket, config) = private_dir("sy-", |dir, root, state, sock| {
             let extra = extra(dir);
             format!(
@@ -207,15 +226,14 @@ impl Daemon {
             )
         });
         let log = dir.path().join("switchyardd.log");
-        let mut d = Daemon {
+        Daemon {
             dir,
             socket,
             config,
             log,
             child: None,
-        };
-        d.spawn();
-        d
+            soft_nofile: None,
+        }
     }
 
     pub fn start() -> Daemon {
@@ -228,7 +246,15 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut child = Command::new(bin("switchyardd"))
+        let mut cmd = match self.soft_nofile {
+            Some(soft) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:")).arg(bin("switchyardd"));
+                c
+            }
+            None => Command::new(bin("switchyardd")),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "debug,h2=info,hyper=info,tower=info,tonic=info")

@@ -91,6 +91,18 @@ pub fn open_fds(pid: u32) -> usize {
     entries(Path::new(&format!("/proc/{pid}/fd"))).len()
 }
 
+/// A process's soft and hard `RLIMIT_NOFILE` (`u64::MAX`: unlimited), from /proc/PID/limits.
+pub fn nofile_limit(pid: u32) -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let value = |v: &str| match v {
+        "unlimited" => Some(u64::MAX),
+        v => v.parse().ok(),
+    };
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    Some((value(fields.next()?)?, value(fields.next()?)?))
+}
+
 /// Mount points whose line in /proc/self/mountinfo contains `needle`.
 pub fn mounts_matching(needle: &str) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")

@@ -45,8 +45,8 @@ pub use gate::{
 };
 pub use host::{
     alive, cgroups_matching, cgroups_with_prefix, cmdline, entries, files_under, kill_cgroup_tree,
-    mount_points_under, mounts_matching, open_fds, ppid, processes_matching, reaped, sigkill,
-    sockets_under, zombie_children,
+    mount_points_under, mounts_matching, nofile_limit, open_fds, ppid, processes_matching, reaped,
+    sigkill, sockets_under, zombie_children,
 };
 pub use net::{free_port, http_get, test_certificates};
 pub use process::{
