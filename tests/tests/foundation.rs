@@ -476,3 +476,45 @@ fn yard_ps_lists_more_containers_than_one_message_holds() {
         assert!(out.status.success(), "{}", show(&out));
     }
 }
+
+/// switchyardd raises its soft `RLIMIT_NOFILE` to the hard limit, as the Go runtime does for
+/// containerd (it holds descriptors for every CRI container's output and every shim), and a
+/// shim it starts gets the soft limit the daemon was started with, as Go's `os/exec` gives
+/// containerd's shims theirs.
+#[test]
+fn the_daemon_raises_its_descriptor_limit_and_shims_get_the_original() {
+    if !require_root_and(&["prlimit"]) {
+        return;
+    }
+    const SOFT: u64 = 256;
+    let hard = nofile_limit(std::process::id()).map(|(_, h)| h);
+    if !require(
+        hard.is_some_and(|h| h > SOFT),
+        &format!("needs a hard RLIMIT_NOFILE above {SOFT} (have {hard:?})"),
+    ) {
+        return;
+    }
+    let d = Daemon::start_with_soft_nofile(SOFT);
+    let daemon = d.pid().expect("daemon pid");
+    assert_eq!(
+        nofile_limit(daemon),
+        hard.map(|h| (h, h)),
+        "the daemon's soft and hard limits"
+    );
+    let id = unique_id("nofile");
+    let out = yard_run(
+        &d,
+        &["--runtime", "native", "-d", "--name", &id],
+        &["/bin/sleep", "600"],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let shims = d.shim_servers("containerd-shim-yard-native-v1");
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    assert_eq!(
+        nofile_limit(shims[0].0),
+        hard.map(|h| (SOFT, h)),
+        "the shim's soft and hard limits"
+    );
+    let out = d.run_yard(&["rm", "--force", &id]);
+    assert!(out.status.success(), "{}", show(&out));
+}

@@ -118,6 +118,7 @@ fn main() -> std::process::ExitCode {
     // Before anything is created: nothing the daemon (or a shim it starts, which inherits
     // this) writes is readable by other users unless it says so (docs/operations.md).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    switchyardd::sys::spawn::raise_nofile_limit();
     switchyard_base::exit_code(run(Cli::parse()))
 }
 

@@ -40,7 +40,50 @@ pub mod pidfd {
 
 /// Process creation.
 pub mod spawn {
+    use std::sync::OnceLock;
+
     use rustix::fs::Mode;
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+    /// The daemon's soft `RLIMIT_NOFILE` before [`raise_nofile_limit`] raised it.
+    static ORIGINAL_NOFILE: OnceLock<Rlimit> = OnceLock::new();
+
+    /// Raises the daemon's soft `RLIMIT_NOFILE` to its hard limit, as the Go runtime does for
+    /// containerd at start: the daemon holds descriptors for every CRI container's output
+    /// (`cri/logs.rs`) and every shim connection, and a login shell's soft limit of 1,024 would
+    /// bound a node's containers far below the hard limit. Shims get the original back
+    /// ([`child_nofile`]), as Go's `os/exec` gives containerd's shims theirs.
+    pub fn raise_nofile_limit() {
+        let limit = getrlimit(Resource::Nofile);
+        // The soft limit is never above the hard one.
+        if limit.current == limit.maximum {
+            return;
+        }
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                let _ = ORIGINAL_NOFILE.set(limit);
+            }
+            Err(e) => tracing::warn!(error = %e, ?limit, "cannot raise RLIMIT_NOFILE"),
+        }
+    }
+
+    /// Give the child `cmd` spawns the soft `RLIMIT_NOFILE` the daemon started with (nothing
+    /// to do when [`raise_nofile_limit`] did not raise it).
+    pub fn child_nofile(cmd: &mut tokio::process::Command) {
+        let Some(&original) = ORIGINAL_NOFILE.get() else {
+            return;
+        };
+        // SAFETY: the closure runs in the child between fork and exec. It only makes the
+        // prlimit64(2) system call (rustix's setrlimit, with the limit copied in before the
+        // fork), which is async-signal-safe, touches no lock and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || setrlimit(Resource::Nofile, original).map_err(Into::into));
+        }
+    }
 
     /// The umask shims start with: what containerd's shims inherit from a containerd that
     /// systemd started. The daemon's own is 077, and a shim that does not set one for its

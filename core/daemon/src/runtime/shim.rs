@@ -233,6 +233,7 @@ impl ShimManager {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         crate::sys::spawn::child_umask(&mut cmd, crate::sys::spawn::SHIM_UMASK);
+        crate::sys::spawn::child_nofile(&mut cmd);
         cmd
     }
 
