@@ -590,15 +590,15 @@ fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
         assert!(out.status.success(), "task {i}: {}", show(&out));
     }
     let worker = worker_of(&ids[0]).expect("the group's worker");
-    let limits = std::fs::read_to_string(format!("/proc/{worker}/limits")).unwrap_or_default();
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap_or_default()
-        .to_owned();
     eprintln!(
-        "worker {worker}: {line}; {} descriptors open",
+        "worker {worker}: RLIMIT_NOFILE {:?}; {} descriptors open",
+        nofile_limit(worker),
         open_fds(worker)
+    );
+    assert_eq!(
+        nofile_limit(worker).map(|(soft, _)| soft),
+        hard.map_or(Some(u64::MAX), Some),
+        "the worker's soft limit is not its hard limit"
     );
     assert!(
         open_fds(worker) > SOFT as usize,
