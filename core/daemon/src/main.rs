@@ -115,8 +115,9 @@ async fn publish(address: PathBuf, topic: String, namespace: String) -> anyhow::
 
 /// A user error prints `error: a: b: c` and exits 1 (never anyhow's backtrace).
 fn main() -> std::process::ExitCode {
-    // Before anything is created: nothing the daemon (or a shim it starts, which inherits
-    // this) writes is readable by other users unless it says so (docs/operations.md).
+    // Before anything is created: nothing the daemon writes is readable by other users unless
+    // it says so (docs/operations.md). Shims start with 022 (`sys::spawn::SHIM_UMASK`) and set
+    // their own.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     switchyardd::sys::spawn::raise_nofile_limit();
     switchyard_base::exit_code(run(Cli::parse()))
