@@ -90,7 +90,7 @@ fn check_binaries() {
         assert!(
             p.is_file(),
             "{} is missing: build the release binaries first: \
-             cargo build --release -p switchyardd -p yard -p {SHIM}",
+             cargo build --release --workspace --bins (as scripts/bench does)",
             p.display()
         );
         let built = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
