@@ -208,10 +208,10 @@ impl Daemon {
         d
     }
 
-    /// A daemon on the embedded default config, started with a soft `RLIMIT_NOFILE` of `soft`
-    /// (as a login shell's 1,024 would start it); the hard limit stays the test's.
-    pub fn start_with_soft_nofile(soft: u64) -> Daemon {
-        let mut d = Self::unstarted(|_| String::new());
+    /// Like [`Daemon::start_in`], started with a soft `RLIMIT_NOFILE` of `soft` (as a login
+    /// shell's 1,024 would start it); the hard limit stays the test's.
+    pub fn start_with_soft_nofile(soft: u64, extra: impl FnOnce(&Path) -> String) -> Daemon {
+        let mut d = Self::unstarted(extra);
         d.soft_nofile = Some(soft);
         d.spawn();
         d

@@ -494,7 +494,7 @@ fn the_daemon_raises_its_descriptor_limit_and_shims_get_the_original() {
     ) {
         return;
     }
-    let d = Daemon::start_with_soft_nofile(SOFT);
+    let d = Daemon::start_with_soft_nofile(SOFT, |_| String::new());
     let daemon = d.pid().expect("daemon pid");
     assert_eq!(
         nofile_limit(daemon),

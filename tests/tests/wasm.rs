@@ -38,19 +38,48 @@ fn daemon(programs: &[&str]) -> Option<(Daemon, PathBuf)> {
 
 /// The same with more `[runtimes.wasm.options]` TOML.
 fn daemon_with(programs: &[&str], options: &str) -> Option<(Daemon, PathBuf)> {
+    daemon_limited(programs, options, None)
+}
+
+/// The same, started with a soft `RLIMIT_NOFILE` of `soft_nofile` when given.
+fn daemon_limited(
+    programs: &[&str],
+    options: &str,
+    soft_nofile: Option<u64>,
+) -> Option<(Daemon, PathBuf)> {
     let mut needed = vec!["ctr"];
     needed.extend_from_slice(programs);
     if !require_root_and(&needed) {
         return None;
     }
-    let d = Daemon::start_in(|dir| {
+    let config = |dir: &Path| {
         format!(
             "[runtimes.wasm]\nruntime_type = \"{RUNTIME_TYPE}\"\n[runtimes.wasm.options]\ncache_dir = \"{}\"\n{options}\n",
             dir.join("wasm-cache").display()
         )
-    });
+    };
+    let d = match soft_nofile {
+        Some(soft) => Daemon::start_with_soft_nofile(soft, config),
+        None => Daemon::start_in(config),
+    };
     let cache = d.dir.path().join("wasm-cache");
     Some((d, cache))
+}
+
+/// `yard run -d --name ID` of a task that sleeps for ten minutes, which must start.
+fn run_idle(d: &Daemon, id: &str) {
+    let out = yard_run(d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
+    assert!(out.status.success(), "{id}: {}", show(&out));
+}
+
+/// `yard rm --force` of `ids`, ten per call, which must succeed.
+fn remove_all(d: &Daemon, ids: &[String]) {
+    for chunk in ids.chunks(10) {
+        let mut args = vec!["rm", "--force"];
+        args.extend(chunk.iter().map(String::as_str));
+        let out = d.run_yard(&args);
+        assert!(out.status.success(), "{}", show(&out));
+    }
 }
 
 fn yard_run(d: &Daemon, extra: &[&str], cmd: &[&str]) -> Output {
@@ -487,8 +516,7 @@ fn group_option_shares_one_shim() {
     };
     let ids = [unique_id("g1"), unique_id("g2"), unique_id("g3")];
     for id in &ids {
-        let out = yard_run(&d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
-        assert!(out.status.success(), "{}", show(&out));
+        run_idle(&d, id);
     }
     let s = shims(&d);
     assert_eq!(
@@ -497,10 +525,7 @@ fn group_option_shares_one_shim() {
         "tasks of a grouped runtime in {} shims: {s:?}",
         s.len()
     );
-    for id in &ids {
-        let out = d.run_yard(&["rm", "--force", id]);
-        assert!(out.status.success(), "{}", show(&out));
-    }
+    remove_all(&d, &ids);
     assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
 }
 
@@ -515,17 +540,13 @@ fn an_idle_task_without_stdio_holds_one_descriptor() {
     };
     const MORE: usize = 8;
     let ids: Vec<String> = (0..=MORE).map(|i| unique_id(&format!("fd{i}"))).collect();
-    let run = |id: &str| {
-        let out = yard_run(&d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
-        assert!(out.status.success(), "{}", show(&out));
-    };
-    run(&ids[0]);
+    run_idle(&d, &ids[0]);
     let shim = shims(&d);
     assert_eq!(shim.len(), 1, "{shim:?}");
     let worker = worker_of(&ids[0]).expect("the group's worker");
     let (shim_fds, worker_fds) = (open_fds(shim[0]), open_fds(worker));
     for id in &ids[1..] {
-        run(id);
+        run_idle(&d, id);
     }
     assert_eq!(shims(&d), shim, "the group's shim changed");
     for id in &ids {
@@ -547,27 +568,20 @@ fn an_idle_task_without_stdio_holds_one_descriptor() {
         "the shim holds descriptors per idle task: {shim_fds} with one task, {shim_now} with {}",
         MORE + 1
     );
-    for id in &ids {
-        let out = d.run_yard(&["rm", "--force", id]);
-        assert!(out.status.success(), "{}", show(&out));
-    }
+    remove_all(&d, &ids);
     assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
 }
 
 /// A group's worker raises its soft descriptor limit to the hard one, as the Go runtime does
-/// for containerd's shims: with the daemon (and so its shims) at a soft limit of 128, one
-/// worker still holds 150 idle tasks, one descriptor each.
+/// for containerd's shims: with the daemon started at a soft limit of 128 (its shims get that
+/// back from it), one worker still holds 150 idle tasks, one descriptor each.
 #[test]
 fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
-    use rustix::process::{Pid, Resource, Rlimit, getrlimit, prlimit};
-    let Some((d, _cache)) = daemon_with(&[], "group = \"nofile\"") else {
-        return;
-    };
     const SOFT: u64 = 128;
     const TASKS: usize = 150;
-    let hard = getrlimit(Resource::Nofile).maximum;
+    let hard = nofile_limit(std::process::id()).map(|(_, h)| h);
     if !require(
-        hard.is_none_or(|h| h > 2 * TASKS as u64),
+        hard.is_some_and(|h| h > 2 * TASKS as u64),
         &format!(
             "needs a hard RLIMIT_NOFILE above {} (have {hard:?})",
             2 * TASKS
@@ -575,19 +589,12 @@ fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
     ) {
         return;
     }
-    let daemon = d
-        .pid()
-        .and_then(|p| Pid::from_raw(p as i32))
-        .expect("daemon pid");
-    let lowered = Rlimit {
-        current: Some(SOFT),
-        maximum: hard,
+    let Some((d, _cache)) = daemon_limited(&["prlimit"], "group = \"nofile\"", Some(SOFT)) else {
+        return;
     };
-    prlimit(Some(daemon), Resource::Nofile, lowered).expect("lower the daemon's soft limit");
     let ids: Vec<String> = (0..TASKS).map(|i| unique_id(&format!("nf{i}"))).collect();
-    for (i, id) in ids.iter().enumerate() {
-        let out = yard_run(&d, &["-d", "--name", id], &[HELLO, "--sleep", "600000"]);
-        assert!(out.status.success(), "task {i}: {}", show(&out));
+    for id in &ids {
+        run_idle(&d, id);
     }
     let worker = worker_of(&ids[0]).expect("the group's worker");
     eprintln!(
@@ -597,7 +604,7 @@ fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
     );
     assert_eq!(
         nofile_limit(worker).map(|(soft, _)| soft),
-        hard.map_or(Some(u64::MAX), Some),
+        hard,
         "the worker's soft limit is not its hard limit"
     );
     assert!(
@@ -605,11 +612,6 @@ fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
         "the worker holds {} descriptors, no more than the inherited soft limit {SOFT}",
         open_fds(worker)
     );
-    for chunk in ids.chunks(10) {
-        let mut args = vec!["rm", "--force"];
-        args.extend(chunk.iter().map(String::as_str));
-        let out = d.run_yard(&args);
-        assert!(out.status.success(), "{}", show(&out));
-    }
+    remove_all(&d, &ids);
     assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
 }
