@@ -188,9 +188,16 @@ pub struct Daemon {
     pub config: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
-    /// The soft `RLIMIT_NOFILE` the daemon starts with (through util-linux `prlimit`), if not
-    /// the test's own.
-    soft_nofile: Option<u64>,
+    /// The `RLIMIT_NOFILE` the daemon starts with (through util-linux `prlimit`), if not the
+    /// test's own.
+    nofile: Option<Nofile>,
+}
+
+/// An `RLIMIT_NOFILE` to start a daemon with: `hard` `None` keeps the test's hard limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Nofile {
+    pub soft: u64,
+    pub hard: Option<u64>,
 }
 
 impl Daemon {
@@ -208,11 +215,11 @@ impl Daemon {
         d
     }
 
-    /// Like [`Daemon::start_in`], started with a soft `RLIMIT_NOFILE` of `soft` (as a login
-    /// shell's 1,024 would start it); the hard limit stays the test's.
-    pub fn start_with_soft_nofile(soft: u64, extra: impl FnOnce(&Path) -> String) -> Daemon {
+    /// Like [`Daemon::start_in`], started with the `RLIMIT_NOFILE` `limit` (a soft limit as a
+    /// login shell's 1,024 would start it, a lower hard limit to reach it in a test).
+    pub fn start_with_nofile(limit: Nofile, extra: impl FnOnce(&Path) -> String) -> Daemon {
         let mut d = Self::unstarted(extra);
-        d.soft_nofile = Some(soft);
+        d.nofile = Some(limit);
         d.spawn();
         d
     }
@@ -232,7 +239,7 @@ impl Daemon {
             config,
             log,
             child: None,
-            soft_nofile: None,
+            nofile: None,
         }
     }
 
@@ -246,10 +253,12 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = match self.soft_nofile {
-            Some(soft) => {
+        let mut cmd = match self.nofile {
+            Some(Nofile { soft, hard }) => {
+                let hard = hard.map(|h| h.to_string()).unwrap_or_default();
                 let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={soft}:")).arg(bin("switchyardd"));
+                c.arg(format!("--nofile={soft}:{hard}"))
+                    .arg(bin("switchyardd"));
                 c
             }
             None => Command::new(bin("switchyardd")),

@@ -36,7 +36,8 @@ pub mod rootfs;
 pub mod wasm;
 
 pub use daemon::{
-    CLIENT_DEADLINE, Containerd, Ctr, Daemon, peer_containerd, require_peer_containerd, rss_kib,
+    CLIENT_DEADLINE, Containerd, Ctr, Daemon, Nofile, peer_containerd, require_peer_containerd,
+    rss_kib,
 };
 pub use events::{CtrEvents, Events, Lines};
 pub use gate::{

@@ -494,7 +494,13 @@ fn the_daemon_raises_its_descriptor_limit_and_shims_get_the_original() {
     ) {
         return;
     }
-    let d = Daemon::start_with_soft_nofile(SOFT, |_| String::new());
+    let d = Daemon::start_with_nofile(
+        Nofile {
+            soft: SOFT,
+            hard: None,
+        },
+        |_| String::new(),
+    );
     let daemon = d.pid().expect("daemon pid");
     assert_eq!(
         nofile_limit(daemon),

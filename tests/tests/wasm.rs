@@ -41,11 +41,11 @@ fn daemon_with(programs: &[&str], options: &str) -> Option<(Daemon, PathBuf)> {
     daemon_limited(programs, options, None)
 }
 
-/// The same, started with a soft `RLIMIT_NOFILE` of `soft_nofile` when given.
+/// The same, started with the `RLIMIT_NOFILE` `nofile` when given.
 fn daemon_limited(
     programs: &[&str],
     options: &str,
-    soft_nofile: Option<u64>,
+    nofile: Option<Nofile>,
 ) -> Option<(Daemon, PathBuf)> {
     let mut needed = vec!["ctr"];
     needed.extend_from_slice(programs);
@@ -58,8 +58,8 @@ fn daemon_limited(
             dir.join("wasm-cache").display()
         )
     };
-    let d = match soft_nofile {
-        Some(soft) => Daemon::start_with_soft_nofile(soft, config),
+    let d = match nofile {
+        Some(limit) => Daemon::start_with_nofile(limit, config),
         None => Daemon::start_in(config),
     };
     let cache = d.dir.path().join("wasm-cache");
@@ -589,7 +589,14 @@ fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
     ) {
         return;
     }
-    let Some((d, _cache)) = daemon_limited(&["prlimit"], "group = \"nofile\"", Some(SOFT)) else {
+    let Some((d, _cache)) = daemon_limited(
+        &["prlimit"],
+        "group = \"nofile\"",
+        Some(Nofile {
+            soft: SOFT,
+            hard: None,
+        }),
+    ) else {
         return;
     };
     let ids: Vec<String> = (0..TASKS).map(|i| unique_id(&format!("nf{i}"))).collect();
