@@ -622,3 +622,65 @@ fn a_worker_holds_more_tasks_than_the_soft_limit_it_inherited() {
     remove_all(&d, &ids);
     assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
 }
+
+/// A worker that has no room for a Create's descriptors (its hard `RLIMIT_NOFILE` reached)
+/// fails that Create with an error naming the limit and keeps its group's other tasks; once
+/// one is removed, the next task starts in the same worker.
+#[test]
+fn a_worker_at_its_descriptor_limit_fails_one_create_and_keeps_its_tasks() {
+    const LIMIT: u64 = 64;
+    let Some((d, _cache)) = daemon_limited(
+        &["prlimit"],
+        "group = \"full\"",
+        Some(Nofile {
+            soft: LIMIT,
+            hard: Some(LIMIT),
+        }),
+    ) else {
+        return;
+    };
+    let mut ids: Vec<String> = Vec::new();
+    let refused = loop {
+        assert!(
+            ids.len() < LIMIT as usize,
+            "{} idle tasks started in a worker limited to {LIMIT} descriptors",
+            ids.len()
+        );
+        let id = unique_id(&format!("full{}", ids.len()));
+        let out = yard_run(&d, &["-d", "--name", &id], &[HELLO, "--sleep", "600000"]);
+        if !out.status.success() {
+            break show(&out);
+        }
+        ids.push(id);
+    };
+    eprintln!("task {} refused: {refused}", ids.len() + 1);
+    assert!(
+        refused.contains("open-file limit"),
+        "the refusal does not name the limit: {refused}"
+    );
+    assert!(ids.len() > 10, "only {} tasks started", ids.len());
+    let worker = worker_of(&ids[0]).expect("the group's worker");
+    let out = run_timeout(d.yard().args(["ps", "--json"]), CLIENT_DEADLINE);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("yard ps --json");
+    let running = |id: &str| {
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["id"] == id && r["status"] == "running")
+    };
+    let stopped: Vec<&String> = ids.iter().filter(|id| !running(id)).collect();
+    assert!(stopped.is_empty(), "tasks of the group ended: {stopped:?}");
+
+    let gone = ids.pop().expect("a task");
+    remove_all(&d, &[gone]);
+    let next = unique_id("full-next");
+    run_idle(&d, &next);
+    assert_eq!(
+        worker_of(&ids[0]),
+        Some(worker),
+        "the group's worker changed"
+    );
+    ids.push(next);
+    remove_all(&d, &ids);
+    assert!(eventually(SETTLE, || shims(&d).is_empty()), "shim left");
+}

@@ -150,6 +150,11 @@ pub enum FromWorker {
 pub struct Frame {
     pub body: Vec<u8>,
     pub fds: Vec<OwnedFd>,
+    /// Not every descriptor sent with it is here: the kernel could not install them all (the
+    /// receiver's open-file limit reached: `MSG_CTRUNC`), or the sender sent more than
+    /// [`MAX_FDS`] (the rest are closed). `fds` holds at most [`MAX_FDS`] that arrived; the
+    /// body is whole.
+    pub truncated: bool,
 }
 
 /// A failure of the channel itself.
@@ -215,11 +220,14 @@ pub fn send(fd: BorrowedFd<'_>, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(
     Ok(())
 }
 
-/// Receive one frame of at most `max` bytes; `None` at end of stream between frames.
+/// Receive one frame of at most `max` bytes; `None` at end of stream between frames. A frame
+/// whose descriptors did not all arrive is still read whole (the stream stays in step), and
+/// says so in [`Frame::truncated`].
 pub fn recv(fd: BorrowedFd<'_>, max: usize) -> Result<Option<Frame>, ChannelError> {
     let mut header = [0u8; 4];
     let mut got = 0;
     let mut fds = Vec::new();
+    let mut truncated = false;
     while got < header.len() {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut cmsg = RecvAncillaryBuffer::new(&mut space);
@@ -238,9 +246,9 @@ pub fn recv(fd: BorrowedFd<'_>, max: usize) -> Result<Option<Frame>, ChannelErro
                 fds.extend(received);
             }
         }
-        if r.flags.contains(rustix::net::ReturnFlags::CTRUNC) || fds.len() > MAX_FDS {
-            return Err(ChannelError::TooManyFds);
-        }
+        // More than a frame carries: the extra ones are closed.
+        truncated |= r.flags.contains(rustix::net::ReturnFlags::CTRUNC) || fds.len() > MAX_FDS;
+        fds.truncate(MAX_FDS);
         if r.bytes == 0 {
             if got == 0 {
                 return Ok(None);
@@ -263,7 +271,11 @@ pub fn recv(fd: BorrowedFd<'_>, max: usize) -> Result<Option<Frame>, ChannelErro
             Err(e) => return Err(std::io::Error::from(e).into()),
         }
     }
-    Ok(Some(Frame { body, fds }))
+    Ok(Some(Frame {
+        body,
+        fds,
+        truncated,
+    }))
 }
 
 /// Serialize and send `msg`.
@@ -338,6 +350,44 @@ mod tests {
         assert_eq!(f.body, b"after");
         drop(writer.join());
         assert!(matches!(recv(b.as_fd(), MAX_REQUEST), Ok(None)));
+    }
+
+    /// Descriptors that do not all arrive as sent (here: more than a frame carries; in a worker
+    /// at its open-file limit, those the kernel could not install) mark the frame truncated,
+    /// and the frame and the next one still read whole.
+    #[test]
+    fn a_frame_whose_descriptors_did_not_all_arrive_says_so() {
+        let (a, b) = pair(Duration::from_secs(5)).unwrap_or_else(|e| panic!("{e}"));
+        let files: Vec<std::fs::File> = (0..=MAX_FDS)
+            .map(|_| tempfile::tempfile().unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        assert!(cmsg.push(SendAncillaryMessage::ScmRights(&fds)));
+        let body = b"five";
+        let header = (body.len() as u32).to_le_bytes();
+        rustix::net::sendmsg(
+            &a,
+            &[IoSlice::new(&header), IoSlice::new(body)],
+            &mut cmsg,
+            SendFlags::NOSIGNAL,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        send(a.as_fd(), b"next", &[files[0].as_fd()]).unwrap_or_else(|e| panic!("{e}"));
+        let f = recv(b.as_fd(), MAX_REQUEST)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("eof"));
+        assert_eq!(f.body, body);
+        assert!(f.truncated);
+        assert!(f.fds.len() <= MAX_FDS);
+        let f = recv(b.as_fd(), MAX_REQUEST)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("eof"));
+        assert_eq!(
+            (f.body.as_slice(), f.fds.len(), f.truncated),
+            (&b"next"[..], 1, false)
+        );
     }
 
     #[test]

@@ -421,7 +421,7 @@ fn map_user_namespace(
     let what = "the wasm worker's user namespace";
     set_socket_timeout(chan, Timeout::Recv, Some(SEND)).map_err(|e| Error::io(what)(e.into()))?;
     match ipc::recv(chan.as_fd(), USERNS_READY.len()) {
-        Ok(Some(f)) if f.body == USERNS_READY && f.fds.is_empty() => {}
+        Ok(Some(f)) if f.body == USERNS_READY && f.fds.is_empty() && !f.truncated => {}
         Ok(_) => {
             return Err(Error::Internal(format!(
                 "{what}: the worker did not enter it"
@@ -475,7 +475,7 @@ fn read(chan: OwnedFd, shared: &Shared) {
             Ok(None) => return shared.gone("end of its channel"),
             Err(e) => return shared.gone(&e.to_string()),
         };
-        if !frame.fds.is_empty() {
+        if !frame.fds.is_empty() || frame.truncated {
             return shared.gone("it sent file descriptors");
         }
         let msg: FromWorker = match serde_json::from_slice(&frame.body) {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use yard_shim_kit::{Error, Result};
 
 use crate::config::Options;
-use crate::ipc::{self, Answer, FromWorker, Request, ToWorker};
+use crate::ipc::{self, Answer, Failure, FromWorker, Request, ToWorker};
 use crate::runtime::Runtime;
 use crate::task::{Control, Guest, Notify, TaskParts, WasmProcess};
 
@@ -227,6 +227,24 @@ fn serve(chan: OwnedFd, rt: Arc<Runtime>) {
                 return;
             }
         };
+        if frame.truncated {
+            // The kernel could not install every descriptor the shim sent: this worker is at
+            // its open-file limit. The request fails alone; the worker and its tasks go on.
+            drop(frame.fds);
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            let limit = limit.map_or_else(|| "unlimited".to_owned(), |l| l.to_string());
+            tracing::warn!(%limit, "wasm worker: a request's descriptors did not fit");
+            let failure = Failure::Internal(format!(
+                "the wasm worker cannot take the request's file descriptors: it has reached its \
+                 open-file limit (RLIMIT_NOFILE {limit}); remove idle tasks of its group or \
+                 raise the limit"
+            ));
+            served.out.send(&FromWorker::Reply {
+                id: req.id,
+                result: Err(failure),
+            });
+            continue;
+        }
         let s = served.clone();
         rt.guests.spawn(async move {
             let result = s.handle(req.msg, frame.fds).await.map_err(Into::into);
