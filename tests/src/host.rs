@@ -91,6 +91,24 @@ pub fn open_fds(pid: u32) -> usize {
     entries(Path::new(&format!("/proc/{pid}/fd"))).len()
 }
 
+/// The inode of the unix socket listening at `path`, from /proc/net/unix.
+pub fn listening_socket_inode(path: &Path) -> Option<u64> {
+    // Num RefCount Protocol Flags Type St Inode Path; Flags has __SO_ACCEPTCON (0x10000).
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let listening = u32::from_str_radix(f.get(3)?, 16).ok()? & 0x10000 != 0;
+        (listening && f.get(7).map(Path::new) == Some(path)).then(|| f.get(6)?.parse().ok())?
+    })
+}
+
+/// What descriptor `fd` of `pid` is (`readlink /proc/PID/fd/FD`: a path, `socket:[INODE]`, ...).
+pub fn fd_target(pid: u32, fd: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .ok()
+        .map(|t| t.display().to_string())
+}
+
 /// A process's soft and hard `RLIMIT_NOFILE` (`u64::MAX`: unlimited), from /proc/PID/limits.
 pub fn nofile_limit(pid: u32) -> Option<(u64, u64)> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;

@@ -45,9 +45,9 @@ pub use gate::{
     require, require_guest, require_root_and, which,
 };
 pub use host::{
-    alive, cgroups_matching, cgroups_with_prefix, cmdline, entries, files_under, kill_cgroup_tree,
-    mount_points_under, mounts_matching, nofile_limit, open_fds, ppid, processes_matching, reaped,
-    sigkill, sockets_under, zombie_children,
+    alive, cgroups_matching, cgroups_with_prefix, cmdline, entries, fd_target, files_under,
+    kill_cgroup_tree, listening_socket_inode, mount_points_under, mounts_matching, nofile_limit,
+    open_fds, ppid, processes_matching, reaped, sigkill, sockets_under, zombie_children,
 };
 pub use net::{free_port, http_get, test_certificates};
 pub use process::{

@@ -770,6 +770,14 @@ fn native_start_prints_only_the_address() {
         "nothing listens on {}",
         socket.display()
     );
+    // `start` bound the socket and handed it to the server as descriptor 3 (as containerd's Go
+    // shims do), so it did not wait for the server to come up.
+    let inode = listening_socket_inode(&socket).expect("the listening socket");
+    assert_eq!(
+        fd_target(servers[0].0, 3),
+        Some(format!("socket:[{inode}]")),
+        "the server's descriptor 3 is not the socket start bound"
+    );
 
     // containerd 2.x and switchyardd offer task v3: the JSON bootstrap, same server.
     let out = start(Some("3"));

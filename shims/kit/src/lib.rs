@@ -82,13 +82,15 @@ pub fn run<E: Engine>(version: &str, make_engine: impl FnOnce(&containerd_shim::
             }
         }
         "" if !flags.socket.is_empty() => {
+            // First, while no file has been opened: descriptor 3 is `start`'s socket or none.
+            let inherited = sys::inherited_listener(&start::server_socket(&flags));
             init_logging(&flags, Log::Fifo);
             install_panic_hook();
             let engine = Arc::new(make_engine(&flags));
             let rt = runtime();
             let r = rt.block_on(async {
                 reaper::start().map_err(Error::io("become subreaper"))?;
-                start::serve(engine, &flags).await
+                start::serve(engine, &flags, inherited).await
             });
             match r {
                 Ok(()) => std::process::exit(0),

@@ -7,12 +7,13 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use command_fds::{CommandFdExt, FdMapping};
 use containerd_shim::Flags;
 use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
@@ -110,6 +111,13 @@ fn connectable(path: &Path) -> bool {
 }
 
 /// `start`: runs in the bundle directory; prints the address on stdout.
+///
+/// Unless the group's server already listens there, `start` binds the socket itself and hands
+/// it to a new server as descriptor 3, as containerd's Go shims do: the address it prints
+/// accepts connections at once (they wait in the socket's backlog), so `start` returns without
+/// waiting for the server to come up, and the server's start overlaps with containerd's next
+/// steps. A server that dies before it accepts takes the socket with it; the caller's first
+/// request then fails.
 pub fn start<E: Engine>(engine: &E, flags: &Flags) -> Result<String> {
     let bundle = bundle_dir(flags)?;
     let options = stdin_options()?;
@@ -118,17 +126,16 @@ pub fn start<E: Engine>(engine: &E, flags: &Flags) -> Result<String> {
         .unwrap_or_else(|| flags.id.clone());
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
     let path = socket_path(&address);
-    if !(group != flags.id && connectable(&path)) {
-        if let Some(dir) = path.parent() {
-            crate::perms::private_dir(dir)?;
-        }
+    if !(group != flags.id && connectable(&path))
+        && let Some(listener) = listen(&path)?
+    {
         let exe = std::env::current_exe().map_err(Error::io("find the shim's own binary"))?;
         let mut cmd = Command::new(exe);
         cmd.current_dir(&bundle)
             .args(["-namespace", &flags.namespace, "-id", &flags.id])
             .args(["-address", &flags.address, "-socket", &address])
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
         if !flags.publish_binary.is_empty() {
@@ -137,24 +144,37 @@ pub fn start<E: Engine>(engine: &E, flags: &Flags) -> Result<String> {
         if flags.debug {
             cmd.arg("-debug");
         }
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: listener.into(),
+            child_fd: crate::sys::LISTENER_FD,
+        }])
+        .map_err(|_| Error::Internal("the server's descriptors collide".into()))?;
         use std::os::unix::process::CommandExt as _;
-        let mut child = cmd.spawn().map_err(Error::io("spawn the shim server"))?;
-        // The server closes its stdout once it listens (or when it dies).
-        if let Some(mut out) = child.stdout.take() {
-            let mut sink = Vec::new();
-            let _ = out.read_to_end(&mut sink);
-        }
-        if !connectable(&path) {
-            let status = child.try_wait().ok().flatten();
-            return Err(Error::Internal(format!(
-                "shim server did not come up on {address} (exit: {status:?}); see the shim log"
-            )));
-        }
         // The server lives on as its own process; nobody here waits for it.
-        drop(child);
+        drop(cmd.spawn().map_err(Error::io("spawn the shim server"))?);
     }
     write_address(&bundle, &address)?;
     Ok(bootstrap(&address))
+}
+
+/// Bind the server's socket at `path` (its directory made private); `None` when a live server
+/// already listens there (another `start` of the group won, or the task's own server runs). A
+/// socket nothing listens on is a dead server's: replaced.
+fn listen(path: &Path) -> Result<Option<UnixListener>> {
+    if let Some(dir) = path.parent() {
+        crate::perms::private_dir(dir)?;
+    }
+    match crate::perms::bind(path) {
+        Ok(l) => Ok(Some(l)),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse => {
+            if connectable(path) {
+                return Ok(None);
+            }
+            let _ = std::fs::remove_file(path);
+            crate::perms::bind(path).map(Some)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What `start` prints: a plain address (containerd 1.6/1.7, task v2) unless the caller offers
@@ -226,25 +246,31 @@ fn remove_dead_socket<E: Engine>(engine: &E, flags: &Flags, bundle: &Path) {
 /// address to a caller that sends Create at once, unless it died meanwhile.
 pub const UNCLAIMED_EXIT: Duration = Duration::from_secs(10);
 
-/// The server: listen, signal readiness by closing stdout, serve until `Shutdown`.
-pub async fn serve<E: Engine>(engine: Arc<E>, flags: &Flags) -> Result<()> {
-    let path = socket_path(&flags.socket);
-    if let Some(dir) = path.parent() {
-        crate::perms::private_dir(dir)?;
-    }
-    let listener = match crate::perms::bind(&path) {
-        Ok(l) => l,
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AddrInUse => {
-            if connectable(&path) {
-                // Another server of this group won the race; `start` will use it.
+/// The server's socket as `-socket` names it.
+pub fn server_socket(flags: &Flags) -> PathBuf {
+    socket_path(&flags.socket)
+}
+
+/// The server: listen (on `inherited`, the socket `start` bound, when given), signal
+/// readiness by closing stdout (switchyardd, which starts servers itself, waits for it), serve
+/// until `Shutdown`.
+pub async fn serve<E: Engine>(
+    engine: Arc<E>,
+    flags: &Flags,
+    inherited: Option<UnixListener>,
+) -> Result<()> {
+    let path = server_socket(flags);
+    let listener = match inherited {
+        Some(l) => l,
+        None => match listen(&path)? {
+            Some(l) => l,
+            None => {
+                // Another server of this group won the race; the caller will use it.
                 tracing::info!(socket = %path.display(), "a shim already serves this group");
                 release_stdout();
                 return Ok(());
             }
-            let _ = std::fs::remove_file(&path);
-            crate::perms::bind(&path)?
-        }
-        Err(e) => return Err(e),
+        },
     };
     let listener = Listener::try_from(listener).map_err(Error::io("ttrpc listener"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();

@@ -2,8 +2,10 @@
 //! this module small.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt as _;
+use std::path::Path;
 use std::process::Command;
 
 use rustix::fs::Mode;
@@ -34,6 +36,38 @@ pub fn child_umask(cmd: &mut Command, mask: u32) {
             Ok(())
         });
     }
+}
+
+/// The descriptor a server started by `start` finds its listening socket on (containerd's Go
+/// shims use the same).
+pub const LISTENER_FD: RawFd = 3;
+
+/// The listening socket `start` bound for this server, if descriptor [`LISTENER_FD`] is a
+/// listening unix socket bound to `path`; it is then close-on-exec, so no process the server
+/// runs inherits it. Anything else found there is left as it was. Call it first in serve mode,
+/// before the process opens a file of its own.
+pub fn inherited_listener(path: &Path) -> Option<UnixListener> {
+    // SAFETY: fcntl(F_GETFD) on a descriptor number only reads its flags: no memory is touched,
+    // and a number that is not open gives EBADF.
+    if unsafe { libc::fcntl(LISTENER_FD, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (above). This runs before the process opens any file of its
+    // own, so it is one the process inherited, and no other object here owns it. It is owned
+    // from here on: kept when it is the listener, released unclosed (`into_raw_fd`) otherwise.
+    let listener = UnixListener::from(unsafe { OwnedFd::from_raw_fd(LISTENER_FD) });
+    let listening = rustix::net::sockopt::socket_acceptconn(&listener).unwrap_or(false);
+    let bound_here = listener
+        .local_addr()
+        .ok()
+        .is_some_and(|a| a.as_pathname() == Some(path));
+    if !(listening && bound_here) {
+        let _ = listener.into_raw_fd();
+        return None;
+    }
+    // Failing cannot happen on a descriptor known to be open; serving on it is still right.
+    let _ = rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC);
+    Some(listener)
 }
 
 /// Register an owned, non-blocking fd (eventfd, inotify, ...) with tokio for readiness.
