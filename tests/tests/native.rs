@@ -13,6 +13,8 @@
     clippy::print_stdout
 )]
 
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -577,6 +579,107 @@ fn native_shim_grouping() {
     d.rm_force(&c);
     assert!(eventually(SETTLE, || d.shim_servers(SHIM).is_empty()));
     assert_no_leftovers(&c, &format!("switchyard/default/{c}"));
+}
+
+/// A process whose spec sets no `HOME` gets runc's (its uid's home in the image's
+/// `/etc/passwd`, else `/`), and the container's init loads no NSS module the image names.
+/// libcontainer's own lookup, glibc's `getpwuid_r` in the init, would load the image's
+/// `libnss_*.so.2` into the init before its exec: image code there. Here that module is a fifo
+/// the test watches for a reader.
+#[test]
+fn native_home_is_runcs_and_no_nss_module_of_the_image_is_loaded() {
+    if !require_root_and(&["runc", "mkfifo"]) {
+        return;
+    }
+    let rootfs = tempfile::tempdir().unwrap();
+    busybox_tree(rootfs.path());
+    write(
+        &rootfs.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nu:x:1000:1000:U:/home/u:/bin/sh\n",
+    );
+    write(
+        &rootfs.path().join("etc/nsswitch.conf"),
+        "passwd: evil files\n",
+    );
+    let lib = rootfs.path().join("lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(&lib).unwrap();
+    let module = lib.join("libnss_evil.so.2");
+    let out = run_timeout(Command::new("mkfifo").arg(&module), T);
+    assert!(out.status.success(), "mkfifo: {}", show(&out));
+    let out = run_timeout(Command::new("ctr").args(["oci", "spec"]), T);
+    assert!(out.status.success(), "ctr oci spec: {}", show(&out));
+    let base: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        base["process"]["env"].is_null(),
+        "ctr's spec sets an environment: {base}"
+    );
+    let d = Daemon::start();
+    let configs = tempfile::tempdir().unwrap();
+    // ctr 1.6 has no --user: the whole spec, with its process's uid, from a file.
+    let config = |id: &str, uid: u32, args: &[&str]| {
+        let mut spec = base.clone();
+        spec["process"]["args"] = json!(args);
+        spec["process"]["user"] = json!({"uid": uid, "gid": uid});
+        spec["root"] = json!({"path": rootfs.path()});
+        spec["linux"]["cgroupsPath"] = json!(format!("/default/{id}"));
+        let path = configs.path().join(format!("{id}.json"));
+        write(&path, &spec.to_string());
+        path.display().to_string()
+    };
+    let echo_home = ["/bin/sh", "-c", "echo \"$HOME\""];
+    for runtime in [RUNTIME_TYPE, "io.containerd.runc.v2"] {
+        for (uid, home) in [(0, "/root"), (1000, "/home/u"), (4321, "/")] {
+            let id = unique_id("home");
+            let spec = config(&id, uid, &echo_home);
+            let args = ["run", "--runtime", runtime, "--rm", "--config", &spec, &id];
+            let out = ctr_watching(&d, &args, &module);
+            assert_eq!(
+                text(&out.stdout),
+                format!("{home}\n"),
+                "{runtime}, uid {uid}"
+            );
+        }
+        // An exec's process (ctr copies the container's, without HOME) gets the same.
+        let id = unique_id("home-exec");
+        let spec = config(&id, 1000, &["/bin/sleep", "600"]);
+        d.ctr_ok(&["run", "--runtime", runtime, "-d", "--config", &spec, &id]);
+        let mut args = vec!["task", "exec", "--exec-id", "e1", &id];
+        args.extend(echo_home);
+        let out = ctr_watching(&d, &args, &module);
+        assert_eq!(text(&out.stdout), "/home/u\n", "{runtime}, exec");
+        d.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]);
+        d.wait_ctr_status(&id, "STOPPED", SETTLE);
+        d.ctr_ok(&["task", "rm", &id]);
+        d.ctr_ok(&["containers", "rm", &id]);
+    }
+}
+
+/// `ctr ARGS` on `d`, which must succeed, while watching that nothing opens the fifo `module`
+/// (opening a fifo to write without blocking succeeds only while it has a reader; what the
+/// reader then reads is no library, so a loader gives up on it).
+fn ctr_watching(d: &Daemon, args: &[&str], module: &Path) -> Output {
+    let mut opened = false;
+    let out = std::thread::scope(|s| {
+        let run = s.spawn(|| d.ctr_output(args));
+        eventually(CLIENT_DEADLINE, || {
+            if let Ok(mut w) = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(module)
+            {
+                opened = true;
+                let _ = w.write_all(b"not a library");
+            }
+            run.is_finished()
+        });
+        run.join().unwrap()
+    });
+    assert!(
+        !opened,
+        "ctr {args:?}: the container opened the image's NSS module"
+    );
+    assert!(out.status.success(), "ctr {args:?}: {}", show(&out));
+    out
 }
 
 #[test]

@@ -26,6 +26,7 @@
 #[cfg(feature = "engine")]
 pub mod engine;
 mod flags;
+mod home;
 mod log;
 #[cfg(feature = "seccomp")]
 pub mod seccomp;
@@ -250,6 +251,16 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
     })?;
     let mut process = read_process(process_path)?;
     spec::inherit(&init, &mut process);
+    // The container's own view of its root, mounts on it included, as runc reads it.
+    let container_root = match container.pid() {
+        Some(pid) => PathBuf::from(format!("/proc/{pid}/root")),
+        None => container.bundle().join(
+            init.root()
+                .as_ref()
+                .map_or(Path::new("rootfs"), |r| r.path()),
+        ),
+    };
+    home::set_home(&mut process, &container_root);
     spec::check_exec(&init)?;
     let mut seccomp = init.linux().as_ref().and_then(|l| l.seccomp().clone());
     if let Some(s) = &mut seccomp

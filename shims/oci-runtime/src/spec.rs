@@ -80,7 +80,9 @@ const PREPARED_FOR: &str = "libcontainer-0.7";
 ///   `false` it loads it after dropping the capabilities, still without `no_new_privs`, which
 ///   the kernel refuses (`EACCES`, reported by libseccomp as `ECANCELED`) for every container
 ///   without `CAP_SYS_ADMIN`;
-/// - `linux.seccomp`: see [`masked_eq_for_libcontainer`].
+/// - `linux.seccomp`: see [`masked_eq_for_libcontainer`];
+/// - `process.env`: `HOME` when it has none, from the root's `/etc/passwd` (`home.rs`: else
+///   libcontainer asks glibc's NSS inside the container, which loads modules from the image).
 pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     let mut spec = Spec::load(&path).map_err(|source| SpecError::Load {
@@ -91,11 +93,17 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
         // libcontainer without libseccomp only warns and runs the container unfiltered.
         return Err(SpecError::SeccompUnsupported);
     }
-    if prepared(&spec) {
+    let mut changed = false;
+    let root = spec.root().as_ref().map(|r| bundle.join(r.path()));
+    if let (Some(process), Some(root)) = (spec.process_mut(), root) {
+        changed |= crate::home::set_home(process, &root);
+    }
+    if prepared(&spec) && !changed {
         return Ok(spec);
     }
-    let mut changed = false;
-    if let Some(linux) = spec.linux_mut() {
+    if !prepared(&spec)
+        && let Some(linux) = spec.linux_mut()
+    {
         let wanted = rootfs_propagation(linux.rootfs_propagation().as_deref())?;
         if linux.rootfs_propagation().as_deref() != wanted {
             linux.set_rootfs_propagation(wanted.map(str::to_owned));
@@ -295,7 +303,10 @@ mod tests {
         let spec = serde_json::json!({
             "ociVersion": "1.1.0",
             "root": {"path": "rootfs"},
-            "process": {"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "process": {
+                "args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                "env": ["HOME=/root"]
+            },
             "linux": linux,
         });
         std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
@@ -329,6 +340,34 @@ mod tests {
         }
     }
 
+    /// A process without `HOME` gets it in the bundle from the root's `/etc/passwd` (`home.rs`),
+    /// once: a second create of the same bundle finds it there.
+    #[test]
+    fn a_missing_home_is_written_into_the_bundle_once() {
+        let b = bundle(serde_json::json!({}));
+        let path = b.path().join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        std::fs::write(&path, spec.to_string()).unwrap();
+        std::fs::create_dir_all(b.path().join("rootfs/etc")).unwrap();
+        std::fs::write(
+            b.path().join("rootfs/etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\n",
+        )
+        .unwrap();
+        let got = prepare_bundle(b.path()).unwrap();
+        let env = got.process().as_ref().and_then(|p| p.env().clone());
+        assert_eq!(
+            env.as_deref(),
+            Some(&["PATH=/bin".to_owned(), "HOME=/root".to_owned()][..])
+        );
+        assert!(prepared(&Spec::load(&path).unwrap()));
+        let written = std::fs::read(&path).unwrap();
+        prepare_bundle(b.path()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), written, "rewritten twice");
+    }
+
     // Issue 19: switchyardd's CRI wrote `noNewPrivileges: false`, and libcontainer then loaded
     // RuntimeDefault's filter after dropping CAP_SYS_ADMIN: the kernel refused it (ECANCELED).
     #[test]
@@ -336,7 +375,8 @@ mod tests {
         for (given, wanted) in [(Some(false), None), (Some(true), Some(true)), (None, None)] {
             let dir = tempfile::tempdir().unwrap();
             let mut process = serde_json::json!({
-                "args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+                "args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+                "env": ["HOME=/root"]
             });
             if let Some(v) = given {
                 process["noNewPrivileges"] = v.into();

@@ -1,0 +1,197 @@
+//! `HOME` for a process whose environment has none (or an empty one), found as runc finds it:
+//! the home of the process's uid in the container's `/etc/passwd`, else `/`.
+//!
+//! libcontainer 0.7 fills a missing `HOME` in the container's init with glibc's `getpwuid_r`,
+//! after `pivot_root`. glibc then reads the image's `/etc/nsswitch.conf` and loads the NSS
+//! modules it names from the image, into the init, before the init executes the container's
+//! process and while it still holds its channels to this runtime. An image author's code has
+//! no business there; runc parses `/etc/passwd` itself for the same reason. So this runtime sets
+//! `HOME` before libcontainer reads the process, and libcontainer never looks it up.
+//!
+//! The file is read from the host side through a descriptor of the container's root, with
+//! `openat2(RESOLVE_IN_ROOT)`: `..` and symlinks, absolute ones included, stop at the root. It
+//! must be a regular file (a fifo or device node an image put there is never opened), and only
+//! its first [`MAX_PASSWD`] bytes are read.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use oci_spec::runtime::Process;
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+/// The most of `/etc/passwd` that is read; entries past it are not looked at.
+pub const MAX_PASSWD: u64 = 4 << 20;
+
+/// Sets `HOME` in `process`'s environment when it has none or an empty one, from the
+/// `/etc/passwd` under `root`; returns whether it changed anything.
+pub(crate) fn set_home(process: &mut Process, root: &Path) -> bool {
+    let env = process.env().clone().unwrap_or_default();
+    let set = env
+        .iter()
+        .filter_map(|e| e.strip_prefix("HOME="))
+        .next_back()
+        .is_some_and(|v| !v.is_empty());
+    if set {
+        return false;
+    }
+    let home = home(root, process.user().uid());
+    let mut env: Vec<String> = env
+        .into_iter()
+        .filter(|e| !e.starts_with("HOME="))
+        .collect();
+    env.push(format!("HOME={home}"));
+    process.set_env(Some(env));
+    true
+}
+
+/// The home directory of `uid` in `root`'s `/etc/passwd`, or `/` when the file or the entry is
+/// missing, unreadable or empty (runc's default).
+pub(crate) fn home(root: &Path, uid: u32) -> String {
+    read_passwd(root)
+        .and_then(|passwd| lookup(&passwd, uid))
+        .unwrap_or_else(|| "/".to_owned())
+}
+
+/// The home field of the first entry for `uid` (`name:password:uid:gid:gecos:home:shell`).
+fn lookup(passwd: &[u8], uid: u32) -> Option<String> {
+    String::from_utf8_lossy(passwd).lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        let home = fields.get(5).filter(|h| !h.is_empty())?;
+        (fields.get(2)?.trim().parse::<u32>().ok()? == uid).then(|| (*home).to_owned())
+    })
+}
+
+fn read_passwd(root: &Path) -> Option<Vec<u8>> {
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let found: OwnedFd = rustix::fs::openat2(
+        &dir,
+        "etc/passwd",
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    let regular = rustix::fs::fstat(&found).ok().is_some_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+    });
+    if !regular {
+        return None;
+    }
+    // Reopened through the O_PATH descriptor: the same inode, whatever the path names now.
+    let file = rustix::fs::open(
+        format!("/proc/self/fd/{}", found.as_raw_fd()),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut passwd = Vec::new();
+    std::fs::File::from(file)
+        .take(MAX_PASSWD)
+        .read_to_end(&mut passwd)
+        .ok()?;
+    Some(passwd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{ProcessBuilder, UserBuilder};
+
+    fn root(passwd: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(dir.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("etc/passwd"), passwd).unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    fn process(uid: u32, env: &[&str]) -> Process {
+        ProcessBuilder::default()
+            .user(
+                UserBuilder::default()
+                    .uid(uid)
+                    .gid(uid)
+                    .build()
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
+            .env(env.iter().map(|e| (*e).to_owned()).collect::<Vec<_>>())
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnohome:x:7:7::::\nu:x:1000:1000:U:/home/u:/bin/sh\nagain:x:1000:1:::/elsewhere\n";
+
+    #[test]
+    fn home_is_the_uids_entry_else_slash() {
+        let r = root(PASSWD);
+        assert_eq!(home(r.path(), 0), "/root");
+        assert_eq!(
+            home(r.path(), 1000),
+            "/home/u",
+            "the first entry for the uid"
+        );
+        assert_eq!(home(r.path(), 7), "/", "an empty home field");
+        assert_eq!(home(r.path(), 4321), "/", "no entry");
+        let empty = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(home(empty.path(), 0), "/", "no /etc/passwd");
+    }
+
+    #[test]
+    fn set_home_fills_only_a_missing_or_empty_home() {
+        let r = root(PASSWD);
+        let mut p = process(1000, &["PATH=/bin", "HOME="]);
+        assert!(set_home(&mut p, r.path()));
+        assert_eq!(
+            p.env().as_deref(),
+            Some(&["PATH=/bin".to_owned(), "HOME=/home/u".to_owned()][..])
+        );
+        assert!(!set_home(&mut p, r.path()), "a second time changes nothing");
+        let mut p = process(0, &["HOME=/mine"]);
+        assert!(!set_home(&mut p, r.path()));
+        assert_eq!(p.env().as_deref(), Some(&["HOME=/mine".to_owned()][..]));
+        let mut p = process(0, &[]);
+        assert!(set_home(&mut p, r.path()));
+        assert_eq!(p.env().as_deref(), Some(&["HOME=/root".to_owned()][..]));
+    }
+
+    /// The image's `/etc/passwd` is read inside its root: a symlink out of it (absolute or by
+    /// `..`) resolves under the root, and a fifo is never opened (reading it would block).
+    #[test]
+    fn passwd_is_read_inside_the_root_and_only_as_a_regular_file() {
+        let outside = root("root:x:0:0:root:/from-outside:/bin/sh\n");
+        let outside_passwd = outside.path().join("etc/passwd");
+        for target in [
+            outside_passwd.display().to_string(),
+            format!("../../../../../../..{}", outside_passwd.display()),
+        ] {
+            let r = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            std::fs::create_dir(r.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
+            std::os::unix::fs::symlink(&target, r.path().join("etc/passwd"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(home(r.path(), 0), "/", "followed {target} out of the root");
+        }
+        let r = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(r.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            r.path().join("etc/passwd"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(home(r.path(), 0), "/");
+    }
+
+    #[test]
+    fn only_the_first_bytes_are_read() {
+        let filler = "x:x:1:1:::\n".repeat((MAX_PASSWD as usize) / 11 + 1);
+        let r = root(&format!("{filler}late:x:0:0::/late:/bin/sh\n"));
+        assert_eq!(home(r.path(), 0), "/");
+    }
+}
