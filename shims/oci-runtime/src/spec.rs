@@ -131,7 +131,22 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
         source,
     };
     let bytes = serde_json::to_vec(&spec).map_err(|e| save(e.into()))?;
-    std::fs::write(&tmp, bytes).map_err(save)?;
+    // The rewrite keeps the file's mode: this process runs under the workload's umask (022),
+    // and the caller's bundle files are private (0600).
+    let mode = std::fs::metadata(&path).map_err(save)?.permissions();
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode.mode() & 0o777)
+            .open(&tmp)
+            .map_err(save)?;
+        file.write_all(&bytes).map_err(save)?;
+    }
+    std::fs::set_permissions(&tmp, mode).map_err(save)?;
     std::fs::rename(&tmp, &path).map_err(save)?;
     Ok(spec)
 }
@@ -350,6 +365,8 @@ mod tests {
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
         std::fs::write(&path, spec.to_string()).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::create_dir_all(b.path().join("rootfs/etc")).unwrap();
         std::fs::write(
             b.path().join("rootfs/etc/passwd"),
@@ -364,6 +381,8 @@ mod tests {
         );
         assert!(prepared(&Spec::load(&path).unwrap()));
         let written = std::fs::read(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the rewrite changed the file's mode");
         prepare_bundle(b.path()).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), written, "rewritten twice");
     }
