@@ -660,6 +660,13 @@ fn a_worker_at_its_descriptor_limit_fails_one_create_and_keeps_its_tasks() {
     );
     assert!(ids.len() > 10, "only {} tasks started", ids.len());
     let worker = worker_of(&ids[0]).expect("the group's worker");
+    let shim = shims(&d);
+    eprintln!(
+        "descriptors open (of {LIMIT}): worker {}, shim {:?}, daemon {:?}",
+        open_fds(worker),
+        shim.iter().map(|p| open_fds(*p)).collect::<Vec<_>>(),
+        d.pid().map(open_fds)
+    );
     let out = run_timeout(d.yard().args(["ps", "--json"]), CLIENT_DEADLINE);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("yard ps --json");
     let running = |id: &str| {
