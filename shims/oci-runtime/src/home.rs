@@ -8,17 +8,13 @@
 //! no business there; runc parses `/etc/passwd` itself for the same reason. So this runtime sets
 //! `HOME` before libcontainer reads the process, and libcontainer never looks it up.
 //!
-//! The file is read from the host side through a descriptor of the container's root, with
-//! `openat2(RESOLVE_IN_ROOT)`: `..` and symlinks, absolute ones included, stop at the root. It
-//! must be a regular file (a fifo or device node an image put there is never opened), and only
-//! its first [`MAX_PASSWD`] bytes are read.
+//! The file is read from the host side, inside the container's root (`inroot.rs`: symlinks and
+//! `..` stop at the root; only a regular file is opened), and only its first [`MAX_PASSWD`]
+//! bytes.
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use oci_spec::runtime::Process;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 /// The most of `/etc/passwd` that is read; entries past it are not looked at.
 pub const MAX_PASSWD: u64 = 4 << 20;
@@ -63,39 +59,12 @@ fn lookup(passwd: &[u8], uid: u32) -> Option<String> {
 }
 
 fn read_passwd(root: &Path) -> Option<Vec<u8>> {
-    let dir = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let found: OwnedFd = rustix::fs::openat2(
-        &dir,
-        "etc/passwd",
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )
-    .ok()?;
-    let regular = rustix::fs::fstat(&found).ok().is_some_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-    });
-    if !regular {
+    let root = crate::inroot::open_root(root).ok()?;
+    let found = crate::inroot::find(&root, Path::new("/etc/passwd")).ok()??;
+    if !crate::inroot::is_file(&found) {
         return None;
     }
-    // Reopened through the O_PATH descriptor: the same inode, whatever the path names now.
-    let file = rustix::fs::open(
-        format!("/proc/self/fd/{}", found.as_raw_fd()),
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-    )
-    .ok()?;
-    let mut passwd = Vec::new();
-    std::fs::File::from(file)
-        .take(MAX_PASSWD)
-        .read_to_end(&mut passwd)
-        .ok()?;
-    Some(passwd)
+    crate::inroot::read(&found, MAX_PASSWD).ok()
 }
 
 #[cfg(test)]
@@ -181,7 +150,7 @@ mod tests {
             rustix::fs::CWD,
             r.path().join("etc/passwd"),
             rustix::fs::FileType::Fifo,
-            Mode::from_raw_mode(0o600),
+            rustix::fs::Mode::from_raw_mode(0o600),
             0,
         )
         .unwrap_or_else(|e| panic!("{e}"));

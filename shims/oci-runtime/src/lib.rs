@@ -27,6 +27,7 @@
 pub mod engine;
 mod flags;
 mod home;
+pub mod inroot;
 mod log;
 #[cfg(feature = "seccomp")]
 pub mod seccomp;

@@ -3,9 +3,10 @@
 //! have Linux sidecars; they reach this shim like its Wasm tasks do.
 //!
 //! The file is `process.args[0]`, found as `execvp` would find it (a name without `/` on the
-//! process's `PATH`, else relative to its `cwd`), inside the rootfs only: it is opened with
-//! `openat2(RESOLVE_IN_ROOT)`, so `..` and symlinks, absolute ones included, stop at the root.
-//! Only its first [`PEEK`] bytes are read (the kernel's own `#!` buffer).
+//! process's `PATH`, else relative to its `cwd`), inside the rootfs only
+//! (`yard_oci_runtime::inroot`: `..` and symlinks, absolute ones included, stop at the root, and
+//! only a regular file is opened). Only its first [`PEEK`] bytes are read (the kernel's own `#!`
+//! buffer).
 //!
 //! - `\0asm`: Wasm (a module or a component; `compile.rs` checks the rest).
 //! - ELF, or a `#!` script whose interpreter is in the rootfs: a Linux container.
@@ -15,13 +16,11 @@
 //! image manifest. switchyardd routes by them (`core/images`, `oci::is_for_wasm`), and an
 //! artifact's layers are Wasm modules, which this header check then finds.
 
-use std::fs::File;
-use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::Process;
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use yard_oci_runtime::inroot;
 use yard_shim_kit::{Error, Result};
 
 /// Bytes read from the entrypoint: the kernel's `BINPRM_BUF_SIZE`, the longest `#!` line it
@@ -47,12 +46,8 @@ pub fn classify(rootfs: &Path, process: &Process) -> Result<Entrypoint> {
         ));
     };
     let what = format!("process.args[0] {arg0}");
-    let root = rustix::fs::open(
-        rootfs,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(format!("open the rootfs {}", rootfs.display()))(e.into()))?;
+    let root = inroot::open_root(rootfs)
+        .map_err(Error::io(format!("open the rootfs {}", rootfs.display())))?;
     let cwd = process.cwd();
     let path_var = process
         .env()
@@ -68,8 +63,8 @@ pub fn classify(rootfs: &Path, process: &Process) -> Result<Entrypoint> {
         Header::Script(interp) => {
             // A relative interpreter is the kernel's to resolve (against the cwd at exec).
             if interp.starts_with('/') {
-                match open_in(&root, Path::new(&interp)) {
-                    Ok(Some(f)) if is_file(&f) => {}
+                match inroot::find(&root, Path::new(&interp)) {
+                    Ok(Some(f)) if inroot::is_file(&f) => {}
                     _ => {
                         return Err(Error::InvalidArgument(format!(
                             "{what}: a #! script whose interpreter {interp} is not a file in the \
@@ -112,13 +107,13 @@ fn find(root: &OwnedFd, arg0: &str, cwd: &Path, path_var: &str, what: &str) -> R
     let mut saw_other = false;
     for c in candidates {
         let c = clean(&c, cwd);
-        let Some(f) = open_in(root, &c).map_err(|e| {
+        let Some(f) = inroot::find(root, &c).map_err(|e| {
             Error::InvalidArgument(format!("{what}: cannot open it in the rootfs ({e})"))
         })?
         else {
             continue;
         };
-        if is_file(&f) {
+        if inroot::is_file(&f) {
             return Ok(f);
         }
         saw_other = true;
@@ -150,52 +145,10 @@ fn clean(path: &Path, cwd: &Path) -> PathBuf {
     out
 }
 
-/// `path` inside `root`, never leaving it, as an `O_PATH` descriptor: nothing is opened for
-/// I/O yet, so a device node or fifo an image put there is looked at, never opened (opening
-/// some devices acts: a watchdog arms on open). `None` when it does not exist.
-fn open_in(root: &OwnedFd, path: &Path) -> std::io::Result<Option<OwnedFd>> {
-    let rel = path.strip_prefix("/").unwrap_or(path);
-    let rel = if rel.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        rel
-    };
-    match rustix::fs::openat2(
-        root,
-        rel,
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    ) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Whether an `O_PATH` descriptor names a regular file.
-fn is_file(fd: &OwnedFd) -> bool {
-    rustix::fs::fstat(fd).is_ok_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-    })
-}
-
-/// The first [`PEEK`] bytes of a regular file found by [`find`], read through a descriptor
-/// reopened from its `O_PATH` one (the same inode, whatever the path names meanwhile).
+/// The first [`PEEK`] bytes of a regular file found by [`find`].
 fn peek(fd: &OwnedFd, what: &str) -> Result<Vec<u8>> {
-    use std::os::fd::AsRawFd as _;
-    let file = rustix::fs::open(
-        format!("/proc/self/fd/{}", fd.as_raw_fd()),
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-    )
-    .map(File::from)
-    .map_err(|e| Error::InvalidArgument(format!("{what}: cannot open it ({e})")))?;
-    let mut head = Vec::with_capacity(PEEK);
-    file.take(PEEK as u64)
-        .read_to_end(&mut head)
-        .map_err(|e| Error::InvalidArgument(format!("{what}: cannot read it ({e})")))?;
-    Ok(head)
+    inroot::read(fd, PEEK as u64)
+        .map_err(|e| Error::InvalidArgument(format!("{what}: cannot read it ({e})")))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -344,7 +297,7 @@ mod tests {
             rustix::fs::CWD,
             r.join("pipe.wasm"),
             rustix::fs::FileType::Fifo,
-            Mode::from_raw_mode(0o644),
+            rustix::fs::Mode::from_raw_mode(0o644),
             0,
         )
         .unwrap_or_else(|e| panic!("{e}"));
