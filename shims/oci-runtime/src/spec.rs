@@ -98,9 +98,7 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     if let (Some(process), Some(root)) = (spec.process_mut(), root) {
         changed |= crate::home::set_home(process, &root);
     }
-    if prepared(&spec) && !changed {
-        return Ok(spec);
-    }
+    // The rest runs once per bundle: a swapped argument swapped again would be wrong.
     if !prepared(&spec)
         && let Some(linux) = spec.linux_mut()
     {
