@@ -36,10 +36,15 @@ pub fn own_procs_files() -> std::io::Result<Vec<PathBuf>> {
 /// Wasm task's worker): other cgroup work (a VM task's) would wait for it instead. Best
 /// effort: nothing changes whether it works.
 pub fn prewarm_migration() {
-    let first = own_procs_files().ok().and_then(|f| f.into_iter().next());
-    if let Some(procs) = first {
+    if let Some(procs) = prewarm_procs_file() {
         let _ = std::fs::write(&procs, std::process::id().to_string());
     }
+}
+
+/// The `cgroup.procs` file [`prewarm_migration`] writes to: this process's own cgroup in the
+/// first hierarchy `/proc/self/cgroup` lists (the wait is for a lock all hierarchies share).
+pub fn prewarm_procs_file() -> Option<PathBuf> {
+    own_procs_files().ok().and_then(|f| f.into_iter().next())
 }
 
 /// The mount point of the hierarchy with these controllers (`cpu,cpuacct`, `name=systemd`, or

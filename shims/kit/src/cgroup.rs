@@ -90,3 +90,24 @@ pub fn join_own(pid: u32) -> Result<()> {
 pub fn prewarm_migration() {
     tokio::task::spawn_blocking(switchyard_base::cgroup::prewarm_migration);
 }
+
+/// The same for `start`, which exits as soon as it has printed the server's address: a child
+/// forked for it makes the no-op migration (it writes `0`, itself) and waits out the kernel's
+/// wait, while `start` exits and the server it started comes up. Under containerd this begins
+/// the wait a few milliseconds before the server could (containerd sends Create right after
+/// `start` exits).
+pub fn prewarm_migration_in_child() {
+    let Some(path) = switchyard_base::cgroup::prewarm_procs_file() else {
+        return;
+    };
+    let procs = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "cgroup prewarm: open");
+            return;
+        }
+    };
+    if let Err(e) = crate::sys::write_in_child(procs.into(), b"0") {
+        tracing::debug!(error = %e, "cgroup prewarm: fork");
+    }
+}

@@ -166,6 +166,13 @@ pub trait Engine: Send + Sync + 'static {
     fn idle_exit(&self) -> Option<std::time::Duration> {
         None
     }
+    /// Whether a Create migrates a process into the task's cgroup (a runc-class container, a
+    /// Wasm task's worker). `start` then begins the kernel's wait for the first migration
+    /// ([`crate::cgroup::prewarm_migration_in_child`]), which passes while the server starts
+    /// and containerd sends Create. A VM's shim says no: its own cgroup work would wait for it.
+    fn migrates_into_task_cgroup(&self) -> bool {
+        false
+    }
     /// The server is about to exit (`Shutdown` after the last task): release what the engine
     /// holds for the whole process (the vm shim's VM).
     async fn shutdown(&self) {}

@@ -53,6 +53,9 @@ pub fn run<E: Engine>(version: &str, make_engine: impl FnOnce(&containerd_shim::
         "start" => {
             init_logging(&flags, Log::Stderr);
             let engine = make_engine(&flags);
+            if engine.migrates_into_task_cgroup() {
+                cgroup::prewarm_migration_in_child();
+            }
             match start::start(&engine, &flags) {
                 Ok(address) => {
                     let mut out = std::io::stdout();

@@ -70,6 +70,31 @@ pub fn inherited_listener(path: &Path) -> Option<UnixListener> {
     Some(listener)
 }
 
+/// Fork a child that closes its standard descriptors (a caller's pipes, which it must not hold
+/// open), writes `bytes` to `fd` and exits; its pid is returned. `start` does not wait for it:
+/// it exits soon after, and the child is reparented. For a write that may block (a cgroup
+/// migration waiting for the kernel) made on behalf of a process that must not.
+pub fn write_in_child(fd: OwnedFd, bytes: &'static [u8]) -> io::Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    let raw = fd.as_raw_fd();
+    // SAFETY: fork(2) copies the process and touches no memory of ours. The parent's `fd` is
+    // closed when it is dropped here, the child's copy when the child exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        // SAFETY: in the child, only the async-signal-safe system calls close(2), write(2) and
+        // _exit(2), on descriptor numbers and static memory: no lock, no allocation, so it is
+        // sound whatever threads the parent has.
+        0 => unsafe {
+            for std_fd in 0..3 {
+                libc::close(std_fd);
+            }
+            libc::write(raw, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0)
+        },
+        pid => Ok(pid.unsigned_abs()),
+    }
+}
+
 /// Register an owned, non-blocking fd (eventfd, inotify, ...) with tokio for readiness.
 pub fn readable(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd takes ownership of `fd` and keeps it open for its whole life, and
@@ -88,5 +113,24 @@ mod tests {
         child_umask(&mut cmd, WORKLOAD_UMASK);
         let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0022");
+    }
+
+    /// The child writes, and neither it nor the parent keeps the descriptor: the reader sees
+    /// the bytes, then end of file.
+    #[test]
+    fn a_child_writes_for_its_parent_and_lets_go_of_the_descriptor() {
+        use std::io::Read as _;
+        let (r, w) = rustix::pipe::pipe().unwrap_or_else(|e| panic!("{e}"));
+        let pid = write_in_child(w, b"0").unwrap_or_else(|e| panic!("{e}"));
+        let mut got = String::new();
+        std::fs::File::from(r)
+            .read_to_string(&mut got)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, "0");
+        let pid = rustix::process::Pid::from_raw(pid.try_into().unwrap_or(-1));
+        let status = rustix::process::waitpid(pid, rustix::process::WaitOptions::empty())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|(_, s)| s.exit_status());
+        assert_eq!(status, Some(Some(0)));
     }
 }

@@ -186,6 +186,11 @@ impl Engine for WasmEngine {
         Ok(())
     }
 
+    /// The task's worker (a new one, or a group's warm one) joins the task's cgroup.
+    fn migrates_into_task_cgroup(&self) -> bool {
+        true
+    }
+
     /// A group's shim keeps its worker and compiled modules for the group's next task.
     fn idle_exit(&self) -> Option<std::time::Duration> {
         Some(yard_shim_kit::engine::GROUP_IDLE_EXIT)

@@ -354,6 +354,11 @@ impl Engine for LinuxEngine {
         create_container(&oci, &req).await
     }
 
+    /// A container's init joins its cgroup as it is created.
+    fn migrates_into_task_cgroup(&self) -> bool {
+        true
+    }
+
     /// A group's shim (the `group` option, `io.switchyard.group`) stays warm for the group's
     /// next task.
     fn idle_exit(&self) -> Option<std::time::Duration> {
