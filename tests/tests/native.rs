@@ -778,6 +778,74 @@ fn native_shim_delete_action_is_fast_and_idempotent() {
     assert!(left.is_empty(), "delete wrote into its cwd: {left:?}");
 }
 
+/// `<shim> delete` after a shim died in the middle of a create: the shim's work directory for
+/// the container exists, libcontainer's state does not yet, and the container's cgroup holds a
+/// process. `delete` must kill it and remove the work directory and the cgroup, even though a
+/// container with neither state nor work directory (its shim deleted it) needs nothing.
+#[test]
+fn native_delete_sweeps_a_container_whose_shim_died_creating_it() {
+    if !require_root_and(&["ctr"]) {
+        return;
+    }
+    let id = unique_id("halfmade");
+    let cgroup = format!("yard-test/{id}");
+    let bundle = tempfile::tempdir().unwrap();
+    let spec = Command::new("ctr").args(["oci", "spec"]).output().unwrap();
+    assert!(spec.status.success(), "ctr oci spec: {}", show(&spec));
+    let mut spec: Value = serde_json::from_slice(&spec.stdout).unwrap();
+    spec["linux"]["cgroupsPath"] = json!(format!("/{cgroup}"));
+    std::fs::write(bundle.path().join("config.json"), spec.to_string()).unwrap();
+    // The process the half-made container left, in a cgroup of every hierarchy.
+    let mut orphan = Command::new("sleep").arg("600").spawn().unwrap();
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchies: Vec<PathBuf> = std::iter::once(root.to_owned())
+        .chain(std::fs::read_dir(root).unwrap().flatten().map(|e| e.path()))
+        .filter(|d| d.join("cgroup.procs").exists())
+        // A hybrid host's named and v2 hierarchies are not libcontainer's on cgroup v1.
+        .filter(|d| !d.ends_with("systemd") && !d.ends_with("unified"))
+        .collect();
+    for h in &hierarchies {
+        let mut dir = h.clone();
+        for part in cgroup.split('/') {
+            let parent = dir.clone();
+            dir.push(part);
+            let _ = std::fs::create_dir(&dir);
+            // A new v1 cpuset has no cpus or memory nodes, and takes no process until given some.
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                if std::fs::read_to_string(dir.join(f)).is_ok_and(|v| v.trim().is_empty()) {
+                    let v = std::fs::read_to_string(parent.join(f)).unwrap();
+                    std::fs::write(dir.join(f), v.trim()).unwrap();
+                }
+            }
+        }
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, orphan.id().to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
+    }
+    let work = PathBuf::from(format!("{STATE_ROOT}/default/.shim/{id}"));
+    std::fs::create_dir_all(&work).unwrap();
+
+    let out = run_timeout(
+        Command::new(shim_bin())
+            .args(["-namespace", "default", "-id", &id, "-address", "/tmp/x"])
+            .arg("-bundle")
+            .arg(bundle.path())
+            .arg("delete"),
+        Duration::from_secs(30),
+    );
+    let ended = eventually(SETTLE, || orphan.try_wait().is_ok_and(|s| s.is_some()));
+    let left = state_leftovers(&id, &cgroup);
+    if !ended {
+        let _ = orphan.kill();
+        let _ = orphan.wait();
+    }
+    kill_cgroup_tree("yard-test");
+    let _ = std::fs::remove_dir_all(&work);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(ended, "the half-made container's process still runs");
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
 /// Kills a shim server started by hand, and removes its socket.
 struct ServerGuard {
     id: String,

@@ -369,8 +369,15 @@ impl Engine for LinuxEngine {
         let options = read_bundle_options(bundle);
         let oci = Oci::new(&self.config, namespace, options.as_ref())
             .or_else(|_| Oci::new(&self.config, namespace, None))?;
-        // libcontainer's delete --force kills what is left, removes the cgroup and the state.
         let work = work_dir(&oci, id);
+        if !oci.external && !oci.root.join(id).exists() && !work.exists() {
+            // Nothing of the container is left: its shim deleted it (containerd 1.6 runs
+            // `delete` after every shim's exit, before its task's Delete returns), or never
+            // began to create it (the work directory is made before the runtime runs, and
+            // libcontainer removes the cgroup before the state).
+            return Ok(());
+        }
+        // libcontainer's delete --force kills what is left, removes the cgroup and the state.
         let log = work.join("delete.log");
         if oci.external {
             let _ = std::fs::create_dir_all(&work);
