@@ -71,9 +71,10 @@ pub fn inherited_listener(path: &Path) -> Option<UnixListener> {
 }
 
 /// Fork a child that closes its standard descriptors (a caller's pipes, which it must not hold
-/// open), writes `bytes` to `fd` and exits; its pid is returned. `start` does not wait for it:
-/// it exits soon after, and the child is reparented. For a write that may block (a cgroup
-/// migration waiting for the kernel) made on behalf of a process that must not.
+/// open; not `fd`, should it be one of them), writes `bytes` to `fd` and exits; its pid is
+/// returned. `start` does not wait for it: it exits soon after, and the child is reparented.
+/// For a write that may block (a cgroup migration waiting for the kernel) made on behalf of a
+/// process that must not.
 pub fn write_in_child(fd: OwnedFd, bytes: &'static [u8]) -> io::Result<u32> {
     use std::os::fd::AsRawFd as _;
     let raw = fd.as_raw_fd();
@@ -85,7 +86,7 @@ pub fn write_in_child(fd: OwnedFd, bytes: &'static [u8]) -> io::Result<u32> {
         // _exit(2), on descriptor numbers and static memory: no lock, no allocation, so it is
         // sound whatever threads the parent has.
         0 => unsafe {
-            for std_fd in 0..3 {
+            for std_fd in (0..3).filter(|n| *n != raw) {
                 libc::close(std_fd);
             }
             libc::write(raw, bytes.as_ptr().cast(), bytes.len());
