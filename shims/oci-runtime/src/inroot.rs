@@ -51,8 +51,14 @@ pub fn is_file(fd: impl AsFd) -> bool {
 }
 
 /// At most `max` bytes from the start of the file an `O_PATH` descriptor from [`find`] names,
-/// reopened for reading without blocking. The caller checks [`is_file`] first.
+/// reopened for reading without blocking; anything but a regular file is refused unopened.
 pub fn read(fd: &OwnedFd, max: u64) -> std::io::Result<Vec<u8>> {
+    if !is_file(fd) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
     let file = rustix::fs::open(
         format!("/proc/self/fd/{}", fd.as_raw_fd()),
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
@@ -63,4 +69,36 @@ pub fn read(fd: &OwnedFd, max: u64) -> std::io::Result<Vec<u8>> {
         .take(max)
         .read_to_end(&mut bytes)?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fifo an image put where a file is read is refused, not opened (it would block).
+    #[test]
+    fn only_a_regular_file_is_read() {
+        let r = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(r.path().join("file"), b"abc").unwrap_or_else(|e| panic!("{e}"));
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            r.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let root = open_root(r.path()).unwrap_or_else(|e| panic!("{e}"));
+        let found = |p: &str| {
+            find(&root, Path::new(p))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("{p} not found"))
+        };
+        assert_eq!(
+            read(&found("/file"), 2).unwrap_or_else(|e| panic!("{e}")),
+            b"ab"
+        );
+        let err = read(&found("/fifo"), 2).err().map(|e| e.kind());
+        assert_eq!(err, Some(std::io::ErrorKind::InvalidInput));
+    }
 }
