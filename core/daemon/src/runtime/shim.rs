@@ -21,6 +21,10 @@ use super::bundle::{BOOTSTRAP, Bundle};
 use super::watch::{self, Gone};
 use crate::error::{Classify, Kind};
 
+/// How long a shim server that closed its stdout without listening is given to finish exiting,
+/// so that its exit status can be reported.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
 /// What every shim invocation gets from the daemon.
 #[derive(Debug, Clone)]
 pub struct ShimSettings {
@@ -417,8 +421,15 @@ impl ShimManager {
             // A server that found another of its group listening (a concurrent Create of the
             // group) exits at once, and that one serves.
             if !in_time || !listening().await {
-                let status = match child.try_wait() {
-                    Ok(Some(status)) => status.to_string(),
+                // A server that closed its stdout by exiting can be seen doing so before its
+                // exit can be collected: give it a moment, so the error names its status.
+                let exited = if in_time {
+                    tokio::time::timeout(EXIT_GRACE, child.wait()).await.ok()
+                } else {
+                    child.try_wait().transpose()
+                };
+                let status = match exited {
+                    Some(Ok(status)) => status.to_string(),
                     _ if in_time => "not listening".to_owned(),
                     _ => format!("not listening after {timeout:?}"),
                 };
