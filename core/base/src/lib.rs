@@ -1,10 +1,11 @@
-//! What every Switchyard binary needs once, with no dependencies (the daemon, `yard`, the shims
-//! and the static guest agent all link it):
+//! What every Switchyard binary needs once, with no dependency but rustix (the daemon, `yard`,
+//! the shims and the static guest agent all link it):
 //!
 //! - [`chain`]: an error and its causes as one line, `a: b: c`;
 //! - [`cgroup`]: this process's own cgroups, and the lock every cgroup migration takes;
 //! - [`group`]: which tasks share one shim process;
 //! - [`ident`]: containerd's identifier rule for namespaces, container, exec and lease ids;
+//! - [`limits`]: the soft descriptor limit raised to the hard one, as Go programs do;
 //! - [`socket`]: a socket file whose server is gone, removed;
 //! - [`exit_with`]: what a binary does with an error at its edge (`error: a: b: c` on stderr and a
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
@@ -13,6 +14,7 @@ pub mod cgroup;
 pub mod gate;
 pub mod group;
 pub mod ident;
+pub mod limits;
 pub mod oci_defaults;
 pub mod socket;
 

@@ -43,31 +43,23 @@ pub mod spawn {
     use std::sync::OnceLock;
 
     use rustix::fs::Mode;
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    use rustix::process::{Resource, Rlimit, setrlimit};
 
     /// The daemon's soft `RLIMIT_NOFILE` before [`raise_nofile_limit`] raised it.
     static ORIGINAL_NOFILE: OnceLock<Rlimit> = OnceLock::new();
 
-    /// Raises the daemon's soft `RLIMIT_NOFILE` to its hard limit, as the Go runtime does for
-    /// containerd at start: the daemon holds descriptors for every CRI container's output
-    /// (`cri/logs.rs`) and every shim connection, and a login shell's soft limit of 1,024 would
-    /// bound a node's containers far below the hard limit. Shims get the original back
-    /// ([`child_nofile`]), as Go's `os/exec` gives containerd's shims theirs.
+    /// Raises the daemon's soft `RLIMIT_NOFILE` to its hard limit
+    /// ([`switchyard_base::limits::raise_nofile_limit`]), as the Go runtime does for containerd
+    /// at start: the daemon holds descriptors for every CRI container's output (`cri/logs.rs`)
+    /// and every shim connection. Shims get the original back ([`child_nofile`]), as Go's
+    /// `os/exec` gives containerd's shims theirs.
     pub fn raise_nofile_limit() {
-        let limit = getrlimit(Resource::Nofile);
-        // The soft limit is never above the hard one.
-        if limit.current == limit.maximum {
-            return;
-        }
-        let raised = Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => {
-                let _ = ORIGINAL_NOFILE.set(limit);
+        match switchyard_base::limits::raise_nofile_limit() {
+            Ok(Some(before)) => {
+                let _ = ORIGINAL_NOFILE.set(before);
             }
-            Err(e) => tracing::warn!(error = %e, ?limit, "cannot raise RLIMIT_NOFILE"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
         }
     }
 

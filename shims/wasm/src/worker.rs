@@ -69,7 +69,12 @@ pub fn main(args: &[String]) -> ! {
     if args.iter().any(|a| a == "--self-test") {
         self_test(&scratch);
     }
-    raise_nofile_limit();
+    // An idle task holds a descriptor here (four with stdio): a soft limit of 1,024 would stop a
+    // group's worker at about a thousand idle tasks. The worker runs no program that could
+    // inherit the higher limit (it cannot `execve`).
+    if let Err(e) = switchyard_base::limits::raise_nofile_limit() {
+        tracing::warn!(error = %e, "wasm worker: cannot raise RLIMIT_NOFILE");
+    }
     let chan = match crate::sys::channel() {
         Ok(c) => c,
         Err(e) => exit(
@@ -120,26 +125,6 @@ pub fn main(args: &[String]) -> ! {
     };
     serve(chan, rt);
     std::process::exit(0)
-}
-
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as the Go runtime does for every program
-/// at start (containerd and its shims): an idle task holds a descriptor here (four with stdio),
-/// and a soft limit of 1,024, a login shell's usual one, would stop a group's worker at about a
-/// thousand idle tasks, far below what its hard limit allows. The worker runs no program that
-/// could inherit the higher limit (it cannot `execve`).
-fn raise_nofile_limit() {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    // The soft limit is never above the hard one.
-    if limit.current != limit.maximum {
-        let raised = Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(error = %e, ?limit, "wasm worker: cannot raise RLIMIT_NOFILE");
-        }
-    }
 }
 
 fn exit(code: i32, msg: &str) -> ! {
