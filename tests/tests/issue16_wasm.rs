@@ -401,6 +401,66 @@ fn issue16_wasm_worker_has_no_privileges() {
     assert_eq!(out.status.code(), Some(0), "self-test: {}", show(&out));
 }
 
+/// A task whose CPU limit the kernel refuses fails with an error naming the field, and neither
+/// its cgroup nor its failure reaches the group's other tasks: the worker, which had joined the
+/// cgroup before the limit was refused, leaves it, and it is removed. (The worker stayed in it,
+/// unrecorded, and the clean-up of the failed task, which kills what is in the task's cgroup,
+/// killed the worker and every task of the group with it.)
+#[test]
+fn a_refused_cpu_limit_fails_the_task_and_not_its_group() {
+    let Some(d) = daemon(&[], "") else {
+        return;
+    };
+    let root = Rootfs::new();
+    let group = ["--annotation", "io.switchyard.group=cpu-refused"];
+    // A task of the group without a cgroup (`--cgroup ""`), so the next one owns the worker's.
+    let keep = unique_id("quota-keep");
+    let flags = [&group[..], &["--cgroup", ""]].concat();
+    let out = ctr_run_detached(&d, &root, &flags, &keep, &["--sleep", "60000"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let worker = worker_of(&keep).expect("the group's worker");
+
+    // A CFS quota under the kernel's minimum of 1 ms: cpu.cfs_quota_us (cpu.max on v2) refuses
+    // it when the limit is applied, after the worker moved into the task's cgroup.
+    let bad = unique_id("quota");
+    let flags = [
+        &group[..],
+        &["--cpu-quota", "100", "--cpu-period", "100000"],
+    ]
+    .concat();
+    let out = ctr_run_detached(&d, &root, &flags, &bad, &["--sleep", "60000"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(
+        text(&out.stderr).contains("linux.resources.cpu"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        eventually(SETTLE, || cgroups_matching(&format!("default/{bad}"))
+            .is_empty()),
+        "the refused task's cgroup is left: {:?}",
+        cgroups_matching(&format!("default/{bad}"))
+    );
+    let tasks = text(&run_timeout(d.ctr().args(["task", "ls"]), T).stdout);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with(&keep) && l.contains("RUNNING")),
+        "the group's other task did not survive: {tasks}\n{}",
+        d.log_text()
+    );
+    assert_eq!(worker_of(&keep), Some(worker), "the group's worker changed");
+
+    let out = run_timeout(d.ctr().args(["task", "kill", "-s", "SIGKILL", &keep]), T);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = run_timeout(d.ctr().args(["task", "rm", "-f", &keep]), T);
+    assert!(out.status.success(), "{}", show(&out));
+    for id in [&bad, &keep] {
+        let out = run_timeout(d.ctr().args(["containers", "rm", id]), T);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+}
+
 /// Item 1, least privilege: the worker is not host root. It runs in a user namespace of its own
 /// as the unprivileged worker ids (checked in `issue16_wasm_worker_has_no_privileges`), and the
 /// task's root is idmapped to it: a task still writes into its root-owned root, and what it

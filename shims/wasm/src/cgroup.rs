@@ -86,31 +86,35 @@ impl Placement {
         match want {
             Some((task, path, cpu)) => {
                 let m = join(&path, &task, worker, "the wasm worker")?;
-                if let Some(cpu) = cpu {
-                    let resources = LinuxResourcesBuilder::default()
-                        .cpu(cpu)
-                        .build()
-                        .map_err(|e| Error::Internal(format!("linux.resources.cpu: {e}")))?;
-                    m.apply(&ControllerOpt {
-                        resources: &resources,
-                        disable_oom_killer: false,
-                        oom_score_adj: None,
-                        freezer_state: None,
-                    })
-                    .map_err(|e| {
-                        Error::Internal(format!(
-                            "linux.cgroupsPath {}: apply linux.resources.cpu: {e}",
-                            path.display()
-                        ))
-                    })?;
-                }
+                // The worker is in this cgroup now: it is recorded before anything else can
+                // fail, so that it is removed when the worker leaves it, whatever happens next.
                 let old = self.current.replace(Current {
                     task,
-                    path,
+                    path: path.clone(),
                     manager: m,
                 });
                 if let Some(old) = old {
                     old.remove();
+                }
+                if let (Some(cpu), Some(current)) = (cpu, &self.current) {
+                    let resources = LinuxResourcesBuilder::default()
+                        .cpu(cpu)
+                        .build()
+                        .map_err(|e| Error::Internal(format!("linux.resources.cpu: {e}")))?;
+                    current
+                        .manager
+                        .apply(&ControllerOpt {
+                            resources: &resources,
+                            disable_oom_killer: false,
+                            oom_score_adj: None,
+                            freezer_state: None,
+                        })
+                        .map_err(|e| {
+                            Error::Internal(format!(
+                                "linux.cgroupsPath {}: apply linux.resources.cpu: {e}",
+                                path.display()
+                            ))
+                        })?;
                 }
             }
             None => {
