@@ -627,6 +627,9 @@ fn native_home_is_runcs_and_no_nss_module_of_the_image_is_loaded() {
         path.display().to_string()
     };
     let echo_home = ["/bin/sh", "-c", "echo \"$HOME\""];
+    // A file bind-mounted over the image's /etc/passwd (a volume, say) is the one that counts.
+    let users = configs.path().join("users");
+    write(&users, "root:x:0:0:root:/from-a-mount:/bin/sh\n");
     for runtime in [RUNTIME_TYPE, "io.containerd.runc.v2"] {
         for (uid, home) in [(0, "/root"), (1000, "/home/u"), (4321, "/")] {
             let id = unique_id("home");
@@ -639,6 +642,20 @@ fn native_home_is_runcs_and_no_nss_module_of_the_image_is_loaded() {
                 "{runtime}, uid {uid}"
             );
         }
+        let id = unique_id("home-mount");
+        let spec = config(&id, 0, &echo_home);
+        let mut with_mount: Value =
+            serde_json::from_str(&std::fs::read_to_string(&spec).unwrap()).unwrap();
+        with_mount["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/etc/passwd",
+            "type": "bind",
+            "source": users,
+            "options": ["rbind", "ro"],
+        }));
+        write(Path::new(&spec), &with_mount.to_string());
+        let args = ["run", "--runtime", runtime, "--rm", "--config", &spec, &id];
+        let out = ctr_watching(&d, &args, &module);
+        assert_eq!(text(&out.stdout), "/from-a-mount\n", "{runtime}, mount");
         // An exec's process (ctr copies the container's, without HOME) gets the same.
         let id = unique_id("home-exec");
         let spec = config(&id, 1000, &["/bin/sleep", "600"]);

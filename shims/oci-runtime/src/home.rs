@@ -10,18 +10,24 @@
 //!
 //! The file is read from the host side, inside the container's root (`inroot.rs`: symlinks and
 //! `..` stop at the root; only a regular file is opened), and only its first [`MAX_PASSWD`]
-//! bytes.
+//! bytes. At create, before the container's mounts exist, the file is the one they will show:
+//! that of the last bind mount of the spec over `/etc/passwd` or a directory above it (a
+//! Kubernetes volume, a `--mount`), read in the mount's source as in a root; under any other
+//! mount over it there is no file known yet, and `HOME` is `/`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Process;
+use oci_spec::runtime::{Mount, Process};
+
+const PASSWD: &str = "/etc/passwd";
 
 /// The most of `/etc/passwd` that is read; entries past it are not looked at.
 pub const MAX_PASSWD: u64 = 4 << 20;
 
 /// Sets `HOME` in `process`'s environment when it has none or an empty one, from the
-/// `/etc/passwd` under `root`; returns whether it changed anything.
-pub(crate) fn set_home(process: &mut Process, root: &Path) -> bool {
+/// `/etc/passwd` under `root` with `mounts` over it (none when `root` shows them already);
+/// returns whether it changed anything.
+pub(crate) fn set_home(process: &mut Process, root: &Path, mounts: &[Mount]) -> bool {
     let env = process.env().clone().unwrap_or_default();
     let set = env
         .iter()
@@ -31,7 +37,7 @@ pub(crate) fn set_home(process: &mut Process, root: &Path) -> bool {
     if set {
         return false;
     }
-    let home = home(root, process.user().uid());
+    let home = home(root, mounts, process.user().uid());
     let mut env: Vec<String> = env
         .into_iter()
         .filter(|e| !e.starts_with("HOME="))
@@ -41,12 +47,44 @@ pub(crate) fn set_home(process: &mut Process, root: &Path) -> bool {
     true
 }
 
-/// The home directory of `uid` in `root`'s `/etc/passwd`, or `/` when the file or the entry is
-/// missing, unreadable or empty (runc's default).
-pub(crate) fn home(root: &Path, uid: u32) -> String {
-    read_passwd(root)
+/// The home directory of `uid` in the `/etc/passwd` of `root` with `mounts` over it, or `/`
+/// when the file or the entry is missing, unreadable or empty (runc's default).
+pub(crate) fn home(root: &Path, mounts: &[Mount], uid: u32) -> String {
+    let (dir, path) = match passwd_mount(mounts) {
+        Some(Some(found)) => found,
+        Some(None) => return "/".to_owned(),
+        None => (root.to_owned(), PathBuf::from(PASSWD)),
+    };
+    read_passwd(&dir, &path)
         .and_then(|passwd| lookup(&passwd, uid))
         .unwrap_or_else(|| "/".to_owned())
+}
+
+/// The last of `mounts` over `/etc/passwd` or a directory above it: `None` if there is none;
+/// for a bind mount, the directory to resolve in and the path there (the source's parent and
+/// its name for a mount of the file itself); `Some(None)` for another kind of mount, whose
+/// files do not exist before the container does.
+fn passwd_mount(mounts: &[Mount]) -> Option<Option<(PathBuf, PathBuf)>> {
+    let (m, rest) = mounts.iter().rev().find_map(|m| {
+        let rest = Path::new(PASSWD).strip_prefix(m.destination()).ok()?;
+        Some((m, rest))
+    })?;
+    let bind = m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind");
+    let Some(source) = m.source().as_deref().filter(|_| bind) else {
+        return Some(None);
+    };
+    Some(if rest.as_os_str().is_empty() {
+        source
+            .parent()
+            .zip(source.file_name())
+            .map(|(dir, name)| (dir.to_owned(), PathBuf::from(name)))
+    } else {
+        Some((source.to_owned(), rest.to_owned()))
+    })
 }
 
 /// The home field of the first entry for `uid` (`name:password:uid:gid:gecos:home:shell`).
@@ -58,16 +96,16 @@ fn lookup(passwd: &[u8], uid: u32) -> Option<String> {
     })
 }
 
-fn read_passwd(root: &Path) -> Option<Vec<u8>> {
+fn read_passwd(root: &Path, path: &Path) -> Option<Vec<u8>> {
     let root = crate::inroot::open_root(root).ok()?;
-    let found = crate::inroot::find(&root, Path::new("/etc/passwd")).ok()??;
+    let found = crate::inroot::find(&root, path).ok()??;
     crate::inroot::read(&found, MAX_PASSWD).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_spec::runtime::{ProcessBuilder, UserBuilder};
+    use oci_spec::runtime::{MountBuilder, ProcessBuilder, UserBuilder};
 
     fn root(passwd: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -92,36 +130,90 @@ mod tests {
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnohome:x:7:7::::\nu:x:1000:1000:U:/home/u:/bin/sh\nagain:x:1000:1:::/elsewhere\n";
 
+    fn mount(destination: &str, typ: &str, source: &Path, options: &[&str]) -> Mount {
+        MountBuilder::default()
+            .destination(destination)
+            .typ(typ)
+            .source(source)
+            .options(options.iter().map(|o| (*o).to_owned()).collect::<Vec<_>>())
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// At create the file is the one the container will see: that of the last bind mount over
+    /// `/etc/passwd` or a directory above it, read in the mount's source; under another kind of
+    /// mount (a tmpfs over `/etc`) there is none yet. Mounts elsewhere change nothing.
+    #[test]
+    fn a_bind_mount_over_the_file_or_its_directory_is_what_is_read() {
+        let image = root("root:x:0:0::/from-image:/bin/sh\n");
+        let volume = root("root:x:0:0::/from-etc-volume:/bin/sh\n");
+        let file = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            file.path().join("users"),
+            "root:x:0:0::/from-file-mount:/bin/sh\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let over_file = mount("/etc/passwd", "bind", &file.path().join("users"), &["ro"]);
+        let over_etc = mount("/etc/", "none", &volume.path().join("etc"), &["rbind"]);
+        let tmpfs = mount("/etc", "tmpfs", Path::new("tmpfs"), &[]);
+        let elsewhere = mount("/etc/passwd.d", "bind", file.path(), &["bind"]);
+        let home_with = |mounts: &[Mount]| home(image.path(), mounts, 0);
+        assert_eq!(home_with(&[]), "/from-image");
+        assert_eq!(home_with(std::slice::from_ref(&elsewhere)), "/from-image");
+        assert_eq!(
+            home_with(std::slice::from_ref(&over_file)),
+            "/from-file-mount"
+        );
+        assert_eq!(
+            home_with(std::slice::from_ref(&over_etc)),
+            "/from-etc-volume"
+        );
+        assert_eq!(
+            home_with(&[over_etc.clone(), over_file.clone(), elsewhere]),
+            "/from-file-mount",
+            "the last mount over it wins"
+        );
+        assert_eq!(
+            home_with(&[over_file.clone(), over_etc]),
+            "/from-etc-volume",
+            "a later mount of /etc hides one of the file"
+        );
+        assert_eq!(home_with(&[over_file, tmpfs]), "/", "no file under a tmpfs");
+    }
+
     #[test]
     fn home_is_the_uids_entry_else_slash() {
         let r = root(PASSWD);
-        assert_eq!(home(r.path(), 0), "/root");
+        assert_eq!(home(r.path(), &[], 0), "/root");
         assert_eq!(
-            home(r.path(), 1000),
+            home(r.path(), &[], 1000),
             "/home/u",
             "the first entry for the uid"
         );
-        assert_eq!(home(r.path(), 7), "/", "an empty home field");
-        assert_eq!(home(r.path(), 4321), "/", "no entry");
+        assert_eq!(home(r.path(), &[], 7), "/", "an empty home field");
+        assert_eq!(home(r.path(), &[], 4321), "/", "no entry");
         let empty = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(home(empty.path(), 0), "/", "no /etc/passwd");
+        assert_eq!(home(empty.path(), &[], 0), "/", "no /etc/passwd");
     }
 
     #[test]
     fn set_home_fills_only_a_missing_or_empty_home() {
         let r = root(PASSWD);
         let mut p = process(1000, &["PATH=/bin", "HOME="]);
-        assert!(set_home(&mut p, r.path()));
+        assert!(set_home(&mut p, r.path(), &[]));
         assert_eq!(
             p.env().as_deref(),
             Some(&["PATH=/bin".to_owned(), "HOME=/home/u".to_owned()][..])
         );
-        assert!(!set_home(&mut p, r.path()), "a second time changes nothing");
+        assert!(
+            !set_home(&mut p, r.path(), &[]),
+            "a second time changes nothing"
+        );
         let mut p = process(0, &["HOME=/mine"]);
-        assert!(!set_home(&mut p, r.path()));
+        assert!(!set_home(&mut p, r.path(), &[]));
         assert_eq!(p.env().as_deref(), Some(&["HOME=/mine".to_owned()][..]));
         let mut p = process(0, &[]);
-        assert!(set_home(&mut p, r.path()));
+        assert!(set_home(&mut p, r.path(), &[]));
         assert_eq!(p.env().as_deref(), Some(&["HOME=/root".to_owned()][..]));
     }
 
@@ -139,7 +231,11 @@ mod tests {
             std::fs::create_dir(r.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
             std::os::unix::fs::symlink(&target, r.path().join("etc/passwd"))
                 .unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(home(r.path(), 0), "/", "followed {target} out of the root");
+            assert_eq!(
+                home(r.path(), &[], 0),
+                "/",
+                "followed {target} out of the root"
+            );
         }
         let r = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         std::fs::create_dir(r.path().join("etc")).unwrap_or_else(|e| panic!("{e}"));
@@ -151,13 +247,13 @@ mod tests {
             0,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(home(r.path(), 0), "/");
+        assert_eq!(home(r.path(), &[], 0), "/");
     }
 
     #[test]
     fn only_the_first_bytes_are_read() {
         let filler = "x:x:1:1:::\n".repeat((MAX_PASSWD as usize) / 11 + 1);
         let r = root(&format!("{filler}late:x:0:0::/late:/bin/sh\n"));
-        assert_eq!(home(r.path(), 0), "/");
+        assert_eq!(home(r.path(), &[], 0), "/");
     }
 }

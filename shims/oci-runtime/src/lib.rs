@@ -261,7 +261,8 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
                 .map_or(Path::new("rootfs"), |r| r.path()),
         ),
     };
-    home::set_home(&mut process, &container_root);
+    // That view shows the container's mounts already.
+    home::set_home(&mut process, &container_root, &[]);
     spec::check_exec(&init)?;
     let mut seccomp = init.linux().as_ref().and_then(|l| l.seccomp().clone());
     if let Some(s) = &mut seccomp

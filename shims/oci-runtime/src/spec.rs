@@ -81,8 +81,9 @@ const PREPARED_FOR: &str = "libcontainer-0.7";
 ///   the kernel refuses (`EACCES`, reported by libseccomp as `ECANCELED`) for every container
 ///   without `CAP_SYS_ADMIN`;
 /// - `linux.seccomp`: see [`masked_eq_for_libcontainer`];
-/// - `process.env`: `HOME` when it has none, from the root's `/etc/passwd` (`home.rs`: else
-///   libcontainer asks glibc's NSS inside the container, which loads modules from the image).
+/// - `process.env`: `HOME` when it has none, from the `/etc/passwd` the container will see, the
+///   root's or a bind mount's (`home.rs`: else libcontainer asks glibc's NSS inside the
+///   container, which loads modules from the image).
 pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     let mut spec = Spec::load(&path).map_err(|source| SpecError::Load {
@@ -95,8 +96,9 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     }
     let mut changed = false;
     let root = spec.root().as_ref().map(|r| bundle.join(r.path()));
+    let mounts = spec.mounts().clone().unwrap_or_default();
     if let (Some(process), Some(root)) = (spec.process_mut(), root) {
-        changed |= crate::home::set_home(process, &root);
+        changed |= crate::home::set_home(process, &root, &mounts);
     }
     // The rest runs once per bundle: a swapped argument swapped again would be wrong.
     if !prepared(&spec)
