@@ -199,12 +199,19 @@ fn bundle_dir(flags: &Flags) -> Result<PathBuf> {
     }
 }
 
-/// containerd reloads shims after a restart from the bundle's `address` file.
+/// containerd reloads shims after a restart from the bundle's `address` file (0600, written
+/// to a temporary file and renamed, as containerd's shims write it).
 fn write_address(bundle: &Path, address: &str) -> Result<()> {
-    let tmp = bundle.join(".address.tmp");
-    std::fs::write(&tmp, address).map_err(Error::io(format!("write {}", tmp.display())))?;
-    std::fs::rename(&tmp, bundle.join("address"))
-        .map_err(Error::io(format!("write {}/address", bundle.display())))
+    use std::io::Write;
+    let path = bundle.join("address");
+    let failed = |e| Error::io(format!("write {}", path.display()))(e);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".address.")
+        .tempfile_in(bundle)
+        .map_err(failed)?;
+    tmp.write_all(address.as_bytes()).map_err(failed)?;
+    tmp.persist(&path).map_err(|e| failed(e.error))?;
+    Ok(())
 }
 
 /// `delete`: the shim is gone; make sure the container is too. Prints a `DeleteResponse`.

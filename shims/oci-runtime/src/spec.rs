@@ -125,29 +125,25 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     spec.annotations_mut()
         .get_or_insert_with(Default::default)
         .insert(PREPARED_ANNOTATION.into(), PREPARED_FOR.into());
-    let tmp = bundle.join(".config.json.yard");
     let save = |source| SpecError::Save {
         path: path.clone(),
         source,
     };
     let bytes = serde_json::to_vec(&spec).map_err(|e| save(e.into()))?;
     // The rewrite keeps the file's mode: this process runs under the workload's umask (022),
-    // and the caller's bundle files are private (0600).
+    // and the caller's bundle files are private (0600). A temporary file of its own
+    // (`tempfile`, created 0600) is written and renamed over it.
     let mode = std::fs::metadata(&path).map_err(save)?.permissions();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".config.json.")
+        .tempfile_in(bundle)
+        .map_err(save)?;
     {
         use std::io::Write as _;
-        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode.mode() & 0o777)
-            .open(&tmp)
-            .map_err(save)?;
-        file.write_all(&bytes).map_err(save)?;
+        tmp.write_all(&bytes).map_err(save)?;
     }
-    std::fs::set_permissions(&tmp, mode).map_err(save)?;
-    std::fs::rename(&tmp, &path).map_err(save)?;
+    tmp.as_file().set_permissions(mode).map_err(save)?;
+    tmp.persist(&path).map_err(|e| save(e.error))?;
     Ok(spec)
 }
 
@@ -335,7 +331,12 @@ mod tests {
         let spec = Spec::load(b.path().join("config.json")).unwrap();
         let linux = spec.linux().as_ref().unwrap();
         assert_eq!(linux.rootfs_propagation().as_deref(), Some("slave"));
-        assert!(!b.path().join(".config.json.yard").exists());
+        let entries: Vec<_> = std::fs::read_dir(b.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(entries, ["config.json"], "a temporary file is left");
 
         let b = bundle(serde_json::json!({"rootfsPropagation": "private"}));
         let before = std::fs::read(b.path().join("config.json")).unwrap();
@@ -366,7 +367,8 @@ mod tests {
         spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
         std::fs::write(&path, spec.to_string()).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Not 0600, which a new file has anyway.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         std::fs::create_dir_all(b.path().join("rootfs/etc")).unwrap();
         std::fs::write(
             b.path().join("rootfs/etc/passwd"),
@@ -382,7 +384,7 @@ mod tests {
         assert!(prepared(&Spec::load(&path).unwrap()));
         let written = std::fs::read(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "the rewrite changed the file's mode");
+        assert_eq!(mode, 0o640, "the rewrite changed the file's mode");
         prepare_bundle(b.path()).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), written, "rewritten twice");
     }

@@ -181,11 +181,21 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// Writes `data` to `path` (0600) through a temporary file and a rename.
+/// Writes `data` to `path` (0600) through a temporary file of its own in the same directory
+/// (`tempfile`: a fresh name, so two writers of one path never share it) and a rename.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    write_private(&tmp, data)?;
-    std::fs::rename(&tmp, path)
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".yard-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// The part of the OCI spec switchyardd looks at: enough to catch a missing rootfs before a
