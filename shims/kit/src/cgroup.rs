@@ -6,6 +6,7 @@
 //! youki's libcgroups does the cgroup work (v1 or v2, picked from the host).
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use libcgroups::common::{AnyCgroupManager, CgroupConfig, CgroupManager};
 
@@ -52,9 +53,27 @@ pub fn remove(path: &Path, name: &str) {
     }
 }
 
+/// How long a removal waits for the processes it killed to be gone: a worker or VMM that died
+/// with its shim (`PR_SET_PDEATHSIG`) may still be exiting when `<shim> delete` runs, and on a
+/// busy host its exit can take longer than the 0.1 s libcgroups' removal retries for.
+const REMOVE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How often a removal looks whether the cgroup has emptied.
+const REMOVE_POLL: Duration = Duration::from_millis(10);
+
 /// [`remove`] with the cgroup's manager at hand: opening one reads the host's mounts and the
-/// process's cgroups on cgroup v1 (0.3 ms here).
+/// process's cgroups on cgroup v1 (0.3 ms here). libcgroups kills what is left in the cgroup;
+/// should that still be exiting when its retries end, the removal is tried once more when the
+/// cgroup has emptied (within [`REMOVE_WITHIN`]).
 pub fn remove_managed(m: &AnyCgroupManager, path: &Path) {
+    let Err(first) = m.remove() else {
+        return;
+    };
+    tracing::debug!(error = %err(path, "remove", first), "cgroup not removed yet: waiting for its processes");
+    let deadline = Instant::now() + REMOVE_WITHIN;
+    while m.get_all_pids().is_ok_and(|pids| !pids.is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(REMOVE_POLL);
+    }
     if let Err(e) = m.remove() {
         tracing::warn!(error = %err(path, "remove", e), "cgroup left behind");
     }
@@ -109,5 +128,54 @@ pub fn prewarm_migration_in_child() {
     };
     if let Err(e) = crate::sys::write_in_child(procs.into(), b"0") {
         tracing::debug!(error = %e, "cgroup prewarm: fork");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libcgroups::common::FreezerState;
+
+    /// A process that dies slowly once killed does not leave its cgroup behind: the removal
+    /// waits for it. Here the process is held in a frozen cgroup v1 (where a killed process
+    /// stays until thawed) for longer than libcgroups' own retries, then thawed.
+    #[test]
+    #[allow(clippy::unwrap_used, clippy::print_stderr)]
+    fn a_cgroup_is_removed_once_its_killed_process_is_gone() {
+        if !switchyard_base::gate::require(switchyard_base::gate::is_root(), "needs root") {
+            return;
+        }
+        let freezer = Path::new("/sys/fs/cgroup/freezer");
+        if !freezer.is_dir() {
+            // cgroup v2 lets a fatal signal through a frozen cgroup: no way to hold the exit.
+            eprintln!("SKIP: no cgroup v1 freezer on this host");
+            return;
+        }
+        let path = PathBuf::from(format!("/yard-kit-test-{}", std::process::id()));
+        let m = manager(&path, "t").unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        m.add_task(pid(child.id())).unwrap();
+        m.freeze(FreezerState::Frozen).unwrap();
+        let thaw = manager(&path, "t").unwrap();
+        let thawer = std::thread::spawn(move || {
+            // The stimulus, not a wait: the exit is held past libcgroups' retries (0.1 s).
+            std::thread::sleep(Duration::from_millis(500));
+            thaw.freeze(FreezerState::Thawed).unwrap();
+        });
+        remove_managed(&m, &path);
+        thawer.join().unwrap();
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let left = freezer.join(path.strip_prefix("/").unwrap());
+        let gone = !left.exists();
+        if !gone {
+            // What a failed run left, in every hierarchy.
+            let _ = m.remove();
+        }
+        assert!(!status.success(), "the process was not killed: {status}");
+        assert!(gone, "{} is left", left.display());
     }
 }
