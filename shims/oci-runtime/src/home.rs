@@ -50,41 +50,56 @@ pub(crate) fn set_home(process: &mut Process, root: &Path, mounts: &[Mount]) -> 
 /// The home directory of `uid` in the `/etc/passwd` of `root` with `mounts` over it, or `/`
 /// when the file or the entry is missing, unreadable or empty (runc's default).
 pub(crate) fn home(root: &Path, mounts: &[Mount], uid: u32) -> String {
-    let (dir, path) = match passwd_mount(mounts) {
-        Some(Some(found)) => found,
-        Some(None) => return "/".to_owned(),
-        None => (root.to_owned(), PathBuf::from(PASSWD)),
+    let (dir, path) = match passwd_source(mounts) {
+        Source::Root => (root.to_owned(), PathBuf::from(PASSWD)),
+        Source::Bind { dir, path } => (dir, path),
+        Source::Unknown => return "/".to_owned(),
     };
     read_passwd(&dir, &path)
         .and_then(|passwd| lookup(&passwd, uid))
         .unwrap_or_else(|| "/".to_owned())
 }
 
-/// The last of `mounts` over `/etc/passwd` or a directory above it: `None` if there is none;
-/// for a bind mount, the directory to resolve in and the path there (the source's parent and
-/// its name for a mount of the file itself); `Some(None)` for another kind of mount, whose
-/// files do not exist before the container does.
-fn passwd_mount(mounts: &[Mount]) -> Option<Option<(PathBuf, PathBuf)>> {
-    let (m, rest) = mounts.iter().rev().find_map(|m| {
+/// Where a create finds the container's `/etc/passwd`.
+enum Source {
+    /// In the root: no mount of the spec covers it.
+    Root,
+    /// At `path` in `dir`, a bind mount's source (for a mount of the file itself, the source's
+    /// directory and its name).
+    Bind { dir: PathBuf, path: PathBuf },
+    /// Under another kind of mount (a tmpfs over `/etc`): no file exists before the container.
+    Unknown,
+}
+
+/// The last of `mounts` over `/etc/passwd` or a directory above it decides where it is.
+fn passwd_source(mounts: &[Mount]) -> Source {
+    let Some((m, rest)) = mounts.iter().rev().find_map(|m| {
         let rest = Path::new(PASSWD).strip_prefix(m.destination()).ok()?;
         Some((m, rest))
-    })?;
+    }) else {
+        return Source::Root;
+    };
     let bind = m.typ().as_deref() == Some("bind")
         || m.options()
             .iter()
             .flatten()
             .any(|o| o == "bind" || o == "rbind");
     let Some(source) = m.source().as_deref().filter(|_| bind) else {
-        return Some(None);
+        return Source::Unknown;
     };
-    Some(if rest.as_os_str().is_empty() {
-        source
-            .parent()
-            .zip(source.file_name())
-            .map(|(dir, name)| (dir.to_owned(), PathBuf::from(name)))
-    } else {
-        Some((source.to_owned(), rest.to_owned()))
-    })
+    if !rest.as_os_str().is_empty() {
+        return Source::Bind {
+            dir: source.to_owned(),
+            path: rest.to_owned(),
+        };
+    }
+    match (source.parent(), source.file_name()) {
+        (Some(dir), Some(name)) => Source::Bind {
+            dir: dir.to_owned(),
+            path: PathBuf::from(name),
+        },
+        _ => Source::Unknown,
+    }
 }
 
 /// The home field of the first entry for `uid` (`name:password:uid:gid:gecos:home:shell`).
