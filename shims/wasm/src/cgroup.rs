@@ -86,36 +86,18 @@ impl Placement {
         match want {
             Some((task, path, cpu)) => {
                 let m = join(&path, &task, worker, "the wasm worker")?;
-                // The worker is in this cgroup now: it is recorded before anything else can
-                // fail, so that it is removed when the worker leaves it, whatever happens next.
+                let applied = cpu.map_or(Ok(()), |cpu| apply_cpu(&m, &path, cpu));
+                // The worker is in this cgroup now, limit or not: it is recorded, so that it is
+                // removed when the worker leaves it (a refused limit fails only its task).
                 let old = self.current.replace(Current {
                     task,
-                    path: path.clone(),
+                    path,
                     manager: m,
                 });
                 if let Some(old) = old {
                     old.remove();
                 }
-                if let (Some(cpu), Some(current)) = (cpu, &self.current) {
-                    let resources = LinuxResourcesBuilder::default()
-                        .cpu(cpu)
-                        .build()
-                        .map_err(|e| Error::Internal(format!("linux.resources.cpu: {e}")))?;
-                    current
-                        .manager
-                        .apply(&ControllerOpt {
-                            resources: &resources,
-                            disable_oom_killer: false,
-                            oom_score_adj: None,
-                            freezer_state: None,
-                        })
-                        .map_err(|e| {
-                            Error::Internal(format!(
-                                "linux.cgroupsPath {}: apply linux.resources.cpu: {e}",
-                                path.display()
-                            ))
-                        })?;
-                }
+                applied?;
             }
             None => {
                 join_own(worker)?;
@@ -133,6 +115,26 @@ impl Placement {
             old.remove();
         }
     }
+}
+
+/// Applies a task's `linux.resources.cpu` to the cgroup `m` manages (at `path`).
+fn apply_cpu(m: &AnyCgroupManager, path: &Path, cpu: LinuxCpu) -> Result<()> {
+    let resources = LinuxResourcesBuilder::default()
+        .cpu(cpu)
+        .build()
+        .map_err(|e| Error::Internal(format!("linux.resources.cpu: {e}")))?;
+    m.apply(&ControllerOpt {
+        resources: &resources,
+        disable_oom_killer: false,
+        oom_score_adj: None,
+        freezer_state: None,
+    })
+    .map_err(|e| {
+        Error::Internal(format!(
+            "linux.cgroupsPath {}: apply linux.resources.cpu: {e}",
+            path.display()
+        ))
+    })
 }
 
 #[cfg(test)]
