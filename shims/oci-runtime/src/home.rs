@@ -25,9 +25,14 @@ const PASSWD: &str = "/etc/passwd";
 pub const MAX_PASSWD: u64 = 4 << 20;
 
 /// Sets `HOME` in `process`'s environment when it has none or an empty one, from the
-/// `/etc/passwd` under `root` with `mounts` over it (none when `root` shows them already);
-/// returns whether it changed anything.
-pub(crate) fn set_home(process: &mut Process, root: &Path, mounts: &[Mount]) -> bool {
+/// `/etc/passwd` under `root` with `mounts` over it (none when `root` shows them already; a
+/// relative source is `bundle`'s); returns whether it changed anything.
+pub(crate) fn set_home(
+    process: &mut Process,
+    root: &Path,
+    mounts: &[Mount],
+    bundle: &Path,
+) -> bool {
     let env = process.env().clone().unwrap_or_default();
     let set = env
         .iter()
@@ -37,7 +42,7 @@ pub(crate) fn set_home(process: &mut Process, root: &Path, mounts: &[Mount]) -> 
     if set {
         return false;
     }
-    let home = home(root, mounts, process.user().uid());
+    let home = home(root, mounts, bundle, process.user().uid());
     let mut env: Vec<String> = env
         .into_iter()
         .filter(|e| !e.starts_with("HOME="))
@@ -49,8 +54,8 @@ pub(crate) fn set_home(process: &mut Process, root: &Path, mounts: &[Mount]) -> 
 
 /// The home directory of `uid` in the `/etc/passwd` of `root` with `mounts` over it, or `/`
 /// when the file or the entry is missing, unreadable or empty (runc's default).
-pub(crate) fn home(root: &Path, mounts: &[Mount], uid: u32) -> String {
-    let (dir, path) = match passwd_source(mounts) {
+pub(crate) fn home(root: &Path, mounts: &[Mount], bundle: &Path, uid: u32) -> String {
+    let (dir, path) = match passwd_source(mounts, bundle) {
         Source::Root => (root.to_owned(), PathBuf::from(PASSWD)),
         Source::Bind { dir, path } => (dir, path),
         Source::Unknown => return "/".to_owned(),
@@ -72,24 +77,19 @@ enum Source {
 }
 
 /// The last of `mounts` over `/etc/passwd` or a directory above it decides where it is.
-fn passwd_source(mounts: &[Mount]) -> Source {
+fn passwd_source(mounts: &[Mount], bundle: &Path) -> Source {
     let Some((m, rest)) = mounts.iter().rev().find_map(|m| {
         let rest = Path::new(PASSWD).strip_prefix(m.destination()).ok()?;
         Some((m, rest))
     }) else {
         return Source::Root;
     };
-    let bind = m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind");
-    let Some(source) = m.source().as_deref().filter(|_| bind) else {
+    let Some(source) = crate::spec::bind_source(m, bundle) else {
         return Source::Unknown;
     };
     if !rest.as_os_str().is_empty() {
         return Source::Bind {
-            dir: source.to_owned(),
+            dir: source,
             path: rest.to_owned(),
         };
     }
@@ -172,7 +172,7 @@ mod tests {
         let over_etc = mount("/etc/", "none", &volume.path().join("etc"), &["rbind"]);
         let tmpfs = mount("/etc", "tmpfs", Path::new("tmpfs"), &[]);
         let elsewhere = mount("/etc/passwd.d", "bind", file.path(), &["bind"]);
-        let home_with = |mounts: &[Mount]| home(image.path(), mounts, 0);
+        let home_with = |mounts: &[Mount]| home(image.path(), mounts, Path::new("/"), 0);
         assert_eq!(home_with(&[]), "/from-image");
         assert_eq!(home_with(std::slice::from_ref(&elsewhere)), "/from-image");
         assert_eq!(
@@ -194,41 +194,55 @@ mod tests {
             "a later mount of /etc hides one of the file"
         );
         assert_eq!(home_with(&[over_file, tmpfs]), "/", "no file under a tmpfs");
+        // A relative source is the bundle's, as runc takes it.
+        let relative = mount("/etc/passwd", "bind", Path::new("users"), &[]);
+        assert_eq!(
+            home(image.path(), &[relative], file.path(), 0),
+            "/from-file-mount"
+        );
     }
 
     #[test]
     fn home_is_the_uids_entry_else_slash() {
         let r = root(PASSWD);
-        assert_eq!(home(r.path(), &[], 0), "/root");
+        assert_eq!(home(r.path(), &[], Path::new("/"), 0), "/root");
         assert_eq!(
-            home(r.path(), &[], 1000),
+            home(r.path(), &[], Path::new("/"), 1000),
             "/home/u",
             "the first entry for the uid"
         );
-        assert_eq!(home(r.path(), &[], 7), "/", "an empty home field");
-        assert_eq!(home(r.path(), &[], 4321), "/", "no entry");
+        assert_eq!(
+            home(r.path(), &[], Path::new("/"), 7),
+            "/",
+            "an empty home field"
+        );
+        assert_eq!(home(r.path(), &[], Path::new("/"), 4321), "/", "no entry");
         let empty = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(home(empty.path(), &[], 0), "/", "no /etc/passwd");
+        assert_eq!(
+            home(empty.path(), &[], Path::new("/"), 0),
+            "/",
+            "no /etc/passwd"
+        );
     }
 
     #[test]
     fn set_home_fills_only_a_missing_or_empty_home() {
         let r = root(PASSWD);
         let mut p = process(1000, &["PATH=/bin", "HOME="]);
-        assert!(set_home(&mut p, r.path(), &[]));
+        assert!(set_home(&mut p, r.path(), &[], Path::new("/")));
         assert_eq!(
             p.env().as_deref(),
             Some(&["PATH=/bin".to_owned(), "HOME=/home/u".to_owned()][..])
         );
         assert!(
-            !set_home(&mut p, r.path(), &[]),
+            !set_home(&mut p, r.path(), &[], Path::new("/")),
             "a second time changes nothing"
         );
         let mut p = process(0, &["HOME=/mine"]);
-        assert!(!set_home(&mut p, r.path(), &[]));
+        assert!(!set_home(&mut p, r.path(), &[], Path::new("/")));
         assert_eq!(p.env().as_deref(), Some(&["HOME=/mine".to_owned()][..]));
         let mut p = process(0, &[]);
-        assert!(set_home(&mut p, r.path(), &[]));
+        assert!(set_home(&mut p, r.path(), &[], Path::new("/")));
         assert_eq!(p.env().as_deref(), Some(&["HOME=/root".to_owned()][..]));
     }
 
@@ -247,7 +261,7 @@ mod tests {
             std::os::unix::fs::symlink(&target, r.path().join("etc/passwd"))
                 .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(
-                home(r.path(), &[], 0),
+                home(r.path(), &[], Path::new("/"), 0),
                 "/",
                 "followed {target} out of the root"
             );
@@ -262,13 +276,13 @@ mod tests {
             0,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(home(r.path(), &[], 0), "/");
+        assert_eq!(home(r.path(), &[], Path::new("/"), 0), "/");
     }
 
     #[test]
     fn only_the_first_bytes_are_read() {
         let filler = "x:x:1:1:::\n".repeat((MAX_PASSWD as usize) / 11 + 1);
         let r = root(&format!("{filler}late:x:0:0::/late:/bin/sh\n"));
-        assert_eq!(home(r.path(), &[], 0), "/");
+        assert_eq!(home(r.path(), &[], Path::new("/"), 0), "/");
     }
 }

@@ -262,7 +262,7 @@ fn exec(root: &Path, id: String, process_path: &Path, io: Io) -> Result<(), Erro
         ),
     };
     // That view shows the container's mounts already.
-    home::set_home(&mut process, &container_root, &[]);
+    home::set_home(&mut process, &container_root, &[], container.bundle());
     spec::check_exec(&init)?;
     let mut seccomp = init.linux().as_ref().and_then(|l| l.seccomp().clone());
     if let Some(s) = &mut seccomp

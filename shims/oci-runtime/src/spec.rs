@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
     Capability, LinuxNamespaceType, LinuxSeccomp, LinuxSeccompArgBuilder, LinuxSeccompOperator,
-    Process, Spec,
+    Mount, Process, Spec,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +98,7 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     let root = spec.root().as_ref().map(|r| bundle.join(r.path()));
     let mounts = spec.mounts().clone().unwrap_or_default();
     if let (Some(process), Some(root)) = (spec.process_mut(), root) {
-        changed |= crate::home::set_home(process, &root, &mounts);
+        changed |= crate::home::set_home(process, &root, &mounts, bundle);
     }
     // The rest runs once per bundle: a swapped argument swapped again would be wrong.
     if !prepared(&spec)
@@ -145,6 +145,25 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
     tmp.as_file().set_permissions(mode).map_err(save)?;
     tmp.persist(&path).map_err(|e| save(e.error))?;
     Ok(spec)
+}
+
+/// The host path a bind mount of the spec mounts, a relative source being the bundle's (as runc
+/// takes it); `None` for a mount of another kind.
+pub(crate) fn bind_source(m: &Mount, bundle: &Path) -> Option<PathBuf> {
+    let bind = m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind");
+    if !bind {
+        return None;
+    }
+    let src = m.source().clone().unwrap_or_default();
+    Some(if src.is_absolute() {
+        src
+    } else {
+        bundle.join(src)
+    })
 }
 
 /// Whether `prepare_bundle` rewrote this spec (a container made by an older runtime was not).

@@ -75,16 +75,7 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<(), Error> {
                 dest.display()
             )));
         }
-        let options = m.options().clone().unwrap_or_default();
-        let bind = m.typ().as_deref() == Some("bind")
-            || options.iter().any(|o| o == "bind" || o == "rbind");
-        if bind {
-            let src = m.source().clone().unwrap_or_default();
-            let src = if src.is_absolute() {
-                src
-            } else {
-                bundle.join(src)
-            };
+        if let Some(src) = crate::spec::bind_source(m, bundle) {
             if !src.exists() {
                 return Err(invalid(format!(
                     "config.json: mounts[{i}].source: bind source {} does not exist",
