@@ -104,6 +104,20 @@ pub fn join_own(pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Whether process `pid` is in the cgroup at `path` (a cgroupfs path) or one below it, in any
+/// hierarchy (`/proc/PID/cgroup`). A process that is gone is in none.
+pub fn holds(path: &Path, pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|own| lists_within(&own, path))
+}
+
+/// Whether a `/proc/PID/cgroup` text names `path` or a cgroup below it in any hierarchy.
+fn lists_within(proc_cgroup: &str, path: &Path) -> bool {
+    proc_cgroup
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .any(|p| Path::new(p).starts_with(path))
+}
+
 /// Starts [`switchyard_base::cgroup::prewarm_migration`] on a blocking thread: the wait that a
 /// container's first cgroup migration would otherwise pay on the create path.
 pub fn prewarm_migration() {
@@ -139,6 +153,16 @@ mod tests {
     /// A process that dies slowly once killed does not leave its cgroup behind: the removal
     /// waits for it. Here the process is held in a frozen cgroup v1 (where a killed process
     /// stays until thawed) for longer than libcgroups' own retries, then thawed.
+    #[test]
+    fn a_process_is_within_a_cgroup_or_one_below_it_in_any_hierarchy() {
+        let own = "12:pids:/\n4:cpu,cpuacct:/switchyard/default/t1\n0::/\n";
+        assert!(lists_within(own, Path::new("/switchyard/default/t1")));
+        assert!(lists_within(own, Path::new("/switchyard/default")));
+        assert!(!lists_within(own, Path::new("/switchyard/default/t")));
+        assert!(!lists_within(own, Path::new("/switchyard/default/t1/x")));
+        assert!(!lists_within("", Path::new("/switchyard")));
+    }
+
     #[test]
     #[allow(clippy::unwrap_used, clippy::print_stderr)]
     fn a_cgroup_is_removed_once_its_killed_process_is_gone() {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use libcgroups::common::{AnyCgroupManager, CgroupManager, ControllerOpt};
 use oci_spec::runtime::{LinuxCpu, LinuxResourcesBuilder};
-use yard_shim_kit::cgroup::{join, join_own, remove_managed, usable};
+use yard_shim_kit::cgroup::{holds, join, join_own, remove_managed, usable};
 use yard_shim_kit::{Error, Result};
 
 use crate::policy::CpuHome;
@@ -33,6 +33,20 @@ struct Current {
 impl Current {
     fn remove(self) {
         remove_managed(&self.manager, &self.path);
+    }
+
+    /// Removes the cgroup `worker` has left. One it is still in, in any hierarchy (a move out
+    /// that failed), is left and logged: removing it kills what is in it, the worker and with
+    /// it every task of the shim.
+    fn leave(self, worker: u32) {
+        if holds(&self.path, worker) {
+            tracing::warn!(
+                path = %self.path.display(),
+                "cgroup left behind: the wasm worker could not leave it"
+            );
+            return;
+        }
+        self.remove();
     }
 }
 
@@ -95,14 +109,14 @@ impl Placement {
                     manager: m,
                 });
                 if let Some(old) = old {
-                    old.remove();
+                    old.leave(worker);
                 }
                 applied?;
             }
             None => {
                 join_own(worker)?;
                 if let Some(old) = self.current.take() {
-                    old.remove();
+                    old.leave(worker);
                 }
             }
         }
@@ -156,5 +170,56 @@ mod tests {
         assert_eq!(p.home(Some(Path::new("/a/t2"))), CpuHome::Joiner);
         p.remove("t1");
         assert_eq!(p.home(Some(Path::new("/a/t2"))), CpuHome::Owner);
+    }
+
+    /// A cgroup the worker did not leave is not removed (which would kill the worker); one it
+    /// left is. A `sleep` stands in for the worker.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn a_cgroup_is_removed_only_once_the_worker_has_left_it() {
+        if !switchyard_base::gate::require(switchyard_base::gate::is_root(), "needs root") {
+            return;
+        }
+        let path = PathBuf::from(format!("/yard-wasm-test-{}", std::process::id()));
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let worker = child.id();
+        let current = || Current {
+            task: "t".to_owned(),
+            path: path.clone(),
+            manager: join(&path, "t", worker, "the test's worker").unwrap(),
+        };
+        current().leave(worker);
+        let alive = child.try_wait().unwrap().is_none();
+        let kept = holds(&path, worker);
+        if !(alive && kept) {
+            let _ = child.kill();
+            let _ = child.wait();
+            yard_shim_kit::cgroup::remove(&path, "t");
+        }
+        assert!(
+            alive,
+            "the worker was killed with the cgroup it had not left"
+        );
+        assert!(kept, "the worker is no longer in {}", path.display());
+        join_own(worker).unwrap();
+        let after = current();
+        join_own(worker).unwrap();
+        after.leave(worker);
+        let name = path.strip_prefix("/").unwrap();
+        let left: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path().join(name)))
+            .chain([Path::new("/sys/fs/cgroup").join(name)])
+            .filter(|d| d.is_dir())
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        if !left.is_empty() {
+            yard_shim_kit::cgroup::remove(&path, "t");
+        }
+        assert!(left.is_empty(), "not removed: {left:?}");
     }
 }
