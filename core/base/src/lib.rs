@@ -6,6 +6,7 @@
 //! - [`group`]: which tasks share one shim process;
 //! - [`ident`]: containerd's identifier rule for namespaces, container, exec and lease ids;
 //! - [`limits`]: the soft descriptor limit raised to the hard one, as Go programs do;
+//! - [`mount`]: which of a spec's mounts are bind mounts;
 //! - [`socket`]: a socket file whose server is gone, removed;
 //! - [`exit_with`]: what a binary does with an error at its edge (`error: a: b: c` on stderr and a
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
@@ -15,6 +16,7 @@ pub mod gate;
 pub mod group;
 pub mod ident;
 pub mod limits;
+pub mod mount;
 pub mod oci_defaults;
 pub mod socket;
 

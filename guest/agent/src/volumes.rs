@@ -245,11 +245,10 @@ fn remove_stale(root: &Path, rel: &Path, keep: &HashSet<PathBuf>) -> Result<()> 
 }
 
 fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
+    switchyard_base::mount::is_bind(
+        m.typ().as_deref(),
+        m.options().as_deref().unwrap_or_default(),
+    )
 }
 
 /// Points each listed bind mount of `spec` at its source in the guest; errors name the field.

@@ -150,12 +150,8 @@ pub(crate) fn prepare_bundle(bundle: &Path) -> Result<Spec, SpecError> {
 /// The host path a bind mount of the spec mounts, a relative source being the bundle's (as runc
 /// takes it); `None` for a mount of another kind.
 pub(crate) fn bind_source(m: &Mount, bundle: &Path) -> Option<PathBuf> {
-    let bind = m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind");
-    if !bind {
+    let options = m.options().as_deref().unwrap_or_default();
+    if !switchyard_base::mount::is_bind(m.typ().as_deref(), options) {
         return None;
     }
     let src = m.source().clone().unwrap_or_default();

@@ -65,9 +65,7 @@ pub fn binds(spec: &Spec) -> Result<Vec<Bind>> {
     let mut out = Vec::new();
     for (i, m) in spec.mounts().iter().flatten().enumerate() {
         let options = m.options().clone().unwrap_or_default();
-        let bind = m.typ().as_deref() == Some("bind")
-            || options.iter().any(|o| o == "bind" || o == "rbind");
-        if !bind {
+        if !switchyard_base::mount::is_bind(m.typ().as_deref(), &options) {
             continue;
         }
         let source = m.source().clone().unwrap_or_default();
