@@ -132,7 +132,12 @@ impl Container for VmContainer {
         if force {
             let _ = self.sandbox.agent.signal(&self.id, "", 9, true).await;
         }
-        let removed = self.sandbox.agent.remove(&self.id).await;
+        // Under TCG here the guest's removal was a `yard run --rm`'s whole Delete (24 ms median).
+        let removed = if self.sandbox.ends_with(&self.id) {
+            Ok(())
+        } else {
+            self.sandbox.agent.remove(&self.id).await
+        };
         self.sandbox.take_back_volumes(&self.id).await;
         if let Some(attached) = self.sandbox.attached(&self.id) {
             self.sandbox

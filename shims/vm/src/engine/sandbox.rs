@@ -531,6 +531,18 @@ impl Sandbox {
         self.ooms.add(id);
     }
 
+    /// Whether deleting container `id` ends this VM, so that the guest need not remove the
+    /// container first: a VM of its own (no group or pod) that holds only `id` and shares no
+    /// volume with the host. The VM is powered off after the Delete (its agent syncs the
+    /// guest's filesystems first), which undoes all the guest's removal would: the container's
+    /// processes, mounts, cgroup and runtime state are the guest's alone.
+    pub fn ends_with(&self, id: &str) -> bool {
+        !self.grouped && self.volumes.is_none() && {
+            let c = self.containers();
+            c.len() == 1 && c.contains_key(id)
+        }
+    }
+
     pub fn attached(&self, id: &str) -> Option<Attached> {
         self.containers().get(id).cloned()
     }

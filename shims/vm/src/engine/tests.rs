@@ -126,7 +126,9 @@ async fn the_first_create_boots_the_vm_and_the_last_delete_stops_it() {
     assert_eq!(w.bundles.stdout("c1"), "hello vm\n");
 
     c.delete(false).await.unwrap();
-    assert_eq!(w.agent.removed(), ["c1"]);
+    // A VM of its own powers off with its container: the guest is not asked to remove it
+    // first (its power-off undoes all that would).
+    assert!(w.agent.removed().is_empty(), "{:?}", w.agent.removed());
     // A single container's VM stops in the background; the shim's exit (the engine's
     // shutdown) waits for it.
     w.shut_down().await;
@@ -158,6 +160,11 @@ async fn a_groups_vm_gets_a_share_and_later_containers_come_and_go_through_it() 
 
     c2.init().start().await.unwrap();
     c2.delete(true).await.unwrap();
+    assert_eq!(
+        w.agent.removed(),
+        ["c2"],
+        "the guest keeps running the group's VM"
+    );
     assert!(!shared.exists());
     assert!(
         !vms[0].ended(),
@@ -174,6 +181,8 @@ async fn a_groups_vm_gets_a_share_and_later_containers_come_and_go_through_it() 
     assert_eq!(p.wait().await.status, 0);
 
     c1.delete(true).await.unwrap();
+    // A group's VM may get another container until its last is gone: each is removed.
+    assert_eq!(w.agent.removed(), ["c2", "c1"]);
     assert!(vms[0].ended());
     assert!(!share.exists());
 }
