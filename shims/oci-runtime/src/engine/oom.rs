@@ -222,12 +222,16 @@ mod tests {
         eprintln!("skipped: {reason}");
     }
 
-    /// A memory cgroup of its own, removed on drop.
+    /// A memory cgroup of its own (directly under the hierarchy's root), removed on drop.
     struct TestCgroup(PathBuf);
 
     impl Drop for TestCgroup {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
+            // The pipeline the OOM kill broke may still be exiting (or not killed yet): the
+            // kit's removal kills what is left and waits until the cgroup can go.
+            if let Some(name) = self.0.file_name() {
+                yard_shim_kit::cgroup::remove(&Path::new("/").join(name), "oom-test");
+            }
         }
     }
 
@@ -297,5 +301,8 @@ mod tests {
         }
         assert!(watch.settle());
         assert!(rx.try_recv().is_err(), "a second OOM event for one kill");
+        let dir = cg.0.clone();
+        drop(cg);
+        assert!(!dir.exists(), "{} is left", dir.display());
     }
 }
