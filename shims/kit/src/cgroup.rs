@@ -150,9 +150,6 @@ mod tests {
     use super::*;
     use libcgroups::common::FreezerState;
 
-    /// A process that dies slowly once killed does not leave its cgroup behind: the removal
-    /// waits for it. Here the process is held in a frozen cgroup v1 (where a killed process
-    /// stays until thawed) for longer than libcgroups' own retries, then thawed.
     #[test]
     fn a_process_is_within_a_cgroup_or_one_below_it_in_any_hierarchy() {
         let own = "12:pids:/\n4:cpu,cpuacct:/switchyard/default/t1\n0::/\n";
@@ -163,6 +160,9 @@ mod tests {
         assert!(!lists_within("", Path::new("/switchyard")));
     }
 
+    /// A process that dies slowly once killed does not leave its cgroup behind: the removal
+    /// waits for it. Here the process is held in a frozen cgroup v1 (where a killed process
+    /// stays until thawed) for longer than libcgroups' own retries, then thawed.
     #[test]
     #[allow(clippy::unwrap_used, clippy::print_stderr)]
     fn a_cgroup_is_removed_once_its_killed_process_is_gone() {
