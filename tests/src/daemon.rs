@@ -54,6 +54,14 @@ fn stop(child: &mut Child, grace: Duration) {
 /// Kills what still serves `socket` (shims name their daemon's socket with `-address`).
 fn kill_shims_of(socket: &Path) {
     let sock = socket.display().to_string();
+    // A vm shim whose last task was deleted powers its VM off after answering, then removes
+    // the VMM's cgroup and exits: killed before that, it would leave the cgroup behind.
+    let vm_shims = || {
+        processes_matching(&["-address", &sock])
+            .iter()
+            .any(|(_, cmd)| cmd.contains("containerd-shim-yard-vm-v1"))
+    };
+    eventually(Duration::from_secs(5), || !vm_shims());
     for (pid, cmd) in processes_matching(&["-address", &sock]) {
         sigkill(pid);
         // A server killed leaves its socket file (a group's warm shim lingers after the
