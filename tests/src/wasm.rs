@@ -46,6 +46,16 @@ pub fn worker_of(id: &str) -> Option<u32> {
         .map(|(p, _)| p)
 }
 
+/// Whether process `pid` (a worker) is in the cgroup of task `id`, in any hierarchy: a cgroup
+/// named after the task, as `yard` and `ctr` name it (`…/ID`).
+pub fn in_cgroup_of(pid: u32, id: &str) -> bool {
+    let suffix = format!("/{id}");
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.ends_with(&suffix))
+}
+
 /// Whether `bytes` start like a Wasm component (rather than a core module): the `\0asm` magic,
 /// then the component version and layer.
 pub fn is_component(bytes: &[u8]) -> bool {

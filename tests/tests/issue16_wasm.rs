@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchyard_tests::images::{gzip, image, oci_layout_tar};
-use switchyard_tests::wasm::worker_of;
+use switchyard_tests::wasm::{in_cgroup_of, worker_of};
 use switchyard_tests::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -242,6 +242,37 @@ fn issue16_wasm_image_with_a_device_node() {
                 && text(&out.stderr).contains("open /dev/zero failed: Permission denied")),
         "{}",
         show(&out)
+    );
+}
+
+/// A task without CPU limits is accounted to its cgroup once it has run a while: the worker
+/// moves into the task's cgroup `ACCOUNT_AFTER` (25 ms) after its Create rather than at it
+/// (shims/wasm/src/cgroup.rs), and the cgroup goes with the task.
+#[test]
+fn a_task_without_cpu_limits_is_accounted_to_its_cgroup_once_it_has_run() {
+    let Some(d) = daemon(&[], "") else {
+        return;
+    };
+    let root = Rootfs::new();
+    let id = unique_id("account");
+    let out = ctr_run_detached(&d, &root, &[], &id, &["--sleep", "60000"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let worker = worker_of(&id).expect("the task's worker");
+    assert!(
+        eventually(SETTLE, || in_cgroup_of(worker, &id)),
+        "the worker is not in the task's cgroup: {}\n{}",
+        std::fs::read_to_string(format!("/proc/{worker}/cgroup")).unwrap_or_default(),
+        d.log_text()
+    );
+    let out = run_timeout(d.ctr().args(["task", "rm", "-f", &id]), T);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = run_timeout(d.ctr().args(["containers", "rm", &id]), T);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        eventually(SETTLE, || cgroups_matching(&format!("default/{id}"))
+            .is_empty()),
+        "the task's cgroup is left: {:?}",
+        cgroups_matching(&format!("default/{id}"))
     );
 }
 

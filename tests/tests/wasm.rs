@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::wasm::{wasm_rootfs, worker_of};
+use switchyard_tests::wasm::{in_cgroup_of, wasm_rootfs, worker_of};
 use switchyard_tests::*;
 
 const T: Duration = Duration::from_secs(60);
@@ -544,6 +544,12 @@ fn an_idle_task_without_stdio_holds_one_descriptor() {
     let shim = shims(&d);
     assert_eq!(shim.len(), 1, "{shim:?}");
     let worker = worker_of(&ids[0]).expect("the group's worker");
+    // The first task's CPU is accounted to its cgroup a moment after it starts
+    // (`ACCOUNT_AFTER`): the shim's count is taken once the worker is there.
+    assert!(
+        eventually(SETTLE, || in_cgroup_of(worker, &ids[0])),
+        "the worker is not in the first task's cgroup"
+    );
     let (shim_fds, worker_fds) = (open_fds(shim[0]), open_fds(worker));
     for id in &ids[1..] {
         run_idle(&d, id);

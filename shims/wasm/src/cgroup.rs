@@ -5,9 +5,17 @@
 //! own, and the cgroup it left is removed. Memory is not limited here: a task's memory limit
 //! applies to its linear memory (`runtime.rs`), and the worker's own memory is shared.
 //!
+//! A task with CPU limits gets the worker at its Create, so the limits bound it from its first
+//! instruction. One without is accounted to its cgroup once it has lived [`ACCOUNT_AFTER`]: a
+//! move into a cgroup can wait out an RCU grace period (`cgroup.procs` takes the kernel's
+//! global threadgroup lock for writing: 10-15 ms on a quiet cgroup v1 host), which a short
+//! task would otherwise pay twice, at its Create and its Delete, for a worker it uses for a
+//! millisecond. Until then its CPU is the shim's, as a joiner's always is.
+//!
 //! The kit's `cgroup` module does the cgroup work.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use libcgroups::common::{AnyCgroupManager, CgroupManager, ControllerOpt};
 use oci_spec::runtime::{LinuxCpu, LinuxResourcesBuilder};
@@ -16,10 +24,23 @@ use yard_shim_kit::{Error, Result};
 
 use crate::policy::CpuHome;
 
+/// How long a task without CPU limits runs before the worker moves into its cgroup (see the
+/// module docs).
+pub const ACCOUNT_AFTER: Duration = Duration::from_millis(25);
+
 struct Member {
     task: String,
     path: Option<PathBuf>,
+    /// CPU settings that ask for something (`policy::asks_for_cpu`).
     cpu: Option<LinuxCpu>,
+    since: Instant,
+}
+
+impl Member {
+    /// Whether the worker may move into this task's cgroup at `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.cpu.is_some() || now.saturating_duration_since(self.since) >= ACCOUNT_AFTER
+    }
 }
 
 /// The cgroup that holds the worker: its task's, kept with its manager for the cgroup's
@@ -70,22 +91,37 @@ impl Placement {
         }
     }
 
-    pub fn add(&mut self, task: &str, path: Option<&Path>, cpu: Option<LinuxCpu>) {
-        self.members.push(Member {
+    /// A new task, with the CPU settings it asks for. True when the worker's move into its
+    /// cgroup waits for [`ACCOUNT_AFTER`]: the caller places the worker again then.
+    pub fn add(&mut self, task: &str, path: Option<&Path>, cpu: Option<LinuxCpu>) -> bool {
+        let m = Member {
             task: task.to_owned(),
             path: usable(path),
             cpu,
-        });
+            since: Instant::now(),
+        };
+        let deferred = m.path.is_some() && !m.due(m.since);
+        self.members.push(m);
+        deferred
     }
 
     pub fn remove(&mut self, task: &str) {
         self.members.retain(|m| m.task != task);
     }
 
+    /// The task whose cgroup should hold the worker at `now`: the oldest with a cgroup, once it
+    /// is due. Until then the worker stays in the shim's own.
+    fn owner(&self, now: Instant) -> Option<&Member> {
+        self.members
+            .iter()
+            .find(|m| m.path.is_some())
+            .filter(|m| m.due(now))
+    }
+
     /// Move worker `pid` where it belongs now (see the module docs); the cgroup it leaves is
     /// removed.
     pub fn place(&mut self, worker: u32) -> Result<()> {
-        let want = self.members.iter().find(|m| m.path.is_some()).map(|m| {
+        let want = self.owner(Instant::now()).map(|m| {
             (
                 m.task.clone(),
                 m.path.clone().unwrap_or_default(),
@@ -164,12 +200,35 @@ mod tests {
             CpuHome::NoCgroup
         );
         assert_eq!(p.home(Some(Path::new("/a/t1"))), CpuHome::Owner);
-        p.add("t0", None, None);
+        assert!(!p.add("t0", None, None));
         assert_eq!(p.home(Some(Path::new("/a/t1"))), CpuHome::Owner);
-        p.add("t1", Some(Path::new("/a/t1")), None);
+        assert!(p.add("t1", Some(Path::new("/a/t1")), None));
         assert_eq!(p.home(Some(Path::new("/a/t2"))), CpuHome::Joiner);
         p.remove("t1");
         assert_eq!(p.home(Some(Path::new("/a/t2"))), CpuHome::Owner);
+    }
+
+    /// A task with CPU limits owns the worker from its Create; one without once it has lived
+    /// `ACCOUNT_AFTER`, and until then no younger task takes the worker in its place.
+    #[test]
+    fn a_task_without_cpu_limits_owns_the_worker_once_it_is_due() {
+        let owner = |p: &Placement, at: Instant| p.owner(at).map(|m| m.task.clone());
+        let mut p = Placement::default();
+        let limited = LinuxCpu::default().set_quota(Some(50_000)).clone();
+        assert!(!p.add("limited", Some(Path::new("/a/l")), Some(limited)));
+        assert_eq!(owner(&p, Instant::now()), Some("limited".to_owned()));
+        p.remove("limited");
+
+        assert!(p.add("t1", Some(Path::new("/a/t1")), None));
+        let t1 = p.members[0].since;
+        assert!(p.add("t2", Some(Path::new("/a/t2")), None));
+        assert_eq!(owner(&p, t1), None);
+        assert_eq!(owner(&p, t1 + ACCOUNT_AFTER / 2), None);
+        assert_eq!(owner(&p, t1 + ACCOUNT_AFTER), Some("t1".to_owned()));
+        p.remove("t1");
+        let t2 = p.members[0].since;
+        assert_eq!(owner(&p, t2), None);
+        assert_eq!(owner(&p, t2 + ACCOUNT_AFTER), Some("t2".to_owned()));
     }
 
     /// A cgroup the worker did not leave is not removed (which would kill the worker); one it

@@ -373,7 +373,9 @@ impl WasmEngine {
             .and_then(|r| r.memory().as_ref())
             .and_then(|m| m.limit());
         let cgroup = linux.and_then(|l| l.cgroups_path().clone());
-        let cpu = resources.and_then(|r| r.cpu().clone());
+        let cpu = resources
+            .and_then(|r| r.cpu().clone())
+            .filter(crate::policy::asks_for_cpu);
         let options = Options::from_any(req.options.as_ref())?;
         // In a pod (CRI names the sandbox's network namespace), the listener and the guests'
         // network are the pod's.
@@ -475,15 +477,18 @@ impl WasmEngine {
             task.abandon();
             return Err(e);
         }
-        let placed = {
+        let (deferred, placed) = {
             let mut p = worker.placement.lock().unwrap_or_else(|p| p.into_inner());
-            p.add(&req.id, cgroup.as_deref(), cpu);
-            p.place(worker.pid)
+            let deferred = p.add(&req.id, cgroup.as_deref(), cpu);
+            (deferred, p.place(worker.pid))
         };
         let container = Arc::new(RemoteContainer { task });
         if let Err(e) = placed {
             let _ = container.delete(true).await;
             return Err(e);
+        }
+        if deferred {
+            worker.place_after(crate::cgroup::ACCOUNT_AFTER);
         }
         Ok(container)
     }

@@ -134,7 +134,7 @@ pub fn check(spec: &Spec, options: &Options, cpu_home: CpuHome) -> Result<()> {
 
 /// Whether a spec's CPU settings ask for anything: a weight of 1024 (`shares`, what `ctr` and
 /// containerd's default spec write) is the kernel's default, no limit.
-fn asks_for_cpu(cpu: &LinuxCpu) -> bool {
+pub fn asks_for_cpu(cpu: &LinuxCpu) -> bool {
     let mut cpu = cpu.clone();
     if cpu.shares() == Some(1024) {
         cpu.set_shares(None);

@@ -247,6 +247,24 @@ impl Worker {
         self.userns.as_ref().map(AsFd::as_fd)
     }
 
+    /// Place the worker again once `after` has passed (a task whose cgroup it moves into then,
+    /// `cgroup::ACCOUNT_AFTER`), on a blocking thread: the move can wait out an RCU grace period.
+    pub fn place_after(self: &Arc<Self>, after: Duration) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let placed = tokio::task::spawn_blocking(move || {
+                let w = me.upgrade().filter(|w| w.alive())?;
+                let mut p = w.placement.lock().unwrap_or_else(|p| p.into_inner());
+                Some(p.place(w.pid))
+            })
+            .await;
+            if let Ok(Some(Err(e))) = placed {
+                tracing::warn!(error = %e, "wasm worker cgroup: its task's CPU stays the shim's");
+            }
+        });
+    }
+
     /// Learn of the worker's end from the kit's reaper (once; needs the async runtime).
     pub fn watch(self: &Arc<Self>) {
         if self.watched.swap(true, Ordering::SeqCst) {
