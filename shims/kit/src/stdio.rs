@@ -624,6 +624,50 @@ mod tests {
         assert!(e.to_string().contains("unsupported scheme \"tcp\""), "{e}");
     }
 
+    /// An output fifo opens whether its reader is there already (the usual case) or comes
+    /// later, and what the process writes reaches it.
+    #[test]
+    fn an_output_fifo_opens_with_its_reader_there_or_coming_later() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let fifo = |name: &str| {
+            let p = dir.path().join(name);
+            nix029::unistd::mkfifo(&p, nix029::sys::stat::Mode::S_IRWXU)
+                .unwrap_or_else(|e| panic!("mkfifo: {e}"));
+            p
+        };
+        let read_all = |mut f: File| {
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap_or_else(|e| panic!("{e}"));
+            s
+        };
+
+        let early = fifo("early");
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&early)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut w = open_fifo_write(&early).unwrap_or_else(|e| panic!("{e}"));
+        w.write_all(b"early").unwrap_or_else(|e| panic!("{e}"));
+        drop(w);
+        let mut got = [0u8; 5];
+        (&reader)
+            .read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got, b"early");
+
+        let late = fifo("late");
+        let path = late.clone();
+        // Blocks in its open until the shim's side has the fifo open for writing.
+        let client = std::thread::spawn(move || {
+            read_all(File::open(&path).unwrap_or_else(|e| panic!("{e}")))
+        });
+        let mut w = open_fifo_write(&late).unwrap_or_else(|e| panic!("{e}"));
+        w.write_all(b"late").unwrap_or_else(|e| panic!("{e}"));
+        drop(w);
+        assert_eq!(client.join().unwrap_or_else(|_| panic!("client")), "late");
+    }
+
     #[test]
     fn file_uri_shares_one_file_for_both_streams() {
         let dir = std::env::temp_dir().join(format!("kit-stdio-{}", std::process::id()));
