@@ -722,9 +722,11 @@ fn part2(cache: &Path, extra: &str, runs: usize) -> Part2 {
 const IDLE_PAUSE: Duration = Duration::from_millis(250);
 
 /// 2b. The warm path as tasks arriving now and then meet it: each run into a group's warm shim
-/// that has no other task, after [`IDLE_PAUSE`] with nothing running. The worker's move into
-/// the task's cgroup then waits for an RCU grace period (the first migration after a quiet
-/// spell), which back-to-back runs, and runs next to a long-lived task, do not pay.
+/// that has no other task, after [`IDLE_PAUSE`] with nothing running. A worker's move into a
+/// task's cgroup then waits for an RCU grace period (the first migration after a quiet
+/// spell), which back-to-back runs, and runs next to a long-lived task, do not pay; a task
+/// without CPU limits, as here, is placed only once it has run 25 ms (`shims/wasm/src/
+/// cgroup.rs`), so a short one should not pay it either. This row shows whether it does.
 fn idle_arrivals(d: &Daemon, runs: usize) {
     let group = Some("idle");
     for _ in 0..3 {
