@@ -22,7 +22,7 @@ use oci_spec::runtime::{LinuxCpu, LinuxResourcesBuilder};
 use yard_shim_kit::cgroup::{holds, join, join_own, remove_managed, usable};
 use yard_shim_kit::{Error, Result};
 
-use crate::policy::CpuHome;
+use crate::policy::{CpuHome, asks_for_cpu};
 
 /// How long a task without CPU limits runs before the worker moves into its cgroup (see the
 /// module docs).
@@ -91,13 +91,14 @@ impl Placement {
         }
     }
 
-    /// A new task, with the CPU settings it asks for. True when the worker's move into its
-    /// cgroup waits for [`ACCOUNT_AFTER`]: the caller places the worker again then.
+    /// A new task, with its spec's CPU settings. True when the worker's move into its cgroup
+    /// waits for [`ACCOUNT_AFTER`] (settings that ask for nothing are no limits): the caller
+    /// places the worker again then.
     pub fn add(&mut self, task: &str, path: Option<&Path>, cpu: Option<LinuxCpu>) -> bool {
         let m = Member {
             task: task.to_owned(),
             path: usable(path),
-            cpu,
+            cpu: cpu.filter(asks_for_cpu),
             since: Instant::now(),
         };
         let deferred = m.path.is_some() && !m.due(m.since);
@@ -218,6 +219,10 @@ mod tests {
         assert!(!p.add("limited", Some(Path::new("/a/l")), Some(limited)));
         assert_eq!(owner(&p, Instant::now()), Some("limited".to_owned()));
         p.remove("limited");
+        // containerd's default weight (1024) is no limit.
+        let default_weight = LinuxCpu::default().set_shares(Some(1024)).clone();
+        assert!(p.add("weight", Some(Path::new("/a/w")), Some(default_weight)));
+        p.remove("weight");
 
         assert!(p.add("t1", Some(Path::new("/a/t1")), None));
         let t1 = p.members[0].since;

@@ -373,9 +373,7 @@ impl WasmEngine {
             .and_then(|r| r.memory().as_ref())
             .and_then(|m| m.limit());
         let cgroup = linux.and_then(|l| l.cgroups_path().clone());
-        let cpu = resources
-            .and_then(|r| r.cpu().clone())
-            .filter(crate::policy::asks_for_cpu);
+        let cpu = resources.and_then(|r| r.cpu().clone());
         let options = Options::from_any(req.options.as_ref())?;
         // In a pod (CRI names the sandbox's network namespace), the listener and the guests'
         // network are the pod's.
