@@ -214,6 +214,69 @@ fn issue2_detached_task_survives_daemon_crash_and_cleans_up() {
     assert!(!d.state_dir().join("tasks/default").join(&id).exists());
 }
 
+/// `yard run --rm` labels its container as removed with its task (switchyardd then writes it
+/// without waiting for the disk); at its start switchyardd removes such a container whose task
+/// is gone (a crash kept it from its removal), and leaves the others.
+#[test]
+fn a_container_removed_with_its_task_is_removed_at_restart_once_its_task_is_gone() {
+    if !runc_ready() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let runtime = "io.containerd.runc.v2";
+    let label = "io.switchyard.rm=true";
+
+    // A `yard run --rm` whose client dies: its labelled container keeps its running task.
+    let running = unique_id("rmrun");
+    let mut client = d
+        .yard_run_cmd(
+            busybox_rootfs(),
+            &["--runtime", "runc", "--rm", "--name", &running],
+            &["/bin/sleep", "1000"],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    d.wait_ctr_status(&running, "RUNNING", T);
+    let info = d.ctr_ok(&["containers", "info", &running]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["Labels"]["io.switchyard.rm"], "true", "{info}");
+    let _ = client.kill();
+    let _ = client.wait();
+
+    // A labelled container whose task is gone, and an unlabelled one.
+    let left = unique_id("rmleft");
+    let plain = unique_id("plain");
+    for (id, extra) in [
+        (&left, &["-d", "--label", label][..]),
+        (&plain, &["-d"][..]),
+    ] {
+        let out = d.ctr_run(
+            runtime,
+            busybox_rootfs(),
+            extra,
+            id,
+            &["/bin/sleep", "1000"],
+        );
+        assert!(out.status.success(), "{}", show(&out));
+        d.ctr_ok(&["task", "kill", "-s", "KILL", id]);
+        d.wait_ctr_status(id, "STOPPED", T);
+        d.ctr_ok(&["task", "delete", id]);
+    }
+
+    d.restart();
+    let listed = text(&d.ctr_ok(&["containers", "ls", "-q"]).stdout);
+    let listed: Vec<&str> = listed.lines().collect();
+    assert!(!listed.contains(&left.as_str()), "{listed:?}");
+    assert!(listed.contains(&plain.as_str()), "{listed:?}");
+    assert!(listed.contains(&running.as_str()), "{listed:?}");
+    assert_eq!(d.status(&running).as_deref(), Some("running"));
+
+    d.rm_force(&running);
+    d.ctr_ok(&["containers", "delete", &plain]);
+}
+
 #[test]
 fn issue2_a_dead_shim_is_cleaned_up_with_exit_events() {
     if !runc_ready() {

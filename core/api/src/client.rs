@@ -23,6 +23,13 @@ pub const START_HEADER: &str = "switchyard-start";
 /// container could not be removed) sends Containers.Delete itself.
 pub const REMOVE_HEADER: &str = "switchyard-remove-container";
 
+/// Label of a container record (value `true`) that its client removes with its task, as
+/// `yard run --rm` does: switchyardd writes the record's create and delete without waiting for
+/// the disk, makes them durable in the background (before any task of the container exists),
+/// and at its start removes such a record whose task is gone (one a crash kept from its
+/// removal). containerd keeps it as an ordinary label.
+pub const REMOVE_LABEL: &str = "io.switchyard.rm";
+
 /// Sets one of Switchyard's flag headers ([`START_HEADER`], [`REMOVE_HEADER`]) to `1`.
 pub fn set_flag(metadata: &mut tonic::metadata::MetadataMap, header: &'static str) {
     metadata.insert(header, tonic::metadata::MetadataValue::from_static("1"));

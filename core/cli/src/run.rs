@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use switchyard_api::client::{REMOVE_HEADER, START_HEADER, flag, set_flag};
+use switchyard_api::client::{REMOVE_HEADER, REMOVE_LABEL, START_HEADER, flag, set_flag};
 use switchyard_api::containerd::services::containers::v1 as containers;
 use switchyard_api::containerd::services::tasks::v1 as tasks;
 use switchyard_api::typeurl::{OCI_SPEC, json_any};
@@ -20,7 +20,8 @@ pub struct RunArgs {
     /// Runtime name from switchyardd's config (native, vm, wasm, runc), or a runtime type.
     #[arg(long)]
     runtime: Option<String>,
-    /// Remove the container when the task exits.
+    /// Remove the container when the task exits (it is labelled io.switchyard.rm=true, and
+    /// switchyardd removes it at its next start should a crash keep it).
     #[arg(long)]
     rm: bool,
     /// Start the task and return; its output goes to --log, or nowhere.
@@ -185,6 +186,12 @@ pub async fn run(client: &Client, mut a: RunArgs) -> anyhow::Result<u8> {
             .filter(|p| !p.snapshotter.is_empty())
             .map(|_| id.clone())
             .unwrap_or_default(),
+        // Removed with its task below: switchyardd need not wait for the disk to record it.
+        labels: if a.rm && !a.detach {
+            [(REMOVE_LABEL.to_owned(), "true".to_owned())].into()
+        } else {
+            Default::default()
+        },
         ..Default::default()
     };
     let created = client

@@ -187,6 +187,7 @@ pub async fn run(
             .clone()
             .map(switchyard_images::RegistryHosts::new),
     });
+    crate::server::containers::remove_leftovers(&shared).await;
     let cri = crate::cri::Cri::new(shared.clone(), &config).map_err(DaemonError::Cri)?;
     let streams = crate::cri::stream::StreamServer::start(&cri)
         .await

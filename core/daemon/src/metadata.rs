@@ -4,14 +4,26 @@
 //!
 //! The store is synchronous (commits fsync); RPC handlers call it through [`Store::run`], which
 //! moves the work off the async workers.
+//!
+//! One kind of record is written lazily: a container labelled [`REMOVE_LABEL`] (`yard run --rm`
+//! without `-d`), which its client removes with its task. Its create (unless it also makes the
+//! namespace) and its delete commit without fsync; [`Store::sync`], which the daemon starts in
+//! the background after such a commit and which Tasks.Create waits for before it makes a task,
+//! makes them durable. So a task never exists for a record a crash could lose, and a removal a
+//! crash loses leaves a labelled record with no task, which the daemon removes at its next start
+//! (`server::containers::remove_leftovers`), as `--rm` asked.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use prost::Message;
 use prost_types::Timestamp;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+pub use switchyard_api::client::REMOVE_LABEL;
 use switchyard_api::containerd::services::containers::v1::Container;
 use switchyard_api::containerd::services::leases::v1::{Lease, Resource};
 use switchyard_api::containerd::services::namespaces::v1::Namespace;
@@ -89,6 +101,19 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Arc<Database>,
+    lazy: Arc<Lazy>,
+}
+
+/// Counts of commits made without fsync, and how many of them are durable.
+#[derive(Debug, Default)]
+struct Lazy {
+    committed: AtomicU64,
+    durable: AtomicU64,
+}
+
+/// Whether a container record is removed with its task by its client (module doc).
+pub fn removed_with_task(c: &Container) -> bool {
+    c.labels.get(REMOVE_LABEL).is_some_and(|v| v == "true")
 }
 
 fn key(ns: &str, id: &str) -> String {
@@ -131,7 +156,58 @@ impl Store {
             txn.open_table(META)?;
         }
         txn.commit()?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(Store {
+            db: Arc::new(db),
+            lazy: Arc::default(),
+        })
+    }
+
+    /// Commits `txn` without waiting for the disk (module doc).
+    fn commit_lazily(&self, mut txn: WriteTransaction) -> Result<()> {
+        // Fails only for a transaction that changed persistent savepoints, which these do not;
+        // the commit is then simply durable.
+        let _ = txn.set_durability(Durability::None);
+        txn.commit()?;
+        self.lazy.committed.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Whether a commit made without fsync is not durable yet.
+    pub fn has_lazy_commits(&self) -> bool {
+        self.lazy.durable.load(Ordering::Acquire) < self.lazy.committed.load(Ordering::Acquire)
+    }
+
+    /// Makes every commit made so far without fsync durable; returns at once when they are.
+    pub fn sync(&self) -> Result<()> {
+        let wanted = self.lazy.committed.load(Ordering::Acquire);
+        if self.lazy.durable.load(Ordering::Acquire) >= wanted {
+            return Ok(());
+        }
+        // One writer at a time: a sync already committing finishes first, and may have
+        // covered this one (the unused transaction is then dropped, which aborts it).
+        let txn = self.db.begin_write()?;
+        if self.lazy.durable.load(Ordering::Acquire) >= wanted {
+            return Ok(());
+        }
+        // Read under the write lock: every commit counted here is done, so this durable
+        // commit makes it durable.
+        let upto = self.lazy.committed.load(Ordering::Acquire);
+        txn.commit()?;
+        self.lazy.durable.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Starts [`Store::sync`] in the background when a commit made without fsync is pending.
+    pub fn sync_soon(&self) {
+        if !self.has_lazy_commits() {
+            return;
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.sync() {
+                tracing::warn!(error = %crate::error::chain(&e), "make the metadata durable");
+            }
+        });
     }
 
     /// The database, shared with the image store (which keeps its own tables in it).
@@ -327,7 +403,11 @@ impl Store {
             c.updated_at = Some(ts);
             t.insert(k.as_str(), c.encode_to_vec().as_slice())?;
         }
-        txn.commit()?;
+        if removed_with_task(&c) && !ns_created {
+            self.commit_lazily(txn)?;
+        } else {
+            txn.commit()?;
+        }
         Ok((c, ns_created))
     }
 
@@ -433,18 +513,24 @@ impl Store {
 
     pub fn delete_container(&self, ns: &str, id: &str) -> Result<()> {
         let txn = self.db.begin_write()?;
-        {
+        let lazy = {
             let k = key(ns, id);
-            if txn.open_table(CONTAINERS)?.remove(k.as_str())?.is_none() {
+            let mut t = txn.open_table(CONTAINERS)?;
+            let Some(old) = t.remove(k.as_str())? else {
                 return Err(StoreError::NotFound {
                     what: "container",
                     namespace: ns.to_owned(),
                     id: id.to_owned(),
                 });
-            }
+            };
+            removed_with_task(&decode(&k, old.value())?)
+        };
+        if lazy {
+            self.commit_lazily(txn)
+        } else {
+            txn.commit()?;
+            Ok(())
         }
-        txn.commit()?;
-        Ok(())
     }
 
     // ---- leases ----
@@ -716,5 +802,103 @@ mod tests {
         assert_eq!(s.get_container("default", "keep").unwrap().id, "keep");
         assert_eq!(s.server_uuid().unwrap(), uuid);
         assert_eq!(s.list_namespaces().unwrap().len(), 1);
+    }
+
+    fn removed_with_task_ctr(id: &str) -> Container {
+        let mut c = ctr(id);
+        c.labels.insert(REMOVE_LABEL.into(), "true".into());
+        c
+    }
+
+    #[test]
+    fn a_container_removed_with_its_task_commits_without_fsync_until_synced() {
+        let (_d, s) = store();
+        // Its first container makes the namespace, which is always durable.
+        s.create_container("default", removed_with_task_ctr("first"))
+            .unwrap();
+        assert!(!s.has_lazy_commits());
+        s.create_container("default", ctr("plain")).unwrap();
+        assert!(!s.has_lazy_commits());
+        let mut other = ctr("other-label");
+        other.labels.insert(REMOVE_LABEL.into(), "false".into());
+        s.create_container("default", other).unwrap();
+        assert!(!s.has_lazy_commits());
+
+        s.create_container("default", removed_with_task_ctr("a"))
+            .unwrap();
+        assert!(s.has_lazy_commits());
+        s.sync().unwrap();
+        assert!(!s.has_lazy_commits());
+        s.sync().unwrap();
+        s.delete_container("default", "plain").unwrap();
+        assert!(!s.has_lazy_commits());
+        s.delete_container("default", "a").unwrap();
+        assert!(s.has_lazy_commits());
+        assert_eq!(
+            s.get_container("default", "a").unwrap_err().kind(),
+            Kind::NotFound
+        );
+        s.sync().unwrap();
+        assert!(!s.has_lazy_commits());
+    }
+
+    /// Set for the child process of [`a_crash_keeps_what_was_synced_and_loses_what_was_not`].
+    const CRASH_CHILD: &str = "SWITCHYARD_TEST_METADATA_CRASH";
+
+    #[test]
+    fn a_crash_keeps_what_was_synced_and_loses_what_was_not() {
+        if let Some(path) = std::env::var_os(CRASH_CHILD) {
+            let s = Store::open(Path::new(&path)).unwrap();
+            s.ensure_ns("default").unwrap();
+            s.create_container("default", removed_with_task_ctr("synced"))
+                .unwrap();
+            s.sync().unwrap();
+            s.create_container("default", removed_with_task_ctr("lost"))
+                .unwrap();
+            // A crash: the process ends without closing the database (which would make
+            // the last commit durable).
+            std::process::exit(0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.redb");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "metadata::tests::a_crash_keeps_what_was_synced_and_loses_what_was_not",
+                "--nocapture",
+            ])
+            .env(CRASH_CHILD, &path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.get_container("default", "synced").unwrap().id, "synced");
+        assert_eq!(
+            s.get_container("default", "lost").unwrap_err().kind(),
+            Kind::NotFound
+        );
+    }
+
+    #[test]
+    fn runs_removed_with_their_tasks_do_not_grow_the_file() {
+        let (d, s) = store();
+        s.ensure_ns("default").unwrap();
+        let size = || std::fs::metadata(d.path().join("meta.redb")).unwrap().len();
+        for i in 0..100 {
+            s.create_container("default", removed_with_task_ctr(&format!("c{i}")))
+                .unwrap();
+            s.delete_container("default", &format!("c{i}")).unwrap();
+        }
+        s.sync().unwrap();
+        let after_100 = size();
+        for i in 0..3000 {
+            s.create_container("default", removed_with_task_ctr(&format!("c{i}")))
+                .unwrap();
+            s.delete_container("default", &format!("c{i}")).unwrap();
+        }
+        s.sync().unwrap();
+        let after_3100 = size();
+        eprintln!("file: {after_100} bytes after 100 runs, {after_3100} after 3100");
+        assert!(after_3100 <= after_100 * 2, "{after_100} -> {after_3100}");
     }
 }

@@ -325,9 +325,14 @@ impl TaskManager {
             }
         };
         let (ns_owned, id_owned) = (ns.to_owned(), id.clone());
+        // The container's record may have been written without fsync (`metadata`'s
+        // REMOVE_LABEL): no task is made for a record a crash could still lose.
         let container = self
             .store
-            .run(move |s| s.get_container(&ns_owned, &id_owned))
+            .run(move |s| {
+                s.sync()?;
+                s.get_container(&ns_owned, &id_owned)
+            })
             .await?;
         let runtime = container.runtime.clone().unwrap_or_default();
         let mut resolved = self.runtimes.resolve(&runtime.name)?;

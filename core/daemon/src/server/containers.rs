@@ -129,6 +129,7 @@ impl api::containers_server::Containers for ContainersService {
             .run(move |s| s.create_container(&n, c))
             .await
             .map_err(status)?;
+        self.0.store.sync_soon();
         if ns_created {
             self.0.exchange.publish(
                 &ns,
@@ -199,6 +200,46 @@ impl api::containers_server::Containers for ContainersService {
     }
 }
 
+/// At the daemon's start, before it serves: removes every container labelled
+/// [`crate::metadata::REMOVE_LABEL`] that has no task. Its client meant to remove it with its
+/// task, and a crash (the daemon's, losing a removal not yet durable, or the client's) kept it.
+pub(crate) async fn remove_leftovers(shared: &Shared) {
+    let found = shared
+        .store
+        .run(|s| {
+            let mut found = Vec::new();
+            for ns in s.list_namespaces()? {
+                for c in s.list_containers(&ns.name)? {
+                    if crate::metadata::removed_with_task(&c) {
+                        found.push((ns.name.clone(), c.id));
+                    }
+                }
+            }
+            Ok(found)
+        })
+        .await;
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(error = %crate::error::chain(&e), "list the containers removed with their tasks");
+            return;
+        }
+    };
+    for (ns, id) in found {
+        if shared.tasks.exists(&ns, &id) {
+            continue;
+        }
+        match delete_container(shared, &ns, id.clone()).await {
+            Ok(()) => {
+                tracing::info!(namespace = %ns, container_id = %id, "removed a container its client removes with its task, left without one")
+            }
+            Err(e) => {
+                tracing::warn!(namespace = %ns, container_id = %id, error = %e.message(), "remove a container left without its task")
+            }
+        }
+    }
+}
+
 /// Containers.Delete: the record, the root the image store made for it, the event. Refused
 /// while the container has a task. Also what Tasks.Delete does after the task with the
 /// `switchyard-remove-container` header (`server/tasks.rs`).
@@ -219,6 +260,7 @@ pub(super) async fn delete_container(shared: &Shared, ns: &str, id: String) -> R
         })
         .await
         .map_err(status)?;
+    shared.store.sync_soon();
     // A root made by the image store goes with its container (containerd leaves that to
     // the client; `ctr run --rm` and `yard rm` both end here).
     let (images, n) = (shared.images.clone(), ns.to_owned());
