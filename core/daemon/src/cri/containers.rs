@@ -369,12 +369,15 @@ fn pause_config(image: &str) -> cri::ContainerConfig {
 }
 
 /// containerd's CRI labels on a containerd container over `labels`: its kind (`sandbox` for a
-/// pod's sandbox task, else `container`) and its pod.
+/// pod's sandbox task, else `container`) and its pod. Never the label of a container removed
+/// with its task (`metadata::REMOVE_LABEL`): kubelet removes CRI containers, and a pod's labels
+/// (which anyone who may make a pod sets) must not make the daemon remove one at its start.
 fn cri_labels(
     mut labels: HashMap<String, String>,
     sandbox: bool,
     pod: &str,
 ) -> HashMap<String, String> {
+    labels.remove(crate::metadata::REMOVE_LABEL);
     let kind = if sandbox { "sandbox" } else { "container" };
     labels.insert("io.cri-containerd.kind".into(), kind.into());
     labels.insert("io.kubernetes.cri.sandbox-id".into(), pod.to_owned());
@@ -1259,5 +1262,28 @@ impl Cri {
             stderr,
             exit_code: i32::try_from(exit.exit_status).unwrap_or(i32::MAX),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_label_never_makes_a_cri_container_removed_with_its_task() {
+        let given: HashMap<String, String> = [
+            (crate::metadata::REMOVE_LABEL.to_owned(), "true".to_owned()),
+            ("app".to_owned(), "web".to_owned()),
+        ]
+        .into();
+        for sandbox in [true, false] {
+            let labels = cri_labels(given.clone(), sandbox, "pod1");
+            assert!(
+                !labels.contains_key(crate::metadata::REMOVE_LABEL),
+                "{labels:?}"
+            );
+            assert_eq!(labels["app"], "web");
+            assert_eq!(labels["io.kubernetes.cri.sandbox-id"], "pod1");
+        }
     }
 }
