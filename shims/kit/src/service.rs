@@ -1,7 +1,7 @@
-//! The containerd task service (`containerd.task.v2.Task`, also served as `v3`): a thin ttrpc
-//! adapter from the generated messages to the typed state machine in `task.rs`. Every method of
-//! the generated trait is written out: one the shim cannot do answers Unimplemented, never the
-//! generated NotFound.
+//! The containerd task service (`containerd.task.v2.Task` and `v3`: one generated service under
+//! both names), a thin ttrpc adapter from the generated messages to the typed state machine in
+//! `task.rs`. Every method of the generated trait is written out: one the shim cannot do answers
+//! Unimplemented, never the generated NotFound.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -279,10 +279,13 @@ impl<E: Engine> Task for Service<E> {
 /// The task service under both names containerd uses: `v2` (containerd 1.6/1.7, and 2.x with a
 /// plain address) and `v3` (2.x with bootstrap version 3).
 pub fn services<E: Engine>(svc: Arc<Service<E>>) -> HashMap<String, ttrpc::r#async::Service> {
-    let mut all = containerd_shim_protos::shim_async::create_task(svc.clone());
-    let v3 = containerd_shim_protos::shim_async::create_task(svc);
-    for (name, service) in v3 {
-        all.insert(name.replace(".v2.", ".v3."), service);
+    let mut all = HashMap::new();
+    for version in [".v2.", ".v3."] {
+        // The generated service names one of the two (v3 since containerd-shim-protos 0.12).
+        for (name, service) in containerd_shim_protos::shim_async::create_task(svc.clone()) {
+            let name = name.replace(".v2.", version).replace(".v3.", version);
+            all.insert(name, service);
+        }
     }
     all
 }
