@@ -1,7 +1,7 @@
 //! A byte stream that refuses oversized ttrpc frames from the guest before ttrpc allocates for
 //! them.
 //!
-//! ttrpc 0.9 reads a frame's 10-byte header (length: u32 big-endian, stream id: u32, type,
+//! ttrpc (0.10) reads a frame's 10-byte header (length: u32 big-endian, stream id: u32, type,
 //! flags) and then allocates the whole announced length (up to its 4 MiB limit) for the body;
 //! its limit is a constant. So the host hands ttrpc this wrapper instead of the raw stream: it
 //! follows the frame boundaries in the bytes that pass and fails the read that completes a
