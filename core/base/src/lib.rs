@@ -8,6 +8,7 @@
 //! - [`limits`]: the soft descriptor limit raised to the hard one, as Go programs do;
 //! - [`mount`]: which of a spec's mounts are bind mounts;
 //! - [`socket`]: a socket file whose server is gone, removed;
+//! - [`ttrpc`]: what ttrpc's untyped errors mean (a connection gone, a deadline passed);
 //! - [`exit_with`]: what a binary does with an error at its edge (`error: a: b: c` on stderr and a
 //!   non-zero status; never a backtrace, whatever `RUST_BACKTRACE` says).
 
@@ -19,6 +20,7 @@ pub mod limits;
 pub mod mount;
 pub mod oci_defaults;
 pub mod socket;
+pub mod ttrpc;
 
 use std::error::Error;
 use std::io::Write;

@@ -229,7 +229,12 @@ async fn forward(
                     tracing::debug!(topic, attempt, error = %e, "forward event; reconnecting");
                     *client = None;
                     // A connection the daemon closed is replaced at once: it is back.
-                    if matches!(e, ttrpc::Error::RemoteClosed | ttrpc::Error::LocalClosed) {
+                    let closed = match &e {
+                        ttrpc::Error::RemoteClosed | ttrpc::Error::LocalClosed => true,
+                        ttrpc::Error::Others(m) => switchyard_base::ttrpc::closed_message(m),
+                        _ => false,
+                    };
+                    if closed {
                         continue;
                     }
                 }

@@ -208,10 +208,15 @@ impl TaskClient {
             ttrpc::Error::RemoteClosed | ttrpc::Error::LocalClosed | ttrpc::Error::Eof => {
                 CallError::Closed { method }
             }
-            ttrpc::Error::Others(s) if s.contains("timeout") => CallError::Timeout {
-                method,
-                timeout: timeout.unwrap_or_default(),
-            },
+            ttrpc::Error::Others(s) if switchyard_base::ttrpc::closed_message(&s) => {
+                CallError::Closed { method }
+            }
+            ttrpc::Error::Others(s) if switchyard_base::ttrpc::timeout_message(&s) => {
+                CallError::Timeout {
+                    method,
+                    timeout: timeout.unwrap_or_default(),
+                }
+            }
             other => CallError::Transport {
                 method,
                 detail: other.to_string(),
@@ -219,5 +224,49 @@ impl TaskClient {
         })?;
         // `()` is prost's google.protobuf.Empty.
         Resp::decode(res.payload.as_slice()).map_err(|source| CallError::Decode { method, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(stream: tokio::net::UnixStream) -> TaskClient {
+        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::new(stream));
+        TaskClient::new(client, TaskApi::V2, "ns")
+    }
+
+    fn pause() -> task::PauseRequest {
+        task::PauseRequest { id: "c".into() }
+    }
+
+    /// ttrpc 0.10 reports these two only as untyped text (`switchyard_base::ttrpc`).
+    #[tokio::test]
+    async fn a_shim_that_does_not_answer_in_time_is_a_timeout() {
+        let (ours, _shim) = tokio::net::UnixStream::pair().unwrap();
+        let c = client(ours);
+        let e = c
+            .call::<_, ()>("Pause", &pause(), Some(Duration::from_millis(50)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Timeout { .. }), "{e:?}");
+        assert_eq!(e.kind(), Kind::DeadlineExceeded);
+    }
+
+    #[tokio::test]
+    async fn calls_on_a_connection_the_shim_closed_say_closed() {
+        let (ours, shim) = tokio::net::UnixStream::pair().unwrap();
+        let c = client(ours);
+        drop(shim);
+        // The first calls may meet the connection as it ends (a broken pipe); the later ones
+        // find its sender closed, which ttrpc 0.10 says only in text.
+        let mut closed = 0;
+        for _ in 0..20 {
+            let e = c.pause(pause()).await.unwrap_err();
+            assert!(e.is_disconnected(), "{e:?}");
+            assert_eq!(e.kind(), Kind::Unavailable);
+            closed += usize::from(matches!(e, CallError::Closed { .. }));
+        }
+        assert!(closed > 0, "no call found the connection closed");
     }
 }

@@ -208,6 +208,9 @@ impl Agent {
                 | ttrpc::Error::RemoteClosed
                 | ttrpc::Error::Eof
                 | ttrpc::Error::Nix(_) => AgentError::Gone { call },
+                ttrpc::Error::Others(m) if switchyard_base::ttrpc::closed_message(&m) => {
+                    AgentError::Gone { call }
+                }
                 ttrpc::Error::Others(m) => AgentError::Failed {
                     call,
                     reason: bounded(&m),
