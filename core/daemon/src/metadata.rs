@@ -883,21 +883,19 @@ mod tests {
     fn runs_removed_with_their_tasks_do_not_grow_the_file() {
         let (d, s) = store();
         s.ensure_ns("default").unwrap();
-        let size = || std::fs::metadata(d.path().join("meta.redb")).unwrap().len();
-        for i in 0..100 {
-            s.create_container("default", removed_with_task_ctr(&format!("c{i}")))
-                .unwrap();
-            s.delete_container("default", &format!("c{i}")).unwrap();
-        }
-        s.sync().unwrap();
-        let after_100 = size();
-        for i in 0..3000 {
-            s.create_container("default", removed_with_task_ctr(&format!("c{i}")))
-                .unwrap();
-            s.delete_container("default", &format!("c{i}")).unwrap();
-        }
-        s.sync().unwrap();
-        let after_3100 = size();
+        // `n` runs' records made and removed, then synced; the file's size after them.
+        let runs = |n: usize| {
+            for i in 0..n {
+                let id = format!("c{i}");
+                s.create_container("default", removed_with_task_ctr(&id))
+                    .unwrap();
+                s.delete_container("default", &id).unwrap();
+            }
+            s.sync().unwrap();
+            std::fs::metadata(d.path().join("meta.redb")).unwrap().len()
+        };
+        let after_100 = runs(100);
+        let after_3100 = runs(3000);
         eprintln!("file: {after_100} bytes after 100 runs, {after_3100} after 3100");
         assert!(after_3100 <= after_100 * 2, "{after_100} -> {after_3100}");
     }

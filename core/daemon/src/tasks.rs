@@ -325,13 +325,16 @@ impl TaskManager {
             }
         };
         let (ns_owned, id_owned) = (ns.to_owned(), id.clone());
-        // The container's record may have been written without fsync (`metadata`'s
-        // REMOVE_LABEL): no task is made for a record a crash could still lose.
+        // A record labelled REMOVE_LABEL may have been written without fsync (`metadata`): no
+        // task is made for a record a crash could still lose. Other tasks wait for no flush.
         let container = self
             .store
             .run(move |s| {
-                s.sync()?;
-                s.get_container(&ns_owned, &id_owned)
+                let c = s.get_container(&ns_owned, &id_owned)?;
+                if crate::metadata::removed_with_task(&c) {
+                    s.sync()?;
+                }
+                Ok(c)
             })
             .await?;
         let runtime = container.runtime.clone().unwrap_or_default();
