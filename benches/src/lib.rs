@@ -80,6 +80,38 @@ pub fn row(name: &str, s: &Stats) {
     );
 }
 
+/// Whether shim `shim`'s release binary `bin` was linked with its text order: a line naming how
+/// many names of `shims/SHIM/hot-symbols.txt` the binary has (fewer than listed: the list is
+/// stale, rerun `scripts/hot-symbols`), or `None` without the list or `nm`.
+pub fn hot_symbols(shim: &str, bin: &std::path::Path) -> Option<String> {
+    let list = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shims")
+        .join(shim)
+        .join("hot-symbols.txt");
+    let list = std::fs::read_to_string(list).ok()?;
+    let out = std::process::Command::new("nm")
+        .arg("--defined-only")
+        .arg(bin)
+        .output()
+        .ok()?;
+    let names: std::collections::HashSet<&str> = std::str::from_utf8(&out.stdout)
+        .ok()?
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    let listed: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+    let found = listed.iter().filter(|n| names.contains(*n)).count();
+    Some(format!(
+        "text order: {found} of the {} functions of shims/{shim}/hot-symbols.txt in the binary{}",
+        listed.len(),
+        if found < listed.len() {
+            " (stale: rerun scripts/hot-symbols)"
+        } else {
+            ""
+        }
+    ))
+}
+
 /// The fields of `/proc/PID/smaps_rollup` in KiB (empty if the process is gone).
 pub fn smaps_rollup(pid: u32) -> std::collections::HashMap<String, u64> {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
