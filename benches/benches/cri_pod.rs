@@ -11,7 +11,7 @@
 //! sample, untimed).
 //!
 //! Run: `cargo bench -p switchyard-benches --bench cri_pod` (root; release binaries built with
-//! `cargo build --release --workspace --bins`; containerd 1.7 from `scripts/peers`, Debian's
+//! `scripts/build --release`; containerd 1.7 from `scripts/peers`, Debian's
 //! containernetworking-plugins in /usr/lib/cni, iptables; the guest from `scripts/guest` and
 //! `qemu-system-x86_64` for the vm part). `RUNS=N` sets the samples of the native rows
 //! (default 20), `PODS=N` the idle pods of the memory part (default 20), `VM=0` skips the vm

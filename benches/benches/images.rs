@@ -78,7 +78,7 @@ fn main() {
     }
     assert!(
         bin("yard").exists(),
-        "build the release binaries first: cargo build --release --workspace --bins"
+        "build the release binaries first: scripts/build --release"
     );
     let runs: usize = std::env::var("RUNS")
         .ok()

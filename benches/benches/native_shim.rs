@@ -96,7 +96,7 @@ fn main() {
     }
     assert!(
         bin("containerd-shim-yard-native-v1").exists(),
-        "build the release binaries first: cargo build --release --workspace --bins"
+        "build the release binaries first: scripts/build --release"
     );
     let containerd_bin = containerd_under_test();
     let runs = env_usize("RUNS", 30);

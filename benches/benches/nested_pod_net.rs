@@ -14,7 +14,7 @@
 //!
 //! Run: `cargo bench -p switchyard-benches --bench nested_pod_net` (root; the harness's
 //! prerequisites as for `tests/tests/nested.rs`: `scripts/guest --nested`, Debian's CNI plugins;
-//! the binaries it carries are the debug ones, `cargo build --workspace --bins`).
+//! the binaries it carries are the debug ones, `scripts/build`).
 
 #![allow(
     clippy::print_stdout,

@@ -9,7 +9,7 @@
 //! 3. memory: RSS and PSS of the shim and its QEMU for one idle task.
 //!
 //! Run: `cargo bench -p switchyard-benches --bench vm_shim` (root; release binaries built:
-//! `cargo build --release --workspace --bins`, as `scripts/bench` does; the guest
+//! `scripts/build --release`, as `scripts/bench` does; the guest
 //! installed by `scripts/guest`). `RUNS=N` sets the sample count (default 10). The accelerator
 //! is the runtime's choice (`accel = "auto"`: KVM with hardware virtualization, TCG otherwise);
 //! on a hardware-KVM host the same command measures the KVM numbers (see docs/vm.md).

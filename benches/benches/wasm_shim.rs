@@ -11,7 +11,7 @@
 //!    task, the time to start and to remove them, and that nothing is left afterwards.
 //!
 //! Run: `cargo bench -p switchyard-benches --bench wasm_shim` (root; release binaries built:
-//! `cargo build --release --workspace --bins`, as `scripts/bench` does; the Wasm
+//! `scripts/build --release`, as `scripts/bench` does; the Wasm
 //! targets `wasm32-wasip1` and `wasm32-wasip2` for the test programs). The wasmtime CLI is
 //! taken from PATH, else `$SWITCHYARD_PEERS/wasmtime/bin/wasmtime` (default
 //! /var/cache/switchyard/peers), and installed there with `cargo install` when missing.
@@ -93,7 +93,7 @@ fn check_binaries() {
         assert!(
             p.is_file(),
             "{} is missing: build the release binaries first: \
-             cargo build --release --workspace --bins (as scripts/bench does)",
+             scripts/build --release (as scripts/bench does)",
             p.display()
         );
         let built = std::fs::metadata(&p).and_then(|m| m.modified()).ok();

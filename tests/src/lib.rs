@@ -65,12 +65,12 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// A workspace binary, which must have been built (`cargo build --workspace --bins`).
+/// A workspace binary, which must have been built (`scripts/build`).
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
     assert!(
         p.is_file(),
-        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        "{} is missing: build the workspace binaries first (scripts/build)",
         p.display()
     );
     p

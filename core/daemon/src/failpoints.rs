@@ -2,7 +2,7 @@
 //! crash (`abort`, as a `kill -9` would leave things) to prove that a restart finds every
 //! operation either done or undone, never half.
 //!
-//! They exist in debug builds only (what `cargo build --workspace --bins` makes and the
+//! They exist in debug builds only (what `scripts/build` makes and the
 //! integration tests run) and do nothing unless `SWITCHYARD_FAILPOINTS` names them; release
 //! builds compile every point away. They are the `fail` crate's points, configured here with
 //! two extra actions, `abort` and `hold(FIFO)`. See docs/operations.md ("Failpoints").
