@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Store, UpdateDeadline};
@@ -38,6 +39,10 @@ pub const EXIT_TRAP: u32 = 134;
 pub const EXIT_OOM: u32 = 137;
 /// Exit status when the task ran past its timeout (as `timeout(1)` reports it).
 pub const EXIT_TIMEOUT: u32 = 124;
+/// Exit status when the task's run panicked in the worker (a bug of ours, not the guest's; the
+/// panic's message is on the worker's stderr, in the shim's log): 255, as runc's shim reports an
+/// exit it could not learn.
+pub const EXIT_PANICKED: u32 = 255;
 
 /// Signals whose default action is not to terminate; a Wasm guest has no handlers, so these
 /// are ignored and every other signal ends it.
@@ -80,6 +85,19 @@ impl Control {
         self.paused.store(paused, Ordering::SeqCst);
         if !paused && let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
             w.wake();
+        }
+    }
+}
+
+/// `run`'s status, or [`EXIT_PANICKED`] when it panicked. tokio would catch the panic and drop
+/// the task's future, its Start answered (the dropped `ready` says it started and ended) and
+/// its exit never sent: a task that never exits.
+async fn unless_panicked(run: impl Future<Output = Option<u32>>, task: &str) -> Option<u32> {
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(status) => status,
+        Err(_) => {
+            tracing::error!(task, status = EXIT_PANICKED, "the task's run panicked");
+            Some(EXIT_PANICKED)
         }
     }
 }
@@ -361,6 +379,7 @@ impl WasmProcess {
             inner: Box::pin(self.clone().run(stdio, ready)),
             control: control.clone(),
         };
+        let run = unless_panicked(run, &self.guest.id);
         let status = tokio::select! {
             biased;
             sig = control.wait_killed() => Some(128 + sig),
@@ -621,5 +640,26 @@ impl WasmProcess {
                 .unwrap_or_else(|p| p.into_inner())
                 .take(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_that_panics_still_ends_the_task() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        rt.block_on(async {
+            assert_eq!(unless_panicked(async { Some(3) }, "t").await, Some(3));
+            assert_eq!(unless_panicked(async { None }, "t").await, None);
+            let panics = async {
+                let bug: Option<u32> = None;
+                Some(bug.expect("a bug in the worker"))
+            };
+            assert_eq!(unless_panicked(panics, "t").await, Some(EXIT_PANICKED));
+        });
     }
 }
