@@ -647,6 +647,10 @@ impl WasmProcess {
 mod tests {
     use super::*;
 
+    async fn buggy() -> Option<u32> {
+        panic!("a bug in the worker")
+    }
+
     #[test]
     fn a_run_that_panics_still_ends_the_task() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -655,11 +659,7 @@ mod tests {
         rt.block_on(async {
             assert_eq!(unless_panicked(async { Some(3) }, "t").await, Some(3));
             assert_eq!(unless_panicked(async { None }, "t").await, None);
-            let panics = async {
-                let bug: Option<u32> = None;
-                Some(bug.expect("a bug in the worker"))
-            };
-            assert_eq!(unless_panicked(panics, "t").await, Some(EXIT_PANICKED));
+            assert_eq!(unless_panicked(buggy(), "t").await, Some(EXIT_PANICKED));
         });
     }
 }
