@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use switchyard_benches::{
-    Stats, containerd_under_test, env_usize, hot_symbols, mib, ms, rotated, row, smaps_rollup,
+    Stats, containerd_under_test, env_usize, mib, ms, print_text_order, rotated, row, smaps_rollup,
     summary, throughput, time_ctr_run, time_yard_run, version,
 };
 use switchyard_tests::daemon::rss_kib;
@@ -215,9 +215,7 @@ fn main() {
         mib(runc.pss),
         mib(runc.private)
     );
-    if let Some(line) = hot_symbols("native", &bin("containerd-shim-yard-native-v1")) {
-        println!("  {line}");
-    }
+    print_text_order("native");
     summary(
         "native shim memory, one idle container (runc shim)",
         &format!(

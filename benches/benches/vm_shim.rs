@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use switchyard_benches::plain_qemu::{
     STOCK_KERNEL_ARGS, hardware_virtualization, plain_boot, shim_kernel_args, trivial_initrd,
 };
-use switchyard_benches::{Stats, env_usize, hot_symbols, mib, ms, pss_kib, row, summary};
+use switchyard_benches::{Stats, env_usize, mib, ms, print_text_order, pss_kib, row, summary};
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::{
-    Ctr, Daemon, bin, busybox_rootfs, eventually, guest_kernel_and_initrd, is_root,
-    processes_matching, require, require_guest, run_timeout, text, unique_id,
+    Ctr, Daemon, busybox_rootfs, eventually, guest_kernel_and_initrd, is_root, processes_matching,
+    require, require_guest, run_timeout, text, unique_id,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -173,9 +173,7 @@ fn main() {
         mib(qemu_pss),
         mib(shim_rss + qemu_rss)
     );
-    if let Some(line) = hot_symbols("vm", &bin("containerd-shim-yard-vm-v1")) {
-        println!("  {line}");
-    }
+    print_text_order("vm");
     let target_ms = if accel == "kvm" { 150.0 } else { 1500.0 };
     println!("targets:");
     println!(

@@ -34,8 +34,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use switchyard_benches::{
-    Stats, env_usize, hot_symbols, mib, ms, parallel, pss_kib, rotated, row, smaps_rollup, summary,
-    throughput,
+    Stats, env_usize, mib, ms, parallel, print_text_order, pss_kib, rotated, row, smaps_rollup,
+    summary, throughput,
 };
 use switchyard_tests::daemon::rss_kib;
 use switchyard_tests::wasm::wasm_rootfs;
@@ -950,9 +950,7 @@ fn part3(d: &Daemon, n: usize, idle: Option<(u64, u64)>) -> Part3 {
         idle.map_or("-".to_owned(), |(g, _)| mib(g)),
         idle.map_or("-".to_owned(), |(_, s)| mib(s))
     );
-    if let Some(line) = hot_symbols("wasm", &bin(SHIM)) {
-        println!("  {line}");
-    }
+    print_text_order("wasm");
     summary(
         "wasm group shim, one idle task (shim + worker)",
         &format!(

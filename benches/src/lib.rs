@@ -80,10 +80,19 @@ pub fn row(name: &str, s: &Stats) {
     );
 }
 
-/// Whether shim `shim`'s release binary `bin` was linked with its text order: a line naming how
-/// many names of `shims/SHIM/hot-symbols.txt` the binary has (fewer than listed: the list is
-/// stale, rerun `scripts/hot-symbols`), or `None` without the list or `nm`.
-pub fn hot_symbols(shim: &str, bin: &std::path::Path) -> Option<String> {
+/// Prints whether shim `shim`'s binary (`containerd-shim-yard-SHIM-v1`) was linked with its text
+/// order: how many names of `shims/SHIM/hot-symbols.txt` the binary has (fewer than listed: the
+/// list is stale, rerun `scripts/hot-symbols`); nothing without the list or `nm`.
+pub fn print_text_order(shim: &str) {
+    if let Some(line) = text_order(
+        shim,
+        &switchyard_tests::bin(&format!("containerd-shim-yard-{shim}-v1")),
+    ) {
+        println!("  {line}");
+    }
+}
+
+fn text_order(shim: &str, bin: &std::path::Path) -> Option<String> {
     let list = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shims")
         .join(shim)
