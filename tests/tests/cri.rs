@@ -474,7 +474,10 @@ fn exec_streaming(peer: Peer, handler: &str) {
     let url = c.exec_url(&id, &["sh"], true, true).expect("Exec");
     // The size and stdin travel apart (a resize call, the stdin fifo), as they do for kubectl:
     // the shell waits for the terminal to have a size (it starts with none) before printing it.
-    let input = b"until stty size >/dev/null 2>&1; do sleep 0.05; done; stty size; tty; exit 7\n";
+    // busybox's `stty size` exits 0 on a terminal without a size (it prints only an error), so
+    // the shell waits for its output, not its status.
+    let input = b"until s=$(stty size 2>/dev/null) && [ -n \"$s\" ]; do sleep 0.05; done; \
+        echo \"$s\"; tty; exit 7\n";
     let out = c.stream_exec(&url, input, Some((91, 37)));
     assert_eq!(out.exit_code, 7, "{out:?}");
     assert!(out.stdout.contains("37 91"), "terminal size: {out:?}");
