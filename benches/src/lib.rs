@@ -84,15 +84,13 @@ pub fn row(name: &str, s: &Stats) {
 /// order: how many names of `shims/SHIM/hot-symbols.txt` the binary has (fewer than listed: the
 /// list is stale, rerun `scripts/hot-symbols`); nothing without the list or `nm`.
 pub fn print_text_order(shim: &str) {
-    if let Some(line) = text_order(
-        shim,
-        &switchyard_tests::bin(&format!("containerd-shim-yard-{shim}-v1")),
-    ) {
+    if let Some(line) = text_order(shim) {
         println!("  {line}");
     }
 }
 
-fn text_order(shim: &str, bin: &std::path::Path) -> Option<String> {
+fn text_order(shim: &str) -> Option<String> {
+    let bin = switchyard_tests::bin(&format!("containerd-shim-yard-{shim}-v1"));
     let list = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../shims")
         .join(shim)
@@ -100,7 +98,7 @@ fn text_order(shim: &str, bin: &std::path::Path) -> Option<String> {
     let list = std::fs::read_to_string(list).ok()?;
     let out = std::process::Command::new("nm")
         .arg("--defined-only")
-        .arg(bin)
+        .arg(&bin)
         .output()
         .ok()?;
     let names: std::collections::HashSet<&str> = std::str::from_utf8(&out.stdout)
